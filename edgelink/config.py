@@ -1,0 +1,196 @@
+"""Configuration: edgelink.cfg, then EDGELINK_* environment variables, then explicit overrides.
+
+The values live in ``edgelink.cfg`` only; this module holds the schema (names and types), so a
+setting cannot be baked into code by accident: a key missing from every layer is an error.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from edgelink.errors import ConfigError
+
+ENV_PREFIX = "EDGELINK_"
+CONFIG_ENV = "EDGELINK_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class PathsConfig:
+    cache_dir: Path
+    registry: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    default_model: str
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    flash_attn: str
+    type_k: str
+    type_v: str
+    seq_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    max_message_bytes: int
+    max_handshake_bytes: int
+    max_tensors: int
+    max_name_bytes: int
+    max_ndim: int
+    max_control_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShmConfig:
+    dir: Path
+    ring_bytes: int
+    timeout_s: float
+    connect_timeout_s: float
+    liveness_interval_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    n_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    tokens: tuple[int, ...]
+    repeats: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    paths: PathsConfig
+    runtime: RuntimeConfig
+    protocol: ProtocolConfig
+    shm: ShmConfig
+    generate: GenerateConfig
+    bench: BenchConfig
+    source: tuple[Path, ...] = ()
+
+    def replace(self, **overrides: Any) -> Config:
+        """Return a copy with ``section_key=value`` overrides applied (CLI flags use this)."""
+        return _apply_overrides(self, overrides)
+
+
+_SECTIONS: dict[str, type] = {
+    name: typ for name, typ in get_type_hints(Config).items() if name != "source"
+}
+
+
+def default_config_paths() -> list[Path]:
+    """Where the base edgelink.cfg may live: a source checkout, then an installed copy."""
+    here = Path(__file__).resolve().parent
+    return [here.parent / "edgelink.cfg", Path(sys.prefix) / "share" / "edgelink" / "edgelink.cfg"]
+
+
+def _find_base() -> Path:
+    for candidate in default_config_paths():
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "no edgelink.cfg found (looked in: "
+        + ", ".join(str(p) for p in default_config_paths())
+        + "); set EDGELINK_CONFIG to its path"
+    )
+
+
+def _convert(raw: str, typ: Any, where: str, base_dir: Path) -> Any:
+    raw = raw.strip()
+    try:
+        if typ is int or typ == "int":
+            return int(raw.replace("_", ""))
+        if typ is float or typ == "float":
+            return float(raw)
+        if typ is Path or typ == "Path":
+            p = Path(os.path.expanduser(raw))
+            return p if p.is_absolute() else (base_dir / p).resolve()
+        if typ == tuple[int, ...] or typ == "tuple[int, ...]":
+            return tuple(int(x) for x in raw.split(",") if x.strip())
+        if typ is str or typ == "str":
+            return raw
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}") from exc
+    raise ConfigError(f"{where}: unsupported type {typ}")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None,
+                **overrides: Any) -> Config:
+    """Load the layered configuration.
+
+    ``path`` (or $EDGELINK_CONFIG) names a file read on top of the base edgelink.cfg, so a user
+    file only needs the keys it changes. ``overrides`` are ``section_key=value`` pairs (flag wins).
+    """
+    env = os.environ if env is None else env
+    files = [_find_base()]
+    extra = path or env.get(CONFIG_ENV)
+    if extra:
+        extra_path = Path(extra).expanduser()
+        if not extra_path.is_file():
+            raise ConfigError(f"config file not found: {extra_path}")
+        files.append(extra_path)
+
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for file in files:
+        parser = configparser.ConfigParser(inline_comment_prefixes=(";",))
+        try:
+            parser.read(file, encoding="utf-8")
+        except configparser.Error as exc:
+            raise ConfigError(f"{file}: {exc}") from exc
+        for section in parser.sections():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{file}: unknown section [{section}]")
+            types = _section_types(_SECTIONS[section])
+            for key, raw in parser.items(section):
+                if key not in types:
+                    raise ConfigError(f"{file}: unknown key {section}.{key}")
+                values[section][key] = _convert(raw, types[key], f"{file} [{section}] {key}", file.parent)
+
+    for section, cls in _SECTIONS.items():
+        for key, typ in _section_types(cls).items():
+            name = f"{ENV_PREFIX}{section}_{key}".upper()
+            if name in env:
+                values[section][key] = _convert(env[name], typ, f"${name}", Path.cwd())
+
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        missing = [k for k in _section_types(cls) if k not in values[section]]
+        if missing:
+            raise ConfigError(f"missing config keys in [{section}]: {', '.join(missing)}")
+        sections[section] = cls(**values[section])
+    cfg = Config(**sections, source=tuple(files))
+    return _apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    by_section: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = name.partition("_")
+        if section not in _SECTIONS or key not in _section_types(_SECTIONS[section]):
+            raise ConfigError(f"unknown config override {name!r}")
+        typ = _section_types(_SECTIONS[section])[key]
+        if isinstance(value, str) and typ is not str:
+            value = _convert(value, typ, f"override {name}", Path.cwd())
+        by_section.setdefault(section, {})[key] = value
+    changes = {
+        section: dataclasses.replace(getattr(cfg, section), **kv) for section, kv in by_section.items()
+    }
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,110 @@
+"""Typed errors. Every failure a user can cause maps to one of these, never a bare Exception.
+
+The hierarchy mirrors the layers so callers can catch at the level they care about; each
+protocol-level error also carries a stable ``code`` that travels in a REJECT message.
+"""
+
+from __future__ import annotations
+
+
+class EdgelinkError(Exception):
+    """Base of every error edgelink raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(EdgelinkError):
+    code = "config"
+
+
+class ModelError(EdgelinkError):
+    """A model cannot be found, pulled, verified or loaded."""
+
+    code = "model"
+
+
+class ProtocolError(EdgelinkError):
+    """Bytes that do not decode to a valid message: bad magic, version, kind, length, layout."""
+
+    code = "protocol"
+
+
+class UnsupportedVersion(ProtocolError):
+    code = "version"
+
+
+class UnknownKind(ProtocolError):
+    code = "kind"
+
+
+class MessageTooLarge(ProtocolError):
+    """A declared length exceeds a configured bound; raised before any allocation."""
+
+    code = "too_large"
+
+
+class TruncatedMessage(ProtocolError):
+    code = "truncated"
+
+
+class ChecksumMismatch(ProtocolError):
+    code = "checksum"
+
+
+class SessionError(EdgelinkError):
+    """A message that decodes but is not allowed here: wrong session, order, or state."""
+
+    code = "session"
+
+
+class SignatureMismatch(SessionError):
+    """The peers' model signatures differ: the session is rejected, never downgraded to text."""
+
+    code = "signature"
+
+    def __init__(self, message: str, fields: dict[str, tuple[object, object]] | None = None):
+        super().__init__(message)
+        self.fields = fields or {}
+
+
+class ReplayError(SessionError):
+    """A message id that is not exactly the next expected one (replayed or out of order)."""
+
+    code = "replay"
+
+
+class PeerRejected(SessionError):
+    """The peer sent a REJECT; ``reason`` is its typed code, ``detail`` its text."""
+
+    code = "rejected"
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"peer rejected ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class StateError(EdgelinkError):
+    """A tensor payload that cannot be applied to this runtime (shape, type, capacity)."""
+
+    code = "state"
+
+
+class TransportError(EdgelinkError):
+    code = "transport"
+
+
+class TransportTimeout(TransportError):
+    code = "timeout"
+
+
+class PeerGone(TransportError):
+    """The peer process died or closed the channel mid-stream."""
+
+    code = "peer_gone"
+
+
+class SegmentBusy(TransportError):
+    """A shared-memory name is held by a live process."""
+
+    code = "busy"

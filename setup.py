@@ -1,0 +1,19 @@
+"""Builds the small C helper (ring indices with acquire/release ordering, futex waits).
+
+Everything else lives in pyproject.toml; setuptools still needs setup.py for C extensions.
+The default config and the model registry are installed as data files so that a
+non-editable install finds them under <prefix>/share/edgelink.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "edgelink._native",
+            sources=["native/edgelink_native.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+        )
+    ],
+    data_files=[("share/edgelink", ["edgelink.cfg"]), ("share/edgelink/models", ["models/registry.toml"])],
+)
