@@ -1,0 +1,128 @@
+"""Typed protocol messages. Plain data: encoding lives in ``codec``, rules in ``session``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from edgelink.protocol.kinds import NUMPY_DTYPE, ApplyMode, DType, FrameType, Kind
+
+SESSION_ID_BYTES = 16
+CHECKSUM_BYTES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One named tensor. ``data`` is a read-only view; it is never copied by the protocol."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    data: memoryview
+    checksum: bytes = b""
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def array(self) -> np.ndarray:
+        """A numpy view (raw uint8 rows for block-quantized types)."""
+        if self.dtype in NUMPY_DTYPE:
+            return np.frombuffer(self.data, dtype=NUMPY_DTYPE[self.dtype]).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=np.uint8).reshape(self.shape[:-1] + (-1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """First frame each side sends: who it is and what it can take."""
+
+    session_id: bytes
+    signature: dict[str, Any]
+    dtypes: tuple[str, ...]
+    kinds: tuple[str, ...]
+    max_message_bytes: int
+    encryption: dict[str, Any]
+    role: str
+    message_id: int = 0
+    frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMessage:
+    """A tensor message: what it is (kind), where it applies (layers, tokens, slot) and how."""
+
+    session_id: bytes
+    message_id: int
+    kind: Kind
+    apply: ApplyMode
+    seq_slot: int
+    layer_range: tuple[int, int]
+    token_range: tuple[int, int]
+    tensors: tuple[Tensor, ...]
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    frame_type: FrameType = dataclasses.field(default=FrameType.TENSOR, init=False)
+
+    def tensor(self, name: str) -> Tensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ack:
+    """The receiver applied message ``acked_id``; ``digest`` is what it verified."""
+
+    session_id: bytes
+    message_id: int
+    acked_id: int
+    digest: bytes
+    frame_type: FrameType = dataclasses.field(default=FrameType.ACK, init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    """A typed refusal; ``code`` is an errors.*.code value, ``about_id`` the refused message."""
+
+    session_id: bytes
+    message_id: int
+    about_id: int
+    code: str
+    detail: str
+    frame_type: FrameType = dataclasses.field(default=FrameType.REJECT, init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Ask the peer to do something with the state it holds (for example: generate)."""
+
+    session_id: bytes
+    message_id: int
+    op: str
+    params: dict[str, Any]
+    frame_type: FrameType = dataclasses.field(default=FrameType.REQUEST, init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    session_id: bytes
+    message_id: int
+    about_id: int
+    body: dict[str, Any]
+    frame_type: FrameType = dataclasses.field(default=FrameType.RESULT, init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Close:
+    session_id: bytes
+    message_id: int
+    frame_type: FrameType = dataclasses.field(default=FrameType.CLOSE, init=False)
+
+
+Message = Hello | TensorMessage | Ack | Reject | Request | Result | Close

@@ -1,0 +1,250 @@
+"""The session state machine (sans-IO, in the style of h11).
+
+It turns intentions into frame bytes and frame bytes into verified messages, and enforces the
+v1 invariants: exact signature match at the handshake, one session id, strictly consecutive
+message ids, negotiated kinds and sizes, and verified checksums on every tensor. It never
+touches a socket, a ring or a model; callers move the bytes and apply the tensors.
+
+States::
+
+    AWAIT_HELLO --hello ok--> READY --tensor sent--> STREAMING --ack/reject--> READY
+         |                      |                                              |
+         +-----mismatch/close---+-----------------close-----------------------+--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from edgelink.config import ProtocolConfig
+from edgelink.errors import (
+    EdgelinkError,
+    MessageTooLarge,
+    PeerRejected,
+    ProtocolError,
+    ReplayError,
+    SessionError,
+    SignatureMismatch,
+    UnknownKind,
+)
+from edgelink.protocol import codec
+from edgelink.protocol.compat import describe_diff, signature_diff
+from edgelink.protocol.codec import Buffer
+from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.messages import (
+    SESSION_ID_BYTES,
+    Ack,
+    Close,
+    Hello,
+    Message,
+    Reject,
+    Request,
+    Result,
+    Tensor,
+    TensorMessage,
+)
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    READY = "ready"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Session:
+    """One side of one session. Create it, call ``hello()`` (client) or feed the peer's hello
+    to ``receive()`` (server), then alternate ``encode_*`` and ``receive`` as the exchange goes."""
+
+    def __init__(self, role: Role, signature: dict[str, Any], limits: ProtocolConfig, *,
+                 kinds: Sequence[Kind] = (Kind.KV_CACHE,),
+                 dtypes: Sequence[str] = ("f32", "f16", "bf16", "i32", "u8", "q8_0", "q4_0"),
+                 encryption: dict[str, Any] | None = None,
+                 session_id: bytes | None = None):
+        self.role = role
+        self.signature = dict(signature)
+        self.limits = limits
+        self.kinds = tuple(kinds)
+        self.dtypes = tuple(dtypes)
+        self.encryption = encryption or {"scheme": "none"}
+        self.state = State.AWAIT_HELLO
+        self.session_id = session_id or (os.urandom(SESSION_ID_BYTES) if role is Role.CLIENT else b"")
+        self.peer: Hello | None = None
+        self.negotiated_kinds: frozenset[Kind] = frozenset()
+        self.peer_max_bytes = 0
+        self._next_out = 0
+        self._next_in = 0
+        self._hello_sent = False
+        self._outstanding: int | None = None
+
+    # ------------------------------------------------------------------ outgoing
+
+    def _take_id(self) -> int:
+        mid = self._next_out
+        self._next_out += 1
+        return mid
+
+    def _require(self, *states: State) -> None:
+        if self.state not in states:
+            raise SessionError(f"not allowed in state {self.state.value}")
+
+    def hello(self) -> bytes:
+        """Our HELLO. A server may only send it after accepting the client's."""
+        if self._hello_sent:
+            raise SessionError("hello already sent")
+        if self.role is Role.SERVER and self.state is not State.READY:
+            raise SessionError("a server answers a client's hello; it never opens")
+        self._hello_sent = True
+        return codec.encode_hello(Hello(
+            session_id=self.session_id,
+            message_id=self._take_id(),
+            role=self.role.value,
+            signature=self.signature,
+            dtypes=self.dtypes,
+            kinds=tuple(k.name for k in self.kinds),
+            max_message_bytes=self.limits.max_message_bytes,
+            encryption=self.encryption,
+        ))
+
+    def assume_peer_accepts(self) -> None:
+        """For one-way transports (a file): act as if the peer answered with our own hello.
+        The reader still checks our hello against its own signature when it loads the file."""
+        self._require(State.AWAIT_HELLO)
+        if not self._hello_sent:
+            raise SessionError("send the hello first")
+        self.negotiated_kinds = frozenset(self.kinds)
+        self.peer_max_bytes = self.limits.max_message_bytes
+        self.state = State.READY
+
+    def encode_tensor_message(self, kind: Kind, apply: ApplyMode, tensors: Sequence[Tensor], *,
+                              seq_slot: int = 0, layer_range: tuple[int, int] = (-1, -1),
+                              token_range: tuple[int, int] = (-1, -1),
+                              attrs: dict[str, Any] | None = None) -> tuple[list[Buffer], TensorMessage]:
+        """Frame parts for one tensor message, and the message (its checksums filled in)."""
+        self._require(State.READY)
+        if kind not in self.negotiated_kinds:
+            raise UnknownKind(f"{kind.name} was not negotiated with the peer")
+        with_sums = tuple(t if t.checksum else Tensor(t.name, t.dtype, t.shape, t.data, codec.checksum(t.data))
+                          for t in tensors)
+        msg = TensorMessage(self.session_id, self._next_out, kind, apply, seq_slot, layer_range,
+                            token_range, with_sums, attrs or {})
+        parts = codec.encode_tensor_message(msg)
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size > self.peer_max_bytes:
+            raise MessageTooLarge(f"message of {size} bytes exceeds the peer's limit of {self.peer_max_bytes}")
+        self._take_id()
+        self._outstanding = msg.message_id
+        self.state = State.STREAMING
+        return parts, msg
+
+    def ack(self, about: TensorMessage, digest: bytes) -> bytes:
+        self._require(State.READY)
+        return codec.encode_control(Ack(self.session_id, self._take_id(), about.message_id, digest))
+
+    def reject(self, about_id: int, error: EdgelinkError | str, detail: str = "") -> bytes:
+        """A typed REJECT. Allowed in any state but after our own CLOSE."""
+        code = error.code if isinstance(error, EdgelinkError) else error
+        text = detail or (str(error) if isinstance(error, EdgelinkError) else "")
+        return codec.encode_control(Reject(self.session_id or bytes(SESSION_ID_BYTES), self._take_id(),
+                                           about_id, code, text[:2000]))
+
+    def request(self, op: str, params: dict[str, Any]) -> bytes:
+        self._require(State.READY)
+        return codec.encode_control(Request(self.session_id, self._take_id(), op, params))
+
+    def result(self, about: Request, body: dict[str, Any]) -> bytes:
+        self._require(State.READY)
+        return codec.encode_control(Result(self.session_id, self._take_id(), about.message_id, body))
+
+    def close(self) -> bytes:
+        frame = codec.encode_control(Close(self.session_id, self._take_id()))
+        self.state = State.CLOSED
+        return frame
+
+    # ------------------------------------------------------------------ incoming
+
+    def receive(self, frame: Buffer) -> Message:
+        """Decode and check one frame from the peer.
+
+        Returns the typed message. Raises a typed error when the frame is not acceptable;
+        ``self.state`` is CLOSED afterwards when the error ends the session (handshake failures,
+        corrupt headers, wrong session), and unchanged when only that message is refused.
+        """
+        if self.state is State.CLOSED:
+            raise SessionError("session is closed")
+        try:
+            msg = codec.decode_frame(frame, self.limits)
+        except ProtocolError as exc:
+            if isinstance(exc, MessageTooLarge) and self.state is not State.AWAIT_HELLO:
+                raise
+            self.state = State.CLOSED
+            raise
+        if self.state is State.AWAIT_HELLO:
+            return self._receive_hello(msg)
+        if msg.session_id != self.session_id:
+            self.state = State.CLOSED
+            raise SessionError("frame belongs to another session")
+        if msg.message_id != self._next_in:
+            kind = "replayed" if msg.message_id < self._next_in else "out-of-order"
+            raise ReplayError(f"{kind} message id {msg.message_id} (expected {self._next_in})")
+        self._next_in += 1
+        if isinstance(msg, Hello):
+            self.state = State.CLOSED
+            raise SessionError("second hello in one session")
+        if isinstance(msg, Close):
+            self.state = State.CLOSED
+            return msg
+        if isinstance(msg, (Ack, Reject)) and self._outstanding is not None and msg.about_id == self._outstanding:
+            self._outstanding = None
+            self.state = State.READY
+        if isinstance(msg, Reject):
+            return msg
+        if isinstance(msg, TensorMessage):
+            if msg.kind not in self.negotiated_kinds:
+                raise UnknownKind(f"{msg.kind.name} was not negotiated for this session")
+            codec.verify_checksums(msg)
+        return msg
+
+    def _receive_hello(self, msg: Message) -> Hello:
+        if isinstance(msg, Reject):
+            self.state = State.CLOSED
+            raise PeerRejected(msg.code, msg.detail)
+        if not isinstance(msg, Hello):
+            self.state = State.CLOSED
+            raise SessionError(f"expected HELLO, got {msg.frame_type.name}")
+        if msg.message_id != 0:
+            self.state = State.CLOSED
+            raise ReplayError(f"hello must carry message id 0, got {msg.message_id}")
+        if self.role is Role.CLIENT and msg.session_id != self.session_id:
+            self.state = State.CLOSED
+            raise SessionError("server answered with another session id")
+        if self.role is Role.SERVER:
+            self.session_id = msg.session_id
+        self._next_in = 1
+        diff = signature_diff(self.signature, msg.signature)
+        if diff:
+            self.state = State.CLOSED
+            raise SignatureMismatch("model signatures differ: " + describe_diff(diff), diff)
+        if msg.encryption != self.encryption:
+            self.state = State.CLOSED
+            raise SessionError(f"encryption parameters differ: {msg.encryption} != {self.encryption}")
+        theirs = set()
+        for name in msg.kinds:
+            if name in Kind.__members__:
+                theirs.add(Kind[name])
+        self.negotiated_kinds = frozenset(theirs & set(self.kinds))
+        if not self.negotiated_kinds:
+            self.state = State.CLOSED
+            raise SessionError("no message kind in common")
+        self.peer_max_bytes = min(msg.max_message_bytes, self.limits.max_message_bytes)
+        self.peer = msg
+        self.state = State.READY
+        return msg

@@ -1,0 +1,125 @@
+"""The receiving side of a session: verify, apply, continue, answer. Transport-agnostic."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from edgelink.config import Config
+from edgelink.errors import EdgelinkError, SessionError, TransportError
+from edgelink.protocol.codec import message_digest
+from edgelink.protocol.kinds import Kind
+from edgelink.protocol.messages import Close, Reject, Request, TensorMessage
+from edgelink.protocol.session import Role, Session, State
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.snapshot import SnapshotApplier
+from edgelink.transport.base import Channel
+
+log = logging.getLogger("edgelink.receiver")
+
+
+def frame_limit(cfg: Config) -> int:
+    """The largest frame a transport should accept: a full message plus its headers."""
+    return cfg.protocol.max_message_bytes + cfg.protocol.max_control_bytes + 64
+
+
+@dataclasses.dataclass
+class SessionReport:
+    """What happened in one served session (for logs, tests and `serve --json`)."""
+
+    peer_role: str = ""
+    applied: int = 0
+    rejected: list[str] = dataclasses.field(default_factory=list)
+    generated: int = 0
+    bytes_in: int = 0
+    ended_by: str = ""
+
+
+class Receiver:
+    """Serves sessions on channels, one at a time, against one runtime."""
+
+    def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any]):
+        self.rt = rt
+        self.cfg = cfg
+        self.signature = signature
+        self.applier = SnapshotApplier(rt)
+
+    def serve_channel(self, ch: Channel) -> SessionReport:
+        report = SessionReport()
+        session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=(Kind.KV_CACHE,))
+        limit = frame_limit(self.cfg)
+        try:
+            frame = ch.recv(limit)
+            report.bytes_in += frame.nbytes
+            try:
+                hello = session.receive(frame)
+            except EdgelinkError as exc:
+                log.warning("handshake rejected: %s", exc)
+                report.rejected.append(exc.code)
+                report.ended_by = "handshake"
+                ch.send(session.reject(0, exc))
+                return report
+            report.peer_role = hello.role
+            ch.send(session.hello())
+            while session.state is not State.CLOSED:
+                frame = ch.recv(limit)
+                report.bytes_in += frame.nbytes
+                about = -1
+                try:
+                    msg = session.receive(frame)
+                    about = msg.message_id
+                    if isinstance(msg, Close):
+                        report.ended_by = "close"
+                        break
+                    if isinstance(msg, TensorMessage):
+                        t0 = time.perf_counter()
+                        self.applier.apply(msg)
+                        report.applied += 1
+                        ch.send(session.ack(msg, _digest(msg)))
+                        log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,
+                                 msg.message_id, msg.payload_bytes, 1e3 * (time.perf_counter() - t0))
+                    elif isinstance(msg, Request):
+                        body = self._request(msg)
+                        report.generated += len(body.get("tokens", []))
+                        ch.send(session.result(msg, body))
+                    elif isinstance(msg, Reject):
+                        log.info("peer rejected message %d: %s", msg.about_id, msg.code)
+                    else:
+                        raise SessionError(f"unexpected {msg.frame_type.name} from the sender")
+                except EdgelinkError as exc:
+                    if isinstance(exc, TransportError):
+                        raise
+                    log.warning("rejected a message: %s", exc)
+                    report.rejected.append(exc.code)
+                    ch.send(session.reject(about, exc))
+                    if session.state is State.CLOSED:
+                        report.ended_by = "fatal"
+                        break
+        except TransportError as exc:
+            log.warning("session ended by the transport: %s", exc)
+            report.ended_by = exc.code
+        return report
+
+    def _request(self, req: Request) -> dict[str, Any]:
+        rt = self.rt
+        if req.op == "generate":
+            n = req.params.get("n_tokens")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise SessionError("generate needs a non-negative integer n_tokens")
+            room = rt.n_ctx - len(rt.tokens)
+            if n > room:
+                raise SessionError(f"{n} tokens do not fit: {room} positions left in the context")
+            t0 = time.perf_counter()
+            tokens = rt.generate(n, stop_at_eog=bool(req.params.get("stop_at_eog", True)))
+            dt = time.perf_counter() - t0
+            return {"tokens": tokens, "text": rt.detokenize(tokens), "generate_s": dt,
+                    "context_tokens": len(rt.tokens)}
+        if req.op == "digest":
+            return {"digest": rt.state_digest(), "context_tokens": len(rt.tokens)}
+        raise SessionError(f"unknown request {req.op!r}")
+
+
+def _digest(msg: TensorMessage) -> bytes:
+    return message_digest([t.checksum for t in msg.tensors])

@@ -1,0 +1,259 @@
+"""The llama.cpp adapter: the only module that calls into llama.cpp.
+
+It owns one model and one context with a single sequence slot, keeps the token ids and the
+last logits of that sequence (llama.cpp's sequence state holds neither), and exposes the
+operations the rest of edgelink needs: tokenize, prefill, greedy decode, export and import of
+the sequence state, and the facts that make up the model signature.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from edgelink.config import Config
+from edgelink.errors import ModelError, StateError
+from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, parse_seq_state
+
+_FLASH = {"auto": -1, "off": 0, "on": 1}
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@llama_cpp.llama_log_callback
+def _silent_log(level, text, user_data):  # noqa: ARG001 - llama.cpp's callback signature
+    return None
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p())
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+class LlamaRuntime:
+    """One GGUF model and one context. Not thread-safe: one caller at a time."""
+
+    def __init__(self, model_path: str | Path, cfg: Config):
+        self.path = Path(model_path)
+        self.cfg = cfg
+        rc = cfg.runtime
+        if rc.flash_attn not in _FLASH:
+            raise ModelError(f"runtime.flash_attn must be one of {sorted(_FLASH)}, not {rc.flash_attn!r}")
+        for name in (rc.type_k, rc.type_v):
+            if name not in CACHE_TYPE_NAMES:
+                raise ModelError(f"unknown KV cache type {name!r} (use one of {sorted(CACHE_TYPE_NAMES)})")
+        if not self.path.is_file():
+            raise ModelError(f"model file not found: {self.path}")
+        _init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise ModelError(f"llama.cpp could not load {self.path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = rc.n_ctx
+        cp.n_batch = rc.n_batch
+        cp.n_ubatch = min(rc.n_ubatch, rc.n_batch)
+        cp.n_seq_max = 1
+        threads = rc.n_threads or _cpu_count()
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.flash_attn_type = _FLASH[rc.flash_attn]
+        cp.type_k = CACHE_TYPE_NAMES[rc.type_k]
+        cp.type_v = CACHE_TYPE_NAMES[rc.type_v]
+        cp.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ModelError(f"llama.cpp could not create a context for {self.path} (n_ctx={rc.n_ctx})")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = rc.n_batch
+        self.seq = rc.seq_id
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        for i in range(self.n_batch):
+            self._batch.seq_id[i][0] = self.seq
+        self._b_nseq[:] = 1
+        self.tokens: list[int] = []
+        self.logits: np.ndarray | None = None
+        self._state_buf = np.empty(0, dtype=np.uint8)
+        self._flash_resolved: bool | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = None
+            self.model = None
+
+    def __enter__(self) -> LlamaRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode()
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
+        return list(buf[:n])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = llama_cpp.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            out += buf.raw[:n]
+        return out.decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # ------------------------------------------------------------------ forward passes
+
+    def clear(self) -> None:
+        """Forget the sequence (cells, tokens and logits)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, self.seq, -1, -1)
+        self.tokens = []
+        self.logits = None
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Append ``tokens`` to the sequence; returns the logits after the last one."""
+        if not tokens:
+            raise StateError("nothing to prefill")
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise StateError(f"{len(self.tokens) + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n = len(chunk)
+            base = len(self.tokens)
+            self._b_token[:n] = chunk
+            self._b_pos[:n] = np.arange(base, base + n)
+            self._b_logits[:n] = 0
+            self._b_logits[n - 1] = 1
+            self._batch.n_tokens = n
+            rc = llama_cpp.llama_decode(self.ctx, self._batch)
+            if rc != 0:
+                raise StateError(f"llama_decode failed with code {rc}")
+            self.tokens.extend(chunk)
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self.logits
+
+    def generate(self, n_tokens: int, stop_at_eog: bool = True) -> list[int]:
+        """Greedy continuation from the current logits: the reference every handoff must match."""
+        if self.logits is None:
+            raise StateError("no logits: prefill or import a state first")
+        out: list[int] = []
+        for _ in range(n_tokens):
+            tok = int(np.argmax(self.logits))
+            if stop_at_eog and self.is_eog(tok):
+                break
+            out.append(tok)
+            self.prefill([tok])
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def export_state(self) -> memoryview:
+        """The sequence's llama.cpp state blob (a view into a reused buffer)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, self.seq)
+        if self._state_buf.nbytes < size:
+            self._state_buf = np.empty(size, dtype=np.uint8)
+        ptr = self._state_buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        n = llama_cpp.llama_state_seq_get_data(self.ctx, ptr, size, self.seq)
+        if n == 0:
+            raise StateError("llama_state_seq_get_data failed")
+        return memoryview(self._state_buf[:n])
+
+    def import_state(self, blob: np.ndarray, tokens: list[int], logits: np.ndarray) -> None:
+        """Replace the sequence with ``blob``. On any failure the sequence is left empty and a
+        StateError is raised; callers verify everything they can before calling this."""
+        if len(tokens) > self.n_ctx:
+            raise StateError(f"state of {len(tokens)} tokens exceeds the context of {self.n_ctx}")
+        if logits.shape != (self.n_vocab,):
+            raise StateError(f"logits of shape {logits.shape}, vocabulary is {self.n_vocab}")
+        blob = np.ascontiguousarray(blob, dtype=np.uint8)
+        self.clear()
+        ptr = blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        n = llama_cpp.llama_state_seq_set_data(self.ctx, ptr, blob.nbytes, self.seq)
+        pos_max = llama_cpp.llama_memory_seq_pos_max(self.memory, self.seq)
+        if n == 0 or pos_max != len(tokens) - 1:
+            self.clear()
+            raise StateError(f"llama.cpp refused the state (read {n} bytes, last position {pos_max})")
+        self.tokens = list(tokens)
+        self.logits = np.array(logits, dtype=np.float32, copy=True)
+
+    def state_digest(self) -> str:
+        """A digest of everything that defines this sequence: cells, tokens and logits."""
+        import blake3
+
+        h = blake3.blake3()
+        if self.tokens:
+            h.update(self.export_state())
+        h.update(np.asarray(self.tokens, dtype=np.int32).tobytes())
+        if self.logits is not None:
+            h.update(self.logits.tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ facts
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def flash_attn_resolved(self) -> bool:
+        """Whether llama.cpp enabled flash attention: it decides the V layout, and "auto" is
+        resolved inside llama.cpp, so read it back from a one-token state."""
+        if self._flash_resolved is None:
+            saved = (self.export_state().tobytes(), list(self.tokens), self.logits) if self.tokens else None
+            self.clear()
+            self.prefill([llama_cpp.llama_vocab_bos(self.vocab) if llama_cpp.llama_vocab_bos(self.vocab) >= 0 else 0])
+            state = parse_seq_state(self.export_state())
+            self._flash_resolved = not next(st for c in state.caches for st in c.streams if st).v_trans
+            self.clear()
+            if saved:
+                self.import_state(np.frombuffer(saved[0], dtype=np.uint8), saved[1], saved[2])
+        return self._flash_resolved
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def timed(fn, *args, **kwargs):
+    """(result, seconds) of one call: the runtime's timing convention."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
