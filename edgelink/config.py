@@ -194,3 +194,14 @@ def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
         section: dataclasses.replace(getattr(cfg, section), **kv) for section, kv in by_section.items()
     }
     return dataclasses.replace(cfg, **changes)
+
+
+def to_env(cfg: Config) -> dict[str, str]:
+    """Every value as EDGELINK_* variables, so a child process sees exactly this configuration."""
+    env: dict[str, str] = {}
+    for section in _SECTIONS:
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            env[f"{ENV_PREFIX}{section}_{key}".upper()] = str(value)
+    return env

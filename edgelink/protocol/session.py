@@ -202,7 +202,8 @@ class Session:
         if isinstance(msg, Close):
             self.state = State.CLOSED
             return msg
-        if isinstance(msg, (Ack, Reject)) and self._outstanding is not None and msg.about_id == self._outstanding:
+        about = msg.acked_id if isinstance(msg, Ack) else getattr(msg, "about_id", None)
+        if isinstance(msg, (Ack, Reject)) and self._outstanding is not None and about == self._outstanding:
             self._outstanding = None
             self.state = State.READY
         if isinstance(msg, Reject):

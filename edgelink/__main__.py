@@ -1,0 +1,3 @@
+from edgelink.cli import main
+
+main()

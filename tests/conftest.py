@@ -1,0 +1,31 @@
+"""Shared fixtures: the real models (pulled once per machine into the configured cache)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgelink.config import load_config
+
+
+@pytest.fixture(scope="session")
+def cfg():
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(cfg):
+    from edgelink.registry import resolve_model
+
+    return resolve_model("smollm2-135m", cfg, pull=True)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path(cfg):
+    from edgelink.registry import resolve_model
+
+    return resolve_model("gemma3-270m", cfg, pull=True)
+
+
+@pytest.fixture(scope="session")
+def model_paths(smollm2_path, gemma3_path):
+    return {"smollm2-135m": smollm2_path, "gemma3-270m": gemma3_path}

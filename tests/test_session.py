@@ -1,0 +1,145 @@
+"""The session state machine without any I/O: two Session objects talk through byte strings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelink.errors import (
+    ChecksumMismatch,
+    PeerRejected,
+    ReplayError,
+    SessionError,
+    SignatureMismatch,
+    UnknownKind,
+)
+from edgelink.protocol.compat import REQUIRED_FIELDS
+from edgelink.protocol.kinds import ApplyMode, DType, Kind
+from edgelink.protocol.messages import Ack, Close, Request, Result, Tensor, TensorMessage
+from edgelink.protocol.session import Role, Session, State
+
+SIG = {k: f"value-{k}" for k in REQUIRED_FIELDS}
+
+
+def _join(parts):
+    return b"".join(bytes(p) for p in parts)
+
+
+def _pair(cfg, client_sig=SIG, server_sig=SIG):
+    c = Session(Role.CLIENT, client_sig, cfg.protocol)
+    s = Session(Role.SERVER, server_sig, cfg.protocol)
+    s.receive(c.hello())
+    c.receive(s.hello())
+    return c, s
+
+
+def _tensors():
+    arr = np.arange(12, dtype="<f4").reshape(3, 4)
+    return [Tensor("x", DType.F32, (3, 4), memoryview(arr).cast("B"))]
+
+
+def test_handshake_reaches_ready(cfg):
+    c, s = _pair(cfg)
+    assert c.state is s.state is State.READY
+    assert c.session_id == s.session_id and len(c.session_id) == 16
+    assert c.negotiated_kinds == {Kind.KV_CACHE}
+
+
+@pytest.mark.parametrize("field", ["weights_digest", "n_layer", "architecture", "flash_attn", "llama_cpp"])
+def test_any_signature_difference_rejects_the_session(cfg, field):
+    other = dict(SIG, **{field: "different"})
+    c = Session(Role.CLIENT, SIG, cfg.protocol)
+    s = Session(Role.SERVER, other, cfg.protocol)
+    with pytest.raises(SignatureMismatch) as info:
+        s.receive(c.hello())
+    assert field in info.value.fields
+    assert s.state is State.CLOSED
+    # the server's REJECT reaches the client as a typed PeerRejected, never a downgrade
+    with pytest.raises(PeerRejected) as rej:
+        c.receive(s.reject(0, info.value))
+    assert rej.value.reason == "signature" and c.state is State.CLOSED
+
+
+def test_missing_signature_field_is_a_mismatch(cfg):
+    partial = {k: v for k, v in SIG.items() if k != "head_dim"}
+    c = Session(Role.CLIENT, partial, cfg.protocol)
+    s = Session(Role.SERVER, SIG, cfg.protocol)
+    with pytest.raises(SignatureMismatch):
+        s.receive(c.hello())
+
+
+def test_tensor_exchange_and_ack(cfg):
+    c, s = _pair(cfg)
+    parts, sent = c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
+    assert c.state is State.STREAMING
+    got = s.receive(_join(parts))
+    assert isinstance(got, TensorMessage) and got.message_id == sent.message_id
+    ack = c.receive(s.ack(got, b"\0" * 32))
+    assert isinstance(ack, Ack) and c.state is State.READY
+
+
+def test_replayed_and_out_of_order_ids_are_rejected(cfg):
+    c, s = _pair(cfg)
+    parts, sent = c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
+    frame = _join(parts)
+    got = s.receive(frame)
+    with pytest.raises(ReplayError):
+        s.receive(frame)  # the same message again
+    assert s.state is State.READY
+    c.receive(s.ack(got, b"\0" * 32))
+    c.request("generate", {"n_tokens": 1})  # never delivered
+    with pytest.raises(ReplayError):
+        s.receive(c.request("generate", {"n_tokens": 1}))  # arrives out of order
+
+
+def test_corrupted_payload_is_refused_but_session_survives(cfg):
+    c, s = _pair(cfg)
+    parts, _ = c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
+    frame = bytearray(_join(parts))
+    frame[len(frame) - 64] ^= 0x01  # the last 64 bytes are the (padded) payload
+    with pytest.raises(ChecksumMismatch):
+        s.receive(bytes(frame))
+    assert s.state is State.READY
+    c.receive(s.reject(1, ChecksumMismatch("x")))
+    assert c.state is State.READY
+    req = s.receive(c.request("generate", {"n_tokens": 2}))
+    assert isinstance(req, Request)
+    assert isinstance(c.receive(s.result(req, {"tokens": []})), Result)
+
+
+def test_frames_from_another_session_end_it(cfg):
+    c1, s1 = _pair(cfg)
+    c2, _ = _pair(cfg)
+    with pytest.raises(SessionError):
+        s1.receive(c2.request("generate", {}))
+    assert s1.state is State.CLOSED
+
+
+def test_kinds_must_be_negotiated(cfg):
+    c = Session(Role.CLIENT, SIG, cfg.protocol, kinds=(Kind.KV_CACHE, Kind.HIDDEN_SLICE))
+    s = Session(Role.SERVER, SIG, cfg.protocol, kinds=(Kind.KV_CACHE,))
+    s.receive(c.hello())
+    c.receive(s.hello())
+    with pytest.raises(UnknownKind):
+        c.encode_tensor_message(Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE, _tensors())
+
+
+def test_rules_of_order(cfg):
+    c = Session(Role.CLIENT, SIG, cfg.protocol)
+    with pytest.raises(SessionError):
+        c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())  # before handshake
+    s = Session(Role.SERVER, SIG, cfg.protocol)
+    with pytest.raises(SessionError):
+        s.hello()  # a server never opens
+    c, s = _pair(cfg)
+    c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
+    with pytest.raises(SessionError):
+        c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())  # one in flight
+
+
+def test_close_ends_both_sides(cfg):
+    c, s = _pair(cfg)
+    assert isinstance(s.receive(c.close()), Close)
+    assert c.state is s.state is State.CLOSED
+    with pytest.raises(SessionError):
+        s.receive(c.close())
