@@ -87,8 +87,8 @@ def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
 def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
            progress: Progress | None = None) -> Generation:
     """Prefill ``prompt`` and write the handshake and KV snapshot frames to ``path``."""
-    from edgelink.snapshot import snapshot_tensors
     from edgelink.protocol.kinds import ApplyMode
+    from edgelink.snapshot import snapshot_tensors
     from edgelink.transport.file import FileChannelWriter
 
     cfg = _cfg(cfg)
@@ -150,7 +150,7 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
     with load_runtime(model, cfg, progress) as rt:
         receiver = Receiver(rt, cfg, model_signature(rt, cfg).to_dict())
         listener = ShmListener(ep.address, cfg)
-        install_cleanup_handlers(listener)
+        install_cleanup_handlers()
         try:
             if on_ready:
                 on_ready(str(ep))

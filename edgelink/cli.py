@@ -32,11 +32,12 @@ class _Ctx:
         return load_config(self.config_path, **overrides)
 
 
-def _emit(as_json: bool, payload: Any, human: str) -> None:
+def _emit(as_json: bool, payload: Any, human: str, *, compact: bool = False) -> None:
+    """Human text, or JSON (one line per event when ``compact``, for streams like `serve`)."""
     if as_json:
         if dataclasses.is_dataclass(payload):
             payload = dataclasses.asdict(payload)
-        click.echo(json.dumps(payload, indent=2, default=str))
+        click.echo(json.dumps(payload, indent=None if compact else 2, default=str))
     else:
         click.echo(human)
 
@@ -189,13 +190,13 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
     cfg = obj.cfg()
 
     def ready(ep: str) -> None:
-        _emit(as_json, {"event": "ready", "endpoint": ep}, f"serving on {ep} (Ctrl-C to stop)")
+        _emit(as_json, {"event": "ready", "endpoint": ep}, f"serving on {ep} (Ctrl-C to stop)", compact=True)
         sys.stdout.flush()
 
     def session(report) -> None:
         _emit(as_json, {"event": "session", **dataclasses.asdict(report)},
               f"session: applied={report.applied} rejected={report.rejected} "
-              f"generated={report.generated} ended_by={report.ended_by}")
+              f"generated={report.generated} ended_by={report.ended_by}", compact=True)
         sys.stdout.flush()
 
     api.serve(model or cfg.runtime.default_model, f"shm:{shm_name}", cfg, max_sessions=max_sessions,

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from edgelink.config import Config
-from edgelink.errors import EdgelinkError, SessionError, TransportError
+from edgelink.errors import EdgelinkError, ProtocolError, SessionError, TransportError
 from edgelink.protocol.codec import message_digest
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.messages import Close, Reject, Request, TensorMessage
@@ -100,6 +100,16 @@ class Receiver:
         except TransportError as exc:
             log.warning("session ended by the transport: %s", exc)
             report.ended_by = exc.code
+        except ProtocolError as exc:
+            # The transport refused a frame (for example a declared length over the limit)
+            # before reading it: the stream is out of step, so refuse and end the session.
+            log.warning("refused a frame: %s", exc)
+            report.rejected.append(exc.code)
+            report.ended_by = exc.code
+            try:
+                ch.send(session.reject(-1, exc))
+            except EdgelinkError:
+                pass
         return report
 
     def _request(self, req: Request) -> dict[str, Any]:

@@ -111,10 +111,12 @@ class SnapshotApplier:
         """Check, then import; on failure the previous sequence is restored exactly."""
         blob, tokens, logits = self.check(msg)
         rt = self.rt
-        backup = (rt.export_state().tobytes(), list(rt.tokens), rt.logits.copy()) if rt.tokens else None
+        # The backup is a view into the runtime's export buffer: import_state never exports,
+        # so the view stays intact until we need it, and no copy is paid on the happy path.
+        backup = (np.asarray(rt.export_state()), list(rt.tokens), rt.logits) if rt.tokens else None
         try:
             rt.import_state(blob, tokens, logits)
         except StateError:
             if backup is not None:
-                rt.import_state(np.frombuffer(backup[0], dtype=np.uint8), backup[1], backup[2])
+                rt.import_state(*backup)
             raise

@@ -53,7 +53,7 @@ def test_tensor_message_round_trip(cfg):
     assert isinstance(out, TensorMessage)
     assert (out.kind, out.apply, out.layer_range, out.token_range, out.attrs) == (
         Kind.KV_CACHE, ApplyMode.OVERWRITE, (0, 30), (0, 7), {"kv": {"x": 1}})
-    for a, b in zip(msg.tensors, out.tensors):
+    for a, b in zip(msg.tensors, out.tensors, strict=True):
         assert (a.name, a.dtype, a.shape) == (b.name, b.dtype, b.shape)
         assert bytes(a.data) == bytes(b.data)
     digest = codec.verify_checksums(out)

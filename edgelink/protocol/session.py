@@ -31,8 +31,8 @@ from edgelink.errors import (
     UnknownKind,
 )
 from edgelink.protocol import codec
-from edgelink.protocol.compat import describe_diff, signature_diff
 from edgelink.protocol.codec import Buffer
+from edgelink.protocol.compat import describe_diff, signature_diff
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import (
     SESSION_ID_BYTES,
