@@ -9,18 +9,16 @@ Measured in one run, side by side, per context length:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from edgelink.config import Config, to_env
+from edgelink.config import Config
+from edgelink.launcher import start_receiver, stop_receiver
 from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.sender import Sender
@@ -50,29 +48,6 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, str] | None = None
-                   ) -> subprocess.Popen:
-    """`edgelink serve` in a child process; returns once it printed that it is ready."""
-    args = [sys.executable, "-m", "edgelink", "serve", model, "--shm", shm_name, "--json"]
-    env = dict(os.environ, **to_env(cfg), **(extra_env or {}))
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    buf = ""
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            err = proc.stderr.read() if proc.stderr else ""
-            raise RuntimeError(f"receiver exited before it was ready: {err[-2000:]}")
-        buf += line
-        try:
-            event = json.loads(buf)
-        except json.JSONDecodeError:
-            continue
-        buf = ""
-        if event.get("event") == "ready":
-            return proc
 
 
 def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -127,8 +102,7 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                     "shm_vs_memcpy": thr["ratio"],
                 })
     finally:
-        receiver.terminate()
-        receiver.wait(timeout=30)
+        stop_receiver(receiver)
     return {
         "model": model,
         "model_path": str(path),

@@ -107,13 +107,10 @@ def models(ctx: click.Context, as_json: bool) -> None:
 def models_pull(obj: _Ctx, name: str, force: bool, as_json: bool) -> None:
     """Download NAME into the cache directory and verify its sha256."""
     from edgelink.pull import pull_model
-    from edgelink.registry import load_registry
+    from edgelink.registry import get_entry
 
     cfg = obj.cfg()
-    entries = load_registry(cfg.paths.registry)
-    if name not in entries:
-        raise EdgelinkError(f"unknown model {name!r}; known: {', '.join(sorted(entries))}")
-    path = pull_model(entries[name], cfg, progress=None if as_json else _progress(), force=force)
+    path = pull_model(get_entry(name, cfg), cfg, progress=None if as_json else _progress(), force=force)
     _emit(as_json, {"name": name, "path": str(path)}, f"{name}: {path}")
 
 

@@ -66,10 +66,8 @@ class Receiver:
             while session.state is not State.CLOSED:
                 frame = ch.recv(limit)
                 report.bytes_in += frame.nbytes
-                about = -1
                 try:
                     msg = session.receive(frame)
-                    about = msg.message_id
                     if isinstance(msg, Close):
                         report.ended_by = "close"
                         break
@@ -93,7 +91,7 @@ class Receiver:
                         raise
                     log.warning("rejected a message: %s", exc)
                     report.rejected.append(exc.code)
-                    ch.send(session.reject(about, exc))
+                    ch.send(session.reject(session.last_seen_id, exc))
                     if session.state is State.CLOSED:
                         report.ended_by = "fatal"
                         break

@@ -84,6 +84,7 @@ class Session:
         self._next_in = 0
         self._hello_sent = False
         self._outstanding: int | None = None
+        self.last_seen_id = -1  # id of the frame being received; what a REJECT refers to
 
     # ------------------------------------------------------------------ outgoing
 
@@ -180,6 +181,7 @@ class Session:
         """
         if self.state is State.CLOSED:
             raise SessionError("session is closed")
+        self.last_seen_id = -1
         try:
             msg = codec.decode_frame(frame, self.limits)
         except ProtocolError as exc:
@@ -187,6 +189,7 @@ class Session:
                 raise
             self.state = State.CLOSED
             raise
+        self.last_seen_id = msg.message_id
         if self.state is State.AWAIT_HELLO:
             return self._receive_hello(msg)
         if msg.session_id != self.session_id:

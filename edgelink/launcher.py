@@ -1,0 +1,61 @@
+"""Start and stop an `edgelink serve` child process (for the demo, benchmarks and tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from edgelink.config import Config, to_env
+from edgelink.errors import EdgelinkError
+
+
+class Receiver(subprocess.Popen):
+    """A serving child; ``next_event()`` reads its JSON event lines (ready, session)."""
+
+    def next_event(self) -> dict[str, Any]:
+        assert self.stdout is not None
+        while True:
+            line = self.stdout.readline()
+            if not line:
+                raise EdgelinkError(f"receiver exited (code {self.wait()}): {self.stderr_tail()}")
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def stderr_tail(self, n: int = 4000) -> str:
+        f = self._err_file
+        f.flush()
+        f.seek(0)
+        return f.read().decode(errors="replace")[-n:]
+
+
+def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, str] | None = None,
+                   extra_args: tuple[str, ...] = ()) -> Receiver:
+    """`edgelink serve MODEL --shm NAME --json` in a child with exactly this configuration
+    (passed as EDGELINK_* variables); returns once the child says it is ready."""
+    args = [sys.executable, "-m", "edgelink", *extra_args, "serve", model, "--shm", shm_name, "--json"]
+    env = {**os.environ, **to_env(cfg), **(extra_env or {})}
+    err = tempfile.TemporaryFile()
+    proc = Receiver(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    proc._err_file = err
+    event = proc.next_event()
+    if event.get("event") != "ready":
+        stop_receiver(proc)
+        raise EdgelinkError(f"unexpected first event from the receiver: {event}")
+    return proc
+
+
+def stop_receiver(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM (the receiver removes its segments on it), then wait; SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

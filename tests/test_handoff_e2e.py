@@ -1,0 +1,264 @@
+"""Two real OS processes: a serving receiver (`edgelink serve`) and a sender in the test.
+
+Exactness across processes, and every kind of bad input against a live receiver, whose state
+digest must be unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from edgelink.api import connect
+from edgelink.bench import context_tokens
+from edgelink.errors import MessageTooLarge, PeerRejected
+from edgelink.launcher import start_receiver, stop_receiver
+from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.messages import Reject
+from edgelink.receiver import frame_limit
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.sender import Sender
+from edgelink.signature import model_signature
+from edgelink.snapshot import snapshot_tensors
+
+from gguf_variants import write_weight_variant
+
+
+def _name(tag: str) -> str:
+    return f"t-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _segments(name: str, cfg) -> list[Path]:
+    return sorted(Path(cfg.shm.dir).glob(f"edgelink-{name}*"))
+
+
+class Peer:
+    """A receiver process plus a sender runtime for the same model, in this process."""
+
+    def __init__(self, path, cfg, tag, extra_env=None):
+        self.cfg = cfg
+        self.name = _name(tag)
+        self.proc = start_receiver(str(path), cfg, self.name, extra_env)
+        self.rt = LlamaRuntime(path, cfg)
+        self.signature = model_signature(self.rt, cfg).to_dict()
+
+    def sender(self) -> Sender:
+        s = Sender(connect(f"shm:{self.name}", self.cfg), self.cfg, self.signature)
+        s.handshake()
+        return s
+
+    def digest(self) -> str:
+        s = self.sender()
+        try:
+            return s.request("digest")["digest"]
+        finally:
+            s.close()
+            self.proc.next_event()
+
+    def stop(self) -> None:
+        self.rt.close()
+        assert stop_receiver(self.proc) in (0, -signal.SIGTERM), self.proc.stderr_tail()
+        assert _segments(self.name, self.cfg) == [], "segments left behind"
+
+
+@pytest.fixture(scope="module")
+def peers(model_paths, cfg):
+    made = {name: Peer(path, cfg, name.split("-")[0]) for name, path in model_paths.items()}
+    yield made
+    for p in made.values():
+        p.stop()
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("n", [16, 256, 1024])
+def test_receiver_continues_exactly_as_the_sender_would(peers, name, n):
+    peer = peers[name]
+    rt = peer.rt
+    rt.clear()
+    rt.prefill(context_tokens(rt, n))
+    s = peer.sender()
+    try:
+        sent = s.send_snapshot(rt)
+        remote = s.request("generate", n_tokens=32)
+    finally:
+        s.close()
+    event = peer.proc.next_event()
+    assert event["applied"] == 1 and event["ended_by"] == "close"
+    local = rt.generate(32)
+    assert len(local) > 0
+    assert remote["tokens"] == local
+    assert remote["context_tokens"] == n + len(local)
+    assert sent.payload_bytes > n * 1000
+
+
+def _prime(peer: Peer, n: int = 64) -> str:
+    """Give the receiver a known state and return its digest."""
+    rt = peer.rt
+    rt.clear()
+    rt.prefill(context_tokens(rt, n))
+    s = peer.sender()
+    s.send_snapshot(rt)
+    s.close()
+    peer.proc.next_event()
+    return peer.digest()
+
+
+def _frame(sender: Sender, rt: LlamaRuntime) -> bytearray:
+    tensors, attrs, token_range = snapshot_tensors(rt)
+    parts, _ = sender.session.encode_tensor_message(
+        Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors, layer_range=(0, rt.n_layer),
+        token_range=token_range, attrs=attrs)
+    return bytearray(b"".join(bytes(p) for p in parts))
+
+
+def _expect_reject(sender: Sender, code: str) -> None:
+    reply = sender.session.receive(sender.ch.recv(frame_limit(sender.cfg)))
+    assert isinstance(reply, Reject), reply
+    assert reply.code == code, reply
+
+
+def test_flipped_payload_byte_is_rejected_and_state_unchanged(peers):
+    peer = peers["smollm2-135m"]
+    before = _prime(peer)
+    peer.rt.clear()
+    peer.rt.prefill(context_tokens(peer.rt, 100))
+    s = peer.sender()
+    frame = _frame(s, peer.rt)
+    frame[len(frame) // 2] ^= 0x04
+    s.ch.send(frame)
+    _expect_reject(s, "checksum")
+    # the session survives a refused message: the next request is served
+    assert s.request("digest")["digest"] == before
+    s.close()
+    assert peer.proc.next_event()["rejected"] == ["checksum"]
+
+
+def test_truncated_message_is_rejected_and_state_unchanged(peers):
+    peer = peers["smollm2-135m"]
+    before = _prime(peer)
+    s = peer.sender()
+    frame = _frame(s, peer.rt)
+    s.ch.send(frame[: len(frame) - 1000])
+    _expect_reject(s, "truncated")
+    s.ch.close()
+    assert peer.proc.next_event()["ended_by"] == "fatal"
+    assert peer.digest() == before
+
+
+def test_replayed_message_is_rejected(peers):
+    peer = peers["smollm2-135m"]
+    _prime(peer)
+    s = peer.sender()
+    frame = _frame(s, peer.rt)
+    s.ch.send(frame)
+    ack = s.session.receive(s.ch.recv(frame_limit(s.cfg)))
+    assert ack.frame_type.name == "ACK"
+    after = s.request("digest")["digest"]
+    s.ch.send(frame)  # the very same bytes again
+    _expect_reject(s, "replay")
+    assert s.request("digest")["digest"] == after
+    s.close()
+    peer.proc.next_event()
+
+
+@pytest.mark.parametrize("sender_name,receiver_name", [("smollm2-135m", "gemma3-270m"),
+                                                       ("gemma3-270m", "smollm2-135m")])
+def test_state_from_another_model_is_rejected_at_the_handshake(peers, sender_name, receiver_name):
+    src, dst = peers[sender_name], peers[receiver_name]
+    before = dst.digest()
+    s = Sender(connect(f"shm:{dst.name}", dst.cfg), dst.cfg, src.signature)
+    with pytest.raises(PeerRejected) as info:
+        s.handshake()
+    s.ch.close()
+    assert info.value.reason == "signature"
+    assert "architecture" in info.value.detail
+    assert dst.proc.next_event()["ended_by"] == "handshake"
+    assert dst.digest() == before
+
+
+def test_same_architecture_different_weights_is_rejected(peers, smollm2_path, cfg, tmp_path):
+    variant = write_weight_variant(smollm2_path, tmp_path / "smollm2-variant.gguf")
+    other = Peer(variant, cfg, "variant")
+    try:
+        sig = peers["smollm2-135m"].signature
+        assert {k: v for k, v in other.signature.items() if k not in ("weights_digest", "name")} == \
+            {k: v for k, v in sig.items() if k not in ("weights_digest", "name")}
+        s = Sender(connect(f"shm:{other.name}", cfg), cfg, sig)
+        with pytest.raises(PeerRejected) as info:
+            s.handshake()
+        s.ch.close()
+        assert info.value.reason == "signature" and "weights_digest" in info.value.detail
+        assert other.proc.next_event()["ended_by"] == "handshake"
+    finally:
+        other.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_peer(smollm2_path, cfg):
+    """A receiver with a 4 MB message limit and a 3 s transport timeout."""
+    peer = Peer(smollm2_path, cfg, "strict", {"EDGELINK_PROTOCOL_MAX_MESSAGE_BYTES": str(4_000_000),
+                                              "EDGELINK_SHM_TIMEOUT_S": "3"})
+    yield peer
+    peer.stop()
+
+
+def test_oversized_message_is_refused_before_allocation(strict_peer):
+    peer = strict_peer
+    before = _prime(peer, 32)
+    rt = peer.rt
+    rt.clear()
+    rt.prefill(context_tokens(rt, 400))  # about 9 MB of state
+    s = peer.sender()
+    with pytest.raises(MessageTooLarge):
+        s.send_snapshot(rt)  # the sender already knows the receiver's limit from its hello
+    s.session.peer_max_bytes = 1 << 40  # a sender that ignores it
+    s.session.state = s.session.state.READY
+    s.ch.send(_frame(s, rt))
+    _expect_reject(s, "too_large")
+    s.ch.close()
+    assert peer.proc.next_event()["ended_by"] == "too_large"
+    assert peer.digest() == before
+
+
+_PARTIAL_SENDER = r"""
+import json, sys
+from edgelink.api import connect
+from edgelink.config import load_config
+from edgelink.protocol.session import Role, Session
+from edgelink.receiver import frame_limit
+from edgelink.transport.framing import HEADER
+cfg = load_config()
+ch = connect("shm:" + sys.argv[1], cfg)
+s = Session(Role.CLIENT, json.loads(sys.argv[2]), cfg.protocol)
+ch.send(s.hello())
+s.receive(ch.recv(frame_limit(cfg)))
+# announce a 3 MB frame, deliver 1 MB of it, then stall
+ch._tx.write([memoryview(HEADER.pack(3_000_000)), memoryview(bytes(1_000_000))], 10)
+print("partial", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "stalled"])
+def test_sender_dying_or_stalling_mid_stream_leaves_receiver_clean(strict_peer, how):
+    peer = strict_peer
+    before = _prime(peer, 32)
+    child = subprocess.Popen([sys.executable, "-c", _PARTIAL_SENDER, peer.name, json.dumps(peer.signature)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "partial"
+        if how == "killed":
+            child.send_signal(signal.SIGKILL)
+        event = peer.proc.next_event()  # the receiver gives up on its own
+        assert event["ended_by"] == ("peer_gone" if how == "killed" else "timeout"), event
+    finally:
+        child.kill()
+        child.wait()
+    assert peer.digest() == before  # partial data discarded, next client served
