@@ -209,5 +209,40 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
         if verify:
             local = rt.generate(n)
             result.extra["local_tokens"] = local
+            result.extra["local_text"] = rt.detokenize(local)
             result.extra["matches_local"] = local == result.tokens
         return result
+
+
+@dataclasses.dataclass
+class Demo:
+    handoff: Generation
+    local_text: str
+    sender_pid: int
+    receiver_pid: int
+
+
+def demo(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | None = None, *,
+         progress: Progress | None = None, log: Callable[[str], None] | None = None) -> Demo:
+    """Start `edgelink serve` in a second process, hand it our KV state, and compare its
+    continuation with our own: the whole idea of edgelink in one call."""
+    import os
+    import uuid
+
+    from edgelink.launcher import start_receiver, stop_receiver
+
+    cfg = _cfg(cfg)
+    path = resolve_model(model, cfg, pull=True, progress=progress)
+    name = f"demo-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    if log:
+        log(f"starting receiver process on shm:{name} ...")
+    proc = start_receiver(str(path), cfg, name)
+    try:
+        if log:
+            log("handing off ...")
+        g = handoff(str(path), prompt, f"shm:{name}", n_tokens, cfg, verify=True)
+        g.model = model
+    finally:
+        stop_receiver(proc)
+    g.extra.pop("local_tokens")
+    return Demo(g, g.extra.pop("local_text"), os.getpid(), proc.pid)

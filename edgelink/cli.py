@@ -99,6 +99,14 @@ def models(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{r.entry.name:22} {mark:7} {r.entry.description}")
 
 
+@models.command("list")
+@json_option
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """List the models edgelink knows and whether each is downloaded."""
+    ctx.invoke(models, as_json=as_json)
+
+
 @models.command("pull")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Download again even if cached.")
@@ -132,7 +140,7 @@ def _gen_text(g: api.Generation) -> str:
     if g.bytes:
         lines.append("  ".join(f"{k}={v:,} B" for k, v in g.bytes.items()))
     for k, v in g.extra.items():
-        if k != "local_tokens":
+        if k not in ("local_tokens", "local_text"):
             lines.append(f"{k}: {v}")
     return "\n".join(lines)
 
@@ -215,6 +223,35 @@ def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | 
     g = api.handoff(model or cfg.runtime.default_model, prompt, to, n_tokens, cfg, verify=verify,
                     progress=_progress())
     _emit(as_json, g, _gen_text(g))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", default="Alice and Bob are two robots who share a workshop. One morning,",
+              show_default=True, help="Prompt the sender reads.")
+@n_option
+@json_option
+@click.pass_obj
+def demo(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_json: bool) -> None:
+    """A real two-process handoff: start a receiver, ship it our KV state, compare continuations."""
+    cfg = obj.cfg()
+    d = api.demo(model or cfg.runtime.default_model, prompt, n_tokens, cfg,
+                 progress=None if as_json else _progress(),
+                 log=None if as_json else lambda m: click.echo(m, err=True))
+    g = d.handoff
+    human = "\n".join([
+        f"process A (pid {d.sender_pid}) read the prompt: {prompt!r}",
+        f"process B (pid {d.receiver_pid}) never saw it; it received {g.bytes['payload']:,} bytes of KV state",
+        f"  over shm in {g.timings['snapshot_roundtrip_s'] * 1e3:.1f} ms "
+        f"(re-reading the prompt would take {g.timings['prefill_s'] * 1e3:.1f} ms here)",
+        "",
+        f"B continued: {g.text!r}",
+        f"A would say: {d.local_text!r}",
+        f"identical: {g.extra['matches_local']}",
+    ])
+    _emit(as_json, d, human)
+    if not g.extra["matches_local"]:
+        sys.exit(1)
 
 
 @cli.group()
