@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from edgelink.config import Config
-from edgelink.errors import ChecksumMismatch, PeerRejected, SessionError
+from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError
 from edgelink.protocol.codec import message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result
@@ -55,7 +55,12 @@ class Sender:
             Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors, seq_slot=rt.seq,
             layer_range=(0, rt.n_layer), token_range=token_range, attrs=attrs)
         t1 = time.perf_counter()
-        self.ch.send(*parts)
+        try:
+            self.ch.send(*parts)
+        except PeerGone:
+            # The receiver stopped reading mid-frame (it refused it); read why, if it said so.
+            self._reply()
+            raise
         ack = self._reply()
         t2 = time.perf_counter()
         if not isinstance(ack, Ack) or ack.acked_id != msg.message_id:

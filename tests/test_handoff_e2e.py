@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from gguf_variants import write_weight_variant
 
 from edgelink.api import connect
 from edgelink.bench import context_tokens
@@ -27,8 +28,6 @@ from edgelink.runtime.llama import LlamaRuntime
 from edgelink.sender import Sender
 from edgelink.signature import model_signature
 from edgelink.snapshot import snapshot_tensors
-
-from gguf_variants import write_weight_variant
 
 
 def _name(tag: str) -> str:
@@ -202,8 +201,9 @@ def test_same_architecture_different_weights_is_rejected(peers, smollm2_path, cf
 
 @pytest.fixture(scope="module")
 def strict_peer(smollm2_path, cfg):
-    """A receiver with a 4 MB message limit and a 3 s transport timeout."""
+    """A receiver with a 4 MB message limit, 1 MiB rings and a 3 s transport timeout."""
     peer = Peer(smollm2_path, cfg, "strict", {"EDGELINK_PROTOCOL_MAX_MESSAGE_BYTES": str(4_000_000),
+                                              "EDGELINK_SHM_RING_BYTES": str(1 << 20),
                                               "EDGELINK_SHM_TIMEOUT_S": "3"})
     yield peer
     peer.stop()
@@ -220,8 +220,11 @@ def test_oversized_message_is_refused_before_allocation(strict_peer):
         s.send_snapshot(rt)  # the sender already knows the receiver's limit from its hello
     s.session.peer_max_bytes = 1 << 40  # a sender that ignores it
     s.session.state = s.session.state.READY
-    s.ch.send(_frame(s, rt))
-    _expect_reject(s, "too_large")
+    # 9 MB through a 1 MiB ring: the receiver refuses on the length prefix, stops reading,
+    # and the blocked sender still gets the typed refusal
+    with pytest.raises(PeerRejected) as info:
+        s.send_snapshot(rt)
+    assert info.value.reason == "too_large"
     s.ch.close()
     assert peer.proc.next_event()["ended_by"] == "too_large"
     assert peer.digest() == before

@@ -77,8 +77,9 @@ class LlamaRuntime:
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise ModelError(f"llama.cpp could not create a context for {self.path} (n_ctx={rc.n_ctx})")
+        # llama.cpp may pad the context and clamp the batch to it: use what it resolved.
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        self.n_batch = rc.n_batch
+        self.n_batch = min(llama_cpp.llama_n_batch(self.ctx), rc.n_batch)
         self.seq = rc.seq_id
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)

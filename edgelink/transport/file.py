@@ -1,0 +1,142 @@
+"""File transport: frames written to and read back from a file, same framing as shared memory.
+
+A file holds frames back to back, each a u64 little-endian length then that many bytes. The
+writer never joins parts in memory; the reader reads each frame into one reusable buffer with
+``readinto`` and hands out a memoryview of it (valid until the next ``recv``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgelink.errors import PeerGone, TransportError, TruncatedMessage
+from edgelink.transport.framing import HEADER, HEADER_BYTES, RecvBuffer, byte_views, check_length
+
+
+class FileChannelWriter:
+    """Writes frames to ``path`` (created or truncated; ``append=True`` adds to its end)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, append: bool = False):
+        self.path = Path(path)
+        try:
+            # Unbuffered: parts are written straight from the caller's memory, never copied
+            # into a Python-side buffer first.
+            self._f = open(self.path, "ab" if append else "wb", buffering=0)
+        except OSError as exc:
+            raise TransportError(f"cannot open {self.path} for writing: {exc.strerror}") from exc
+        self.frames = 0
+
+    def send(self, *parts) -> None:
+        """Append one frame made of ``parts`` (any C-contiguous buffers) to the file."""
+        if self._f.closed:
+            raise TransportError(f"{self.path}: writer is closed")
+        views, total = byte_views(parts)
+        try:
+            self._write_all(memoryview(HEADER.pack(total)))
+            for view in views:
+                self._write_all(view)
+        except OSError as exc:
+            raise TransportError(f"cannot write to {self.path}: {exc.strerror}") from exc
+        self.frames += 1
+
+    def _write_all(self, view: memoryview) -> None:
+        # A raw write may be short (signals, pipes, quotas): loop until it is all out.
+        while view.nbytes:
+            n = self._f.write(view)
+            view = view[n:]
+
+    def flush(self, fsync: bool = False) -> None:
+        """Nothing is buffered in Python; ``fsync=True`` also forces the data to disk."""
+        if fsync and not self._f.closed:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> FileChannelWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FileChannelReader:
+    """Reads frames from ``path`` in order.
+
+    ``recv`` raises MessageTooLarge (declared length above ``max_bytes``) or TruncatedMessage
+    (the file ends inside a frame, or declares more than the file holds) before allocating,
+    and PeerGone at a clean end of file: no more frames. Iterating yields frames until then.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb", buffering=0)
+        except OSError as exc:
+            raise TransportError(f"cannot open {self.path}: {exc.strerror}") from exc
+        self._size = os.fstat(self._f.fileno()).st_size
+        self._pos = 0
+        self._hdr = bytearray(HEADER_BYTES)
+        self._buf = RecvBuffer()
+        self.frames = 0
+
+    def recv(self, max_bytes: int, timeout: float | None = None) -> memoryview:
+        """The next frame as a memoryview valid until the next call. ``timeout`` is unused:
+        a file never makes the reader wait."""
+        if self._f.closed:
+            raise TransportError(f"{self.path}: reader is closed")
+        got = self._read_into(memoryview(self._hdr))
+        if got == 0:
+            raise PeerGone(f"{self.path}: end of file after {self.frames} frame(s)")
+        if got < HEADER_BYTES:
+            raise TruncatedMessage(
+                f"{self.path}: file ends inside the length of frame {self.frames} "
+                f"({got} of {HEADER_BYTES} bytes)"
+            )
+        (length,) = HEADER.unpack(self._hdr)
+        check_length(length, max_bytes, str(self.path))
+        left = self._size - self._pos
+        if length > left:
+            # Checked before allocating: a corrupt length must not cost its size in memory.
+            raise TruncatedMessage(
+                f"{self.path}: frame {self.frames} declares {length} bytes, the file holds "
+                f"only {left} more"
+            )
+        view = self._buf.view(length)
+        got = self._read_into(view)
+        if got < length:  # the file shrank under us
+            raise TruncatedMessage(f"{self.path}: frame {self.frames} has {got} of {length} bytes")
+        self.frames += 1
+        return view
+
+    def _read_into(self, view: memoryview) -> int:
+        total = 0
+        try:
+            while total < view.nbytes:
+                n = self._f.readinto(view[total:])
+                if not n:
+                    break
+                total += n
+        except OSError as exc:
+            raise TransportError(f"cannot read {self.path}: {exc.strerror}") from exc
+        self._pos += total
+        return total
+
+    def __iter__(self) -> Iterator[memoryview]:
+        """Frames until a clean end of file, with no size bound beyond the file itself."""
+        while True:
+            try:
+                yield self.recv(self._size)
+            except PeerGone:
+                return
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> FileChannelReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,76 @@
+"""The CLI as a user runs it: real subprocesses, real model, JSON output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROMPT = "The old lighthouse keeper climbed the stairs and"
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "edgelink", *args], capture_output=True, text=True,
+                          timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    return json.loads(run("generate", str(smollm2_path), "-p", PROMPT, "-n", "12", "--json").stdout)
+
+
+def test_export_then_resume_matches_generate(reference, smollm2_path, tmp_path):
+    snap = tmp_path / "state.elk"
+    out = json.loads(run("export", "smollm2-135m", "-p", PROMPT, "-o", str(snap), "--json").stdout)
+    assert snap.stat().st_size == out["bytes"]["file"] > out["bytes"]["payload"] > 0
+    resumed = json.loads(run("resume", str(smollm2_path), str(snap), "-n", "12", "--json").stdout)
+    assert resumed["tokens"] == reference["tokens"]
+    assert resumed["text"] == reference["text"]
+
+
+def test_resume_into_another_model_is_refused(smollm2_path, gemma3_path, tmp_path):
+    snap = tmp_path / "state.elk"
+    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(snap))
+    proc = run("resume", str(gemma3_path), str(snap), ok=False)
+    assert proc.returncode == 2
+    assert "error (signature)" in proc.stderr and "architecture" in proc.stderr
+
+
+def test_corrupted_file_is_refused(smollm2_path, tmp_path):
+    snap = tmp_path / "state.elk"
+    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(snap))
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0x80
+    snap.write_bytes(bytes(data))
+    proc = run("resume", str(smollm2_path), str(snap), ok=False)
+    assert proc.returncode == 2 and "error (checksum)" in proc.stderr
+    snap.write_bytes(bytes(data[: len(data) // 3]))
+    proc = run("resume", str(smollm2_path), str(snap), ok=False)
+    assert proc.returncode == 2 and "error (truncated)" in proc.stderr
+
+
+def test_info_and_models(smollm2_path):
+    sig = json.loads(run("info", "smollm2-135m", "--json").stdout)
+    assert (sig["architecture"], sig["n_layer"], sig["n_embd"], sig["n_head_kv"]) == ("llama", 30, 576, 3)
+    assert len(sig["weights_digest"]) == 64
+    listed = json.loads(run("models", "list", "--json").stdout)
+    names = {m["entry"]["name"] for m in listed}
+    assert {"smollm2-135m", "gemma3-270m", "tinyllama-1.1b-chat", "llama3-8b-instruct"} <= names
+
+
+def test_flags_override_config(smollm2_path):
+    proc = run("--set", "runtime.n_ctx=8", "generate", str(smollm2_path), "-p", "word " * 300, "-n", "2",
+               ok=False)
+    assert proc.returncode == 2 and "context" in proc.stderr
+    proc = run("--set", "nonsense", "generate", "-p", "x", ok=False)
+    assert proc.returncode != 0 and "SECTION.KEY=VALUE" in proc.stderr
+
+
+def test_unknown_model_lists_known_names():
+    proc = run("info", "no-such-model", ok=False)
+    assert proc.returncode == 2 and "smollm2-135m" in proc.stderr
