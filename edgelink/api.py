@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,19 @@ from typing import Any
 from edgelink.config import Config, load_config
 from edgelink.endpoint import parse_endpoint
 from edgelink.errors import EdgelinkError
-from edgelink.protocol.kinds import Kind
-from edgelink.protocol.messages import Hello, TensorMessage
+from edgelink.launcher import start_receiver, stop_receiver
+from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.messages import TensorMessage
 from edgelink.protocol.session import Role, Session
 from edgelink.receiver import Receiver, SessionReport, frame_limit
 from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.sender import Sender
 from edgelink.signature import ModelSignature, model_signature
-from edgelink.snapshot import SnapshotApplier
+from edgelink.snapshot import SnapshotApplier, snapshot_tensors
+from edgelink.transport.file import FileChannelReader, FileChannelWriter
+from edgelink.transport.shm import ShmListener, install_cleanup_handlers
+from edgelink.transport.shm import connect as shm_connect
 
 log = logging.getLogger("edgelink")
 
@@ -87,9 +93,6 @@ def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
 def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
            progress: Progress | None = None) -> Generation:
     """Prefill ``prompt`` and write the handshake and KV snapshot frames to ``path``."""
-    from edgelink.protocol.kinds import ApplyMode
-    from edgelink.snapshot import snapshot_tensors
-    from edgelink.transport.file import FileChannelWriter
 
     cfg = _cfg(cfg)
     with load_runtime(model, cfg, progress) as rt:
@@ -116,16 +119,13 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
 def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Config | None = None,
            progress: Progress | None = None) -> Generation:
     """Load a snapshot file written by ``export`` (verified like a live message) and continue."""
-    from edgelink.transport.file import FileChannelReader
-
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     with load_runtime(model, cfg, progress) as rt:
         session = _file_session(rt, cfg, Role.SERVER)
         t0 = time.perf_counter()
         with FileChannelReader(path) as r:
-            hello = session.receive(r.recv(frame_limit(cfg)))
-            assert isinstance(hello, Hello)
+            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: signature checked
             msg = session.receive(r.recv(frame_limit(cfg)))
             if not isinstance(msg, TensorMessage):
                 raise EdgelinkError(f"{path}: second frame is {msg.frame_type.name}, not a tensor message")
@@ -143,8 +143,6 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
           on_session: Callable[[SessionReport], None] | None = None,
           progress: Progress | None = None) -> None:
     """Receive sessions on ``endpoint`` (``shm:NAME``) until stopped or ``max_sessions`` end."""
-    from edgelink.transport.shm import ShmListener, install_cleanup_handlers
-
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
     with load_runtime(model, cfg, progress) as rt:
@@ -170,8 +168,6 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
 
 def connect(endpoint: str, cfg: Config | None = None):
     """A raw channel to a serving peer (for tools and tests that speak the protocol directly)."""
-    from edgelink.transport.shm import connect as shm_connect
-
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
     return shm_connect(ep.address, cfg)
@@ -226,11 +222,6 @@ def demo(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | Non
          progress: Progress | None = None, log: Callable[[str], None] | None = None) -> Demo:
     """Start `edgelink serve` in a second process, hand it our KV state, and compare its
     continuation with our own: the whole idea of edgelink in one call."""
-    import os
-    import uuid
-
-    from edgelink.launcher import start_receiver, stop_receiver
-
     cfg = _cfg(cfg)
     path = resolve_model(model, cfg, pull=True, progress=progress)
     name = f"demo-{os.getpid()}-{uuid.uuid4().hex[:6]}"

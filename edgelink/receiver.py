@@ -9,7 +9,7 @@ from typing import Any
 
 from edgelink.config import Config
 from edgelink.errors import EdgelinkError, ProtocolError, SessionError, TransportError
-from edgelink.protocol.codec import message_digest
+from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.messages import Close, Reject, Request, TensorMessage
 from edgelink.protocol.session import Role, Session, State
@@ -75,7 +75,7 @@ class Receiver:
                         t0 = time.perf_counter()
                         self.applier.apply(msg)
                         report.applied += 1
-                        ch.send(session.ack(msg, _digest(msg)))
+                        ch.send(session.ack(msg, tensor_message_digest(msg)))
                         log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,
                                  msg.message_id, msg.payload_bytes, 1e3 * (time.perf_counter() - t0))
                     elif isinstance(msg, Request):
@@ -128,6 +128,3 @@ class Receiver:
             return {"digest": rt.state_digest(), "context_tokens": len(rt.tokens)}
         raise SessionError(f"unknown request {req.op!r}")
 
-
-def _digest(msg: TensorMessage) -> bytes:
-    return message_digest([t.checksum for t in msg.tensors])

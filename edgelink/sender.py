@@ -8,7 +8,7 @@ from typing import Any
 
 from edgelink.config import Config
 from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError
-from edgelink.protocol.codec import message_digest
+from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result
 from edgelink.protocol.session import Role, Session
@@ -65,7 +65,7 @@ class Sender:
         t2 = time.perf_counter()
         if not isinstance(ack, Ack) or ack.acked_id != msg.message_id:
             raise SessionError(f"expected an ACK for message {msg.message_id}, got {ack}")
-        digest = message_digest([t.checksum for t in msg.tensors])
+        digest = tensor_message_digest(msg)
         if ack.digest != digest:
             raise ChecksumMismatch("the receiver acknowledged a different digest than was sent")
         return SentSnapshot(msg.message_id, msg.payload_bytes, sum(memoryview(p).nbytes for p in parts),

@@ -324,9 +324,14 @@ def _decode_tensor(sid: bytes, message_id: int, header: memoryview, payload: mem
     return TensorMessage(sid, message_id, kind, apply, slot, (l0, l1), (t0, t1), tuple(tensors), attrs)
 
 
+def tensor_message_digest(msg: TensorMessage) -> bytes:
+    """The digest of a message whose checksums are filled in (sender side, or verified)."""
+    return message_digest([t.checksum for t in msg.tensors])
+
+
 def verify_checksums(msg: TensorMessage) -> bytes:
     """Recompute every tensor's checksum; return the message digest or raise ChecksumMismatch."""
     for t in msg.tensors:
         if checksum(t.data) != t.checksum:
             raise ChecksumMismatch(f"tensor {t.name}: checksum mismatch (payload corrupted)")
-    return message_digest([t.checksum for t in msg.tensors])
+    return tensor_message_digest(msg)

@@ -9,10 +9,11 @@ the sequence state, and the facts that make up the model signature.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
-import time
 from pathlib import Path
 
+import blake3
 import llama_cpp
 import numpy as np
 
@@ -215,8 +216,6 @@ class LlamaRuntime:
 
     def state_digest(self) -> str:
         """A digest of everything that defines this sequence: cells, tokens and logits."""
-        import blake3
-
         h = blake3.blake3()
         if self.tokens:
             h.update(self.export_state())
@@ -248,13 +247,5 @@ class LlamaRuntime:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-
-def timed(fn, *args, **kwargs):
-    """(result, seconds) of one call: the runtime's timing convention."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
