@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edgelink.config import Config
@@ -44,11 +45,15 @@ class Receiver:
         self.rt = rt
         self.cfg = cfg
         self.signature = signature
-        self.applier = SnapshotApplier(rt)
+        snapshot = SnapshotApplier(rt)
+        # One applier per message kind this receiver accepts; the session negotiates exactly
+        # these kinds. Each applier checks everything before touching the runtime and leaves
+        # its state unchanged when it raises.
+        self.appliers: dict[Kind, Callable[[TensorMessage], None]] = {Kind.KV_CACHE: snapshot.apply}
 
     def serve_channel(self, ch: Channel) -> SessionReport:
         report = SessionReport()
-        session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=(Kind.KV_CACHE,))
+        session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers))
         limit = frame_limit(self.cfg)
         try:
             frame = ch.recv(limit)
@@ -73,7 +78,7 @@ class Receiver:
                         break
                     if isinstance(msg, TensorMessage):
                         t0 = time.perf_counter()
-                        self.applier.apply(msg)
+                        self.appliers[msg.kind](msg)
                         report.applied += 1
                         ch.send(session.ack(msg, tensor_message_digest(msg)))
                         log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,

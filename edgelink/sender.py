@@ -31,10 +31,11 @@ class SentSnapshot:
 class Sender:
     """A client session over one channel."""
 
-    def __init__(self, ch: Channel, cfg: Config, signature: dict[str, Any]):
+    def __init__(self, ch: Channel, cfg: Config, signature: dict[str, Any],
+                 kinds: tuple[Kind, ...] = (Kind.KV_CACHE,)):
         self.ch = ch
         self.cfg = cfg
-        self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=(Kind.KV_CACHE,))
+        self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds)
         self._limit = frame_limit(cfg)
 
     def handshake(self) -> None:
