@@ -37,6 +37,17 @@ def snapshot_tensors(rt: LlamaRuntime) -> tuple[list[Tensor], dict, tuple[int, i
     return tensors, {"kv": layout}, (0, len(rt.tokens))
 
 
+def check_positions(pos: np.ndarray, n_tokens: int) -> None:
+    """Cells are unique positions within the sequence and include its last token. They need
+    not be sorted: a sliding-window cache reuses freed cells, so its cell order wraps."""
+    if pos.size == 0 or pos.size > n_tokens:
+        raise StateError(f"{pos.size} cells for {n_tokens} tokens")
+    if int(pos.min()) < 0 or int(pos.max()) != n_tokens - 1:
+        raise StateError(f"cell positions {int(pos.min())}..{int(pos.max())} do not end at token {n_tokens - 1}")
+    if np.unique(pos).size != pos.size:
+        raise StateError("duplicate cell positions")
+
+
 class SnapshotApplier:
     """Checks and applies KV_CACHE messages to one runtime; keeps a reusable blob buffer."""
 
@@ -94,10 +105,7 @@ class SnapshotApplier:
             n_layers += len(st.k)
             if st.v_trans != v_trans:
                 raise StateError("V layout differs (flash attention resolved differently)")
-            pos = st.positions
-            if pos.size == 0 or pos.size > n_tokens or int(pos[-1]) != n_tokens - 1 or \
-                    (pos.size > 1 and np.any(np.diff(pos) != 1)) or int(pos[0]) < 0:
-                raise StateError("cell positions are not a contiguous run ending at the last token")
+            check_positions(st.positions, n_tokens)
             for rows in st.k:
                 if rows.ggml_type != want_k:
                     raise StateError(f"K cache type {rows.dtype.name} differs from {rt.cfg.runtime.type_k}")
