@@ -265,3 +265,20 @@ def test_sender_dying_or_stalling_mid_stream_leaves_receiver_clean(strict_peer, 
         child.kill()
         child.wait()
     assert peer.digest() == before  # partial data discarded, next client served
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_conversation_of_deltas_across_processes(peers, model_paths, cfg, name):
+    from edgelink.api import converse
+
+    peer = peers[name]
+    first = peer.rt.detokenize(context_tokens(peer.rt, 400)[1:])
+    conv = converse(str(model_paths[name]), [first, " The miller's daughter asked why.", " He said:"],
+                    f"shm:{peer.name}", n_tokens=8, cfg=cfg)
+    assert peer.proc.next_event()["applied"] == 3
+    assert conv.same_state
+    r0, r1, r2 = conv.rounds
+    assert r0.sent_kind == "KV_CACHE" and r1.sent_kind == r2.sent_kind == "KV_CACHE_DELTA"
+    # a delta round ships what the round added, far less than the context
+    assert r1.sent_bytes < r1.full_snapshot_bytes / 3 and r2.sent_bytes < r2.full_snapshot_bytes / 3
+    assert all(len(r.reply_tokens) == 8 for r in conv.rounds)

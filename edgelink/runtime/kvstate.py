@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+import blake3
 import numpy as np
 
 from edgelink.errors import StateError
@@ -289,3 +290,104 @@ def tensors_to_state(tensors: dict[str, Tensor], layout: dict) -> SeqState:
     if not caches:
         raise StateError("KV layout names no cache")
     return SeqState(seq_id, tuple(caches))
+
+
+# ------------------------------------------------------------------ cell selection and merging
+
+
+def _take_cells(rows: LayerRows, idx: np.ndarray, v_trans: bool) -> LayerRows:
+    raw = np.frombuffer(rows.data, dtype=np.uint8)
+    if v_trans:  # [width, cells] elements: select along the cell axis
+        width, cells = rows.shape
+        el = rows.data.nbytes // (width * cells)
+        picked = raw.reshape(width, cells, el)[:, idx, :]
+        return LayerRows(rows.ggml_type, (width, idx.size), memoryview(np.ascontiguousarray(picked)).cast("B"))
+    cells = rows.shape[0]
+    picked = raw.reshape(cells, -1)[idx]
+    return LayerRows(rows.ggml_type, (idx.size, rows.shape[1]), memoryview(np.ascontiguousarray(picked)).cast("B"))
+
+
+def select_cells(state: SeqState, keep) -> SeqState:
+    """A state holding only the cells whose positions satisfy ``keep(positions) -> bool mask``."""
+    caches = []
+    for cache in state.caches:
+        streams: list[StreamState | None] = []
+        for st in cache.streams:
+            if st is None:
+                streams.append(None)
+                continue
+            idx = np.nonzero(keep(st.positions))[0]
+            if idx.size == 0:
+                streams.append(None)
+                continue
+            streams.append(StreamState(
+                st.positions[idx], st.seq_ids[idx], st.v_trans,
+                tuple(_take_cells(r, idx, False) for r in st.k),
+                tuple(_take_cells(r, idx, st.v_trans) for r in st.v)))
+        caches.append(CacheState(tuple(streams)))
+    return SeqState(state.seq_id, tuple(caches))
+
+
+def _cat_rows(a: LayerRows, b: LayerRows, v_trans: bool, what: str) -> LayerRows:
+    if a.ggml_type != b.ggml_type:
+        raise StateError(f"{what}: cache type {b.dtype.name} differs from {a.dtype.name}")
+    ra, rb = np.frombuffer(a.data, dtype=np.uint8), np.frombuffer(b.data, dtype=np.uint8)
+    if v_trans:
+        if a.shape[0] != b.shape[0]:
+            raise StateError(f"{what}: width {b.shape[0]} differs from {a.shape[0]}")
+        w = a.shape[0]
+        out = np.concatenate([ra.reshape(w, a.shape[1], -1), rb.reshape(w, b.shape[1], -1)], axis=1)
+        return LayerRows(a.ggml_type, (w, a.shape[1] + b.shape[1]), memoryview(out.reshape(-1)).cast("B"))
+    if a.shape[1] != b.shape[1]:
+        raise StateError(f"{what}: width {b.shape[1]} differs from {a.shape[1]}")
+    out = np.concatenate([ra, rb])
+    return LayerRows(a.ggml_type, (a.shape[0] + b.shape[0], a.shape[1]), memoryview(out).cast("B"))
+
+
+def append_cells(base: SeqState, extra: SeqState) -> SeqState:
+    """``base`` with ``extra``'s cells appended after its own, cache by cache, stream by stream."""
+    if len(base.caches) != len(extra.caches):
+        raise StateError(f"{len(extra.caches)} caches where this model has {len(base.caches)}")
+    caches = []
+    for c, (cb, ce) in enumerate(zip(base.caches, extra.caches, strict=True)):
+        if len(cb.streams) != len(ce.streams):
+            raise StateError(f"cache {c}: stream count differs")
+        streams: list[StreamState | None] = []
+        for s, (sb, se) in enumerate(zip(cb.streams, ce.streams, strict=True)):
+            if sb is None or se is None:
+                streams.append(sb if se is None else se)
+                continue
+            what = f"cache {c} stream {s}"
+            if sb.v_trans != se.v_trans or len(sb.k) != len(se.k):
+                raise StateError(f"{what}: layout differs (V transposition or layer count)")
+            streams.append(StreamState(
+                np.concatenate([sb.positions, se.positions]),
+                np.concatenate([sb.seq_ids, np.full_like(se.seq_ids, sb.seq_ids[0])]),
+                sb.v_trans,
+                tuple(_cat_rows(a, b, False, f"{what} K{j}") for j, (a, b) in enumerate(zip(sb.k, se.k, strict=True))),
+                tuple(_cat_rows(a, b, sb.v_trans, f"{what} V{j}") for j, (a, b) in enumerate(zip(sb.v, se.v, strict=True))),
+            ))
+        caches.append(CacheState(tuple(streams)))
+    return SeqState(base.seq_id, tuple(caches))
+
+
+def canonical_digest(state: SeqState) -> bytes:
+    """blake3 over every cell ordered by position: equal for equal states whatever the cell order
+    (a window cache may hold the same cells in a different order after a restore)."""
+    h = blake3.blake3()
+    for cache in state.caches:
+        for st in cache.streams:
+            if st is None:
+                h.update(b"empty")
+                continue
+            order = np.argsort(st.positions, kind="stable")
+            h.update(st.positions[order].tobytes())
+            for r in st.k:
+                h.update(np.frombuffer(r.data, dtype=np.uint8).reshape(r.shape[0], -1)[order].tobytes())
+            for r in st.v:
+                raw = np.frombuffer(r.data, dtype=np.uint8)
+                if st.v_trans:
+                    h.update(raw.reshape(r.shape[0], r.shape[1], -1)[:, order, :].tobytes())
+                else:
+                    h.update(raw.reshape(r.shape[0], -1)[order].tobytes())
+    return h.digest()

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgelink.config import Config
 from edgelink.errors import ModelError, StateError
-from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, parse_seq_state
+from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, canonical_digest, parse_seq_state
 
 _FLASH = {"auto": -1, "off": 0, "on": 1}
 _backend_lock = threading.Lock()
@@ -43,10 +43,14 @@ def _init_backend() -> None:
 class LlamaRuntime:
     """One GGUF model and one context. Not thread-safe: one caller at a time."""
 
-    def __init__(self, model_path: str | Path, cfg: Config):
+    def __init__(self, model_path: str | Path, cfg: Config, *, eval_hook: bool | None = None):
+        """``eval_hook``: install edgelink's native eval callback (runtime/evalhook.py) in the
+        context; None follows ``runtime.eval_hook`` in the config."""
         self.path = Path(model_path)
         self.cfg = cfg
         rc = cfg.runtime
+        if rc.eval_hook not in ("on", "off"):
+            raise ModelError(f"runtime.eval_hook must be on or off, not {rc.eval_hook!r}")
         if rc.flash_attn not in _FLASH:
             raise ModelError(f"runtime.flash_attn must be one of {sorted(_FLASH)}, not {rc.flash_attn!r}")
         for name in (rc.type_k, rc.type_v):
@@ -62,7 +66,19 @@ class LlamaRuntime:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        self.n_swa = llama_cpp.llama_model_n_swa(self.model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         cp = llama_cpp.llama_context_default_params()
+        self.eval_hook = None
+        # Called with (positions, output flags) before each llama_decode while set; prefill then
+        # decodes one micro-batch per call (the eval hook maps l_out rows to positions by it).
+        self.batch_observer = None
+        if eval_hook if eval_hook is not None else rc.eval_hook == "on":
+            from edgelink.runtime.evalhook import EvalHook
+
+            self.eval_hook = EvalHook(self.n_layer, self.n_embd)
+            cp.cb_eval = self.eval_hook.cb_eval
+            cp.cb_eval_user_data = self.eval_hook.user_data
         cp.n_ctx = rc.n_ctx
         cp.n_batch = rc.n_batch
         cp.n_ubatch = min(rc.n_ubatch, rc.n_batch)
@@ -81,6 +97,7 @@ class LlamaRuntime:
         # llama.cpp may pad the context and clamp the batch to it: use what it resolved.
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = min(llama_cpp.llama_n_batch(self.ctx), rc.n_batch)
+        self.n_ubatch = min(llama_cpp.llama_n_ubatch(self.ctx), self.n_batch)
         self.seq = rc.seq_id
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -153,8 +170,10 @@ class LlamaRuntime:
             raise StateError("nothing to prefill")
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise StateError(f"{len(self.tokens) + len(tokens)} tokens exceed the context of {self.n_ctx}")
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
+        observer = self.batch_observer
+        step = self.n_batch if observer is None else self.n_ubatch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
             n = len(chunk)
             base = len(self.tokens)
             self._b_token[:n] = chunk
@@ -162,6 +181,8 @@ class LlamaRuntime:
             self._b_logits[:n] = 0
             self._b_logits[n - 1] = 1
             self._batch.n_tokens = n
+            if observer is not None:
+                observer(self._b_pos[:n], self._b_logits[:n])
             rc = llama_cpp.llama_decode(self.ctx, self._batch)
             if rc != 0:
                 raise StateError(f"llama_decode failed with code {rc}")
@@ -218,7 +239,7 @@ class LlamaRuntime:
         """A digest of everything that defines this sequence: cells, tokens and logits."""
         h = blake3.blake3()
         if self.tokens:
-            h.update(self.export_state())
+            h.update(canonical_digest(parse_seq_state(self.export_state())))
         h.update(np.asarray(self.tokens, dtype=np.int32).tobytes())
         if self.logits is not None:
             h.update(self.logits.tobytes())
