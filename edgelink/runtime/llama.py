@@ -19,6 +19,7 @@ import numpy as np
 
 from edgelink.config import Config
 from edgelink.errors import ModelError, StateError
+from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, canonical_digest, parse_seq_state
 
 _FLASH = {"auto": -1, "off": 0, "on": 1}
@@ -112,6 +113,7 @@ class LlamaRuntime:
         self.logits: np.ndarray | None = None
         self._state_buf = np.empty(0, dtype=np.uint8)
         self._flash_resolved: bool | None = None
+        self._embeddings: TokenEmbeddings | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -191,6 +193,46 @@ class LlamaRuntime:
         self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return self.logits
 
+    def prefill_embeddings(self, vectors: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Append positions fed by ``vectors`` (f32 [n, n_embd], times ``scale``) instead of
+        tokens; they are recorded as token id -1. Returns the logits after the last one. If
+        llama.cpp fails part-way, the new positions are removed again."""
+        n, width = vectors.shape
+        n_embd = llama_cpp.llama_model_n_embd(self.model)
+        if width != n_embd:
+            raise StateError(f"vectors of width {width}, the model's is {n_embd}")
+        if len(self.tokens) + n > self.n_ctx:
+            raise StateError(f"{len(self.tokens) + n} positions exceed the context of {self.n_ctx}")
+        base0 = len(self.tokens)
+        batch = llama_cpp.llama_batch_init(self.n_batch, n_embd, 1)
+        try:
+            embd = np.ctypeslib.as_array(batch.embd, shape=(self.n_batch, n_embd))
+            pos = np.ctypeslib.as_array(batch.pos, shape=(self.n_batch,))
+            nseq = np.ctypeslib.as_array(batch.n_seq_id, shape=(self.n_batch,))
+            want = np.ctypeslib.as_array(batch.logits, shape=(self.n_batch,))
+            for i in range(self.n_batch):
+                batch.seq_id[i][0] = self.seq
+            nseq[:] = 1
+            for start in range(0, n, self.n_batch):
+                chunk = vectors[start:start + self.n_batch]
+                m = len(chunk)
+                np.multiply(chunk, scale, out=embd[:m], casting="unsafe")
+                pos[:m] = np.arange(len(self.tokens), len(self.tokens) + m)
+                want[:m] = 0
+                want[m - 1] = 1
+                batch.n_tokens = m
+                rc = llama_cpp.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    llama_cpp.llama_memory_seq_rm(self.memory, self.seq, base0, -1)
+                    del self.tokens[base0:]
+                    raise StateError(f"llama_decode failed with code {rc}")
+                self.tokens.extend([-1] * m)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self.logits
+
     def generate(self, n_tokens: int, stop_at_eog: bool = True) -> list[int]:
         """Greedy continuation from the current logits: the reference every handoff must match."""
         if self.logits is None:
@@ -246,6 +288,13 @@ class LlamaRuntime:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ facts
+
+    def token_embeddings(self) -> TokenEmbeddings:
+        """This model's token-embedding rows (read lazily from the GGUF file)."""
+        if self._embeddings is None:
+            self._embeddings = TokenEmbeddings(self.path, self.meta("general.architecture") or "",
+                                               llama_cpp.llama_model_n_embd(self.model))
+        return self._embeddings
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)

@@ -1,0 +1,43 @@
+"""Describe a file of protocol frames (what `export` writes) without applying anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgelink.config import Config
+from edgelink.protocol import codec
+from edgelink.protocol.messages import Hello, TensorMessage
+from edgelink.transport.file import FileChannelReader
+
+
+def describe_frame(frame: memoryview, cfg: Config) -> dict[str, Any]:
+    """One frame as plain data; tensor checksums are recomputed and reported as verified or not."""
+    msg = codec.decode_frame(frame, cfg.protocol)
+    out: dict[str, Any] = {"frame": msg.frame_type.name, "message_id": msg.message_id,
+                           "session_id": msg.session_id.hex(), "bytes": frame.nbytes}
+    if isinstance(msg, Hello):
+        sig = msg.signature
+        out.update(role=msg.role, kinds=list(msg.kinds), encryption=msg.encryption,
+                   model={k: sig.get(k) for k in ("architecture", "name", "n_layer", "n_embd",
+                                                   "weights_digest", "llama_cpp")})
+    elif isinstance(msg, TensorMessage):
+        tensors = []
+        for t in msg.tensors:
+            tensors.append({"name": t.name, "dtype": t.dtype.name.lower(), "shape": list(t.shape),
+                            "bytes": t.nbytes, "checksum": t.checksum.hex(),
+                            "verified": codec.checksum(t.data) == t.checksum})
+        out.update(kind=msg.kind.name, apply=msg.apply.name, seq_slot=msg.seq_slot,
+                   layers=list(msg.layer_range), tokens=list(msg.token_range),
+                   payload_bytes=msg.payload_bytes, attrs=msg.attrs, tensors=tensors,
+                   digest=codec.tensor_message_digest(msg).hex(),
+                   verified=all(t["verified"] for t in tensors))
+    return out
+
+
+def inspect_file(path: str | Path, cfg: Config) -> list[dict[str, Any]]:
+    frames = []
+    with FileChannelReader(path) as reader:
+        for frame in reader:
+            frames.append(describe_frame(frame, cfg))
+    return frames
