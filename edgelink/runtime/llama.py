@@ -259,12 +259,13 @@ class LlamaRuntime:
             raise StateError("llama_state_seq_get_data failed")
         return memoryview(self._state_buf[:n])
 
-    def import_state(self, blob: np.ndarray, tokens: list[int], logits: np.ndarray) -> None:
+    def import_state(self, blob: np.ndarray, tokens: list[int], logits: np.ndarray | None) -> None:
         """Replace the sequence with ``blob``. On any failure the sequence is left empty and a
-        StateError is raised; callers verify everything they can before calling this."""
+        StateError is raised; callers verify everything they can before calling this.
+        ``logits`` None means "none yet": the next token must be prefilled before generating."""
         if len(tokens) > self.n_ctx:
             raise StateError(f"state of {len(tokens)} tokens exceeds the context of {self.n_ctx}")
-        if logits.shape != (self.n_vocab,):
+        if logits is not None and logits.shape != (self.n_vocab,):
             raise StateError(f"logits of shape {logits.shape}, vocabulary is {self.n_vocab}")
         blob = np.ascontiguousarray(blob, dtype=np.uint8)
         self.clear()
@@ -275,7 +276,7 @@ class LlamaRuntime:
             self.clear()
             raise StateError(f"llama.cpp refused the state (read {n} bytes, last position {pos_max})")
         self.tokens = list(tokens)
-        self.logits = np.array(logits, dtype=np.float32, copy=True)
+        self.logits = None if logits is None else np.array(logits, dtype=np.float32, copy=True)
 
     def state_digest(self) -> str:
         """A digest of everything that defines this sequence: cells, tokens and logits."""
@@ -288,6 +289,25 @@ class LlamaRuntime:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ facts
+
+    def shift_positions(self, p0: int, p1: int, delta: int) -> None:
+        """Move the cells at positions [p0, p1) by ``delta``; llama.cpp re-rotates their keys.
+
+        The rotation is applied lazily at the next decode, so one throwaway token is decoded
+        after the last position and removed again: afterwards the cells hold final values and
+        export as such. Tokens and logits are the caller's to update."""
+        llama_cpp.llama_memory_seq_add(self.memory, self.seq, p0, p1, delta)
+        end = llama_cpp.llama_memory_seq_pos_max(self.memory, self.seq) + 1
+        if end >= self.n_ctx:
+            raise StateError("no room to apply a position shift")
+        self._b_token[0] = max(llama_cpp.llama_vocab_bos(self.vocab), 0)
+        self._b_pos[0] = end
+        self._b_logits[0] = 0
+        self._batch.n_tokens = 1
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        llama_cpp.llama_memory_seq_rm(self.memory, self.seq, end, -1)
+        if rc != 0:
+            raise StateError(f"llama_decode failed with code {rc} while shifting positions")
 
     def token_embeddings(self) -> TokenEmbeddings:
         """This model's token-embedding rows (read lazily from the GGUF file)."""
