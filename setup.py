@@ -13,7 +13,14 @@ setup(
             "edgelink._native",
             sources=["native/edgelink_native.c"],
             extra_compile_args=["-O2", "-std=c11"],
-        )
+        ),
+        # The llama.cpp eval callback (capture/patch of l_out-N rows); no link-time dependency
+        # on llama.cpp: ggml's functions are handed over as addresses at run time.
+        Extension(
+            "edgelink._evalhook",
+            sources=["native/edgelink_evalhook.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+        ),
     ],
     data_files=[("share/edgelink", ["edgelink.cfg"]), ("share/edgelink/models", ["models/registry.toml"])],
 )

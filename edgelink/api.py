@@ -16,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgelink.config import Config, load_config
 from edgelink.endpoint import parse_endpoint
-from edgelink.errors import EdgelinkError
+from edgelink.errors import EdgelinkError, PeerGone
+from edgelink.latent.prefix import prefix_tensors
 from edgelink.launcher import start_receiver, stop_receiver
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
@@ -28,7 +31,7 @@ from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.sender import Sender
 from edgelink.signature import ModelSignature, model_signature
-from edgelink.snapshot import SnapshotApplier, snapshot_tensors
+from edgelink.snapshot import snapshot_tensors
 from edgelink.transport.file import FileChannelReader, FileChannelWriter
 from edgelink.transport.shm import ShmListener, install_cleanup_handlers
 from edgelink.transport.shm import connect as shm_connect
@@ -87,55 +90,82 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
 
 
 def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
-    return Session(role, model_signature(rt, cfg).to_dict(), cfg.protocol, kinds=(Kind.KV_CACHE,))
+    return Session(role, model_signature(rt, cfg).to_dict(), cfg.protocol, kinds=tuple(Kind))
+
+
+EXPORT_KINDS = ("snapshot", "memory", "prefix")
 
 
 def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
-           progress: Progress | None = None) -> Generation:
-    """Prefill ``prompt`` and write the handshake and KV snapshot frames to ``path``."""
-
+           progress: Progress | None = None, *, kind: str = "snapshot") -> Generation:
+    """Write the handshake and one tensor message about ``prompt`` to ``path``:
+    ``snapshot`` (KV_CACHE of the prefilled prompt), ``memory`` (the same cells as KV_MEMORY)
+    or ``prefix`` (the prompt's token-embedding rows as a VIRTUAL_PREFIX at position 0)."""
+    if kind not in EXPORT_KINDS:
+        raise EdgelinkError(f"unknown export kind {kind!r} (choose from {', '.join(EXPORT_KINDS)})")
     cfg = _cfg(cfg)
     with load_runtime(model, cfg, progress) as rt:
-        toks = rt.tokenize(prompt)
+        toks = rt.tokenize(prompt, add_special=kind != "memory")
         t0 = time.perf_counter()
-        rt.prefill(toks)
+        if kind == "prefix":
+            built, what = prefix_tensors(rt.token_embeddings().rows(toks), 0), (Kind.VIRTUAL_PREFIX, ApplyMode.APPEND)
+        else:
+            rt.prefill(toks)
+            built = snapshot_tensors(rt)
+            what = (Kind.KV_MEMORY, ApplyMode.MEMORY) if kind == "memory" else (Kind.KV_CACHE, ApplyMode.OVERWRITE)
         t1 = time.perf_counter()
         session = _file_session(rt, cfg, Role.CLIENT)
         hello = session.hello()
         session.assume_peer_accepts()
-        tensors, attrs, token_range = snapshot_tensors(rt)
-        parts, msg = session.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors,
-                                                   seq_slot=rt.seq, layer_range=(0, rt.n_layer),
-                                                   token_range=token_range, attrs=attrs)
+        tensors, attrs, token_range = built
+        parts, msg = session.encode_tensor_message(
+            *what, tensors, seq_slot=rt.seq,
+            layer_range=(-1, -1) if kind == "prefix" else (0, rt.n_layer),
+            token_range=token_range, attrs=attrs)
         with FileChannelWriter(path) as w:
             w.send(hello)
             w.send(*parts)
         t2 = time.perf_counter()
         size = Path(path).stat().st_size
         return Generation(model, len(toks), [], "", {"prefill_s": t1 - t0, "export_s": t2 - t1},
-                          {"file": size, "payload": msg.payload_bytes})
+                          {"file": size, "payload": msg.payload_bytes}, {"kind": msg.kind.name})
 
 
 def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Config | None = None,
-           progress: Progress | None = None) -> Generation:
-    """Load a snapshot file written by ``export`` (verified like a live message) and continue."""
+           progress: Progress | None = None, *, prompt: str | None = None) -> Generation:
+    """Apply every tensor message in a file written by ``export`` (verified like live
+    messages, in order, through the same appliers as a receiver), optionally read ``prompt``
+    after them, and continue greedily."""
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     with load_runtime(model, cfg, progress) as rt:
         session = _file_session(rt, cfg, Role.SERVER)
+        appliers = Receiver(rt, cfg, session.signature).appliers
         t0 = time.perf_counter()
+        payload = 0
         with FileChannelReader(path) as r:
             session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: signature checked
-            msg = session.receive(r.recv(frame_limit(cfg)))
-            if not isinstance(msg, TensorMessage):
-                raise EdgelinkError(f"{path}: second frame is {msg.frame_type.name}, not a tensor message")
-            SnapshotApplier(rt).apply(msg)
+            while True:
+                try:
+                    frame = r.recv(frame_limit(cfg))
+                except PeerGone:  # a clean end of file between frames
+                    break
+                msg = session.receive(frame)
+                if not isinstance(msg, TensorMessage):
+                    raise EdgelinkError(f"{path}: unexpected {msg.frame_type.name} frame")
+                if msg.kind not in appliers:
+                    raise EdgelinkError(f"{path}: this runtime cannot apply {msg.kind.name}")
+                appliers[msg.kind](msg)
+                payload += msg.payload_bytes
+        if payload == 0:
+            raise EdgelinkError(f"{path} holds no tensor message")
+        if prompt:
+            rt.prefill(rt.tokenize(prompt, add_special=False))
         t1 = time.perf_counter()
         out = rt.generate(n)
         t2 = time.perf_counter()
         return Generation(model, len(rt.tokens) - len(out), out, rt.detokenize(out),
-                          {"import_s": t1 - t0, "generate_s": t2 - t1},
-                          {"payload": msg.payload_bytes})
+                          {"import_s": t1 - t0, "generate_s": t2 - t1}, {"payload": payload})
 
 
 def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions: int | None = None,
@@ -167,17 +197,53 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
 
 
 def connect(endpoint: str, cfg: Config | None = None):
-    """A raw channel to a serving peer (for tools and tests that speak the protocol directly)."""
+    """A raw channel to a serving peer (for tools and tests that speak the protocol directly):
+    ``shm:NAME``, or a multiaddr ``/ip4/H/tcp/P/p2p/ID`` (end-to-end encrypted; this process
+    keeps its libp2p connection to that peer for the next call)."""
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
+    if ep.scheme == "p2p":
+        from edgelink.transport.p2p import client_host
+
+        return client_host(cfg).open_channel(ep.address)
     return shm_connect(ep.address, cfg)
 
 
+def identity(cfg: Config | None = None, *, create: bool = True) -> dict[str, Any]:
+    """This machine's persistent libp2p identity (created, mode 0600, if missing)."""
+    from edgelink.identity import load_identity
+
+    cfg = _cfg(cfg)
+    ident = load_identity(cfg.p2p.identity_key, create=create)
+    return {"peer_id": ident.peer_id_str, "key_file": str(ident.path), "created": ident.created}
+
+
+def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
+         on_ready: Callable[[dict[str, Any]], None] | None = None,
+         on_session: Callable[[dict[str, Any]], None] | None = None,
+         progress: Progress | None = None) -> None:
+    """Run a libp2p node that accepts handoffs until SIGINT/SIGTERM (see edgelink.node)."""
+    from edgelink.node import Node
+
+    cfg = _cfg(cfg)
+    path = resolve_model(model, cfg, pull=True, progress=progress)
+    n = Node(path, cfg, listen=listen, on_event=on_session)
+    try:
+        if on_ready:
+            on_ready({"event": "ready", "peer_id": n.identity.peer_id_str, "addrs": n.addrs,
+                      "max_clients": len(n._receivers)})
+        n.run()
+    except BaseException:
+        n.shutdown()
+        raise
+
+
 def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
-            cfg: Config | None = None, *, verify: bool = False,
+            cfg: Config | None = None, *, verify: bool = False, token: str | None = None,
             progress: Progress | None = None) -> Generation:
     """Prefill ``prompt`` here, ship the KV snapshot to the peer at ``to``, and return the
-    peer's greedy continuation. With ``verify``, also continue locally and compare."""
+    peer's greedy continuation. With ``verify``, also continue locally and compare.
+    ``token``: a bearer token for a node that requires one (sent inside the encryption)."""
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     with load_runtime(model, cfg, progress) as rt:
@@ -186,7 +252,9 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
         t0 = time.perf_counter()
         rt.prefill(toks)
         t1 = time.perf_counter()
-        sender = Sender(connect(to, cfg), cfg, signature)
+        t_connect = time.perf_counter()
+        sender = Sender(connect(to, cfg), cfg, signature, auth={"token": token} if token else None)
+        connect_s = time.perf_counter() - t_connect
         try:
             t2 = time.perf_counter()
             sender.handshake()
@@ -197,7 +265,7 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
             sender.close()
         result = Generation(
             model, len(toks), list(body["tokens"]), body["text"],
-            {"prefill_s": t1 - t0, "handshake_s": t3 - t2, "export_s": sent.export_s,
+            {"prefill_s": t1 - t0, "connect_s": connect_s, "handshake_s": t3 - t2, "export_s": sent.export_s,
              "snapshot_roundtrip_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
             {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
             {"digest": sent.digest, "to": to},
@@ -237,3 +305,124 @@ def demo(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | Non
         stop_receiver(proc)
     g.extra.pop("local_tokens")
     return Demo(g, g.extra.pop("local_text"), os.getpid(), proc.pid)
+
+
+@dataclasses.dataclass
+class Round:
+    """One turn of a delta conversation: A adds a turn, B answers, each ships only its cells."""
+
+    turn: int
+    context_tokens: int
+    sent_tokens: int
+    sent_bytes: int
+    sent_kind: str
+    reply_tokens: list[int]
+    reply_text: str
+    pulled_bytes: int
+    full_snapshot_bytes: int
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class Conversation:
+    model: str
+    rounds: list[Round]
+    same_state: bool
+    transcript: str
+
+
+def converse(model: str, turns: list[str], to: str, n_tokens: int | None = None,
+             cfg: Config | None = None, *, progress: Progress | None = None) -> Conversation:
+    """A and B take turns extending one sequence: this process prefills each turn and ships
+    only the new cells (a full snapshot the first time); the peer generates a reply and ships
+    only its new cells back. Ends by comparing both sides' state digests."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    if not turns:
+        raise EdgelinkError("a conversation needs at least one turn")
+    rounds: list[Round] = []
+    with load_runtime(model, cfg, progress) as rt:
+        sender = Sender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+        try:
+            sender.handshake()
+            synced = 0
+            for i, text in enumerate(turns):
+                toks = rt.tokenize(text, add_special=(i == 0))
+                t0 = time.perf_counter()
+                rt.prefill(toks)
+                t1 = time.perf_counter()
+                sent = sender.send_snapshot(rt) if synced == 0 else sender.send_delta(rt, synced)
+                t2 = time.perf_counter()
+                body = sender.request("generate", n_tokens=n, stop_at_eog=False)
+                t3 = time.perf_counter()
+                before_pull = len(rt.tokens)
+                pulled = sender.pull_delta(rt, before_pull) if body["tokens"] else 0
+                t4 = time.perf_counter()
+                synced = len(rt.tokens)
+                full = sum(t.nbytes for t in snapshot_tensors(rt)[0])
+                rounds.append(Round(
+                    i, synced, len(toks), sent.payload_bytes, "KV_CACHE" if i == 0 else "KV_CACHE_DELTA",
+                    list(body["tokens"]), body["text"], pulled, full,
+                    {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2,
+                     "pull_s": t4 - t3}))
+            remote = sender.request("digest")["digest"]
+            same = remote == rt.state_digest()
+            transcript = rt.detokenize([t for t in rt.tokens if t >= 0])
+        finally:
+            sender.close()
+    return Conversation(model, rounds, same, transcript)
+
+
+def send_prefix(model: str, to: str, *, text: str | None = None, vectors: np.ndarray | None = None,
+                n_tokens: int | None = None, reset: bool = True, energy_match: bool = False,
+                cfg: Config | None = None, progress: Progress | None = None) -> Generation:
+    """Feed the peer a VIRTUAL_PREFIX and return its greedy continuation.
+
+    ``vectors`` (f32 [n, n_embd]) are sent as they are; ``text`` is turned into this model's
+    token-embedding rows (the peer then continues exactly as if it had read the text).
+    With ``reset`` the peer's sequence is cleared first."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    if (text is None) == (vectors is None):
+        raise EdgelinkError("give exactly one of text or vectors")
+    with load_runtime(model, cfg, progress) as rt:
+        if vectors is None:
+            vectors = rt.token_embeddings().rows(rt.tokenize(text))
+        sender = Sender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+        try:
+            sender.handshake()
+            start = 0 if reset else sender.request("digest")["context_tokens"]
+            if reset:
+                sender.request("reset")
+            sent = sender.send_prefix(vectors, start, seq_slot=rt.seq, energy_match=energy_match)
+            body = sender.request("generate", n_tokens=n)
+        finally:
+            sender.close()
+    return Generation(model, int(vectors.shape[0]), list(body["tokens"]), body["text"],
+                      {"ship_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
+                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes})
+
+
+def send_memory(model: str, to: str, text: str, *, question: str | None = None,
+                n_tokens: int | None = None, cfg: Config | None = None,
+                progress: Progress | None = None) -> Generation:
+    """Read ``text`` here and hand its KV cells to the peer as KV_MEMORY (appended after the
+    peer's own context). With ``question``, the peer then reads it and answers greedily."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    with load_runtime(model, cfg, progress) as rt:
+        rt.prefill(rt.tokenize(text, add_special=False))
+        q_tokens = rt.tokenize(question, add_special=False) if question else []
+        sender = Sender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+        try:
+            sender.handshake()
+            sent = sender.send_memory(rt)
+            body: dict[str, Any] = {"tokens": [], "text": "", "generate_s": 0.0}
+            if q_tokens:
+                sender.request("prefill", tokens=q_tokens)
+                body = sender.request("generate", n_tokens=n)
+        finally:
+            sender.close()
+    return Generation(model, len(q_tokens), list(body["tokens"]), body["text"],
+                      {"ship_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
+                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes})

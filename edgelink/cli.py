@@ -161,26 +161,32 @@ def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as
 @cli.command()
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Snapshot file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Message file.")
+@click.option("--as", "kind", type=click.Choice(api.EXPORT_KINDS), default="snapshot", show_default=True,
+              help="snapshot: KV_CACHE; memory: the same cells as KV_MEMORY; prefix: the prompt's "
+                   "embedding rows as a VIRTUAL_PREFIX.")
 @json_option
 @click.pass_obj
-def export(obj: _Ctx, model: str | None, prompt: str, output: str, as_json: bool) -> None:
-    """Prefill PROMPT and write the KV snapshot (with the handshake) to a file."""
+def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, as_json: bool) -> None:
+    """Write the handshake and one tensor message about PROMPT to a file."""
     cfg = obj.cfg()
-    g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress())
+    g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress(),
+                   kind=kind)
     _emit(as_json, g, f"wrote {output}\n" + _gen_text(g).lstrip())
 
 
 @cli.command()
 @click.argument("model")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-p", "--prompt", default=None, help="Text to read after the file's messages.")
 @n_option
 @json_option
 @click.pass_obj
-def resume(obj: _Ctx, model: str, file: str, n_tokens: int | None, as_json: bool) -> None:
-    """Load a snapshot FILE into MODEL and continue greedily."""
+def resume(obj: _Ctx, model: str, file: str, prompt: str | None, n_tokens: int | None,
+           as_json: bool) -> None:
+    """Apply a message FILE to MODEL (verified), optionally read PROMPT, continue greedily."""
     cfg = obj.cfg()
-    g = api.resume(model, file, n_tokens, cfg, progress=_progress())
+    g = api.resume(model, file, n_tokens, cfg, progress=_progress(), prompt=prompt)
     _emit(as_json, g, _gen_text(g))
 
 
@@ -211,17 +217,19 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
 @cli.command()
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("--to", "to", required=True, help="Receiver endpoint, e.g. shm:demo.")
+@click.option("--to", "to", required=True,
+              help="Receiver endpoint: shm:NAME, or a node's /ip4/HOST/tcp/PORT/p2p/PEERID.")
 @n_option
 @click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
+@click.option("--token", default=None, help="Bearer token for a node that requires one.")
 @json_option
 @click.pass_obj
 def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | None,
-            verify: bool, as_json: bool) -> None:
+            verify: bool, token: str | None, as_json: bool) -> None:
     """Prefill here, ship the KV state to a receiver, print its continuation."""
     cfg = obj.cfg()
     g = api.handoff(model or cfg.runtime.default_model, prompt, to, n_tokens, cfg, verify=verify,
-                    progress=_progress())
+                    token=token, progress=_progress())
     _emit(as_json, g, _gen_text(g))
 
 
@@ -254,6 +262,132 @@ def demo(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_jso
         sys.exit(1)
 
 
+@cli.command("id")
+@json_option
+@click.pass_obj
+def id_(obj: _Ctx, as_json: bool) -> None:
+    """Show this machine's libp2p peer id (creating its key file, mode 0600, if missing)."""
+    d = api.identity(obj.cfg())
+    _emit(as_json, d, f"{d['peer_id']}\n  key file: {d['key_file']}" + ("  (created)" if d["created"] else ""))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--listen", default=None, help="Multiaddr to listen on [config: p2p.listen].")
+@json_option
+@click.pass_obj
+def node(obj: _Ctx, model: str | None, listen: str | None, as_json: bool) -> None:
+    """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
+    cfg = obj.cfg()
+
+    def ready(ev: dict) -> None:
+        _emit(as_json, ev, "node ready (Ctrl-C to stop); dial one of:\n  " + "\n  ".join(ev["addrs"]),
+              compact=True)
+        sys.stdout.flush()
+
+    def session(ev: dict) -> None:
+        _emit(as_json, ev, f"session {ev['session']} from {ev['peer']}: applied={ev['applied']} "
+              f"rejected={ev['rejected']} generated={ev['generated']} ended_by={ev['ended_by']}",
+              compact=True)
+        sys.stdout.flush()
+
+    api.node(model or cfg.runtime.default_model, cfg, listen=listen, on_ready=ready,
+             on_session=session, progress=None if as_json else _progress())
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", "turns", multiple=True, required=True,
+              help="A turn this process adds (repeat for several turns).")
+@click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
+@n_option
+@json_option
+@click.pass_obj
+def converse(obj: _Ctx, model: str | None, turns: tuple[str, ...], to: str, n_tokens: int | None,
+             as_json: bool) -> None:
+    """Take turns with a peer on one sequence, each side shipping only the KV cells it added."""
+    cfg = obj.cfg()
+    conv = api.converse(model or cfg.runtime.default_model, list(turns), to, n_tokens, cfg,
+                        progress=None if as_json else _progress())
+    lines = []
+    for r in conv.rounds:
+        lines.append(f"turn {r.turn}: +{r.sent_tokens} tokens, sent {r.sent_bytes:,} B ({r.sent_kind}); "
+                     f"peer replied {len(r.reply_tokens)} tokens, pulled back {r.pulled_bytes:,} B; "
+                     f"a full snapshot would be {r.full_snapshot_bytes:,} B at {r.context_tokens} tokens")
+        lines.append(f"  peer: {r.reply_text!r}")
+    lines.append(f"both sides hold the same state: {conv.same_state}")
+    _emit(as_json, conv, "\n".join(lines))
+    if not conv.same_state:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--text", required=True, help="Text whose token-embedding rows are sent as the prefix.")
+@click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
+@click.option("--keep", is_flag=True, help="Append to the peer's sequence instead of resetting it.")
+@click.option("--energy-match", is_flag=True, help="Rescale rows to the peer's mean embedding norm.")
+@n_option
+@json_option
+@click.pass_obj
+def prefix(obj: _Ctx, model: str | None, text: str, to: str, keep: bool, energy_match: bool,
+           n_tokens: int | None, as_json: bool) -> None:
+    """Send a VIRTUAL_PREFIX (embedding rows, not tokens) and print the peer's continuation."""
+    cfg = obj.cfg()
+    g = api.send_prefix(model or cfg.runtime.default_model, to, text=text, n_tokens=n_tokens,
+                        reset=not keep, energy_match=energy_match, cfg=cfg,
+                        progress=None if as_json else _progress())
+    _emit(as_json, g, _gen_text(g))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@click.pass_obj
+def inspect(obj: _Ctx, file: str, as_json: bool) -> None:
+    """Describe a message file: each frame's kind, layers, positions, apply mode, tensors."""
+    from edgelink.inspect_file import inspect_file
+
+    frames = inspect_file(file, obj.cfg())
+    lines = []
+    for f in frames:
+        if f["frame"] == "HELLO":
+            m = f["model"]
+            lines.append(f"HELLO from a {f['role']}: {m['architecture']} {m['name']!r}, "
+                         f"{m['n_layer']} layers x {m['n_embd']}, weights {str(m['weights_digest'])[:16]}..., "
+                         f"kinds {', '.join(f['kinds'])}")
+        elif f["frame"] == "TENSOR":
+            lines.append(f"TENSOR #{f['message_id']} {f['kind']}/{f['apply']} slot {f['seq_slot']} "
+                         f"layers {f['layers']} tokens {f['tokens']}: {len(f['tensors'])} tensors, "
+                         f"{f['payload_bytes']:,} B, checksums {'verified' if f['verified'] else 'FAIL'}")
+            shown = [t for i, t in enumerate(f["tensors"]) if i < 8 or not t["verified"]]
+            for t in shown:
+                lines.append(f"  {t['name']:14} {t['dtype']:5} {str(t['shape']):16} "
+                             f"{t['checksum'][:16]} {'ok' if t['verified'] else 'CORRUPT'}")
+            if len(f["tensors"]) > len(shown):
+                lines.append(f"  ... {len(f['tensors']) - len(shown)} more, all ok (use --json)")
+        else:
+            lines.append(f"{f['frame']} #{f['message_id']}")
+    _emit(as_json, frames, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--text", required=True, help="Text read here; its KV cells become the peer's memory.")
+@click.option("--question", default=None, help="Text the peer reads after the memory, then answers.")
+@click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
+@n_option
+@json_option
+@click.pass_obj
+def memory(obj: _Ctx, model: str | None, text: str, question: str | None, to: str,
+           n_tokens: int | None, as_json: bool) -> None:
+    """Hand the peer KV_MEMORY (another text's K/V cells, placed after its own context)."""
+    cfg = obj.cfg()
+    g = api.send_memory(model or cfg.runtime.default_model, to, text, question=question,
+                        n_tokens=n_tokens, cfg=cfg, progress=None if as_json else _progress())
+    _emit(as_json, g, _gen_text(g))
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks that compare edgelink with the baseline a user would pick instead."""
@@ -274,6 +408,115 @@ def bench_handoff(obj: _Ctx, model: str | None, tokens: str | None, repeats: int
     report = run_handoff_bench(model or cfg.runtime.default_model, cfg,
                                log=None if as_json else lambda s: click.echo(s, err=True))
     _emit(as_json, report, format_handoff_table(report))
+
+
+@bench.command("hook")
+@click.argument("model", required=False)
+@click.option("-n", "--tokens", "n_tokens", type=int, default=64, show_default=True, help="Tokens decoded per run.")
+@click.option("--repeats", type=int, default=None, help="Rounds (best reported) [default: max(bench.repeats, 9)].")
+@click.option("--threads", type=int, default=None, help="CPU threads [config: runtime.n_threads].")
+@json_option
+@click.pass_obj
+def bench_hook(obj: _Ctx, model: str | None, n_tokens: int, repeats: int | None, threads: int | None,
+               as_json: bool) -> None:
+    """Decode speed: no eval hook vs hook installed idle vs hook capturing one layer."""
+    from edgelink.bench_hook import format_hook_table, run_hook_bench
+
+    cfg = obj.cfg(runtime_n_threads=threads)
+    report = run_hook_bench(model or cfg.runtime.default_model, cfg, n_tokens=n_tokens, repeats=repeats,
+                            log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_hook_table(report))
+
+
+@bench.command("transport")
+@click.option("--sizes", default="1,16,64,256", show_default=True, help="Payload sizes in MB.")
+@click.option("--repeats", type=int, default=None, help="Repetitions per point [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_transport(obj: _Ctx, sizes: str, repeats: int | None, as_json: bool) -> None:
+    """Raw TCP vs libp2p (Noise, yamux) vs libp2p + end-to-end NaCl, on loopback."""
+    from edgelink.bench_transport import format_transport_table, run_transport_bench
+
+    cfg = obj.cfg()
+    report = run_transport_bench(cfg, tuple(int(x) for x in sizes.split(",") if x.strip()), repeats,
+                                 log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_transport_table(report))
+
+
+@cli.group()
+def latent() -> None:
+    """Hidden slices and residual patches (docs/latent.md)."""
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of layers") from None
+
+
+@latent.command("capture")
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("--layers", required=True, help="Comma-separated layer indices.")
+@click.option("--to", "to", default=None, help="Send the slice to a serving peer (shm:NAME).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Write the slice to a file.")
+@json_option
+@click.pass_obj
+def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: str | None,
+                   output: str | None, as_json: bool) -> None:
+    """Capture a HIDDEN_SLICE of PROMPT; print norms, or send it (--to) or write it (-o)."""
+    import numpy as np
+
+    from edgelink import api_latent
+
+    cfg = obj.cfg()
+    model = model or cfg.runtime.default_model
+    if to:
+        out = api_latent.send_hidden(model, prompt, to, _layers(layers), cfg=cfg)
+    elif output:
+        out = api_latent.export_hidden(model, prompt, output, _layers(layers), cfg=cfg)
+    else:
+        sl = api_latent.capture_hidden(model, prompt, _layers(layers), cfg=cfg)
+        out = {"positions": sl.positions.tolist(),
+               "mean_row_norm": {str(k): float(np.linalg.norm(v, axis=1).mean()) for k, v in sl.rows.items()}}
+    _emit(as_json, out, json.dumps(out, indent=2))
+
+
+@latent.command("steer")
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt the peer decodes with the patch.")
+@click.option("--to", "to", required=True, help="A serving peer with runtime.eval_hook=on (shm:NAME).")
+@click.option("--layer", type=int, required=True, help="Layer whose residual is patched.")
+@click.option("--positive", multiple=True, required=True, help="Text for the positive side (repeatable).")
+@click.option("--negative", multiple=True, required=True, help="Text for the negative side (repeatable).")
+@click.option("--gain", type=float, default=2.0, show_default=True, help="Gain (capped by the peer's max_gain).")
+@n_option
+@json_option
+@click.pass_obj
+def latent_steer(obj: _Ctx, model: str | None, prompt: str, to: str, layer: int, positive: tuple[str, ...],
+                 negative: tuple[str, ...], gain: float, n_tokens: int | None, as_json: bool) -> None:
+    """Send a RESIDUAL_PATCH (positive minus negative mean activations) and show the continuation."""
+    from edgelink import api_latent
+
+    cfg = obj.cfg()
+    g = api_latent.steer(model or cfg.runtime.default_model, prompt, to, layer, list(positive), list(negative),
+                         gain=gain, n_tokens=n_tokens, cfg=cfg)
+    _emit(as_json, g, _gen_text(g))
+
+
+@latent.command("apply")
+@click.argument("model")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@n_option
+@json_option
+@click.pass_obj
+def latent_apply(obj: _Ctx, model: str, file: str, n_tokens: int | None, as_json: bool) -> None:
+    """Verify and apply a file of KV_CACHE / HIDDEN_SLICE / RESIDUAL_PATCH frames, then continue."""
+    from edgelink import api_latent
+
+    out = api_latent.apply_file(model, file, n_tokens=n_tokens, cfg=obj.cfg())
+    _emit(as_json, out, f"applied {', '.join(out['applied']) or 'nothing'}\n{out['text']}")
 
 
 def main() -> None:

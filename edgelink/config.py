@@ -37,6 +37,7 @@ class RuntimeConfig:
     type_k: str
     type_v: str
     seq_id: int
+    eval_hook: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ProtocolConfig:
     max_name_bytes: int
     max_ndim: int
     max_control_bytes: int
+    reply_timeout_s: float
+    idle_timeout_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,41 @@ class BenchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    norm_gate_multiple: float
+    norm_gate_mode: str
+    max_gain: float
+    hidden_store_slices: int
+
+
+@dataclasses.dataclass(frozen=True)
+class P2PConfig:
+    identity_key: Path
+    listen: str
+    chunk_bytes: int
+    window_bytes: int
+    rekey_bytes: int
+    rekey_s: float
+    connect_timeout_s: float
+    handshake_timeout_s: float
+    stream_timeout_s: float
+    mdns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    max_clients: int
+    max_message_bytes: int
+    messages_per_s: float
+    messages_burst: int
+    bytes_per_s: float
+    bytes_burst: int
+    allow_peers: str
+    tokens: str
+    shutdown_grace_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     paths: PathsConfig
     runtime: RuntimeConfig
@@ -77,6 +115,9 @@ class Config:
     shm: ShmConfig
     generate: GenerateConfig
     bench: BenchConfig
+    latent: LatentConfig
+    p2p: P2PConfig
+    node: NodeConfig
     source: tuple[Path, ...] = ()
 
     def replace(self, **overrides: Any) -> Config:

@@ -1,4 +1,4 @@
-"""Where a peer lives: ``shm:NAME`` today (same machine); network addresses come with libp2p."""
+"""Where a peer lives: ``shm:NAME`` (same machine) or a libp2p multiaddr ending in ``/p2p/ID``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ class Endpoint:
     address: str
 
     def __str__(self) -> str:
-        return f"{self.scheme}:{self.address}"
+        return self.address if self.scheme == "p2p" else f"{self.scheme}:{self.address}"
 
 
 def parse_endpoint(text: str) -> Endpoint:
+    if text.startswith("/"):
+        # A libp2p multiaddr: /ip4/HOST/tcp/PORT/p2p/PEERID (the peer id is required: it is
+        # what the encrypted connection authenticates).
+        head, sep, pid = text.rpartition("/p2p/")
+        if not sep or not head or not pid or "/" in pid:
+            raise ConfigError(f"endpoint {text!r} needs a /p2p/<peer id> part "
+                              "(for example /ip4/10.0.0.2/tcp/4001/p2p/12D3KooW...)")
+        return Endpoint("p2p", text)
     scheme, sep, address = text.partition(":")
     if not sep or not address:
         raise ConfigError(f"endpoint {text!r} is not SCHEME:ADDRESS (for example shm:demo)")

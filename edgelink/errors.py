@@ -73,6 +73,19 @@ class ReplayError(SessionError):
     code = "replay"
 
 
+class AuthError(SessionError):
+    """A peer that is not on the allowlist, or a missing or wrong bearer token (checked before
+    any model work)."""
+
+    code = "auth"
+
+
+class BusyError(SessionError):
+    """The node is serving as many clients as it is configured for, or is shutting down."""
+
+    code = "busy"
+
+
 class PeerRejected(SessionError):
     """The peer sent a REJECT; ``reason`` is its typed code, ``detail`` its text."""
 
@@ -90,6 +103,13 @@ class StateError(EdgelinkError):
     code = "state"
 
 
+class NormGateError(StateError):
+    """A RESIDUAL_PATCH row whose norm exceeds the receiver's configured multiple of its own
+    residual norm at that layer (latent.norm_gate_mode = reject)."""
+
+    code = "norm_gate"
+
+
 class TransportError(EdgelinkError):
     code = "transport"
 
@@ -102,6 +122,20 @@ class PeerGone(TransportError):
     """The peer process died or closed the channel mid-stream."""
 
     code = "peer_gone"
+
+
+class CryptoError(TransportError):
+    """End-to-end encryption failed: a bad handshake signature, a key that does not belong to
+    the connected peer id, or a record that does not authenticate (tampered, truncated,
+    out of order). The channel cannot continue after it."""
+
+    code = "crypto"
+
+
+class RecordReplayed(CryptoError):
+    """An encrypted record whose counter was already used in this session (a replay)."""
+
+    code = "replay"
 
 
 class SegmentBusy(TransportError):

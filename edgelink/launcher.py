@@ -50,6 +50,24 @@ def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, 
     return proc
 
 
+def start_node(model: str, cfg: Config, listen: str = "/ip4/127.0.0.1/tcp/0",
+               extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> Receiver:
+    """`edgelink node MODEL --listen ADDR --json` in a child with exactly this configuration;
+    returns once it is ready. Its ready event is ``proc.ready`` (``addrs`` are full multiaddrs
+    with /p2p/<peer id>); stop it with ``stop_receiver``."""
+    args = [sys.executable, "-m", "edgelink", *extra_args, "node", model, "--listen", listen, "--json"]
+    env = {**os.environ, **to_env(cfg), **(extra_env or {})}
+    err = tempfile.TemporaryFile()
+    proc = Receiver(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    proc._err_file = err
+    event = proc.next_event()
+    if event.get("event") != "ready":
+        stop_receiver(proc)
+        raise EdgelinkError(f"unexpected first event from the node: {event}")
+    proc.ready = event
+    return proc
+
+
 def stop_receiver(proc: subprocess.Popen, timeout: float = 30) -> int:
     """SIGTERM (the receiver removes its segments on it), then wait; SIGKILL if it hangs."""
     if proc.poll() is None:

@@ -10,9 +10,12 @@ from typing import Any
 
 from edgelink.config import Config
 from edgelink.errors import EdgelinkError, ProtocolError, SessionError, TransportError
+from edgelink.latent.delta import DeltaApplier, delta_tensors
+from edgelink.latent.memory import MemoryApplier
+from edgelink.latent.prefix import PrefixApplier
 from edgelink.protocol.codec import tensor_message_digest
-from edgelink.protocol.kinds import Kind
-from edgelink.protocol.messages import Close, Reject, Request, TensorMessage
+from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessage
 from edgelink.protocol.session import Role, Session, State
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.snapshot import SnapshotApplier
@@ -49,11 +52,23 @@ class Receiver:
         # One applier per message kind this receiver accepts; the session negotiates exactly
         # these kinds. Each applier checks everything before touching the runtime and leaves
         # its state unchanged when it raises.
-        self.appliers: dict[Kind, Callable[[TensorMessage], None]] = {Kind.KV_CACHE: snapshot.apply}
+        self.appliers: dict[Kind, Callable[[TensorMessage], None]] = {
+            Kind.KV_CACHE: snapshot.apply,
+            Kind.KV_CACHE_DELTA: DeltaApplier(rt).apply,
+            Kind.VIRTUAL_PREFIX: PrefixApplier(rt, rt.token_embeddings()).apply,
+            Kind.KV_MEMORY: MemoryApplier(rt).apply,
+        }
+        # Extra REQUEST ops (name -> handler(params) -> result body), e.g. "latent_caps".
+        self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        # HIDDEN_SLICE (always) and RESIDUAL_PATCH (only with the eval hook): edgelink/latent.
+        from edgelink.latent.receive import register_latent
+
+        register_latent(self)
 
     def serve_channel(self, ch: Channel) -> SessionReport:
         report = SessionReport()
-        session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers))
+        session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers),
+                          encryption=getattr(ch, "encryption", None))
         limit = frame_limit(self.cfg)
         try:
             frame = ch.recv(limit)
@@ -69,7 +84,7 @@ class Receiver:
             report.peer_role = hello.role
             ch.send(session.hello())
             while session.state is not State.CLOSED:
-                frame = ch.recv(limit)
+                frame = ch.recv(limit, timeout=self.cfg.protocol.idle_timeout_s)
                 report.bytes_in += frame.nbytes
                 try:
                     msg = session.receive(frame)
@@ -83,6 +98,10 @@ class Receiver:
                         ch.send(session.ack(msg, tensor_message_digest(msg)))
                         log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,
                                  msg.message_id, msg.payload_bytes, 1e3 * (time.perf_counter() - t0))
+                    elif isinstance(msg, Request) and msg.op == "delta":
+                        self._send_delta(ch, session, msg)  # answered by a tensor message
+                    elif isinstance(msg, Ack):
+                        log.info("peer applied our message %d", msg.acked_id)
                     elif isinstance(msg, Request):
                         body = self._request(msg)
                         report.generated += len(body.get("tokens", []))
@@ -115,6 +134,17 @@ class Receiver:
                 pass
         return report
 
+    def _send_delta(self, ch: Channel, session: Session, req: Request) -> None:
+        """Answer REQUEST(delta, since) with the cells this side added from ``since`` on."""
+        since = req.params.get("since")
+        if not isinstance(since, int) or isinstance(since, bool):
+            raise SessionError("delta needs an integer 'since'")
+        tensors, attrs, token_range = delta_tensors(self.rt, since)
+        parts, _ = session.encode_tensor_message(
+            Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=self.rt.seq,
+            layer_range=(0, self.rt.n_layer), token_range=token_range, attrs=attrs)
+        ch.send(*parts)
+
     def _request(self, req: Request) -> dict[str, Any]:
         rt = self.rt
         if req.op == "generate":
@@ -131,5 +161,19 @@ class Receiver:
                     "context_tokens": len(rt.tokens)}
         if req.op == "digest":
             return {"digest": rt.state_digest(), "context_tokens": len(rt.tokens)}
+        if req.op == "reset":
+            rt.clear()
+            return {"context_tokens": 0}
+        if req.op == "prefill":
+            toks = req.params.get("tokens")
+            if not isinstance(toks, list) or not toks or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < rt.n_vocab for t in toks):
+                raise SessionError("prefill needs a non-empty list of token ids in the vocabulary")
+            if len(rt.tokens) + len(toks) > rt.n_ctx:
+                raise SessionError(f"{len(toks)} tokens do not fit the context")
+            rt.prefill(toks)
+            return {"context_tokens": len(rt.tokens)}
+        if req.op in self.ops:
+            return self.ops[req.op](req.params)
         raise SessionError(f"unknown request {req.op!r}")
 

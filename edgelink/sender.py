@@ -6,11 +6,16 @@ import dataclasses
 import time
 from typing import Any
 
+import numpy as np
+
 from edgelink.config import Config
-from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError
+from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError, StateError
+from edgelink.latent.delta import DeltaApplier, delta_tensors
+from edgelink.latent.memory import memory_tensors
+from edgelink.latent.prefix import prefix_tensors
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.protocol.messages import Ack, Reject, Result
+from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
 from edgelink.protocol.session import Role, Session
 from edgelink.receiver import frame_limit
 from edgelink.runtime.llama import LlamaRuntime
@@ -32,10 +37,12 @@ class Sender:
     """A client session over one channel."""
 
     def __init__(self, ch: Channel, cfg: Config, signature: dict[str, Any],
-                 kinds: tuple[Kind, ...] = (Kind.KV_CACHE,)):
+                 kinds: tuple[Kind, ...] = tuple(Kind), auth: dict[str, Any] | None = None):
         self.ch = ch
         self.cfg = cfg
-        self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds)
+        # A network channel knows the end-to-end scheme it negotiated; both HELLOs carry it.
+        self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds,
+                               encryption=getattr(ch, "encryption", None), auth=auth)
         self._limit = frame_limit(cfg)
 
     def handshake(self) -> None:
@@ -43,7 +50,7 @@ class Sender:
         self.session.receive(self.ch.recv(self._limit))  # raises PeerRejected / SignatureMismatch
 
     def _reply(self):
-        msg = self.session.receive(self.ch.recv(self._limit))
+        msg = self.session.receive(self.ch.recv(self._limit, timeout=self.cfg.protocol.reply_timeout_s))
         if isinstance(msg, Reject):
             raise PeerRejected(msg.code, msg.detail)
         return msg
@@ -51,10 +58,50 @@ class Sender:
     def send_snapshot(self, rt: LlamaRuntime) -> SentSnapshot:
         """Export the runtime's sequence, ship it and wait for the receiver's verified ACK."""
         t0 = time.perf_counter()
-        tensors, attrs, token_range = snapshot_tensors(rt)
+        return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE,
+                          snapshot_tensors(rt), t0)
+
+    def send_delta(self, rt: LlamaRuntime, since: int) -> SentSnapshot:
+        """Ship only the cells from position ``since`` on (the receiver holds the rest)."""
+        t0 = time.perf_counter()
+        return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE_DELTA, ApplyMode.APPEND,
+                          delta_tensors(rt, since), t0)
+
+    def send_memory(self, rt: LlamaRuntime) -> SentSnapshot:
+        """Ship this runtime's sequence as KV_MEMORY: the peer appends it after its context."""
+        t0 = time.perf_counter()
+        return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_MEMORY, ApplyMode.MEMORY,
+                          memory_tensors(rt), t0)
+
+    def send_prefix(self, vectors: np.ndarray, start: int, *, seq_slot: int = 0,
+                    energy_match: bool = False) -> SentSnapshot:
+        """Ship vectors the peer feeds as input embeddings at positions ``start``.. of its
+        sequence (``start`` must be its current length)."""
+        t0 = time.perf_counter()
+        return self._ship(seq_slot, (-1, -1), Kind.VIRTUAL_PREFIX, ApplyMode.APPEND,
+                          prefix_tensors(vectors, start, energy_match), t0)
+
+    def pull_delta(self, rt: LlamaRuntime, since: int) -> int:
+        """Ask the peer for the cells it added from ``since`` on, and append them here.
+        Returns the payload bytes received."""
+        self.ch.send(self.session.request("delta", {"since": since}))
+        msg = self._reply()
+        if not isinstance(msg, TensorMessage) or msg.kind is not Kind.KV_CACHE_DELTA:
+            raise SessionError(f"expected a KV_CACHE_DELTA, got {msg.frame_type.name}")
+        try:
+            DeltaApplier(rt).apply(msg)
+        except StateError as exc:
+            self.ch.send(self.session.reject(msg.message_id, exc))
+            raise
+        self.ch.send(self.session.ack(msg, tensor_message_digest(msg)))
+        return msg.payload_bytes
+
+    def _ship(self, seq_slot: int, layer_range: tuple[int, int], kind: Kind, apply: ApplyMode,
+              built: tuple[list, dict, tuple[int, int]], t0: float) -> SentSnapshot:
+        tensors, attrs, token_range = built
         parts, msg = self.session.encode_tensor_message(
-            Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors, seq_slot=rt.seq,
-            layer_range=(0, rt.n_layer), token_range=token_range, attrs=attrs)
+            kind, apply, tensors, seq_slot=seq_slot,
+            layer_range=layer_range, token_range=token_range, attrs=attrs)
         t1 = time.perf_counter()
         try:
             self.ch.send(*parts)

@@ -74,3 +74,40 @@ def test_flags_override_config(smollm2_path):
 def test_unknown_model_lists_known_names():
     proc = run("info", "no-such-model", ok=False)
     assert proc.returncode == 2 and "smollm2-135m" in proc.stderr
+
+
+def test_inspect_describes_a_message_file(smollm2_path, tmp_path):
+    snap = tmp_path / "state.elk"
+    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(snap))
+    frames = json.loads(run("inspect", str(snap), "--json").stdout)
+    assert [f["frame"] for f in frames] == ["HELLO", "TENSOR"]
+    hello, msg = frames
+    assert hello["model"]["architecture"] == "llama" and "KV_CACHE" in hello["kinds"]
+    assert (msg["kind"], msg["apply"], msg["layers"]) == ("KV_CACHE", "OVERWRITE", [0, 30])
+    n = msg["tokens"][1]
+    k0 = next(t for t in msg["tensors"] if t["name"] == "c0.s0.k0")
+    assert k0["dtype"] == "f16" and k0["shape"] == [n, 192] and msg["verified"]
+    # a flipped payload byte shows up as a tensor that fails its checksum
+    data = bytearray(snap.read_bytes())
+    data[-300] ^= 0x01
+    snap.write_bytes(bytes(data))
+    frames = json.loads(run("inspect", str(snap), "--json").stdout)
+    assert not frames[1]["verified"]
+    assert sum(not t["verified"] for t in frames[1]["tensors"]) == 1
+    assert "CORRUPT" in run("inspect", str(snap)).stdout
+
+
+def test_every_kind_goes_through_the_file_transport(reference, smollm2_path, tmp_path):
+    prefix = tmp_path / "prefix.elk"
+    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(prefix), "--as", "prefix")
+    out = json.loads(run("resume", str(smollm2_path), str(prefix), "-n", "12", "--json").stdout)
+    assert out["tokens"] == reference["tokens"]  # embedding rows read like the text itself
+    mem = tmp_path / "memory.elk"
+    run("export", str(smollm2_path), "-p", "The vault password is tangerine.", "-o", str(mem),
+        "--as", "memory")
+    assert json.loads(run("inspect", str(mem), "--json").stdout)[1]["kind"] == "KV_MEMORY"
+    proc = run("resume", str(smollm2_path), str(mem), "-n", "4", ok=False)
+    assert proc.returncode == 2 and "no logits" in proc.stderr  # a memory needs something after it
+    out = json.loads(run("resume", str(smollm2_path), str(mem), "-p", " The password is", "-n", "4",
+                         "--json").stdout)
+    assert len(out["tokens"]) == 4

@@ -282,3 +282,14 @@ def test_conversation_of_deltas_across_processes(peers, model_paths, cfg, name):
     # a delta round ships what the round added, far less than the context
     assert r1.sent_bytes < r1.full_snapshot_bytes / 3 and r2.sent_bytes < r2.full_snapshot_bytes / 3
     assert all(len(r.reply_tokens) == 8 for r in conv.rounds)
+
+
+def test_virtual_prefix_across_processes_matches_reading_the_text(peers, model_paths, cfg):
+    from edgelink.api import generate, send_prefix
+
+    path = str(model_paths["smollm2-135m"])
+    peer = peers["smollm2-135m"]
+    got = send_prefix(path, f"shm:{peer.name}", text="The capital of France is", n_tokens=10, cfg=cfg)
+    peer.proc.next_event()
+    assert got.tokens == generate(path, "The capital of France is", 10, cfg).tokens
+    assert got.bytes["payload"] > 0

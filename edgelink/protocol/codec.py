@@ -107,6 +107,8 @@ def encode_hello(h: Hello) -> bytes:
         "max_message_bytes": h.max_message_bytes,
         "encryption": h.encryption,
     }
+    if h.auth:
+        body["auth"] = h.auth
     return _frame(FrameType.HELLO, h.session_id, h.message_id, _json(body))
 
 
@@ -233,6 +235,7 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
             kinds=tuple(_field(body, "kinds", list, what)),
             max_message_bytes=_field(body, "max_message_bytes", int, what),
             encryption=_field(body, "encryption", dict, what),
+            auth=_field(body, "auth", dict, what) if "auth" in body else {},
         )
     if ftype == FrameType.ACK:
         digest_hex = _field(body, "digest", str, what)

@@ -46,6 +46,9 @@ class Hello:
     encryption: dict[str, Any]
     role: str
     message_id: int = 0
+    # Optional credentials for the peer (a bearer token: {"token": "..."}); sent only inside
+    # an encrypted channel, and absent from the frame when empty.
+    auth: dict[str, Any] = dataclasses.field(default_factory=dict)
     frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
 
 

@@ -68,13 +68,15 @@ class Session:
                  kinds: Sequence[Kind] = (Kind.KV_CACHE,),
                  dtypes: Sequence[str] = ("f32", "f16", "bf16", "i32", "u8", "q8_0", "q4_0"),
                  encryption: dict[str, Any] | None = None,
-                 session_id: bytes | None = None):
+                 session_id: bytes | None = None,
+                 auth: dict[str, Any] | None = None):
         self.role = role
         self.signature = dict(signature)
         self.limits = limits
         self.kinds = tuple(kinds)
         self.dtypes = tuple(dtypes)
         self.encryption = encryption or {"scheme": "none"}
+        self.auth = dict(auth or {})  # e.g. {"token": ...}; only a client's HELLO carries it
         self.state = State.AWAIT_HELLO
         self.session_id = session_id or (os.urandom(SESSION_ID_BYTES) if role is Role.CLIENT else b"")
         self.peer: Hello | None = None
@@ -113,6 +115,7 @@ class Session:
             kinds=tuple(k.name for k in self.kinds),
             max_message_bytes=self.limits.max_message_bytes,
             encryption=self.encryption,
+            auth=self.auth if self.role is Role.CLIENT else {},
         ))
 
     def assume_peer_accepts(self) -> None:

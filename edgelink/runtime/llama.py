@@ -114,6 +114,9 @@ class LlamaRuntime:
         self._state_buf = np.empty(0, dtype=np.uint8)
         self._flash_resolved: bool | None = None
         self._embeddings: TokenEmbeddings | None = None
+        # Resolve flash attention now, while the sequence is empty: probing later would reuse
+        # the export buffer that callers may still be reading views from.
+        self.flash_attn_resolved()
 
     # ------------------------------------------------------------------ lifecycle
 

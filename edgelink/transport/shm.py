@@ -211,7 +211,7 @@ class ShmChannel:
         """Receive one frame into the channel's reusable buffer; valid until the next recv.
 
         ``timeout`` (default cfg.shm.timeout_s; ``math.inf`` for none) bounds the wait for
-        the frame to start and every later stall. A timeout before the first byte leaves the
+        the frame to start; every later stall is bounded by cfg.shm.timeout_s. A timeout before the first byte leaves the
         channel usable; any failure after it leaves the channel closed.
         """
         self._check()
@@ -227,6 +227,9 @@ class ShmChannel:
             self._fail(str(exc))
             raise
         try:
+            # ``timeout`` covered the wait for the frame to start (an idle peer); once it has
+            # started, a stall means a stuck or dying sender: the transport's own limit applies.
+            limit = self._timeout_s
             hdr = memoryview(self._hdr)
             rx.read_into(hdr, limit)
             (length,) = HEADER.unpack(self._hdr)

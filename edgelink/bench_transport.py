@@ -1,0 +1,202 @@
+"""`edgelink bench transport`: what each layer of the network path costs, on loopback.
+
+One run, two processes (this one sends, a child receives and acknowledges each payload),
+per payload size: (a) raw TCP, (b) libp2p with Noise and yamux (one stream, 1 MiB writes),
+(c) an edgelink P2PChannel: libp2p plus the end-to-end NaCl layer and flow control. Each
+figure is the median over repeats of: first byte sent to the 8-byte acknowledgement read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgelink.config import Config, to_env
+
+RAW_PROTO = "/edgelink-bench/raw/1.0.0"
+SIZES_MB = (1, 16, 64, 256)
+WRITE = 1 << 20
+
+
+def _recv_exactly_tcp(conn: socket.socket, n: int, buf: bytearray) -> None:
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = conn.recv_into(view[: min(len(view), n - got)])
+        if not k:
+            raise EOFError
+        got += k
+
+
+def _serve(cfg: Config) -> None:
+    """The child: a TCP sink, and a libp2p host with a raw sink and an edgelink channel sink."""
+    from edgelink.identity import load_identity
+    from edgelink.transport.p2p import P2PHost
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def tcp_loop() -> None:
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(WRITE)
+        while True:
+            hdr = bytearray(8)
+            try:
+                _recv_exactly_tcp(conn, 8, hdr)
+                n = int.from_bytes(hdr, "little")
+                _recv_exactly_tcp(conn, n, buf)
+            except EOFError:
+                return
+            conn.sendall(n.to_bytes(8, "little"))
+
+    threading.Thread(target=tcp_loop, daemon=True).start()
+
+    def on_channel(ch) -> None:
+        while True:
+            try:
+                f = ch.recv(1 << 30)
+            except Exception:  # noqa: BLE001
+                return
+            ch.send(len(f).to_bytes(8, "little"))
+
+    host = P2PHost(cfg, load_identity(cfg.p2p.identity_key), listen=["/ip4/127.0.0.1/tcp/0"],
+                   on_channel=on_channel)
+
+    async def raw_handler(stream) -> None:
+        while True:
+            hdr = b""
+            while len(hdr) < 8:
+                hdr += await stream.read(8 - len(hdr))
+            n = int.from_bytes(hdr, "little")
+            got = 0
+            while got < n:
+                got += len(await stream.read(min(n - got, 16 << 20)))
+            await stream.write(n.to_bytes(8, "little"))
+
+    async def install() -> None:
+        host._host.set_stream_handler(RAW_PROTO, raw_handler)
+
+    host._call(install)
+    print(json.dumps({"tcp_port": srv.getsockname()[1], "addr": host.addrs[0]}), flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    host.close()
+
+
+def _median_rate(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e6
+
+
+def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repeats: int | None = None,
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from edgelink.identity import load_identity
+    from edgelink.transport.p2p import P2PHost
+
+    say = log or (lambda s: None)
+    repeats = repeats or cfg.bench.repeats
+    tmp = Path(tempfile.mkdtemp(prefix="edgelink-bench-"))
+    child_cfg = cfg.replace(p2p_identity_key=tmp / "server.key")
+    env = {**os.environ, **to_env(child_cfg)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgelink.bench_transport", "--serve"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    rows = []
+    try:
+        ready = json.loads(proc.stdout.readline())
+        host = P2PHost(cfg, load_identity(tmp / "client.key"))
+        try:
+            tcp = socket.create_connection(("127.0.0.1", ready["tcp_port"]))
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t0 = time.perf_counter()
+            ch = host.open_channel(ready["addr"])
+            connect_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ch2 = host.open_channel(ready["addr"])
+            warm_stream_s = time.perf_counter() - t0
+            ch2.close()
+
+            async def open_raw():
+                from libp2p.peer.id import ID
+
+                pid = ID.from_base58(ready["addr"].rsplit("/p2p/", 1)[1])
+                return await host._host.new_stream(pid, [RAW_PROTO])
+
+            raw = host._call(open_raw)
+            for mb in sizes_mb:
+                n = mb << 20
+                payload = memoryview(bytearray(os.urandom(1 << 20)) * mb)
+                chunks = [bytes(payload[i:i + WRITE]) for i in range(0, n, WRITE)]
+
+                def do_tcp(n=n, payload=payload):
+                    tcp.sendall(n.to_bytes(8, "little"))
+                    tcp.sendall(payload)
+                    buf = bytearray(8)
+                    _recv_exactly_tcp(tcp, 8, buf)
+
+                def do_raw(n=n, chunks=chunks):
+                    async def go():
+                        await raw.write(n.to_bytes(8, "little"))
+                        for c in chunks:
+                            await raw.write(c)
+                        ack = b""
+                        while len(ack) < 8:
+                            ack += await raw.read(8 - len(ack))
+                    host._call(go)
+
+                def do_e2e(payload=payload):
+                    ch.send(payload)
+                    ch.recv(64)
+
+                say(f"{mb} MB: tcp, libp2p, libp2p+nacl x{repeats}")
+                row = {"mb": mb, "bytes": n,
+                       "tcp_mbps": _median_rate(do_tcp, n, repeats),
+                       "libp2p_mbps": _median_rate(do_raw, n, repeats),
+                       "libp2p_nacl_mbps": _median_rate(do_e2e, n, repeats)}
+                rows.append(row)
+            ch.close()
+            tcp.close()
+        finally:
+            host.close()
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"repeats": repeats, "connect_ms": 1e3 * connect_s, "warm_stream_ms": 1e3 * warm_stream_s,
+            "chunk_bytes": cfg.p2p.chunk_bytes, "window_bytes": cfg.p2p.window_bytes,
+            "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.system()} {platform.release()}",
+            "rows": rows}
+
+
+def format_transport_table(report: dict[str, Any]) -> str:
+    lines = [f"loopback, median of {report['repeats']}; {report['machine']}; "
+             f"connect {report['connect_ms']:.0f} ms, new stream on a warm connection "
+             f"{report['warm_stream_ms']:.1f} ms",
+             f"{'MB':>5} {'TCP MB/s':>10} {'libp2p MB/s':>12} {'+NaCl MB/s':>11}"]
+    for r in report["rows"]:
+        lines.append(f"{r['mb']:>5} {r['tcp_mbps']:>10.0f} {r['libp2p_mbps']:>12.0f} "
+                     f"{r['libp2p_nacl_mbps']:>11.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        from edgelink.config import load_config
+
+        _serve(load_config())

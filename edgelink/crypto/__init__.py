@@ -1,0 +1,1 @@
+"""End-to-end encryption for the network path (on top of libp2p's Noise)."""

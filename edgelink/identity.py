@@ -1,0 +1,95 @@
+"""The persistent Ed25519 identity of this machine on the network (its libp2p peer id).
+
+The key file holds one line, ``edgelink-ed25519-v1 <64 hex digits>``: the 32-byte Ed25519
+seed. It is created with mode 0600 (exclusively, so two processes starting at once cannot
+write two different keys), and a file that group or others can read is refused, as ssh does.
+The peer id (``12D3KooW...``) is the identity multihash of the public key, so the same file
+always gives the same peer id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from edgelink.errors import ConfigError
+
+HEADER = "edgelink-ed25519-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    path: Path
+    key_pair: Any  # libp2p.crypto.keys.KeyPair
+    peer_id: Any  # libp2p.peer.id.ID
+    created: bool = False
+
+    @property
+    def peer_id_str(self) -> str:
+        return self.peer_id.to_base58()
+
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key."""
+        return self.key_pair.public_key.to_bytes()
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key_pair.private_key.sign(data)
+
+
+def _from_seed(seed: bytes):
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    kp = create_new_key_pair(seed)
+    return kp, ID.from_pubkey(kp.public_key)
+
+
+def _read(path: Path) -> bytes:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"identity key {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(f"identity key {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                          f"run: chmod 600 {path}")
+    text = path.read_text(encoding="ascii", errors="replace").split()
+    if len(text) != 2 or text[0] != HEADER:
+        raise ConfigError(f"identity key {path} is not an edgelink key file")
+    try:
+        seed = bytes.fromhex(text[1])
+    except ValueError:
+        raise ConfigError(f"identity key {path}: the seed is not hex") from None
+    if len(seed) != 32:
+        raise ConfigError(f"identity key {path}: the seed is {len(seed)} bytes, not 32")
+    return seed
+
+
+def load_identity(path: str | os.PathLike[str], *, create: bool = True) -> Identity:
+    """Load the key at ``path``; create it (mode 0600) first if it does not exist and ``create``."""
+    path = Path(path).expanduser()
+    created = False
+    if not path.exists():
+        if not create:
+            raise ConfigError(f"no identity key at {path} (run `edgelink id` to create one)")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from nacl.signing import SigningKey
+
+        seed = bytes(SigningKey.generate())
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = -1  # another process created it just now: use theirs
+        if fd >= 0:
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, f"{HEADER} {seed.hex()}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            created = True
+    seed = _read(path)
+    kp, pid = _from_seed(seed)
+    return Identity(path, kp, pid, created)

@@ -1,0 +1,299 @@
+"""`edgelink node`: a long-running peer that accepts handoffs over libp2p.
+
+Per incoming session (each in its own thread, on its own yamux stream):
+
+1. the transport has already run the end-to-end key exchange (the peer proved its peer id);
+2. the client's HELLO is read and the peer id allowlist and bearer tokens are checked, before
+   any model work; a refusal is a typed REJECT with code ``auth`` (and a log line);
+3. a free runtime slot is taken (``node.max_clients`` llama.cpp contexts over one mmapped
+   weights file), or the client gets REJECT ``busy``;
+4. ``Receiver.serve_channel`` runs the session: verify, import, continue, answer.
+
+Per-peer token buckets slow a peer that sends too many messages or bytes per second (its
+reads wait; other peers' sessions run on), and cap the size a peer may declare. SIGINT/SIGTERM
+stop new sessions, let running ones finish for ``node.shutdown_grace_s``, then cut the rest at
+a frame boundary of the transport: an apply is never interrupted, and a refused or cut message
+leaves the runtime exactly as it was (the appliers restore it on any failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgelink.config import Config
+from edgelink.errors import (
+    AuthError,
+    BusyError,
+    EdgelinkError,
+    ProtocolError,
+    TransportError,
+)
+from edgelink.identity import Identity, load_identity
+from edgelink.protocol import codec
+from edgelink.protocol.messages import Hello
+from edgelink.protocol.session import Role, Session
+from edgelink.receiver import Receiver, frame_limit
+
+log = logging.getLogger("edgelink.node")
+
+
+class TokenBucket:
+    """A classic token bucket; ``take(n)`` sleeps until ``n`` tokens are there."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic, sleep=time.sleep):
+        self.rate = float(rate)
+        self.burst = float(max(burst, 1))
+        self._tokens = self.burst
+        self._t = clock()
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.waited_s = 0.0
+
+    def take(self, n: float) -> float:
+        """Take ``n`` tokens (a request larger than the burst is allowed to go into debt)."""
+        if self.rate <= 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+            self._t = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self.waited_s += wait
+            self._sleep(wait)
+        return wait
+
+
+class PeerLimiter:
+    """What one peer may do, shared by all of its sessions."""
+
+    def __init__(self, cfg: Config):
+        n = cfg.node
+        self.messages = TokenBucket(n.messages_per_s, n.messages_burst)
+        self.bytes = TokenBucket(n.bytes_per_s, n.bytes_burst)
+
+    def wait_message(self) -> None:
+        self.messages.take(1)
+
+    def wait_bytes(self, n: int) -> None:
+        self.bytes.take(n)
+
+    @property
+    def throttled_s(self) -> float:
+        return self.messages.waited_s + self.bytes.waited_s
+
+
+class _Prefetched:
+    """A channel whose first ``recv`` returns a frame that was already read (the HELLO the
+    node checked), then reads from the real channel."""
+
+    def __init__(self, ch, first):
+        self._ch = ch
+        self._first = first
+        self.encryption = ch.encryption
+
+    def send(self, *parts) -> None:
+        self._ch.send(*parts)
+
+    def recv(self, max_bytes: int, timeout: float | None = None):
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return self._ch.recv(max_bytes, timeout)
+
+    def close(self) -> None:
+        self._ch.close()
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+class Node:
+    """Load ``node.max_clients`` runtimes of one model and serve sessions over libp2p."""
+
+    def __init__(self, model_path: str | Path, cfg: Config, *, listen: str | None = None,
+                 identity: Identity | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None):
+        from edgelink.runtime.llama import LlamaRuntime
+        from edgelink.signature import model_signature
+
+        self.cfg = cfg
+        self.identity = identity or load_identity(cfg.p2p.identity_key)
+        self.on_event = on_event or (lambda e: None)
+        self.allow_peers = frozenset(_split(cfg.node.allow_peers))
+        self.tokens = tuple(_split(cfg.node.tokens))
+        self._runtimes = []
+        try:
+            for _ in range(max(1, cfg.node.max_clients)):
+                self._runtimes.append(LlamaRuntime(model_path, cfg))
+        except BaseException:
+            for rt in self._runtimes:
+                rt.close()
+            raise
+        self.signature = model_signature(self._runtimes[0], cfg).to_dict()
+        self._receivers = [Receiver(rt, cfg, self.signature) for rt in self._runtimes]
+        self._free = list(range(len(self._receivers)))
+        self._lock = threading.Lock()
+        self._limiters: dict[str, PeerLimiter] = {}
+        self._active: dict[int, Any] = {}  # session number -> channel
+        self._count = 0
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        from edgelink.transport.p2p import P2PHost
+
+        self.host = P2PHost(cfg, self.identity, listen=[listen or cfg.p2p.listen],
+                            on_channel=self._session, admit=self._admit)
+
+    # ------------------------------------------------------------------ sessions
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.host.addrs
+
+    def _admit(self, peer: str) -> bool:
+        """Runs in the trio thread for every new stream: a cheap cap on work in progress so a
+        flood of streams cannot make unbounded threads (they get a reset, not a REJECT)."""
+        host = getattr(self, "host", None)
+        return host is not None and len(host._channels) < 2 * len(self._receivers) + 4
+
+    def _limiter(self, peer: str) -> PeerLimiter:
+        with self._lock:
+            lim = self._limiters.get(peer)
+            if lim is None:
+                lim = self._limiters[peer] = PeerLimiter(self.cfg)
+            return lim
+
+    def _refuse(self, ch, hello: Hello | None, exc: EdgelinkError, event: dict[str, Any]) -> None:
+        session = Session(Role.SERVER, self.signature, self.cfg.protocol,
+                          session_id=hello.session_id if hello else None)
+        log.warning("refused %s from peer %s: %s", exc.code, ch.remote_peer_id, exc)
+        event.update(rejected=[exc.code], ended_by=exc.code, detail=str(exc))
+        try:
+            ch.send(session.reject(0, exc))
+        except EdgelinkError:
+            pass
+
+    def _check_auth(self, peer: str, hello: Hello) -> None:
+        if self.allow_peers and peer not in self.allow_peers:
+            raise AuthError(f"peer {peer} is not on this node's allowlist")
+        if self.tokens:
+            given = hello.auth.get("token") if isinstance(hello.auth, dict) else None
+            if not isinstance(given, str) or not given:
+                raise AuthError("this node requires a bearer token")
+            ok = False
+            for tok in self.tokens:  # compare with every token, in constant time each
+                ok |= hmac.compare_digest(tok.encode(), given.encode())
+            if not ok:
+                raise AuthError("wrong bearer token")
+
+    def _session(self, ch) -> None:
+        """One session, in its own thread (called by the host after the key exchange)."""
+        peer = ch.remote_peer_id
+        with self._lock:
+            self._count += 1
+            number = self._count
+            self._active[number] = ch
+        t0 = time.perf_counter()
+        event: dict[str, Any] = {"event": "session", "session": number, "peer": peer, "slot": None,
+                                 "applied": 0, "rejected": [], "generated": 0, "bytes_in": 0,
+                                 "ended_by": ""}
+        slot = None
+        try:
+            limiter = self._limiter(peer)
+            ch.limiter = limiter
+            ch.max_frame = self.cfg.node.max_message_bytes + self.cfg.protocol.max_control_bytes + 64
+            try:
+                first = ch.recv(frame_limit(self.cfg), timeout=self.cfg.p2p.handshake_timeout_s)
+            except (TransportError, ProtocolError) as exc:
+                log.warning("session %d with %s ended before its HELLO: %s", number, peer, exc)
+                event.update(ended_by=exc.code, detail=str(exc))
+                return
+            try:
+                hello = codec.decode_frame(first, self.cfg.protocol)
+            except ProtocolError:
+                hello = None  # let the receiver refuse it with its usual typed REJECT
+            if hello is not None and not isinstance(hello, Hello):
+                hello = None
+            if hello is not None:
+                try:
+                    self._check_auth(peer, hello)
+                except AuthError as exc:
+                    self._refuse(ch, hello, exc, event)
+                    return
+            if self._stopping.is_set():
+                self._refuse(ch, hello, BusyError("node is shutting down"), event)
+                return
+            with self._lock:
+                slot = self._free.pop(0) if self._free else None
+            if slot is None:
+                self._refuse(ch, hello, BusyError(
+                    f"node is serving its maximum of {len(self._receivers)} clients"), event)
+                return
+            event["slot"] = slot
+            report = self._receivers[slot].serve_channel(_Prefetched(ch, first))
+            event.update(dataclasses.asdict(report))
+            event["throttled_s"] = round(limiter.throttled_s, 3)
+        finally:
+            if slot is not None:
+                with self._lock:
+                    self._free.append(slot)
+                    self._free.sort()
+            with self._lock:
+                self._active.pop(number, None)
+            event["seconds"] = round(time.perf_counter() - t0, 4)
+            event["bytes_in"] = max(event.get("bytes_in", 0), ch.bytes_in)
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001
+                log.exception("event callback failed")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self, install_signals: bool = True) -> None:
+        """Serve until SIGINT/SIGTERM (or ``stop()``), then shut down gracefully."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self._stopping.set())
+        while not self._stopping.wait(0.2):
+            pass
+        self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def shutdown(self) -> None:
+        """Refuse new sessions, let running ones finish for the grace period, cut the rest."""
+        self._stopping.set()
+        deadline = time.monotonic() + self.cfg.node.shutdown_grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            left = list(self._active.values())
+        for ch in left:
+            log.warning("shutdown: cutting the session with %s", ch.remote_peer_id)
+            ch.close()
+        # Wait for cut sessions to release their runtime before closing it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self._free) == len(self._receivers):
+                    break
+            time.sleep(0.05)
+        self.host.close()
+        for rt in self._runtimes:
+            rt.close()
+        self._stopped.set()

@@ -1,0 +1,722 @@
+"""Network transport: py-libp2p (TCP, Noise, yamux) with end-to-end encryption on top.
+
+py-libp2p is trio-based and edgelink's Channel is synchronous, so a ``P2PHost`` runs the trio
+event loop in a background thread it owns, and a ``P2PChannel`` is a synchronous Channel (same
+contract and typed errors as shared memory) over one yamux stream per session. Connections
+are cached by libp2p per peer, so a second session to the same peer opens a stream on the
+existing connection and skips the ~250 ms connection set-up.
+
+Security: the host offers Noise only (never plaintext, secio or TLS fallbacks), yamux only.
+Inside the stream, every byte after the key exchange is sealed by ``edgelink.crypto.e2e``;
+there is no switch to turn that off.
+
+Records on the stream (little-endian): ``type u8 | length u32 | body``
+
+    HS      the end-to-end handshake message (once per direction, first)
+    DATA    one sealed record (see e2e); plaintext is frame bytes
+    CREDIT  u64: the reader consumed that many DATA bytes; the writer may send as many more
+    STOP    u64 frame number: the reader refused that frame unread; stop sending it
+
+Frames (the Channel's unit) live *inside* the encrypted stream: the first DATA record of a
+frame holds only its u64 length, the next ones its bytes in order. So the declared length is
+authenticated, and it is checked against the limit before the receive buffer is allocated.
+Putting the E2E layer below framing (not the other way round) also hides frame sizes from
+nothing but the total, and keeps one code path for frame bytes.
+
+Flow control: a writer never has more than the peer's announced window (``p2p.window_bytes``)
+of DATA bytes unacknowledged. The reader task in the trio thread always drains the yamux
+stream into memory (bounded by that window), so yamux's hard-coded 5 s write timeout never
+fires because the application is busy; a writer that runs out of credit waits with our own
+timeout (``p2p.stream_timeout_s``) instead. A peer that sends past its credit is cut off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edgelink.config import Config
+from edgelink.crypto import e2e
+from edgelink.errors import (
+    CryptoError,
+    EdgelinkError,
+    MessageTooLarge,
+    PeerGone,
+    TransportError,
+    TransportTimeout,
+)
+from edgelink.identity import Identity
+from edgelink.transport.framing import RecvBuffer, byte_views, check_length
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/edgelink/1.0.0"
+REC = struct.Struct("<BI")
+U64 = struct.Struct("<Q")
+R_HS, R_DATA, R_CREDIT, R_STOP = 1, 2, 3, 4
+_EOF = object()
+_CLOSE = object()
+
+
+def split_multiaddr(addr: str) -> tuple[str, str]:
+    """(transport address, peer id) of ``/ip4/H/tcp/P/p2p/ID``; raises TransportError."""
+    head, sep, pid = addr.rpartition("/p2p/")
+    if not sep or not head or not pid or "/" in pid:
+        raise TransportError(f"{addr!r} is not a full multiaddr ending in /p2p/<peer id>")
+    return head, pid
+
+
+class P2PChannel:
+    """One session over one yamux stream; implements edgelink.transport.base.Channel.
+
+    Not thread-safe: one thread sends and receives at a time (like ShmChannel). The host's
+    trio thread runs a reader and a writer task for it.
+    """
+
+    def __init__(self, host: P2PHost, stream: Any, *, initiator: bool):
+        import trio
+
+        self._host = host
+        self._stream = stream
+        self.initiator = initiator
+        cfg = host.cfg
+        self._timeout_s = cfg.p2p.stream_timeout_s
+        self._chunk = cfg.p2p.chunk_bytes
+        self._window = cfg.p2p.window_bytes
+        self._max_record = max(self._chunk + e2e.RECORD_OVERHEAD, e2e.HS_BYTES)
+        self.remote_peer_id = stream.muxed_conn.peer_id.to_base58()
+        self._remote_id = stream.muxed_conn.peer_id
+        self.encryption: dict[str, Any] | None = None
+        self.max_frame: int | None = None  # optional per-peer cap (the node sets it)
+        self.limiter = None  # optional, with wait_bytes(n) and wait_message()
+        self.record_filter: Callable[[int, bytes], list[bytes]] | None = None  # tests only
+        # trio side (touched only in the trio thread, except where noted)
+        self._rx: queue.SimpleQueue = queue.SimpleQueue()  # records for the sync side
+        self._tx_send, self._tx_recv = trio.open_memory_channel(4)
+        self._in_flight = 0  # DATA bytes received and not yet credited back
+        self._credit = 0
+        self._credit_changed = trio.Event()
+        self._peer_stopped: int | None = None  # frame number the peer refused
+        self._done = trio.Event()
+        self._tx_error: str | None = None
+        # sync side
+        self._keys: e2e.Keys | None = None
+        self._rbuf = RecvBuffer()
+        self._tx_frame = 0
+        self._rx_frame = 0
+        self._consumed = 0
+        self._closed = False
+        self._broken: str | None = None
+        self._rx_broken: str | None = None
+        self._tx_broken: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # ------------------------------------------------------------------ trio side
+
+    async def _run(self) -> None:
+        """Reader and writer tasks; returns when the channel is done (closed or broken)."""
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._writer)
+            await self._done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _read_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self._stream.read(n - len(buf))
+            if not chunk:
+                raise EOFError("stream closed")
+            buf += chunk
+        return bytes(buf)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                typ, n = REC.unpack(await self._read_exactly(REC.size))
+                if n > self._max_record:
+                    raise CryptoError(f"record of {n} bytes declared (limit {self._max_record})")
+                if typ == R_DATA:
+                    if self._in_flight + n > self._window:
+                        raise CryptoError("peer sent past its flow-control credit")
+                    body = await self._read_exactly(n)
+                    self._in_flight += n
+                    self._rx.put((R_DATA, body))
+                elif typ == R_HS:
+                    self._rx.put((R_HS, await self._read_exactly(n)))
+                elif typ in (R_CREDIT, R_STOP) and n == U64.size:
+                    (value,) = U64.unpack(await self._read_exactly(n))
+                    if typ == R_CREDIT:
+                        self._credit += value
+                    else:
+                        self._peer_stopped = value
+                    self._wake_writer()
+                else:
+                    raise CryptoError(f"unknown record type {typ} ({n} bytes)")
+        except Exception as exc:  # noqa: BLE001 - EOF, reset, or a peer breaking the rules
+            reason = "closed" if isinstance(exc, EOFError) or "EOF" in type(exc).__name__ else str(exc)
+            if isinstance(exc, CryptoError):
+                log.warning("p2p peer %s: %s", self.remote_peer_id, exc)
+                await self._reset()
+            self._rx.put((_EOF, reason))
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        self._credit_changed.set()
+        self._credit_changed = type(self._credit_changed)()
+
+    async def _writer(self) -> None:
+        import trio
+
+        try:
+            async for item in self._tx_recv:
+                if item is _CLOSE:
+                    with contextlib.suppress(Exception):
+                        await self._stream.close()
+                    self._done.set()
+                    return
+                typ, body, frame_no = item
+                if typ == R_DATA:
+                    if self._peer_stopped is not None and frame_no <= self._peer_stopped:
+                        continue  # the peer refused this frame: drop the rest of it
+                    n = len(body)
+                    with trio.move_on_after(self._timeout_s) as scope:
+                        while self._credit < n and (self._peer_stopped is None
+                                                    or frame_no > self._peer_stopped):
+                            await self._credit_changed.wait()
+                    if scope.cancelled_caught:
+                        raise TransportTimeout(f"peer granted no flow-control credit for {self._timeout_s} s")
+                    if self._peer_stopped is not None and frame_no <= self._peer_stopped:
+                        continue
+                    self._credit -= n
+                elif typ == R_CREDIT:
+                    (value,) = U64.unpack(body)
+                    self._in_flight -= value
+                await self._stream.write(REC.pack(typ, len(body)) + body)
+        except Exception as exc:  # noqa: BLE001
+            self._tx_error = f"{type(exc).__name__}: {exc}"
+            self._rx.put((_EOF, self._tx_error))
+            self._done.set()
+
+    async def _reset(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._stream.reset()
+
+    # ------------------------------------------------------------------ sync helpers
+
+    def _push(self, typ: int, body: bytes, frame_no: int = 0, timeout: float | None = None) -> None:
+        """Hand one record to the writer task (waits while its small queue is full)."""
+        import trio
+
+        if self.record_filter is not None:
+            bodies = self.record_filter(typ, body)
+        else:
+            bodies = [body]
+        limit = self._timeout_s if timeout is None else timeout
+
+        async def put() -> bool:
+            with trio.move_on_after(limit):
+                for b in bodies:
+                    await self._tx_send.send((typ, b, frame_no))
+                return True
+            return False
+
+        try:
+            ok = self._host._call(put)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, RuntimeError) as exc:
+            raise PeerGone(f"p2p {self.remote_peer_id}: channel is gone: {exc}") from None
+        if not ok:
+            raise TransportTimeout(f"p2p {self.remote_peer_id}: peer did not take data for {limit} s")
+        if self._tx_error:
+            raise PeerGone(f"p2p {self.remote_peer_id}: send failed: {self._tx_error}")
+
+    def _next(self, timeout: float) -> tuple[int, Any]:
+        try:
+            typ, body = self._rx.get(timeout=None if math.isinf(timeout) else timeout)
+        except queue.Empty:
+            raise TransportTimeout(f"p2p {self.remote_peer_id}: nothing received for {timeout} s") from None
+        if typ is _EOF:
+            self._rx.put((_EOF, body))  # stays at the end for later calls
+            raise PeerGone(f"p2p {self.remote_peer_id}: peer closed the stream ({body})")
+        return typ, body
+
+    def _check(self) -> None:
+        if self._closed:
+            raise TransportError(f"p2p {self.remote_peer_id}: channel is closed")
+        if self._broken:
+            raise TransportError(f"p2p {self.remote_peer_id}: channel is unusable after: {self._broken}")
+
+    def _fail(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+            self._host._call_soon(self._reset)
+            self._finish()
+
+    def _finish(self, flush: bool = False) -> None:
+        if self._keys is not None:
+            self._keys.close()
+        if flush:
+            # The writer task writes what is queued, closes the stream, then ends the channel.
+            import trio
+
+            async def put() -> None:
+                with trio.move_on_after(self._timeout_s):
+                    await self._tx_send.send(_CLOSE)
+                    return
+                self._done.set()
+
+            try:
+                self._host._call(put)
+            except Exception:  # noqa: BLE001
+                self._host._call_soon_sync(self._done.set)
+        else:
+            self._host._call_soon_sync(self._done.set)
+        self._host._forget(self)
+
+    # ------------------------------------------------------------------ handshake
+
+    def handshake(self, timeout: float) -> None:
+        """The end-to-end key exchange (both sides send, then verify)."""
+        ident = self._host.identity
+        remote_pk = self._remote_id.extract_public_key()
+        if remote_pk is None:
+            raise CryptoError(f"peer id {self.remote_peer_id} does not embed an Ed25519 key")
+        hs = e2e.Handshake(
+            e2e.CLIENT if self.initiator else e2e.SERVER, sign=ident.sign,
+            identity_pk=ident.public_key, local_id=ident.peer_id.to_bytes(),
+            remote_id=self._remote_id.to_bytes(), remote_pk=remote_pk.to_bytes(),
+            params=e2e.Params(self._window, self._host.cfg.p2p.rekey_bytes, self._host.cfg.p2p.rekey_s))
+        try:
+            if self.initiator:
+                self._push(R_HS, hs.message(), timeout=timeout)
+            typ, body = self._next(timeout)
+            if typ != R_HS:
+                raise CryptoError("peer sent data before the key exchange")
+            hs.receive(body)
+            if not self.initiator:
+                self._push(R_HS, hs.message(), timeout=timeout)
+            self._keys = hs.finish()
+        except EdgelinkError as exc:
+            self._fail(str(exc))
+            raise
+        self._credit_from_peer(self._keys.peer_window)
+        self.encryption = hs.encryption_params(self._keys)
+
+    def _credit_from_peer(self, n: int) -> None:
+        def grant() -> None:
+            self._credit += n
+            self._wake_writer()
+        self._host._call_soon_sync(grant)
+
+    # ------------------------------------------------------------------ Channel
+
+    def send(self, *parts) -> None:
+        """Send one frame: a sealed length record, then sealed chunks of ``parts``."""
+        self._check()
+        if self._tx_broken:
+            raise TransportError(f"p2p {self.remote_peer_id}: sending is over after: {self._tx_broken}")
+        if self._keys is None:
+            raise TransportError("handshake first")
+        views, total = byte_views(parts)
+        sealer = self._keys.sealer
+        fno = self._tx_frame
+        self._tx_frame += 1
+        chunk = self._chunk
+        try:
+            self._push(R_DATA, sealer.seal(U64.pack(total), fno), fno)
+            staging = bytearray()
+            for view in views:
+                pos = 0
+                while pos < view.nbytes:
+                    self._check_stopped(fno)
+                    if not staging and view.nbytes - pos >= chunk:
+                        self._push(R_DATA, sealer.seal(view[pos:pos + chunk], fno), fno)
+                        pos += chunk
+                        continue
+                    take = min(chunk - len(staging), view.nbytes - pos)
+                    staging += view[pos:pos + take]
+                    pos += take
+                    if len(staging) == chunk:
+                        self._push(R_DATA, sealer.seal(staging, fno), fno)
+                        staging = bytearray()
+            if staging:
+                self._push(R_DATA, sealer.seal(staging, fno), fno)
+            self._check_stopped(fno)
+        except PeerGone as exc:
+            if self._tx_broken:
+                raise
+            self._fail(str(exc))
+            raise
+        except TransportTimeout as exc:
+            self._fail(f"send timed out mid-frame: {exc}")
+            raise
+        except EdgelinkError as exc:
+            self._fail(str(exc))
+            raise
+        self.bytes_out += total
+
+    def _check_stopped(self, fno: int) -> None:
+        stopped = self._peer_stopped
+        if stopped is not None and fno <= stopped:
+            # The peer refused this frame unread; its refusal (a REJECT) is still readable.
+            self._tx_broken = f"peer refused frame {fno}"
+            raise PeerGone(f"p2p {self.remote_peer_id}: the peer stopped reading frame {fno}")
+
+    def recv(self, max_bytes: int, timeout: float | None = None) -> memoryview:
+        """Receive one whole frame into a reusable buffer (valid until the next recv)."""
+        self._check()
+        if self._rx_broken:
+            raise TransportError(f"p2p {self.remote_peer_id}: receiving is over after: {self._rx_broken}")
+        if self._keys is None:
+            raise TransportError("handshake first")
+        limit = self._timeout_s if timeout is None else timeout
+        opener = self._keys.opener
+        fno = self._rx_frame
+        typ, body = self._next(limit)  # a timeout here leaves the channel usable
+        try:
+            if typ != R_DATA:
+                raise CryptoError("handshake record after the key exchange")
+            opener.check_counter(body)
+            if e2e.Opener.plaintext_len(len(body)) != U64.size:
+                raise CryptoError("a frame must start with its length record")
+            hdr = bytearray(U64.size)
+            opener.open_into(body, fno, hdr)
+            self._consume(len(body))
+            (length,) = U64.unpack(hdr)
+            cap = max_bytes if self.max_frame is None else min(max_bytes, self.max_frame)
+            try:
+                check_length(length, cap, f"p2p {self.remote_peer_id}")
+            except MessageTooLarge as exc:
+                # Refused before allocating: tell the writer to stop, keep our sending side so
+                # the refusal itself still reaches the peer, and read nothing more.
+                self._rx_broken = str(exc)
+                self._push(R_STOP, U64.pack(fno))
+                raise
+            view = self._rbuf.view(length)
+            off = 0
+            while off < length:
+                typ, body = self._next(self._timeout_s)
+                if typ != R_DATA:
+                    raise CryptoError("handshake record inside a frame")
+                n = e2e.Opener.plaintext_len(len(body))
+                opener.check_counter(body)
+                if n == 0 or off + n > length:
+                    raise CryptoError(f"record runs past the end of frame {fno}")
+                opener.open_into(body, fno, view[off:off + n])
+                off += n
+                self._consume(len(body))
+        except MessageTooLarge:
+            raise
+        except EdgelinkError as exc:
+            self._fail(str(exc))
+            raise
+        self._rx_frame += 1
+        self.bytes_in += length
+        if self.limiter is not None:
+            self.limiter.wait_message()
+        return view
+
+    def _consume(self, n: int) -> None:
+        if self.limiter is not None:
+            self.limiter.wait_bytes(n)
+        self._consumed += n
+        if self._consumed >= self._window // 4:
+            grant, self._consumed = self._consumed, 0
+            self._push(R_CREDIT, U64.pack(grant))
+
+    def close(self) -> None:
+        """Close gracefully (queued records are still written); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finish(flush=self._broken is None and self._tx_error is None)
+
+    def __enter__(self) -> P2PChannel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<P2PChannel {self.remote_peer_id} {'initiator' if self.initiator else 'responder'}>"
+
+
+class P2PHost:
+    """A libp2p host (Noise only, yamux only) whose trio loop runs in a background thread.
+
+    ``listen``: multiaddrs to listen on (a client may listen on none). ``on_channel`` (a
+    listening host): called in a new thread for each incoming session, after the end-to-end
+    key exchange, with the channel; ``admit(peer_id)`` (optional) runs first in the trio
+    thread and may refuse a stream outright (returning False resets it).
+    """
+
+    def __init__(self, cfg: Config, identity: Identity, *, listen: list[str] | None = None,
+                 on_channel: Callable[[P2PChannel], None] | None = None,
+                 admit: Callable[[str], bool] | None = None,
+                 sec_opt: dict | None = None):
+        self.cfg = cfg
+        self.identity = identity
+        self._listen = list(listen or [])
+        self._on_channel = on_channel
+        self._admit = admit
+        self._sec_opt = sec_opt
+        self._token = None
+        self._host = None
+        self._stop = None
+        self._nursery = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._channels: set[P2PChannel] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._thread_main, name="edgelink-p2p", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(cfg.p2p.connect_timeout_s + 30):
+            raise TransportError("libp2p host did not start in time")
+        if self._error is not None:
+            raise TransportError(f"libp2p host failed to start: {self._error}") from self._error
+
+    # ------------------------------------------------------------------ trio thread
+
+    def _thread_main(self) -> None:
+        import trio
+
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # noqa: BLE001
+            self._error = exc
+            log.debug("p2p host stopped with %r", exc)
+        finally:
+            self._ready.set()
+
+    def _make_host(self):
+        import multiaddr
+        from libp2p import create_yamux_muxer_option, new_host
+        from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
+        from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+        from libp2p.security.noise.transport import Transport as NoiseTransport
+
+        kp = self.identity.key_pair
+        # Noise only: a default new_host() would also accept /plaintext/2.0.0 and secio.
+        sec = self._sec_opt or {NOISE_ID: NoiseTransport(kp, noise_privkey=x25519_pair().private_key)}
+        addrs = [multiaddr.Multiaddr(a) for a in self._listen]
+        return new_host(key_pair=kp, sec_opt=sec, muxer_opt=create_yamux_muxer_option(),
+                        listen_addrs=addrs or None, enable_mDNS=bool(self.cfg.p2p.mdns),
+                        negotiate_timeout=int(max(1, self.cfg.p2p.connect_timeout_s))), addrs
+
+    async def _main(self) -> None:
+        import trio
+
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        host, addrs = self._make_host()
+        self._host = host
+        if self._on_channel is not None:
+            host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
+        async with host.run(addrs):
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _handle_stream(self, stream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        if self._closed or (self._admit is not None and not self._admit(peer)):
+            log.warning("p2p: refused a stream from %s", peer)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        ch = P2PChannel(self, stream, initiator=False)
+        with self._lock:
+            self._channels.add(ch)
+        threading.Thread(target=self._serve, args=(ch,), name=f"edgelink-session-{peer[-6:]}",
+                         daemon=True).start()
+        await ch._run()
+
+    def _serve(self, ch: P2PChannel) -> None:
+        try:
+            ch.handshake(self.cfg.p2p.handshake_timeout_s)
+        except EdgelinkError as exc:
+            log.warning("p2p: end-to-end handshake with %s failed: %s", ch.remote_peer_id, exc)
+            ch.close()
+            return
+        try:
+            self._on_channel(ch)
+        except Exception:  # noqa: BLE001 - one session must never take the node down
+            log.exception("p2p: session with %s failed", ch.remote_peer_id)
+        finally:
+            ch.close()
+
+    # ------------------------------------------------------------------ bridges
+
+    def _call(self, afn, *args):
+        import trio
+
+        if self._token is None or self._closed:
+            raise TransportError("libp2p host is closed")
+        try:
+            return trio.from_thread.run(afn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise TransportError("libp2p host is closed") from None
+
+    def _call_soon(self, afn, *args) -> None:
+        """Run ``afn(*args)`` in the trio thread without waiting for it."""
+        import trio
+
+        if self._token is None or self._nursery is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError, RuntimeError):
+            self._token.run_sync_soon(self._nursery.start_soon, afn, *args)
+
+    def _call_soon_sync(self, fn, *args) -> None:
+        import trio
+
+        if self._token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError, RuntimeError):
+            self._token.run_sync_soon(fn, *args)
+
+    def _forget(self, ch: P2PChannel) -> None:
+        with self._lock:
+            self._channels.discard(ch)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id_str
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs of this host (with /p2p/<peer id>)."""
+        pid = self.peer_id
+
+        async def get():
+            return [str(a) for a in self._host.get_addrs()]
+
+        out = []
+        for a in self._call(get):
+            out.append(a if "/p2p/" in a else f"{a}/p2p/{pid}")
+        return out
+
+    def open_channel(self, addr: str, timeout: float | None = None) -> P2PChannel:
+        """Dial ``addr`` (``/ip4/H/tcp/P/p2p/ID``), or reuse the live connection to that peer,
+        open a stream and run the end-to-end key exchange."""
+        import multiaddr
+        import trio
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        split_multiaddr(addr)
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # noqa: BLE001
+            raise TransportError(f"bad multiaddr {addr!r}: {exc}") from None
+        limit = self.cfg.p2p.connect_timeout_s if timeout is None else timeout
+
+        async def dial():
+            with trio.fail_after(limit):
+                await self._host.connect(info)
+                try:
+                    stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                except Exception as exc:  # noqa: BLE001
+                    # A cached connection can be half dead (the peer reset a stream hard, or
+                    # restarted): drop it and dial afresh, once.
+                    log.info("p2p: new stream to %s failed (%s); redialling", info.peer_id, exc)
+                    with contextlib.suppress(Exception):
+                        await self._host.get_network().close_peer(info.peer_id)
+                    await self._host.connect(info)
+                    stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+            ch = P2PChannel(self, stream, initiator=True)
+            self._nursery.start_soon(ch._run)
+            return ch
+
+        try:
+            ch = self._call(dial)
+        except trio.TooSlowError:
+            raise TransportTimeout(f"could not reach {addr} within {limit} s") from None
+        except EdgelinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
+            raise PeerGone(f"could not open a session with {addr}: {type(exc).__name__}: {exc}") from None
+        with self._lock:
+            self._channels.add(ch)
+        ch.handshake(self.cfg.p2p.handshake_timeout_s)
+        return ch
+
+    def connected_peers(self) -> list[str]:
+        async def get():
+            return [p.to_base58() for p in self._host.get_network().connections]
+
+        return self._call(get)
+
+    def close(self) -> None:
+        """Close every channel and stop the host thread."""
+        if self._closed:
+            return
+        with self._lock:
+            channels = list(self._channels)
+        for ch in channels:
+            ch.close()
+        self._closed = True
+        if self._token is not None and self._stop is not None:
+            with contextlib.suppress(Exception):
+                self._token.run_sync_soon(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> P2PHost:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_CLIENT_HOSTS: dict[tuple[str, str], P2PHost] = {}
+_CLIENT_LOCK = threading.Lock()
+
+
+def client_host(cfg: Config, identity: Identity | None = None) -> P2PHost:
+    """This process's dialling host (one per identity key), kept so that connections to a
+    peer are reused across handoffs."""
+    from edgelink.identity import load_identity
+
+    ident = identity or load_identity(cfg.p2p.identity_key)
+    key = (str(ident.path), ident.peer_id_str)
+    with _CLIENT_LOCK:
+        host = _CLIENT_HOSTS.get(key)
+        if host is None or host._closed or not host._thread.is_alive():
+            host = P2PHost(cfg, ident)
+            _CLIENT_HOSTS[key] = host
+        return host
+
+
+def close_client_hosts() -> None:
+    with _CLIENT_LOCK:
+        hosts = list(_CLIENT_HOSTS.values())
+        _CLIENT_HOSTS.clear()
+    for h in hosts:
+        h.close()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
+    """Poll ``pred`` until true or ``timeout`` passes (for shutdown paths, not data)."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(step)
+    return True

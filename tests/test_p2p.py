@@ -1,0 +1,369 @@
+"""The libp2p transport and `edgelink node`: real hosts and real processes on loopback.
+
+Every bad-input test checks that the node's model state (its digest) is unchanged and that the
+node goes on serving the next client.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from edgelink.errors import (
+    ConfigError,
+    MessageTooLarge,
+    PeerGone,
+    PeerRejected,
+    TransportError,
+)
+from edgelink.identity import load_identity
+from edgelink.launcher import start_node, stop_receiver
+from edgelink.transport import p2p
+
+TOKEN = "s3cret-token"
+
+
+# ---------------------------------------------------------------------------- transport only
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory, cfg):
+    d = tmp_path_factory.mktemp("p2p")
+    got: list = []
+
+    def echo(ch):
+        while True:
+            try:
+                f = ch.recv(1 << 26)
+            except MessageTooLarge:
+                ch.send(b"refused")
+                return
+            except TransportError:
+                return
+            got.append(len(f))
+            ch.send(bytes(f[:32]), len(f).to_bytes(8, "little"))
+
+    c = cfg.replace(p2p_chunk_bytes=65536, p2p_window_bytes=1 << 20)
+    srv = p2p.P2PHost(c, load_identity(d / "srv.key"), listen=["/ip4/127.0.0.1/tcp/0"], on_channel=echo)
+    cli = p2p.P2PHost(c, load_identity(d / "cli.key"))
+    yield srv, cli, got
+    cli.close()
+    srv.close()
+
+
+def test_channel_round_trip_and_connection_reuse(hosts):
+    srv, cli, _ = hosts
+    addr = srv.addrs[0]
+    assert addr.endswith(f"/p2p/{srv.peer_id}")
+    ch = cli.open_channel(addr)
+    assert ch.encryption["scheme"] == "x25519-ed25519-xchacha20poly1305"
+    for size in (0, 1, 1000, 65536, 65537, 3 * 65536 + 5, 5 << 20):
+        data = os.urandom(size)
+        ch.send(data[: size // 3], data[size // 3:])
+        r = ch.recv(100)
+        assert bytes(r[:-8]) == data[:32] and int.from_bytes(r[-8:], "little") == size
+    ch.close()
+    t0 = time.perf_counter()
+    ch2 = cli.open_channel(addr)  # same connection, new stream: no dial, no Noise handshake
+    warm = time.perf_counter() - t0
+    ch2.send(b"x")
+    assert bytes(ch2.recv(100))[:1] == b"x"
+    ch2.close()
+    assert cli.connected_peers() == [srv.peer_id]
+    assert warm < 0.2, warm
+
+
+def test_declared_length_over_limit_refused_before_allocation(hosts):
+    srv, cli, got = hosts
+    ch = cli.open_channel(srv.addrs[0])
+    before = len(got)
+    with pytest.raises(PeerGone):
+        ch.send(bytes(1 << 26 + 1))  # the echo server allows 64 MiB
+    assert bytes(ch.recv(100)) == b"refused"  # the refusal still arrives
+    assert len(got) == before
+    ch.close()
+
+
+def test_plaintext_only_dialer_is_refused(hosts):
+    import multiaddr
+    import trio
+    from libp2p import create_yamux_muxer_option, new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+    srv, _, _ = hosts
+    kp = create_new_key_pair()
+    h = new_host(key_pair=kp, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(kp)},
+                 muxer_opt=create_yamux_muxer_option())
+    outcome = {}
+
+    async def main():
+        async with h.run([]):
+            with trio.move_on_after(20):
+                try:
+                    await h.connect(info_from_p2p_addr(multiaddr.Multiaddr(srv.addrs[0])))
+                    outcome["connected"] = True
+                except Exception as exc:  # noqa: BLE001
+                    outcome["error"] = repr(exc)
+
+    trio.run(main)
+    assert "error" in outcome, outcome
+
+
+def test_identity_persists_with_mode_0600(tmp_path):
+    path = tmp_path / "sub" / "id.key"
+    a = load_identity(path)
+    assert a.created and stat.S_IMODE(path.stat().st_mode) == 0o600
+    b = load_identity(path)
+    assert not b.created and b.peer_id_str == a.peer_id_str and a.peer_id_str.startswith("12D3KooW")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        load_identity(path)
+
+
+# ---------------------------------------------------------------------------- a node process
+
+
+class NodeUnderTest:
+    def __init__(self, path, cfg, tmp, allowed_key, friend_key):
+        self.cfg = cfg
+        self.key = tmp / "node.key"
+        self.allowed = load_identity(allowed_key)
+        self.friend = load_identity(friend_key)
+        self.env = {
+            "EDGELINK_P2P_IDENTITY_KEY": str(self.key),
+            "EDGELINK_NODE_TOKENS": f"other-token,{TOKEN}",
+            "EDGELINK_NODE_ALLOW_PEERS": f"{self.allowed.peer_id_str},{self.friend.peer_id_str}",
+            "EDGELINK_NODE_MESSAGES_PER_S": "20",
+            "EDGELINK_NODE_MESSAGES_BURST": "10",
+            "EDGELINK_NODE_MAX_MESSAGE_BYTES": str(64 << 20),
+            "EDGELINK_NODE_SHUTDOWN_GRACE_S": "5",
+        }
+        self.model = str(path)
+        self.start()
+
+    def start(self):
+        self.proc = start_node(self.model, self.cfg, extra_env=self.env)
+        self.addr = self.proc.ready["addrs"][0]
+        self.peer_id = self.proc.ready["peer_id"]
+
+    def stop(self) -> int:
+        return stop_receiver(self.proc)
+
+    def event(self):
+        return self.proc.next_event()
+
+
+@pytest.fixture(scope="module")
+def node(smollm2_path, cfg, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("node")
+    client_key = tmp / "client.key"
+    n = NodeUnderTest(smollm2_path, cfg, tmp, client_key, tmp / "friend.key")
+    n.client_cfg = cfg.replace(p2p_identity_key=client_key)
+    n.friend_cfg = cfg.replace(p2p_identity_key=tmp / "friend.key")
+    n.stranger_cfg = cfg.replace(p2p_identity_key=tmp / "stranger.key")
+    yield n
+    p2p.close_client_hosts()
+    assert n.stop() in (0, -15), n.proc.stderr_tail()
+
+
+@pytest.fixture(scope="module")
+def sender_rt(smollm2_path, cfg):
+    from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.signature import model_signature
+
+    rt = LlamaRuntime(smollm2_path, cfg)
+    rt.signature = model_signature(rt, cfg).to_dict()
+    yield rt
+    rt.close()
+
+
+def _sender(node, rt, token=TOKEN, cfg=None):
+    from edgelink.api import connect
+    from edgelink.sender import Sender
+
+    cfg = cfg or node.client_cfg
+    s = Sender(connect(node.addr, cfg), cfg, rt.signature, auth={"token": token} if token else None)
+    s.handshake()
+    return s
+
+
+def _digest(node, rt) -> str:
+    s = _sender(node, rt)
+    try:
+        return s.request("digest")["digest"]
+    finally:
+        s.close()
+        ev = node.event()
+        assert ev["ended_by"] == "close", ev
+
+
+def _prefill(rt, n):
+    from edgelink.bench import context_tokens
+
+    rt.clear()
+    rt.prefill(context_tokens(rt, n))
+
+
+def test_handoff_over_p2p_continues_exactly(node, sender_rt):
+    rt = sender_rt
+    _prefill(rt, 256)
+    s = _sender(node, rt)
+    sent = s.send_snapshot(rt)
+    body = s.request("generate", n_tokens=24, stop_at_eog=False)
+    s.close()
+    ev = node.event()
+    assert ev["applied"] == 1 and ev["peer"] == node.allowed.peer_id_str
+    assert ev["bytes_in"] >= sent.wire_bytes
+    local = rt.generate(24, stop_at_eog=False)
+    assert body["tokens"] == local
+
+
+@pytest.mark.parametrize("who", ["wrong_token", "no_token", "unknown_peer"])
+def test_auth_is_checked_before_model_work(node, sender_rt, who):
+    before = _digest(node, sender_rt)
+    if who == "unknown_peer":
+        cfg, token = node.stranger_cfg, TOKEN
+    else:
+        cfg, token = node.client_cfg, ("nope" if who == "wrong_token" else None)
+    with pytest.raises(PeerRejected) as info:
+        _sender(node, sender_rt, token=token, cfg=cfg)
+    assert info.value.reason == "auth"
+    ev = node.event()
+    assert ev["rejected"] == ["auth"] and ev["slot"] is None and ev["applied"] == 0, ev
+    assert "auth" in node.proc.stderr_tail() and ev["peer"] in node.proc.stderr_tail()
+    assert _digest(node, sender_rt) == before
+
+
+def _corrupted_snapshot(node, rt, how):
+    """Ship a snapshot (three DATA records: its length, then two chunks) whose second record
+    is tampered with or sent twice: either way mid-frame, before the message is whole."""
+    s = _sender(node, rt)
+    count = [0]
+
+    def flt(typ, body):
+        if typ != p2p.R_DATA:
+            return [body]
+        count[0] += 1
+        if count[0] != 2:
+            return [body]
+        if how == "tamper":
+            b = bytearray(body)
+            b[len(b) // 2] ^= 0x40
+            return [bytes(b)]
+        return [body, body]  # replay
+
+    s.ch.record_filter = flt
+    with pytest.raises((PeerGone, TransportError)):
+        s.send_snapshot(rt)
+        s.request("digest")
+    s.ch.close()
+    return node.event()
+
+
+@pytest.mark.parametrize("how, code", [("tamper", "crypto"), ("replay", "replay")])
+def test_tampered_or_replayed_record_is_refused_state_unchanged(node, sender_rt, how, code):
+    _prefill(sender_rt, 64)
+    before = _digest(node, sender_rt)
+    ev = _corrupted_snapshot(node, sender_rt, how)
+    assert ev["ended_by"] == code and ev["applied"] == 0, ev
+    assert _digest(node, sender_rt) == before
+
+
+def test_oversize_declared_length_refused_before_allocation(node, sender_rt):
+    before = _digest(node, sender_rt)
+    s = _sender(node, sender_rt)
+    ch = s.ch
+    fno = ch._tx_frame
+    ch._tx_frame += 1
+    ch._push(p2p.R_DATA, ch._keys.sealer.seal(p2p.U64.pack(1 << 40), fno), fno)
+    with pytest.raises(PeerRejected) as info:
+        s._reply()
+    assert info.value.reason == "too_large"
+    ch.close()
+    ev = node.event()
+    assert ev["ended_by"] == "too_large", ev
+    assert _digest(node, sender_rt) == before
+
+
+def test_client_killed_mid_transfer_node_serves_next(node, sender_rt, tmp_path):
+    before = _digest(node, sender_rt)
+    script = textwrap.dedent(f"""
+        import os, sys
+        from edgelink.config import load_config
+        from edgelink.transport import p2p
+        cfg = load_config(p2p_identity_key={str(node.allowed.path)!r})
+        ch = p2p.client_host(cfg).open_channel({node.addr!r})
+        n = [0]
+        def flt(typ, body):
+            n[0] += 1
+            if n[0] == 6:
+                print("dying", flush=True)
+                os._exit(9)
+            return [body]
+        ch.record_filter = flt
+        ch.send(bytes(32 << 20))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9 and "dying" in proc.stdout, proc.stderr
+    ev = node.event()
+    assert ev["applied"] == 0 and ev["ended_by"] in ("peer_gone", "timeout", "version", "protocol",
+                                                      "truncated", "crypto"), ev
+    assert node.proc.poll() is None
+    assert _digest(node, sender_rt) == before
+
+
+def test_flooding_client_is_throttled_while_another_is_served(node, sender_rt, smollm2_path, cfg):
+    from edgelink.runtime.llama import LlamaRuntime
+
+    stop = threading.Event()
+    counts = []
+
+    def flood():
+        s = _sender(node, sender_rt, cfg=node.friend_cfg)
+        n = 0
+        t0 = time.monotonic()
+        while not stop.is_set():
+            s.request("digest")
+            n += 1
+        counts.append((n, time.monotonic() - t0))
+        s.close()
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        with LlamaRuntime(smollm2_path, cfg) as rt2:
+            rt2.signature = sender_rt.signature
+            _prefill(rt2, 128)
+            s = _sender(node, rt2)
+            s.send_snapshot(rt2)
+            body = s.request("generate", n_tokens=8, stop_at_eog=False)
+            s.close()
+            assert body["tokens"] == rt2.generate(8, stop_at_eog=False)
+        time.sleep(1.0)  # let the flood run against its limit for a while
+    finally:
+        stop.set()
+        t.join(60)
+    evs = [node.event(), node.event()]
+    flood_ev = max(evs, key=lambda e: e["generated"] == 0 and e["applied"] == 0)
+    n, dt = counts[0]
+    # 20 messages/s with a burst of 10: the flooder gets roughly rate * time + burst requests
+    assert n <= 20 * dt + 10 + 5, (n, dt)
+    assert flood_ev["throttled_s"] > 0, evs
+
+
+def test_node_restart_keeps_its_peer_id(node):
+    old = node.peer_id
+    assert node.stop() in (0, -15)
+    p2p.close_client_hosts()
+    node.start()
+    assert node.peer_id == old
+    assert stat.S_IMODE(node.key.stat().st_mode) == 0o600
