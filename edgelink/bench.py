@@ -50,9 +50,22 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def _timed_handoffs(sender: Sender, rt: LlamaRuntime, repeats: int) -> tuple[float, float, list]:
+    """(first, median) seconds of snapshot round trips on one session; the first is untimed
+    in the median: it warms buffers (and a network connection) the way a live peer's are."""
+    first = sender.send_snapshot(rt)
+    sent: list = []
+    med = _median_s(lambda: sent.append(sender.send_snapshot(rt)), repeats)
+    return first.roundtrip_s, med, sent
+
+
+def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None = None,
+                      p2p: bool = True) -> dict[str, Any]:
+    """Re-prefill vs KV handoff over shared memory (and over the encrypted p2p transport to an
+    `edgelink node`, with ``p2p``) vs memcpy, per context length, in one run."""
     from edgelink.api import connect
     from edgelink.bench_shm import measure_shm_throughput
+    from edgelink.launcher import start_node
 
     say = log or (lambda s: None)
     path = resolve_model(model, cfg, pull=True)
@@ -60,6 +73,7 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
     rows = []
     shm_name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     receiver = start_receiver(str(path), cfg, shm_name)
+    node = start_node(str(path), cfg) if p2p else None
     try:
         with LlamaRuntime(path, cfg) as rt:
             signature = model_signature(rt, cfg).to_dict()
@@ -76,33 +90,39 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                 say(f"{n} tokens: re-prefill x{repeats}")
                 prefill_s = _median_s(prefill, repeats)
                 say(f"{n} tokens: shm handoff x{repeats} (after one untimed warm-up)")
-                # A fresh session per row (an idle session would time out during the re-prefill),
-                # and one untimed message to warm buffers on both sides, like a live peer's.
+                # A fresh session per row, so no session idles through the re-prefill.
                 sender = Sender(connect(f"shm:{shm_name}", cfg), cfg, signature)
                 sender.handshake()
-                first = sender.send_snapshot(rt)
-                sent = []
-                handoff_s = _median_s(lambda s=sender, out=sent: out.append(s.send_snapshot(rt)), repeats)
+                first_s, handoff_s, sent = _timed_handoffs(sender, rt, repeats)
                 sender.close()
-                export_s = statistics.median(s.export_s for s in sent)
-                nbytes = sent[-1].wire_bytes
-                say(f"{n} tokens: shm vs memcpy on {nbytes:,} bytes")
-                thr = measure_shm_throughput(nbytes, cfg, repeats)
-                rows.append({
+                row = {
                     "tokens": n,
                     "payload_bytes": sent[-1].payload_bytes,
-                    "wire_bytes": nbytes,
+                    "wire_bytes": sent[-1].wire_bytes,
                     "reprefill_ms": 1e3 * prefill_s,
                     "handoff_ms": 1e3 * handoff_s,
-                    "export_ms": 1e3 * export_s,
-                    "first_handoff_ms": 1e3 * first.roundtrip_s,
+                    "export_ms": 1e3 * statistics.median(s.export_s for s in sent),
+                    "first_handoff_ms": 1e3 * first_s,
                     "speedup_vs_reprefill": prefill_s / handoff_s,
-                    "shm_gbps": thr["shm_gbps"],
-                    "memcpy_gbps": thr["memcpy_gbps"],
-                    "shm_vs_memcpy": thr["ratio"],
-                })
+                }
+                if node is not None:
+                    say(f"{n} tokens: p2p handoff x{repeats} (warm connection)")
+                    sender = Sender(connect(node.ready["addrs"][0], cfg), cfg, signature)
+                    sender.handshake()
+                    _, p2p_s, _ = _timed_handoffs(sender, rt, repeats)
+                    sender.close()
+                    node.next_event()
+                    row.update(p2p_handoff_ms=1e3 * p2p_s, p2p_speedup_vs_reprefill=prefill_s / p2p_s,
+                               p2p_mbps=row["wire_bytes"] / p2p_s / 1e6)
+                say(f"{n} tokens: shm vs memcpy on {row['wire_bytes']:,} bytes")
+                thr = measure_shm_throughput(row["wire_bytes"], cfg, repeats)
+                row.update(shm_gbps=thr["shm_gbps"], memcpy_gbps=thr["memcpy_gbps"],
+                           shm_vs_memcpy=thr["ratio"])
+                rows.append(row)
     finally:
         stop_receiver(receiver)
+        if node is not None:
+            stop_receiver(node)
     return {
         "model": model,
         "model_path": str(path),
@@ -116,11 +136,12 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
 def format_handoff_table(report: dict[str, Any]) -> str:
     head = (f"model {report['model']}  (median of {report['repeats']}; {report['machine']})\n"
             f"{'tokens':>7} {'state MB':>9} {'re-prefill ms':>14} {'handoff ms':>11} {'speedup':>8} "
-            f"{'shm GB/s':>9} {'memcpy GB/s':>12} {'shm/memcpy':>11}")
+            f"{'shm GB/s':>9} {'memcpy GB/s':>12} {'shm/memcpy':>11} {'p2p ms':>8} {'p2p speedup':>12}")
     lines = [head]
     for r in report["rows"]:
         lines.append(
             f"{r['tokens']:>7} {r['payload_bytes'] / 1e6:>9.2f} {r['reprefill_ms']:>14.1f} "
             f"{r['handoff_ms']:>11.2f} {r['speedup_vs_reprefill']:>7.0f}x {r['shm_gbps']:>9.2f} "
-            f"{r['memcpy_gbps']:>12.2f} {r['shm_vs_memcpy']:>10.0%}")
+            f"{r['memcpy_gbps']:>12.2f} {r['shm_vs_memcpy']:>10.0%} "
+            f"{r.get('p2p_handoff_ms', float('nan')):>8.1f} {r.get('p2p_speedup_vs_reprefill', float('nan')):>11.0f}x")
     return "\n".join(lines)

@@ -367,3 +367,41 @@ def test_node_restart_keeps_its_peer_id(node):
     node.start()
     assert node.peer_id == old
     assert stat.S_IMODE(node.key.stat().st_mode) == 0o600
+
+
+def test_delta_and_prefix_messages_over_p2p(node, sender_rt):
+    """The other message kinds take the encrypted network path like the snapshot."""
+    rt = sender_rt
+    _prefill(rt, 200)
+    s = _sender(node, rt)
+    try:
+        full = s.send_snapshot(rt)
+        synced = len(rt.tokens)
+        rt.prefill(rt.tokenize(" And then the storm came.", add_special=False))
+        delta = s.send_delta(rt, synced)
+        assert delta.payload_bytes < full.payload_bytes / 5
+        before_reply = len(rt.tokens)
+        s.request("generate", n_tokens=8, stop_at_eog=False)
+        s.pull_delta(rt, before_reply)  # the node's 8 new cells come back
+        assert len(rt.tokens) == before_reply + 8
+        assert s.request("digest")["digest"] == rt.state_digest()
+        s.request("reset")
+        toks = rt.tokenize("The capital of France is")
+        s.send_prefix(rt.token_embeddings().rows(toks), 0)
+        out = s.request("generate", n_tokens=6)
+    finally:
+        s.close()
+    assert node.event()["applied"] == 3
+    rt.clear()
+    rt.prefill(toks)
+    assert out["tokens"] == rt.generate(6)
+
+
+def test_client_follows_a_node_that_restarted_on_another_port(node, sender_rt):
+    """Same key, new port: a long-lived client process must dial the new address."""
+    old = node.addr
+    assert _digest(node, sender_rt)
+    node.stop()
+    node.start()
+    assert node.addr != old and node.peer_id in old
+    assert _digest(node, sender_rt)

@@ -38,14 +38,16 @@ def main() -> None:
     for model in args.models:
         rep = run_handoff_bench(model, cfg, log=lambda s: print(s, file=sys.stderr))
         print(f"### {model}\n")
-        print("| tokens | state MB | re-prefill ms | KV handoff ms | speedup | first handoff ms "
-              "| shm GB/s | memcpy GB/s | shm / memcpy |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| tokens | state MB | re-prefill ms | shm handoff ms | speedup | first handoff ms "
+              "| shm GB/s | memcpy GB/s | shm / memcpy | p2p handoff ms | p2p speedup | p2p MB/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rep["rows"]:
             print(f"| {r['tokens']} | {r['payload_bytes'] / 1e6:.2f} | {r['reprefill_ms']:.0f} "
                   f"| {r['handoff_ms']:.1f} | {r['speedup_vs_reprefill']:.0f}x "
                   f"| {r['first_handoff_ms']:.1f} | {r['shm_gbps']:.2f} | {r['memcpy_gbps']:.2f} "
-                  f"| {r['shm_vs_memcpy']:.0%} |")
+                  f"| {r['shm_vs_memcpy']:.0%} | {r.get('p2p_handoff_ms', float('nan')):.0f} "
+                  f"| {r.get('p2p_speedup_vs_reprefill', float('nan')):.0f}x "
+                  f"| {r.get('p2p_mbps', float('nan')):.0f} |")
         print()
 
 

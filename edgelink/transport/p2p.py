@@ -630,6 +630,10 @@ class P2PHost:
 
         async def dial():
             with trio.fail_after(limit):
+                # The address we were given is the truth: a peer that restarted elsewhere with
+                # the same key must not be dialled at its old address.
+                with contextlib.suppress(Exception):
+                    self._host.get_peerstore().clear_addrs(info.peer_id)
                 await self._host.connect(info)
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
