@@ -405,3 +405,50 @@ def test_client_follows_a_node_that_restarted_on_another_port(node, sender_rt):
     node.start()
     assert node.addr != old and node.peer_id in old
     assert _digest(node, sender_rt)
+
+
+def test_keys_ratchet_during_a_live_handoff(smollm2_path, cfg, tmp_path, sender_rt):
+    """Rekey every 1 MB on both sides: a 6 MB snapshot crosses several key changes and the
+    continuation is still exact."""
+    small = {"EDGELINK_P2P_REKEY_BYTES": str(1 << 20)}
+    node = NodeUnderTest(smollm2_path, cfg, tmp_path, tmp_path / "client.key", tmp_path / "friend.key")
+    node.stop()
+    node.env.update(small)
+    node.start()
+    client_cfg = cfg.replace(p2p_identity_key=tmp_path / "client.key", p2p_rekey_bytes=1 << 20)
+    try:
+        rt = sender_rt
+        _prefill(rt, 256)
+        s = _sender(node, rt, cfg=client_cfg)
+        s.send_snapshot(rt)
+        body = s.request("generate", n_tokens=12, stop_at_eog=False)
+        sealer = s.ch._keys.sealer
+        s.close()
+        assert node.event()["applied"] == 1
+        assert sealer.rekeys >= 5  # about 6 MB went out under 1 MB keys
+        assert body["tokens"] == rt.generate(12, stop_at_eog=False)
+    finally:
+        p2p.close_client_hosts()
+        node.stop()
+
+
+def test_clients_past_the_maximum_are_refused_busy(node, sender_rt):
+    from edgelink.api import connect
+    from edgelink.errors import PeerRejected
+    from edgelink.sender import Sender
+
+    held = [_sender(node, sender_rt) for _ in range(2)]  # node.max_clients = 2
+    try:
+        extra = Sender(connect(node.addr, node.client_cfg), node.client_cfg, sender_rt.signature,
+                       auth={"token": TOKEN})
+        with pytest.raises(PeerRejected) as info:
+            extra.handshake()
+        extra.ch.close()
+        assert info.value.reason == "busy"
+        assert node.event()["rejected"] == ["busy"]
+    finally:
+        for s in held:
+            s.close()
+    events = [node.event(), node.event()]
+    assert all(e["ended_by"] == "close" for e in events)
+    assert _digest(node, sender_rt)  # a slot is free again

@@ -1,0 +1,1 @@
+"""Heterogeneous bridges (issue #5): data splits and a differentiable torch receiver."""

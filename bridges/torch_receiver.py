@@ -1,0 +1,319 @@
+"""A differentiable copy of a GGUF model's forward pass in plain torch (the bridge's receiver).
+
+A bridge is trained by back-propagating the receiver's loss through the receiver into the
+bridge, so the receiver must exist as a torch graph. This module rebuilds it from the same
+GGUF file llama.cpp runs: every tensor is dequantized with ``gguf.quants.dequantize`` (the
+weights are therefore exactly llama.cpp's, up to the f32 arithmetic) and frozen.
+
+Two architectures, following the pinned llama.cpp sources (``src/models/llama.cpp``,
+``src/models/gemma3.cpp``, hparams in ``src/llama-model.cpp`` / ``llama-hparams.cpp``):
+
+``llama`` (SmolLM2)
+    RMSNorm (``x / rms * w``), RoPE of type NORM (adjacent pairs ``(x[2i], x[2i+1])``; the
+    GGUF converter permuted Q/K for it) with ``llama.rope.freq_base``, grouped-query attention
+    (query head ``h`` reads KV head ``h // (n_head / n_head_kv)``), SwiGLU FFN
+    (``down(silu(gate(x)) * up(x))``), output weight tied to ``token_embd`` when the file has
+    no ``output.weight``.
+``gemma3`` (Gemma-3-270M)
+    Token embeddings times ``sqrt(n_embd)`` (token input only: raw embedding input is not
+    scaled, as in llama.cpp), RMSNorm before and after attention and FFN. The HF weight is
+    used as ``(1 + w)``; llama.cpp's converter already adds the 1 when it writes the GGUF, so
+    the stored weight multiplies as is. Per-head RMSNorm on Q and K before RoPE of type NEOX
+    (halves ``(x[i], x[i + d/2])``), queries scaled by ``1/sqrt(head_dim)`` (``1/sqrt(n_embd /
+    n_head)`` for the 27B), GELU(tanh)-gated FFN. Layers follow the sliding-window pattern
+    (``gemma3.attention.sliding_window_pattern``, default 6: every 6th layer global); local
+    layers see keys at most ``n_swa - 1`` positions back and use
+    ``gemma3.rope.freq_base_swa`` (default 10,000), global ones ``gemma3.rope.freq_base``.
+    ``gemma3.final_logit_softcapping`` is applied when present (absent in the 270M file).
+
+``Receiver.forward(input_ids=... | inputs_embeds=...)`` takes one sequence (``[T]``) or a
+batch (``[B, T]`` / ``[B, T, n_embd]``) starting at position 0 and returns f32 logits
+``[.., T, n_vocab]`` (``last_only=True``: the last position only). ``inputs_embeds`` is what
+llama.cpp's ``llama_batch.embd`` takes (``LlamaRuntime.prefill_embeddings``): the residual
+stream's input, unscaled; ``receiver.embed(ids)`` gives the vectors that stand for tokens.
+
+Not reproduced: llama.cpp's CPU kernels quantize activations (Q8) before quantized matmuls
+and keep K/V in f16 (``kv_f16=True`` rounds K and V to f16 here too). Parity figures are in
+docs/bridges.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from edgelink.gguf_meta import read_gguf_header
+
+ARCHITECTURES = ("llama", "gemma3")
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    norm_eps: float
+    rope_base: float
+    rope_type: str  # "norm" (adjacent pairs) or "neox" (halves)
+    embd_scale: float  # token input scale (sqrt(n_embd) for gemma3)
+    attn_scale: float
+    rope_base_swa: float | None = None
+    n_swa: int = 0  # 0: no sliding window
+    swa_layers: tuple[bool, ...] = ()
+    softcap: float = 0.0
+
+    def is_swa(self, il: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[il]
+
+
+def _config(meta: dict, shapes: dict[str, tuple[int, ...]]) -> ReceiverConfig:
+    arch = meta["general.architecture"]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r} is not supported (one of {ARCHITECTURES})")
+
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    n_embd = int(key("embedding_length"))
+    n_head = int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", n_embd // n_head))
+    n_layer = int(key("block_count"))
+    common = dict(
+        arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=int(key("feed_forward_length")),
+        n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
+        n_vocab=shapes["token_embd.weight"][1],
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_base=float(key("rope.freq_base", 10000.0)),
+    )
+    if int(key("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError("partial rotary embeddings are not supported")
+    if arch == "llama":
+        if key("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in shapes:
+            raise ValueError("rope scaling / rope_freqs are not supported")
+        return ReceiverConfig(**common, rope_type="norm", embd_scale=1.0,
+                              attn_scale=1.0 / math.sqrt(head_dim))
+    n_swa = int(key("attention.sliding_window", 0) or 0)
+    swa_layers: tuple[bool, ...] = ()
+    if n_swa > 0:
+        pattern = key("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, (list, tuple)):
+            swa_layers = tuple(bool(p) for p in pattern)[:n_layer]
+        else:
+            p = int(pattern)
+            swa_layers = tuple(p == 0 or il % p < p - 1 for il in range(n_layer))
+    attn_scale = (1.0 / math.sqrt(n_embd / n_head) if n_layer == 62  # the 27B
+                  else 1.0 / math.sqrt(head_dim))
+    return ReceiverConfig(
+        **common, rope_type="neox", embd_scale=math.sqrt(n_embd), attn_scale=attn_scale,
+        rope_base_swa=float(key("rope.freq_base_swa", 10000.0)), n_swa=n_swa,
+        swa_layers=swa_layers, softcap=float(key("final_logit_softcapping", 0.0) or 0.0),
+    )
+
+
+def load_gguf_tensors(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, {name: f32 array in numpy order, i.e. ggml shape reversed})."""
+    header = read_gguf_header(path)
+    out = {}
+    for t in header.tensors:
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+        qtype = GGMLQuantizationType(t.ggml_type)
+        shape = tuple(reversed(t.shape))
+        if qtype == GGMLQuantizationType.F32:
+            arr = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+        elif qtype == GGMLQuantizationType.F16:
+            arr = np.frombuffer(raw, dtype=np.float16).reshape(shape)
+        else:
+            rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            arr = dequantize(np.asarray(raw).reshape(rows, -1), qtype).reshape(shape)
+        out[t.name] = np.array(arr, dtype=np.float32, order="C", copy=True)
+    return dict(header.metadata), out
+
+
+# The format llama.cpp's CPU matmul converts activations to before a dot product with a weight of
+# each type (ggml-cpu type_traits: vec_dot_type): Q8_0/Q8_1 blocks of 32, Q8_K blocks of 256.
+_Q = GGMLQuantizationType
+_VEC_DOT = {
+    _Q.Q4_0: "q8_0", _Q.Q5_0: "q8_0", _Q.Q8_0: "q8_0", _Q.Q4_1: "q8_1", _Q.Q5_1: "q8_1",
+    _Q.Q2_K: "q8_k", _Q.Q3_K: "q8_k", _Q.Q4_K: "q8_k", _Q.Q5_K: "q8_k", _Q.Q6_K: "q8_k",
+    _Q.F16: "f16",
+}
+
+
+def _ggml_activation(x: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """``x`` rounded as llama.cpp's CPU backend rounds a matmul's activations (no gradient)."""
+    if kind is None:
+        return x
+    if kind == "f16":
+        return x.half().float()
+    block = 256 if kind == "q8_k" else 32
+    shape = x.shape
+    b = x.reshape(-1, block)
+    if kind == "q8_k":  # scale from the signed value of largest magnitude, f32
+        idx = b.abs().argmax(-1, keepdim=True)
+        mx = b.gather(-1, idx)
+        iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+        q = torch.round(iscale * b).clamp(max=127)
+        d = torch.where(iscale != 0, 1.0 / iscale, torch.zeros_like(iscale))
+    else:  # q8_0 / q8_1: d = amax / 127, stored as f16
+        d = b.abs().amax(-1, keepdim=True) / 127.0
+        q = torch.round(b * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
+        d = d.half().float()
+    return (q * d).reshape(shape)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class Receiver(torch.nn.Module):
+    """The frozen forward pass of a llama or gemma3 GGUF model. Gradients flow to the inputs
+    (``inputs_embeds``); the weights are buffers, not parameters."""
+
+    def __init__(self, cfg: ReceiverConfig, tensors: dict[str, np.ndarray], *,
+                 kv_f16: bool = False, ggml_types: dict[str, int] | None = None):
+        """``ggml_types`` (tensor name -> GGML type): when given, activations entering each
+        matmul are rounded as llama.cpp's CPU backend rounds them (a parity check, not for
+        training: the rounding has no gradient)."""
+        super().__init__()
+        self.cfg = cfg
+        self.kv_f16 = kv_f16
+        self._act = {name: _VEC_DOT.get(_Q(t)) for name, t in (ggml_types or {}).items()}
+        for name, arr in tensors.items():
+            self.register_buffer(name.replace(".", "__"), torch.from_numpy(arr), persistent=False)
+        self._tied = "output.weight" not in tensors
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, *, kv_f16: bool = False,
+                  ggml_numerics: bool = False) -> Receiver:
+        """``ggml_numerics``: mimic llama.cpp's CPU rounding (K/V in f16, activations rounded
+        to each matmul's dot-product format) for parity checks; off for training."""
+        meta, tensors = load_gguf_tensors(path)
+        cfg = _config(meta, {k: tuple(reversed(v.shape)) for k, v in tensors.items()})
+        types = None
+        if ggml_numerics:
+            types = {t.name: t.ggml_type for t in read_gguf_header(path).tensors}
+        return cls(cfg, tensors, kv_f16=kv_f16 or ggml_numerics, ggml_types=types)
+
+    def _mm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``x @ W.T`` for the GGUF tensor ``name`` (a [out, in] matrix)."""
+        if self._act:
+            x = _ggml_activation(x, self._act.get(name))
+        return x @ self.w(name).T
+
+    def w(self, name: str) -> torch.Tensor:
+        return getattr(self, name.replace(".", "__"))
+
+    @property
+    def input_scale(self) -> float:
+        """What token embedding rows are multiplied by before the first layer."""
+        return self.cfg.embd_scale
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual-stream input that stands for ``input_ids`` (rows times input_scale)."""
+        return F.embedding(input_ids, self.w("token_embd.weight")) * self.cfg.embd_scale
+
+    # ------------------------------------------------------------------ pieces
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+        """x: [B, H, T, D]."""
+        d = x.shape[-1]
+        inv = base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+        ang = pos.to(torch.float32)[:, None] * inv[None, :]  # [T, D/2]
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        if self.cfg.rope_type == "norm":
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        x0, x1 = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+
+    def _mask(self, t: int, window: int, device) -> torch.Tensor:
+        i = torch.arange(t, device=device)
+        diff = i[:, None] - i[None, :]
+        keep = diff >= 0
+        if window > 0:
+            keep &= diff < window
+        return keep
+
+    def _attention(self, il: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        b, t, _ = x.shape
+        p = f"blk.{il}."
+        q = self._mm(x, p + "attn_q.weight").view(b, t, c.n_head, c.head_dim)
+        k = self._mm(x, p + "attn_k.weight").view(b, t, c.n_head_kv, c.head_dim)
+        v = self._mm(x, p + "attn_v.weight").view(b, t, c.n_head_kv, c.head_dim)
+        if c.arch == "gemma3":
+            q = _rms_norm(q, self.w(p + "attn_q_norm.weight"), c.norm_eps)
+            k = _rms_norm(k, self.w(p + "attn_k_norm.weight"), c.norm_eps)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
+        swa = c.is_swa(il)
+        base = c.rope_base_swa if swa and c.rope_base_swa else c.rope_base
+        q, k = self._rope(q, pos, base), self._rope(k, pos, base)
+        if self.kv_f16:
+            k, v = k.half().float(), v.half().float()
+        rep = c.n_head // c.n_head_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = self._mask(t, c.n_swa if swa else 0, x.device)
+        out = F.scaled_dot_product_attention(q * c.attn_scale, k, v, attn_mask=mask, scale=1.0)
+        out = out.transpose(1, 2).reshape(b, t, c.n_head * c.head_dim)
+        return self._mm(out, p + "attn_output.weight")
+
+    def _ffn(self, il: int, x: torch.Tensor) -> torch.Tensor:
+        p = f"blk.{il}."
+        gate = self._mm(x, p + "ffn_gate.weight")
+        up = self._mm(x, p + "ffn_up.weight")
+        act = F.silu(gate) if self.cfg.arch == "llama" else F.gelu(gate, approximate="tanh")
+        return self._mm(act * up, p + "ffn_down.weight")
+
+    # ------------------------------------------------------------------ forward
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states ``[.., T, n_embd]`` (llama.cpp's ``result_norm``)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if input_ids is not None else inputs_embeds.to(torch.float32)
+        single = x.dim() == 2
+        if single:
+            x = x.unsqueeze(0)
+        c = self.cfg
+        pos = torch.arange(x.shape[1], device=x.device)
+        eps = c.norm_eps
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            h = self._attention(il, _rms_norm(x, self.w(p + "attn_norm.weight"), eps), pos)
+            if c.arch == "gemma3":
+                h = _rms_norm(h, self.w(p + "post_attention_norm.weight"), eps)
+            x = x + h
+            h = self._ffn(il, _rms_norm(x, self.w(p + "ffn_norm.weight"), eps))
+            if c.arch == "gemma3":
+                h = _rms_norm(h, self.w(p + "post_ffw_norm.weight"), eps)
+            x = x + h
+        x = _rms_norm(x, self.w("output_norm.weight"), eps)
+        return x[0] if single else x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._mm(hidden, "token_embd.weight" if self._tied else "output.weight")
+        if self.cfg.softcap:
+            logits = torch.tanh(logits / self.cfg.softcap) * self.cfg.softcap
+        return logits
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, *,
+                last_only: bool = False) -> torch.Tensor:
+        h = self.hidden_states(input_ids, inputs_embeds)
+        if last_only:
+            h = h[..., -1:, :]
+        return self.logits(h)

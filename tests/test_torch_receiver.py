@@ -1,0 +1,153 @@
+"""The torch receiver (bridges/torch_receiver.py) against llama.cpp on the same GGUF files.
+
+llama.cpp's CPU kernels quantize activations to 8 bits before each quantized matmul and keep
+K/V in f16; the torch copy computes in f32 from the dequantized weights. The logits therefore
+differ by a few tenths (about 1% of their spread) and the top-1 token agrees except where
+llama.cpp's own top-2 margin is within that noise. A structural error (a wrong rope, norm or
+mask) shows as correlation far below 0.99 and top-1 disagreement on clear-cut prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bridges.torch_receiver import Receiver
+from edgelink.runtime.llama import LlamaRuntime
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a little robot who lived in a lighthouse by the sea. Every night",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Water boils at a temperature of",
+    "The three primary colours are red, yellow and",
+    "Question: What is 7 times 8?\nAnswer:",
+]
+# Clear-cut prompts (llama.cpp's top-2 margin above this) must agree on the top-1 token.
+CLEAR_MARGIN = 0.75
+
+
+def _long_tokens(rt: LlamaRuntime, n: int) -> list[int]:
+    root = Path(__file__).resolve().parents[1]
+    text = "\n\n".join(p.read_text() for p in sorted((root / "docs").glob("*.md")))
+    toks = rt.tokenize(text)
+    assert len(toks) >= n
+    return toks[:n]
+
+
+def _compare(name: str, receiver: Receiver, rt: LlamaRuntime, prompts: list[list[int]]):
+    rows = []
+    for toks in prompts:
+        rt.clear()
+        ref = rt.prefill(toks)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got = receiver(torch.tensor(toks), last_only=True)[-1].numpy()
+        dt = time.perf_counter() - t0
+        diff = np.abs(got - ref)
+        top2 = np.sort(ref)[-2:]
+        rows.append({
+            "n": len(toks), "max_abs": float(diff.max()),
+            "corr": float(np.corrcoef(got, ref)[0, 1]),
+            "top1": bool(got.argmax() == ref.argmax()), "margin": float(top2[1] - top2[0]),
+            "top5": len(set(np.argsort(-got)[:5]) & set(np.argsort(-ref)[:5])), "torch_s": dt,
+        })
+    agree = sum(r["top1"] for r in rows)
+    print(f"\n{name}: max |logit diff| {max(r['max_abs'] for r in rows):.3f}, "
+          f"top-1 agreement {agree}/{len(rows)}, min corr {min(r['corr'] for r in rows):.5f}")
+    for r in rows:
+        print(f"  T={r['n']:4d} max_abs {r['max_abs']:.3f} corr {r['corr']:.5f} top1 {r['top1']} "
+              f"(llama.cpp margin {r['margin']:.2f}) top5 overlap {r['top5']}/5 "
+              f"torch {r['torch_s']:.2f}s")
+    return rows
+
+
+def _check(rows, max_abs: float):
+    for r in rows:
+        assert r["corr"] > 0.997, r
+        assert r["max_abs"] < max_abs, r
+        assert r["top5"] >= 3, r
+        if r["margin"] > CLEAR_MARGIN:
+            assert r["top1"], r
+    assert sum(r["top1"] for r in rows) >= len(rows) - 1
+
+
+@pytest.fixture(scope="module")
+def smollm2(cfg, smollm2_path):
+    rt = LlamaRuntime(smollm2_path, cfg)
+    yield Receiver.from_gguf(smollm2_path, kv_f16=True), rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def gemma3(cfg, gemma3_path):
+    rt = LlamaRuntime(gemma3_path, cfg)
+    yield Receiver.from_gguf(gemma3_path, kv_f16=True), rt
+    rt.close()
+
+
+def test_smollm2_matches_llama_cpp(smollm2):
+    receiver, rt = smollm2
+    assert receiver.cfg.arch == "llama" and receiver.cfg.rope_type == "norm"
+    prompts = [rt.tokenize(p) for p in PROMPTS] + [_long_tokens(rt, 300)]
+    _check(_compare("smollm2-135m", receiver, rt, prompts), max_abs=2.0)
+
+
+def test_gemma3_matches_llama_cpp_including_sliding_window(gemma3):
+    receiver, rt = gemma3
+    c = receiver.cfg
+    assert c.arch == "gemma3" and c.n_swa == 512 and c.softcap == 0.0
+    assert [il for il in range(c.n_layer) if not c.is_swa(il)] == [5, 11, 17]
+    long = _long_tokens(rt, 700)  # past the 512-token window of the local layers
+    prompts = [rt.tokenize(p) for p in PROMPTS] + [long]
+    rows = _compare("gemma3-270m", receiver, rt, prompts)
+    _check(rows, max_abs=2.5)
+
+    # The window matters at 700 tokens: without it the logits move well past the noise.
+    object.__setattr__(c, "n_swa", 0)
+    try:
+        with torch.no_grad():
+            no_window = receiver(torch.tensor(long), last_only=True)[-1].numpy()
+    finally:
+        object.__setattr__(c, "n_swa", 512)
+    rt.clear()
+    ref = rt.prefill(long)
+    windowed_err = rows[-1]["max_abs"]
+    assert np.abs(no_window - ref).max() > 2 * windowed_err
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_embedding_input_is_differentiable_and_matches(model, request):
+    receiver, rt = request.getfixturevalue(model)
+    toks = rt.tokenize("The capital of France is")
+    embeds = receiver.embed(torch.tensor(toks)).detach().requires_grad_(True)
+    logits = receiver(inputs_embeds=embeds, last_only=True)[-1]
+    with torch.no_grad():
+        by_ids = receiver(torch.tensor(toks), last_only=True)[-1]
+    assert torch.allclose(logits, by_ids, atol=1e-4)
+    # llama.cpp's embedding input (llama_batch.embd) takes the same vectors.
+    rt.clear()
+    ref = rt.prefill_embeddings(embeds.detach().numpy())
+    assert int(ref.argmax()) == int(logits.argmax())
+    assert np.corrcoef(ref, logits.detach().numpy())[0, 1] > 0.997
+    # Gradients reach the input; the weights are frozen buffers.
+    torch.log_softmax(logits, -1)[int(ref.argmax())].backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    assert embeds.grad.abs().sum() > 0
+    assert not list(receiver.parameters())
+
+
+def test_batched_forward_equals_single(smollm2):
+    receiver, rt = smollm2
+    a = rt.tokenize("Water boils at a temperature of")
+    b = rt.tokenize("The three primary colours are red")
+    n = min(len(a), len(b))
+    with torch.no_grad():
+        batched = receiver(torch.tensor([a[:n], b[:n]]))
+        single = receiver(torch.tensor(b[:n]))
+    assert batched.shape == (2, n, receiver.cfg.n_vocab)
+    assert torch.allclose(batched[1], single, atol=1e-3)
