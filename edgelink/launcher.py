@@ -34,38 +34,33 @@ class Receiver(subprocess.Popen):
         return f.read().decode(errors="replace")[-n:]
 
 
-def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, str] | None = None,
-                   extra_args: tuple[str, ...] = ()) -> Receiver:
-    """`edgelink serve MODEL --shm NAME --json` in a child with exactly this configuration
-    (passed as EDGELINK_* variables); returns once the child says it is ready."""
-    args = [sys.executable, "-m", "edgelink", *extra_args, "serve", model, "--shm", shm_name, "--json"]
+def _spawn(what: str, args: list[str], cfg: Config, extra_env: dict[str, str] | None) -> Receiver:
+    """Run ``edgelink ARGS`` with exactly this configuration (as EDGELINK_* variables) and
+    return once its first JSON event says it is ready (kept as ``proc.ready``)."""
     env = {**os.environ, **to_env(cfg), **(extra_env or {})}
     err = tempfile.TemporaryFile()
-    proc = Receiver(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    proc = Receiver([sys.executable, "-m", "edgelink", *args], stdout=subprocess.PIPE, stderr=err,
+                    text=True, env=env)
     proc._err_file = err
     event = proc.next_event()
     if event.get("event") != "ready":
         stop_receiver(proc)
-        raise EdgelinkError(f"unexpected first event from the receiver: {event}")
+        raise EdgelinkError(f"unexpected first event from the {what}: {event}")
+    proc.ready = event
     return proc
+
+
+def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, str] | None = None,
+                   extra_args: tuple[str, ...] = ()) -> Receiver:
+    """`edgelink serve MODEL --shm NAME --json` in a child; returns once it is ready."""
+    return _spawn("receiver", [*extra_args, "serve", model, "--shm", shm_name, "--json"], cfg, extra_env)
 
 
 def start_node(model: str, cfg: Config, listen: str = "/ip4/127.0.0.1/tcp/0",
                extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> Receiver:
-    """`edgelink node MODEL --listen ADDR --json` in a child with exactly this configuration;
-    returns once it is ready. Its ready event is ``proc.ready`` (``addrs`` are full multiaddrs
-    with /p2p/<peer id>); stop it with ``stop_receiver``."""
-    args = [sys.executable, "-m", "edgelink", *extra_args, "node", model, "--listen", listen, "--json"]
-    env = {**os.environ, **to_env(cfg), **(extra_env or {})}
-    err = tempfile.TemporaryFile()
-    proc = Receiver(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    proc._err_file = err
-    event = proc.next_event()
-    if event.get("event") != "ready":
-        stop_receiver(proc)
-        raise EdgelinkError(f"unexpected first event from the node: {event}")
-    proc.ready = event
-    return proc
+    """`edgelink node MODEL --listen ADDR --json` in a child; returns once it is ready. Its ready
+    event is ``proc.ready`` (``addrs`` are full multiaddrs with /p2p/<peer id>)."""
+    return _spawn("node", [*extra_args, "node", model, "--listen", listen, "--json"], cfg, extra_env)
 
 
 def stop_receiver(proc: subprocess.Popen, timeout: float = 30) -> int:

@@ -48,6 +48,14 @@ def snapshot_tensors(rt: LlamaRuntime) -> tuple[list[Tensor], dict, tuple[int, i
     return tensors, attrs, (0, len(rt.tokens))
 
 
+def check_target(msg: TensorMessage, rt: LlamaRuntime, kind: Kind, *applies: ApplyMode) -> None:
+    """The message is of ``kind``, uses one of ``applies``, and names this runtime's slot."""
+    if msg.kind is not kind or msg.apply not in applies:
+        raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as {kind.name}")
+    if msg.seq_slot != rt.seq:
+        raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {rt.seq})")
+
+
 def check_positions(pos: np.ndarray, n_tokens: int, first: int = 0) -> None:
     """Cells are unique positions in [first, n_tokens) that include the last token. They need
     not be sorted: a sliding-window cache reuses freed cells."""
@@ -143,10 +151,7 @@ class SnapshotApplier:
 
     def check(self, msg: TensorMessage) -> tuple[np.ndarray, list[int], np.ndarray]:
         """Everything short of touching llama.cpp: returns (blob, tokens, logits)."""
-        if msg.kind is not Kind.KV_CACHE or msg.apply is not ApplyMode.OVERWRITE:
-            raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as a snapshot")
-        if msg.seq_slot != self.rt.seq:
-            raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {self.rt.seq})")
+        check_target(msg, self.rt, Kind.KV_CACHE, ApplyMode.OVERWRITE)
         if msg.token_range[0] != 0:
             raise StateError("a snapshot starts at token 0")
         tokens, logits = check_tokens_and_logits(self.rt, msg)

@@ -24,6 +24,7 @@ from edgelink.runtime.llama import LlamaRuntime
 from edgelink.snapshot import (
     SnapshotApplier,
     check_state_layout,
+    check_target,
     check_tokens_and_logits,
     import_guarded,
     message_state,
@@ -67,10 +68,7 @@ class DeltaApplier:
 
     def apply(self, msg: TensorMessage) -> None:
         rt = self.rt
-        if msg.kind is not Kind.KV_CACHE_DELTA or msg.apply is not ApplyMode.APPEND:
-            raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as a delta")
-        if msg.seq_slot != rt.seq:
-            raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {rt.seq})")
+        check_target(msg, rt, Kind.KV_CACHE_DELTA, ApplyMode.APPEND)
         since, end = msg.token_range
         if since != len(rt.tokens) or since == 0:
             raise StateError(f"delta starts at token {since}, this sequence holds {len(rt.tokens)}")

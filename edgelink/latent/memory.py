@@ -24,6 +24,7 @@ from edgelink.snapshot import (
     VIRTUAL_TOKEN,
     SnapshotApplier,
     check_state_layout,
+    check_target,
     check_tokens_and_logits,
     message_state,
     snapshot_tensors,
@@ -44,10 +45,7 @@ class MemoryApplier:
 
     def apply(self, msg: TensorMessage) -> None:
         rt = self.rt
-        if msg.kind is not Kind.KV_MEMORY or msg.apply is not ApplyMode.MEMORY:
-            raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as memory")
-        if msg.seq_slot != rt.seq:
-            raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {rt.seq})")
+        check_target(msg, rt, Kind.KV_MEMORY, ApplyMode.MEMORY)
         if msg.token_range[0] != 0:
             raise StateError("a memory is a whole sequence starting at position 0")
         mem_tokens, mem_logits = check_tokens_and_logits(rt, msg)

@@ -18,6 +18,7 @@ from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.snapshot import check_target
 
 
 def prefix_tensors(vectors: np.ndarray, start: int, energy_match: bool = False
@@ -43,10 +44,7 @@ class PrefixApplier:
 
     def check(self, msg: TensorMessage) -> np.ndarray:
         rt = self.rt
-        if msg.kind is not Kind.VIRTUAL_PREFIX or msg.apply is not ApplyMode.APPEND:
-            raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as a prefix")
-        if msg.seq_slot != rt.seq:
-            raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {rt.seq})")
+        check_target(msg, rt, Kind.VIRTUAL_PREFIX, ApplyMode.APPEND)
         if [t.name for t in msg.tensors] != ["embd"]:
             raise StateError("a prefix carries exactly one tensor, 'embd'")
         t = msg.tensors[0]
