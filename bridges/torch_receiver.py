@@ -32,9 +32,13 @@ batch (``[B, T]`` / ``[B, T, n_embd]``) starting at position 0 and returns f32 l
 llama.cpp's ``llama_batch.embd`` takes (``LlamaRuntime.prefill_embeddings``): the residual
 stream's input, unscaled; ``receiver.embed(ids)`` gives the vectors that stand for tokens.
 
-Not reproduced: llama.cpp's CPU kernels quantize activations (Q8) before quantized matmuls
-and keep K/V in f16 (``kv_f16=True`` rounds K and V to f16 here too). Parity figures are in
-docs/bridges.md.
+``Receiver.block(il, x)`` runs one layer, for per-layer checks against llama.cpp's residual
+stream (``edgelink.runtime.evalhook.capture``).
+
+Not reproduced: llama.cpp's CPU kernels round activations to 8-bit blocks (Q8_0/Q8_1/Q8_K)
+before each quantized matmul and keep K/V in f16 (``kv_f16=True`` rounds K and V to f16
+here too). That leaves about 0.5-1% relative error per layer and logits within about one
+unit of llama.cpp's; figures in docs/bridges.md.
 """
 
 from __future__ import annotations
@@ -141,38 +145,6 @@ def load_gguf_tensors(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return dict(header.metadata), out
 
 
-# The format llama.cpp's CPU matmul converts activations to before a dot product with a weight of
-# each type (ggml-cpu type_traits: vec_dot_type): Q8_0/Q8_1 blocks of 32, Q8_K blocks of 256.
-_Q = GGMLQuantizationType
-_VEC_DOT = {
-    _Q.Q4_0: "q8_0", _Q.Q5_0: "q8_0", _Q.Q8_0: "q8_0", _Q.Q4_1: "q8_1", _Q.Q5_1: "q8_1",
-    _Q.Q2_K: "q8_k", _Q.Q3_K: "q8_k", _Q.Q4_K: "q8_k", _Q.Q5_K: "q8_k", _Q.Q6_K: "q8_k",
-    _Q.F16: "f16",
-}
-
-
-def _ggml_activation(x: torch.Tensor, kind: str | None) -> torch.Tensor:
-    """``x`` rounded as llama.cpp's CPU backend rounds a matmul's activations (no gradient)."""
-    if kind is None:
-        return x
-    if kind == "f16":
-        return x.half().float()
-    block = 256 if kind == "q8_k" else 32
-    shape = x.shape
-    b = x.reshape(-1, block)
-    if kind == "q8_k":  # scale from the signed value of largest magnitude, f32
-        idx = b.abs().argmax(-1, keepdim=True)
-        mx = b.gather(-1, idx)
-        iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
-        q = torch.round(iscale * b).clamp(max=127)
-        d = torch.where(iscale != 0, 1.0 / iscale, torch.zeros_like(iscale))
-    else:  # q8_0 / q8_1: d = amax / 127, stored as f16
-        d = b.abs().amax(-1, keepdim=True) / 127.0
-        q = torch.round(b * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
-        d = d.half().float()
-    return (q * d).reshape(shape)
-
-
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -182,34 +154,24 @@ class Receiver(torch.nn.Module):
     (``inputs_embeds``); the weights are buffers, not parameters."""
 
     def __init__(self, cfg: ReceiverConfig, tensors: dict[str, np.ndarray], *,
-                 kv_f16: bool = False, ggml_types: dict[str, int] | None = None):
-        """``ggml_types`` (tensor name -> GGML type): when given, activations entering each
-        matmul are rounded as llama.cpp's CPU backend rounds them (a parity check, not for
-        training: the rounding has no gradient)."""
+                 kv_f16: bool = False):
+        """``kv_f16``: round K and V to f16 as llama.cpp's default KV cache does (parity
+        checks; the rounding passes no gradient to K and V, so leave it off for training)."""
         super().__init__()
         self.cfg = cfg
         self.kv_f16 = kv_f16
-        self._act = {name: _VEC_DOT.get(_Q(t)) for name, t in (ggml_types or {}).items()}
         for name, arr in tensors.items():
             self.register_buffer(name.replace(".", "__"), torch.from_numpy(arr), persistent=False)
         self._tied = "output.weight" not in tensors
 
     @classmethod
-    def from_gguf(cls, path: str | Path, *, kv_f16: bool = False,
-                  ggml_numerics: bool = False) -> Receiver:
-        """``ggml_numerics``: mimic llama.cpp's CPU rounding (K/V in f16, activations rounded
-        to each matmul's dot-product format) for parity checks; off for training."""
+    def from_gguf(cls, path: str | Path, *, kv_f16: bool = False) -> Receiver:
         meta, tensors = load_gguf_tensors(path)
         cfg = _config(meta, {k: tuple(reversed(v.shape)) for k, v in tensors.items()})
-        types = None
-        if ggml_numerics:
-            types = {t.name: t.ggml_type for t in read_gguf_header(path).tensors}
-        return cls(cfg, tensors, kv_f16=kv_f16 or ggml_numerics, ggml_types=types)
+        return cls(cfg, tensors, kv_f16=kv_f16)
 
     def _mm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``x @ W.T`` for the GGUF tensor ``name`` (a [out, in] matrix)."""
-        if self._act:
-            x = _ggml_activation(x, self._act.get(name))
         return x @ self.w(name).T
 
     def w(self, name: str) -> torch.Tensor:
@@ -288,21 +250,24 @@ class Receiver(torch.nn.Module):
         single = x.dim() == 2
         if single:
             x = x.unsqueeze(0)
-        c = self.cfg
-        pos = torch.arange(x.shape[1], device=x.device)
-        eps = c.norm_eps
-        for il in range(c.n_layer):
-            p = f"blk.{il}."
-            h = self._attention(il, _rms_norm(x, self.w(p + "attn_norm.weight"), eps), pos)
-            if c.arch == "gemma3":
-                h = _rms_norm(h, self.w(p + "post_attention_norm.weight"), eps)
-            x = x + h
-            h = self._ffn(il, _rms_norm(x, self.w(p + "ffn_norm.weight"), eps))
-            if c.arch == "gemma3":
-                h = _rms_norm(h, self.w(p + "post_ffw_norm.weight"), eps)
-            x = x + h
-        x = _rms_norm(x, self.w("output_norm.weight"), eps)
+        for il in range(self.cfg.n_layer):
+            x = self.block(il, x)
+        x = _rms_norm(x, self.w("output_norm.weight"), self.cfg.norm_eps)
         return x[0] if single else x
+
+    def block(self, il: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``il``: residual stream in, residual stream out (llama.cpp's ``l_out-{il}``);
+        ``x`` is [B, T, n_embd] at positions 0..T-1."""
+        c, p, eps = self.cfg, f"blk.{il}.", self.cfg.norm_eps
+        pos = torch.arange(x.shape[-2], device=x.device)
+        h = self._attention(il, _rms_norm(x, self.w(p + "attn_norm.weight"), eps), pos)
+        if c.arch == "gemma3":
+            h = _rms_norm(h, self.w(p + "post_attention_norm.weight"), eps)
+        x = x + h
+        h = self._ffn(il, _rms_norm(x, self.w(p + "ffn_norm.weight"), eps))
+        if c.arch == "gemma3":
+            h = _rms_norm(h, self.w(p + "post_ffw_norm.weight"), eps)
+        return x + h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self._mm(hidden, "token_embd.weight" if self._tied else "output.weight")

@@ -11,28 +11,20 @@ from bridges import data
 
 
 def _cfg_at(cfg, cache_dir):
-    """``cfg`` with another cache dir, reusing archives already downloaded to the real one."""
-    src = data.data_dir(cfg)
+    """``cfg`` with another cache dir, holding copies of the archives in the real one."""
     dst = cache_dir / "data"
     dst.mkdir(parents=True, exist_ok=True)
-    for _, _, filename in (data._VADER, data._BBC):
-        if (src / filename).is_file():
-            shutil.copy2(src / filename, dst / filename)
+    for package in (data._VADER, data._BBC):
+        path = data._fetch(cfg, *package, sdist=package is data._VADER)  # once per machine
+        shutil.copy2(path, dst / path.name)
     return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, cache_dir=cache_dir))
 
 
 @pytest.fixture(scope="module")
 def two_caches(cfg, tmp_path_factory):
-    a = _cfg_at(cfg, tmp_path_factory.mktemp("cache_a"))
-    b = _cfg_at(cfg, tmp_path_factory.mktemp("cache_b"))
-    # Later builds (and other tests) find the archives without downloading again.
-    for _, _, filename in (data._VADER, data._BBC):
-        if not (data.data_dir(cfg) / filename).is_file():
-            sdist = filename.endswith(".tar.gz")
-            pkg = data._VADER if sdist else data._BBC
-            path = data._fetch(a, *pkg, sdist=sdist)
-            shutil.copy2(path, data.data_dir(b) / filename)
-    return a, b
+    """Two independent cache dirs: splits built in each must be byte-identical."""
+    return (_cfg_at(cfg, tmp_path_factory.mktemp("cache_a")),
+            _cfg_at(cfg, tmp_path_factory.mktemp("cache_b")))
 
 
 @pytest.mark.parametrize("task", data.TASKS)

@@ -9,6 +9,7 @@ mask) shows as correlation far below 0.99 and top-1 disagreement on clear-cut pr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from bridges.torch_receiver import Receiver
+from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
 
 PROMPTS = [
@@ -66,6 +68,21 @@ def _compare(name: str, receiver: Receiver, rt: LlamaRuntime, prompts: list[list
     return rows
 
 
+def _per_layer(name: str, receiver: Receiver, rt: LlamaRuntime, toks: list[int]):
+    """Each torch layer fed llama.cpp's own residual stream: relative error per layer."""
+    rt.clear()
+    caps = capture(rt, toks, range(receiver.cfg.n_layer))
+    rel = []
+    with torch.no_grad():
+        for il in range(receiver.cfg.n_layer):
+            x = receiver.embed(torch.tensor(toks)) if il == 0 else torch.from_numpy(caps[il - 1])
+            got = receiver.block(il, x[None])[0].numpy()
+            rel.append(float(np.linalg.norm(got - caps[il]) / np.linalg.norm(caps[il])))
+    print(f"{name}: per-layer relative error (T={len(toks)}, llama.cpp's input to each layer): "
+          f"max {max(rel):.4f}, mean {np.mean(rel):.4f}")
+    return rel, caps
+
+
 def _check(rows, max_abs: float):
     for r in rows:
         assert r["corr"] > 0.997, r
@@ -78,14 +95,14 @@ def _check(rows, max_abs: float):
 
 @pytest.fixture(scope="module")
 def smollm2(cfg, smollm2_path):
-    rt = LlamaRuntime(smollm2_path, cfg)
+    rt = LlamaRuntime(smollm2_path, cfg, eval_hook=True)
     yield Receiver.from_gguf(smollm2_path, kv_f16=True), rt
     rt.close()
 
 
 @pytest.fixture(scope="module")
 def gemma3(cfg, gemma3_path):
-    rt = LlamaRuntime(gemma3_path, cfg)
+    rt = LlamaRuntime(gemma3_path, cfg, eval_hook=True)
     yield Receiver.from_gguf(gemma3_path, kv_f16=True), rt
     rt.close()
 
@@ -93,8 +110,11 @@ def gemma3(cfg, gemma3_path):
 def test_smollm2_matches_llama_cpp(smollm2):
     receiver, rt = smollm2
     assert receiver.cfg.arch == "llama" and receiver.cfg.rope_type == "norm"
-    prompts = [rt.tokenize(p) for p in PROMPTS] + [_long_tokens(rt, 300)]
+    long = _long_tokens(rt, 200)
+    prompts = [rt.tokenize(p) for p in PROMPTS] + [long]
     _check(_compare("smollm2-135m", receiver, rt, prompts), max_abs=2.0)
+    rel, _ = _per_layer("smollm2-135m", receiver, rt, long)
+    assert max(rel) < 0.03
 
 
 def test_gemma3_matches_llama_cpp_including_sliding_window(gemma3):
@@ -104,20 +124,24 @@ def test_gemma3_matches_llama_cpp_including_sliding_window(gemma3):
     assert [il for il in range(c.n_layer) if not c.is_swa(il)] == [5, 11, 17]
     long = _long_tokens(rt, 700)  # past the 512-token window of the local layers
     prompts = [rt.tokenize(p) for p in PROMPTS] + [long]
-    rows = _compare("gemma3-270m", receiver, rt, prompts)
-    _check(rows, max_abs=2.5)
+    _check(_compare("gemma3-270m", receiver, rt, prompts), max_abs=2.5)
+    rel, caps = _per_layer("gemma3-270m", receiver, rt, long)
+    assert max(rel) < 0.03
 
-    # The window matters at 700 tokens: without it the logits move well past the noise.
-    object.__setattr__(c, "n_swa", 0)
-    try:
-        with torch.no_grad():
-            no_window = receiver(torch.tensor(long), last_only=True)[-1].numpy()
-    finally:
-        object.__setattr__(c, "n_swa", 512)
-    rt.clear()
-    ref = rt.prefill(long)
-    windowed_err = rows[-1]["max_abs"]
-    assert np.abs(no_window - ref).max() > 2 * windowed_err
+    # The window matters: local layer 0 without it is far off at positions past 512.
+    def tail_err(window: int) -> float:
+        receiver.cfg = dataclasses.replace(c, n_swa=window)
+        try:
+            with torch.no_grad():
+                got = receiver.block(0, receiver.embed(torch.tensor(long))[None])[0].numpy()
+        finally:
+            receiver.cfg = c
+        return float(np.linalg.norm(got[600:] - caps[0][600:]) / np.linalg.norm(caps[0][600:]))
+
+    with_window, without = tail_err(512), tail_err(0)
+    print(f"gemma3-270m layer 0, positions 600-699: relative error {with_window:.4f} with the "
+          f"512 window, {without:.4f} without")
+    assert without > 3 * with_window
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
