@@ -33,6 +33,7 @@ from edgelink.latent.common import (
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.evalhook import capture
+from edgelink.snapshot import check_target
 
 SITE = "l_out"
 
@@ -78,10 +79,7 @@ class HiddenSliceApplier:
 
     def check(self, msg: TensorMessage) -> HiddenSlice:
         rt = self.rt
-        if msg.kind is not Kind.HIDDEN_SLICE or msg.apply is not ApplyMode.OVERWRITE:
-            raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as a hidden slice")
-        if msg.seq_slot != rt.seq:
-            raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {rt.seq})")
+        check_target(msg, rt, Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE)
         if msg.attrs.get("site", SITE) != SITE:
             raise StateError(f"unknown capture site {msg.attrs.get('site')!r}")
         layers = check_layers(msg, rt.n_layer)

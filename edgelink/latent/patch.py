@@ -45,6 +45,7 @@ from edgelink.latent.common import (
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.evalhook import Patch, patching, require_hook
+from edgelink.snapshot import check_target
 
 MODE_NAMES = {ApplyMode.ADDITIVE: "add", ApplyMode.OVERWRITE: "overwrite"}
 
@@ -110,10 +111,7 @@ class PatchApplier:
     def check(self, msg: TensorMessage) -> tuple[list[int], dict[int, Patch]]:
         """Everything short of decoding: (tokens, layer -> armed Patch)."""
         rt, lc = self.rt, self.cfg.latent
-        if msg.kind is not Kind.RESIDUAL_PATCH or msg.apply not in MODE_NAMES:
-            raise StateError(f"cannot apply {msg.kind.name}/{msg.apply.name} as a residual patch")
-        if msg.seq_slot != rt.seq:
-            raise StateError(f"sequence slot {msg.seq_slot} does not exist here (slot {rt.seq})")
+        check_target(msg, rt, Kind.RESIDUAL_PATCH, *MODE_NAMES)
         layers = check_layers(msg, rt.n_layer)
         by_name = {t.name: t for t in msg.tensors}
         check_names(by_name, {"tokens", "positions"} | {f"p{layer}" for layer in layers})
