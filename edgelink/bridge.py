@@ -1,0 +1,236 @@
+"""Heterogeneous bridges at runtime (issue #5): the export format and a numpy-only ``apply``.
+
+A bridge maps one model's (the source's) hidden rows at one layer to ``K`` vectors in another
+model's (the target's) token-embedding space, rows as ``token_embd.weight`` stores them, i.e.
+before the target's own input scale (sqrt(n_embd) for Gemma). That is the space of a
+VIRTUAL_PREFIX message (edgelink/latent/prefix.py), so the output of :meth:`Bridge.apply` can be
+sent or fed unchanged: ``rt.prefill_embeddings(out, embeddings.input_scale)``.
+
+On disk a bridge is two files with one stem:
+
+``<stem>.json``  the manifest (format version, kind, both model signatures, source layer,
+                 dimensions, K, pooling, the normalizer's mean/std, the training data, the
+                 edgelink version, and the npz's file name and sha256)
+``<stem>.npz``   the arrays of the kind (ridge: ``W`` f32 [d_src, K*d_tgt], ``b`` f32 [K*d_tgt])
+
+:func:`load_bridge` verifies the npz against the manifest's sha256 before reading it; any
+mismatch, missing field or wrong shape is a :class:`~edgelink.errors.ModelError`.
+:meth:`Bridge.check_pair` refuses models the bridge was not trained for (weights digests).
+
+Kinds: ``ridge`` (mean-pool the normalized source rows over positions, then an affine map to
+K*d_tgt, reshaped to [K, d_tgt]). ``lip`` and ``perceiver`` are reserved for later kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelink import __version__
+from edgelink.errors import ModelError
+
+FORMAT_VERSION = 1
+KINDS = ("ridge",)
+RESERVED_KINDS = ("lip", "perceiver")
+SIGNATURE_FIELDS = ("architecture", "n_embd", "weights_digest")  # at least these, per model
+NORM_EPS = 1e-6
+_ARRAYS = {"ridge": ("W", "b")}
+
+
+def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(manifest, npz) for a stem, or for either file of the pair."""
+    p = Path(path)
+    if p.suffix in (".json", ".npz"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".json"), p.with_name(p.name + ".npz")
+
+
+def _sig(sig: Any) -> dict[str, Any]:
+    d = sig.to_dict() if hasattr(sig, "to_dict") else dict(sig)
+    missing = [f for f in SIGNATURE_FIELDS if f not in d]
+    if missing:
+        raise ModelError(f"model signature lacks {missing}")
+    return d
+
+
+@dataclasses.dataclass
+class Bridge:
+    """A loaded bridge: the manifest (``meta``) and the arrays of its kind."""
+
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    mean: np.ndarray  # f32 [d_src], normalizer
+    std: np.ndarray  # f32 [d_src]
+    path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def d_src(self) -> int:
+        return int(self.meta["d_src"])
+
+    @property
+    def d_tgt(self) -> int:
+        return int(self.meta["d_tgt"])
+
+    @property
+    def source_layer(self) -> int:
+        return int(self.meta["source_layer"])
+
+    def pool(self, features: np.ndarray) -> np.ndarray:
+        """f32 [d_src]: the mean over positions, after dropping the first ``pool.skip`` rows
+        (the BOS position) when more rows than that are given."""
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.d_src:
+            raise ModelError(f"bridge input must be f32[n, {self.d_src}], got {list(x.shape)}")
+        skip = int(self.meta["pool"].get("skip", 0))
+        if x.shape[0] > skip:
+            x = x[skip:]
+        return x.mean(axis=0)
+
+    def normalize(self, pooled: np.ndarray) -> np.ndarray:
+        return (pooled - self.mean) / self.std
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        """Source hidden rows f32 [n, d_src] (the residual after ``source_layer``) -> f32 [K, d_tgt]."""
+        z = self.normalize(self.pool(features))
+        if self.kind == "ridge":
+            y = z @ self.arrays["W"] + self.arrays["b"]
+        else:  # pragma: no cover - load_bridge refuses other kinds
+            raise ModelError(f"bridge kind {self.kind!r} has no apply")
+        out = y.reshape(self.k, self.d_tgt).astype(np.float32, copy=False)
+        if not np.isfinite(out).all():
+            raise ModelError("bridge output holds NaN or infinite values")
+        return out
+
+    def check_pair(self, source_sig: Any, target_sig: Any) -> None:
+        """Raise ModelError unless the source and target are exactly the trained models."""
+        for role, given in (("source", source_sig), ("target", target_sig)):
+            want = self.meta[role]
+            got = _sig(given)
+            for field in SIGNATURE_FIELDS:
+                if got[field] != want[field]:
+                    raise ModelError(f"bridge was trained for {role} {want.get('name', '?')} with "
+                                     f"{field}={want[field]!r}, this model has {got[field]!r}")
+
+
+def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, np.ndarray],
+                  source_sig: Any, target_sig: Any, source_layer: int, k: int,
+                  norm_mean: np.ndarray, norm_std: np.ndarray, pool: dict[str, Any] | None = None,
+                  training: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.npz`` then ``<stem>.json``; returns (manifest, npz). Signatures are
+    ``ModelSignature`` objects or their ``to_dict()``."""
+    if kind not in KINDS:
+        raise ModelError(f"unknown bridge kind {kind!r} (one of {KINDS})")
+    src, tgt = _sig(source_sig), _sig(target_sig)
+    d_src, d_tgt = int(src["n_embd"]), int(tgt["n_embd"])
+    arrs = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
+    mean = np.asarray(norm_mean, dtype=np.float32)
+    std = np.asarray(norm_std, dtype=np.float32)
+    _check_arrays(kind, arrs, d_src, d_tgt, k)
+    if mean.shape != (d_src,) or std.shape != (d_src,) or (std <= 0).any():
+        raise ModelError(f"normalizer must be two f32[{d_src}] arrays with std > 0")
+    manifest_path, npz_path = _paths(path)
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **arrs)
+    blob = buf.getvalue()
+    npz_path.write_bytes(blob)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "source": src,
+        "target": tgt,
+        "source_layer": int(source_layer),
+        "source_site": "l_out",
+        "d_src": d_src,
+        "d_tgt": d_tgt,
+        "k": int(k),
+        "output_space": "token_embd",  # rows as stored; the target applies its input scale
+        "pool": pool or {"kind": "mean", "skip": 0},
+        "normalizer": {"kind": "standardize", "mean": mean.tolist(), "std": std.tolist()},
+        "training": training or {},
+        "edgelink": __version__,
+        "weights_file": npz_path.name,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(manifest_path)
+    return manifest_path, npz_path
+
+
+def _check_arrays(kind: str, arrays: dict[str, np.ndarray], d_src: int, d_tgt: int, k: int) -> None:
+    if k < 1:
+        raise ModelError(f"K must be >= 1, got {k}")
+    names = _ARRAYS[kind]
+    if sorted(arrays) != sorted(names):
+        raise ModelError(f"a {kind} bridge holds arrays {list(names)}, got {sorted(arrays)}")
+    if kind == "ridge":
+        want = {"W": (d_src, k * d_tgt), "b": (k * d_tgt,)}
+        for name, shape in want.items():
+            if arrays[name].shape != shape:
+                raise ModelError(f"ridge {name} must be {list(shape)}, got {list(arrays[name].shape)}")
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise ModelError(f"bridge array {name} holds NaN or infinite values")
+
+
+def load_bridge(path: str | os.PathLike[str]) -> Bridge:
+    """Read a bridge from its stem or either file, verifying the npz's sha256 and shapes."""
+    manifest_path, _ = _paths(path)
+    try:
+        meta = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read bridge manifest {manifest_path}: {exc}") from exc
+    try:
+        if meta["format"] != FORMAT_VERSION:
+            raise ModelError(f"bridge format {meta['format']} is not {FORMAT_VERSION}")
+        kind = meta["kind"]
+        if kind not in KINDS:
+            raise ModelError(f"unknown bridge kind {kind!r} (this edgelink knows {KINDS})")
+        for role in ("source", "target"):
+            _sig(meta[role])
+        npz_path = manifest_path.with_name(meta["weights_file"])
+        want_sha = meta["weights_sha256"]
+        d_src, d_tgt, k = int(meta["d_src"]), int(meta["d_tgt"]), int(meta["k"])
+        mean = np.asarray(meta["normalizer"]["mean"], dtype=np.float32)
+        std = np.asarray(meta["normalizer"]["std"], dtype=np.float32)
+        int(meta["source_layer"])
+        meta["pool"]["kind"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"bridge manifest {manifest_path} is malformed: {exc!r}") from exc
+    if meta["pool"]["kind"] != "mean":
+        raise ModelError(f"unknown pooling {meta['pool']['kind']!r}")
+    if d_src != meta["source"]["n_embd"] or d_tgt != meta["target"]["n_embd"]:
+        raise ModelError("bridge dimensions disagree with its model signatures")
+    if mean.shape != (d_src,) or std.shape != (d_src,) or not (std > 0).all():
+        raise ModelError("bridge normalizer has the wrong shape or a non-positive std")
+    try:
+        blob = npz_path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read bridge weights {npz_path}: {exc.strerror or exc}") from exc
+    got_sha = hashlib.sha256(blob).hexdigest()
+    if got_sha != want_sha:
+        raise ModelError(f"bridge weights {npz_path.name}: sha256 {got_sha[:16]}... does not match "
+                         f"the manifest's {str(want_sha)[:16]}...")
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            arrays = {n: np.ascontiguousarray(z[n], dtype=np.float32) for n in z.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read bridge weights {npz_path}: {exc}") from exc
+    _check_arrays(kind, arrays, d_src, d_tgt, k)
+    return Bridge(meta=meta, arrays=arrays, mean=mean, std=std, path=manifest_path)
