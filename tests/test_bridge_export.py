@@ -78,7 +78,7 @@ def test_bad_arrays_are_refused_at_export(tmp_path):
 
 
 def test_apply_matches_torch_reference(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     (manifest, _), arrays, mean, std = _export(tmp_path, k=4, seed=1)
     br = load_bridge(manifest)
     x = np.random.default_rng(2).standard_normal((17, D_SRC)).astype(np.float32) * 3

@@ -242,7 +242,7 @@ def test_smollm2_weight_variant(smollm2_path, tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_loads_tiny_and_variant(smollm2_path, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     files = {
         "tiny0": write_tiny_llama_gguf(tmp_path / "tiny0.gguf", seed=0),
         "tiny1": write_tiny_llama_gguf(tmp_path / "tiny1.gguf", seed=1),
