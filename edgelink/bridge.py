@@ -60,6 +60,34 @@ def _sig(sig: Any) -> dict[str, Any]:
     return d
 
 
+@dataclasses.dataclass(frozen=True)
+class BridgePrompt:
+    """How the target reads a bridged prefix (context priming): ``primer + before``, then the K
+    bridged vectors, then ``after``; the answer is the label whose verbalizer's first token has
+    the highest logit at the last position. Text conditions read ``primer + before + " " + text
+    + after`` instead."""
+
+    primer: str
+    before: str
+    after: str
+    labels: dict[str, str]  # label -> verbalizer, e.g. {"positive": " positive"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BridgePrompt:
+        try:
+            labels = {str(k): str(v) for k, v in dict(d["labels"]).items()}
+            return cls(str(d["primer"]), str(d["before"]), str(d["after"]), labels)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"bridge prompt is malformed: {exc!r}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def text_prompt(self, text: str) -> str:
+        """The prompt that puts ``text`` where the bridged vectors would go."""
+        return f"{self.primer}{self.before} {text}{self.after}"
+
+
 @dataclasses.dataclass
 class Bridge:
     """A loaded bridge: the manifest (``meta``) and the arrays of its kind."""
@@ -89,6 +117,18 @@ class Bridge:
     @property
     def source_layer(self) -> int:
         return int(self.meta["source_layer"])
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest as loaded (it pins the weights' sha256 too): what a handshake
+        names so that both peers provably hold the same bridge."""
+        return self.meta["_digest"]
+
+    @property
+    def prompt(self) -> BridgePrompt | None:
+        """The context priming the bridge was trained with (``None`` for bridges without one)."""
+        d = self.meta.get("prompt")
+        return BridgePrompt.from_dict(d) if d else None
 
     def pool(self, features: np.ndarray) -> np.ndarray:
         """f32 [d_src]: the mean over positions, after dropping the first ``pool.skip`` rows
@@ -130,7 +170,8 @@ class Bridge:
 def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, np.ndarray],
                   source_sig: Any, target_sig: Any, source_layer: int, k: int,
                   norm_mean: np.ndarray, norm_std: np.ndarray, pool: dict[str, Any] | None = None,
-                  training: dict[str, Any] | None = None) -> tuple[Path, Path]:
+                  training: dict[str, Any] | None = None,
+                  prompt: BridgePrompt | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.npz`` then ``<stem>.json``; returns (manifest, npz). Signatures are
     ``ModelSignature`` objects or their ``to_dict()``."""
     if kind not in KINDS:
@@ -163,6 +204,7 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
         "pool": pool or {"kind": "mean", "skip": 0},
         "normalizer": {"kind": "standardize", "mean": mean.tolist(), "std": std.tolist()},
         "training": training or {},
+        "prompt": prompt.to_dict() if prompt else None,
         "edgelink": __version__,
         "weights_file": npz_path.name,
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
@@ -193,7 +235,10 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
     """Read a bridge from its stem or either file, verifying the npz's sha256 and shapes."""
     manifest_path, _ = _paths(path)
     try:
-        meta = json.loads(manifest_path.read_text(encoding="utf-8"))
+        raw = manifest_path.read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read bridge manifest {manifest_path}: {exc}") from exc
     try:
@@ -233,4 +278,7 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read bridge weights {npz_path}: {exc}") from exc
     _check_arrays(kind, arrays, d_src, d_tgt, k)
+    if meta.get("prompt"):
+        BridgePrompt.from_dict(meta["prompt"])
+    meta["_digest"] = hashlib.sha256(raw).hexdigest()
     return Bridge(meta=meta, arrays=arrays, mean=mean, std=std, path=manifest_path)

@@ -169,6 +169,16 @@ class LlamaRuntime:
         self.tokens = []
         self.logits = None
 
+    def truncate(self, n_keep: int) -> None:
+        """Drop every position from ``n_keep`` on, so a shared context (a primer) is computed
+        once and reused; the logits are gone until the next prefill."""
+        if not 0 <= n_keep <= len(self.tokens):
+            raise StateError(f"cannot keep {n_keep} of {len(self.tokens)} positions")
+        if not llama_cpp.llama_memory_seq_rm(self.memory, self.seq, n_keep, -1):
+            raise StateError(f"llama.cpp refused to drop positions {n_keep}.. of the sequence")
+        del self.tokens[n_keep:]
+        self.logits = None
+
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Append ``tokens`` to the sequence; returns the logits after the last one."""
         if not tokens:
