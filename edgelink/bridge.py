@@ -130,6 +130,22 @@ class Bridge:
         d = self.meta.get("prompt")
         return BridgePrompt.from_dict(d) if d else None
 
+    def describe(self) -> dict[str, Any]:
+        """A summary for `edgelink bridge info`."""
+        m, tr = self.meta, self.meta.get("training") or {}
+        return {
+            "path": str(self.path), "kind": self.kind, "digest": self.digest,
+            "source": f"{m['source'].get('name', '?')} ({m['source']['architecture']}, "
+                      f"{self.d_src} wide, weights {m['source']['weights_digest'][:16]})",
+            "target": f"{m['target'].get('name', '?')} ({m['target']['architecture']}, "
+                      f"{self.d_tgt} wide, weights {m['target']['weights_digest'][:16]})",
+            "source_layer": self.source_layer, "k": self.k,
+            "parameters": int(sum(a.size for a in self.arrays.values())),
+            "task": tr.get("task"), "seed": tr.get("seed"), "dev_acc": tr.get("dev_acc"),
+            "edgelink": m.get("edgelink"), "weights_sha256": m["weights_sha256"],
+            "prompt": m.get("prompt"), "training": tr,
+        }
+
     def pool(self, features: np.ndarray) -> np.ndarray:
         """f32 [d_src]: the mean over positions, after dropping the first ``pool.skip`` rows
         (the BOS position) when more rows than that are given."""

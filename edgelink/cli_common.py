@@ -1,0 +1,63 @@
+"""What every `edgelink` command module shares: the context object, output and progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import click
+
+from edgelink.config import Config, load_config
+
+
+class _Ctx:
+    def __init__(self, config_path: str | None, settings: tuple[str, ...], verbose: int):
+        self.config_path = config_path
+        self.settings = settings
+        self.verbose = verbose
+
+    def cfg(self, **flags: Any) -> Config:
+        overrides: dict[str, Any] = {}
+        for item in self.settings:
+            key, sep, value = item.partition("=")
+            if not sep or "." not in key:
+                raise click.BadParameter(f"{item!r} is not SECTION.KEY=VALUE", param_hint="--set")
+            overrides[key.replace(".", "_", 1)] = value
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        return load_config(self.config_path, **overrides)
+
+
+def _emit(as_json: bool, payload: Any, human: str, *, compact: bool = False) -> None:
+    """Human text, or JSON (one line per event when ``compact``, for streams like `serve`)."""
+    if as_json:
+        if dataclasses.is_dataclass(payload):
+            payload = dataclasses.asdict(payload)
+        click.echo(json.dumps(payload, indent=None if compact else 2, default=str))
+    else:
+        click.echo(human)
+
+
+def _progress():
+    """A click progress bar driven by (stage, done, total) callbacks, shown on stderr."""
+    state: dict[str, Any] = {}
+
+    def cb(stage: str, done: int, total: int) -> None:
+        bar = state.get(stage)
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label=stage, file=sys.stderr)
+            bar.__enter__()
+            state[stage] = bar
+            state.setdefault("_done", {})[stage] = 0
+        bar.update(done - state["_done"][stage])
+        state["_done"][stage] = done
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    return cb
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+n_option = click.option("-n", "--n-tokens", type=int, default=None,
+                        help="Greedy tokens to generate [config: generate.n_tokens].")
