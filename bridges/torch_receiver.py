@@ -149,6 +149,17 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+@dataclass
+class PrefixCache:
+    """Per-layer (K, V), each [1, n_head_kv, P, head_dim] after RoPE, of a P-token prefix."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return int(self.kv[0][0].shape[2])
+
+
 class Receiver(torch.nn.Module):
     """The frozen forward pass of a llama or gemma3 GGUF model. Gradients flow to the inputs
     (``inputs_embeds``); the weights are buffers, not parameters."""
@@ -200,15 +211,18 @@ class Receiver(torch.nn.Module):
         x0, x1 = x[..., : d // 2], x[..., d // 2:]
         return torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
 
-    def _mask(self, t: int, window: int, device) -> torch.Tensor:
-        i = torch.arange(t, device=device)
-        diff = i[:, None] - i[None, :]
+    def _mask(self, t: int, past: int, window: int, device) -> torch.Tensor:
+        """[t, past + t] bool: query i (position past+i) sees key j iff j <= past+i, within the window."""
+        q = torch.arange(past, past + t, device=device)
+        k = torch.arange(past + t, device=device)
+        diff = q[:, None] - k[None, :]
         keep = diff >= 0
         if window > 0:
             keep &= diff < window
         return keep
 
-    def _attention(self, il: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _attention(self, il: int, x: torch.Tensor, pos: torch.Tensor,
+                   cache: PrefixCache | None = None, record: list | None = None) -> torch.Tensor:
         c = self.cfg
         b, t, _ = x.shape
         p = f"blk.{il}."
@@ -224,10 +238,18 @@ class Receiver(torch.nn.Module):
         q, k = self._rope(q, pos, base), self._rope(k, pos, base)
         if self.kv_f16:
             k, v = k.half().float(), v.half().float()
+        if record is not None:
+            record.append((k, v))
+        past = 0
+        if cache is not None:
+            pk, pv = cache.kv[il]
+            past = pk.shape[2]
+            k = torch.cat((pk.expand(b, -1, -1, -1), k), dim=2)
+            v = torch.cat((pv.expand(b, -1, -1, -1), v), dim=2)
         rep = c.n_head // c.n_head_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = self._mask(t, c.n_swa if swa else 0, x.device)
+        mask = self._mask(t, past, c.n_swa if swa else 0, x.device)
         out = F.scaled_dot_product_attention(q * c.attn_scale, k, v, attn_mask=mask, scale=1.0)
         out = out.transpose(1, 2).reshape(b, t, c.n_head * c.head_dim)
         return self._mm(out, p + "attn_output.weight")
@@ -242,8 +264,10 @@ class Receiver(torch.nn.Module):
     # ------------------------------------------------------------------ forward
 
     def hidden_states(self, input_ids: torch.Tensor | None = None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-normed hidden states ``[.., T, n_embd]`` (llama.cpp's ``result_norm``)."""
+                      inputs_embeds: torch.Tensor | None = None, *,
+                      cache: PrefixCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states ``[.., T, n_embd]`` (llama.cpp's ``result_norm``);
+        with ``cache``, the inputs sit at the positions after the cached prefix."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if input_ids is not None else inputs_embeds.to(torch.float32)
@@ -251,16 +275,28 @@ class Receiver(torch.nn.Module):
         if single:
             x = x.unsqueeze(0)
         for il in range(self.cfg.n_layer):
-            x = self.block(il, x)
+            x = self.block(il, x, cache=cache)
         x = _rms_norm(x, self.w("output_norm.weight"), self.cfg.norm_eps)
         return x[0] if single else x
 
-    def block(self, il: int, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def prefix_cache(self, input_ids: torch.Tensor) -> PrefixCache:
+        """K and V of a fixed prefix (1-D token ids), computed once and shared by every batch
+        row that follows it (a primer), so training pays only for the positions after it."""
+        x = self.embed(input_ids.reshape(1, -1))
+        kv: list = []
+        for il in range(self.cfg.n_layer):
+            x = self.block(il, x, record=kv)
+        return PrefixCache([(k.detach(), v.detach()) for k, v in kv])
+
+    def block(self, il: int, x: torch.Tensor, *, cache: PrefixCache | None = None,
+              record: list | None = None) -> torch.Tensor:
         """Layer ``il``: residual stream in, residual stream out (llama.cpp's ``l_out-{il}``);
-        ``x`` is [B, T, n_embd] at positions 0..T-1."""
+        ``x`` is [B, T, n_embd] at positions 0..T-1, or after ``cache``'s prefix."""
         c, p, eps = self.cfg, f"blk.{il}.", self.cfg.norm_eps
-        pos = torch.arange(x.shape[-2], device=x.device)
-        h = self._attention(il, _rms_norm(x, self.w(p + "attn_norm.weight"), eps), pos)
+        past = cache.length if cache is not None else 0
+        pos = torch.arange(past, past + x.shape[-2], device=x.device)
+        h = self._attention(il, _rms_norm(x, self.w(p + "attn_norm.weight"), eps), pos, cache, record)
         if c.arch == "gemma3":
             h = _rms_norm(h, self.w(p + "post_attention_norm.weight"), eps)
         x = x + h
@@ -277,8 +313,8 @@ class Receiver(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, *,
-                last_only: bool = False) -> torch.Tensor:
-        h = self.hidden_states(input_ids, inputs_embeds)
+                last_only: bool = False, cache: PrefixCache | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, inputs_embeds, cache=cache)
         if last_only:
             h = h[..., -1:, :]
         return self.logits(h)

@@ -11,14 +11,17 @@ On disk a bridge is two files with one stem:
 ``<stem>.json``  the manifest (format version, kind, both model signatures, source layer,
                  dimensions, K, pooling, the normalizer's mean/std, the training data, the
                  edgelink version, and the npz's file name and sha256)
-``<stem>.npz``   the arrays of the kind (ridge: ``W`` f32 [d_src, K*d_tgt], ``b`` f32 [K*d_tgt])
+``<stem>.npz``   the arrays of the kind (names and shapes: ``bridge_forward.expected_shapes``)
 
 :func:`load_bridge` verifies the npz against the manifest's sha256 before reading it; any
 mismatch, missing field or wrong shape is a :class:`~edgelink.errors.ModelError`.
 :meth:`Bridge.check_pair` refuses models the bridge was not trained for (weights digests).
 
-Kinds: ``ridge`` (mean-pool the normalized source rows over positions, then an affine map to
-K*d_tgt, reshaped to [K, d_tgt]). ``lip`` and ``perceiver`` are reserved for later kinds.
+Kinds: ``ridge`` (mean-pool the source rows over positions, standardize, then an affine map to
+K*d_tgt, reshaped to [K, d_tgt]); ``perceiver`` (Telepathy-style: K learned queries
+cross-attend to the standardized rows) and ``lip`` (LIP-style bottleneck adapter over K
+segment means); both end with energy matching. Their forward passes are in
+``edgelink/bridge_forward.py``, mirrored in torch by ``bridges/modules.py``.
 """
 
 from __future__ import annotations
@@ -34,14 +37,14 @@ from typing import Any
 import numpy as np
 
 from edgelink import __version__
+from edgelink import bridge_forward as fwd
 from edgelink.errors import ModelError
 
 FORMAT_VERSION = 1
-KINDS = ("ridge",)
-RESERVED_KINDS = ("lip", "perceiver")
+KINDS = ("ridge", "perceiver", "lip")
 SIGNATURE_FIELDS = ("architecture", "n_embd", "weights_digest")  # at least these, per model
 NORM_EPS = 1e-6
-_ARRAYS = {"ridge": ("W", "b")}
+POOLS = {"ridge": "mean", "perceiver": "none", "lip": "segments"}  # how each kind reads rows
 
 
 def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -146,28 +149,37 @@ class Bridge:
             "prompt": m.get("prompt"), "training": tr,
         }
 
-    def pool(self, features: np.ndarray) -> np.ndarray:
-        """f32 [d_src]: the mean over positions, after dropping the first ``pool.skip`` rows
-        (the BOS position) when more rows than that are given."""
+    @property
+    def arch(self) -> dict[str, Any]:
+        return self.meta.get("arch") or {}
+
+    def rows(self, features: np.ndarray) -> np.ndarray:
+        """The rows a bridge reads: f32 [n, d_src] minus the first ``pool.skip`` rows (the BOS
+        position) when more rows than that are given."""
         x = np.asarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.d_src:
             raise ModelError(f"bridge input must be f32[n, {self.d_src}], got {list(x.shape)}")
         skip = int(self.meta["pool"].get("skip", 0))
-        if x.shape[0] > skip:
-            x = x[skip:]
-        return x.mean(axis=0)
+        return x[skip:] if x.shape[0] > skip else x
 
-    def normalize(self, pooled: np.ndarray) -> np.ndarray:
-        return (pooled - self.mean) / self.std
+    def pool(self, features: np.ndarray) -> np.ndarray:
+        """f32 [d_src]: the mean of :meth:`rows` (what a ridge bridge reads)."""
+        return self.rows(features).mean(axis=0)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std
 
     def apply(self, features: np.ndarray) -> np.ndarray:
         """Source hidden rows f32 [n, d_src] (the residual after ``source_layer``) -> f32 [K, d_tgt]."""
-        z = self.normalize(self.pool(features))
         if self.kind == "ridge":
-            y = z @ self.arrays["W"] + self.arrays["b"]
+            y = self.normalize(self.pool(features)) @ self.arrays["W"] + self.arrays["b"]
+        elif self.kind == "perceiver":
+            y = fwd.perceiver(self.arrays, self.arch, self.normalize(self.rows(features)))
+        elif self.kind == "lip":
+            y = fwd.lip(self.arrays, self.arch, self.normalize(self.rows(features)), self.k)
         else:  # pragma: no cover - load_bridge refuses other kinds
             raise ModelError(f"bridge kind {self.kind!r} has no apply")
-        out = y.reshape(self.k, self.d_tgt).astype(np.float32, copy=False)
+        out = np.ascontiguousarray(y.reshape(self.k, self.d_tgt), dtype=np.float32)
         if not np.isfinite(out).all():
             raise ModelError("bridge output holds NaN or infinite values")
         return out
@@ -187,7 +199,8 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
                   source_sig: Any, target_sig: Any, source_layer: int, k: int,
                   norm_mean: np.ndarray, norm_std: np.ndarray, pool: dict[str, Any] | None = None,
                   training: dict[str, Any] | None = None,
-                  prompt: BridgePrompt | None = None) -> tuple[Path, Path]:
+                  prompt: BridgePrompt | None = None,
+                  arch: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.npz`` then ``<stem>.json``; returns (manifest, npz). Signatures are
     ``ModelSignature`` objects or their ``to_dict()``."""
     if kind not in KINDS:
@@ -197,7 +210,7 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
     arrs = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
     mean = np.asarray(norm_mean, dtype=np.float32)
     std = np.asarray(norm_std, dtype=np.float32)
-    _check_arrays(kind, arrs, d_src, d_tgt, k)
+    _check_arrays(kind, arrs, d_src, d_tgt, k, arch or {})
     if mean.shape != (d_src,) or std.shape != (d_src,) or (std <= 0).any():
         raise ModelError(f"normalizer must be two f32[{d_src}] arrays with std > 0")
     manifest_path, npz_path = _paths(path)
@@ -217,7 +230,8 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
         "d_tgt": d_tgt,
         "k": int(k),
         "output_space": "token_embd",  # rows as stored; the target applies its input scale
-        "pool": pool or {"kind": "mean", "skip": 0},
+        "pool": pool or {"kind": POOLS[kind], "skip": 0},
+        "arch": arch or {},
         "normalizer": {"kind": "standardize", "mean": mean.tolist(), "std": std.tolist()},
         "training": training or {},
         "prompt": prompt.to_dict() if prompt else None,
@@ -231,17 +245,23 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
     return manifest_path, npz_path
 
 
-def _check_arrays(kind: str, arrays: dict[str, np.ndarray], d_src: int, d_tgt: int, k: int) -> None:
+def _check_arrays(kind: str, arrays: dict[str, np.ndarray], d_src: int, d_tgt: int, k: int,
+                  arch: dict[str, Any]) -> None:
     if k < 1:
         raise ModelError(f"K must be >= 1, got {k}")
-    names = _ARRAYS[kind]
-    if sorted(arrays) != sorted(names):
-        raise ModelError(f"a {kind} bridge holds arrays {list(names)}, got {sorted(arrays)}")
-    if kind == "ridge":
-        want = {"W": (d_src, k * d_tgt), "b": (k * d_tgt,)}
-        for name, shape in want.items():
-            if arrays[name].shape != shape:
-                raise ModelError(f"ridge {name} must be {list(shape)}, got {list(arrays[name].shape)}")
+    try:
+        want = fwd.expected_shapes(kind, d_src, d_tgt, k, arch)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"a {kind} bridge's arch {arch} is incomplete or invalid: {exc!r}") from exc
+    if kind != "ridge" and float(arch.get("target_norm", 0)) <= 0:
+        raise ModelError(f"a {kind} bridge needs a positive arch.target_norm")
+    if sorted(arrays) != sorted(want):
+        missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+        raise ModelError(f"a {kind} bridge's arrays do not match its kind: missing {missing}, "
+                         f"unexpected {extra}")
+    for name, shape in want.items():
+        if arrays[name].shape != shape:
+            raise ModelError(f"{kind} {name} must be {list(shape)}, got {list(arrays[name].shape)}")
     for name, a in arrays.items():
         if not np.isfinite(a).all():
             raise ModelError(f"bridge array {name} holds NaN or infinite values")
@@ -274,8 +294,9 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
         meta["pool"]["kind"]
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"bridge manifest {manifest_path} is malformed: {exc!r}") from exc
-    if meta["pool"]["kind"] != "mean":
-        raise ModelError(f"unknown pooling {meta['pool']['kind']!r}")
+    if meta["pool"]["kind"] != POOLS[kind]:
+        raise ModelError(f"a {kind} bridge reads rows by {POOLS[kind]!r}, the manifest says "
+                         f"{meta['pool']['kind']!r}")
     if d_src != meta["source"]["n_embd"] or d_tgt != meta["target"]["n_embd"]:
         raise ModelError("bridge dimensions disagree with its model signatures")
     if mean.shape != (d_src,) or std.shape != (d_src,) or not (std > 0).all():
@@ -293,7 +314,7 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
             arrays = {n: np.ascontiguousarray(z[n], dtype=np.float32) for n in z.files}
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read bridge weights {npz_path}: {exc}") from exc
-    _check_arrays(kind, arrays, d_src, d_tgt, k)
+    _check_arrays(kind, arrays, d_src, d_tgt, k, meta.get("arch") or {})
     if meta.get("prompt"):
         BridgePrompt.from_dict(meta["prompt"])
     meta["_digest"] = hashlib.sha256(raw).hexdigest()

@@ -64,7 +64,7 @@ def test_tampered_or_missing_weights_are_rejected(tmp_path):
     with pytest.raises(ModelError):
         load_bridge(manifest)
     meta = json.loads(manifest.read_text())
-    meta["kind"] = "perceiver"
+    meta["kind"] = "telepathy9"
     manifest.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="kind"):
         load_bridge(manifest)

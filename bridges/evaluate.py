@@ -1,0 +1,755 @@
+"""`edgelink bridge eval`: score bridges on the TEST split against baselines and controls that
+would expose a bridge that does not carry the sender's information.
+
+Every condition is scored on the same first ``n`` test examples, by the same rule: the receiver
+(Gemma-3-270M in llama.cpp) reads the task prompt (bridges.tasks) and answers with the label whose
+verbalizer's first token has the highest logit at the last position. The prompt's shared
+context (``primer + before``, with BOS) is prefilled once and kept; each read truncates back to
+it (``LlamaRuntime.truncate``), so every latency below is measured with that primer cached.
+
+Conditions
+    none           the receiver reads the prompt with an empty text (no message)
+    text_relay     the sender (SmolLM2-135M Instruct) writes a short message (greedy, at most
+                   ``relay_tokens`` tokens, stops at EOG or at the end of the first line), the
+                   receiver reads the message as the text
+    original_text  the receiver reads the review itself (upper bound)
+    per bridge group (manifest kind + K; several files = several training seeds):
+    bridged        the receiver reads ``bridge.apply(sender rows of this example)``
+    shuffled       ... of ANOTHER test example (a fixed seeded derangement: nobody gets its own)
+    zero           K zero vectors
+    mean           the mean of ``bridge.apply`` over DEV examples (a constant message)
+    random         Gaussian rows rescaled to the norm of the corresponding bridged row
+    linear_probe   logistic regression on the standardized, mean-pooled sender rows (the bridge's
+                   pooling), trained on the bridge's train subset, C picked on DEV; no receiver
+    majority       the most frequent train label
+
+Latency (per message, ms): ``none``/``original_text``/controls: the receiver's read only;
+``text_relay``: sender prefill + generation + receiver read; ``bridged``: sender prefill with
+capture (re-run here on every evaluated example and timed; the rows fed to the bridge come from
+the feature cache, and the two are compared) + ``apply`` + receiver read; ``linear_probe``:
+sender capture + the probe. Constant inputs (none, zero, mean) are answered once and their read
+is timed on the first ``constant_repeats`` examples. Wire bytes: UTF-8 bytes of the text, or
+K*d*4 (f32) plus the header of one protocol tensor message for vectors (the controls ship a
+message of the same shape).
+
+Statistics: accuracy with a 95% percentile bootstrap CI (1000 resamples of examples, seeded; a
+condition with several seeds is averaged over seeds inside each resample); differences are
+paired (the same resampled examples for both conditions).
+
+Relay prompt (chosen on the first 100 DEV examples, receiver accuracy; see ``RELAY_PROMPTS``):
+``chat_pn`` 0.xx, ``chat_sum`` 0.xx, ``opinion`` 0.xx (filled in below by the sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from bridges.data import Example, load_split
+from bridges.features import Features, split_features
+from bridges.tasks import task_prompt
+from edgelink.bridge import Bridge, BridgePrompt, load_bridge
+from edgelink.config import Config, load_config
+from edgelink.registry import resolve_model
+from edgelink.runtime.embeddings import TokenEmbeddings
+from edgelink.runtime.evalhook import capture
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.signature import model_signature
+
+SOURCE = "smollm2-135m"
+TARGET = "gemma3-270m"
+
+# Sender prompts for the text relay; "{text}" is the review. Special tokens are parsed.
+RELAY_PROMPTS = {
+    "opinion": "Review: {text}\nIn a few words, the reviewer's opinion of the movie is:",
+    "chat_pn": ("<|im_start|>user\nIs this movie review positive or negative? Answer in a few "
+                "words.\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
+    "chat_sum": ("<|im_start|>user\nIn a few words, what does this reviewer think of the movie?"
+                 "\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
+}
+RELAY_PROMPT = "chat_pn"
+PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_N_TRAIN = 2000
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def bootstrap_indices(n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """int [resamples, n]: example indices drawn with replacement (shared by all conditions, so
+    differences between conditions are paired)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def bootstrap_ci(values: np.ndarray, idx: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean of per-example ``values`` ([n], or [seeds, n]: averaged over
+    seeds first, i.e. inside each resample) over the resamples ``idx``."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 2:
+        v = v.mean(axis=0)
+    means = v[idx].mean(axis=1)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+    """A seeded uniformly random cyclic permutation (Sattolo): ``p[i] != i`` for every i (n >= 2)."""
+    if n < 2:
+        raise ValueError("a derangement needs at least 2 examples")
+    rng = np.random.default_rng(seed)
+    p = np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))
+        p[i], p[j] = p[j], p[i]
+    return p
+
+
+def norm_matched_gaussian(like: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian rows with each row's L2 norm equal to that of the same row of ``like`` ([.., d])."""
+    g = rng.standard_normal(like.shape)
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    return (g * np.linalg.norm(like, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _pct(x: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(x, dtype=np.float64), q)) if len(x) else None
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, iters: int = 500
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax regression, mean cross-entropy + |W|^2 / (2 C n) (sklearn's C convention), bias
+    unpenalized, by Nesterov-accelerated gradient descent with step 1/L. Returns (W, b)."""
+    n, d = x.shape
+    lam = 1.0 / (c * n)
+    lip = 0.5 * float(np.linalg.norm(x, 2)) ** 2 / n + lam + 0.5
+    onehot = np.eye(n_classes)[y]
+    w = np.zeros((d, n_classes))
+    b = np.zeros(n_classes)
+    w_prev, b_prev = w.copy(), b.copy()
+    for t in range(1, iters + 1):
+        mom = (t - 1) / (t + 2)
+        vw, vb = w + mom * (w - w_prev), b + mom * (b - b_prev)
+        z = x @ vw + vb
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        g = (p - onehot) / n
+        w_prev, b_prev = w, b
+        w = vw - (x.T @ g + lam * vw) / lip
+        b = vb - g.sum(axis=0) / lip
+    return w, b
+
+
+def fit_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_dev: np.ndarray, y_dev: np.ndarray,
+              n_classes: int, cs: Sequence[float] = PROBE_CS) -> dict[str, Any]:
+    """Standardize with train statistics, fit one model per C, keep the best on DEV (first max).
+    Takes no test data by construction."""
+    mean, std = x_tr.mean(axis=0), np.maximum(x_tr.std(axis=0), 1e-6)
+    z_tr, z_dev = (x_tr - mean) / std, (x_dev - mean) / std
+    scores, models = [], []
+    for c in cs:
+        w, b = fit_logreg(z_tr, y_tr, n_classes, c)
+        scores.append(float(np.mean((z_dev @ w + b).argmax(axis=1) == y_dev)))
+        models.append((w, b))
+    best = int(np.argmax(scores))
+    w, b = models[best]
+    return {"C": float(cs[best]), "cs": [float(c) for c in cs], "dev_scores": scores,
+            "train_acc": float(np.mean((z_tr @ w + b).argmax(axis=1) == y_tr)),
+            "mean": mean, "std": std, "W": w, "b": b}
+
+
+def probe_predict(probe: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    return (((x - probe["mean"]) / probe["std"]) @ probe["W"] + probe["b"]).argmax(axis=-1)
+
+
+# --------------------------------------------------------------------------- receiver, sender
+
+
+def tokenize_special(rt: LlamaRuntime, text: str) -> list[int]:
+    """Like ``rt.tokenize(text)`` but with special tokens (``<|im_start|>``) parsed."""
+    data = text.encode()
+    cap = len(data) + 16
+    buf = (llama_cpp.llama_token * cap)()
+    n = llama_cpp.llama_tokenize(rt.vocab, data, len(data), buf, cap, True, True)
+    if n < 0:
+        cap = -n
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(rt.vocab, data, len(data), buf, cap, True, True)
+    return list(buf[:n])
+
+
+class Reader:
+    """The receiver with the prompt's shared context prefilled once. Every read returns
+    (label index, seconds) and leaves the primer in place for the next read."""
+
+    def __init__(self, rt: LlamaRuntime, emb: TokenEmbeddings, prompt: BridgePrompt):
+        self.rt, self.emb, self.prompt = rt, emb, prompt
+        self.labels = list(prompt.labels)
+        self.label_ids = [rt.tokenize(v, add_special=False)[0] for v in prompt.labels.values()]
+        if len(set(self.label_ids)) != len(self.label_ids):
+            raise ValueError(f"verbalizers share a first token: {prompt.labels}")
+        self.primer_ids = rt.tokenize(prompt.primer + prompt.before)
+        self.after_ids = rt.tokenize(prompt.after, add_special=False)
+        self.n_primer = len(self.primer_ids)
+        self.fallbacks = 0  # text reads whose tokenization did not start with the primer's
+        self._prime()
+
+    def _prime(self) -> None:
+        self.rt.clear()
+        self.rt.prefill(self.primer_ids)
+
+    def _reset(self) -> None:
+        if self.rt.tokens[:self.n_primer] != self.primer_ids:
+            self._prime()
+        else:
+            self.rt.truncate(self.n_primer)
+
+    def _answer(self, logits: np.ndarray) -> int:
+        return int(np.argmax(logits[self.label_ids]))
+
+    def read_text(self, text: str) -> tuple[int, float]:
+        self._reset()
+        t0 = time.perf_counter()
+        ids = self.rt.tokenize(self.prompt.text_prompt(text))
+        if ids[:self.n_primer] == self.primer_ids and len(ids) > self.n_primer:
+            logits = self.rt.prefill(ids[self.n_primer:])
+        else:  # the primer's tokens would differ inside the whole string: read it all
+            self.fallbacks += 1
+            self.rt.clear()
+            logits = self.rt.prefill(ids)
+        ans = self._answer(logits)
+        return ans, time.perf_counter() - t0
+
+    def read_vectors(self, v: np.ndarray) -> tuple[int, float]:
+        self._reset()
+        t0 = time.perf_counter()
+        self.rt.prefill_embeddings(np.ascontiguousarray(v, dtype=np.float32), self.emb.input_scale)
+        ans = self._answer(self.rt.prefill(self.after_ids))
+        return ans, time.perf_counter() - t0
+
+
+def relay_message(rt: LlamaRuntime, template: str, text: str, max_tokens: int
+                  ) -> tuple[str, int, float]:
+    """The sender's greedy message about ``text``: stops at EOG, at ``max_tokens``, or when a
+    line has been completed. Returns (message, tokens generated, seconds incl. prefill)."""
+    t0 = time.perf_counter()
+    rt.clear()
+    rt.prefill(tokenize_special(rt, template.format(text=text)))
+    out: list[int] = []
+    while len(out) < max_tokens:
+        tok = int(np.argmax(rt.logits))
+        if rt.is_eog(tok):
+            break
+        out.append(tok)
+        if "\n" in rt.detokenize(out).lstrip() or len(out) == max_tokens:
+            break
+        rt.prefill([tok])
+    dt = time.perf_counter() - t0
+    rt.clear()
+    msg = rt.detokenize(out).strip().split("\n")[0].strip()
+    return msg, len(out), dt
+
+
+def _progress(label: str, i: int, n: int, t0: float, every: int = 10) -> None:
+    if i == n or i % every == 0:
+        el = time.perf_counter() - t0
+        eta = el / max(i, 1) * (n - i)
+        sys.stderr.write(f"\r{label}: {i}/{n} ({el:.0f} s, ~{eta:.0f} s left)   ")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def tensor_frame_overhead(k: int, d: int, digest: str = "0" * 64) -> int | None:
+    """Bytes of one protocol TENSOR message carrying f32 [k, d] beyond the payload, or None if
+    the protocol module cannot encode one here."""
+    try:
+        from edgelink.protocol.codec import encode_tensor_message
+        from edgelink.protocol.kinds import ApplyMode, DType, Kind
+        from edgelink.protocol.messages import Tensor, TensorMessage
+
+        arr = np.zeros((k, d), dtype=np.float32)
+        msg = TensorMessage(session_id=bytes(16), message_id=1, kind=Kind.BRIDGED_PREFIX,
+                            apply=ApplyMode.APPEND, seq_slot=0, layer_range=(0, 0),
+                            token_range=(0, k),
+                            tensors=(Tensor("prefix", DType.F32, (k, d), memoryview(arr).cast("B")),),
+                            attrs={"bridge": digest})
+        total = sum(memoryview(p).nbytes for p in encode_tensor_message(msg))
+        return int(total - arr.nbytes)
+    except Exception:  # noqa: BLE001 - optional figure; the protocol is a moving target
+        return None
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass
+class ConditionResult:
+    name: str  # e.g. "bridged (ridge k4)"
+    condition: str  # none | text_relay | original_text | bridged | shuffled | zero | mean | ...
+    group: str | None  # bridge group (kind kK) or None
+    role: str  # reference | baseline | bridge | control
+    acc: float
+    ci: tuple[float, float]
+    per_seed: list[float]
+    latency_median_ms: float | None
+    latency_p90_ms: float | None
+    wire_bytes: float | None
+    latency_what: str
+    wire_what: str
+    n: int
+    scored_on: str  # sha256 of the scored examples (text + gold label), the same for all
+
+
+@dataclasses.dataclass
+class EvalReport:
+    task: str
+    split: str
+    n: int
+    examples_digest: str
+    bridges: list[dict[str, Any]]
+    conditions: list[ConditionResult]
+    checks: list[dict[str, Any]]
+    probe: dict[str, Any]
+    relay: dict[str, Any]
+    sender: dict[str, Any]
+    settings: dict[str, Any]
+    derangement: list[int]
+    per_example: dict[str, Any]
+    wall_s: float
+    # Vectors of the first seed of each group (not serialized): for checks and tests.
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+    def condition(self, name: str) -> ConditionResult:
+        for c in self.conditions:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arrays"}
+        d["conditions"] = [dataclasses.asdict(c) for c in self.conditions]
+        return d
+
+    def table_md(self) -> str:
+        rows = ["| condition | accuracy [95% CI] | per seed | latency ms median (p90) | wire bytes |",
+                "|---|---|---|---|---|"]
+        for c in self.conditions:
+            seeds = " / ".join(f"{a:.3f}" for a in c.per_seed) if len(c.per_seed) > 1 else ""
+            lat = ("" if c.latency_median_ms is None
+                   else f"{c.latency_median_ms:.0f} ({c.latency_p90_ms:.0f})")
+            wire = "" if c.wire_bytes is None else f"{c.wire_bytes:,.0f}"
+            rows.append(f"| {c.name} | {c.acc:.3f} [{c.ci[0]:.3f}, {c.ci[1]:.3f}] | {seeds} | "
+                        f"{lat} | {wire} |")
+        return "\n".join(rows)
+
+    def checks_text(self) -> str:
+        return "\n".join(f"* {c['text']}" for c in self.checks)
+
+    def markdown(self) -> str:
+        notes = [
+            f"# Bridge evaluation: {self.task}, first {self.n} {self.split} examples",
+            "",
+            self.table_md(),
+            "",
+            "## Goals",
+            "",
+            self.checks_text(),
+            "",
+            "## Notes",
+            "",
+            "* Latency: " + "; ".join(sorted({f"{c.condition}: {c.latency_what}"
+                                             for c in self.conditions if c.latency_what})),
+            "* Wire bytes: " + "; ".join(sorted({f"{c.condition}: {c.wire_what}"
+                                                for c in self.conditions if c.wire_what})),
+            f"* Linear probe: C={self.probe['C']:g} picked on {self.probe['n_dev']} dev examples "
+            "(dev accuracy per C: "
+            + ", ".join(f"{c:g}: {a:.3f}" for c, a in zip(self.probe["cs"], self.probe["dev_scores"],
+                                                          strict=True))
+            + f"), trained on the first {self.probe['n_train']} train examples, layer "
+            f"{self.probe['layer']}.",
+            f"* Text relay prompt `{self.relay['prompt_name']}`: {self.relay['prompt']!r}, at most "
+            f"{self.relay['max_tokens']} tokens (mean {self.relay['mean_tokens']:.1f}); e.g. "
+            + "; ".join(repr(m) for m in self.relay["examples"][:3]) + ".",
+            f"* Sender rows: fresh capture vs feature cache, max relative difference "
+            f"{self.sender['max_rel_diff']:.2e}. Receiver text reads that fell back to a full "
+            f"prefill: {self.settings['text_fallbacks']}.",
+            f"* Bootstrap: {self.settings['resamples']} resamples, seed {self.settings['seed']}; "
+            f"threads {self.settings['threads']}; wall time {self.wall_s:.0f} s.",
+        ]
+        return "\n".join(notes) + "\n"
+
+
+def _examples_digest(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.text, ex.label]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _n_train(br: Bridge) -> int:
+    tr = br.meta.get("training") or {}
+    for v in (tr.get("n_train"), (tr.get("train") or {}).get("n") if isinstance(tr.get("train"), dict)
+              else None):
+        if isinstance(v, int) and v > 0:
+            return v
+    return DEFAULT_N_TRAIN
+
+
+def _group_name(br: Bridge) -> str:
+    return f"{br.kind} k{br.k}"
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task: str = "sentiment",
+             n: int = 400, *, out: str | Path | None = None, relay_tokens: int = 24,
+             relay_prompt: str = RELAY_PROMPT, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
+             resamples: int = 1000, seed: int = 0, constant_repeats: int = 30,
+             n_train: int | None = None) -> EvalReport:
+    """Score ``bridge_paths`` and every baseline/control on the first ``n`` TEST examples of
+    ``task``; writes ``<out>/eval.{json,md,svg}`` when ``out`` is given."""
+    if not bridge_paths:
+        raise ValueError("at least one bridge is needed")
+    cfg = cfg or load_config()
+    t_start = time.perf_counter()
+    prompt = task_prompt(task)
+    template = RELAY_PROMPTS.get(relay_prompt, relay_prompt)
+    bridges = [load_bridge(p) for p in bridge_paths]
+    for br in bridges:
+        bt = (br.meta.get("training") or {}).get("task")
+        if bt not in (None, task):
+            raise ValueError(f"{br.path} was trained for task {bt!r}, not {task!r}")
+    groups: dict[str, list[int]] = {}
+    for j, br in enumerate(bridges):
+        groups.setdefault(_group_name(br), []).append(j)
+    labels = list(prompt.labels)
+    lab_index = {lab: i for i, lab in enumerate(labels)}
+
+    src = LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=True)
+    relay_rt = LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=False)
+    tgt = LlamaRuntime(resolve_model(TARGET, cfg), cfg)
+    try:
+        src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
+        for br in bridges:
+            br.check_pair(src_sig, tgt_sig)
+        digest = src_sig.weights_digest
+        layers = sorted({br.source_layer for br in bridges})
+
+        # ---- features: test (evaluated), dev (mean control, probe's C), train (probe)
+        test_feats: dict[int, Features] = {}
+        dev_feats: dict[int, Features] = {}
+        examples: list[Example] = []
+        for layer in layers:
+            examples, test_feats[layer] = split_features(src, cfg, task, "test", layer, n, digest)
+            _, dev_feats[layer] = split_features(src, cfg, task, "dev", layer, n_dev, digest)
+        n = len(examples)
+        gold = np.array([lab_index[ex.label] for ex in examples])
+        scored_on = _examples_digest(examples)
+        perm = derangement(n, seed)
+
+        probe_layer = bridges[0].source_layer
+        pool = bridges[0].pool
+        n_tr = n_train or _n_train(bridges[0])
+        train_ex, train_f = split_features(src, cfg, task, "train", probe_layer, n_tr, digest)
+        dev_ex = load_split(task, "dev", cfg)[:len(dev_feats[probe_layer])]
+        x_tr = np.stack([pool(train_f.rows_of(i)) for i in range(len(train_f))]).astype(np.float64)
+        x_dev = np.stack([pool(dev_feats[probe_layer].rows_of(i))
+                          for i in range(len(dev_ex))]).astype(np.float64)
+        x_te = np.stack([pool(test_feats[probe_layer].rows_of(i)) for i in range(n)]).astype(np.float64)
+        y_tr = np.array([lab_index[e.label] for e in train_ex])
+        y_dev = np.array([lab_index[e.label] for e in dev_ex])
+        _log(f"probe: {len(y_tr)} train, {len(y_dev)} dev examples, layer {probe_layer}")
+        probe = fit_probe(x_tr, y_tr, x_dev, y_dev, len(labels), probe_cs)
+        t0 = time.perf_counter()
+        probe_pred = probe_predict(probe, x_te)
+        probe_s = (time.perf_counter() - t0) / n
+        majority = Counter(e.label for e in load_split(task, "train", cfg)).most_common(1)[0][0]
+
+        # ---- bridge outputs
+        vec: dict[str, list[np.ndarray]] = {c: [] for c in ("bridged", "shuffled", "random")}
+        apply_s = np.zeros((len(bridges), n))
+        means, rng = [], np.random.default_rng(seed + 1)
+        for j, br in enumerate(bridges):
+            f = test_feats[br.source_layer]
+            outs = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                outs.append(br.apply(f.rows_of(i)))
+                apply_s[j, i] = time.perf_counter() - t0
+            v = np.stack(outs)
+            vec["bridged"].append(v)
+            vec["shuffled"].append(v[perm])
+            vec["random"].append(norm_matched_gaussian(v, rng))
+            fd = dev_feats[br.source_layer]
+            means.append(np.mean([br.apply(fd.rows_of(i)) for i in range(len(fd))], axis=0))
+
+        # ---- per-example loop (conditions interleaved, so load drifts hit all alike)
+        emb = tgt.token_embeddings()
+        reader = Reader(tgt, emb, prompt)
+        pred: dict[str, np.ndarray] = {}
+        lat: dict[str, np.ndarray] = {}
+
+        def slot(name: str, s: int = 1) -> None:
+            pred[name] = np.full((s, n), -1)
+            lat[name] = np.full((s, n), np.nan)
+
+        for name in ("original_text", "text_relay", "none"):
+            slot(name)
+        for c in ("bridged", "shuffled", "random", "zero", "mean"):
+            slot(c, len(bridges))
+        capture_s = np.zeros(n)
+        rel_diff = np.zeros(n)
+        relay_msgs: list[str] = []
+        relay_ntok = np.zeros(n, dtype=int)
+        relay_send_s = np.zeros(n)
+        n_const = min(constant_repeats, n)
+        t_loop = time.perf_counter()
+        for i, ex in enumerate(examples):
+            # sender: capture (timed), compared with the cached rows the bridges read
+            src.clear()
+            t0 = time.perf_counter()
+            rows = capture(src, src.tokenize(ex.text), layers)
+            capture_s[i] = time.perf_counter() - t0
+            src.clear()
+            for layer in layers:
+                cached = test_feats[layer].rows_of(i)
+                rel_diff[i] = max(rel_diff[i], float(np.linalg.norm(rows[layer] - cached)
+                                                     / max(np.linalg.norm(cached), 1e-12)))
+            # text conditions
+            pred["original_text"][0, i], lat["original_text"][0, i] = reader.read_text(ex.text)
+            msg, relay_ntok[i], relay_send_s[i] = relay_message(relay_rt, template, ex.text,
+                                                                relay_tokens)
+            relay_msgs.append(msg)
+            pred["text_relay"][0, i], t = reader.read_text(msg)
+            lat["text_relay"][0, i] = relay_send_s[i] + t
+            # vector conditions
+            for j in range(len(bridges)):
+                for c in ("bridged", "shuffled", "random"):
+                    pred[c][j, i], lat[c][j, i] = reader.read_vectors(vec[c][j][i])
+            # constant inputs: answered once, timed on the first n_const examples
+            if i < n_const:
+                a, lat["none"][0, i] = reader.read_text("")
+                if i and a != pred["none"][0, 0]:
+                    raise RuntimeError("the receiver's answer to a constant input changed")
+                pred["none"][0, i] = a
+                for j, br in enumerate(bridges):
+                    for c, v in (("zero", np.zeros((br.k, br.d_tgt), np.float32)), ("mean", means[j])):
+                        a, lat[c][j, i] = reader.read_vectors(v)
+                        if i and a != pred[c][j, 0]:
+                            raise RuntimeError("the receiver's answer to a constant input changed")
+                        pred[c][j, i] = a
+            _progress("eval", i + 1, n, t_loop)
+        for name in ("none", "zero", "mean"):
+            pred[name][:, n_const:] = pred[name][:, :1]
+        text_fallbacks = reader.fallbacks
+        threads = cfg.runtime.n_threads or "all cores"
+    finally:
+        src.close()
+        relay_rt.close()
+        tgt.close()
+
+    # ---- statistics
+    idx = bootstrap_indices(n, resamples, seed)
+    conditions: list[ConditionResult] = []
+    correct: dict[str, np.ndarray] = {}
+
+    def add(name: str, cond: str, group: str | None, role: str, ok: np.ndarray,
+            lat_s: np.ndarray | None, wire: float | None, lat_what: str, wire_what: str) -> None:
+        ok = np.atleast_2d(ok).astype(np.float64)
+        correct[name] = ok
+        ms = None if lat_s is None else np.asarray(lat_s, dtype=np.float64).ravel() * 1e3
+        ms = None if ms is None else ms[np.isfinite(ms)]
+        conditions.append(ConditionResult(
+            name=name, condition=cond, group=group, role=role, acc=float(ok.mean()),
+            ci=bootstrap_ci(ok, idx), per_seed=[float(r.mean()) for r in ok],
+            latency_median_ms=None if ms is None else _pct(ms, 50),
+            latency_p90_ms=None if ms is None else _pct(ms, 90),
+            wire_bytes=wire, latency_what=lat_what, wire_what=wire_what, n=n, scored_on=scored_on))
+
+    add("majority", "majority", None, "reference",
+        np.array([lab_index[majority] == g for g in gold]), None, 0.0, "",
+        f"none (always {majority!r})")
+    add("none", "none", None, "reference", pred["none"] == gold, lat["none"], 0.0,
+        "receiver read (primer cached)", "nothing sent")
+    add("original_text", "original_text", None, "reference", pred["original_text"] == gold,
+        lat["original_text"], float(np.mean([len(e.text.encode()) for e in examples])),
+        "receiver read (primer cached)", "UTF-8 bytes of the text")
+    add("text_relay", "text_relay", None, "baseline", pred["text_relay"] == gold,
+        lat["text_relay"], float(np.mean([len(m.encode()) for m in relay_msgs])),
+        "sender prefill + generation + receiver read", "UTF-8 bytes of the message")
+    add("linear_probe", "linear_probe", None, "baseline", probe_pred == gold,
+        capture_s + probe_s, None, "sender capture + probe", "")
+    bridge_info = []
+    for g, members in groups.items():
+        k, d = bridges[members[0]].k, bridges[members[0]].d_tgt
+        payload = k * d * 4
+        over = tensor_frame_overhead(k, d)
+        wire = float(payload + (over or 0))
+        wire_what = (f"f32 K*d*4 = {payload} + {over} bytes of TENSOR message header"
+                     if over is not None else f"f32 K*d*4 = {payload} (payload only)")
+        m = np.array(members)
+        b_lat = capture_s[None, :] + apply_s[m] + lat["bridged"][m]
+        add(f"bridged ({g})", "bridged", g, "bridge", pred["bridged"][m] == gold, b_lat, wire,
+            "sender capture + apply + receiver read", wire_what)
+        for c in ("shuffled", "zero", "mean", "random"):
+            add(f"{c} ({g})", c, g, "control", pred[c][m] == gold, lat[c][m], wire,
+                "receiver read", "same message shape as bridged")
+        for j in members:
+            br = bridges[j]
+            bridge_info.append({"path": str(br.path), "digest": br.digest, "kind": br.kind, "k": br.k,
+                                "layer": br.source_layer, "group": g,
+                                "seed": (br.meta.get("training") or {}).get("seed"),
+                                "dev_acc": (br.meta.get("training") or {}).get("dev_acc")})
+
+    # ---- headline checks (per bridge group)
+    by_name = {c.name: c for c in conditions}
+    checks = []
+
+    def diff(a: str, b: str) -> tuple[float, tuple[float, float]]:
+        da = correct[a].mean(axis=0) - correct[b].mean(axis=0)
+        lo, hi = bootstrap_ci(da, idx)
+        return float(da.mean()) * 100, (lo * 100, hi * 100)
+
+    for g in groups:
+        b = f"bridged ({g})"
+        d_sh, ci_sh = diff(b, f"shuffled ({g})")
+        d_tr, ci_tr = diff(b, "text_relay")
+        ok_sh, ok_tr = d_sh >= 20.0, d_tr >= 0.0
+        checks.append({"group": g, "goal": "bridged - shuffled >= 20 points", "value": d_sh,
+                       "ci": ci_sh, "holds": ok_sh, "ci_holds": ci_sh[0] >= 20.0,
+                       "text": f"[{g}] bridge beats shuffled by >= 20 points: "
+                               f"{'HOLDS' if ok_sh else 'FAILS'} ({d_sh:+.1f} points, 95% CI "
+                               f"[{ci_sh[0]:+.1f}, {ci_sh[1]:+.1f}]"
+                               f"{'' if ci_sh[0] >= 20 or not ok_sh else '; CI reaches below 20'})"})
+        checks.append({"group": g, "goal": "bridged >= text_relay", "value": d_tr, "ci": ci_tr,
+                       "holds": ok_tr, "ci_holds": ci_tr[0] >= 0.0,
+                       "text": f"[{g}] bridge accuracy >= text relay: "
+                               f"{'HOLDS' if ok_tr else 'FAILS'} ({d_tr:+.1f} points, 95% CI "
+                               f"[{ci_tr[0]:+.1f}, {ci_tr[1]:+.1f}]"
+                               f"{'' if ci_tr[0] >= 0 or not ok_tr else '; CI reaches below 0'})"})
+        lb, lr = by_name[b].latency_median_ms, by_name["text_relay"].latency_median_ms
+        ratio = (lr / lb) if lb else float("inf")
+        checks.append({"group": g, "goal": "latency(text_relay) / latency(bridged) >= 5",
+                       "value": ratio, "holds": ratio >= 5.0,
+                       "text": f"[{g}] bridge latency <= 1/5 of text relay: "
+                               f"{'HOLDS' if ratio >= 5 else 'FAILS'} (median {lb:.0f} ms vs "
+                               f"{lr:.0f} ms, ratio {ratio:.1f}x)"})
+
+    first = {g: members[0] for g, members in groups.items()}
+    arrays = {}
+    for g, j in first.items():
+        for c in ("bridged", "shuffled", "random"):
+            arrays[f"{c} ({g})"] = vec[c][j]
+        arrays[f"mean ({g})"] = means[j]
+    per_example = {
+        "gold": [labels[g] for g in gold],
+        "pred": {name: [[labels[a] if a >= 0 else None for a in row] for row in pred[name]]
+                 for name in pred},
+        "linear_probe": [labels[a] for a in probe_pred],
+        "relay_messages": relay_msgs,
+        "latency_ms": {"capture": (capture_s * 1e3).round(2).tolist(),
+                       "relay_sender": (relay_send_s * 1e3).round(2).tolist()},
+    }
+    report = EvalReport(
+        task=task, split="test", n=n, examples_digest=scored_on, bridges=bridge_info,
+        conditions=conditions, checks=checks,
+        probe={"C": probe["C"], "cs": probe["cs"], "dev_scores": probe["dev_scores"],
+               "train_acc": probe["train_acc"], "n_train": len(y_tr), "n_dev": len(y_dev),
+               "layer": probe_layer, "selected_on": "dev"},
+        relay={"prompt_name": relay_prompt if relay_prompt in RELAY_PROMPTS else "custom",
+               "prompt": template, "max_tokens": relay_tokens,
+               "mean_tokens": float(relay_ntok.mean()), "examples": relay_msgs[:5],
+               "stop": "EOG, max tokens, or the end of the first line"},
+        sender={"max_rel_diff": float(rel_diff.max()), "capture_median_ms": _pct(capture_s * 1e3, 50),
+                "layers": layers},
+        settings={"resamples": resamples, "seed": seed, "n_dev": n_dev, "constant_repeats": n_const,
+                  "text_fallbacks": text_fallbacks, "threads": threads,
+                  "apply_median_ms": _pct(apply_s.ravel() * 1e3, 50)},
+        derangement=perm.tolist(), per_example=per_example,
+        wall_s=time.perf_counter() - t_start, arrays=arrays)
+    if out is not None:
+        write_outputs(report, out)
+    return report
+
+
+def write_outputs(report: EvalReport, out: str | Path) -> dict[str, Path]:
+    from bridges.plot import write_svg
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"json": d / "eval.json", "md": d / "eval.md", "svg": d / "eval.svg"}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=1, default=_jsonable) + "\n")
+    paths["md"].write_text(report.markdown())
+    chance = next((c.acc for c in report.conditions if c.condition == "majority"), None)
+    write_svg(paths["svg"], [dataclasses.asdict(c) for c in report.conditions],
+              title=f"{report.task}: first {report.n} test examples (dashed: majority)",
+              chance=chance)
+    return paths
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# --------------------------------------------------------------------------- relay prompt sweep
+
+
+def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int = 100,
+                relay_tokens: int = 24, prompts: dict[str, str] | None = None) -> dict[str, float]:
+    """Receiver accuracy of the text relay for each candidate prompt on the first ``n_dev`` DEV
+    examples (never test): how ``RELAY_PROMPT`` was chosen."""
+    cfg = cfg or load_config()
+    prompts = prompts or RELAY_PROMPTS
+    prompt = task_prompt(task)
+    dev = load_split(task, "dev", cfg)[:n_dev]
+    labels = list(prompt.labels)
+    out = {}
+    with LlamaRuntime(resolve_model(SOURCE, cfg), cfg) as s, \
+            LlamaRuntime(resolve_model(TARGET, cfg), cfg) as t:
+        reader = Reader(t, t.token_embeddings(), prompt)
+        for name, template in prompts.items():
+            ok, t0 = [], time.perf_counter()
+            for i, ex in enumerate(dev):
+                msg, _, _ = relay_message(s, template, ex.text, relay_tokens)
+                ok.append(labels[reader.read_text(msg)[0]] == ex.label)
+                _progress(f"relay {name}", i + 1, len(dev), t0)
+            out[name] = float(np.mean(ok))
+            _log(f"relay prompt {name}: dev accuracy {out[name]:.3f}")
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bridges.evaluate",
+                                 description="choose the text relay prompt on DEV")
+    ap.add_argument("--sweep-relay", action="store_true", required=True)
+    ap.add_argument("--n-dev", type=int, default=100)
+    ap.add_argument("--task", default="sentiment")
+    a = ap.parse_args()
+    print(json.dumps(sweep_relay(task=a.task, n_dev=a.n_dev), indent=1))

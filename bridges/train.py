@@ -1,0 +1,269 @@
+"""Train a bridge (perceiver or lip) from SmolLM2's hidden states into Gemma-3's input space,
+and export it for the numpy runtime.
+
+* Sender rows come from llama.cpp (``bridges.features``, cached), so training sees exactly
+  what a handoff sends.
+* ``perceiver`` trains through the frozen target: a torch copy of the target built from the
+  same GGUF (``bridges.torch_receiver``, checked against llama.cpp's logits) reads
+  ``primer + before``, the K bridged vectors, then ``after``, and the loss is the target's
+  language-model cross-entropy (over its whole vocabulary) of the answer's first token. The
+  primer's K/V are computed once (``Receiver.prefix_cache``), so a step costs only the K + a
+  few positions of every example. Early stopping on dev accuracy, read the same way.
+* ``lip`` is a regression and needs no receiver: the target's own token rows of the same text,
+  pooled into the same K segments, with the hybrid loss MSE + 2 (1 - cos). It never sees a
+  label; dev loss picks the best step.
+
+Everything is seeded; two runs with the same arguments on the same machine give the same
+bridge. The test split is never read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bridges.data import Example
+from bridges.features import Features, split_features
+from bridges.modules import LipAdapter, LipArch, PerceiverArch, PerceiverBridge, segment_means
+from bridges.tasks import task_prompt
+from bridges.torch_receiver import Receiver
+from edgelink.bridge import export_bridge
+from edgelink.config import Config, load_config
+from edgelink.registry import resolve_model
+from edgelink.runtime.embeddings import TokenEmbeddings
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.signature import model_signature
+
+SOURCE = "smollm2-135m"
+TARGET = "gemma3-270m"
+SKIP = 1  # the BOS row
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    """Everything that decides a trained bridge (recorded in its manifest)."""
+
+    kind: str = "perceiver"
+    task: str = "sentiment"
+    k: int = 8
+    layer: int = 15
+    seed: int = 0
+    n_train: int = 2000
+    n_dev: int = 300
+    steps: int = 300
+    batch: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    eval_every: int = 50
+    source: str = SOURCE
+    target: str = TARGET
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 512
+    bottleneck: int = 256
+
+    def stem(self) -> str:
+        return f"{self.task}-{self.kind}-k{self.k}-l{self.layer}-s{self.seed}"
+
+
+def _padded(feats: Features, idx: np.ndarray, mean: np.ndarray, std: np.ndarray
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardized rows (BOS dropped) of the chosen texts, zero-padded: [B, T, d], valid [B, T]."""
+    rows = [feats.rows_of(int(i)) for i in idx]
+    rows = [r[SKIP:] if len(r) > SKIP else r for r in rows]
+    t = max(len(r) for r in rows)
+    x = np.zeros((len(rows), t, feats.d), dtype=np.float32)
+    valid = np.zeros((len(rows), t), dtype=bool)
+    for j, r in enumerate(rows):
+        x[j, :len(r)] = (r - mean) / std
+        valid[j, :len(r)] = True
+    return torch.from_numpy(x), torch.from_numpy(valid)
+
+
+def row_stats(feats: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std over every training row but each text's BOS row."""
+    keep = np.ones(len(feats.rows), dtype=bool)
+    keep[feats.offsets[:-1]] = False
+    rows = feats.rows[keep].astype(np.float64)
+    return rows.mean(axis=0).astype(np.float32), np.maximum(rows.std(axis=0), 1e-6).astype(np.float32)
+
+
+class _ReceiverHead:
+    """The frozen torch target behind the prompt: bridged vectors -> answer logits."""
+
+    def __init__(self, rx: Receiver, tgt: LlamaRuntime, task: str, labels: list[str]):
+        prompt = task_prompt(task)
+        self.rx = rx
+        self.cache = rx.prefix_cache(torch.tensor(tgt.tokenize(prompt.primer + prompt.before)))
+        after = torch.tensor(tgt.tokenize(prompt.after, add_special=False))
+        self.after = rx.embed(after)  # [A, n_embd]
+        self.label_ids = torch.tensor([tgt.tokenize(prompt.labels[lab], add_special=False)[0]
+                                       for lab in labels])
+
+    def logits(self, v: torch.Tensor) -> torch.Tensor:
+        """v [B, K, n_embd] in token-row space -> full-vocabulary logits [B, n_vocab]."""
+        x = torch.cat((v * self.rx.input_scale, self.after.expand(v.shape[0], -1, -1)), dim=1)
+        return self.rx(inputs_embeds=x, cache=self.cache, last_only=True)[:, -1]
+
+
+def _log_default(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
+                 log: Callable[[str], None] = _log_default) -> dict[str, Any]:
+    """Train one bridge and export ``<out>/<spec.stem()>.{json,npz}``; returns the paths and
+    the training record."""
+    if spec.kind not in ("perceiver", "lip"):
+        raise ValueError(f"train_bridge trains perceiver or lip bridges, not {spec.kind!r}")
+    cfg = cfg or load_config()
+    t_start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    src = LlamaRuntime(resolve_model(spec.source, cfg, pull=True), cfg, eval_hook=True)
+    tgt = LlamaRuntime(resolve_model(spec.target, cfg, pull=True), cfg)
+    try:
+        src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
+        train, f_tr = split_features(src, cfg, spec.task, "train", spec.layer, spec.n_train,
+                                     src_sig.weights_digest)
+        dev, f_dev = split_features(src, cfg, spec.task, "dev", spec.layer, spec.n_dev,
+                                    src_sig.weights_digest)
+        emb = TokenEmbeddings(tgt.path, tgt_sig.architecture, tgt_sig.n_embd)
+        labels = sorted({ex.label for ex in train})
+        mean, std = row_stats(f_tr)
+        d_src, d_tgt = f_tr.d, tgt_sig.n_embd
+        t_feat = time.perf_counter() - t_start
+        log(f"{spec.stem()}: {len(train)} train / {len(dev)} dev texts, features {t_feat:.0f} s")
+        if spec.kind == "perceiver":
+            model = PerceiverBridge(d_src, d_tgt, spec.k, emb.mean_norm,
+                                    PerceiverArch(spec.d_model, spec.n_heads, spec.n_layers, spec.d_ff))
+            head = _ReceiverHead(Receiver.from_gguf(tgt.path), tgt, spec.task, labels)
+            loop = _PerceiverLoop(model, head, labels)
+        else:
+            model = LipAdapter(d_src, d_tgt, spec.k, emb.mean_norm, LipArch(spec.bottleneck))
+            loop = _LipLoop(model, spec.k, _text_rows(tgt, emb, train), _text_rows(tgt, emb, dev))
+    finally:
+        src.close()
+        tgt.close()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps,
+                                                pct_start=0.1)
+    curve: list[dict[str, float]] = []
+    best: tuple[float, int, dict] | None = None
+    order = np.concatenate([rng.permutation(len(train)) for _ in range(
+        spec.steps * spec.batch // len(train) + 1)])
+    t0 = time.perf_counter()
+    for step in range(1, spec.steps + 1):
+        idx = order[(step - 1) * spec.batch: step * spec.batch]
+        model.train()
+        x, valid = _padded(f_tr, idx, mean, std)
+        loss = loop.loss(x, valid, idx, train)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % spec.eval_every == 0 or step == spec.steps:
+            model.eval()
+            with torch.no_grad():
+                score = loop.dev_score(f_dev, dev, mean, std)
+            rate = step / (time.perf_counter() - t0)
+            curve.append({"step": step, "train_loss": float(loss.detach()), **score})
+            log(f"  step {step}/{spec.steps}: loss {float(loss.detach()):.4f}, "
+                + ", ".join(f"{k} {v:.4f}" for k, v in score.items()) + f" ({rate:.2f} steps/s)")
+            key = score["dev_acc"] if "dev_acc" in score else -score["dev_loss"]
+            if best is None or key > best[0]:
+                best = (key, step, {n: t.detach().clone() for n, t in model.state_dict().items()})
+    assert best is not None
+    model.load_state_dict(best[2])
+    t_train = time.perf_counter() - t0
+    record = {
+        **dataclasses.asdict(spec), "split": "train", "labels": labels,
+        "subset": f"first {len(train)} of the seed-0 train split",
+        "dev": {"n": len(dev), "subset": f"first {len(dev)} of the seed-0 dev split"},
+        "best_step": best[1], "curve": curve, "features_s": round(t_feat, 1),
+        "train_s": round(t_train, 1), "torch": torch.__version__,
+        **{k: v for k, v in next(c for c in curve if c["step"] == best[1]).items() if k.startswith("dev_")},
+    }
+    manifest, npz = export_bridge(
+        Path(out) / spec.stem(), kind=spec.kind, arrays=model.export(), source_sig=src_sig,
+        target_sig=tgt_sig, source_layer=spec.layer, k=spec.k, norm_mean=mean, norm_std=std,
+        pool={"kind": "none" if spec.kind == "perceiver" else "segments", "skip": SKIP},
+        training=record, prompt=task_prompt(spec.task), arch=model.manifest_arch())
+    log(f"{spec.stem()}: best step {best[1]}, train {t_train:.0f} s; wrote {manifest}")
+    return {"manifest": manifest, "npz": npz, "model": model, **record}
+
+
+class _PerceiverLoop:
+    def __init__(self, model: PerceiverBridge, head: _ReceiverHead, labels: list[str]):
+        self.model, self.head, self.labels = model, head, labels
+
+    def _gold(self, idx, examples: list[Example]) -> torch.Tensor:
+        return torch.tensor([self.labels.index(examples[int(i)].label) for i in idx])
+
+    def loss(self, x, valid, idx, examples) -> torch.Tensor:
+        logits = self.head.logits(self.model(x, valid))
+        return F.cross_entropy(logits, self.head.label_ids[self._gold(idx, examples)])
+
+    def dev_score(self, feats: Features, examples, mean, std, batch: int = 32) -> dict[str, float]:
+        correct, losses = 0, []
+        for s in range(0, len(examples), batch):
+            idx = np.arange(s, min(s + batch, len(examples)))
+            x, valid = _padded(feats, idx, mean, std)
+            logits = self.head.logits(self.model(x, valid))
+            gold = self._gold(idx, examples)
+            losses.append(float(F.cross_entropy(logits, self.head.label_ids[gold], reduction="sum")))
+            correct += int((logits[:, self.head.label_ids].argmax(dim=1) == gold).sum())
+        return {"dev_acc": correct / len(examples), "dev_loss": sum(losses) / len(examples)}
+
+
+def _text_rows(tgt: LlamaRuntime, emb: TokenEmbeddings, examples: list[Example]) -> list[np.ndarray]:
+    """The target's own token rows of each text (no BOS): what LIP learns to produce."""
+    return [emb.rows(tgt.tokenize(ex.text, add_special=False) or [tgt.token_bos()])
+            for ex in examples]
+
+
+class _LipLoop:
+    LAMBDA = 2.0
+
+    def __init__(self, model: LipAdapter, k: int, train_rows: list[np.ndarray], dev_rows: list[np.ndarray]):
+        self.model, self.k = model, k
+        self.y_train = self._targets(train_rows)
+        self.y_dev = self._targets(dev_rows)
+
+    def _targets(self, rows: list[np.ndarray]) -> torch.Tensor:
+        out = []
+        for r in rows:
+            t = torch.from_numpy(np.asarray(r, dtype=np.float32))[None]
+            out.append(segment_means(t, torch.ones(t.shape[:2], dtype=torch.bool), self.k)[0])
+        return torch.stack(out)  # [N, K, d_tgt]
+
+    def _hybrid(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mse = ((pred - y) ** 2).mean()
+        cos = F.cosine_similarity(pred, y, dim=-1).mean()
+        return mse + self.LAMBDA * (1 - cos)
+
+    def loss(self, x, valid, idx, examples) -> torch.Tensor:
+        return self._hybrid(self.model.raw(x, valid), self.y_train[torch.from_numpy(idx)])
+
+    def dev_score(self, feats: Features, examples, mean, std, batch: int = 64) -> dict[str, float]:
+        total = 0.0
+        cos = 0.0
+        for s in range(0, len(examples), batch):
+            idx = np.arange(s, min(s + batch, len(examples)))
+            x, valid = _padded(feats, idx, mean, std)
+            pred, y = self.model.raw(x, valid), self.y_dev[torch.from_numpy(idx)]
+            total += float(self._hybrid(pred, y)) * len(idx)
+            cos += float(F.cosine_similarity(pred, y, dim=-1).mean()) * len(idx)
+        return {"dev_loss": total / len(examples), "dev_cos": cos / len(examples)}
