@@ -144,13 +144,11 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         d_src, d_tgt = f_tr.d, tgt_sig.n_embd
         t_feat = time.perf_counter() - t_start
         log(f"{spec.stem()}: {len(train)} train / {len(dev)} dev texts, features {t_feat:.0f} s")
+        model = build_model(spec, d_src, d_tgt, emb.mean_norm)
         if spec.kind == "perceiver":
-            model = PerceiverBridge(d_src, d_tgt, spec.k, emb.mean_norm,
-                                    PerceiverArch(spec.d_model, spec.n_heads, spec.n_layers, spec.d_ff))
             head = _ReceiverHead(Receiver.from_gguf(tgt.path), tgt, spec.task, labels)
             loop = _PerceiverLoop(model, head, labels)
         else:
-            model = LipAdapter(d_src, d_tgt, spec.k, emb.mean_norm, LipArch(spec.bottleneck))
             loop = _LipLoop(model, spec.k, _text_rows(tgt, emb, train), _text_rows(tgt, emb, dev))
     finally:
         src.close()
@@ -196,13 +194,37 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         "train_s": round(t_train, 1), "torch": torch.__version__,
         **{k: v for k, v in next(c for c in curve if c["step"] == best[1]).items() if k.startswith("dev_")},
     }
-    manifest, npz = export_bridge(
-        Path(out) / spec.stem(), kind=spec.kind, arrays=model.export(), source_sig=src_sig,
-        target_sig=tgt_sig, source_layer=spec.layer, k=spec.k, norm_mean=mean, norm_std=std,
-        pool={"kind": "none" if spec.kind == "perceiver" else "segments", "skip": SKIP},
-        training=record, prompt=task_prompt(spec.task), arch=model.manifest_arch())
+    ckpt = Path(out) / f"{spec.stem()}.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"spec": dataclasses.asdict(spec), "state": model.state_dict(), "mean": mean,
+                "std": std, "source_sig": src_sig.to_dict(), "target_sig": tgt_sig.to_dict(),
+                "record": record, "target_norm": emb.mean_norm}, ckpt)
+    manifest, npz = export_checkpoint(ckpt, Path(out) / spec.stem())
     log(f"{spec.stem()}: best step {best[1]}, train {t_train:.0f} s; wrote {manifest}")
-    return {"manifest": manifest, "npz": npz, "model": model, **record}
+    return {"manifest": manifest, "npz": npz, "checkpoint": ckpt, "model": model, **record}
+
+
+def build_model(spec: TrainSpec, d_src: int, d_tgt: int, target_norm: float
+                ) -> PerceiverBridge | LipAdapter:
+    if spec.kind == "perceiver":
+        return PerceiverBridge(d_src, d_tgt, spec.k, target_norm,
+                               PerceiverArch(spec.d_model, spec.n_heads, spec.n_layers, spec.d_ff))
+    return LipAdapter(d_src, d_tgt, spec.k, target_norm, LipArch(spec.bottleneck))
+
+
+def export_checkpoint(ckpt: str | Path, stem: str | Path) -> tuple[Path, Path]:
+    """A training checkpoint (``<stem>.pt``, torch) -> the numpy bridge ``<stem>.{json,npz}``."""
+    c = torch.load(ckpt, weights_only=False)
+    spec = TrainSpec(**c["spec"])
+    model = build_model(spec, int(c["source_sig"]["n_embd"]), int(c["target_sig"]["n_embd"]),
+                        float(c["target_norm"]))
+    model.load_state_dict(c["state"])
+    return export_bridge(
+        stem, kind=spec.kind, arrays=model.export(), source_sig=c["source_sig"],
+        target_sig=c["target_sig"], source_layer=spec.layer, k=spec.k, norm_mean=c["mean"],
+        norm_std=c["std"], pool={"kind": "none" if spec.kind == "perceiver" else "segments",
+                                 "skip": SKIP},
+        training=c["record"], prompt=task_prompt(spec.task), arch=model.manifest_arch())
 
 
 class _PerceiverLoop:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.endpoint import parse_endpoint
 from edgelink.errors import EdgelinkError, PeerGone
@@ -168,15 +169,23 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
                           {"import_s": t1 - t0, "generate_s": t2 - t1}, {"payload": payload})
 
 
+def _load_bridge(bridge: str | os.PathLike[str] | Bridge | None) -> Bridge | None:
+    return load_bridge(bridge) if bridge is not None and not isinstance(bridge, Bridge) else bridge
+
+
 def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions: int | None = None,
           on_ready: Callable[[str], None] | None = None,
           on_session: Callable[[SessionReport], None] | None = None,
-          progress: Progress | None = None) -> None:
-    """Receive sessions on ``endpoint`` (``shm:NAME``) until stopped or ``max_sessions`` end."""
+          progress: Progress | None = None,
+          bridge: str | os.PathLike[str] | Bridge | None = None) -> None:
+    """Receive sessions on ``endpoint`` (``shm:NAME``) until stopped or ``max_sessions`` end.
+    With ``bridge`` (a file, trained for this model as its target; refused at startup
+    otherwise) it also accepts sessions bridged from the bridge's source model."""
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
+    br = _load_bridge(bridge)
     with load_runtime(model, cfg, progress) as rt:
-        receiver = Receiver(rt, cfg, model_signature(rt, cfg).to_dict())
+        receiver = Receiver(rt, cfg, model_signature(rt, cfg).to_dict(), bridge=br)
         listener = ShmListener(ep.address, cfg)
         install_cleanup_handlers()
         try:
@@ -221,13 +230,16 @@ def identity(cfg: Config | None = None, *, create: bool = True) -> dict[str, Any
 def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
          on_ready: Callable[[dict[str, Any]], None] | None = None,
          on_session: Callable[[dict[str, Any]], None] | None = None,
-         progress: Progress | None = None) -> None:
-    """Run a libp2p node that accepts handoffs until SIGINT/SIGTERM (see edgelink.node)."""
+         progress: Progress | None = None,
+         bridge: str | os.PathLike[str] | Bridge | None = None) -> None:
+    """Run a libp2p node that accepts handoffs until SIGINT/SIGTERM (see edgelink.node);
+    ``bridge`` as for :func:`serve`."""
     from edgelink.node import Node
 
     cfg = _cfg(cfg)
+    br = _load_bridge(bridge)
     path = resolve_model(model, cfg, pull=True, progress=progress)
-    n = Node(path, cfg, listen=listen, on_event=on_session)
+    n = Node(path, cfg, listen=listen, on_event=on_session, bridge=br)
     try:
         if on_ready:
             on_ready({"event": "ready", "peer_id": n.identity.peer_id_str, "addrs": n.addrs,

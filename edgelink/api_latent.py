@@ -1,4 +1,5 @@
-"""Python API for the latent kinds: HIDDEN_SLICE and RESIDUAL_PATCH (see docs/latent.md).
+"""Python API for the latent kinds: HIDDEN_SLICE and RESIDUAL_PATCH (see docs/latent.md), and
+BRIDGED_PREFIX handoffs between different models (``bridged_handoff``, docs/protocol.md).
 
     >>> from edgelink import api_latent as al
     >>> sl = al.capture_hidden("smollm2-135m", "The capital of France is", layers=[15])
@@ -23,8 +24,10 @@ from typing import Any
 import numpy as np
 
 from edgelink.api import Generation, _cfg, connect, load_runtime
+from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config
 from edgelink.errors import ChecksumMismatch, EdgelinkError, PeerGone, SessionError
+from edgelink.latent.bridged import bridge_claim, source_rows
 from edgelink.latent.hidden import HiddenSlice, HiddenSliceApplier, capture_slice
 from edgelink.latent.patch import PatchApplier, ResidualPatch, steering_patch
 from edgelink.protocol.codec import tensor_message_digest
@@ -162,6 +165,56 @@ def steer(model: str, prompt: str, to: str, layer: int, positive: Sequence[str],
                           {"patch_roundtrip_s": sent["roundtrip_s"], "remote_generate_s": body["generate_s"]},
                           {"payload": sent["payload_bytes"], "wire": sent["wire_bytes"]},
                           {"digest": sent["digest"], "gain": g, "layer": layer, "to": to})
+
+
+def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str | None = None,
+                    n_tokens: int | None = None, cfg: Config | None = None, *,
+                    token: str | None = None, labels: bool = True) -> Generation:
+    """Hand ``text`` to a peer running *another* model, through a bridge (BRIDGED_PREFIX).
+
+    Here: the bridge's source model (``model``, default ``runtime.default_model``; refused
+    unless it is the bridge's source) reads ``text`` with the eval hook, its residual after
+    ``bridge.source_layer`` goes through ``bridge.apply``, and the K vectors are shipped in a
+    session bridged by the bridge's digest. The peer (``edgelink serve/node --bridge`` with the
+    same bridge, on its target model) reads them inside the bridge's prompt; with ``labels`` and
+    a prompt that has labels it reports its label scores, then it generates ``n_tokens``."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    br = bridge if isinstance(bridge, Bridge) else load_bridge(bridge)
+    model = model or cfg.runtime.default_model
+    with _hooked(model, cfg) as rt:
+        signature = model_signature(rt, cfg).to_dict()
+        br.check_pair(signature, br.meta["target"])  # this model must be the bridge's source
+        t0 = time.perf_counter()
+        rows, n_src = source_rows(rt, br, text)
+        t1 = time.perf_counter()
+        vectors = br.apply(rows)
+        t2 = time.perf_counter()
+        sender = Sender(connect(to, cfg), cfg, signature, auth={"token": token} if token else None,
+                        bridge=bridge_claim(br))
+        t3 = time.perf_counter()
+        try:
+            sender.handshake()
+            t4 = time.perf_counter()
+            sent = sender.send_bridged(vectors, br.digest, n_src, seq_slot=rt.seq)
+            scores = sender.request("label_scores") if labels and br.prompt and br.prompt.labels else None
+            body = sender.request("generate", n_tokens=n)
+        finally:
+            sender.close()
+    timings = {"capture_s": t1 - t0, "apply_s": t2 - t1, "connect_s": t3 - t2, "handshake_s": t4 - t3,
+               "ship_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]}
+    extra: dict[str, Any] = {"digest": sent.digest, "bridge": br.digest, "to": to, "k": br.k,
+                             "source_layer": br.source_layer}
+    if scores is not None:
+        layout = scores.pop("bridged", None)
+        if layout:
+            timings["remote_apply_s"] = layout.pop("apply_s")
+            extra["layout"] = layout
+        extra["label_scores"] = scores["scores"]
+        extra["label_probs"] = scores["probs"]
+        extra["label"] = scores["best"]
+    return Generation(model, n_src, list(body["tokens"]), body["text"], timings,
+                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes}, extra)
 
 
 # ------------------------------------------------------------------------------ files

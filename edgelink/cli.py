@@ -82,6 +82,12 @@ def info(obj: _Ctx, model: str | None, as_json: bool) -> None:
     _emit(as_json, d, "\n".join(f"{k:16} {v}" for k, v in d.items()))
 
 
+bridge_option = click.option(
+    "--bridge", default=None, type=click.Path(dir_okay=False),
+    help="Also accept sessions bridged from another model through this bridge file (trained "
+         "for this model as its target; docs/protocol.md, BRIDGED_PREFIX).")
+
+
 def _gen_text(g: api.Generation) -> str:
     lines = [g.text, ""]
     lines.append("  ".join(f"{k}={v * 1e3:.1f}ms" for k, v in g.timings.items()))
@@ -142,9 +148,11 @@ def resume(obj: _Ctx, model: str, file: str, prompt: str | None, n_tokens: int |
 @click.argument("model", required=False)
 @click.option("--shm", "shm_name", required=True, help="Shared-memory name to serve on.")
 @click.option("--max-sessions", type=int, default=None, help="Exit after this many sessions.")
+@bridge_option
 @json_option
 @click.pass_obj
-def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None, as_json: bool) -> None:
+def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None, bridge: str | None,
+          as_json: bool) -> None:
     """Receive KV snapshots on shm:NAME and continue them (until Ctrl-C)."""
     cfg = obj.cfg()
 
@@ -155,11 +163,12 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
     def session(report) -> None:
         _emit(as_json, {"event": "session", **dataclasses.asdict(report)},
               f"session: applied={report.applied} rejected={report.rejected} "
-              f"generated={report.generated} ended_by={report.ended_by}", compact=True)
+              f"generated={report.generated} ended_by={report.ended_by}"
+              + (" (bridged)" if report.bridged else ""), compact=True)
         sys.stdout.flush()
 
     api.serve(model or cfg.runtime.default_model, f"shm:{shm_name}", cfg, max_sessions=max_sessions,
-              on_ready=ready, on_session=session, progress=_progress())
+              on_ready=ready, on_session=session, progress=_progress(), bridge=bridge)
 
 
 @cli.command()
@@ -170,14 +179,26 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
 @n_option
 @click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
 @click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@click.option("--bridge", default=None, type=click.Path(dir_okay=False),
+              help="Hand PROMPT to a receiver running the bridge's target model: ship the bridge's "
+                   "output (BRIDGED_PREFIX) instead of the KV state; MODEL is the bridge's source.")
 @json_option
 @click.pass_obj
 def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | None,
-            verify: bool, token: str | None, as_json: bool) -> None:
-    """Prefill here, ship the KV state to a receiver, print its continuation."""
+            verify: bool, token: str | None, bridge: str | None, as_json: bool) -> None:
+    """Prefill here, ship the KV state to a receiver, print its continuation (with --bridge:
+    a bridge's reading of PROMPT to a receiver running another model, and its label scores)."""
     cfg = obj.cfg()
-    g = api.handoff(model or cfg.runtime.default_model, prompt, to, n_tokens, cfg, verify=verify,
-                    token=token, progress=_progress())
+    if bridge:
+        if verify:
+            raise click.UsageError("--verify compares with this model's own continuation; a bridged "
+                                   "receiver runs another model")
+        from edgelink import api_latent
+
+        g = api_latent.bridged_handoff(bridge, prompt, to, model, n_tokens, cfg, token=token)
+    else:
+        g = api.handoff(model or cfg.runtime.default_model, prompt, to, n_tokens, cfg, verify=verify,
+                        token=token, progress=_progress())
     _emit(as_json, g, _gen_text(g))
 
 
@@ -222,9 +243,10 @@ def id_(obj: _Ctx, as_json: bool) -> None:
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--listen", default=None, help="Multiaddr to listen on [config: p2p.listen].")
+@bridge_option
 @json_option
 @click.pass_obj
-def node(obj: _Ctx, model: str | None, listen: str | None, as_json: bool) -> None:
+def node(obj: _Ctx, model: str | None, listen: str | None, bridge: str | None, as_json: bool) -> None:
     """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
     cfg = obj.cfg()
 
@@ -240,7 +262,7 @@ def node(obj: _Ctx, model: str | None, listen: str | None, as_json: bool) -> Non
         sys.stdout.flush()
 
     api.node(model or cfg.runtime.default_model, cfg, listen=listen, on_ready=ready,
-             on_session=session, progress=None if as_json else _progress())
+             on_session=session, progress=None if as_json else _progress(), bridge=bridge)
 
 
 @cli.command()

@@ -67,6 +67,14 @@ class SignatureMismatch(SessionError):
         self.fields = fields or {}
 
 
+class BridgeMismatch(SignatureMismatch):
+    """A bridged session (two different models, docs/protocol.md) cannot be set up: the peer
+    names another bridge, or none where one is required, or one side's model is not the one
+    the bridge names for its role. Rejected at the handshake like any signature mismatch."""
+
+    code = "bridge"
+
+
 class ReplayError(SessionError):
     """A message id that is not exactly the next expected one (replayed or out of order)."""
 

@@ -51,16 +51,20 @@ def _spawn(what: str, args: list[str], cfg: Config, extra_env: dict[str, str] | 
 
 
 def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, str] | None = None,
-                   extra_args: tuple[str, ...] = ()) -> Receiver:
-    """`edgelink serve MODEL --shm NAME --json` in a child; returns once it is ready."""
-    return _spawn("receiver", [*extra_args, "serve", model, "--shm", shm_name, "--json"], cfg, extra_env)
+                   extra_args: tuple[str, ...] = (), serve_args: tuple[str, ...] = ()) -> Receiver:
+    """`edgelink serve MODEL --shm NAME --json` in a child; returns once it is ready.
+    ``extra_args`` go before `serve` (global options), ``serve_args`` after it (`--bridge F`)."""
+    return _spawn("receiver", [*extra_args, "serve", model, "--shm", shm_name, "--json", *serve_args],
+                  cfg, extra_env)
 
 
 def start_node(model: str, cfg: Config, listen: str = "/ip4/127.0.0.1/tcp/0",
-               extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> Receiver:
+               extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
+               node_args: tuple[str, ...] = ()) -> Receiver:
     """`edgelink node MODEL --listen ADDR --json` in a child; returns once it is ready. Its ready
     event is ``proc.ready`` (``addrs`` are full multiaddrs with /p2p/<peer id>)."""
-    return _spawn("node", [*extra_args, "node", model, "--listen", listen, "--json"], cfg, extra_env)
+    return _spawn("node", [*extra_args, "node", model, "--listen", listen, "--json", *node_args],
+                  cfg, extra_env)
 
 
 def stop_receiver(proc: subprocess.Popen, timeout: float = 30) -> int:

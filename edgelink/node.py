@@ -124,7 +124,10 @@ class Node:
 
     def __init__(self, model_path: str | Path, cfg: Config, *, listen: str | None = None,
                  identity: Identity | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None):
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 bridge: Any = None):
+        """``bridge``: an ``edgelink.bridge.Bridge`` for this model as its target; every slot
+        then also accepts sessions bridged from the bridge's source model."""
         from edgelink.runtime.llama import LlamaRuntime
         from edgelink.signature import model_signature
 
@@ -142,7 +145,12 @@ class Node:
                 rt.close()
             raise
         self.signature = model_signature(self._runtimes[0], cfg).to_dict()
-        self._receivers = [Receiver(rt, cfg, self.signature) for rt in self._runtimes]
+        try:
+            self._receivers = [Receiver(rt, cfg, self.signature, bridge=bridge) for rt in self._runtimes]
+        except BaseException:
+            for rt in self._runtimes:
+                rt.close()
+            raise
         self._free = list(range(len(self._receivers)))
         self._lock = threading.Lock()
         self._limiters: dict[str, PeerLimiter] = {}

@@ -8,8 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgelink.bridge import Bridge
 from edgelink.config import Config
 from edgelink.errors import EdgelinkError, ProtocolError, SessionError, TransportError
+from edgelink.latent.bridged import register_bridged
 from edgelink.latent.delta import DeltaApplier, delta_tensors
 from edgelink.latent.memory import MemoryApplier
 from edgelink.latent.prefix import PrefixApplier
@@ -39,12 +41,16 @@ class SessionReport:
     generated: int = 0
     bytes_in: int = 0
     ended_by: str = ""
+    bridged: bool = False  # the session ran through this receiver's bridge (another model)
 
 
 class Receiver:
-    """Serves sessions on channels, one at a time, against one runtime."""
+    """Serves sessions on channels, one at a time, against one runtime. With a ``bridge``
+    (edgelink/bridge.py, trained for this model as its target) it also accepts sessions bridged
+    from the bridge's source model and applies their BRIDGED_PREFIX messages."""
 
-    def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any]):
+    def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any],
+                 bridge: Bridge | None = None):
         self.rt = rt
         self.cfg = cfg
         self.signature = signature
@@ -64,11 +70,14 @@ class Receiver:
         from edgelink.latent.receive import register_latent
 
         register_latent(self)
+        # BRIDGED_PREFIX (only with a bridge) and the label_scores request: edgelink/latent.
+        self.bridge_claim: dict[str, str] | None = None
+        register_bridged(self, bridge)
 
     def serve_channel(self, ch: Channel) -> SessionReport:
         report = SessionReport()
         session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers),
-                          encryption=getattr(ch, "encryption", None))
+                          encryption=getattr(ch, "encryption", None), bridge=self.bridge_claim)
         limit = frame_limit(self.cfg)
         try:
             frame = ch.recv(limit)
@@ -82,6 +91,7 @@ class Receiver:
                 ch.send(session.reject(0, exc))
                 return report
             report.peer_role = hello.role
+            report.bridged = session.bridged
             ch.send(session.hello())
             while session.state is not State.CLOSED:
                 frame = ch.recv(limit, timeout=self.cfg.protocol.idle_timeout_s)

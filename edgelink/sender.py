@@ -10,13 +10,14 @@ import numpy as np
 
 from edgelink.config import Config
 from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError, StateError
+from edgelink.latent.bridged import NO_RANGE, bridged_tensors
 from edgelink.latent.delta import DeltaApplier, delta_tensors
 from edgelink.latent.memory import memory_tensors
 from edgelink.latent.prefix import prefix_tensors
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
-from edgelink.protocol.session import Role, Session
+from edgelink.protocol.session import Role, Session, State
 from edgelink.receiver import frame_limit
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.snapshot import snapshot_tensors
@@ -37,12 +38,15 @@ class Sender:
     """A client session over one channel."""
 
     def __init__(self, ch: Channel, cfg: Config, signature: dict[str, Any],
-                 kinds: tuple[Kind, ...] = tuple(Kind), auth: dict[str, Any] | None = None):
+                 kinds: tuple[Kind, ...] = tuple(Kind), auth: dict[str, Any] | None = None,
+                 bridge: dict[str, str] | None = None):
+        """``bridge``: a bridge claim (``latent.bridged.bridge_claim``) to open a bridged
+        session with a receiver that runs the bridge's target model."""
         self.ch = ch
         self.cfg = cfg
         # A network channel knows the end-to-end scheme it negotiated; both HELLOs carry it.
         self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds,
-                               encryption=getattr(ch, "encryption", None), auth=auth)
+                               encryption=getattr(ch, "encryption", None), auth=auth, bridge=bridge)
         self._limit = frame_limit(cfg)
 
     def handshake(self) -> None:
@@ -80,6 +84,14 @@ class Sender:
         t0 = time.perf_counter()
         return self._ship(seq_slot, (-1, -1), Kind.VIRTUAL_PREFIX, ApplyMode.APPEND,
                           prefix_tensors(vectors, start, energy_match), t0)
+
+    def send_bridged(self, vectors: np.ndarray, digest: str, source_tokens: int, *,
+                     seq_slot: int = 0) -> SentSnapshot:
+        """Ship a bridge's output (f32 [K, n_embd of the peer]) as BRIDGED_PREFIX; the peer
+        rebuilds its sequence around it (bridged sessions only)."""
+        t0 = time.perf_counter()
+        return self._ship(seq_slot, NO_RANGE, Kind.BRIDGED_PREFIX, ApplyMode.OVERWRITE,
+                          bridged_tensors(vectors, digest, source_tokens), t0)
 
     def pull_delta(self, rt: LlamaRuntime, since: int) -> int:
         """Ask the peer for the cells it added from ``since`` on, and append them here.
@@ -127,7 +139,10 @@ class Sender:
         return res.body
 
     def close(self) -> None:
+        """Say CLOSE (unless the session already ended, e.g. refused at the handshake: the peer
+        has stopped reading, and a CLOSE would only hide the refusal) and close the channel."""
         try:
-            self.ch.send(self.session.close())
+            if self.session.state is not State.CLOSED:
+                self.ch.send(self.session.close())
         finally:
             self.ch.close()

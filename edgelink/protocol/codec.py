@@ -109,6 +109,8 @@ def encode_hello(h: Hello) -> bytes:
     }
     if h.auth:
         body["auth"] = h.auth
+    if h.bridge:
+        body["bridge"] = h.bridge
     return _frame(FrameType.HELLO, h.session_id, h.message_id, _json(body))
 
 
@@ -236,6 +238,7 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
             max_message_bytes=_field(body, "max_message_bytes", int, what),
             encryption=_field(body, "encryption", dict, what),
             auth=_field(body, "auth", dict, what) if "auth" in body else {},
+            bridge=_field(body, "bridge", dict, what) if "bridge" in body else {},
         )
     if ftype == FrameType.ACK:
         digest_hex = _field(body, "digest", str, what)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from edgelink.errors import BridgeMismatch
+
 # Fields that shape the state: a difference in any of them means the receiver cannot apply it.
 REQUIRED_FIELDS: tuple[str, ...] = (
     "architecture",
@@ -46,3 +48,69 @@ def describe_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
         return s if len(s) <= 24 else s[:21] + "..."
 
     return "; ".join(f"{k}: local {short(a)} != remote {short(b)}" for k, (a, b) in diff.items())
+
+
+# ---------------------------------------------------------------------------- bridged sessions
+#
+# A bridge (edgelink/bridge.py) lets two *different* models talk: the client runs the bridge's
+# source model, the server its target, and the only thing exchanged is what the bridge made
+# (BRIDGED_PREFIX). For such a session the exact-match rule above is replaced by this one: both
+# HELLOs name the same bridge (its sha256 and both weights digests), the client's model is the
+# bridge's source and the server's its target. Anything else is a BridgeMismatch at the handshake.
+
+BRIDGE_CLAIM_FIELDS: tuple[str, ...] = ("digest", "source", "target")
+_ROLE_SIDE = {"client": "source", "server": "target"}
+
+
+def _check_claim(claim: Mapping[str, Any], whose: str) -> dict[str, str]:
+    if set(claim) != set(BRIDGE_CLAIM_FIELDS) or not all(
+            isinstance(claim[k], str) and claim[k] for k in BRIDGE_CLAIM_FIELDS):
+        raise BridgeMismatch(f"{whose} bridge field must hold exactly {list(BRIDGE_CLAIM_FIELDS)} "
+                             f"as non-empty strings, got {sorted(claim)}")
+    return {k: claim[k] for k in BRIDGE_CLAIM_FIELDS}
+
+
+def bridge_rule(role: str, local: Mapping[str, Any], local_claim: Mapping[str, Any] | None,
+                remote: Mapping[str, Any], remote_claim: Mapping[str, Any] | None,
+                diff: Mapping[str, tuple[Any, Any]]) -> bool:
+    """Whether the session is bridged (True) or ordinary (False: the exact-match rule applies).
+
+    ``role`` is this side's ("client" runs the bridge's source, "server" its target), ``diff``
+    the :func:`signature_diff` of both signatures. Raises BridgeMismatch when a bridge is named
+    by one side only (a client insisting on one, or the bridge's source model not naming it),
+    names differ, or a model is not the one the bridge names for its role."""
+    mine = _check_claim(local_claim, "this side's") if local_claim else None
+    theirs = _check_claim(remote_claim, "the peer's") if remote_claim else None
+    if mine is None and theirs is None:
+        return False
+    if theirs is None:
+        if role == "client":
+            raise BridgeMismatch(f"the peer answered without bridge {mine['digest'][:16]}...: "
+                                 "it does not serve bridged sessions", {"bridge": (mine["digest"], None)})
+        if not diff or remote.get("weights_digest") != mine["source"]:
+            return False  # an ordinary session: the exact-match rule decides
+        raise BridgeMismatch(
+            "the peer runs this side's bridge source model but names no bridge (model signatures "
+            f"differ: {describe_diff(diff)}); this side accepts it only through bridge "
+            f"{mine['digest'][:16]}...", dict(diff))
+    if mine is None:
+        raise BridgeMismatch(f"the peer names bridge {theirs['digest'][:16]}... but this side holds "
+                             "no bridge (serve it with --bridge FILE)", {"bridge": (None, theirs["digest"])})
+    if theirs["digest"] != mine["digest"]:
+        raise BridgeMismatch(f"the peer names bridge {theirs['digest'][:16]}..., this side holds "
+                             f"{mine['digest'][:16]}...", {"bridge": (mine["digest"], theirs["digest"])})
+    for k in ("source", "target"):
+        if theirs[k] != mine[k]:
+            raise BridgeMismatch(f"the peer's bridge names {k} weights {theirs[k][:16]}..., this side's "
+                                 f"{mine[k][:16]}... (same bridge digest)", {f"bridge.{k}": (mine[k], theirs[k])})
+    own = _ROLE_SIDE.get(role)
+    if own is None:
+        raise BridgeMismatch(f"unknown role {role!r}")
+    other = "target" if own == "source" else "source"
+    for who, sig, side in (("this side's", local, own), ("the peer's", remote, other)):
+        got = sig.get("weights_digest")
+        if got != mine[side]:
+            raise BridgeMismatch(
+                f"{who} model ({sig.get('name', '?')}, weights {str(got)[:16]}...) is not the bridge's "
+                f"{side} (weights {mine[side][:16]}...)", {"weights_digest": (mine[side], got)})
+    return True

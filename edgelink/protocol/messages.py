@@ -49,6 +49,9 @@ class Hello:
     # Optional credentials for the peer (a bearer token: {"token": "..."}); sent only inside
     # an encrypted channel, and absent from the frame when empty.
     auth: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The bridge a bridged session (two different models) runs through: {"digest", "source",
+    # "target"} (the bridge's sha256 and both models' weights digests); absent when empty.
+    bridge: dict[str, Any] = dataclasses.field(default_factory=dict)
     frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
 
 

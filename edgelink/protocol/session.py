@@ -5,6 +5,11 @@ v1 invariants: exact signature match at the handshake, one session id, strictly 
 message ids, negotiated kinds and sizes, and verified checksums on every tensor. It never
 touches a socket, a ring or a model; callers move the bytes and apply the tensors.
 
+A *bridged* session (``bridge=`` a claim, see ``compat.bridge_rule``) replaces the exact match
+with "both sides name the same bridge, the client runs its source model and the server its
+target"; when the two models differ, BRIDGED_PREFIX is the only kind it negotiates, and an
+ordinary session never negotiates BRIDGED_PREFIX.
+
 States::
 
     AWAIT_HELLO --hello ok--> READY --tensor sent--> STREAMING --ack/reject--> READY
@@ -32,7 +37,7 @@ from edgelink.errors import (
 )
 from edgelink.protocol import codec
 from edgelink.protocol.codec import Buffer
-from edgelink.protocol.compat import describe_diff, signature_diff
+from edgelink.protocol.compat import bridge_rule, describe_diff, signature_diff
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import (
     SESSION_ID_BYTES,
@@ -69,7 +74,10 @@ class Session:
                  dtypes: Sequence[str] = ("f32", "f16", "bf16", "i32", "u8", "q8_0", "q4_0"),
                  encryption: dict[str, Any] | None = None,
                  session_id: bytes | None = None,
-                 auth: dict[str, Any] | None = None):
+                 auth: dict[str, Any] | None = None,
+                 bridge: dict[str, str] | None = None):
+        """``bridge``: the claim of the bridge this side holds (``latent.bridged.bridge_claim``);
+        a client names it in its HELLO, a server accepts bridged sessions through it."""
         self.role = role
         self.signature = dict(signature)
         self.limits = limits
@@ -77,6 +85,8 @@ class Session:
         self.dtypes = tuple(dtypes)
         self.encryption = encryption or {"scheme": "none"}
         self.auth = dict(auth or {})  # e.g. {"token": ...}; only a client's HELLO carries it
+        self.bridge = dict(bridge or {})
+        self.bridged = False  # set at the handshake: both sides named the same bridge
         self.state = State.AWAIT_HELLO
         self.session_id = session_id or (os.urandom(SESSION_ID_BYTES) if role is Role.CLIENT else b"")
         self.peer: Hello | None = None
@@ -116,6 +126,9 @@ class Session:
             max_message_bytes=self.limits.max_message_bytes,
             encryption=self.encryption,
             auth=self.auth if self.role is Role.CLIENT else {},
+            # A server echoes its bridge only into a session the client asked to bridge, so
+            # ordinary clients of a bridge-holding server see an ordinary HELLO.
+            bridge=self.bridge if self.role is Role.CLIENT or self.bridged else {},
         ))
 
     def assume_peer_accepts(self) -> None:
@@ -237,7 +250,13 @@ class Session:
             self.session_id = msg.session_id
         self._next_in = 1
         diff = signature_diff(self.signature, msg.signature)
-        if diff:
+        try:
+            self.bridged = bridge_rule(self.role.value, self.signature, self.bridge or None,
+                                       msg.signature, msg.bridge or None, diff)
+        except SignatureMismatch:
+            self.state = State.CLOSED
+            raise
+        if diff and not self.bridged:
             self.state = State.CLOSED
             raise SignatureMismatch("model signatures differ: " + describe_diff(diff), diff)
         if msg.encryption != self.encryption:
@@ -247,7 +266,12 @@ class Session:
         for name in msg.kinds:
             if name in Kind.__members__:
                 theirs.add(Kind[name])
-        self.negotiated_kinds = frozenset(theirs & set(self.kinds))
+        common = theirs & set(self.kinds)
+        if not self.bridged:
+            common.discard(Kind.BRIDGED_PREFIX)
+        elif diff:  # two different models: nothing but what the bridge made can cross
+            common &= {Kind.BRIDGED_PREFIX}
+        self.negotiated_kinds = frozenset(common)
         if not self.negotiated_kinds:
             self.state = State.CLOSED
             raise SessionError("no message kind in common")
