@@ -24,7 +24,8 @@ Conditions
     majority       the most frequent train label
 
 Latency (per message, ms): ``none``/``original_text``/controls: the receiver's read only;
-``text_relay``: sender prefill + generation + receiver read; ``bridged``: sender prefill with
+``text_relay``: sender prefill + generation + receiver read (the relay template's constant head
+is cached on the sender like the primer on the receiver); ``bridged``: sender prefill with
 capture (re-run here on every evaluated example and timed; the rows fed to the bridge come from
 the feature cache, and the two are compared) + ``apply`` + receiver read; ``linear_probe``:
 sender capture + the probe. Constant inputs (none, zero, mean) are answered once and their read
@@ -36,19 +37,22 @@ Statistics: accuracy with a 95% percentile bootstrap CI (1000 resamples of examp
 condition with several seeds is averaged over seeds inside each resample); differences are
 paired (the same resampled examples for both conditions).
 
-Relay prompt (chosen on the first 100 DEV examples, receiver accuracy; see ``RELAY_PROMPTS``):
-``chat_pn`` 0.xx, ``chat_sum`` 0.xx, ``opinion`` 0.xx (filled in below by the sweep).
+Relay prompt: chosen by the receiver's accuracy on the first 100 DEV examples (never test), with
+``python -m bridges.evaluate --sweep-relay`` (24 tokens): ``chat_word`` 0.79, ``chat_pn`` 0.75,
+``chat_sum`` 0.68, ``opinion`` 0.63 (see ``RELAY_PROMPTS``). The task-aware prompts make the
+relay as strong as we could make it: the sender classifies and says so in words.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +80,11 @@ RELAY_PROMPTS = {
                 "words.\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
     "chat_sum": ("<|im_start|>user\nIn a few words, what does this reviewer think of the movie?"
                  "\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
+    "chat_word": ("<|im_start|>user\nIs this movie review positive or negative? Answer with one "
+                  "word.\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
 }
-RELAY_PROMPT = "chat_pn"
-PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RELAY_PROMPT = "chat_word"
+PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_N_TRAIN = 2000
 
 
@@ -176,6 +182,56 @@ def probe_predict(probe: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return (((x - probe["mean"]) / probe["std"]) @ probe["W"] + probe["b"]).argmax(axis=-1)
 
 
+# --------------------------------------------------------------------------- BLAS threads
+
+
+def _openblas() -> list[tuple[Any, Any]]:
+    """(set, get) thread functions of every OpenBLAS loaded in this process (numpy's)."""
+    import ctypes
+
+    found = []
+    try:
+        paths = {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines()
+                 if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}
+    except OSError:
+        return found
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                get_ = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if set_ is not None and get_ is not None:
+                    found.append((set_, get_))
+                    break
+            else:
+                continue
+            break
+    return found
+
+
+def _blas_get() -> int | None:
+    libs = _openblas()
+    return int(libs[0][1]()) if libs else None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """Run the block with numpy's OpenBLAS limited to ``n`` threads (a no-op without one)."""
+    libs = _openblas()
+    before = [int(get_()) for _, get_ in libs]
+    for set_, _ in libs:
+        set_(int(n))
+    try:
+        yield
+    finally:
+        for (set_, _), k in zip(libs, before, strict=True):
+            set_(k)
+
+
 # --------------------------------------------------------------------------- receiver, sender
 
 
@@ -242,26 +298,52 @@ class Reader:
         return ans, time.perf_counter() - t0
 
 
-def relay_message(rt: LlamaRuntime, template: str, text: str, max_tokens: int
-                  ) -> tuple[str, int, float]:
-    """The sender's greedy message about ``text``: stops at EOG, at ``max_tokens``, or when a
-    line has been completed. Returns (message, tokens generated, seconds incl. prefill)."""
-    t0 = time.perf_counter()
-    rt.clear()
-    rt.prefill(tokenize_special(rt, template.format(text=text)))
-    out: list[int] = []
-    while len(out) < max_tokens:
-        tok = int(np.argmax(rt.logits))
-        if rt.is_eog(tok):
-            break
-        out.append(tok)
-        if "\n" in rt.detokenize(out).lstrip() or len(out) == max_tokens:
-            break
-        rt.prefill([tok])
-    dt = time.perf_counter() - t0
-    rt.clear()
-    msg = rt.detokenize(out).strip().split("\n")[0].strip()
-    return msg, len(out), dt
+class Relay:
+    """The sender writing text-relay messages. The template's constant head (everything before
+    ``{text}``) is prefilled once and kept, like the receiver's primer, so the relay is timed
+    with its shared context cached too."""
+
+    def __init__(self, rt: LlamaRuntime, template: str, max_tokens: int):
+        if "{text}" not in template:
+            raise ValueError("a relay template needs a {text} field")
+        self.rt, self.template, self.max_tokens = rt, template, max_tokens
+        # without trailing whitespace: "\n\n" alone is one token, "\n\nText" is "\n", "\n", ...
+        self.primer_ids = tokenize_special(rt, template.split("{text}")[0].rstrip())
+        self.n_primer = len(self.primer_ids)
+        self.fallbacks = 0
+
+    def _reset(self) -> None:
+        if self.rt.tokens[:self.n_primer] != self.primer_ids:
+            self.rt.clear()
+            self.rt.prefill(self.primer_ids)
+        else:
+            self.rt.truncate(self.n_primer)
+
+    def message(self, text: str) -> tuple[str, int, float]:
+        """The greedy message about ``text``: stops at EOG, at ``max_tokens``, or when a line
+        has been completed. Returns (message, tokens generated, seconds incl. prefill)."""
+        rt = self.rt
+        self._reset()
+        t0 = time.perf_counter()
+        ids = tokenize_special(rt, self.template.format(text=text))
+        if ids[:self.n_primer] == self.primer_ids and len(ids) > self.n_primer:
+            rt.prefill(ids[self.n_primer:])
+        else:
+            self.fallbacks += 1
+            rt.clear()
+            rt.prefill(ids)
+        out: list[int] = []
+        while len(out) < self.max_tokens:
+            tok = int(np.argmax(rt.logits))
+            if rt.is_eog(tok):
+                break
+            out.append(tok)
+            if "\n" in rt.detokenize(out).lstrip() or len(out) == self.max_tokens:
+                break
+            rt.prefill([tok])
+        dt = time.perf_counter() - t0
+        msg = rt.detokenize(out).strip().split("\n")[0].strip()
+        return msg, len(out), dt
 
 
 def _progress(label: str, i: int, n: int, t0: float, every: int = 10) -> None:
@@ -329,6 +411,7 @@ class EvalReport:
     bridges: list[dict[str, Any]]
     conditions: list[ConditionResult]
     checks: list[dict[str, Any]]
+    diagnostics: list[str]
     probe: dict[str, Any]
     relay: dict[str, Any]
     sender: dict[str, Any]
@@ -363,7 +446,8 @@ class EvalReport:
         return "\n".join(rows)
 
     def checks_text(self) -> str:
-        return "\n".join(f"* {c['text']}" for c in self.checks)
+        return "\n".join([f"* {c['text']}" for c in self.checks]
+                         + [f"* (info) {d}" for d in self.diagnostics])
 
     def markdown(self) -> str:
         notes = [
@@ -377,10 +461,11 @@ class EvalReport:
             "",
             "## Notes",
             "",
-            "* Latency: " + "; ".join(sorted({f"{c.condition}: {c.latency_what}"
-                                             for c in self.conditions if c.latency_what})),
-            "* Wire bytes: " + "; ".join(sorted({f"{c.condition}: {c.wire_what}"
-                                                for c in self.conditions if c.wire_what})),
+            "* Latency per message, every receiver read with the primer cached: "
+            + "; ".join(dict.fromkeys(f"{c.condition}: {c.latency_what}"
+                                      for c in self.conditions if c.latency_what)),
+            "* Wire bytes: " + "; ".join(dict.fromkeys(f"{c.condition}: {c.wire_what}"
+                                                       for c in self.conditions if c.wire_what)),
             f"* Linear probe: C={self.probe['C']:g} picked on {self.probe['n_dev']} dev examples "
             "(dev accuracy per C: "
             + ", ".join(f"{c:g}: {a:.3f}" for c, a in zip(self.probe["cs"], self.probe["dev_scores"],
@@ -391,8 +476,8 @@ class EvalReport:
             f"{self.relay['max_tokens']} tokens (mean {self.relay['mean_tokens']:.1f}); e.g. "
             + "; ".join(repr(m) for m in self.relay["examples"][:3]) + ".",
             f"* Sender rows: fresh capture vs feature cache, max relative difference "
-            f"{self.sender['max_rel_diff']:.2e}. Receiver text reads that fell back to a full "
-            f"prefill: {self.settings['text_fallbacks']}.",
+            f"{self.sender['max_rel_diff']:.2e}. Text reads (receiver and relay sender) that "
+            f"fell back to a full prefill: {self.settings['text_fallbacks']}.",
             f"* Bootstrap: {self.settings['resamples']} resamples, seed {self.settings['seed']}; "
             f"threads {self.settings['threads']}; wall time {self.wall_s:.0f} s.",
         ]
@@ -423,15 +508,35 @@ def _group_name(br: Bridge) -> str:
 
 
 def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task: str = "sentiment",
+             n: int = 400, *, threads: int | None = 1, **kw: Any) -> EvalReport:
+    """Score ``bridge_paths`` and every baseline/control on the first ``n`` TEST examples of
+    ``task``; writes ``<out>/eval.{json,md,svg}`` when ``out`` is given. Keywords: see
+    :func:`_evaluate`.
+
+    ``threads``: llama.cpp threads for all three runtimes, and numpy's BLAS threads while this
+    runs (None: leave both as configured). One by default: on a busy machine llama.cpp's
+    spinning thread barriers stall whenever a worker is preempted (on 2 loaded cores, Gemma
+    decoded a token in ~2 s with 2 threads and 22 ms with 1), and OpenBLAS workers that keep
+    spinning after ``bridge.apply`` slowed the receiver's next read by ~50 ms (125 vs 73 ms):
+    either would measure the machine rather than the methods."""
+    cfg = cfg or load_config()
+    if threads is None:
+        return _evaluate(bridge_paths, cfg, task, n, **kw)
+    with blas_threads(threads):
+        return _evaluate(bridge_paths, cfg.replace(runtime_n_threads=threads), task, n, **kw)
+
+
+def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sentiment",
              n: int = 400, *, out: str | Path | None = None, relay_tokens: int = 24,
              relay_prompt: str = RELAY_PROMPT, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
              resamples: int = 1000, seed: int = 0, constant_repeats: int = 30,
              n_train: int | None = None) -> EvalReport:
-    """Score ``bridge_paths`` and every baseline/control on the first ``n`` TEST examples of
-    ``task``; writes ``<out>/eval.{json,md,svg}`` when ``out`` is given."""
+    """``relay_prompt``: a name in RELAY_PROMPTS or a template with ``{text}``; ``n_dev``: dev
+    examples for the probe's C and the ``mean`` control; ``n_train``: the probe's train
+    examples (default: the first bridge's manifest, else 2000); ``constant_repeats``: timed
+    reads of the constant inputs."""
     if not bridge_paths:
         raise ValueError("at least one bridge is needed")
-    cfg = cfg or load_config()
     t_start = time.perf_counter()
     prompt = task_prompt(task)
     template = RELAY_PROMPTS.get(relay_prompt, relay_prompt)
@@ -440,16 +545,20 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
         bt = (br.meta.get("training") or {}).get("task")
         if bt not in (None, task):
             raise ValueError(f"{br.path} was trained for task {bt!r}, not {task!r}")
+    for br in bridges:
+        if br.prompt is not None and br.prompt != prompt:
+            _log(f"warning: {br.path} was trained with a prompt other than bridges.tasks' "
+                 f"{task!r} prompt, which this evaluation uses for every condition")
     groups: dict[str, list[int]] = {}
     for j, br in enumerate(bridges):
         groups.setdefault(_group_name(br), []).append(j)
     labels = list(prompt.labels)
     lab_index = {lab: i for i, lab in enumerate(labels)}
 
-    src = LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=True)
-    relay_rt = LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=False)
-    tgt = LlamaRuntime(resolve_model(TARGET, cfg), cfg)
-    try:
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=True))
+        relay_rt = stack.enter_context(LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=False))
+        tgt = stack.enter_context(LlamaRuntime(resolve_model(TARGET, cfg), cfg))
         src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
         for br in bridges:
             br.check_pair(src_sig, tgt_sig)
@@ -490,14 +599,9 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
         vec: dict[str, list[np.ndarray]] = {c: [] for c in ("bridged", "shuffled", "random")}
         apply_s = np.zeros((len(bridges), n))
         means, rng = [], np.random.default_rng(seed + 1)
-        for j, br in enumerate(bridges):
+        for br in bridges:
             f = test_feats[br.source_layer]
-            outs = []
-            for i in range(n):
-                t0 = time.perf_counter()
-                outs.append(br.apply(f.rows_of(i)))
-                apply_s[j, i] = time.perf_counter() - t0
-            v = np.stack(outs)
+            v = np.stack([br.apply(f.rows_of(i)) for i in range(n)])  # timed again in the loop
             vec["bridged"].append(v)
             vec["shuffled"].append(v[perm])
             vec["random"].append(norm_matched_gaussian(v, rng))
@@ -507,6 +611,7 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
         # ---- per-example loop (conditions interleaved, so load drifts hit all alike)
         emb = tgt.token_embeddings()
         reader = Reader(tgt, emb, prompt)
+        relay = Relay(relay_rt, template, relay_tokens)
         pred: dict[str, np.ndarray] = {}
         lat: dict[str, np.ndarray] = {}
 
@@ -538,13 +643,17 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
                                                      / max(np.linalg.norm(cached), 1e-12)))
             # text conditions
             pred["original_text"][0, i], lat["original_text"][0, i] = reader.read_text(ex.text)
-            msg, relay_ntok[i], relay_send_s[i] = relay_message(relay_rt, template, ex.text,
-                                                                relay_tokens)
+            msg, relay_ntok[i], relay_send_s[i] = relay.message(ex.text)
             relay_msgs.append(msg)
-            pred["text_relay"][0, i], t = reader.read_text(msg)
-            lat["text_relay"][0, i] = relay_send_s[i] + t
+            pred["text_relay"][0, i], lat["text_relay"][0, i] = reader.read_text(msg)
             # vector conditions
-            for j in range(len(bridges)):
+            for j, br in enumerate(bridges):
+                rows_i = test_feats[br.source_layer].rows_of(i)
+                t0 = time.perf_counter()
+                out_ij = br.apply(rows_i)
+                apply_s[j, i] = time.perf_counter() - t0
+                if not np.allclose(out_ij, vec["bridged"][j][i], rtol=1e-5, atol=1e-6):
+                    raise RuntimeError("bridge.apply gave a different output for the same rows")
                 for c in ("bridged", "shuffled", "random"):
                     pred[c][j, i], lat[c][j, i] = reader.read_vectors(vec[c][j][i])
             # constant inputs: answered once, timed on the first n_const examples
@@ -562,12 +671,9 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
             _progress("eval", i + 1, n, t_loop)
         for name in ("none", "zero", "mean"):
             pred[name][:, n_const:] = pred[name][:, :1]
-        text_fallbacks = reader.fallbacks
-        threads = cfg.runtime.n_threads or "all cores"
-    finally:
-        src.close()
-        relay_rt.close()
-        tgt.close()
+        text_fallbacks = reader.fallbacks + relay.fallbacks
+        threads = {"llama.cpp": cfg.runtime.n_threads or "all cores",
+                   "blas": _blas_get() or "unknown"}
 
     # ---- statistics
     idx = bootstrap_indices(n, resamples, seed)
@@ -591,12 +697,12 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
         np.array([lab_index[majority] == g for g in gold]), None, 0.0, "",
         f"none (always {majority!r})")
     add("none", "none", None, "reference", pred["none"] == gold, lat["none"], 0.0,
-        "receiver read (primer cached)", "nothing sent")
+        "receiver read", "nothing sent")
     add("original_text", "original_text", None, "reference", pred["original_text"] == gold,
         lat["original_text"], float(np.mean([len(e.text.encode()) for e in examples])),
-        "receiver read (primer cached)", "UTF-8 bytes of the text")
+        "receiver read", "UTF-8 bytes of the text")
     add("text_relay", "text_relay", None, "baseline", pred["text_relay"] == gold,
-        lat["text_relay"], float(np.mean([len(m.encode()) for m in relay_msgs])),
+        relay_send_s[None, :] + lat["text_relay"], float(np.mean([len(m.encode()) for m in relay_msgs])),
         "sender prefill + generation + receiver read", "UTF-8 bytes of the message")
     add("linear_probe", "linear_probe", None, "baseline", probe_pred == gold,
         capture_s + probe_s, None, "sender capture + probe", "")
@@ -619,6 +725,7 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
             br = bridges[j]
             bridge_info.append({"path": str(br.path), "digest": br.digest, "kind": br.kind, "k": br.k,
                                 "layer": br.source_layer, "group": g,
+                                "prompt_matches": br.prompt is None or br.prompt == task_prompt(task),
                                 "seed": (br.meta.get("training") or {}).get("seed"),
                                 "dev_acc": (br.meta.get("training") or {}).get("dev_acc")})
 
@@ -656,6 +763,16 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
                                f"{'HOLDS' if ratio >= 5 else 'FAILS'} (median {lb:.0f} ms vs "
                                f"{lr:.0f} ms, ratio {ratio:.1f}x)"})
 
+    diagnostics = []
+    for g, members in groups.items():
+        m = np.array(members)
+        b, sh, no = pred["bridged"][m], pred["shuffled"][m], pred["none"][0]
+        distinct = sorted({labels[a] for a in b.ravel()})
+        diagnostics.append(
+            f"[{g}] bridged answers: {', '.join(distinct)}; the answer changes when the message "
+            f"is swapped for another example's on {float((b != sh).mean()):.1%} of examples, and "
+            f"differs from the no-message answer on {float((b != no).mean()):.1%}")
+
     first = {g: members[0] for g, members in groups.items()}
     arrays = {}
     for g, j in first.items():
@@ -669,11 +786,13 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
         "linear_probe": [labels[a] for a in probe_pred],
         "relay_messages": relay_msgs,
         "latency_ms": {"capture": (capture_s * 1e3).round(2).tolist(),
-                       "relay_sender": (relay_send_s * 1e3).round(2).tolist()},
+                       "relay_sender": (relay_send_s * 1e3).round(2).tolist(),
+                       "apply": (apply_s * 1e3).round(3).tolist(),
+                       **{f"read_{c}": (lat[c] * 1e3).round(2).tolist() for c in lat}},
     }
     report = EvalReport(
         task=task, split="test", n=n, examples_digest=scored_on, bridges=bridge_info,
-        conditions=conditions, checks=checks,
+        conditions=conditions, checks=checks, diagnostics=diagnostics,
         probe={"C": probe["C"], "cs": probe["cs"], "dev_scores": probe["dev_scores"],
                "train_acc": probe["train_acc"], "n_train": len(y_tr), "n_dev": len(y_dev),
                "layer": probe_layer, "selected_on": "dev"},
@@ -720,10 +839,13 @@ def _jsonable(o: Any) -> Any:
 
 
 def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int = 100,
-                relay_tokens: int = 24, prompts: dict[str, str] | None = None) -> dict[str, float]:
+                relay_tokens: int = 24, prompts: dict[str, str] | None = None,
+                threads: int | None = 1) -> dict[str, float]:
     """Receiver accuracy of the text relay for each candidate prompt on the first ``n_dev`` DEV
     examples (never test): how ``RELAY_PROMPT`` was chosen."""
     cfg = cfg or load_config()
+    if threads is not None:
+        cfg = cfg.replace(runtime_n_threads=threads)
     prompts = prompts or RELAY_PROMPTS
     prompt = task_prompt(task)
     dev = load_split(task, "dev", cfg)[:n_dev]
@@ -734,8 +856,9 @@ def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int =
         reader = Reader(t, t.token_embeddings(), prompt)
         for name, template in prompts.items():
             ok, t0 = [], time.perf_counter()
+            relay = Relay(s, template, relay_tokens)
             for i, ex in enumerate(dev):
-                msg, _, _ = relay_message(s, template, ex.text, relay_tokens)
+                msg, _, _ = relay.message(ex.text)
                 ok.append(labels[reader.read_text(msg)[0]] == ex.label)
                 _progress(f"relay {name}", i + 1, len(dev), t0)
             out[name] = float(np.mean(ok))
@@ -751,5 +874,7 @@ if __name__ == "__main__":
     ap.add_argument("--sweep-relay", action="store_true", required=True)
     ap.add_argument("--n-dev", type=int, default=100)
     ap.add_argument("--task", default="sentiment")
+    ap.add_argument("--prompts", nargs="*", help="names from RELAY_PROMPTS (default: all)")
     a = ap.parse_args()
-    print(json.dumps(sweep_relay(task=a.task, n_dev=a.n_dev), indent=1))
+    chosen = {k: RELAY_PROMPTS[k] for k in a.prompts} if a.prompts else None
+    print(json.dumps(sweep_relay(task=a.task, n_dev=a.n_dev, prompts=chosen), indent=1))

@@ -23,7 +23,7 @@ def render_svg(rows: Sequence[dict[str, Any]], title: str = "", chance: float | 
     """The SVG document as a string."""
     n = len(rows)
     height = TOP + n * ROW_H + BOTTOM
-    width = LABEL_W + ACC_W + GAP + LAT_W + 20
+    width = LABEL_W + ACC_W + GAP + LAT_W + 110  # room for p90 whiskers and labels
     x0, lx0 = LABEL_W, LABEL_W + ACC_W + GAP
     lats = [r[k] for r in rows for k in ("latency_median_ms", "latency_p90_ms")
             if r.get(k) is not None and r[k] > 0]

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from bridges.data import Example, load_split
+from bridges.features import Features, split_features
+from bridges.tasks import task_prompt
 from edgelink.bridge import export_bridge
 from edgelink.config import Config, load_config
 from edgelink.registry import resolve_model
@@ -53,6 +55,15 @@ def pooled_features(rt: LlamaRuntime, texts: Sequence[str], layer: int) -> np.nd
         acts = capture(rt, rt.tokenize(text), [layer])[layer]
         out.append((acts[SKIP:] if len(acts) > SKIP else acts).mean(axis=0))
     rt.clear()
+    return np.asarray(out, dtype=np.float64)
+
+
+def pooled(feats: Features) -> np.ndarray:
+    """f64 [N, d]: :func:`pooled_features` from cached rows (``bridges.features``)."""
+    out = []
+    for i in range(len(feats)):
+        rows = feats.rows_of(i)
+        out.append((rows[SKIP:] if len(rows) > SKIP else rows).mean(axis=0))
     return np.asarray(out, dtype=np.float64)
 
 
@@ -100,8 +111,9 @@ def train_ridge(out: str | Path, cfg: Config | None = None, *, task: str = "sent
         src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
         emb = TokenEmbeddings(tgt.path, tgt_sig.architecture, tgt_sig.n_embd)
         targets = label_targets(tgt, emb, labels, k)
-        x_tr = pooled_features(src, [ex.text for ex in train], layer)
-        x_dev = pooled_features(src, [ex.text for ex in dev], layer)
+        _, f_tr = split_features(src, cfg, task, "train", layer, n, src_sig.weights_digest)
+        _, f_dev = split_features(src, cfg, task, "dev", layer, n_dev, src_sig.weights_digest)
+        x_tr, x_dev = pooled(f_tr), pooled(f_dev)
     finally:
         src.close()
         tgt.close()
@@ -137,7 +149,7 @@ def train_ridge(out: str | Path, cfg: Config | None = None, *, task: str = "sent
     manifest, npz = export_bridge(
         Path(out) / f"{task}-ridge-k{k}-l{layer}", kind="ridge", arrays={"W": w, "b": b}, source_sig=src_sig, target_sig=tgt_sig,
         source_layer=layer, k=k, norm_mean=mean, norm_std=std, pool={"kind": "mean", "skip": SKIP},
-        training=training)
+        training=training, prompt=task_prompt(task))
     log(f"lambda {best['lambda']:g}: train acc {train_acc:.3f}, dev acc {best['dev_acc']:.3f} "
         f"(majority {majority:.3f}); features {t_feat:.1f} s; wrote {manifest} and {npz.name}")
     return {"manifest": manifest, "npz": npz, "features_s": t_feat, **training}

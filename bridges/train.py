@@ -20,6 +20,7 @@ bridge. The test split is never read here.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -128,6 +129,7 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         raise ValueError(f"train_bridge trains perceiver or lip bridges, not {spec.kind!r}")
     cfg = cfg or load_config()
     t_start = time.perf_counter()
+    torch.set_num_threads(cfg.runtime.n_threads or os.cpu_count() or 1)  # runtime.n_threads
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     src = LlamaRuntime(resolve_model(spec.source, cfg, pull=True), cfg, eval_hook=True)

@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +216,7 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
         raise ModelError(f"normalizer must be two f32[{d_src}] arrays with std > 0")
     manifest_path, npz_path = _paths(path)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, **arrs)
-    blob = buf.getvalue()
+    blob = _npz_bytes(arrs)
     npz_path.write_bytes(blob)
     manifest = {
         "format": FORMAT_VERSION,
@@ -243,6 +242,19 @@ def export_bridge(path: str | os.PathLike[str], *, kind: str, arrays: dict[str, 
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
     tmp.replace(manifest_path)
     return manifest_path, npz_path
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An npz with sorted members and fixed timestamps: the same arrays give the same bytes
+    (and the same sha256), which ``np.savez`` does not promise."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member = io.BytesIO()
+            np.lib.format.write_array(member, arrays[name], allow_pickle=False)
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
 
 
 def _check_arrays(kind: str, arrays: dict[str, np.ndarray], d_src: int, d_tgt: int, k: int,

@@ -1,0 +1,241 @@
+"""`edgelink bridge eval` (bridges/evaluate.py, bridges/plot.py): the statistics and the SVG on
+their own, then one tiny real run (12 test examples, two exported bridges of one kind) checked
+for the properties that would let an evaluation fool us: same examples everywhere, a true
+derangement, norm-matched random rows, C picked on dev only, CIs around their estimates.
+
+The real run uses a private cache directory (models linked, splits copied), so it never writes
+the shared feature cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+import bridges.evaluate as ev
+from bridges.plot import render_svg, write_svg
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_bootstrap_ci_is_seeded_paired_and_averages_seeds():
+    n = 200
+    rng = np.random.default_rng(1)
+    ok = (rng.random(n) < 0.7).astype(float)
+    idx = ev.bootstrap_indices(n, 1000, seed=0)
+    assert idx.shape == (1000, n) and idx.min() >= 0 and idx.max() < n
+    np.testing.assert_array_equal(idx, ev.bootstrap_indices(n, 1000, seed=0))
+    lo, hi = ev.bootstrap_ci(ok, idx)
+    assert lo < ok.mean() < hi
+    se = np.sqrt(ok.mean() * (1 - ok.mean()) / n)  # normal approximation of the width
+    assert abs((hi - lo) - 2 * 1.96 * se) < 0.3 * (2 * 1.96 * se)
+    assert ev.bootstrap_ci(np.ones(n), idx) == (1.0, 1.0)
+    # several seeds: averaged per example inside each resample
+    two = np.stack([ok, 1 - ok])
+    assert ev.bootstrap_ci(two, idx) == (0.5, 0.5)
+    # paired: a condition minus itself has a zero-width CI
+    assert ev.bootstrap_ci(ok - ok, idx) == (0.0, 0.0)
+
+
+def test_derangement_has_no_fixed_points():
+    for n in (2, 3, 12, 101):
+        for seed in range(5):
+            p = ev.derangement(n, seed)
+            assert sorted(p.tolist()) == list(range(n))
+            assert (p != np.arange(n)).all()
+    np.testing.assert_array_equal(ev.derangement(50, 3), ev.derangement(50, 3))
+    with pytest.raises(ValueError):
+        ev.derangement(1)
+
+
+def test_norm_matched_gaussian():
+    like = np.random.default_rng(0).standard_normal((7, 4, 640)).astype(np.float32) * 3
+    g = ev.norm_matched_gaussian(like, np.random.default_rng(1))
+    np.testing.assert_allclose(np.linalg.norm(g, axis=-1), np.linalg.norm(like, axis=-1), rtol=1e-5)
+    assert abs(np.corrcoef(g.ravel(), like.ravel())[0, 1]) < 0.05
+
+
+def test_probe_picks_c_on_dev():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(20)
+    x_tr, x_dev = rng.standard_normal((300, 20)), rng.standard_normal((200, 20))
+    y_tr, y_dev = (x_tr @ w > 0).astype(int), (x_dev @ w > 0).astype(int)
+    p = ev.fit_probe(x_tr, y_tr, x_dev, y_dev, 2, cs=(1e-4, 1e-2, 1.0))
+    assert p["C"] == p["cs"][int(np.argmax(p["dev_scores"]))]
+    assert max(p["dev_scores"]) > 0.9 and p["train_acc"] > 0.9
+    assert (ev.probe_predict(p, x_dev) == y_dev).mean() == max(p["dev_scores"])
+
+
+def test_blas_threads_are_limited_and_restored():
+    before = ev._blas_get()
+    with ev.blas_threads(1):
+        assert ev._blas_get() in (1, None)
+    assert ev._blas_get() == before
+
+
+def test_svg_is_valid_xml(tmp_path):
+    rows = [
+        {"name": "bridged (ridge k4) <&>", "role": "bridge", "acc": 0.8, "ci": (0.75, 0.85),
+         "latency_median_ms": 40.0, "latency_p90_ms": 55.0},
+        {"name": "text_relay", "role": "baseline", "acc": 0.7, "ci": (0.6, 0.8),
+         "latency_median_ms": 2500.0, "latency_p90_ms": 4000.0},
+        {"name": "majority", "role": "reference", "acc": 0.5, "ci": (0.5, 0.5),
+         "latency_median_ms": None, "latency_p90_ms": None},
+    ]
+    root = ET.fromstring(render_svg(rows, title="t & t", chance=0.5))
+    assert root.tag.endswith("svg")
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "bridged (ridge k4) <&>" in texts and "n/a" in texts
+    path = write_svg(tmp_path / "x.svg", rows)
+    ET.parse(path)
+
+
+# --------------------------------------------------------------------------- a tiny real run
+
+N, N_DEV, N_TRAIN, K = 12, 16, 24, 2
+
+
+@pytest.fixture(scope="module")
+def private_cfg(tmp_path_factory, cfg, smollm2_path, gemma3_path):
+    """The configured models, in a cache directory of our own (features are written there)."""
+    root = tmp_path_factory.mktemp("cache")
+    real = cfg.paths.cache_dir
+    (root / "models").symlink_to(real / "models", target_is_directory=True)
+    if (real / "digests.json").is_file():
+        shutil.copy(real / "digests.json", root / "digests.json")
+    from bridges.data import split_dir
+
+    shutil.copytree(split_dir("sentiment", cfg), root / "data" / "splits" / "sentiment-seed0")
+    return cfg.replace(paths_cache_dir=str(root), runtime_n_threads=1)
+
+
+def _export(path, cfg, seed: int):
+    from edgelink.bridge import export_bridge
+    from edgelink.registry import resolve_model
+    from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.signature import model_signature
+
+    with LlamaRuntime(resolve_model(ev.SOURCE, cfg), cfg) as s, \
+            LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
+        ssig, tsig = model_signature(s, cfg), model_signature(t, cfg)
+        rows = t.token_embeddings().rows(t.tokenize(" sentiment: positive", add_special=False)[-K:])
+    rng = np.random.default_rng(seed)
+    arrays = {"W": rng.standard_normal((576, K * 640)).astype(np.float32) * 1e-3,
+              "b": rows.reshape(-1)}
+    return export_bridge(path, kind="ridge", arrays=arrays, source_sig=ssig, target_sig=tsig,
+                         source_layer=15, k=K, norm_mean=np.zeros(576), norm_std=np.full(576, 5.0),
+                         pool={"kind": "mean", "skip": 1},
+                         training={"task": "sentiment", "n_train": N_TRAIN, "seed": seed})[0]
+
+
+@pytest.fixture(scope="module")
+def run(private_cfg, tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    paths = [_export(d / f"br-s{s}", private_cfg, s) for s in (0, 1)]
+    seen = {}
+    real_fit = ev.fit_probe
+
+    def spy(x_tr, y_tr, x_dev, y_dev, *a, **kw):
+        seen.update(x_tr=x_tr, y_tr=y_tr, x_dev=x_dev, y_dev=y_dev)
+        return real_fit(x_tr, y_tr, x_dev, y_dev, *a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ev, "fit_probe", spy)
+    try:
+        report = ev.evaluate(paths, private_cfg, "sentiment", n=N, out=d / "out", relay_tokens=6,
+                             n_dev=N_DEV, constant_repeats=3, resamples=300)
+    finally:
+        mp.undo()
+    return report, d / "out", seen, private_cfg
+
+
+def test_every_condition_on_the_same_examples(run):
+    report, out, _, cfg = run
+    from bridges.data import load_split
+
+    g = f"ridge k{K}"
+    want = {"majority", "none", "original_text", "text_relay", "linear_probe"} | {
+        f"{c} ({g})" for c in ("bridged", "shuffled", "zero", "mean", "random")}
+    assert {c.name for c in report.conditions} == want
+    digest = ev._examples_digest(load_split("sentiment", "test", cfg)[:N])
+    assert report.n == N and report.examples_digest == digest
+    for c in report.conditions:
+        assert c.n == N and c.scored_on == digest
+        assert c.ci[0] - 1e-12 <= c.acc <= c.ci[1] + 1e-12, c
+        assert c.acc == pytest.approx(np.mean(c.per_seed))
+    assert len(report.condition(f"bridged ({g})").per_seed) == 2
+    assert report.per_example["gold"] == [e.label for e in load_split("sentiment", "test", cfg)[:N]]
+    for name, rows in report.per_example["pred"].items():
+        assert all(len(r) == N and None not in r for r in rows), name
+    assert len(report.per_example["relay_messages"]) == N
+    assert report.sender["max_rel_diff"] < 1e-2  # fresh capture == cached rows (f16)
+    assert report.settings["text_fallbacks"] == 0  # primers (receiver, relay sender) reused
+    assert len(report.checks) == 3 and all(isinstance(c["holds"], bool) for c in report.checks)
+
+
+def test_controls_are_what_they_claim(run):
+    report, *_ = run
+    g = f"ridge k{K}"
+    perm = np.array(report.derangement)
+    assert sorted(perm.tolist()) == list(range(N)) and (perm != np.arange(N)).all()
+    bridged = report.arrays[f"bridged ({g})"]
+    assert bridged.shape == (N, K, 640)
+    np.testing.assert_array_equal(report.arrays[f"shuffled ({g})"], bridged[perm])
+    np.testing.assert_allclose(np.linalg.norm(report.arrays[f"random ({g})"], axis=-1),
+                               np.linalg.norm(bridged, axis=-1), rtol=1e-5)
+    payload = K * 640 * 4
+    over = ev.tensor_frame_overhead(K, 640)
+    zero = report.condition(f"zero ({g})")
+    assert zero.wire_bytes == payload + (over or 0)
+    assert zero.wire_bytes == report.condition(f"bridged ({g})").wire_bytes
+    assert report.condition("none").wire_bytes == 0
+    assert report.condition("linear_probe").wire_bytes is None
+    for name in ("none", f"zero ({g})", f"mean ({g})"):  # constant input -> one answer
+        for row in report.per_example["pred"][name.split(" ")[0]]:
+            assert len(set(row)) == 1
+    for c in report.conditions:
+        if c.latency_median_ms is not None:
+            assert 0 < c.latency_median_ms <= c.latency_p90_ms
+    # the bridge pays for its sender, the relay for its sender and generation
+    lat = {k: np.array(v, dtype=float) for k, v in report.per_example["latency_ms"].items()}
+    bridged_ms = lat["capture"][None] + lat["apply"] + lat["read_bridged"]
+    assert report.condition(f"bridged ({g})").latency_median_ms == pytest.approx(
+        np.median(bridged_ms), abs=0.05)
+    assert report.condition("text_relay").latency_median_ms == pytest.approx(
+        np.median(lat["relay_sender"] + lat["read_text_relay"]), abs=0.05)
+    assert (lat["relay_sender"] > 0).all() and (lat["capture"] > 0).all()
+
+
+def test_probe_never_sees_test(run):
+    report, _, seen, cfg = run
+    from bridges.data import load_split
+
+    p = report.probe
+    assert p["C"] == p["cs"][int(np.argmax(p["dev_scores"]))] and p["selected_on"] == "dev"
+    assert (p["n_train"], p["n_dev"]) == (N_TRAIN, N_DEV)
+    assert seen["x_tr"].shape == (N_TRAIN, 576) and seen["x_dev"].shape == (N_DEV, 576)
+    dev = load_split("sentiment", "dev", cfg)[:N_DEV]
+    labels = list(ev.task_prompt("sentiment").labels)
+    assert seen["y_dev"].tolist() == [labels.index(e.label) for e in dev]
+
+
+def test_outputs_written(run):
+    report, out, *_ = run
+    data = json.loads((out / "eval.json").read_text())
+    assert data["n"] == N and len(data["conditions"]) == len(report.conditions)
+    md = (out / "eval.md").read_text()
+    assert "| condition | accuracy [95% CI]" in md and "bridged (ridge k2)" in md
+    assert "HOLDS" in md or "FAILS" in md
+    ET.parse(out / "eval.svg")
+
+
+def test_cli_has_eval():
+    from click.testing import CliRunner
+
+    from edgelink.cli import cli
+
+    res = CliRunner().invoke(cli, ["bridge", "eval", "--help"])
+    assert res.exit_code == 0 and "--relay-tokens" in res.output and "--bridge" in res.output
