@@ -64,6 +64,7 @@ from bridges.features import Features, split_features
 from bridges.tasks import task_prompt
 from edgelink.bridge import Bridge, BridgePrompt, load_bridge
 from edgelink.config import Config, load_config
+from edgelink.latent.bridged import feed_vectors
 from edgelink.registry import resolve_model
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
@@ -260,6 +261,7 @@ class Reader:
             raise ValueError(f"verbalizers share a first token: {prompt.labels}")
         self.primer_ids = rt.tokenize(prompt.primer + prompt.before)
         self.after_ids = rt.tokenize(prompt.after, add_special=False)
+        self.after_rows = emb.rows(self.after_ids) if self.after_ids else None
         self.n_primer = len(self.primer_ids)
         self.fallbacks = 0  # text reads whose tokenization did not start with the primer's
         self._prime()
@@ -293,8 +295,9 @@ class Reader:
     def read_vectors(self, v: np.ndarray) -> tuple[int, float]:
         self._reset()
         t0 = time.perf_counter()
-        self.rt.prefill_embeddings(np.ascontiguousarray(v, dtype=np.float32), self.emb.input_scale)
-        ans = self._answer(self.rt.prefill(self.after_ids))
+        logits = feed_vectors(self.rt, np.ascontiguousarray(v, dtype=np.float32), self.after_ids,
+                              self.after_rows, self.emb.input_scale)
+        ans = self._answer(logits)
         return ans, time.perf_counter() - t0
 
 
@@ -634,7 +637,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             # sender: capture (timed), compared with the cached rows the bridges read
             src.clear()
             t0 = time.perf_counter()
-            rows = capture(src, src.tokenize(ex.text), layers)
+            rows = capture(src, src.tokenize(ex.text), layers, stop_early=True)
             capture_s[i] = time.perf_counter() - t0
             src.clear()
             for layer in layers:

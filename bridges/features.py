@@ -53,7 +53,7 @@ def extract(rt: LlamaRuntime, texts: Sequence[str], layer: int,
     chunks, offsets = [], [0]
     for i, text in enumerate(texts):
         rt.clear()
-        rows = capture(rt, rt.tokenize(text), [layer])[layer]
+        rows = capture(rt, rt.tokenize(text), [layer], stop_early=True)[layer]
         chunks.append(rows.astype(np.float16))
         offsets.append(offsets[-1] + len(rows))
         if progress:

@@ -86,6 +86,7 @@ typedef struct {
     int32_t n_tokens, n_out, cap_tokens;
     int32_t *tok_pos, *out_pos;
     float *row;           /* [n_embd] scratch for patching */
+    int32_t stop_layer;   /* >= 0: end the graph right after this layer's l_out (capture only) */
     int checked;          /* ABI check: 0 not yet, 1 passed, -1 failed */
     int64_t n_seen, n_rows_captured, n_rows_patched, n_errors;
     char error[256];
@@ -202,7 +203,9 @@ el_eval_cb(struct el_ggml_tensor *t, bool ask, void *user_data)
     s->n_seen++;
     if (abi_check(s, t))
         visit(s, t, layer);
-    return true; /* false would stop the graph: never do that */
+    /* false ends this graph here: the layers above are never computed, so their K/V cells
+       and the logits of this decode are garbage, and the caller must drop the positions */
+    return layer != s->stop_layer;
 }
 
 /* ---- Python type ------------------------------------------------------------------------- */
@@ -285,6 +288,7 @@ hook_init(HookObject *self, PyObject *args, PyObject *kw)
     s->patch_mode = calloc((size_t)n_layer, sizeof(int32_t));
     s->patch_gain = calloc((size_t)n_layer, sizeof(float));
     s->row = calloc((size_t)n_embd, sizeof(float));
+    s->stop_layer = -1;
     if (!s->capture || !s->patch || !s->active || !s->patch_mode || !s->patch_gain || !s->row) {
         PyErr_NoMemory();
         return -1;
@@ -501,8 +505,28 @@ hook_clear(HookObject *self, PyObject *noargs)
         rows_free(&s->patch[l]);
     }
     recount(s);
+    s->stop_layer = -1;
     s->error[0] = 0;
     s->n_errors = s->n_seen = s->n_rows_captured = s->n_rows_patched = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hook_set_stop(HookObject *self, PyObject *args)
+{
+    el_state *s = &self->s;
+    int layer;
+    if (!PyArg_ParseTuple(args, "i", &layer))
+        return NULL;
+    if (layer < -1 || layer >= s->n_layer) {
+        PyErr_Format(PyExc_ValueError, "stop layer %d outside [-1, %lld)", layer, (long long)s->n_layer);
+        return NULL;
+    }
+    if (layer >= 0 && s->capture[layer].n == 0) {
+        PyErr_Format(PyExc_ValueError, "stop layer %d has no capture armed", layer);
+        return NULL;
+    }
+    s->stop_layer = layer;
     Py_RETURN_NONE;
 }
 
@@ -532,6 +556,8 @@ static PyMethodDef hook_methods[] = {
     {"take_capture", (PyCFunction)hook_take_capture, METH_VARARGS,
      "take_capture(layer) -> (f32 bytes [n, n_embd], done bytes [n])."},
     {"patch_done", (PyCFunction)hook_patch_done, METH_VARARGS, "patch_done(layer) -> done bytes [n]."},
+    {"set_stop", (PyCFunction)hook_set_stop, METH_VARARGS,
+     "set_stop(layer): end each decode's graph after that layer's l_out (-1: never)."},
     {"clear", (PyCFunction)hook_clear, METH_NOARGS, "Drop every capture and patch: the hook goes idle."},
     {"stats", (PyCFunction)hook_stats, METH_NOARGS, "Counters and the first error."},
     {"user_data", (PyCFunction)hook_user_data, METH_NOARGS, "Address to pass as cb_eval_user_data."},

@@ -95,8 +95,11 @@ def reference(runtimes, bridge_files):
     p = br.prompt
     tgt.clear()
     tgt.prefill(tgt.tokenize(p.primer + p.before))
-    tgt.prefill_embeddings(vectors, tgt.token_embeddings().input_scale)
-    tgt.prefill(tgt.tokenize(p.after, add_special=False))
+    # the vectors and the tail's own token rows in one decode, as the receiver does it
+    tail = tgt.tokenize(p.after, add_special=False)
+    emb = tgt.token_embeddings()
+    tgt.prefill_embeddings(np.concatenate([vectors, emb.rows(tail)]), emb.input_scale)
+    tgt.tokens[-len(tail):] = tail
     scores = {lab: float(tgt.logits[tgt.tokenize(v, add_special=False)[0]]) for lab, v in p.labels.items()}
     tokens = tgt.generate(N)
     tgt.clear()

@@ -136,6 +136,14 @@ class EvalHook:
             if last in d:
                 self.last_layer_positions.update(int(p) for p in d[last])
 
+    def stop_after(self, layer: int) -> None:
+        """End each decode's graph after ``layer`` (which must have a capture armed) until
+        :meth:`disarm`; the decode's logits and upper-layer K/V are then garbage."""
+        try:
+            self._hook.set_stop(self._layer(layer))
+        except ValueError as exc:
+            raise StateError(str(exc)) from None
+
     def disarm(self) -> None:
         """Back to idle: every later node is answered "no" after one integer test."""
         self._hook.clear()
@@ -197,9 +205,15 @@ def _armed(rt) -> Iterator[EvalHook]:
 
 
 def capture(rt, tokens: list[int], layers: Iterable[int],
-            positions: Iterable[int] | None = None) -> dict[int, np.ndarray]:
+            positions: Iterable[int] | None = None, *, stop_early: bool = False
+            ) -> dict[int, np.ndarray]:
     """Prefill ``tokens`` (appended to the sequence) and return the residual stream after each
-    of ``layers`` at absolute ``positions`` (default: every new token) as f32 [n_pos, n_embd]."""
+    of ``layers`` at absolute ``positions`` (default: every new token) as f32 [n_pos, n_embd].
+
+    ``stop_early`` ends every decode right after the highest captured layer (the hook tells
+    ggml's scheduler to stop), so the layers above it are never computed: a bridge that reads
+    layer 15 of 30 pays for half the model. The new positions are then dropped again (their
+    upper layers' K/V were never written), so the sequence is what it was before the call."""
     start = len(rt.tokens)
     pos = np.arange(start, start + len(tokens)) if positions is None else EvalHook._positions(positions)
     if pos.size and (pos.min() < start or pos.max() >= start + len(tokens)):
@@ -211,7 +225,13 @@ def capture(rt, tokens: list[int], layers: Iterable[int],
     with _armed(rt) as hook:
         for layer in layers:
             hook.arm_capture(layer, pos)
-        rt.prefill(tokens)
+        if stop_early:
+            hook.stop_after(layers[-1])
+        try:
+            rt.prefill(tokens)
+        finally:
+            if stop_early:
+                rt.truncate(start)
         hook.check_errors()
         out = {}
         for layer in layers:
