@@ -84,6 +84,32 @@ def test_capture_is_exact_and_overwrite_with_it_reproduces_logits(runtimes, name
     assert np.array_equal(rt.logits, ref)
 
 
+@pytest.mark.parametrize("ubatch", [None, 8])
+def test_stop_early_capture_gives_the_same_rows_and_leaves_the_sequence(smollm2_path, cfg, ubatch):
+    """A capture that ends the graph after the highest layer (what a bridge sender does) reads
+    exactly the rows of a full run, also across micro-batches (layer <= 10 K/V of the first
+    micro-batch are written before the stop), and drops its positions again."""
+    c = cfg if ubatch is None else cfg.replace(runtime_n_batch=16, runtime_n_ubatch=ubatch)
+    with LlamaRuntime(smollm2_path, c, eval_hook=True) as rt:
+        head = rt.tokenize("Prefix kept:")
+        toks = rt.tokenize(TEXT, add_special=False)
+        rt.prefill(head)
+        full = capture(rt, toks, [3, 10])
+        rt.truncate(len(head))
+        before = rt.state_digest()
+        early = capture(rt, toks, [3, 10], stop_early=True)
+        for layer in (3, 10):
+            np.testing.assert_array_equal(early[layer], full[layer])
+        assert rt.tokens == head and rt.state_digest() == before
+        assert not rt.eval_hook.armed
+        # the runtime is sound afterwards: the next decodes run the whole model again
+        ref = rt.prefill(toks).copy()
+        rt.truncate(len(head))
+        assert np.array_equal(rt.prefill(toks), ref)
+        with pytest.raises(StateError, match="no capture"):
+            rt.eval_hook.stop_after(10)  # only a captured layer can end the graph
+
+
 def test_multi_ubatch_prefill_captures_every_position(smollm2_path, cfg):
     small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=8)
     with LlamaRuntime(smollm2_path, small, eval_hook=True) as rt, \

@@ -1,0 +1,54 @@
+"""The bridge shipped under models/: it fits the registry's models, and llama.cpp's Gemma-3
+reading its vectors answers dev examples far better than when it reads another example's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridges.data import load_split
+from bridges.evaluate import Reader, derangement
+from bridges.features import extract
+from edgelink.bridge import load_bridge
+from edgelink.errors import ModelError
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.signature import model_signature
+
+DEFAULT = Path(__file__).resolve().parents[1] / "models" / "sentiment-perceiver-k8-l15.json"
+N = 24
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_bridge(DEFAULT)
+
+
+def test_shipped_bridge_is_intact_and_fits_the_registry_models(shipped, cfg, model_paths):
+    assert shipped.kind == "perceiver" and shipped.k == 8 and shipped.source_layer == 15
+    assert shipped.prompt is not None and sorted(shipped.prompt.labels) == ["negative", "positive"]
+    sigs = {}
+    for name in ("smollm2-135m", "gemma3-270m"):
+        with LlamaRuntime(model_paths[name], cfg) as rt:
+            sigs[name] = model_signature(rt, cfg)
+    shipped.check_pair(sigs["smollm2-135m"], sigs["gemma3-270m"])
+    with pytest.raises(ModelError, match="source"):
+        shipped.check_pair(sigs["gemma3-270m"], sigs["gemma3-270m"])
+    training = shipped.meta["training"]
+    assert training["split"] == "train" and training["dev_acc"] > 0.8
+
+
+def test_gemma_reads_the_shipped_bridge(shipped, cfg, model_paths):
+    examples = load_split("sentiment", "dev", cfg)[:N]
+    with LlamaRuntime(model_paths["smollm2-135m"], cfg, eval_hook=True) as src:
+        feats = extract(src, [ex.text for ex in examples], shipped.source_layer)
+    vectors = [shipped.apply(feats.rows_of(i)) for i in range(N)]
+    with LlamaRuntime(model_paths["gemma3-270m"], cfg) as tgt:
+        reader = Reader(tgt, tgt.token_embeddings(), shipped.prompt)
+        gold = [reader.labels.index(ex.label) for ex in examples]
+        perm = derangement(N, seed=1)
+        own = np.mean([reader.read_vectors(vectors[i])[0] == gold[i] for i in range(N)])
+        other = np.mean([reader.read_vectors(vectors[perm[i]])[0] == gold[i] for i in range(N)])
+    assert own >= 0.75, f"bridged accuracy {own:.2f} on {N} dev examples"
+    assert own - other >= 0.2, f"bridged {own:.2f} vs shuffled {other:.2f}"
