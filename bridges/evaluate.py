@@ -533,8 +533,8 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
              n: int = 400, *, out: str | Path | None = None, relay_tokens: int = 24,
              relay_prompt: str = RELAY_PROMPT, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
              resamples: int = 1000, seed: int = 0, constant_repeats: int = 30,
-             n_train: int | None = None) -> EvalReport:
-    """``relay_prompt``: a name in RELAY_PROMPTS or a template with ``{text}``; ``n_dev``: dev
+             n_train: int | None = None, source: str = SOURCE, target: str = TARGET) -> EvalReport:
+    """``source``/``target``: registry names or GGUF paths of the two models; ``relay_prompt``: a name in RELAY_PROMPTS or a template with ``{text}``; ``n_dev``: dev
     examples for the probe's C and the ``mean`` control; ``n_train``: the probe's train
     examples (default: the first bridge's manifest, else 2000); ``constant_repeats``: timed
     reads of the constant inputs."""
@@ -559,9 +559,9 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
     lab_index = {lab: i for i, lab in enumerate(labels)}
 
     with contextlib.ExitStack() as stack:
-        src = stack.enter_context(LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=True))
-        relay_rt = stack.enter_context(LlamaRuntime(resolve_model(SOURCE, cfg), cfg, eval_hook=False))
-        tgt = stack.enter_context(LlamaRuntime(resolve_model(TARGET, cfg), cfg))
+        src = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=True))
+        relay_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=False))
+        tgt = stack.enter_context(LlamaRuntime(resolve_model(target, cfg), cfg))
         src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
         for br in bridges:
             br.check_pair(src_sig, tgt_sig)

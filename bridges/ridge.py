@@ -96,7 +96,8 @@ def _nearest(pred: np.ndarray, targets: dict[str, np.ndarray]) -> list[str]:
 
 def train_ridge(out: str | Path, cfg: Config | None = None, *, task: str = "sentiment", n: int = 200,
                 n_dev: int = 100, k: int = 1, layer: int = LAYER,
-                lambdas: Sequence[float] = LAMBDAS, log=print) -> dict[str, Any]:
+                lambdas: Sequence[float] = LAMBDAS, log=print, source: str = SOURCE,
+                target: str = TARGET) -> dict[str, Any]:
     """Fit on the first ``n`` train examples, pick lambda on the first ``n_dev`` dev examples,
     export ``<out>/<task>-ridge-k<K>-l<layer>.{json,npz}``; returns the paths and figures."""
     cfg = cfg or load_config()
@@ -105,8 +106,8 @@ def train_ridge(out: str | Path, cfg: Config | None = None, *, task: str = "sent
     dev: list[Example] = load_split(task, "dev", cfg)[:n_dev]
     labels = sorted({ex.label for ex in train} | {ex.label for ex in dev})
 
-    src = LlamaRuntime(resolve_model(SOURCE, cfg, pull=True), cfg, eval_hook=True)
-    tgt = LlamaRuntime(resolve_model(TARGET, cfg, pull=True), cfg)
+    src = LlamaRuntime(resolve_model(source, cfg, pull=True), cfg, eval_hook=True)
+    tgt = LlamaRuntime(resolve_model(target, cfg, pull=True), cfg)
     try:
         src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
         emb = TokenEmbeddings(tgt.path, tgt_sig.architecture, tgt_sig.n_embd)
@@ -142,7 +143,7 @@ def train_ridge(out: str | Path, cfg: Config | None = None, *, task: str = "sent
         "task": task, "split": "train", "n_train": len(train), "subset": f"first {len(train)} of the "
         "seed-0 train split", "dev": {"n": len(dev), "subset": f"first {len(dev)} of the seed-0 dev split",
                                       "lambdas": scores, "majority_acc": float(majority)},
-        "labels": labels, "target": f"{TARGET} token_embd rows of the last {k} tokens of {TEMPLATE!r}",
+        "labels": labels, "target": f"{target} token_embd rows of the last {k} tokens of {TEMPLATE!r}",
         "method": "closed-form ridge on standardized mean-pooled features", "lambda": best["lambda"],
         "train_acc": train_acc, "dev_acc": best["dev_acc"], "dev_mse": best["dev_mse"],
     }

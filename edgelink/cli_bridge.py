@@ -40,15 +40,20 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
 @click.option("--threads", type=int, default=1, show_default=True,
               help="llama.cpp threads for every model and numpy's BLAS threads "
                    "(0: leave both as configured).")
+@click.option("--source", default="smollm2-135m", show_default=True,
+              help="Source model (registry name or .gguf; llama or gemma3 architecture).")
+@click.option("--target", default="gemma3-270m", show_default=True,
+              help="Target model (registry name or .gguf; llama or gemma3 architecture).")
 @json_option
 @click.pass_obj
 def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str,
-                relay_tokens: int, threads: int, as_json: bool) -> None:
+                relay_tokens: int, threads: int, source: str, target: str, as_json: bool) -> None:
     """Score bridges on the test split against text relay, controls and a linear probe."""
     from bridges.evaluate import evaluate
 
     report = evaluate(list(bridges), obj.cfg(), task=task, n=n, out=out,
-                      relay_tokens=relay_tokens, threads=threads or None)
+                      relay_tokens=relay_tokens, threads=threads or None, source=source,
+                      target=target)
     human = (f"{report.table_md()}\n\n{report.checks_text()}\n\n"
              f"wrote {out}/eval.json, eval.md, eval.svg ({report.wall_s:.0f} s)")
     _emit(as_json, report.to_dict() if as_json else None, human)
@@ -69,10 +74,15 @@ def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="bridges-out", show_default=True)
+@click.option("--source", default="smollm2-135m", show_default=True,
+              help="Source model (registry name or .gguf; llama or gemma3 architecture).")
+@click.option("--target", default="gemma3-270m", show_default=True,
+              help="Target model (registry name or .gguf; llama or gemma3 architecture).")
 @json_option
 @click.pass_obj
 def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int, n_train: int,
-                 n_dev: int, steps: int, batch: int, lr: float, out: str, as_json: bool) -> None:
+                 n_dev: int, steps: int, batch: int, lr: float, out: str, source: str, target: str,
+                 as_json: bool) -> None:
     """Train bridges from SmolLM2-135M's hidden states into Gemma-3-270M (needs '.[train]')."""
     try:
         from bridges.train import TrainSpec, train_bridge
@@ -84,11 +94,12 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
         if kind == "ridge":
             from bridges.ridge import train_ridge
 
-            r = train_ridge(out, cfg, task=task, n=n_train, n_dev=n_dev, k=k, layer=layer)
+            r = train_ridge(out, cfg, task=task, n=n_train, n_dev=n_dev, k=k, layer=layer,
+                            source=source, target=target)
         else:
             r = train_bridge(TrainSpec(kind=kind, task=task, k=k, layer=layer, seed=seed,
                                        n_train=n_train, n_dev=n_dev, steps=steps, batch=batch,
-                                       lr=lr), out, cfg)
+                                       lr=lr, source=source, target=target), out, cfg)
             r.pop("model", None)
         results.append({key: (str(v) if hasattr(v, "__fspath__") else v) for key, v in r.items()})
     human = "\n".join(f"{r['manifest']}: dev " + ", ".join(
