@@ -59,3 +59,19 @@ def test_same_seed_same_bridge(cfg, tmp_path):
     a = train_bridge(spec, tmp_path / "a", cfg, log=lambda m: None)
     b = train_bridge(spec, tmp_path / "b", cfg, log=lambda m: None)
     assert a["npz"].read_bytes() == b["npz"].read_bytes()
+
+
+def test_the_other_direction_gemma_to_smollm2(cfg, tmp_path):
+    """Nothing assumes which model sends: a gemma3 source and a llama target train and export
+    the same way (rows 640 wide in, 576 wide out)."""
+    spec = TrainSpec(kind="perceiver", source="gemma3-270m", target="smollm2-135m",
+                     **{**SMOKE, "steps": 2, "eval_every": 2, "layer": 9})
+    out = train_bridge(spec, tmp_path, cfg, log=lambda m: None)
+    br = load_bridge(out["manifest"])
+    assert (br.d_src, br.d_tgt, br.source_layer) == (640, 576, 9)
+    assert br.meta["source"]["architecture"] == "gemma3" and br.meta["target"]["architecture"] == "llama"
+    rows = np.random.default_rng(0).standard_normal((7, 640)).astype(np.float32)
+    z = torch.from_numpy(br.normalize(br.rows(rows)))[None]
+    with torch.no_grad():
+        want = out["model"].eval()(z, torch.ones(z.shape[:2], dtype=torch.bool))[0].numpy()
+    np.testing.assert_allclose(br.apply(rows), want, rtol=1e-4, atol=1e-5)
