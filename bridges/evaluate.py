@@ -56,7 +56,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
 from bridges.data import Example, load_split
@@ -236,19 +235,6 @@ def blas_threads(n: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- receiver, sender
 
 
-def tokenize_special(rt: LlamaRuntime, text: str) -> list[int]:
-    """Like ``rt.tokenize(text)`` but with special tokens (``<|im_start|>``) parsed."""
-    data = text.encode()
-    cap = len(data) + 16
-    buf = (llama_cpp.llama_token * cap)()
-    n = llama_cpp.llama_tokenize(rt.vocab, data, len(data), buf, cap, True, True)
-    if n < 0:
-        cap = -n
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(rt.vocab, data, len(data), buf, cap, True, True)
-    return list(buf[:n])
-
-
 class Reader:
     """The receiver with the prompt's shared context prefilled once. Every read returns
     (label index, seconds) and leaves the primer in place for the next read."""
@@ -311,7 +297,7 @@ class Relay:
             raise ValueError("a relay template needs a {text} field")
         self.rt, self.template, self.max_tokens = rt, template, max_tokens
         # without trailing whitespace: "\n\n" alone is one token, "\n\nText" is "\n", "\n", ...
-        self.primer_ids = tokenize_special(rt, template.split("{text}")[0].rstrip())
+        self.primer_ids = rt.tokenize(template.split("{text}")[0].rstrip(), parse_special=True)
         self.n_primer = len(self.primer_ids)
         self.fallbacks = 0
 
@@ -328,7 +314,7 @@ class Relay:
         rt = self.rt
         self._reset()
         t0 = time.perf_counter()
-        ids = tokenize_special(rt, self.template.format(text=text))
+        ids = rt.tokenize(self.template.format(text=text), parse_special=True)
         if ids[:self.n_primer] == self.primer_ids and len(ids) > self.n_primer:
             rt.prefill(ids[self.n_primer:])
         else:

@@ -7,6 +7,14 @@ import click
 from edgelink.cli_common import _Ctx, _emit, json_option
 
 
+def pair_options(f):
+    """--source and --target: the two models a bridge joins."""
+    f = click.option("--target", default="gemma3-270m", show_default=True,
+                     help="Target model (registry name or .gguf; llama or gemma3).")(f)
+    return click.option("--source", default="smollm2-135m", show_default=True,
+                        help="Source model (registry name or .gguf; llama or gemma3).")(f)
+
+
 @click.group()
 def bridge() -> None:
     """Bridges that let one model read another model's hidden states (docs/bridges.md)."""
@@ -40,10 +48,7 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
 @click.option("--threads", type=int, default=1, show_default=True,
               help="llama.cpp threads for every model and numpy's BLAS threads "
                    "(0: leave both as configured).")
-@click.option("--source", default="smollm2-135m", show_default=True,
-              help="Source model (registry name or .gguf; llama or gemma3 architecture).")
-@click.option("--target", default="gemma3-270m", show_default=True,
-              help="Target model (registry name or .gguf; llama or gemma3 architecture).")
+@pair_options
 @json_option
 @click.pass_obj
 def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str,
@@ -74,10 +79,7 @@ def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="bridges-out", show_default=True)
-@click.option("--source", default="smollm2-135m", show_default=True,
-              help="Source model (registry name or .gguf; llama or gemma3 architecture).")
-@click.option("--target", default="gemma3-270m", show_default=True,
-              help="Target model (registry name or .gguf; llama or gemma3 architecture).")
+@pair_options
 @json_option
 @click.pass_obj
 def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int, n_train: int,

@@ -136,15 +136,18 @@ class LlamaRuntime:
 
     # ------------------------------------------------------------------ text
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """``parse_special``: read control tokens written in the text (a chat template's
+        ``<|im_start|>``) as those tokens rather than as plain characters."""
         data = text.encode()
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             cap = -n
             buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, False)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special,
+                                         parse_special)
         return list(buf[:n])
 
     def detokenize(self, tokens: list[int]) -> str:
