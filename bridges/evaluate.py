@@ -52,7 +52,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ import numpy as np
 from bridges.data import Example, load_split
 from bridges.features import Features, split_features
 from bridges.tasks import task_prompt
+from edgelink.blas import blas_thread_count, blas_threads
 from edgelink.bridge import Bridge, BridgePrompt, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.latent.bridged import feed_vectors
@@ -180,56 +181,6 @@ def fit_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_dev: np.ndarray, y_dev: np.n
 
 def probe_predict(probe: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return (((x - probe["mean"]) / probe["std"]) @ probe["W"] + probe["b"]).argmax(axis=-1)
-
-
-# --------------------------------------------------------------------------- BLAS threads
-
-
-def _openblas() -> list[tuple[Any, Any]]:
-    """(set, get) thread functions of every OpenBLAS loaded in this process (numpy's)."""
-    import ctypes
-
-    found = []
-    try:
-        paths = {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines()
-                 if "openblas" in ln.lower() and ln.split()[-1].startswith("/")}
-    except OSError:
-        return found
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                get_ = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                if set_ is not None and get_ is not None:
-                    found.append((set_, get_))
-                    break
-            else:
-                continue
-            break
-    return found
-
-
-def _blas_get() -> int | None:
-    libs = _openblas()
-    return int(libs[0][1]()) if libs else None
-
-
-@contextlib.contextmanager
-def blas_threads(n: int) -> Iterator[None]:
-    """Run the block with numpy's OpenBLAS limited to ``n`` threads (a no-op without one)."""
-    libs = _openblas()
-    before = [int(get_()) for _, get_ in libs]
-    for set_, _ in libs:
-        set_(int(n))
-    try:
-        yield
-    finally:
-        for (set_, _), k in zip(libs, before, strict=True):
-            set_(k)
 
 
 # --------------------------------------------------------------------------- receiver, sender
@@ -662,7 +613,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             pred[name][:, n_const:] = pred[name][:, :1]
         text_fallbacks = reader.fallbacks + relay.fallbacks
         threads = {"llama.cpp": cfg.runtime.n_threads or "all cores",
-                   "blas": _blas_get() or "unknown"}
+                   "blas": blas_thread_count() or "unknown"}
 
     # ---- statistics
     idx = bootstrap_indices(n, resamples, seed)

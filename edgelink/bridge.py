@@ -39,6 +39,7 @@ import numpy as np
 
 from edgelink import __version__
 from edgelink import bridge_forward as fwd
+from edgelink.blas import blas_threads
 from edgelink.errors import ModelError
 
 FORMAT_VERSION = 1
@@ -171,7 +172,13 @@ class Bridge:
         return (x - self.mean) / self.std
 
     def apply(self, features: np.ndarray) -> np.ndarray:
-        """Source hidden rows f32 [n, d_src] (the residual after ``source_layer``) -> f32 [K, d_tgt]."""
+        """Source hidden rows f32 [n, d_src] (the residual after ``source_layer``) -> f32 [K, d_tgt].
+        Runs with one BLAS thread (``edgelink.blas``: faster for these small matrices, and no
+        spinning workers left to slow the next llama.cpp decode)."""
+        with blas_threads(1):
+            return self._apply(features)
+
+    def _apply(self, features: np.ndarray) -> np.ndarray:
         if self.kind == "ridge":
             y = self.normalize(self.pool(features)) @ self.arrays["W"] + self.arrays["b"]
         elif self.kind == "perceiver":

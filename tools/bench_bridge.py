@@ -8,7 +8,7 @@
   (what a text handoff's prefill costs) and stopping after the source layer (what a bridged
   handoff does), and their ratio.
 
-    python tools/bench_bridge.py [--threads 1] [--repeats 50]
+    python tools/bench_bridge.py [--repeats 50]
 """
 
 from __future__ import annotations
