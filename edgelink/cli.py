@@ -256,6 +256,11 @@ def node(obj: _Ctx, model: str | None, listen: str | None, bridge: str | None, a
         sys.stdout.flush()
 
     def session(ev: dict) -> None:
+        if ev.get("event") == "stopping":
+            _emit(as_json, ev, f"stopping: {ev['active_sessions']} session(s) may finish within "
+                  f"{ev['grace_s']} s; new sessions are refused", compact=True)
+            sys.stdout.flush()
+            return
         _emit(as_json, ev, f"session {ev['session']} from {ev['peer']}: applied={ev['applied']} "
               f"rejected={ev['rejected']} generated={ev['generated']} ended_by={ev['ended_by']}",
               compact=True)

@@ -253,18 +253,20 @@ class Node:
             event.update(dataclasses.asdict(report))
             event["throttled_s"] = round(limiter.throttled_s, 3)
         finally:
-            if slot is not None:
-                with self._lock:
-                    self._free.append(slot)
-                    self._free.sort()
-            with self._lock:
-                self._active.pop(number, None)
             event["seconds"] = round(time.perf_counter() - t0, 4)
             event["bytes_in"] = max(event.get("bytes_in", 0), ch.bytes_in)
-            try:
-                self.on_event(event)
-            except Exception:  # noqa: BLE001
-                log.exception("event callback failed")
+            self._emit(event)  # before the slot is released: shutdown waits for that
+            with self._lock:
+                if slot is not None:
+                    self._free.append(slot)
+                    self._free.sort()
+                self._active.pop(number, None)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001
+            log.exception("event callback failed")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -282,7 +284,13 @@ class Node:
 
     def shutdown(self) -> None:
         """Refuse new sessions, let running ones finish for the grace period, cut the rest."""
+        if self._stopped.is_set():
+            return
         self._stopping.set()
+        with self._lock:
+            running = len(self._active)
+        self._emit({"event": "stopping", "active_sessions": running,
+                    "grace_s": self.cfg.node.shutdown_grace_s})
         deadline = time.monotonic() + self.cfg.node.shutdown_grace_s
         while time.monotonic() < deadline:
             with self._lock:

@@ -7,6 +7,7 @@ node goes on serving the next client.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -452,3 +453,41 @@ def test_clients_past_the_maximum_are_refused_busy(node, sender_rt):
     events = [node.event(), node.event()]
     assert all(e["ended_by"] == "close" for e in events)
     assert _digest(node, sender_rt)  # a slot is free again
+
+
+def test_sigterm_lets_running_work_finish_refuses_new_and_cuts_idle(smollm2_path, cfg, tmp_path, sender_rt):
+    """Graceful shutdown with work in flight: after SIGTERM the node announces it, refuses new
+    sessions (`busy`), still serves a session that was running (its continuation is exact),
+    cuts a session that stays idle past node.shutdown_grace_s, and exits 0."""
+    from edgelink.errors import PeerGone, PeerRejected, TransportError
+
+    n = NodeUnderTest(smollm2_path, cfg, tmp_path, tmp_path / "client.key", tmp_path / "friend.key")
+    n.client_cfg = cfg.replace(p2p_identity_key=tmp_path / "client.key")
+    grace = float(n.env["EDGELINK_NODE_SHUTDOWN_GRACE_S"])
+    try:
+        _prefill(sender_rt, 256)
+        working = _sender(n, sender_rt)
+        working.send_snapshot(sender_rt)  # applied and acknowledged before the signal
+        idle = _sender(n, sender_rt)
+        n.proc.send_signal(signal.SIGTERM)
+        t_signal = time.monotonic()
+        ev = n.event()
+        assert ev["event"] == "stopping" and ev["active_sessions"] == 2, ev
+        with pytest.raises(PeerRejected) as info:
+            _sender(n, sender_rt)
+        assert info.value.reason == "busy"
+        assert n.event()["rejected"] == ["busy"]
+        body = working.request("generate", n_tokens=16, stop_at_eog=False)
+        assert body["tokens"] == sender_rt.generate(16, stop_at_eog=False)
+        working.close()
+        done = n.event()
+        assert done["applied"] == 1 and done["ended_by"] == "close", done
+        cut = n.event()  # the idle session, cut once the grace period is over
+        assert cut["applied"] == 0 and cut["ended_by"] != "close", cut
+        assert n.proc.wait(timeout=grace + 30) == 0, n.proc.stderr_tail()
+        assert time.monotonic() - t_signal >= grace - 0.5
+        with pytest.raises((PeerGone, TransportError)):
+            idle.request("digest")
+    finally:
+        p2p.close_client_hosts()
+        n.stop()

@@ -440,6 +440,8 @@ class P2PChannel:
             return
         self._closed = True
         self._finish(flush=self._broken is None and self._tx_error is None)
+        # wake a recv blocked in another thread (a node cutting a session at shutdown)
+        self._rx.put((_EOF, "closed by this side"))
 
     def __enter__(self) -> P2PChannel:
         return self
