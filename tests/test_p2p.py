@@ -491,3 +491,33 @@ def test_sigterm_lets_running_work_finish_refuses_new_and_cuts_idle(smollm2_path
     finally:
         p2p.close_client_hosts()
         n.stop()
+
+
+def test_bytes_per_second_bucket_alone_paces_a_large_snapshot(smollm2_path, cfg, tmp_path, sender_rt):
+    """With plenty of messages per second but 4 MiB/s of bytes (burst 4 MiB), a ~6 MB snapshot
+    is paced by the byte bucket: it arrives intact, the node reports the throttling, and the
+    transfer cannot beat (size - burst) / rate."""
+    rate = burst = 4 << 20
+    n = NodeUnderTest(smollm2_path, cfg, tmp_path, tmp_path / "client.key", tmp_path / "friend.key")
+    n.stop()
+    n.env.update({"EDGELINK_NODE_MESSAGES_PER_S": "10000", "EDGELINK_NODE_MESSAGES_BURST": "10000",
+                  "EDGELINK_NODE_BYTES_PER_S": str(rate), "EDGELINK_NODE_BYTES_BURST": str(burst)})
+    n.start()
+    n.client_cfg = cfg.replace(p2p_identity_key=tmp_path / "client.key")
+    try:
+        _prefill(sender_rt, 256)
+        s = _sender(n, sender_rt)
+        t0 = time.monotonic()
+        sent = s.send_snapshot(sender_rt)
+        took = time.monotonic() - t0
+        body = s.request("generate", n_tokens=8, stop_at_eog=False)
+        s.close()
+        assert body["tokens"] == sender_rt.generate(8, stop_at_eog=False)
+        ev = n.event()
+        assert sent.wire_bytes > burst + (1 << 20), sent.wire_bytes
+        floor = (sent.wire_bytes - burst) / rate
+        assert took >= 0.8 * floor, (took, floor)
+        assert ev["applied"] == 1 and ev["throttled_s"] >= 0.5 * floor, ev
+    finally:
+        p2p.close_client_hosts()
+        n.stop()
