@@ -3,10 +3,10 @@ through edgelink's eval hook, cached on disk per (task, split, layer, source wei
 
 A cache file ``<cache_dir>/data/features/<task>-s<seed>-<split>-l<layer>-<digest12>.npz`` holds
 ``rows`` f16 [sum T_i, d] (every position of every text, the BOS row included) and ``offsets``
-i64 [N + 1]; text i owns ``rows[offsets[i]:offsets[i+1]]``. f16 halves the disk and memory cost;
-the runtime bridge sees f32 rows that are f16-exact too (the hook rounds nothing, but a bridge
-cannot tell the difference at its tolerance). A cache covers the first N examples of a split;
-asking for more recomputes it.
+i64 [N + 1]; text i owns ``rows[offsets[i]:offsets[i+1]]``. f16 halves the disk and memory cost.
+Training and evaluation therefore see f16-rounded rows, while a live handoff's bridge sees the
+hook's f32 rows; the evaluation measures the gap on every test text (relative difference about
+4e-4). A cache covers the first N examples of a split; asking for more recomputes it.
 """
 
 from __future__ import annotations

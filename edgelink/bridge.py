@@ -102,6 +102,9 @@ class Bridge:
     mean: np.ndarray  # f32 [d_src], normalizer
     std: np.ndarray  # f32 [d_src]
     path: Path | None = None
+    # sha256 of the manifest file as read (it pins the weights' sha256 too): what a handshake
+    # names so that both peers provably hold the same bridge
+    digest: str = ""
 
     @property
     def kind(self) -> str:
@@ -123,11 +126,6 @@ class Bridge:
     def source_layer(self) -> int:
         return int(self.meta["source_layer"])
 
-    @property
-    def digest(self) -> str:
-        """sha256 of the manifest as loaded (it pins the weights' sha256 too): what a handshake
-        names so that both peers provably hold the same bridge."""
-        return self.meta["_digest"]
 
     @property
     def prompt(self) -> BridgePrompt | None:
@@ -336,5 +334,5 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
     _check_arrays(kind, arrays, d_src, d_tgt, k, meta.get("arch") or {})
     if meta.get("prompt"):
         BridgePrompt.from_dict(meta["prompt"])
-    meta["_digest"] = hashlib.sha256(raw).hexdigest()
-    return Bridge(meta=meta, arrays=arrays, mean=mean, std=std, path=manifest_path)
+    return Bridge(meta=meta, arrays=arrays, mean=mean, std=std, path=manifest_path,
+                  digest=hashlib.sha256(raw).hexdigest())
