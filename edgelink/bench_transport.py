@@ -1,9 +1,11 @@
 """`edgelink bench transport`: what each layer of the network path costs, on loopback.
 
 One run, two processes (this one sends, a child receives and acknowledges each payload),
-per payload size: (a) raw TCP, (b) libp2p with Noise and yamux (one stream, 1 MiB writes),
-(c) an edgelink P2PChannel: libp2p plus the end-to-end NaCl layer and flow control. Each
-figure is the median over repeats of: first byte sent to the 8-byte acknowledgement read.
+per payload size: (a) raw TCP; (b) stock py-libp2p (its own Noise transport, yamux, one
+stream, 1 MiB writes), what a user would get from ``new_host``; (c) the same libp2p stack
+as edgelink's hosts run it (read-ahead under Noise, one Noise message per yamux frame); (d) an edgelink P2PChannel: (c) plus the end-to-end NaCl
+layer and flow control. Each figure is the median over repeats of: first byte sent to the
+receiver's 8-byte acknowledgement read, after one untimed warm-up run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def _serve(cfg: Config) -> None:
     """The child: a TCP sink, and a libp2p host with a raw sink and an edgelink channel sink."""
     from edgelink.identity import load_identity
     from edgelink.transport.p2p import P2PHost
+    from edgelink.transport.readahead import stock_noise_option
 
     srv = socket.create_server(("127.0.0.1", 0))
 
@@ -70,8 +73,10 @@ def _serve(cfg: Config) -> None:
                 return
             ch.send(len(f).to_bytes(8, "little"))
 
-    host = P2PHost(cfg, load_identity(cfg.p2p.identity_key), listen=["/ip4/127.0.0.1/tcp/0"],
-                   on_channel=on_channel)
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    host = P2PHost(cfg, load_identity(cfg.p2p.identity_key), listen=listen, on_channel=on_channel)
+    stock_id = load_identity(cfg.p2p.identity_key.with_suffix(".stock"))
+    stock = P2PHost(cfg, stock_id, listen=listen, sec_opt=stock_noise_option(stock_id))
 
     async def raw_handler(stream) -> None:
         while True:
@@ -84,16 +89,21 @@ def _serve(cfg: Config) -> None:
                 got += len(await stream.read(min(n - got, 16 << 20)))
             await stream.write(n.to_bytes(8, "little"))
 
-    async def install() -> None:
-        host._host.set_stream_handler(RAW_PROTO, raw_handler)
-
-    host._call(install)
-    print(json.dumps({"tcp_port": srv.getsockname()[1], "addr": host.addrs[0]}), flush=True)
+    for h in (host, stock):
+        async def install(h=h) -> None:
+            h._host.set_stream_handler(RAW_PROTO, raw_handler)
+        h._call(install)
+    print(json.dumps({"tcp_port": srv.getsockname()[1], "addr": host.addrs[0],
+                      "stock_addr": stock.addrs[0]}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     host.close()
+    stock.close()
 
 
 def _median_rate(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
+    """Payload MB/s, median of ``repeats`` timed runs after one untimed run that lets both
+    sides allocate their buffers (a long-lived node has them already)."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -105,7 +115,8 @@ def _median_rate(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
 def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repeats: int | None = None,
                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     from edgelink.identity import load_identity
-    from edgelink.transport.p2p import P2PHost
+    from edgelink.transport.p2p import P2PHost, write_in_noise_pieces
+    from edgelink.transport.readahead import stock_noise_option
 
     say = log or (lambda s: None)
     repeats = repeats or cfg.bench.repeats
@@ -118,6 +129,8 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
     try:
         ready = json.loads(proc.stdout.readline())
         host = P2PHost(cfg, load_identity(tmp / "client.key"))
+        stock_id = load_identity(tmp / "client-stock.key")
+        stock = P2PHost(cfg, stock_id, sec_opt=stock_noise_option(stock_id))
         try:
             tcp = socket.create_connection(("127.0.0.1", ready["tcp_port"]))
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -129,13 +142,32 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
             warm_stream_s = time.perf_counter() - t0
             ch2.close()
 
-            async def open_raw():
-                from libp2p.peer.id import ID
+            def open_raw(h: P2PHost, addr: str):
+                import multiaddr
+                from libp2p.peer.peerinfo import info_from_p2p_addr
 
-                pid = ID.from_base58(ready["addr"].rsplit("/p2p/", 1)[1])
-                return await host._host.new_stream(pid, [RAW_PROTO])
+                async def go():
+                    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+                    await h._host.connect(info)
+                    return await h._host.new_stream(info.peer_id, [RAW_PROTO])
+                return h._call(go)
 
-            raw = host._call(open_raw)
+            raw = open_raw(host, ready["addr"])
+            raw_stock = open_raw(stock, ready["stock_addr"])
+
+            def libp2p_run(h: P2PHost, stream, n: int, chunks: list[bytes], tuned: bool) -> None:
+                async def go():
+                    await stream.write(n.to_bytes(8, "little"))
+                    for c in chunks:
+                        if tuned:
+                            await write_in_noise_pieces(stream, c)
+                        else:
+                            await stream.write(c)
+                    ack = b""
+                    while len(ack) < 8:
+                        ack += await stream.read(8 - len(ack))
+                h._call(go)
+
             for mb in sizes_mb:
                 n = mb << 20
                 payload = memoryview(bytearray(os.urandom(1 << 20)) * mb)
@@ -147,30 +179,24 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
                     buf = bytearray(8)
                     _recv_exactly_tcp(tcp, 8, buf)
 
-                def do_raw(n=n, chunks=chunks):
-                    async def go():
-                        await raw.write(n.to_bytes(8, "little"))
-                        for c in chunks:
-                            await raw.write(c)
-                        ack = b""
-                        while len(ack) < 8:
-                            ack += await raw.read(8 - len(ack))
-                    host._call(go)
-
                 def do_e2e(payload=payload):
                     ch.send(payload)
                     ch.recv(64)
 
-                say(f"{mb} MB: tcp, libp2p, libp2p+nacl x{repeats}")
+                say(f"{mb} MB: tcp, libp2p stock, libp2p tuned, libp2p+nacl x{repeats}")
                 row = {"mb": mb, "bytes": n,
                        "tcp_mbps": _median_rate(do_tcp, n, repeats),
-                       "libp2p_mbps": _median_rate(do_raw, n, repeats),
+                       "libp2p_stock_mbps": _median_rate(
+                           lambda n=n, c=chunks: libp2p_run(stock, raw_stock, n, c, False), n, repeats),
+                       "libp2p_mbps": _median_rate(
+                           lambda n=n, c=chunks: libp2p_run(host, raw, n, c, True), n, repeats),
                        "libp2p_nacl_mbps": _median_rate(do_e2e, n, repeats)}
                 rows.append(row)
             ch.close()
             tcp.close()
         finally:
             host.close()
+            stock.close()
     finally:
         if proc.stdin:
             proc.stdin.close()
@@ -180,6 +206,7 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
             proc.kill()
     return {"repeats": repeats, "connect_ms": 1e3 * connect_s, "warm_stream_ms": 1e3 * warm_stream_s,
             "chunk_bytes": cfg.p2p.chunk_bytes, "window_bytes": cfg.p2p.window_bytes,
+            "read_ahead_bytes": cfg.p2p.read_ahead_bytes,
             "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.system()} {platform.release()}",
             "rows": rows}
 
@@ -188,10 +215,12 @@ def format_transport_table(report: dict[str, Any]) -> str:
     lines = [f"loopback, median of {report['repeats']}; {report['machine']}; "
              f"connect {report['connect_ms']:.0f} ms, new stream on a warm connection "
              f"{report['warm_stream_ms']:.1f} ms",
-             f"{'MB':>5} {'TCP MB/s':>10} {'libp2p MB/s':>12} {'+NaCl MB/s':>11}"]
+             f"{'MB':>5} {'TCP MB/s':>10} {'stock libp2p':>13} {'libp2p MB/s':>12} "
+             f"{'+NaCl MB/s':>11} {'+NaCl/stock':>12}"]
     for r in report["rows"]:
-        lines.append(f"{r['mb']:>5} {r['tcp_mbps']:>10.0f} {r['libp2p_mbps']:>12.0f} "
-                     f"{r['libp2p_nacl_mbps']:>11.0f}")
+        lines.append(f"{r['mb']:>5} {r['tcp_mbps']:>10.0f} {r['libp2p_stock_mbps']:>13.0f} "
+                     f"{r['libp2p_mbps']:>12.0f} {r['libp2p_nacl_mbps']:>11.0f} "
+                     f"{r['libp2p_nacl_mbps'] / r['libp2p_stock_mbps']:>11.2f}x")
     return "\n".join(lines)
 
 

@@ -86,6 +86,7 @@ class P2PConfig:
     listen: str
     chunk_bytes: int
     window_bytes: int
+    read_ahead_bytes: int
     rekey_bytes: int
     rekey_s: float
     connect_timeout_s: float

@@ -50,6 +50,20 @@ def test_round_trip_both_directions_and_same_session_id():
     assert ka.peer_window == PARAMS.window_bytes
 
 
+def test_headroom_leaves_the_front_free_and_seals_the_same_record():
+    ka, kb = _pair(Ident(b"a"), Ident(b"b"))
+    ka2, kb2 = _pair(Ident(b"c"), Ident(b"d"))
+    msg = bytes(range(256)) * 40
+    plain = ka.sealer.seal(msg, 1)
+    roomy = ka.sealer.seal(msg, 2, headroom=5)
+    assert len(roomy) == len(plain) + 5 and roomy[:5] == bytes(5)
+    roomy[:5] = b"HDR!!"  # the caller writes its header there; the record is untouched
+    assert _open(kb, plain, 1) == msg
+    assert _open(kb, memoryview(roomy)[5:], 2) == msg
+    with pytest.raises(CryptoError):  # the headroom is not part of the record
+        _open(kb2, ka2.sealer.seal(msg, 0, headroom=5), 0)
+
+
 def test_tampered_ciphertext_header_or_frame_number_is_refused():
     ka, kb = _pair(Ident(b"a"), Ident(b"b"))
     body = bytearray(ka.sealer.seal(b"x" * 100, 0))

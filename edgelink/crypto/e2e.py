@@ -104,8 +104,11 @@ class Sealer:
         self._since = clock()
         self.rekeys = 0
 
-    def seal(self, plaintext, frame_no: int) -> bytes:
-        """One record body for ``plaintext`` (any buffer), as part of frame ``frame_no``."""
+    def seal(self, plaintext, frame_no: int, headroom: int = 0) -> bytearray:
+        """One record body for ``plaintext`` (any buffer), as part of frame ``frame_no``.
+
+        ``headroom`` bytes are left free in front of the body for the caller's own framing,
+        so that a transport does not copy each sealed MiB once more to prepend a header."""
         if not self._key:
             raise CryptoError("sealer is closed")
         view = memoryview(plaintext).cast("B")
@@ -120,18 +123,18 @@ class Sealer:
         counter = self.counter
         if counter >= 2**64 - 1:
             raise CryptoError("record counter exhausted; start a new session")
-        out = bytearray(RECORD.size + n + 16)
-        RECORD.pack_into(out, 0, flags, counter)
+        out = bytearray(headroom + RECORD.size + n + 16)
+        RECORD.pack_into(out, headroom, flags, counter)
         ad = AD.pack(self._sid, self._dir, flags, counter, frame_no)
         clen = ffi.new("unsigned long long *")
         rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            ffi.from_buffer(memoryview(out)[RECORD.size:]), clen, ffi.from_buffer(view), n,
+            ffi.from_buffer(memoryview(out)[headroom + RECORD.size:]), clen, ffi.from_buffer(view), n,
             ad, len(ad), ffi.NULL, _nonce(self._dir, counter), ffi.from_buffer(self._key))
         if rc != 0:  # pragma: no cover - libsodium does not fail here
             raise CryptoError("encryption failed")
         self.counter += 1
         self._bytes += n
-        return bytes(out)
+        return out
 
     def close(self) -> None:
         _wipe(self._key)

@@ -61,6 +61,9 @@ PROTOCOL_ID = "/edgelink/1.0.0"
 REC = struct.Struct("<BI")
 U64 = struct.Struct("<Q")
 R_HS, R_DATA, R_CREDIT, R_STOP = 1, 2, 3, 4
+# The largest yamux payload that, with yamux's 12-byte header, fits one Noise message
+# (65,535 bytes less the 16-byte tag).
+NOISE_PIECE = 65535 - 16 - 12
 _EOF = object()
 _CLOSE = object()
 
@@ -71,6 +74,21 @@ def split_multiaddr(addr: str) -> tuple[str, str]:
     if not sep or not head or not pid or "/" in pid:
         raise TransportError(f"{addr!r} is not a full multiaddr ending in /p2p/<peer id>")
     return head, pid
+
+
+async def write_in_noise_pieces(stream: Any, data) -> None:
+    """Write ``data`` in pieces that fit one Noise message each, yamux header included.
+
+    yamux cuts a long write into 65,536-byte frames, but a Noise message carries at most
+    65,519 plaintext bytes, so py-libp2p sent every frame as two Noise messages (65,519 and
+    17 bytes), each with its own encryption call, length prefix and syscall on both sides.
+    Pieces of ``NOISE_PIECE`` bytes make one message per frame."""
+    if len(data) <= NOISE_PIECE:
+        await stream.write(data)
+        return
+    with memoryview(data) as view:
+        for off in range(0, len(view), NOISE_PIECE):
+            await stream.write(view[off:off + NOISE_PIECE])
 
 
 class P2PChannel:
@@ -100,6 +118,8 @@ class P2PChannel:
         # trio side (touched only in the trio thread, except where noted)
         self._rx: queue.SimpleQueue = queue.SimpleQueue()  # records for the sync side
         self._tx_send, self._tx_recv = trio.open_memory_channel(4)
+        self._inbuf = bytearray()  # bytes read off the stream, not yet parsed
+        self._read_size = self._max_record + REC.size
         self._in_flight = 0  # DATA bytes received and not yet credited back
         self._credit = 0
         self._credit_changed = trio.Event()
@@ -131,14 +151,20 @@ class P2PChannel:
             await self._done.wait()
             nursery.cancel_scope.cancel()
 
-    async def _read_exactly(self, n: int) -> bytes:
-        buf = bytearray()
+    async def _read_exactly(self, n: int) -> bytearray:
+        """``n`` bytes off the stream. Reads ask yamux for up to a whole record plus the next
+        header at once: each yamux read costs tens of microseconds of Python, so many small
+        reads (a 5-byte header, then the body in pieces) were a measurable share of a bulk
+        transfer."""
+        buf = self._inbuf
         while len(buf) < n:
-            chunk = await self._stream.read(n - len(buf))
+            chunk = await self._stream.read(max(n - len(buf), self._read_size))
             if not chunk:
                 raise EOFError("stream closed")
             buf += chunk
-        return bytes(buf)
+        out = buf[:n]
+        del buf[:n]  # O(1) at the front of a bytearray
+        return out
 
     async def _reader(self) -> None:
         try:
@@ -185,11 +211,11 @@ class P2PChannel:
                         await self._stream.close()
                     self._done.set()
                     return
-                typ, body, frame_no = item
+                typ, record, frame_no = item
                 if typ == R_DATA:
                     if self._peer_stopped is not None and frame_no <= self._peer_stopped:
                         continue  # the peer refused this frame: drop the rest of it
-                    n = len(body)
+                    n = len(record) - REC.size
                     with trio.move_on_after(self._timeout_s) as scope:
                         while self._credit < n and (self._peer_stopped is None
                                                     or frame_no > self._peer_stopped):
@@ -200,9 +226,9 @@ class P2PChannel:
                         continue
                     self._credit -= n
                 elif typ == R_CREDIT:
-                    (value,) = U64.unpack(body)
+                    (value,) = U64.unpack_from(record, REC.size)
                     self._in_flight -= value
-                await self._stream.write(REC.pack(typ, len(body)) + body)
+                await write_in_noise_pieces(self._stream, record)
         except Exception as exc:  # noqa: BLE001
             self._tx_error = f"{type(exc).__name__}: {exc}"
             self._rx.put((_EOF, self._tx_error))
@@ -214,20 +240,28 @@ class P2PChannel:
 
     # ------------------------------------------------------------------ sync helpers
 
-    def _push(self, typ: int, body: bytes, frame_no: int = 0, timeout: float | None = None) -> None:
-        """Hand one record to the writer task (waits while its small queue is full)."""
+    def _push(self, typ: int, body, frame_no: int = 0, timeout: float | None = None, *,
+              headroom: bool = False) -> None:
+        """Hand one record to the writer task (waits while its small queue is full).
+
+        With ``headroom``, ``body`` is a bytearray whose first ``REC.size`` bytes are free for
+        the record header (see ``Sealer.seal``), which is written in place."""
         import trio
 
         if self.record_filter is not None:
-            bodies = self.record_filter(typ, body)
+            raw = bytes(body[REC.size:]) if headroom else bytes(body)
+            records = [REC.pack(typ, len(b)) + b for b in self.record_filter(typ, raw)]
+        elif headroom:
+            REC.pack_into(body, 0, typ, len(body) - REC.size)
+            records = [body]
         else:
-            bodies = [body]
+            records = [REC.pack(typ, len(body)) + body]
         limit = self._timeout_s if timeout is None else timeout
 
         async def put() -> bool:
             with trio.move_on_after(limit):
-                for b in bodies:
-                    await self._tx_send.send((typ, b, frame_no))
+                for r in records:
+                    await self._tx_send.send((typ, r, frame_no))
                 return True
             return False
 
@@ -332,25 +366,28 @@ class P2PChannel:
         fno = self._tx_frame
         self._tx_frame += 1
         chunk = self._chunk
+        def push(plain) -> None:
+            self._push(R_DATA, sealer.seal(plain, fno, REC.size), fno, headroom=True)
+
         try:
-            self._push(R_DATA, sealer.seal(U64.pack(total), fno), fno)
+            push(U64.pack(total))
             staging = bytearray()
             for view in views:
                 pos = 0
                 while pos < view.nbytes:
                     self._check_stopped(fno)
                     if not staging and view.nbytes - pos >= chunk:
-                        self._push(R_DATA, sealer.seal(view[pos:pos + chunk], fno), fno)
+                        push(view[pos:pos + chunk])
                         pos += chunk
                         continue
                     take = min(chunk - len(staging), view.nbytes - pos)
                     staging += view[pos:pos + take]
                     pos += take
                     if len(staging) == chunk:
-                        self._push(R_DATA, sealer.seal(staging, fno), fno)
+                        push(staging)
                         staging = bytearray()
             if staging:
-                self._push(R_DATA, sealer.seal(staging, fno), fno)
+                push(staging)
             self._check_stopped(fno)
         except PeerGone as exc:
             if self._tx_broken:
@@ -510,11 +547,13 @@ class P2PHost:
         from libp2p import create_yamux_muxer_option, new_host
         from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
         from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
-        from libp2p.security.noise.transport import Transport as NoiseTransport
+
+        from edgelink.transport.readahead import ReadAheadNoise
 
         kp = self.identity.key_pair
         # Noise only: a default new_host() would also accept /plaintext/2.0.0 and secio.
-        sec = self._sec_opt or {NOISE_ID: NoiseTransport(kp, noise_privkey=x25519_pair().private_key)}
+        sec = self._sec_opt or {NOISE_ID: ReadAheadNoise(kp, noise_privkey=x25519_pair().private_key,
+                                                         read_ahead=self.cfg.p2p.read_ahead_bytes)}
         addrs = [multiaddr.Multiaddr(a) for a in self._listen]
         return new_host(key_pair=kp, sec_opt=sec, muxer_opt=create_yamux_muxer_option(),
                         listen_addrs=addrs or None, enable_mDNS=bool(self.cfg.p2p.mdns),
