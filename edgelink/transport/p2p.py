@@ -118,7 +118,8 @@ class P2PChannel:
         # trio side (touched only in the trio thread, except where noted)
         self._rx: queue.SimpleQueue = queue.SimpleQueue()  # records for the sync side
         self._tx_send, self._tx_recv = trio.open_memory_channel(4)
-        self._inbuf = bytearray()  # bytes read off the stream, not yet parsed
+        self._in = b""  # the last chunk read off the stream, and how far it is parsed
+        self._in_pos = 0
         self._read_size = self._max_record + REC.size
         self._in_flight = 0  # DATA bytes received and not yet credited back
         self._credit = 0
@@ -151,20 +152,32 @@ class P2PChannel:
             await self._done.wait()
             nursery.cancel_scope.cancel()
 
-    async def _read_exactly(self, n: int) -> bytearray:
-        """``n`` bytes off the stream. Reads ask yamux for up to a whole record plus the next
-        header at once: each yamux read costs tens of microseconds of Python, so many small
-        reads (a 5-byte header, then the body in pieces) were a measurable share of a bulk
-        transfer."""
-        buf = self._inbuf
-        while len(buf) < n:
-            chunk = await self._stream.read(max(n - len(buf), self._read_size))
+    async def _read_exactly(self, n: int):
+        """``n`` bytes off the stream, as bytes or a read-only view into what yamux returned.
+
+        Each yamux read costs tens of microseconds of Python, so reads ask for a whole record
+        plus the next header at once, and a record that arrived inside one read is handed on
+        as a view, without another copy."""
+        cur, pos = self._in, self._in_pos
+        if len(cur) - pos >= n:
+            self._in_pos = pos + n
+            return memoryview(cur)[pos:pos + n]
+        parts = [cur[pos:]] if pos < len(cur) else []
+        got = len(cur) - pos
+        while got < n:
+            chunk = await self._stream.read(max(n - got, self._read_size))
             if not chunk:
                 raise EOFError("stream closed")
-            buf += chunk
-        out = buf[:n]
-        del buf[:n]  # O(1) at the front of a bytearray
-        return out
+            parts.append(chunk)
+            got += len(chunk)
+        last = parts[-1]
+        keep = got - n  # bytes of the last chunk that belong to the next record(s)
+        if len(parts) == 1:
+            self._in, self._in_pos = last, len(last) - keep
+            return memoryview(last)[:n]
+        self._in, self._in_pos = last, len(last) - keep
+        parts[-1] = memoryview(last)[:len(last) - keep]
+        return b"".join(parts)
 
     async def _reader(self) -> None:
         try:
