@@ -208,14 +208,25 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
 def connect(endpoint: str, cfg: Config | None = None):
     """A raw channel to a serving peer (for tools and tests that speak the protocol directly):
     ``shm:NAME``, or a multiaddr ``/ip4/H/tcp/P/p2p/ID`` (end-to-end encrypted; this process
-    keeps its libp2p connection to that peer for the next call)."""
+    keeps its libp2p connection to that peer for the next call), or ``/p2p/ID`` alone, whose
+    address is looked up with mDNS."""
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
-    if ep.scheme == "p2p":
+    if ep.scheme in ("p2p", "mdns"):
+        from edgelink.discovery import resolve_peer
         from edgelink.transport.p2p import client_host
 
-        return client_host(cfg).open_channel(ep.address)
+        addr = resolve_peer(cfg, ep.address) if ep.scheme == "mdns" else ep.address
+        return client_host(cfg).open_channel(addr)
     return shm_connect(ep.address, cfg)
+
+
+def discover(cfg: Config | None = None, timeout_s: float | None = None, *,
+             peer_id: str | None = None) -> list:
+    """libp2p peers announcing themselves with mDNS on the LAN (see edgelink.discovery)."""
+    from edgelink.discovery import discover as _discover
+
+    return _discover(_cfg(cfg), timeout_s, peer_id=peer_id)
 
 
 def identity(cfg: Config | None = None, *, create: bool = True) -> dict[str, Any]:

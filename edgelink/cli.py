@@ -175,7 +175,8 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("--to", "to", required=True,
-              help="Receiver endpoint: shm:NAME, or a node's /ip4/HOST/tcp/PORT/p2p/PEERID.")
+              help="Receiver endpoint: shm:NAME, a node's /ip4/HOST/tcp/PORT/p2p/PEERID, or "
+                   "/p2p/PEERID alone (found on the LAN with mDNS).")
 @n_option
 @click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
 @click.option("--token", default=None, help="Bearer token for a node that requires one.")
@@ -241,14 +242,36 @@ def id_(obj: _Ctx, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Seconds to listen [config: p2p.discover_timeout_s].")
+@click.option("--peer", "peer_id", default=None, help="Stop as soon as this peer id is heard.")
+@json_option
+@click.pass_obj
+def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: bool) -> None:
+    """List libp2p peers (edgelink nodes started with --mdns) announcing on the LAN via mDNS."""
+    cfg = obj.cfg()
+    limit = cfg.p2p.discover_timeout_s if timeout_s is None else timeout_s
+    peers = api.discover(cfg, limit, peer_id=peer_id)
+    lines = [f"{len(peers)} peer(s) heard in {limit:g} s"]
+    for p in peers:
+        lines += [f"  {p.peer_id}"] + [f"    {a}" for a in p.addrs]
+    _emit(as_json, {"timeout_s": limit, "peers": [dataclasses.asdict(p) for p in peers]}, "\n".join(lines))
+    if peer_id is not None and not peers:
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("model", required=False)
 @click.option("--listen", default=None, help="Multiaddr to listen on [config: p2p.listen].")
+@click.option("--mdns", is_flag=True, default=False,
+              help="Announce this node on the LAN with mDNS [config: p2p.mdns].")
 @bridge_option
 @json_option
 @click.pass_obj
-def node(obj: _Ctx, model: str | None, listen: str | None, bridge: str | None, as_json: bool) -> None:
+def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, bridge: str | None,
+         as_json: bool) -> None:
     """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
-    cfg = obj.cfg()
+    cfg = obj.cfg(p2p_mdns=1 if mdns else None)
 
     def ready(ev: dict) -> None:
         _emit(as_json, ev, "node ready (Ctrl-C to stop); dial one of:\n  " + "\n  ".join(ev["addrs"]),

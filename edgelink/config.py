@@ -93,6 +93,8 @@ class P2PConfig:
     handshake_timeout_s: float
     stream_timeout_s: float
     mdns: int
+    discover_timeout_s: float
+    discover_listen: str
 
 
 @dataclasses.dataclass(frozen=True)

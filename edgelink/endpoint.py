@@ -1,4 +1,5 @@
-"""Where a peer lives: ``shm:NAME`` (same machine) or a libp2p multiaddr ending in ``/p2p/ID``."""
+"""Where a peer lives: ``shm:NAME`` (same machine), a libp2p multiaddr ending in ``/p2p/ID``,
+or ``/p2p/ID`` alone (found on the LAN with mDNS)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ class Endpoint:
     address: str
 
     def __str__(self) -> str:
+        if self.scheme == "mdns":
+            return f"/p2p/{self.address}"
         return self.address if self.scheme == "p2p" else f"{self.scheme}:{self.address}"
 
 
 def parse_endpoint(text: str) -> Endpoint:
+    if text.startswith("/p2p/") and "/" not in text[5:] and text[5:]:
+        # A bare peer id: its address is found on the LAN with mDNS (edgelink.discovery).
+        return Endpoint("mdns", text[5:])
     if text.startswith("/"):
         # A libp2p multiaddr: /ip4/HOST/tcp/PORT/p2p/PEERID (the peer id is required: it is
         # what the encrypted connection authenticates).
