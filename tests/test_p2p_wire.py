@@ -151,3 +151,17 @@ def test_bench_transport_reports_every_column(tmp_path):
     for key in ("tcp_mbps", "libp2p_stock_mbps", "libp2p_mbps", "libp2p_nacl_mbps"):
         assert row[key] > 0, key
     assert report["read_ahead_bytes"] == 262_144
+
+
+def test_an_address_answering_for_another_peer_id_is_refused(wire_hosts):
+    """What an mDNS impostor would achieve: announce peer A's id with its own address."""
+    from edgelink.errors import TransportError
+
+    tuned, stock, tuned_cli, _ = wire_hosts
+    transport_addr, _ = p2p.split_multiaddr(tuned.addrs[0])
+    with pytest.raises(TransportError):
+        tuned_cli.open_channel(f"{transport_addr}/p2p/{stock.peer_id}", timeout=10)
+    ch = tuned_cli.open_channel(tuned.addrs[0])  # the host is still fine for honest dials
+    ch.send(b"ok")
+    assert bytes(ch.recv(10)) == b"ok"
+    ch.close()
