@@ -34,13 +34,15 @@ class Receiver(subprocess.Popen):
         return f.read().decode(errors="replace")[-n:]
 
 
-def _spawn(what: str, args: list[str], cfg: Config, extra_env: dict[str, str] | None) -> Receiver:
+def _spawn(what: str, args: list[str], cfg: Config, extra_env: dict[str, str] | None,
+           wrapper: tuple[str, ...] = ()) -> Receiver:
     """Run ``edgelink ARGS`` with exactly this configuration (as EDGELINK_* variables) and
-    return once its first JSON event says it is ready (kept as ``proc.ready``)."""
+    return once its first JSON event says it is ready (kept as ``proc.ready``). ``wrapper``
+    is a command that execs the rest (``nsenter -t PID -n --``: run it in another netns)."""
     env = {**os.environ, **to_env(cfg), **(extra_env or {})}
     err = tempfile.TemporaryFile()
-    proc = Receiver([sys.executable, "-m", "edgelink", *args], stdout=subprocess.PIPE, stderr=err,
-                    text=True, env=env)
+    proc = Receiver([*wrapper, sys.executable, "-m", "edgelink", *args], stdout=subprocess.PIPE,
+                    stderr=err, text=True, env=env)
     proc._err_file = err
     event = proc.next_event()
     if event.get("event") != "ready":
@@ -60,11 +62,11 @@ def start_receiver(model: str, cfg: Config, shm_name: str, extra_env: dict[str, 
 
 def start_node(model: str, cfg: Config, listen: str = "/ip4/127.0.0.1/tcp/0",
                extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
-               node_args: tuple[str, ...] = ()) -> Receiver:
+               node_args: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()) -> Receiver:
     """`edgelink node MODEL --listen ADDR --json` in a child; returns once it is ready. Its ready
     event is ``proc.ready`` (``addrs`` are full multiaddrs with /p2p/<peer id>)."""
     return _spawn("node", [*extra_args, "node", model, "--listen", listen, "--json", *node_args],
-                  cfg, extra_env)
+                  cfg, extra_env, wrapper)
 
 
 def stop_receiver(proc: subprocess.Popen, timeout: float = 30) -> int:

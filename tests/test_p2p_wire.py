@@ -153,15 +153,18 @@ def test_bench_transport_reports_every_column(tmp_path):
     assert report["read_ahead_bytes"] == 262_144
 
 
-def test_an_address_answering_for_another_peer_id_is_refused(wire_hosts):
+def test_an_address_answering_for_another_peer_id_is_refused(wire_hosts, cfg, tmp_path):
     """What an mDNS impostor would achieve: announce peer A's id with its own address."""
     from edgelink.errors import TransportError
 
-    tuned, stock, tuned_cli, _ = wire_hosts
+    tuned, stock, _, _ = wire_hosts
     transport_addr, _ = p2p.split_multiaddr(tuned.addrs[0])
-    with pytest.raises(TransportError):
-        tuned_cli.open_channel(f"{transport_addr}/p2p/{stock.peer_id}", timeout=10)
-    ch = tuned_cli.open_channel(tuned.addrs[0])  # the host is still fine for honest dials
-    ch.send(b"ok")
-    assert bytes(ch.recv(10)) == b"ok"
-    ch.close()
+    # A fresh client: one already connected to the real peer would simply reuse that
+    # connection (libp2p dials peer ids; an address is only a hint).
+    with p2p.P2PHost(cfg, load_identity(tmp_path / "fresh.key")) as cli:
+        with pytest.raises(TransportError):
+            cli.open_channel(f"{transport_addr}/p2p/{stock.peer_id}", timeout=10)
+        ch = cli.open_channel(tuned.addrs[0])  # the host is still fine for honest dials
+        ch.send(b"ok")
+        assert bytes(ch.recv(10)) == b"ok"
+        ch.close()

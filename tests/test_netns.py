@@ -1,0 +1,35 @@
+"""A handoff to a node on another network host: a network namespace behind a veth link
+(1,500-byte MTU, its own address), not loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgelink import api
+from edgelink.launcher import start_node, stop_receiver
+from tools.netns import remote_host
+
+
+@pytest.fixture(scope="module")
+def remote():
+    with remote_host() as host:
+        yield host
+
+
+def test_handoff_to_a_node_on_another_host_continues_exactly(remote, smollm2_path, cfg, tmp_path):
+    node = start_node(str(smollm2_path), cfg, listen=f"/ip4/{remote.ip}/tcp/0",
+                      extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "remote.key"),
+                                 "EDGELINK_RUNTIME_N_THREADS": "1"},
+                      wrapper=remote.wrapper)
+    try:
+        (addr,) = node.ready["addrs"]
+        assert addr.startswith(f"/ip4/{remote.ip}/tcp/")
+        prompt = "The old lighthouse keeper climbed the stairs every evening, and"
+        for _ in range(2):  # the second handoff reuses the connection
+            g = api.handoff(str(smollm2_path), prompt, addr, 8, cfg, verify=True)
+            assert g.extra["matches_local"] is True and g.text
+        assert g.bytes["payload"] > 100_000  # the KV state itself crossed the link
+        event = node.next_event()
+        assert event["applied"] >= 1 and not event["rejected"]
+    finally:
+        assert stop_receiver(node) == 0

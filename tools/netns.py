@@ -1,0 +1,55 @@
+"""A second network host for tests: a network namespace joined to this one by a veth pair.
+
+Traffic between the two crosses a real (virtual) Ethernet link with a 1,500-byte MTU and
+its own addresses, not loopback. Needs root or CAP_NET_ADMIN + CAP_SYS_ADMIN (``unshare``,
+``ip``, ``nsenter``), which the project's machines and CI have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+from collections.abc import Iterator
+
+
+@dataclasses.dataclass
+class RemoteHost:
+    pid: int  # a process that holds the namespace open
+    ip: str  # its address on the link
+    local_ip: str  # ours
+
+    @property
+    def wrapper(self) -> tuple[str, ...]:
+        """Prefix a command with this to run it on the remote host."""
+        return ("nsenter", "-t", str(self.pid), "-n", "--")
+
+
+def _run(*cmd: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()} (these tests need root "
+                           "or CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+
+
+@contextlib.contextmanager
+def remote_host(subnet: int = 231) -> Iterator[RemoteHost]:
+    holder = subprocess.Popen(["unshare", "-n", "--", "sh", "-c", "echo up; exec cat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ours = f"elh{os.getpid() % 100000}"
+    try:
+        assert holder.stdout.readline().strip() == "up", "unshare -n did not start"
+        theirs = "eth0"
+        local_ip, ip = f"10.{subnet}.0.1", f"10.{subnet}.0.2"
+        _run("ip", "link", "add", ours, "type", "veth", "peer", "name", theirs, "netns", str(holder.pid))
+        _run("ip", "addr", "add", f"{local_ip}/30", "dev", ours)
+        _run("ip", "link", "set", ours, "up")
+        host = RemoteHost(holder.pid, ip, local_ip)
+        _run(*host.wrapper, "sh", "-c", f"ip addr add {ip}/30 dev {theirs} && ip link set {theirs} up "
+                                         "&& ip link set lo up")
+        yield host
+    finally:
+        subprocess.run(["ip", "link", "del", ours], capture_output=True)
+        holder.stdin.close()
+        holder.wait(timeout=10)
