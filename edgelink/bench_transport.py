@@ -41,13 +41,13 @@ def _recv_exactly_tcp(conn: socket.socket, n: int, buf: bytearray) -> None:
         got += k
 
 
-def _serve(cfg: Config) -> None:
+def _serve(cfg: Config, ip: str) -> None:
     """The child: a TCP sink, and a libp2p host with a raw sink and an edgelink channel sink."""
     from edgelink.identity import load_identity
     from edgelink.transport.p2p import P2PHost
     from edgelink.transport.readahead import stock_noise_option
 
-    srv = socket.create_server(("127.0.0.1", 0))
+    srv = socket.create_server((ip, 0))
 
     def tcp_loop() -> None:
         conn, _ = srv.accept()
@@ -73,7 +73,7 @@ def _serve(cfg: Config) -> None:
                 return
             ch.send(len(f).to_bytes(8, "little"))
 
-    listen = ["/ip4/127.0.0.1/tcp/0"]
+    listen = [f"/ip4/{ip}/tcp/0"]
     host = P2PHost(cfg, load_identity(cfg.p2p.identity_key), listen=listen, on_channel=on_channel)
     stock_id = load_identity(cfg.p2p.identity_key.with_suffix(".stock"))
     stock = P2PHost(cfg, stock_id, listen=listen, sec_opt=stock_noise_option(stock_id))
@@ -113,7 +113,11 @@ def _median_rate(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
 
 
 def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repeats: int | None = None,
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        log: Callable[[str], None] | None = None, *, ip: str = "127.0.0.1",
+                        wrapper: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The table above, in one run. The receiving child listens on ``ip`` and is started
+    through ``wrapper`` (for example ``nsenter -t PID -n --``: another network namespace, see
+    tools/bench_transport_veth.py); the default is loopback."""
     from edgelink.identity import load_identity
     from edgelink.transport.p2p import P2PHost, write_in_noise_pieces
     from edgelink.transport.readahead import stock_noise_option
@@ -123,7 +127,7 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
     tmp = Path(tempfile.mkdtemp(prefix="edgelink-bench-"))
     child_cfg = cfg.replace(p2p_identity_key=tmp / "server.key")
     env = {**os.environ, **to_env(child_cfg)}
-    proc = subprocess.Popen([sys.executable, "-m", "edgelink.bench_transport", "--serve"],
+    proc = subprocess.Popen([*wrapper, sys.executable, "-m", "edgelink.bench_transport", "--serve", ip],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     rows = []
     try:
@@ -132,7 +136,7 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
         stock_id = load_identity(tmp / "client-stock.key")
         stock = P2PHost(cfg, stock_id, sec_opt=stock_noise_option(stock_id))
         try:
-            tcp = socket.create_connection(("127.0.0.1", ready["tcp_port"]))
+            tcp = socket.create_connection((ip, ready["tcp_port"]))
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t0 = time.perf_counter()
             ch = host.open_channel(ready["addr"])
@@ -204,7 +208,8 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return {"repeats": repeats, "connect_ms": 1e3 * connect_s, "warm_stream_ms": 1e3 * warm_stream_s,
+    return {"repeats": repeats, "link": "loopback" if ip.startswith("127.") else f"to {ip}",
+            "connect_ms": 1e3 * connect_s, "warm_stream_ms": 1e3 * warm_stream_s,
             "chunk_bytes": cfg.p2p.chunk_bytes, "window_bytes": cfg.p2p.window_bytes,
             "read_ahead_bytes": cfg.p2p.read_ahead_bytes,
             "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.system()} {platform.release()}",
@@ -212,7 +217,7 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
 
 
 def format_transport_table(report: dict[str, Any]) -> str:
-    lines = [f"loopback, median of {report['repeats']}; {report['machine']}; "
+    lines = [f"{report['link']}, median of {report['repeats']}; {report['machine']}; "
              f"connect {report['connect_ms']:.0f} ms, new stream on a warm connection "
              f"{report['warm_stream_ms']:.1f} ms",
              f"{'MB':>5} {'TCP MB/s':>10} {'stock libp2p':>13} {'libp2p MB/s':>12} "
@@ -225,7 +230,7 @@ def format_transport_table(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
+    if sys.argv[1:2] == ["--serve"]:
         from edgelink.config import load_config
 
-        _serve(load_config())
+        _serve(load_config(), sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1")

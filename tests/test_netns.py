@@ -33,3 +33,18 @@ def test_handoff_to_a_node_on_another_host_continues_exactly(remote, smollm2_pat
         assert event["applied"] >= 1 and not event["rejected"]
     finally:
         assert stop_receiver(node) == 0
+
+
+def test_transport_bench_across_the_veth_link(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "id.key")}
+    out = subprocess.run([sys.executable, "tools/bench_transport_veth.py", "--sizes", "1",
+                          "--repeats", "1", "--json"], capture_output=True, text=True, env=env,
+                         timeout=180, check=True)
+    report = json.loads(out.stdout)
+    assert report["link"].startswith("to 10.")
+    assert report["rows"][0]["libp2p_nacl_mbps"] > 0

@@ -33,14 +33,24 @@ def _run(*cmd: str) -> None:
                            "or CAP_NET_ADMIN and CAP_SYS_ADMIN)")
 
 
+def _free_subnet() -> int:
+    """A 10.X.0.0/30 that no interface here uses yet (several hosts may be up at once)."""
+    used = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    for x in range(231, 255):
+        if f" 10.{x}.0." not in used:
+            return x
+    raise RuntimeError("no free 10.X.0.0/30 subnet for a test host")
+
+
 @contextlib.contextmanager
-def remote_host(subnet: int = 231) -> Iterator[RemoteHost]:
+def remote_host(subnet: int | None = None) -> Iterator[RemoteHost]:
     holder = subprocess.Popen(["unshare", "-n", "--", "sh", "-c", "echo up; exec cat"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     ours = f"elh{os.getpid() % 100000}"
     try:
         assert holder.stdout.readline().strip() == "up", "unshare -n did not start"
         theirs = "eth0"
+        subnet = _free_subnet() if subnet is None else subnet
         local_ip, ip = f"10.{subnet}.0.1", f"10.{subnet}.0.2"
         _run("ip", "link", "add", ours, "type", "veth", "peer", "name", theirs, "netns", str(holder.pid))
         _run("ip", "addr", "add", f"{local_ip}/30", "dev", ours)
