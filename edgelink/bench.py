@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.sender import Sender
 from edgelink.signature import model_signature
+from edgelink.timing import median_seconds
 
 # Public-domain-style filler: varied enough that the tokenizer does not collapse it.
 _TEXT = (
@@ -41,21 +41,12 @@ def context_tokens(rt: LlamaRuntime, n: int) -> list[int]:
     return toks[:n]
 
 
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _timed_handoffs(sender: Sender, rt: LlamaRuntime, repeats: int) -> tuple[float, float, list]:
     """(first, median) seconds of snapshot round trips on one session; the first is untimed
     in the median: it warms buffers (and a network connection) the way a live peer's are."""
     first = sender.send_snapshot(rt)
     sent: list = []
-    med = _median_s(lambda: sent.append(sender.send_snapshot(rt)), repeats)
+    med = median_seconds(lambda: sent.append(sender.send_snapshot(rt)), repeats)
     return first.roundtrip_s, med, sent
 
 
@@ -88,7 +79,7 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                     rt.prefill(toks)
 
                 say(f"{n} tokens: re-prefill x{repeats}")
-                prefill_s = _median_s(prefill, repeats)
+                prefill_s = median_seconds(prefill, repeats)
                 say(f"{n} tokens: shm handoff x{repeats} (after one untimed warm-up)")
                 # A fresh session per row, so no session idles through the re-prefill.
                 sender = Sender(connect(f"shm:{shm_name}", cfg), cfg, signature)

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgelink.config import Config
 from edgelink.errors import TransportError, TransportTimeout
+from edgelink.timing import median_seconds
 from edgelink.transport.shm import ShmListener, connect
 
 _GO = b"go"
@@ -41,13 +42,7 @@ def _median_memcpy(nbytes: int, repeats: int) -> float:
     src = _pattern(nbytes)
     dst = np.empty(nbytes, dtype=np.uint8)
     dst[:: os.sysconf("SC_PAGE_SIZE")] = 0
-    np.copyto(dst, src)  # warm-up
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return median_seconds(lambda: np.copyto(dst, src), repeats, warmup=1)
 
 
 def _accept_from(listener: ShmListener, proc, limit: float):

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelink.config import Config, to_env
+from edgelink.timing import median_seconds
 
 RAW_PROTO = "/edgelink-bench/raw/1.0.0"
 SIZES_MB = (1, 16, 64, 256)
@@ -103,13 +103,7 @@ def _serve(cfg: Config, ip: str) -> None:
 def _median_rate(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
     """Payload MB/s, median of ``repeats`` timed runs after one untimed run that lets both
     sides allocate their buffers (a long-lived node has them already)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e6
+    return nbytes / median_seconds(fn, repeats, warmup=1) / 1e6
 
 
 def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repeats: int | None = None,

@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from edgelink.config import load_config
 from edgelink.registry import resolve_model
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.timing import median_seconds
 
 ARCH = {"perceiver": {"d_model": 256, "n_heads": 4, "n_layers": 2, "d_ff": 512, "target_norm": 1.0},
         "lip": {"bottleneck": 256, "target_norm": 1.0}, "ridge": {}}
@@ -37,13 +36,7 @@ REVIEW = ("A warm, funny and beautifully acted film that never loses its nerve, 
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1000
+    return median_seconds(fn, repeats, warmup=1) * 1000
 
 
 def bench_apply(repeats: int) -> list[tuple[str, int, float]]:
