@@ -293,3 +293,22 @@ def test_virtual_prefix_across_processes_matches_reading_the_text(peers, model_p
     peer.proc.next_event()
     assert got.tokens == generate(path, "The capital of France is", 10, cfg).tokens
     assert got.bytes["payload"] > 0
+
+
+def test_bench_handoff_reports_shm_and_p2p_columns(smollm2_path, tmp_path):
+    """`edgelink bench handoff` end to end (a real receiver and a real node), tiny sizes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "id.key"),
+           "EDGELINK_RUNTIME_N_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "edgelink", "bench", "handoff", str(smollm2_path),
+                          "--tokens", "64", "--repeats", "1", "--json"], capture_output=True,
+                         text=True, env=env, timeout=300, check=True)
+    (row,) = json.loads(out.stdout)["rows"]
+    assert row["tokens"] == 64 and row["wire_bytes"] > row["payload_bytes"] > 0
+    for key in ("reprefill_ms", "handoff_ms", "p2p_handoff_ms", "shm_gbps", "memcpy_gbps"):
+        assert row[key] > 0, key
+    assert row["speedup_vs_reprefill"] == pytest.approx(row["reprefill_ms"] / row["handoff_ms"])
