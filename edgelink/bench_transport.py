@@ -1,11 +1,13 @@
-"""`edgelink bench transport`: what each layer of the network path costs, on loopback.
+"""`edgelink bench transport`: what each layer of the network path costs, side by side.
 
 One run, two processes (this one sends, a child receives and acknowledges each payload),
 per payload size: (a) raw TCP; (b) stock py-libp2p (its own Noise transport, yamux, one
 stream, 1 MiB writes), what a user would get from ``new_host``; (c) the same libp2p stack
-as edgelink's hosts run it (read-ahead under Noise, one Noise message per yamux frame); (d) an edgelink P2PChannel: (c) plus the end-to-end NaCl
-layer and flow control. Each figure is the median over repeats of: first byte sent to the
-receiver's 8-byte acknowledgement read, after one untimed warm-up run.
+as edgelink's hosts run it (read-ahead under Noise, one Noise message per yamux frame);
+(d) an edgelink P2PChannel: (c) plus the end-to-end NaCl layer and flow control. Each
+figure is the median over repeats of: first byte sent to the receiver's 8-byte
+acknowledgement read, after one untimed warm-up run. Loopback by default; see
+tools/bench_transport_veth.py for a veth link to another network namespace.
 """
 
 from __future__ import annotations

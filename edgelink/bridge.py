@@ -126,7 +126,6 @@ class Bridge:
     def source_layer(self) -> int:
         return int(self.meta["source_layer"])
 
-
     @property
     def prompt(self) -> BridgePrompt | None:
         """The context priming the bridge was trained with (``None`` for bridges without one)."""

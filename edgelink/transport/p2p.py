@@ -171,12 +171,11 @@ class P2PChannel:
             parts.append(chunk)
             got += len(chunk)
         last = parts[-1]
-        keep = got - n  # bytes of the last chunk that belong to the next record(s)
+        used = len(last) - (got - n)  # the rest of the last chunk starts the next record(s)
+        self._in, self._in_pos = last, used
         if len(parts) == 1:
-            self._in, self._in_pos = last, len(last) - keep
             return memoryview(last)[:n]
-        self._in, self._in_pos = last, len(last) - keep
-        parts[-1] = memoryview(last)[:len(last) - keep]
+        parts[-1] = memoryview(last)[:used]
         return b"".join(parts)
 
     async def _reader(self) -> None:
@@ -379,7 +378,8 @@ class P2PChannel:
         fno = self._tx_frame
         self._tx_frame += 1
         chunk = self._chunk
-        def push(plain) -> None:
+
+        def push(plain) -> None:  # sealed with room for the record header, written in place
             self._push(R_DATA, sealer.seal(plain, fno, REC.size), fno, headroom=True)
 
         try:
