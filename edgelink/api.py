@@ -195,9 +195,12 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
             while max_sessions is None or served < max_sessions:
                 ch = listener.accept()
                 try:
-                    report = receiver.serve_channel(ch)
+                    report = receiver.serve_channel(ch)  # never raises for a peer's bytes
                 finally:
-                    ch.close()
+                    try:
+                        ch.close()
+                    except Exception:  # noqa: BLE001 - a broken channel must not end serving
+                        log.exception("closing a session's channel failed")
                 served += 1
                 if on_session:
                     on_session(report)

@@ -41,12 +41,14 @@ from edgelink import __version__
 from edgelink import bridge_forward as fwd
 from edgelink.blas import blas_threads
 from edgelink.errors import ModelError
+from edgelink.protocol.untrusted import Int, Json, Nullable, Num, Obj, Seq, Str, load_json
 
 FORMAT_VERSION = 1
 KINDS = ("ridge", "perceiver", "lip")
 SIGNATURE_FIELDS = ("architecture", "n_embd", "weights_digest")  # at least these, per model
 NORM_EPS = 1e-6
 POOLS = {"ridge": "mean", "perceiver": "none", "lip": "segments"}  # how each kind reads rows
+MAX_MANIFEST_BYTES = 1 << 22  # a manifest holds two signatures and a normalizer: well under this
 
 
 def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -283,33 +285,98 @@ def _check_arrays(kind: str, arrays: dict[str, np.ndarray], d_src: int, d_tgt: i
             raise ModelError(f"bridge array {name} holds NaN or infinite values")
 
 
+_DIM = Int(1, 1 << 16)
+_MANIFEST = Obj(
+    {"format": Int(), "kind": Str(32, choices=KINDS),
+     "source": Obj({"architecture": Str(64), "n_embd": _DIM, "weights_digest": Str(128)},
+                   extra=Json(), max_keys=128),
+     "target": Obj({"architecture": Str(64), "n_embd": _DIM, "weights_digest": Str(128)},
+                   extra=Json(), max_keys=128),
+     "weights_file": Str(255, min_len=1), "weights_sha256": Str(64, min_len=64),
+     "d_src": _DIM, "d_tgt": _DIM, "k": Int(1, 4096), "source_layer": Int(0, 4096),
+     "normalizer": Obj({"mean": Seq(Num(), max_items=1 << 16), "std": Seq(Num(), max_items=1 << 16)},
+                       extra=Json()),
+     "pool": Obj({"kind": Str(32)}, {"skip": Int(0, 1 << 16)}, extra=Json())},
+    {"arch": Obj(optional={"d_model": _DIM, "n_heads": Int(1, 1024), "d_ff": Int(1, 1 << 18),
+                  "n_layers": Int(1, 64), "bottleneck": _DIM, "target_norm": Num(0)},
+                 extra=Json()),
+     "prompt": Nullable(Obj({"primer": Str(1 << 16), "before": Str(1 << 16), "after": Str(1 << 16),
+                             "labels": Obj(extra=Str(256, min_len=1), max_keys=64)})),
+     "training": Nullable(Obj(extra=Json()))},
+    extra=Json(),
+)
+# Largest expansion of a deflated npz member over its stored bytes (deflate's ratio is ~1032:1).
+_MAX_INFLATE = 1032
+_FLOAT_KINDS = "f"
+
+
+def _read_npz(blob: bytes, want: dict[str, tuple[int, ...]], where: Path) -> dict[str, np.ndarray]:
+    """The arrays of an npz, each checked against its expected shape from its npy header
+    before any data is read, so a header never makes numpy allocate what the file lacks."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            names = {n[:-4] for n in infos if n.endswith(".npy")}
+            if names != set(want) or len(infos) != len(names):
+                missing, extra = sorted(set(want) - names), sorted(set(infos) - {f"{n}.npy" for n in want})
+                raise ModelError(f"bridge weights {where.name}: arrays do not match the kind: "
+                                 f"missing {missing}, unexpected {extra[:8]}")
+            for name, shape in want.items():
+                info = infos[f"{name}.npy"]
+                if info.file_size > _MAX_INFLATE * max(info.compress_size, 1):
+                    raise ModelError(f"bridge weights {where.name}: member {name} claims {info.file_size} bytes")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    got_shape, fortran, dtype = header(f, max_header_size=1 << 12)
+                    if tuple(got_shape) != shape or fortran or dtype.kind not in _FLOAT_KINDS \
+                            or dtype.hasobject:
+                        raise ModelError(f"bridge array {name}: {dtype}{list(got_shape)} in the file, "
+                                         f"expected a float array of shape {list(shape)}")
+                    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    if nbytes > info.file_size:
+                        raise ModelError(f"bridge array {name}: {nbytes} bytes of data, the file holds "
+                                         f"{info.file_size}")
+                    data = f.read(nbytes)
+                    if len(data) != nbytes:
+                        raise ModelError(f"bridge array {name} is truncated")
+                    arrays[name] = np.ascontiguousarray(
+                        np.frombuffer(data, dtype=dtype).reshape(shape), dtype=np.float32)
+    except ModelError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+            NotImplementedError, RuntimeError) as exc:
+        raise ModelError(f"cannot read bridge weights {where}: {type(exc).__name__}: {exc}") from None
+    return arrays
+
+
 def load_bridge(path: str | os.PathLike[str]) -> Bridge:
-    """Read a bridge from its stem or either file, verifying the npz's sha256 and shapes."""
-    manifest_path, _ = _paths(path)
+    """Read a bridge from its stem or either file, verifying the npz's sha256 and shapes.
+    Both files are untrusted input: anything wrong is a ModelError, and nothing is allocated
+    beyond what the manifest's bounded fields and the files' real bytes allow."""
     try:
+        manifest_path, _ = _paths(path)
         raw = manifest_path.read_bytes()
-        meta = json.loads(raw.decode("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read bridge manifest {manifest_path}: {exc}") from exc
-    try:
-        if meta["format"] != FORMAT_VERSION:
-            raise ModelError(f"bridge format {meta['format']} is not {FORMAT_VERSION}")
-        kind = meta["kind"]
-        if kind not in KINDS:
-            raise ModelError(f"unknown bridge kind {kind!r} (this edgelink knows {KINDS})")
-        for role in ("source", "target"):
-            _sig(meta[role])
-        npz_path = manifest_path.with_name(meta["weights_file"])
-        want_sha = meta["weights_sha256"]
-        d_src, d_tgt, k = int(meta["d_src"]), int(meta["d_tgt"]), int(meta["k"])
-        mean = np.asarray(meta["normalizer"]["mean"], dtype=np.float32)
-        std = np.asarray(meta["normalizer"]["std"], dtype=np.float32)
-        int(meta["source_layer"])
-        meta["pool"]["kind"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"bridge manifest {manifest_path} is malformed: {exc!r}") from exc
+        raise ModelError(f"cannot read bridge manifest {str(path)[:200]!r}: {exc}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ModelError(f"bridge manifest {manifest_path} is {len(raw)} bytes (at most {MAX_MANIFEST_BYTES})")
+    meta = load_json(raw, f"bridge manifest {manifest_path}", error=ModelError)
+    _MANIFEST(meta, f"bridge manifest {manifest_path}", ModelError)  # checked; used as read
+    if meta["format"] != FORMAT_VERSION:
+        raise ModelError(f"bridge format {meta['format']} is not {FORMAT_VERSION}")
+    kind = meta["kind"]
+    weights_file = meta["weights_file"]
+    if Path(weights_file).name != weights_file or weights_file in (".", "..") or "\0" in weights_file:
+        raise ModelError(f"bridge manifest {manifest_path}: weights_file must be a file name beside it, "
+                         f"got {weights_file[:80]!r}")
+    npz_path = manifest_path.with_name(weights_file)
+    want_sha = meta["weights_sha256"]
+    d_src, d_tgt, k = meta["d_src"], meta["d_tgt"], meta["k"]
+    mean = np.asarray(meta["normalizer"]["mean"], dtype=np.float32)
+    std = np.asarray(meta["normalizer"]["std"], dtype=np.float32)
     if meta["pool"]["kind"] != POOLS[kind]:
         raise ModelError(f"a {kind} bridge reads rows by {POOLS[kind]!r}, the manifest says "
                          f"{meta['pool']['kind']!r}")
@@ -317,6 +384,11 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
         raise ModelError("bridge dimensions disagree with its model signatures")
     if mean.shape != (d_src,) or std.shape != (d_src,) or not (std > 0).all():
         raise ModelError("bridge normalizer has the wrong shape or a non-positive std")
+    arch = meta.get("arch") or {}
+    try:
+        want = fwd.expected_shapes(kind, d_src, d_tgt, k, arch)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"a {kind} bridge's arch is incomplete or invalid: {exc!r}") from None
     try:
         blob = npz_path.read_bytes()
     except OSError as exc:
@@ -325,12 +397,8 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
     if got_sha != want_sha:
         raise ModelError(f"bridge weights {npz_path.name}: sha256 {got_sha[:16]}... does not match "
                          f"the manifest's {str(want_sha)[:16]}...")
-    try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-            arrays = {n: np.ascontiguousarray(z[n], dtype=np.float32) for n in z.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read bridge weights {npz_path}: {exc}") from exc
-    _check_arrays(kind, arrays, d_src, d_tgt, k, meta.get("arch") or {})
+    arrays = _read_npz(blob, want, npz_path)
+    _check_arrays(kind, arrays, d_src, d_tgt, k, arch)
     if meta.get("prompt"):
         BridgePrompt.from_dict(meta["prompt"])
     return Bridge(meta=meta, arrays=arrays, mean=mean, std=std, path=manifest_path,

@@ -50,6 +50,7 @@ class ProtocolConfig:
     max_control_bytes: int
     reply_timeout_s: float
     idle_timeout_s: float
+    max_json_depth: int
 
 
 @dataclasses.dataclass(frozen=True)

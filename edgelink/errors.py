@@ -105,6 +105,14 @@ class PeerRejected(SessionError):
         self.detail = detail
 
 
+class InternalError(SessionError):
+    """A fault inside this side while handling a peer's message (a bug, not the peer's typed
+    error): the message is refused with code ``internal``, the sequence is left as it was
+    before the message, and the receiver goes on serving."""
+
+    code = "internal"
+
+
 class StateError(EdgelinkError):
     """A tensor payload that cannot be applied to this runtime (shape, type, capacity)."""
 

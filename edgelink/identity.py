@@ -40,6 +40,9 @@ class Identity:
         return self.key_pair.private_key.sign(data)
 
 
+MAX_KEY_FILE_BYTES = 4096  # a key file is one short line
+
+
 def _from_seed(seed: bytes):
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.peer.id import ID
@@ -49,13 +52,23 @@ def _from_seed(seed: bytes):
 
 
 def _read(path: Path) -> bytes:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read identity key {str(path)[:200]!r}: {exc}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"identity key {path} is not a regular file")
     if st.st_mode & 0o077:
         raise ConfigError(f"identity key {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
                           f"run: chmod 600 {path}")
-    text = path.read_text(encoding="ascii", errors="replace").split()
+    if st.st_size > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"identity key {path} is {st.st_size} bytes: not an edgelink key file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read identity key {path}: {exc.strerror or exc}") from None
+    text = raw.decode("ascii", errors="replace").split()
     if len(text) != 2 or text[0] != HEADER:
         raise ConfigError(f"identity key {path} is not an edgelink key file")
     try:
@@ -71,7 +84,11 @@ def load_identity(path: str | os.PathLike[str], *, create: bool = True) -> Ident
     """Load the key at ``path``; create it (mode 0600) first if it does not exist and ``create``."""
     path = Path(path).expanduser()
     created = False
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot use identity key path {str(path)[:200]!r}: {exc}") from None
+    if not exists:
         if not create:
             raise ConfigError(f"no identity key at {path} (run `edgelink id` to create one)")
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -10,7 +10,13 @@ from typing import Any
 
 from edgelink.bridge import Bridge
 from edgelink.config import Config
-from edgelink.errors import EdgelinkError, ProtocolError, SessionError, TransportError
+from edgelink.errors import (
+    EdgelinkError,
+    InternalError,
+    ProtocolError,
+    SessionError,
+    TransportError,
+)
 from edgelink.latent.bridged import register_bridged
 from edgelink.latent.delta import DeltaApplier, delta_tensors
 from edgelink.latent.memory import MemoryApplier
@@ -18,6 +24,7 @@ from edgelink.latent.prefix import PrefixApplier
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessage
+from edgelink.protocol.ops import check_params
 from edgelink.protocol.session import Role, Session, State
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.snapshot import SnapshotApplier
@@ -109,11 +116,13 @@ class Receiver:
                         log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,
                                  msg.message_id, msg.payload_bytes, 1e3 * (time.perf_counter() - t0))
                     elif isinstance(msg, Request) and msg.op == "delta":
+                        msg = dataclasses.replace(msg, params=check_params(msg.op, msg.params))
                         self._send_delta(ch, session, msg)  # answered by a tensor message
                     elif isinstance(msg, Ack):
                         log.info("peer applied our message %d", msg.acked_id)
                     elif isinstance(msg, Request):
-                        body = self._request(msg)
+                        body = self._request(dataclasses.replace(
+                            msg, params=check_params(msg.op, msg.params)))
                         report.generated += len(body.get("tokens", []))
                         ch.send(session.result(msg, body))
                     elif isinstance(msg, Reject):
@@ -129,6 +138,15 @@ class Receiver:
                     if session.state is State.CLOSED:
                         report.ended_by = "fatal"
                         break
+                except Exception as exc:  # noqa: BLE001 - a peer must never kill the receiver
+                    # A fault of ours, not a typed refusal. Every applier restores the sequence
+                    # on any exception, so the state is as before the message; the session
+                    # goes on, and the peer learns the message was not applied.
+                    log.exception("internal error while handling message %d", session.last_seen_id)
+                    report.rejected.append(InternalError.code)
+                    ch.send(session.reject(session.last_seen_id, InternalError(
+                        f"internal error while handling message {session.last_seen_id}: "
+                        f"{type(exc).__name__}; nothing was applied")))
         except TransportError as exc:
             log.warning("session ended by the transport: %s", exc)
             report.ended_by = exc.code
@@ -138,17 +156,25 @@ class Receiver:
             log.warning("refused a frame: %s", exc)
             report.rejected.append(exc.code)
             report.ended_by = exc.code
-            try:
-                ch.send(session.reject(-1, exc))
-            except EdgelinkError:
-                pass
+            self._last_words(ch, session, exc)
+        except Exception as exc:  # noqa: BLE001 - end this session, never the process
+            log.exception("internal error: session ended")
+            report.rejected.append(InternalError.code)
+            report.ended_by = InternalError.code
+            self._last_words(ch, session, InternalError(f"internal error: {type(exc).__name__}"))
         return report
+
+    @staticmethod
+    def _last_words(ch: Channel, session: Session, exc: EdgelinkError) -> None:
+        """A REJECT for a session that is ending anyway (the channel may already be gone)."""
+        try:
+            ch.send(session.reject(-1, exc))
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
     def _send_delta(self, ch: Channel, session: Session, req: Request) -> None:
         """Answer REQUEST(delta, since) with the cells this side added from ``since`` on."""
-        since = req.params.get("since")
-        if not isinstance(since, int) or isinstance(since, bool):
-            raise SessionError("delta needs an integer 'since'")
+        since = req.params["since"]
         tensors, attrs, token_range = delta_tensors(self.rt, since)
         parts, _ = session.encode_tensor_message(
             Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=self.rt.seq,
@@ -158,14 +184,12 @@ class Receiver:
     def _request(self, req: Request) -> dict[str, Any]:
         rt = self.rt
         if req.op == "generate":
-            n = req.params.get("n_tokens")
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise SessionError("generate needs a non-negative integer n_tokens")
+            n = req.params["n_tokens"]
             room = rt.n_ctx - len(rt.tokens)
             if n > room:
                 raise SessionError(f"{n} tokens do not fit: {room} positions left in the context")
             t0 = time.perf_counter()
-            tokens = rt.generate(n, stop_at_eog=bool(req.params.get("stop_at_eog", True)))
+            tokens = rt.generate(n, stop_at_eog=req.params.get("stop_at_eog", True))
             dt = time.perf_counter() - t0
             return {"tokens": tokens, "text": rt.detokenize(tokens), "generate_s": dt,
                     "context_tokens": len(rt.tokens)}
@@ -175,10 +199,9 @@ class Receiver:
             rt.clear()
             return {"context_tokens": 0}
         if req.op == "prefill":
-            toks = req.params.get("tokens")
-            if not isinstance(toks, list) or not toks or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < rt.n_vocab for t in toks):
-                raise SessionError("prefill needs a non-empty list of token ids in the vocabulary")
+            toks = list(req.params["tokens"])
+            if max(toks) >= rt.n_vocab:
+                raise SessionError(f"prefill: token id {max(toks)} outside the vocabulary of {rt.n_vocab}")
             if len(rt.tokens) + len(toks) > rt.n_ctx:
                 raise SessionError(f"{len(toks)} tokens do not fit the context")
             rt.prefill(toks)

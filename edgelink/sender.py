@@ -17,6 +17,7 @@ from edgelink.latent.prefix import prefix_tensors
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
+from edgelink.protocol.ops import check_result
 from edgelink.protocol.session import Role, Session, State
 from edgelink.receiver import frame_limit
 from edgelink.runtime.llama import LlamaRuntime
@@ -136,7 +137,7 @@ class Sender:
         res = self._reply()
         if not isinstance(res, Result):
             raise SessionError(f"expected a RESULT, got {res.frame_type.name}")
-        return res.body
+        return check_result(op, res.body)
 
     def close(self) -> None:
         """Say CLOSE (unless the session already ended, e.g. refused at the handshake: the peer

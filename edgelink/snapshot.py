@@ -130,7 +130,7 @@ def import_guarded(rt: LlamaRuntime, blob: np.ndarray, tokens: list[int], logits
     backup = (np.asarray(rt.export_state()), list(rt.tokens), rt.logits) if rt.tokens else None
     try:
         rt.import_state(blob, tokens, logits)
-    except StateError:
+    except Exception:  # any failure, typed or not: the sequence goes back as it was
         if backup is not None:
             rt.import_state(*backup)
         raise

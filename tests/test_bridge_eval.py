@@ -3,8 +3,8 @@ their own, then one tiny real run (12 test examples, two exported bridges of one
 for the properties that would let an evaluation fool us: same examples everywhere, a true
 derangement, norm-matched random rows, C picked on dev only, CIs around their estimates.
 
-The real run uses a private cache directory (models linked, splits copied), so it never writes
-the shared feature cache."""
+The real run uses a private cache directory (models linked, splits built there from the PyPI
+archive), so it neither reads nor writes anything an earlier run left in the shared cache."""
 
 from __future__ import annotations
 
@@ -110,10 +110,11 @@ def private_cfg(tmp_path_factory, cfg, smollm2_path, gemma3_path):
     (root / "models").symlink_to(real / "models", target_is_directory=True)
     if (real / "digests.json").is_file():
         shutil.copy(real / "digests.json", root / "digests.json")
-    from bridges.data import split_dir
+    from bridges.data import build_splits
 
-    shutil.copytree(split_dir("sentiment", cfg), root / "data" / "splits" / "sentiment-seed0")
-    return cfg.replace(paths_cache_dir=str(root), runtime_n_threads=1)
+    private = cfg.replace(paths_cache_dir=str(root), runtime_n_threads=1)
+    build_splits("sentiment", private)  # from the PyPI archive, as a fresh machine would
+    return private
 
 
 def _export(path, cfg, seed: int):

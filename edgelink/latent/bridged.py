@@ -130,7 +130,7 @@ class BridgedPrefixApplier:
         try:
             self._start()
             feed_vectors(rt, v, self.tail, self._tail_rows, self.scale)
-        except StateError:
+        except Exception:  # any failure, typed or not: the sequence goes back as it was
             rt.clear()
             if backup is not None:
                 rt.import_state(*backup)

@@ -69,6 +69,6 @@ class MemoryApplier:
             merged = merge_delta(rt, own, shifted, n + m) if rt.n_swa > 0 else append_cells(own, shifted)
             check_state_layout(rt, merged, n + m)
             rt.import_state(self._assembler.assemble(merged), own_tokens + [VIRTUAL_TOKEN] * m, None)
-        except StateError:
+        except Exception:  # any failure, typed or not: the sequence goes back as it was
             rt.import_state(own_blob, own_tokens, own_logits)
             raise

@@ -174,7 +174,7 @@ class PatchApplier:
                     done = hook.patch_applied(layer)
                     if not done.all():
                         raise StateError(f"layer {layer}: {int((~done).sum())} patch rows were not applied")
-        except StateError:
+        except Exception:  # any failure, typed or not: the sequence goes back as it was
             rt.clear()
             if backup is not None:
                 rt.import_state(*backup)

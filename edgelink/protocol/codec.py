@@ -52,6 +52,7 @@ from edgelink.protocol.messages import (
     Tensor,
     TensorMessage,
 )
+from edgelink.protocol.untrusted import I64_MAX, U64_MAX, Hex, Int, Json, Obj, Seq, Str, load_json
 
 PREAMBLE = struct.Struct("<4sHBB16sQIIQ")  # 48 bytes, then a 16-byte header digest
 PREAMBLE_BYTES = 64
@@ -168,23 +169,28 @@ def encode_tensor_message(msg: TensorMessage) -> list[Buffer]:
 # ---------------------------------------------------------------------------- decoding
 
 
-def _load_json(header: memoryview, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(bytes(header))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what}: header is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"{what}: header must be a JSON object")
-    return obj
+_ANY_OBJECT = Obj(extra=Json())
+_HELLO = Obj(
+    {"role": Str(16, choices=("client", "server")),
+     "signature": Obj(extra=Json(), max_keys=128),
+     "dtypes": Seq(Str(32), max_items=64),
+     "kinds": Seq(Str(64), max_items=64),
+     "max_message_bytes": Int(0, I64_MAX),
+     "encryption": Obj(extra=Json(), max_keys=32)},
+    {"auth": Obj(extra=Json(scalar=True), max_keys=16),
+     "bridge": Obj(extra=Str(256), max_keys=16)},
+)
+_CONTROL = {
+    FrameType.ACK: Obj({"acked_id": Int(0, U64_MAX), "digest": Hex(max_bytes=64)}),
+    FrameType.REJECT: Obj({"about_id": Int(-1, U64_MAX), "code": Str(64), "detail": Str(8192)}),
+    FrameType.REQUEST: Obj({"op": Str(64, min_len=1), "params": _ANY_OBJECT}),
+    FrameType.RESULT: Obj({"about_id": Int(-1, U64_MAX), "body": _ANY_OBJECT}),
+    FrameType.CLOSE: Obj(),
+}
 
 
-def _field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -> Any:
-    if key not in obj:
-        raise ProtocolError(f"{what}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ProtocolError(f"{what}: field {key!r} has the wrong type")
-    return value
+def _load_json(header: memoryview, what: str, limits: ProtocolConfig, schema: Obj) -> dict[str, Any]:
+    return schema(load_json(header, what, max_depth=limits.max_json_depth), what)
 
 
 def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
@@ -226,34 +232,29 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
     what = ftype.name
     if ftype == FrameType.TENSOR:
         return _decode_tensor(sid, message_id, header, view[PREAMBLE_BYTES + header_len:], limits)
-    body = _load_json(header, what)
     if ftype == FrameType.HELLO:
+        body = _load_json(header, what, limits, _HELLO)
         return Hello(
             session_id=sid,
             message_id=message_id,
-            role=_field(body, "role", str, what),
-            signature=_field(body, "signature", dict, what),
-            dtypes=tuple(_field(body, "dtypes", list, what)),
-            kinds=tuple(_field(body, "kinds", list, what)),
-            max_message_bytes=_field(body, "max_message_bytes", int, what),
-            encryption=_field(body, "encryption", dict, what),
-            auth=_field(body, "auth", dict, what) if "auth" in body else {},
-            bridge=_field(body, "bridge", dict, what) if "bridge" in body else {},
+            role=body["role"],
+            signature=body["signature"],
+            dtypes=body["dtypes"],
+            kinds=body["kinds"],
+            max_message_bytes=body["max_message_bytes"],
+            encryption=body["encryption"],
+            auth=body.get("auth", {}),
+            bridge=body.get("bridge", {}),
         )
+    body = _load_json(header, what, limits, _CONTROL[ftype])
     if ftype == FrameType.ACK:
-        digest_hex = _field(body, "digest", str, what)
-        try:
-            digest = bytes.fromhex(digest_hex)
-        except ValueError:
-            raise ProtocolError("ACK digest is not hex") from None
-        return Ack(sid, message_id, _field(body, "acked_id", int, what), digest)
+        return Ack(sid, message_id, body["acked_id"], body["digest"])
     if ftype == FrameType.REJECT:
-        return Reject(sid, message_id, _field(body, "about_id", int, what),
-                      _field(body, "code", str, what), _field(body, "detail", str, what))
+        return Reject(sid, message_id, body["about_id"], body["code"], body["detail"])
     if ftype == FrameType.REQUEST:
-        return Request(sid, message_id, _field(body, "op", str, what), _field(body, "params", dict, what))
+        return Request(sid, message_id, body["op"], body["params"])
     if ftype == FrameType.RESULT:
-        return Result(sid, message_id, _field(body, "about_id", int, what), _field(body, "body", dict, what))
+        return Result(sid, message_id, body["about_id"], body["body"])
     return Close(sid, message_id)
 
 
@@ -275,7 +276,8 @@ def _decode_tensor(sid: bytes, message_id: int, header: memoryview, payload: mem
     pos = TENSOR_FIXED.size
     if pos + attrs_len > len(header):
         raise TruncatedMessage("tensor attributes run past the header")
-    attrs = _load_json(header[pos:pos + attrs_len], "TENSOR attrs") if attrs_len else {}
+    attrs = (_load_json(header[pos:pos + attrs_len], "TENSOR attrs", limits, _ANY_OBJECT)
+             if attrs_len else {})
     pos += attrs_len
     tensors: list[Tensor] = []
     expected_offset = 0

@@ -27,6 +27,7 @@ import numpy as np
 from edgelink.errors import StateError
 from edgelink.protocol.kinds import DTYPE_LAYOUT, DType, tensor_nbytes
 from edgelink.protocol.messages import Tensor
+from edgelink.protocol.untrusted import I32_MAX, I32_MIN, Bool, Int, Nullable, Obj, Seq
 
 SEQ_STATE_MAGIC = 0xAF143CD8
 
@@ -235,13 +236,16 @@ def state_to_tensors(state: SeqState) -> tuple[list[Tensor], dict]:
     return tensors, layout
 
 
+# The ``kv`` attrs of a message (untrusted): caches of streams, each empty or described.
+_STREAM = Obj({"cells": Int(0, I32_MAX), "v_trans": Bool(), "n_layer": Int(1, 4096)})
+_LAYOUT = Obj({"seq_id": Int(I32_MIN, I32_MAX),
+               "caches": Seq(Seq(Nullable(_STREAM), max_items=64), min_items=1, max_items=16)})
+
+
 def tensors_to_state(tensors: dict[str, Tensor], layout: dict) -> SeqState:
     """Inverse of ``state_to_tensors``; checks every name, dtype and shape against the layout."""
-    try:
-        seq_id = int(layout["seq_id"])
-        cache_layouts = list(layout["caches"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StateError(f"bad KV layout attributes: {exc}") from None
+    layout = _LAYOUT(layout, "KV layout attrs", StateError)
+    seq_id, cache_layouts = layout["seq_id"], layout["caches"]
     caches = []
     used = set()
 
@@ -257,10 +261,7 @@ def tensors_to_state(tensors: dict[str, Tensor], layout: dict) -> SeqState:
             if sl is None:
                 streams.append(None)
                 continue
-            try:
-                cells, v_trans, n_layer = int(sl["cells"]), bool(sl["v_trans"]), int(sl["n_layer"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise StateError(f"bad stream layout: {exc}") from None
+            cells, v_trans, n_layer = sl["cells"], sl["v_trans"], sl["n_layer"]
             p = f"c{c}.s{s}."
             pos_t, seq_t = get(p + "pos"), get(p + "seq")
             for t in (pos_t, seq_t):

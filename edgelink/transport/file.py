@@ -74,8 +74,9 @@ class FileChannelReader:
         self.path = Path(path)
         try:
             self._f = open(self.path, "rb", buffering=0)
-        except OSError as exc:
-            raise TransportError(f"cannot open {self.path}: {exc.strerror}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            raise TransportError(f"cannot open {str(self.path)[:200]!r}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
         self._size = os.fstat(self._f.fileno()).st_size
         self._pos = 0
         self._hdr = bytearray(HEADER_BYTES)

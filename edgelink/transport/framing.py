@@ -1,11 +1,12 @@
 """Frame layout shared by the byte-stream transports: a u64 little-endian length, then the bytes.
 
 Also the two pieces every receiver needs: turning caller parts into flat byte views without
-copying them, and a reusable, pre-faulted receive buffer that grows only when a frame needs it.
+copying them, and a reusable receive buffer whose memory follows the bytes that arrive.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterable
 
@@ -15,7 +16,6 @@ from edgelink.errors import MessageTooLarge, TransportError
 
 HEADER = struct.Struct("<Q")
 HEADER_BYTES = HEADER.size
-PAGE = 4096
 # Receive buffers grow in steps of this size so a stream of slightly growing frames does not
 # reallocate (and re-fault) on every frame.
 GROW_STEP = 1 << 20
@@ -54,9 +54,11 @@ def check_length(length: int, max_bytes: int, where: str) -> None:
 class RecvBuffer:
     """A receive buffer reused across frames; ``view(n)`` is valid until the next ``view``.
 
-    Fresh memory is pre-faulted (one write per page) when allocated, so copying a frame into it
-    runs at memory bandwidth instead of page-fault speed. When a frame needs more room, a new
-    array replaces the old one: views handed out earlier keep the old array alive.
+    A frame's length is only a claim until its bytes arrive, so a larger buffer is reserved as
+    anonymous memory that the kernel commits page by page as the transport writes into it:
+    a bare length of a gigabyte costs address space, not memory, and memory follows the bytes
+    actually received. Once grown, the buffer is reused (already faulted) for later frames;
+    views handed out earlier keep the old memory alive until they are dropped.
     """
 
     def __init__(self, initial: int = 0):
@@ -70,9 +72,7 @@ class RecvBuffer:
 
     def _grow(self, n: int) -> None:
         size = -(-n // GROW_STEP) * GROW_STEP
-        arr = np.empty(size, dtype=np.uint8)
-        arr[::PAGE] = 0
-        self._arr = arr
+        self._arr = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
 
     def view(self, n: int) -> memoryview:
         if n > self._arr.nbytes:

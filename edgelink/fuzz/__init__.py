@@ -1,0 +1,179 @@
+"""A fuzzer for every boundary that reads untrusted bytes (docs/security.md, "Bad input").
+
+Seeds are real frames from edgelink's own encoders (and, when a runtime is given, a real KV
+export); :mod:`edgelink.fuzz.mutate` breaks them the way a hostile peer would, and each
+target in :mod:`edgelink.fuzz.targets` must return or raise an ``EdgelinkError``. The test
+suite runs a short seeded budget on every CI run; before a release run the long one::
+
+    python -m edgelink.fuzz --cases 200000 --seed 1
+    python -m edgelink.fuzz --cases 2000 --live shm:NAME     # against a running `edgelink serve`
+
+A failure prints its seed and case number, which reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from edgelink.errors import EdgelinkError
+from edgelink.protocol.kinds import ApplyMode, DType, Kind
+from edgelink.protocol.messages import SESSION_ID_BYTES, Tensor
+from edgelink.protocol.session import Role, Session
+
+
+@dataclasses.dataclass
+class Failure:
+    """An untyped exception (or any other contract breach) and how to reproduce it."""
+
+    target: str
+    seed: int
+    case: int
+    mutator: str
+    error: str
+    trace: str
+
+
+@dataclasses.dataclass
+class FuzzReport:
+    cases: int = 0
+    typed: int = 0  # refused with an EdgelinkError: what hostile input should get
+    accepted: int = 0  # decoded to a valid value
+    seconds: float = 0.0
+    failures: list[Failure] = dataclasses.field(default_factory=list)
+    by_code: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def synthetic_signature() -> dict[str, Any]:
+    """A signature shaped like a real one (tests that need a real one pass it in)."""
+    return {"architecture": "llama", "weights_digest": "ab" * 32, "n_layer": 2, "n_embd": 8,
+            "n_head": 2, "n_head_kv": 1, "head_dim": 4, "rope_type": 0, "rope_freq_base": 10000.0,
+            "rope_scaling": "none", "norm": "rms", "vocab_size": 16, "special_tokens": {"bos": 1},
+            "n_swa": 0, "type_k": "f16", "type_v": "f16", "flash_attn": False, "llama_cpp": "x",
+            "name": "synthetic"}
+
+
+def _kv_tensors(cells: int = 3, n_layer: int = 2, width: int = 4) -> tuple[list[Tensor], dict]:
+    from edgelink.runtime.kvstate import (
+        CacheState,
+        LayerRows,
+        SeqState,
+        StreamState,
+        state_to_tensors,
+    )
+
+    rows = tuple(LayerRows(1, (cells, width), memoryview(np.full((cells, width), i, np.float16)).cast("B"))
+                 for i in range(n_layer))
+    st = StreamState(np.arange(cells, dtype=np.int32), np.zeros(cells, np.int32), False, rows, rows)
+    return state_to_tensors(SeqState(0, (CacheState((st,)),)))
+
+
+def _i32(name: str, values) -> Tensor:
+    a = np.asarray(values, dtype="<i4")
+    return Tensor(name, DType.I32, a.shape, memoryview(a).cast("B"))
+
+
+def _f32(name: str, a: np.ndarray) -> Tensor:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return Tensor(name, DType.F32, a.shape, memoryview(a).cast("B"))
+
+
+def seed_frames(signature: dict[str, Any] | None = None, limits=None,
+                extra_tensor_messages: Iterable[tuple] = ()) -> list[bytes]:
+    """One valid exchange, client side: HELLO, then every frame type and tensor kind, with the
+    session id and consecutive message ids a server would accept. ``extra_tensor_messages``
+    are ``(kind, apply, tensors, attrs, layer_range, token_range)`` tuples (a real export)."""
+    from edgelink.config import load_config
+
+    sig = signature or synthetic_signature()
+    limits = limits or load_config().protocol
+    client = Session(Role.CLIENT, sig, limits, kinds=tuple(Kind), session_id=b"\x11" * SESSION_ID_BYTES,
+                     auth={"token": "s3cret"})
+    frames = [client.hello()]
+    client.assume_peer_accepts()
+    kv, layout = _kv_tensors()
+    # widths of the signature's model, so kind seeds reach each applier's deeper checks
+    d = sig.get("n_embd") if isinstance(sig.get("n_embd"), int) and 0 < sig["n_embd"] <= 8192 else 8
+    nv = sig.get("vocab_size") if isinstance(sig.get("vocab_size"), int) and 0 < sig["vocab_size"] <= 1 << 18 else 16
+    messages = [
+        (Kind.KV_CACHE, ApplyMode.OVERWRITE, kv + [_i32("tokens", [1, 2, 3]), _f32("logits", np.zeros(nv))],
+         {"kv": layout}, (0, 2), (0, 3)),
+        (Kind.KV_CACHE_DELTA, ApplyMode.APPEND, kv + [_i32("tokens", [4, 5, 6]), _f32("logits", np.zeros(nv))],
+         {"kv": layout, "base": "00" * 32}, (0, 2), (3, 6)),
+        (Kind.VIRTUAL_PREFIX, ApplyMode.APPEND, [_f32("embd", np.ones((2, d)))], {"energy_match": True},
+         (-1, -1), (0, 2)),
+        (Kind.RESIDUAL_PATCH, ApplyMode.ADDITIVE, [_i32("tokens", [1, 2]), _i32("positions", [0, 1]),
+                                                   _f32("p1", np.ones((2, d)))],
+         {"layers": [1], "gain": 2.0}, (1, 2), (0, 2)),
+        (Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE, [_f32("h1", np.ones((2, d))), _i32("positions", [0, 1])],
+         {"layers": [1], "site": "l_out"}, (1, 2), (0, 2)),
+        (Kind.BRIDGED_PREFIX, ApplyMode.OVERWRITE, [_f32("embd", np.ones((2, d)))],
+         {"bridge": "cd" * 32, "source_tokens": 5}, (-1, -1), (-1, -1)),
+        *extra_tensor_messages,
+    ]
+    for kind, apply, tensors, attrs, lr, tr in messages:
+        parts, _ = client.encode_tensor_message(kind, apply, tensors, layer_range=lr, token_range=tr,
+                                                attrs=attrs)
+        frames.append(b"".join(bytes(memoryview(p).cast("B")) for p in parts))
+        client.state = client.state.READY  # as if acknowledged
+    for op, params in (("generate", {"n_tokens": 4, "stop_at_eog": False}), ("prefill", {"tokens": [1, 2]}),
+                       ("delta", {"since": 1}), ("digest", {}), ("reset", {}),
+                       ("label_scores", {"labels": {"pos": " good", "neg": " bad"}}), ("latent_caps", {})):
+        frames.append(client.request(op, params))
+    from edgelink.protocol import codec
+    from edgelink.protocol.messages import Ack, Reject, Result
+
+    sid = client.session_id
+    frames.append(codec.encode_control(Ack(sid, 99, 3, b"\x01" * 32)))
+    frames.append(codec.encode_control(Reject(sid, 100, 3, "state", "no")))
+    frames.append(codec.encode_control(Result(sid, 101, 2, {"tokens": [1, 2], "text": "ab", "generate_s": 0.1,
+                                                           "context_tokens": 5})))
+    frames.append(client.close())
+    return frames
+
+
+def run(target: Callable[[bytes], Any], name: str, seeds: list[bytes], cases: int, seed: int = 0,
+        report: FuzzReport | None = None, budget_s: float | None = None) -> FuzzReport:
+    """Feed ``cases`` mutations of ``seeds`` to ``target``; record every breach."""
+    from edgelink.fuzz.mutate import mutations
+
+    report = report or FuzzReport()
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    for i, (mutator, frame) in enumerate(mutations(rng, seeds, cases)):
+        report.cases += 1
+        try:
+            target(frame)
+            report.accepted += 1
+        except EdgelinkError as exc:
+            report.typed += 1
+            report.by_code[exc.code] = report.by_code.get(exc.code, 0) + 1
+        except Exception as exc:  # noqa: BLE001 - that is the finding
+            report.failures.append(Failure(name, seed, i, mutator, f"{type(exc).__name__}: {exc}"[:300],
+                                           traceback.format_exc(limit=6)))
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            break
+    report.seconds += time.perf_counter() - t0
+    return report
+
+
+def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tuple[dict[str, Any], list[tuple]]:
+    """(signature, [a KV_CACHE message tuple]) from a real prefill of ``model``, for seeds."""
+    from edgelink.registry import resolve_model
+    from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.signature import model_signature
+    from edgelink.snapshot import snapshot_tensors
+
+    with LlamaRuntime(resolve_model(model, cfg), cfg) as rt:
+        rt.prefill(rt.tokenize(prompt))
+        sig = model_signature(rt, cfg).to_dict()
+        tensors, attrs, token_range = snapshot_tensors(rt)
+        # copies: the runtime's export buffer is reused by its next export
+        tensors = [Tensor(t.name, t.dtype, t.shape, memoryview(bytes(t.data)), t.checksum) for t in tensors]
+        return sig, [(Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors, attrs, (0, rt.n_layer), token_range)]

@@ -1,0 +1,63 @@
+"""The REQUEST/RESULT contract: for every built-in op, the schema of its params (checked by the
+receiver before it does anything) and of its result body (checked by the sender before any
+caller indexes it). Both sides read the other's JSON through these, so a hostile peer meets a
+typed error on either end, and a new op is one entry here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgelink.errors import SessionError
+from edgelink.protocol.untrusted import I32_MAX, Bool, Int, Json, Num, Obj, Seq, Str
+
+_TOKEN_IDS = Seq(Int(0, I32_MAX), max_items=1 << 20)
+_CONTEXT = {"context_tokens": Int(0, I32_MAX)}
+_LABELS = Obj(extra=Str(256, min_len=1), max_keys=64)
+
+PARAMS: dict[str, Obj] = {
+    "generate": Obj({"n_tokens": Int(0, I32_MAX)}, {"stop_at_eog": Bool()}),
+    "digest": Obj(),
+    "reset": Obj(),
+    "prefill": Obj({"tokens": Seq(Int(0, I32_MAX), max_items=1 << 20, min_items=1)}),
+    "delta": Obj({"since": Int(0, I32_MAX)}),
+    "latent_caps": Obj(),
+    "label_scores": Obj(optional={"labels": _LABELS}),
+}
+
+
+
+def _result(required: dict[str, Any], optional: dict[str, Any] | None = None) -> Obj:
+    """Results may grow fields in later versions: unknown ones are passed through unread."""
+    return Obj({**required, **_CONTEXT}, optional, extra=Json(), max_keys=64)
+
+
+RESULTS: dict[str, Obj] = {
+    "generate": _result({"tokens": _TOKEN_IDS, "text": Str(1 << 22), "generate_s": Num(0)}),
+    "digest": _result({"digest": Str(256)}),
+    "reset": _result({}),
+    "prefill": _result({}),
+    "latent_caps": _result({"n_layer": Int(1, 4096), "n_embd": Int(1, 1 << 20),
+                            "n_ctx": Int(1, I32_MAX), "max_gain": Num(0),
+                            "norm_gate_multiple": Num(0), "norm_gate_mode": Str(32),
+                            "residual_norms": Seq(Num(), max_items=4096),
+                            "modes": Seq(Str(32), max_items=16)}),
+    "label_scores": _result({"scores": Obj(extra=Num(), max_keys=64),
+                             "probs": Obj(extra=Num(0, 1), max_keys=64),
+                             "token_ids": Obj(extra=Int(0, I32_MAX), max_keys=64),
+                             "best": Str(256)},
+                            {"bridged": Obj(extra=Json(), max_keys=64)}),
+}
+
+
+def check_params(op: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The params of a known op, checked; an unknown op's params are passed on as they are
+    (its handler checks them, and the receiver refuses ops it does not know)."""
+    schema = PARAMS.get(op)
+    return params if schema is None else schema(params, f"REQUEST {op} params", SessionError)
+
+
+def check_result(op: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The body of the peer's RESULT for ``op``, checked against the op's schema."""
+    schema = RESULTS.get(op)
+    return body if schema is None else schema(body, f"RESULT of {op}", SessionError)
