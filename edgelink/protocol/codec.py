@@ -178,7 +178,7 @@ _HELLO = Obj(
      "max_message_bytes": Int(0, I64_MAX),
      "encryption": Obj(extra=Json(), max_keys=32)},
     {"auth": Obj(extra=Json(scalar=True), max_keys=16),
-     "bridge": Obj(extra=Str(256), max_keys=16)},
+     "bridge": Obj(extra=Json(scalar=True), max_keys=16)},  # compat.bridge_rule checks it
 )
 _CONTROL = {
     FrameType.ACK: Obj({"acked_id": Int(0, U64_MAX), "digest": Hex(max_bytes=64)}),
@@ -239,8 +239,8 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
             message_id=message_id,
             role=body["role"],
             signature=body["signature"],
-            dtypes=body["dtypes"],
-            kinds=body["kinds"],
+            dtypes=tuple(body["dtypes"]),
+            kinds=tuple(body["kinds"]),
             max_message_bytes=body["max_message_bytes"],
             encryption=body["encryption"],
             auth=body.get("auth", {}),

@@ -107,7 +107,7 @@ def load_json(data: bytes | bytearray | memoryview | str, what: str, *,
 
 
 class Schema:
-    """Checks one value; returns it (possibly normalised, e.g. a list as a tuple) or raises."""
+    """Checks one value; returns it (possibly normalised: a Hex string as bytes, a Num as float) or raises."""
 
     def check(self, value: Any, path: str, error: ErrorType) -> Any:  # pragma: no cover
         raise NotImplementedError
@@ -188,7 +188,7 @@ class Hex(Str):
 
 
 class Seq(Schema):
-    """A list of ``item``, at most ``max_items`` long; returned as a tuple."""
+    """A list of ``item``, at most ``max_items`` long."""
 
     def __init__(self, item: Schema, max_items: int = 4096, min_items: int = 0):
         self.item, self.max_items, self.min_items = item, max_items, min_items
@@ -198,7 +198,7 @@ class Seq(Schema):
             raise error(f"{path}: expected a list, got {_kind(value)}")
         if not self.min_items <= len(value) <= self.max_items:
             raise error(f"{path}: list of {len(value)} items (allowed {self.min_items}..{self.max_items})")
-        return tuple(self.item.check(v, f"{path}[{i}]", error) for i, v in enumerate(value))
+        return [self.item.check(v, f"{path}[{i}]", error) for i, v in enumerate(value)]
 
 
 class Nullable(Schema):
