@@ -30,6 +30,7 @@ from edgelink.protocol.session import Role, Session
 from edgelink.receiver import Receiver, SessionReport, frame_limit
 from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
 from edgelink.sender import Sender
 from edgelink.signature import ModelSignature, model_signature
 from edgelink.snapshot import snapshot_tensors
@@ -91,7 +92,7 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
 
 
 def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
-    return Session(role, model_signature(rt, cfg).to_dict(), cfg.protocol, kinds=tuple(Kind))
+    return Session(role, model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt).protocol, kinds=tuple(Kind))
 
 
 EXPORT_KINDS = ("snapshot", "memory", "prefix")
@@ -145,10 +146,10 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
         t0 = time.perf_counter()
         payload = 0
         with FileChannelReader(path) as r:
-            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: signature checked
+            session.receive(r.recv(frame_limit(fit_limits(cfg, rt))))  # the writer's HELLO: checked
             while True:
                 try:
-                    frame = r.recv(frame_limit(cfg))
+                    frame = r.recv(frame_limit(fit_limits(cfg, rt)))
                 except PeerGone:  # a clean end of file between frames
                     break
                 msg = session.receive(frame)
@@ -279,7 +280,7 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
         rt.prefill(toks)
         t1 = time.perf_counter()
         t_connect = time.perf_counter()
-        sender = Sender(connect(to, cfg), cfg, signature, auth={"token": token} if token else None)
+        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), signature, auth={"token": token} if token else None)
         connect_s = time.perf_counter() - t_connect
         try:
             t2 = time.perf_counter()
@@ -368,7 +369,7 @@ def converse(model: str, turns: list[str], to: str, n_tokens: int | None = None,
         raise EdgelinkError("a conversation needs at least one turn")
     rounds: list[Round] = []
     with load_runtime(model, cfg, progress) as rt:
-        sender = Sender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
         try:
             sender.handshake()
             synced = 0
@@ -414,7 +415,7 @@ def send_prefix(model: str, to: str, *, text: str | None = None, vectors: np.nda
     with load_runtime(model, cfg, progress) as rt:
         if vectors is None:
             vectors = rt.token_embeddings().rows(rt.tokenize(text))
-        sender = Sender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
         try:
             sender.handshake()
             start = 0 if reset else sender.request("digest")["context_tokens"]
@@ -439,7 +440,7 @@ def send_memory(model: str, to: str, text: str, *, question: str | None = None,
     with load_runtime(model, cfg, progress) as rt:
         rt.prefill(rt.tokenize(text, add_special=False))
         q_tokens = rt.tokenize(question, add_special=False) if question else []
-        sender = Sender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
         try:
             sender.handshake()
             sent = sender.send_memory(rt)

@@ -38,6 +38,7 @@ from edgelink.receiver import frame_limit
 from edgelink.registry import resolve_model
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
 from edgelink.sender import Sender
 from edgelink.signature import model_signature
 from edgelink.snapshot import SnapshotApplier
@@ -127,7 +128,7 @@ class LatentSender:
 @contextlib.contextmanager
 def latent_session(rt: LlamaRuntime, to: str, cfg: Config) -> Iterator[LatentSender]:
     """A handshaken LatentSender to the serving peer at ``to``."""
-    ls = LatentSender(connect(to, cfg), cfg, model_signature(rt, cfg).to_dict())
+    ls = LatentSender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
     try:
         ls.handshake()
         yield ls
@@ -190,7 +191,7 @@ def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str 
         t1 = time.perf_counter()
         vectors = br.apply(rows)
         t2 = time.perf_counter()
-        sender = Sender(connect(to, cfg), cfg, signature, auth={"token": token} if token else None,
+        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), signature, auth={"token": token} if token else None,
                         bridge=bridge_claim(br))
         t3 = time.perf_counter()
         try:
@@ -221,7 +222,7 @@ def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str 
 
 
 def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
-    return Session(role, model_signature(rt, cfg).to_dict(), cfg.protocol, kinds=LATENT_KINDS)
+    return Session(role, model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt).protocol, kinds=LATENT_KINDS)
 
 
 def _write(rt: LlamaRuntime, cfg: Config, path: str | Path, kind: Kind, apply: ApplyMode, parts: tuple) -> int:
@@ -267,10 +268,10 @@ def apply_file(model: str, path: str | Path, n_tokens: int | None = None,
                     Kind.RESIDUAL_PATCH: PatchApplier(rt, cfg).apply}
         applied = []
         with FileChannelReader(path) as r:
-            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: signature checked
+            session.receive(r.recv(frame_limit(fit_limits(cfg, rt))))  # the writer's HELLO: checked
             while True:
                 try:
-                    frame = r.recv(frame_limit(cfg))
+                    frame = r.recv(frame_limit(fit_limits(cfg, rt)))
                 except PeerGone:
                     break  # a clean end of file
                 msg = session.receive(frame)

@@ -41,6 +41,7 @@ from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
 from edgelink.receiver import Receiver, frame_limit
+from edgelink.runtime.sizing import fit_limits
 
 log = logging.getLogger("edgelink.node")
 
@@ -145,8 +146,13 @@ class Node:
                 rt.close()
             raise
         self.signature = model_signature(self._runtimes[0], cfg).to_dict()
+        # Limits derived from the model (0 settings); a node's peers get the smaller of its
+        # two limits, announced in its HELLO so a sender refuses before any bytes move.
+        self.cfg = cfg = fit_limits(cfg, self._runtimes[0])
+        serving = cfg.replace(protocol_max_message_bytes=min(cfg.protocol.max_message_bytes,
+                                                             cfg.node.max_message_bytes))
         try:
-            self._receivers = [Receiver(rt, cfg, self.signature, bridge=bridge) for rt in self._runtimes]
+            self._receivers = [Receiver(rt, serving, self.signature, bridge=bridge) for rt in self._runtimes]
         except BaseException:
             for rt in self._runtimes:
                 rt.close()
@@ -220,7 +226,7 @@ class Node:
         try:
             limiter = self._limiter(peer)
             ch.limiter = limiter
-            ch.max_frame = self.cfg.node.max_message_bytes + self.cfg.protocol.max_control_bytes + 64
+            ch.max_frame = frame_limit(self._receivers[0].cfg)
             try:
                 first = ch.recv(frame_limit(self.cfg), timeout=self.cfg.p2p.handshake_timeout_s)
             except (TransportError, ProtocolError) as exc:

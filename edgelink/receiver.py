@@ -23,10 +23,12 @@ from edgelink.latent.memory import MemoryApplier
 from edgelink.latent.prefix import PrefixApplier
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessage
 from edgelink.protocol.ops import check_params
 from edgelink.protocol.session import Role, Session, State
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
 from edgelink.snapshot import SnapshotApplier
 from edgelink.transport.base import Channel
 
@@ -35,7 +37,7 @@ log = logging.getLogger("edgelink.receiver")
 
 def frame_limit(cfg: Config) -> int:
     """The largest frame a transport should accept: a full message plus its headers."""
-    return cfg.protocol.max_message_bytes + cfg.protocol.max_control_bytes + 64
+    return limit_of(cfg.protocol) + cfg.protocol.max_control_bytes + 64
 
 
 @dataclasses.dataclass
@@ -59,7 +61,7 @@ class Receiver:
     def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any],
                  bridge: Bridge | None = None):
         self.rt = rt
-        self.cfg = cfg
+        self.cfg = fit_limits(cfg, rt)  # message limits derived from this model unless set
         self.signature = signature
         snapshot = SnapshotApplier(rt)
         # One applier per message kind this receiver accepts; the session negotiates exactly

@@ -110,9 +110,16 @@ def _patch_preamble(frame: bytes, **fields) -> bytes:
 
 def test_declared_sizes_over_limits_are_refused_before_allocation(cfg):
     frame = _join(codec.encode_tensor_message(_msg()))
-    huge = _patch_preamble(frame, plen=cfg.protocol.max_message_bytes + 1)
-    with pytest.raises(MessageTooLarge):
+    from edgelink.protocol.limits import UNFITTED_MAX_MESSAGE_BYTES, limit_of
+
+    assert cfg.protocol.max_message_bytes == 0  # derived from the model once one is loaded
+    assert limit_of(cfg.protocol) == UNFITTED_MAX_MESSAGE_BYTES
+    huge = _patch_preamble(frame, plen=limit_of(cfg.protocol) + 1)
+    with pytest.raises(MessageTooLarge, match="protocol.max_message_bytes"):
         codec.decode_frame(huge, cfg.protocol)
+    fitted = cfg.protocol.__class__(**{**cfg.protocol.__dict__, "max_message_bytes": 1000})
+    with pytest.raises(MessageTooLarge, match=r"1,000 bytes \(protocol.max_message_bytes"):
+        codec.decode_frame(_patch_preamble(frame, plen=1001), fitted)
     with pytest.raises(MessageTooLarge):
         codec.decode_frame(_patch_preamble(frame, hlen=2**31), cfg.protocol)
     small = cfg.protocol.__class__(**{**cfg.protocol.__dict__, "max_tensors": 2})

@@ -39,6 +39,7 @@ from edgelink.protocol.kinds import (
     Kind,
     tensor_nbytes,
 )
+from edgelink.protocol.limits import describe_bytes, limit_of
 from edgelink.protocol.messages import (
     CHECKSUM_BYTES,
     SESSION_ID_BYTES,
@@ -215,8 +216,10 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
     }.get(ftype, limits.max_control_bytes)
     if header_len > header_limit:
         raise MessageTooLarge(f"{ftype.name} header of {header_len} bytes exceeds {header_limit}")
-    if payload_len > limits.max_message_bytes:
-        raise MessageTooLarge(f"payload of {payload_len} bytes exceeds {limits.max_message_bytes}")
+    if payload_len > limit_of(limits):
+        raise MessageTooLarge(f"a message of {describe_bytes(payload_len)} exceeds this side's limit of "
+                              f"{describe_bytes(limit_of(limits))} (protocol.max_message_bytes; 0 derives "
+                              "it from the model and n_ctx)")
     if ftype != FrameType.TENSOR and payload_len:
         raise ProtocolError(f"{ftype.name} frames carry no payload")
     total = PREAMBLE_BYTES + header_len + payload_len

@@ -39,6 +39,7 @@ from edgelink.protocol import codec
 from edgelink.protocol.codec import Buffer
 from edgelink.protocol.compat import bridge_rule, describe_diff, signature_diff
 from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.limits import describe_bytes, limit_of
 from edgelink.protocol.messages import (
     SESSION_ID_BYTES,
     Ack,
@@ -123,7 +124,7 @@ class Session:
             signature=self.signature,
             dtypes=self.dtypes,
             kinds=tuple(k.name for k in self.kinds),
-            max_message_bytes=self.limits.max_message_bytes,
+            max_message_bytes=limit_of(self.limits),
             encryption=self.encryption,
             auth=self.auth if self.role is Role.CLIENT else {},
             # A server echoes its bridge only into a session the client asked to bridge, so
@@ -138,7 +139,7 @@ class Session:
         if not self._hello_sent:
             raise SessionError("send the hello first")
         self.negotiated_kinds = frozenset(self.kinds)
-        self.peer_max_bytes = self.limits.max_message_bytes
+        self.peer_max_bytes = limit_of(self.limits)
         self.state = State.READY
 
     def encode_tensor_message(self, kind: Kind, apply: ApplyMode, tensors: Sequence[Tensor], *,
@@ -154,9 +155,15 @@ class Session:
         msg = TensorMessage(self.session_id, self._next_out, kind, apply, seq_slot, layer_range,
                             token_range, with_sums, attrs or {})
         parts = codec.encode_tensor_message(msg)
-        size = sum(memoryview(p).nbytes for p in parts)
+        # what the receiver checks against its limit: the payload, padding included (the
+        # header has its own bound, protocol.max_control_bytes)
+        size = sum(memoryview(p).nbytes for p in parts[1:])
         if size > self.peer_max_bytes:
-            raise MessageTooLarge(f"message of {size} bytes exceeds the peer's limit of {self.peer_max_bytes}")
+            raise MessageTooLarge(
+                f"this {kind.name} message is {describe_bytes(size)}, more than the receiver accepts "
+                f"({describe_bytes(self.peer_max_bytes)}, its protocol.max_message_bytes, or "
+                "node.max_message_bytes on a node; 0 derives it from its model and n_ctx): raise "
+                "that setting on the receiver, or send a shorter context; nothing was sent")
         self._take_id()
         self._outstanding = msg.message_id
         self.state = State.STREAMING
@@ -275,7 +282,9 @@ class Session:
         if not self.negotiated_kinds:
             self.state = State.CLOSED
             raise SessionError("no message kind in common")
-        self.peer_max_bytes = min(msg.max_message_bytes, self.limits.max_message_bytes)
+        # What we may send is what the peer says it accepts (its own limit, from its model);
+        # what we accept is checked against ours on every frame we decode.
+        self.peer_max_bytes = msg.max_message_bytes
         self.peer = msg
         self.state = State.READY
         return msg
