@@ -216,7 +216,7 @@ def test_oversized_message_is_refused_before_allocation(strict_peer):
     rt.clear()
     rt.prefill(context_tokens(rt, 400))  # about 9 MB of state
     s = peer.sender()
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(MessageTooLarge, match=r"4\.0 MB \(4,000,000 bytes\), its protocol\.max_message_bytes"):
         s.send_snapshot(rt)  # the sender already knows the receiver's limit from its hello
     s.session.peer_max_bytes = 1 << 40  # a sender that ignores it
     s.session.state = s.session.state.READY
@@ -224,7 +224,7 @@ def test_oversized_message_is_refused_before_allocation(strict_peer):
     # and the blocked sender still gets the typed refusal
     with pytest.raises(PeerRejected) as info:
         s.send_snapshot(rt)
-    assert info.value.reason == "too_large"
+    assert info.value.reason == "too_large" and "max_message_bytes" in info.value.detail
     s.ch.close()
     assert peer.proc.next_event()["ended_by"] == "too_large"
     assert peer.digest() == before

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from edgelink.errors import MessageTooLarge, TransportError
+from edgelink.protocol.limits import describe_bytes
 
 HEADER = struct.Struct("<Q")
 HEADER_BYTES = HEADER.size
@@ -47,7 +48,9 @@ def check_length(length: int, max_bytes: int, where: str) -> None:
     """Raise MessageTooLarge for a declared length above the bound (call before allocating)."""
     if length > max_bytes:
         raise MessageTooLarge(
-            f"{where}: frame declares {length} bytes, more than the limit of {max_bytes}"
+            f"{where}: a frame of {describe_bytes(length)} is more than this side accepts "
+            f"({describe_bytes(max_bytes)}: protocol.max_message_bytes plus headers, or "
+            "node.max_message_bytes on a node; 0 derives them from the model and n_ctx)"
         )
 
 
