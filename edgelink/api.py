@@ -209,6 +209,23 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
             listener.close()
 
 
+def twins(cfg: Config | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    """The shape twins (edgelink/twins.py): name, the real model, its KV bytes per token and
+    geometry. With ``name``, that twin's GGUF is written into the cache (if it is not there)
+    and its row carries the path."""
+    from edgelink.twins import TWINS, twin_path, twin_spec
+
+    cfg = _cfg(cfg)
+    specs = [twin_spec(name)] if name else list(TWINS.values())
+    rows = []
+    for spec in specs:
+        row = {**dataclasses.asdict(spec), "kv_bytes_per_token": spec.kv_bytes_per_token}
+        if name:
+            row["path"] = str(twin_path(spec.name, cfg))
+        rows.append(row)
+    return rows
+
+
 def connect(endpoint: str, cfg: Config | None = None):
     """A raw channel to a serving peer (for tools and tests that speak the protocol directly):
     ``shm:NAME``, or a multiaddr ``/ip4/H/tcp/P/p2p/ID`` (end-to-end encrypted; this process

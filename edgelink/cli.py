@@ -70,6 +70,22 @@ def models_pull(obj: _Ctx, name: str, force: bool, as_json: bool) -> None:
     _emit(as_json, {"name": name, "path": str(path)}, f"{name}: {path}")
 
 
+@models.command("twins")
+@click.argument("name", required=False)
+@json_option
+@click.pass_obj
+def models_twins(obj: _Ctx, name: str | None, as_json: bool) -> None:
+    """List the shape twins (tiny GGUFs with a real model's KV geometry; use them as
+    `twin:NAME` wherever a MODEL is taken), or write NAME's into the cache and print its path."""
+    rows = api.twins(obj.cfg(), name)
+    if as_json:
+        _emit(True, rows, "")
+        return
+    for r in rows:
+        where = r.get("path") or "(written on first use)"
+        click.echo(f"twin:{r['name']:14} {r['kv_bytes_per_token']:>9,} B/token  {r['real']:28} {where}")
+
+
 @cli.command()
 @click.argument("model", required=False)
 @json_option

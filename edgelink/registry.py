@@ -280,13 +280,18 @@ def check_gguf_file(path: Path) -> Path:
 
 
 def resolve_model(spec: str, cfg: Config, pull: bool = True, progress: Progress | None = None) -> Path:
-    """Turn a registry name or a path to a .gguf file into a local file path.
+    """Turn a registry name, a shape twin (``twin:llama-3-8b``) or a path to a .gguf file into
+    a local file path.
 
     A registry name not yet cached is pulled when ``pull`` is true; an existing path is returned
     (made absolute, "~" expanded) without being copied or hashed.
     """
     if not spec:
         raise ModelError("no model given")
+    if spec.startswith("twin:"):  # a shape twin of a real model (edgelink/twins.py)
+        from edgelink.twins import twin_path
+
+        return twin_path(spec, cfg)
     entries = registry_for(cfg)
     if spec in entries and not _looks_like_path(spec):
         entry = entries[spec]
