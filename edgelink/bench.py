@@ -19,7 +19,9 @@ from typing import Any
 from edgelink.config import Config
 from edgelink.launcher import start_receiver, stop_receiver
 from edgelink.registry import resolve_model
+from edgelink.rss import PeakWatch
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
 from edgelink.sender import Sender
 from edgelink.signature import model_signature
 from edgelink.timing import median_seconds
@@ -82,9 +84,10 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                 prefill_s = median_seconds(prefill, repeats)
                 say(f"{n} tokens: shm handoff x{repeats} (after one untimed warm-up)")
                 # A fresh session per row, so no session idles through the re-prefill.
-                sender = Sender(connect(f"shm:{shm_name}", cfg), cfg, signature)
+                sender = Sender(connect(f"shm:{shm_name}", cfg), fit_limits(cfg, rt), signature)
                 sender.handshake()
-                first_s, handoff_s, sent = _timed_handoffs(sender, rt, repeats)
+                with PeakWatch() as tx, PeakWatch(receiver.pid) as rx:
+                    first_s, handoff_s, sent = _timed_handoffs(sender, rt, repeats)
                 sender.close()
                 row = {
                     "tokens": n,
@@ -95,10 +98,15 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                     "export_ms": 1e3 * statistics.median(s.export_s for s in sent),
                     "first_handoff_ms": 1e3 * first_s,
                     "speedup_vs_reprefill": prefill_s / handoff_s,
+                    "handoff_gbps": sent[-1].payload_bytes / handoff_s / 1e9,
+                    # peak RSS over each side's RSS before the first handoff of this row (the
+                    # receiver's includes filling its own KV cache when its context was smaller)
+                    "sender_peak_over_mb": tx.over_base / 1e6,
+                    "receiver_peak_over_mb": rx.over_base / 1e6,
                 }
                 if node is not None:
                     say(f"{n} tokens: p2p handoff x{repeats} (warm connection)")
-                    sender = Sender(connect(node.ready["addrs"][0], cfg), cfg, signature)
+                    sender = Sender(connect(node.ready["addrs"][0], cfg), fit_limits(cfg, rt), signature)
                     sender.handshake()
                     _, p2p_s, _ = _timed_handoffs(sender, rt, repeats)
                     sender.close()
@@ -135,4 +143,11 @@ def format_handoff_table(report: dict[str, Any]) -> str:
             f"{r['handoff_ms']:>11.2f} {r['speedup_vs_reprefill']:>7.0f}x {r['shm_gbps']:>9.2f} "
             f"{r['memcpy_gbps']:>12.2f} {r['shm_vs_memcpy']:>10.0%} "
             f"{r.get('p2p_handoff_ms', float('nan')):>8.1f} {r.get('p2p_speedup_vs_reprefill', float('nan')):>11.0f}x")
+        lines.append(
+            f"{'':>7} handoff {r['handoff_gbps']:.2f} GB/s (export {r['export_ms']:.1f} ms, first/cold "
+            f"{r['first_handoff_ms']:.1f} ms); peak RSS over base: sender "
+            f"{r['sender_peak_over_mb']:.0f} MB ({r['sender_peak_over_mb'] / (r['payload_bytes'] / 1e6):.2f}x "
+            f"state), receiver {r['receiver_peak_over_mb']:.0f} MB "
+            f"({r['receiver_peak_over_mb'] / (r['payload_bytes'] / 1e6):.2f}x state)"
+            + (f"; p2p {r['p2p_mbps']:.0f} MB/s" if "p2p_mbps" in r else ""))
     return "\n".join(lines)
