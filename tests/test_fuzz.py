@@ -170,12 +170,15 @@ def test_message_file_fuzz_seeded(seeds):
     _no_failures(run(lambda f: T.message_file(len(f).to_bytes(8, "little") + f), "file", seeds, 300, seed=14))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300))
-def test_seq_state_blob_parser(data):
+@pytest.mark.parametrize("target, typed", [(T.seq_state_blob, EdgelinkError), (T.identity_file, ConfigError)],
+                         ids=["seq_state_blob", "identity_file"])
+@settings(max_examples=250, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_any_bytes_give_a_value_or_a_typed_error(target, typed, data):
+    """The llama.cpp sequence-state parser and the identity key reader, on arbitrary bytes."""
     try:
-        T.seq_state_blob(data)
-    except EdgelinkError:
+        target(data)
+    except typed:
         pass
 
 
@@ -316,15 +319,6 @@ def test_hostile_bridge_files_are_typed_and_bounded(bridge_pair):
             T.bridge_files(json.dumps(m).encode(), npz, fix_sha=False)
     with pytest.raises(ModelError):
         load_bridge("models/x\0y")
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=200))
-def test_identity_files(data):
-    try:
-        T.identity_file(data)
-    except ConfigError:
-        pass
 
 
 def test_identity_file_edge_cases(tmp_path):
