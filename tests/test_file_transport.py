@@ -74,7 +74,7 @@ def test_truncated_file(tmp_path):
 def test_oversize_frame(tmp_path):
     path = tmp_path / "frames.bin"
     path.write_bytes(struct.pack("<Q", 1 << 60))
-    with FileChannelReader(path) as r, pytest.raises(MessageTooLarge, match="limit of 4096"):
+    with FileChannelReader(path) as r, pytest.raises(MessageTooLarge, match=r"accepts \(4,096 bytes: protocol.max_message_bytes"):
         r.recv(4096)
     with FileChannelWriter(path) as w:
         w.send(b"z" * 5000)

@@ -138,7 +138,7 @@ def test_message_too_large_raised_before_allocation(shm_cfg, name):
         client._tx.write([memoryview(struct.pack("<Q", 1 << 40))])
         tracemalloc.start()
         try:
-            with pytest.raises(MessageTooLarge, match="1099511627776"):
+            with pytest.raises(MessageTooLarge, match=r"1,099,511,627,776 bytes\).*protocol.max_message_bytes"):
                 server.recv(max_bytes=1 << 20)
             _, peak = tracemalloc.get_traced_memory()
         finally:
