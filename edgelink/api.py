@@ -275,7 +275,7 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
     try:
         if on_ready:
             on_ready({"event": "ready", "peer_id": n.identity.peer_id_str, "addrs": n.addrs,
-                      "max_clients": len(n._receivers)})
+                      **n.memory_facts()})
         n.run()
     except BaseException:
         n.shutdown()

@@ -290,8 +290,11 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, bridge: s
     cfg = obj.cfg(p2p_mdns=1 if mdns else None)
 
     def ready(ev: dict) -> None:
-        _emit(as_json, ev, "node ready (Ctrl-C to stop); dial one of:\n  " + "\n  ".join(ev["addrs"]),
-              compact=True)
+        per = ev["kv_bytes_per_context"] / 1e6
+        _emit(as_json, ev, "node ready (Ctrl-C to stop); dial one of:\n  " + "\n  ".join(ev["addrs"])
+              + f"\nmemory: each client's context holds a KV cache of {per:,.0f} MB (n_ctx x KV bytes "
+              f"per token); {ev['contexts']} now, up to {ev['max_clients']} ({ev['max_clients'] * per:,.0f} MB) "
+              "as clients arrive (node.max_clients)", compact=True)
         sys.stdout.flush()
 
     def session(ev: dict) -> None:

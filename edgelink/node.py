@@ -41,7 +41,7 @@ from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
 from edgelink.receiver import Receiver, frame_limit
-from edgelink.runtime.sizing import fit_limits
+from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
 
 log = logging.getLogger("edgelink.node")
 
@@ -121,7 +121,8 @@ def _split(text: str) -> list[str]:
 
 
 class Node:
-    """Load ``node.max_clients`` runtimes of one model and serve sessions over libp2p."""
+    """Serve sessions over libp2p, each in its own llama.cpp context of one model: one context
+    at start, more as clients need them, up to ``node.max_clients``."""
 
     def __init__(self, model_path: str | Path, cfg: Config, *, listen: str | None = None,
                  identity: Identity | None = None,
@@ -137,25 +138,25 @@ class Node:
         self.on_event = on_event or (lambda e: None)
         self.allow_peers = frozenset(_split(cfg.node.allow_peers))
         self.tokens = tuple(_split(cfg.node.tokens))
-        self._runtimes = []
+        # Slot 0 now (the signature and the limits come from it); the other slots' contexts
+        # are created when a client first needs one: llama.cpp commits a context's whole KV
+        # cache when it creates it, so N idle contexts would hold N full caches.
+        self._model_path = model_path
+        self._bridge = bridge
+        self.max_slots = max(1, cfg.node.max_clients)
+        self._creating = 0
+        self._runtimes = [LlamaRuntime(model_path, cfg)]
         try:
-            for _ in range(max(1, cfg.node.max_clients)):
-                self._runtimes.append(LlamaRuntime(model_path, cfg))
+            self.signature = model_signature(self._runtimes[0], cfg).to_dict()
+            # Limits derived from the model (0 settings); a node's peers get the smaller of its
+            # two limits, announced in its HELLO so a sender refuses before any bytes move.
+            self.cfg = cfg = fit_limits(cfg, self._runtimes[0])
+            self._serving = cfg.replace(protocol_max_message_bytes=min(cfg.protocol.max_message_bytes,
+                                                                       cfg.node.max_message_bytes))
+            self._receivers = [Receiver(self._runtimes[0], self._serving, self.signature, bridge=bridge)]
+            self.kv_bytes_per_context = self._runtimes[0].n_ctx * kv_bytes_per_token(self._runtimes[0])
         except BaseException:
-            for rt in self._runtimes:
-                rt.close()
-            raise
-        self.signature = model_signature(self._runtimes[0], cfg).to_dict()
-        # Limits derived from the model (0 settings); a node's peers get the smaller of its
-        # two limits, announced in its HELLO so a sender refuses before any bytes move.
-        self.cfg = cfg = fit_limits(cfg, self._runtimes[0])
-        serving = cfg.replace(protocol_max_message_bytes=min(cfg.protocol.max_message_bytes,
-                                                             cfg.node.max_message_bytes))
-        try:
-            self._receivers = [Receiver(rt, serving, self.signature, bridge=bridge) for rt in self._runtimes]
-        except BaseException:
-            for rt in self._runtimes:
-                rt.close()
+            self._runtimes[0].close()
             raise
         self._free = list(range(len(self._receivers)))
         self._lock = threading.Lock()
@@ -179,7 +180,7 @@ class Node:
         """Runs in the trio thread for every new stream: a cheap cap on work in progress so a
         flood of streams cannot make unbounded threads (they get a reset, not a REJECT)."""
         host = getattr(self, "host", None)
-        return host is not None and len(host._channels) < 2 * len(self._receivers) + 4
+        return host is not None and len(host._channels) < 2 * self.max_slots + 4
 
     def _limiter(self, peer: str) -> PeerLimiter:
         with self._lock:
@@ -248,11 +249,10 @@ class Node:
             if self._stopping.is_set():
                 self._refuse(ch, hello, BusyError("node is shutting down"), event)
                 return
-            with self._lock:
-                slot = self._free.pop(0) if self._free else None
+            slot = self._take_slot()
             if slot is None:
                 self._refuse(ch, hello, BusyError(
-                    f"node is serving its maximum of {len(self._receivers)} clients"), event)
+                    f"node is serving its maximum of {self.max_slots} clients (node.max_clients)"), event)
                 return
             event["slot"] = slot
             report = self._receivers[slot].serve_channel(_Prefetched(ch, first))
@@ -267,6 +267,44 @@ class Node:
                     self._free.append(slot)
                     self._free.sort()
                 self._active.pop(number, None)
+
+    def _take_slot(self) -> int | None:
+        """A free slot, or a new one while fewer than node.max_clients exist; None when full."""
+        with self._lock:
+            if self._free:
+                return self._free.pop(0)
+            if len(self._receivers) + self._creating >= self.max_slots:
+                return None
+            self._creating += 1
+        try:
+            from edgelink.runtime.llama import LlamaRuntime
+
+            rt = LlamaRuntime(self._model_path, self.cfg)
+            try:
+                receiver = Receiver(rt, self._serving, self.signature, bridge=self._bridge)
+            except BaseException:
+                rt.close()
+                raise
+        except EdgelinkError as exc:
+            log.error("could not create a context for another client: %s", exc)
+            return None
+        finally:
+            with self._lock:
+                self._creating -= 1
+        with self._lock:
+            self._runtimes.append(rt)
+            self._receivers.append(receiver)
+            log.info("created context %d of %d", len(self._receivers), self.max_slots)
+            return len(self._receivers) - 1
+
+    def memory_facts(self) -> dict[str, int]:
+        """What this node's llama.cpp contexts take (each commits its whole KV cache)."""
+        with self._lock:
+            n = len(self._runtimes)
+        return {"max_clients": self.max_slots, "contexts": n,
+                "kv_bytes_per_context": self.kv_bytes_per_context,
+                "kv_bytes_now": n * self.kv_bytes_per_context,
+                "kv_bytes_at_max_clients": self.max_slots * self.kv_bytes_per_context}
 
     def _emit(self, event: dict[str, Any]) -> None:
         try:
@@ -312,7 +350,7 @@ class Node:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with self._lock:
-                if len(self._free) == len(self._receivers):
+                if len(self._free) == len(self._receivers) and not self._creating:
                     break
             time.sleep(0.05)
         self.host.close()

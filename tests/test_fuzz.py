@@ -167,7 +167,9 @@ def test_session_fuzz_seeded(seeds, limits):
 
 
 def test_message_file_fuzz_seeded(seeds):
-    _no_failures(run(lambda f: T.message_file(len(f).to_bytes(8, "little") + f), "file", seeds, 300, seed=14))
+    report = run(lambda f: T.message_file(len(f).to_bytes(8, "little") + f), "file", seeds, 300, seed=14)
+    _no_failures(report)
+    assert report.accepted > 0.05 * report.cases  # frames get past the reader into the decoder
 
 
 @pytest.mark.parametrize("target, typed", [(T.seq_state_blob, EdgelinkError), (T.identity_file, ConfigError)],

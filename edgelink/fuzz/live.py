@@ -18,6 +18,7 @@ from edgelink.protocol import codec
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.messages import Ack, Close, Hello, Reject
 from edgelink.protocol.session import Role, Session
+from edgelink.receiver import frame_limit
 
 
 def with_id(frame: bytes, message_id: int) -> bytes:
@@ -57,7 +58,7 @@ def fuzz_live(endpoint: str, cfg: Config, signature: dict[str, Any], cases: int,
     endless = 1 << 62  # a session may end early, leaving frames unsent: never run dry
     stream = mutations(rng, body, endless)
     hello_stream = mutations(random.Random(seed + 1), [hello], endless)
-    limit = cfg.protocol.max_message_bytes + cfg.protocol.max_control_bytes + 64
+    limit = frame_limit(cfg)
     t0 = time.perf_counter()
     case = 0
     while case < cases:

@@ -13,6 +13,7 @@ from typing import Any
 from edgelink.config import ProtocolConfig
 from edgelink.protocol import codec
 from edgelink.protocol.kinds import Kind
+from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import Hello, Request, Result, TensorMessage
 from edgelink.protocol.ops import check_params, check_result
 from edgelink.protocol.session import Role, Session
@@ -92,7 +93,7 @@ def message_file(data: bytes) -> None:
         with FileChannelReader(path) as r:
             while True:
                 try:
-                    frame = r.recv(limits.max_message_bytes)
+                    frame = r.recv(limit_of(limits) + limits.max_control_bytes + 64)
                 except PeerGone:
                     return
                 follow_up(codec.decode_frame(frame, limits))
