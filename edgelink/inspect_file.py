@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ def describe_frame(frame: memoryview, cfg: Config) -> dict[str, Any]:
 
 def inspect_file(path: str | Path, cfg: Config) -> list[dict[str, Any]]:
     frames = []
+    if not cfg.protocol.max_message_bytes:
+        # No model to derive a limit from: the file's own size bounds what it can hold (a
+        # Llama-3-8B state at 8k tokens is over the 1 GiB fallback).
+        try:
+            size = os.path.getsize(path)
+        except (OSError, ValueError):
+            size = 0  # the reader below says what is wrong with the path
+        cfg = cfg.replace(protocol_max_message_bytes=max(size, 1))
     with FileChannelReader(path) as reader:
         for frame in reader:
             frames.append(describe_frame(frame, cfg))

@@ -78,3 +78,24 @@ def test_sender_refuses_locally_naming_sizes_and_setting(smollm2_path, cfg):
         assert "protocol.max_message_bytes" in text and "node.max_message_bytes" in text
         assert f"{largest_message_bytes(rrt):,} bytes" in text and "nothing was sent" in text
         assert client.state.value == "ready"  # nothing half-done: the session goes on
+
+
+def test_inspect_is_bounded_by_the_file_not_a_fixed_limit(tmp_path, cfg, monkeypatch):
+    """Without a model there is no context to derive a limit from: `edgelink inspect` takes the
+    file's size as the bound, so a file with a message over the 1 GiB fallback still reads."""
+    import edgelink.protocol.limits as limits
+    from edgelink.errors import TransportError
+    from edgelink.fuzz import seed_frames
+    from edgelink.inspect_file import inspect_file
+    from edgelink.transport.framing import HEADER
+
+    frames = seed_frames(limits=cfg.protocol)[:2]  # HELLO and a KV_CACHE message
+    path = tmp_path / "m.elk"
+    path.write_bytes(b"".join(HEADER.pack(len(f)) + f for f in frames))
+    monkeypatch.setattr(limits, "UNFITTED_MAX_MESSAGE_BYTES", 100)  # smaller than the message
+    with pytest.raises(MessageTooLarge):
+        codec.decode_frame(frames[1], cfg.protocol)
+    described = inspect_file(path, cfg)
+    assert [d["frame"] for d in described] == ["HELLO", "TENSOR"] and described[1]["verified"]
+    with pytest.raises(TransportError):
+        inspect_file(tmp_path / "a\0b", cfg)
