@@ -91,8 +91,10 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
                           {"prefill_s": t1 - t0, "generate_s": t2 - t1})
 
 
-def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
-    return Session(role, model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt).protocol, kinds=tuple(Kind))
+def file_session(rt: LlamaRuntime, cfg: Config, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:
+    """The session of a message file: this model's signature, limits fitted to it (``cfg``
+    may already be fitted)."""
+    return Session(role, model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt).protocol, kinds=kinds)
 
 
 EXPORT_KINDS = ("snapshot", "memory", "prefix")
@@ -116,7 +118,7 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
             built = snapshot_tensors(rt)
             what = (Kind.KV_MEMORY, ApplyMode.MEMORY) if kind == "memory" else (Kind.KV_CACHE, ApplyMode.OVERWRITE)
         t1 = time.perf_counter()
-        session = _file_session(rt, cfg, Role.CLIENT)
+        session = file_session(rt, cfg, Role.CLIENT)
         hello = session.hello()
         session.assume_peer_accepts()
         tensors, attrs, token_range = built
@@ -141,15 +143,16 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     with load_runtime(model, cfg, progress) as rt:
-        session = _file_session(rt, cfg, Role.SERVER)
+        cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
+        session = file_session(rt, cfg, Role.SERVER)
         appliers = Receiver(rt, cfg, session.signature).appliers
         t0 = time.perf_counter()
         payload = 0
         with FileChannelReader(path) as r:
-            session.receive(r.recv(frame_limit(fit_limits(cfg, rt))))  # the writer's HELLO: checked
+            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: checked
             while True:
                 try:
-                    frame = r.recv(frame_limit(fit_limits(cfg, rt)))
+                    frame = r.recv(frame_limit(cfg))
                 except PeerGone:  # a clean end of file between frames
                     break
                 msg = session.receive(frame)

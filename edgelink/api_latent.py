@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelink.api import Generation, _cfg, connect, load_runtime
+from edgelink.api import Generation, _cfg, connect, file_session, load_runtime
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config
 from edgelink.errors import ChecksumMismatch, EdgelinkError, PeerGone, SessionError
@@ -33,7 +33,7 @@ from edgelink.latent.patch import PatchApplier, ResidualPatch, steering_patch
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, TensorMessage
-from edgelink.protocol.session import Role, Session
+from edgelink.protocol.session import Role
 from edgelink.receiver import frame_limit
 from edgelink.registry import resolve_model
 from edgelink.runtime.evalhook import capture
@@ -221,13 +221,9 @@ def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str 
 # ------------------------------------------------------------------------------ files
 
 
-def _file_session(rt: LlamaRuntime, cfg: Config, role: Role) -> Session:
-    return Session(role, model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt).protocol, kinds=LATENT_KINDS)
-
-
 def _write(rt: LlamaRuntime, cfg: Config, path: str | Path, kind: Kind, apply: ApplyMode, parts: tuple) -> int:
     tensors, attrs, layer_range, token_range = parts
-    session = _file_session(rt, cfg, Role.CLIENT)
+    session = file_session(rt, cfg, Role.CLIENT, LATENT_KINDS)
     hello = session.hello()
     session.assume_peer_accepts()
     frames, msg = session.encode_tensor_message(kind, apply, tensors, seq_slot=rt.seq, layer_range=layer_range,
@@ -262,16 +258,17 @@ def apply_file(model: str, path: str | Path, n_tokens: int | None = None,
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     with _hooked(model, cfg) as rt:
-        session = _file_session(rt, cfg, Role.SERVER)
+        cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
+        session = file_session(rt, cfg, Role.SERVER, LATENT_KINDS)
         hidden = HiddenSliceApplier(rt, cfg)
         appliers = {Kind.KV_CACHE: SnapshotApplier(rt).apply, Kind.HIDDEN_SLICE: hidden.apply,
                     Kind.RESIDUAL_PATCH: PatchApplier(rt, cfg).apply}
         applied = []
         with FileChannelReader(path) as r:
-            session.receive(r.recv(frame_limit(fit_limits(cfg, rt))))  # the writer's HELLO: checked
+            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: checked
             while True:
                 try:
-                    frame = r.recv(frame_limit(fit_limits(cfg, rt)))
+                    frame = r.recv(frame_limit(cfg))
                 except PeerGone:
                     break  # a clean end of file
                 msg = session.receive(frame)

@@ -84,7 +84,7 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
 
                 say(f"{n} tokens: re-prefill x{repeats}")
                 prefill_s = median_seconds(prefill, repeats)
-                say(f"{n} tokens: shm handoff x{repeats} (after one untimed warm-up)")
+                say(f"{n} tokens: shm handoff x{repeats} (after two untimed warm-ups)")
                 # A fresh session per row, so no session idles through the re-prefill.
                 sender = Sender(connect(f"shm:{shm_name}", cfg), fit_limits(cfg, rt), signature)
                 sender.handshake()

@@ -59,8 +59,6 @@ def model_signature(rt: LlamaRuntime, cfg: Config) -> ModelSignature:
     arch = rt.meta("general.architecture") or "unknown"
     n_embd = llama_cpp.llama_model_n_embd(rt.model)
     n_head = llama_cpp.llama_model_n_head(rt.model)
-    key_len = rt.meta(f"{arch}.attention.key_length")
-    head_dim = int(key_len) if key_len else n_embd // max(n_head, 1)
     rms = rt.meta(f"{arch}.attention.layer_norm_rms_epsilon")
     ln = rt.meta(f"{arch}.attention.layer_norm_epsilon")
     norm = f"rms:{float(rms):g}" if rms else (f"layer:{float(ln):g}" if ln else "unknown")
@@ -81,8 +79,8 @@ def model_signature(rt: LlamaRuntime, cfg: Config) -> ModelSignature:
         n_layer=llama_cpp.llama_model_n_layer(rt.model),
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv=llama_cpp.llama_model_n_head_kv(rt.model),
-        head_dim=head_dim,
+        n_head_kv=rt.n_head_kv,
+        head_dim=rt.head_dim,
         rope_type=_ROPE_NAMES.get(llama_cpp.llama_model_rope_type(rt.model), "other"),
         rope_freq_base=_float(rt.meta(f"{arch}.rope.freq_base")),
         rope_scaling=f"{scaling}:{factor}" if scaling else None,

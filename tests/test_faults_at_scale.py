@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgelink.api import connect
-from edgelink.errors import PeerGone, PeerRejected, TransportError
+from edgelink.errors import PeerRejected
 from edgelink.launcher import start_receiver, stop_receiver
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor
@@ -83,7 +83,8 @@ def _parts(big, sender: Sender):
 
 def _prime(big) -> None:
     s = _sender(big)
-    s.request("prefill", tokens=list(range(3, 40)))  # a small real context to keep
+    s.request("reset")
+    s.request("prefill", tokens=list(range(3, 40)))  # a small real context (37 tokens) to keep
     s.close()
     big["proc"].next_event()
 
@@ -166,11 +167,11 @@ def test_a_flipped_byte_in_the_last_layer(big):
 
 
 def test_the_receiver_still_serves(big):
+    """After all three faults the same process answers, still holding the primed context."""
+    assert big["proc"].poll() is None
     s = _sender(big)
     try:
-        assert s.request("digest")["context_tokens"] >= 0
-    except (PeerGone, TransportError):  # pragma: no cover - a dead receiver fails here
-        raise
+        assert s.request("digest")["context_tokens"] == 37
     finally:
         s.close()
         big["proc"].next_event()

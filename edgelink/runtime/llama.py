@@ -69,13 +69,15 @@ class LlamaRuntime:
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_swa = llama_cpp.llama_model_n_swa(self.model)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        # Width of one token's K and V rows per layer (KV heads x head size), for sizing.
+        # Head sizes (the GGUF's key/value length, else n_embd / n_head) and the width of one
+        # token's K and V rows per layer: the signature and message sizing read these.
         arch = self.meta("general.architecture") or ""
         n_head = max(llama_cpp.llama_model_n_head(self.model), 1)
-        n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
         k_len, v_len = self.meta(f"{arch}.attention.key_length"), self.meta(f"{arch}.attention.value_length")
-        self.kv_widths = (n_head_kv * (int(k_len) if k_len else self.n_embd // n_head),
-                          n_head_kv * (int(v_len) if v_len else self.n_embd // n_head))
+        self.head_dim = int(k_len) if k_len else self.n_embd // n_head
+        head_dim_v = int(v_len) if v_len else self.n_embd // n_head
+        self.kv_widths = (self.n_head_kv * self.head_dim, self.n_head_kv * head_dim_v)
         cp = llama_cpp.llama_context_default_params()
         self.eval_hook = None
         # Called with (positions, output flags) before each llama_decode while set; prefill then
