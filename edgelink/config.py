@@ -51,6 +51,8 @@ class ProtocolConfig:
     reply_timeout_s: float
     idle_timeout_s: float
     max_json_depth: int
+    checksums: str
+    session_state: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from edgelink.config import Config
 from edgelink.protocol import codec
+from edgelink.protocol.kinds import CHECKSUM_NAMES
 from edgelink.protocol.messages import Hello, TensorMessage
 from edgelink.transport.file import FileChannelReader
 
@@ -27,10 +28,11 @@ def describe_frame(frame: memoryview, cfg: Config) -> dict[str, Any]:
         for t in msg.tensors:
             tensors.append({"name": t.name, "dtype": t.dtype.name.lower(), "shape": list(t.shape),
                             "bytes": t.nbytes, "checksum": t.checksum.hex(),
-                            "verified": codec.checksum(t.data) == t.checksum})
+                            "verified": codec.checksum(t.data, msg.checksum_alg) == t.checksum})
         out.update(kind=msg.kind.name, apply=msg.apply.name, seq_slot=msg.seq_slot,
                    layers=list(msg.layer_range), tokens=list(msg.token_range),
                    payload_bytes=msg.payload_bytes, attrs=msg.attrs, tensors=tensors,
+                   checksum=CHECKSUM_NAMES[msg.checksum_alg],
                    digest=codec.tensor_message_digest(msg).hex(),
                    verified=all(t["verified"] for t in tensors))
     return out

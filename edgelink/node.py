@@ -42,6 +42,7 @@ from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
 from edgelink.receiver import Receiver, frame_limit
 from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
+from edgelink.transport.framing import Scatter
 
 log = logging.getLogger("edgelink.node")
 
@@ -111,6 +112,14 @@ class _Prefetched:
             first, self._first = self._first, None
             return first
         return self._ch.recv(max_bytes, timeout)
+
+    def recv_into(self, sink, max_bytes: int, timeout: float | None = None) -> int:
+        if self._first is not None:  # the prefetched HELLO, written into the sink
+            first, self._first = self._first, None
+            out = Scatter(sink, first.nbytes)
+            out.write(first)
+            return first.nbytes
+        return self._ch.recv_into(sink, max_bytes, timeout)
 
     def close(self) -> None:
         self._ch.close()

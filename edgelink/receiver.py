@@ -11,6 +11,7 @@ from typing import Any
 from edgelink.bridge import Bridge
 from edgelink.config import Config
 from edgelink.errors import (
+    ConfigError,
     EdgelinkError,
     InternalError,
     ProtocolError,
@@ -21,11 +22,12 @@ from edgelink.latent.bridged import register_bridged
 from edgelink.latent.delta import DeltaApplier, delta_tensors
 from edgelink.latent.memory import MemoryApplier
 from edgelink.latent.prefix import PrefixApplier
-from edgelink.protocol.codec import tensor_message_digest
+from edgelink.protocol.codec import TensorHeader, tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessage
 from edgelink.protocol.ops import check_params
+from edgelink.protocol.reader import FrameReader
 from edgelink.protocol.session import Role, Session, State
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
@@ -62,8 +64,14 @@ class Receiver:
                  bridge: Bridge | None = None):
         self.rt = rt
         self.cfg = fit_limits(cfg, rt)  # message limits derived from this model unless set
+        if cfg.protocol.session_state not in ("clear", "keep"):
+            raise ConfigError(f"protocol.session_state is {cfg.protocol.session_state!r}: clear or keep")
         self.signature = signature
         snapshot = SnapshotApplier(rt)
+        # Kinds whose applier takes tensors straight into the buffer it will import (no second
+        # copy of a large state); see protocol/reader.py.
+        self.placers = {Kind.KV_CACHE: snapshot.place}
+        self._release = [snapshot.release]  # what gives memory back after a failed message
         # One applier per message kind this receiver accepts; the session negotiates exactly
         # these kinds. Each applier checks everything before touching the runtime and leaves
         # its state unchanged when it raises.
@@ -83,14 +91,43 @@ class Receiver:
         self.bridge_claim: dict[str, str] | None = None
         register_bridged(self, bridge)
 
+    def _place(self, th: TensorHeader) -> dict[str, memoryview]:
+        placer = self.placers.get(th.kind)
+        return placer(th) if placer else {}
+
+    def _recv(self, ch: Channel, reader: FrameReader, limit: int, timeout: float | None = None):
+        """The next frame: into ``reader`` where the transport can scatter, else whole."""
+        recv_into = getattr(ch, "recv_into", None)
+        if recv_into is None:
+            frame = ch.recv(limit, timeout)
+            return frame, frame.nbytes
+        return reader, recv_into(reader, limit, timeout)
+
     def serve_channel(self, ch: Channel) -> SessionReport:
+        """Run one session to its end. Whatever the peer sends, this returns a report (it
+        never raises for a peer's bytes), and the sequence the session built is cleared at
+        the end, so no later session, whoever its peer, can read or continue it."""
+        reader = FrameReader(self.cfg.protocol, self._place)
         report = SessionReport()
+        try:
+            return self._serve(ch, reader, report)
+        finally:
+            if self.cfg.protocol.session_state != "keep":
+                self.rt.clear()
+            if report.rejected or report.ended_by != "close":
+                # A message that was cut off or refused must not leave its gigabyte behind:
+                # buffers it filled are given back (a later one faults them in again).
+                reader.release()
+                for release in self._release:
+                    release()
+
+    def _serve(self, ch: Channel, reader: FrameReader, report: SessionReport) -> SessionReport:
         session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers),
                           encryption=getattr(ch, "encryption", None), bridge=self.bridge_claim)
         limit = frame_limit(self.cfg)
         try:
-            frame = ch.recv(limit)
-            report.bytes_in += frame.nbytes
+            frame, n = self._recv(ch, reader, limit)
+            report.bytes_in += n
             try:
                 hello = session.receive(frame)
             except EdgelinkError as exc:
@@ -103,8 +140,8 @@ class Receiver:
             report.bridged = session.bridged
             ch.send(session.hello())
             while session.state is not State.CLOSED:
-                frame = ch.recv(limit, timeout=self.cfg.protocol.idle_timeout_s)
-                report.bytes_in += frame.nbytes
+                frame, n = self._recv(ch, reader, limit, self.cfg.protocol.idle_timeout_s)
+                report.bytes_in += n
                 try:
                     msg = session.receive(frame)
                     if isinstance(msg, Close):

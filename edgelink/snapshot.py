@@ -13,12 +13,15 @@ from __future__ import annotations
 import numpy as np
 
 from edgelink.errors import StateError
+from edgelink.protocol.buffers import RecvBuffer
+from edgelink.protocol.codec import TensorHeader
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.kvstate import (
     CACHE_TYPE_NAMES,
     SeqState,
     assemble_seq_state,
+    blob_offsets,
     parse_seq_state,
     state_to_tensors,
     tensors_to_state,
@@ -137,17 +140,36 @@ def import_guarded(rt: LlamaRuntime, blob: np.ndarray, tokens: list[int], logits
 
 
 class SnapshotApplier:
-    """Checks and applies KV_CACHE messages to one runtime; keeps a reusable blob buffer."""
+    """Checks and applies KV_CACHE messages to one runtime; keeps a reusable blob buffer.
+
+    ``place`` lets a ``FrameReader`` write a message's K and V tensors straight into that blob
+    as they arrive, so receiving a snapshot holds one copy of the state, not two."""
 
     def __init__(self, rt: LlamaRuntime):
         self.rt = rt
-        self._blob = np.empty(0, dtype=np.uint8)
+        self._blob = RecvBuffer()
+
+    def place(self, th: TensorHeader) -> dict[str, memoryview]:
+        """Destinations in the blob for the K/V tensors of a snapshot this runtime could take.
+        Anything else (another kind, a layout that does not check out) is left to scratch;
+        the full checks run on the whole message later, as for any other."""
+        if th.kind is not Kind.KV_CACHE or th.seq_slot != self.rt.seq or not isinstance(th.attrs.get("kv"), dict):
+            return {}
+        try:
+            size, at = blob_offsets({e.name: e for e in th.entries}, th.attrs["kv"])
+        except StateError:
+            return {}  # refused with its reason by check(), once the message is in
+        by_name = {e.name: e.nbytes for e in th.entries}
+        blob = self._blob.view(size)
+        return {name: blob[off:off + by_name[name]] for name, off in at.items()}
+
+    def release(self) -> None:
+        """Give the blob's memory back (after a message that was not applied); a later snapshot
+        grows it again."""
+        self._blob.release()
 
     def assemble(self, state: SeqState) -> np.ndarray:
-        size = state.nbytes
-        if self._blob.nbytes < size:
-            self._blob = np.empty(size, dtype=np.uint8)
-        return assemble_seq_state(state, self._blob)
+        return assemble_seq_state(state, self._blob.array(state.nbytes))
 
     def check(self, msg: TensorMessage) -> tuple[np.ndarray, list[int], np.ndarray]:
         """Everything short of touching llama.cpp: returns (blob, tokens, logits)."""

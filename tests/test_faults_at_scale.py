@@ -51,7 +51,8 @@ def big(cfg, tmp_path_factory):
     tensors += [Tensor("tokens", DType.I32, (CELLS,), memoryview(toks).cast("B")),
                 Tensor("logits", DType.F32, (n_vocab,), memoryview(logits).cast("B"))]
     name = f"t-big-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    proc = start_receiver(path, c, name)
+    # keep: each fault must leave a context primed in an earlier session exactly as it was
+    proc = start_receiver(path, c.replace(protocol_session_state="keep"), name)
     yield {"proc": proc, "name": name, "cfg": sender_cfg, "sig": sig, "tensors": tensors,
            "attrs": {"kv": layout}, "n_layer": n_layer}
     assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
@@ -115,14 +116,24 @@ def test_a_message_cut_off_at_900_mb(big):
     _assert_unchanged(big, before)
 
 
-def _stream_then_die(name: str, cfg, sig, big_parts_len: int, ready) -> None:
-    """Child: open a session, write half a gigabyte of a 1 GB frame, say so, wait to be killed."""
+def _stream_then_die(name: str, cfg, sig, specs, attrs, n_layer: int, ready) -> None:
+    """Child: open a session, write the first half gigabyte of a real 1 GB KV frame (its header
+    is valid, so the receiver takes the tensors in), say so, wait to be killed."""
     s = Sender(connect(f"shm:{name}", cfg), cfg, sig)
     s.handshake()
-    payload = np.ones(1 << 24, dtype=np.uint8)
-    s.ch._tx.write([memoryview(HEADER.pack(big_parts_len))], 30.0)
-    for _ in range(32):  # 512 MiB
-        s.ch._tx.write([memoryview(payload)], 30.0)
+    # zero-filled tensors of the real shapes: untouched pages, so this child stays small
+    tensors = [Tensor(n, dt, shape, memoryview(np.zeros(nbytes, dtype=np.uint8))) for n, dt, shape, nbytes in specs]
+    parts, _ = s.session.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors,
+                                               layer_range=(0, n_layer), token_range=(0, CELLS), attrs=attrs)
+    views, total = byte_views(parts)
+    s.ch._tx.write([memoryview(HEADER.pack(total))], 30.0)
+    budget = 512 << 20
+    for v in views:
+        take = v[:budget]
+        s.ch._tx.write([take], 30.0)
+        budget -= take.nbytes
+        if not budget:
+            break
     ready.send(True)
     ready.recv()  # never answered: the parent kills this process
 
@@ -132,7 +143,9 @@ def test_a_sender_killed_mid_stream(big):
     before = _state(big)
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_stream_then_die, args=(big["name"], big["cfg"], big["sig"], 1_036_000_000, child))
+    specs = [(t.name, t.dtype, t.shape, t.nbytes) for t in big["tensors"]]
+    p = ctx.Process(target=_stream_then_die,
+                    args=(big["name"], big["cfg"], big["sig"], specs, big["attrs"], big["n_layer"], child))
     p.start()
     assert parent.recv() is True  # half a gigabyte is in the receiver
     assert rss_bytes(big["proc"].pid) - before[1] > 400_000_000

@@ -164,6 +164,13 @@ def test_decoder_fuzz_seeded(seeds, limits):
     assert report.accepted > 0 and report.typed > 0.5 * report.cases
 
 
+def test_streaming_reader_agrees_with_whole_frame_decoding(seeds, limits):
+    """protocol/reader.py, fed mutated frames in random slices, refuses exactly what
+    decode_frame refuses (same error type) and otherwise gives the same message."""
+    report = run(T.frame_reader(limits, seed=21), "frame_reader", seeds, 3000, seed=21)
+    _no_failures(report)
+
+
 def test_session_fuzz_seeded(seeds, limits):
     target = T.session(synthetic_signature(), limits)
     _no_failures(run(lambda f: target([seeds[0], f]), "session", seeds[1:], 2000, seed=12))
@@ -237,6 +244,7 @@ def real_seeds(smollm2_path, cfg, limits):
 def test_real_export_fuzz_seeded(real_seeds, limits):
     sig, _, seeds = real_seeds
     _no_failures(run(T.decode(limits), "decode-real", seeds[-12:], 600, seed=15))
+    _no_failures(run(T.frame_reader(limits, seed=17), "frame_reader-real", seeds[-12:], 600, seed=17))
     target = T.session(sig, limits)
     _no_failures(run(lambda f: target([seeds[0], f]), "session-real", seeds[1:], 600, seed=16))
 

@@ -69,7 +69,9 @@ class Peer:
 
 @pytest.fixture(scope="module")
 def peers(model_paths, cfg):
-    made = {name: Peer(path, cfg, name.split("-")[0]) for name, path in model_paths.items()}
+    # keep: these tests prime a receiver in one session and check it from the next
+    keep = cfg.replace(protocol_session_state="keep")
+    made = {name: Peer(path, keep, name.split("-")[0]) for name, path in model_paths.items()}
     yield made
     for p in made.values():
         p.stop()
@@ -95,6 +97,30 @@ def test_receiver_continues_exactly_as_the_sender_would(peers, name, n):
     assert remote["tokens"] == local
     assert remote["context_tokens"] == n + len(local)
     assert sent.payload_bytes > n * 1000
+
+
+def test_by_default_no_session_sees_what_an_earlier_one_left(smollm2_path, cfg):
+    """protocol.session_state = clear: the next peer finds an empty sequence, cannot generate
+    from the last peer's conversation, and its first snapshot needs no backup of one."""
+    peer = Peer(smollm2_path, cfg, "clear")
+    try:
+        rt = peer.rt
+        rt.prefill(context_tokens(rt, 200))
+        s = peer.sender()
+        s.send_snapshot(rt)
+        assert s.request("digest")["context_tokens"] == 200
+        s.close()
+        peer.proc.next_event()
+        s = peer.sender()
+        try:
+            assert s.request("digest")["context_tokens"] == 0
+            with pytest.raises(PeerRejected, match="no logits"):
+                s.request("generate", n_tokens=4)
+        finally:
+            s.close()
+            peer.proc.next_event()
+    finally:
+        peer.stop()
 
 
 def _prime(peer: Peer, n: int = 64) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from edgelink.errors import (
     ChecksumMismatch,
+    ConfigError,
     PeerRejected,
     ReplayError,
     SessionError,
@@ -14,7 +15,7 @@ from edgelink.errors import (
     UnknownKind,
 )
 from edgelink.protocol.compat import REQUIRED_FIELDS
-from edgelink.protocol.kinds import ApplyMode, DType, Kind
+from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
 from edgelink.protocol.messages import Ack, Close, Request, Result, Tensor, TensorMessage
 from edgelink.protocol.session import Role, Session, State
 
@@ -143,3 +144,61 @@ def test_close_ends_both_sides(cfg):
     assert c.state is s.state is State.CLOSED
     with pytest.raises(SessionError):
         s.receive(c.close())
+
+
+# --------------------------------------------------------------------------- checksum negotiation
+
+
+def _with_checksums(cfg, names: str):
+    return cfg.replace(protocol_checksums=names).protocol
+
+
+@pytest.mark.parametrize("client, server, used", [
+    ("xxh3-128,blake3", "xxh3-128,blake3", Checksum.XXH3_128),
+    ("xxh3-128,blake3", "blake3", Checksum.BLAKE3),
+    ("blake3,xxh3-128", "xxh3-128,blake3", Checksum.BLAKE3),  # the sender's preference wins
+    ("xxh3-128", "xxh3-128,blake3", Checksum.XXH3_128),
+])
+def test_the_sender_uses_its_first_checksum_the_receiver_takes(cfg, client, server, used):
+    c = Session(Role.CLIENT, SIG, _with_checksums(cfg, client))
+    s = Session(Role.SERVER, SIG, _with_checksums(cfg, server))
+    s.receive(c.hello())
+    c.receive(s.hello())
+    parts, sent = c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
+    assert sent.checksum_alg is used
+    got = s.receive(_join(parts))
+    assert got.checksum_alg is used and got.tensors[0].checksum == sent.tensors[0].checksum
+    if used is Checksum.XXH3_128:
+        assert got.tensors[0].checksum[16:] == bytes(16)
+
+
+def test_a_peer_that_predates_checksum_negotiation_gets_blake3(cfg):
+    """An earlier peer's HELLO has no "checksums" field (and it sends reserved 0 = blake3)."""
+    old = Session(Role.CLIENT, SIG, _with_checksums(cfg, "blake3"))
+    hello = old.hello()
+    assert b"checksums" not in hello  # what an earlier peer sends, byte for byte
+    s = Session(Role.SERVER, SIG, cfg.protocol)
+    s.receive(hello)
+    assert s.send_checksum is Checksum.BLAKE3
+
+
+def test_a_checksum_the_receiver_did_not_offer_is_refused_and_the_session_goes_on(cfg):
+    c, s = _pair(cfg)
+    s.accepts = (Checksum.BLAKE3,)  # as if it had announced blake3 only
+    parts, _ = c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
+    with pytest.raises(UnknownKind, match="xxh3-128 checksums were not offered"):
+        s.receive(_join(parts))
+    assert s.state is State.READY
+
+
+def test_no_checksum_in_common_ends_the_handshake(cfg):
+    c = Session(Role.CLIENT, SIG, _with_checksums(cfg, "xxh3-128"))
+    s = Session(Role.SERVER, SIG, _with_checksums(cfg, "blake3"))
+    with pytest.raises(SessionError, match="no tensor checksum in common.*protocol.checksums"):
+        s.receive(c.hello())
+
+
+@pytest.mark.parametrize("bad", ["", "md5", "xxh3-128,sha1"])
+def test_unknown_checksum_names_are_a_config_error(cfg, bad):
+    with pytest.raises(ConfigError, match="protocol.checksums"):
+        Session(Role.CLIENT, SIG, _with_checksums(cfg, bad))

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = seed_frames(limits=cfg.protocol)
     reports: dict[str, FuzzReport] = {}
     reports["decode"] = run(T.decode(cfg.protocol), "decode", seeds, args.cases, args.seed)
+    reports["frame_reader"] = run(T.frame_reader(cfg.protocol, args.seed), "frame_reader", seeds,
+                                  args.cases, args.seed)
     session = T.session(synthetic_signature(), cfg.protocol)
     reports["session"] = run(lambda f: session([seeds[0], f]), "session", seeds[1:], args.cases, args.seed)
     reports["hello"] = run(lambda f: session([f]), "hello", seeds[:1], args.cases // 4, args.seed)

@@ -28,6 +28,59 @@ def decode(limits: ProtocolConfig) -> Callable[[bytes], Any]:
     return target
 
 
+def frame_reader(limits: ProtocolConfig, seed: int = 0) -> Callable[[bytes], Any]:
+    """The streaming decoder (protocol/reader.py) against ``decode_frame`` on the same bytes,
+    fed in random slices through a ``Scatter`` with a placer that claims every other tensor:
+    both refuse with the same error type, or both give the same message, checksums included."""
+    import random
+
+    from edgelink.protocol.reader import FrameReader
+    from edgelink.transport.framing import Scatter
+
+    rng = random.Random(seed)
+
+    def place(th: codec.TensorHeader) -> dict[str, memoryview]:
+        return {e.name: memoryview(bytearray(e.nbytes)) for e in th.entries[::2]}
+
+    reader = FrameReader(limits, place)
+
+    def outcome(get, verify):
+        try:
+            msg = get()
+            if isinstance(msg, TensorMessage):
+                verify(msg)
+            return msg
+        except Exception as exc:  # noqa: BLE001 - compared, then re-raised if untyped
+            _typed(exc)
+            return type(exc)
+
+    def target(frame: bytes) -> Any:
+        out = Scatter(reader, len(frame))
+        view = memoryview(frame)
+        while out.remaining:
+            k = min(out.remaining, rng.choice((1, 7, 64, 4096, 1 << 20)))
+            out.write(view[:k])
+            view = view[k:]
+        if out.current() is not None:
+            raise AssertionError("the reader asked for more bytes than the frame holds")
+        got = outcome(reader.message, reader.verify)
+        want = outcome(lambda: codec.decode_frame(frame, limits), codec.verify_checksums)
+        if isinstance(want, type) or isinstance(got, type):
+            if got is not want:
+                raise AssertionError(f"streaming decode gave {got}, whole-frame decode {want}")
+        elif _comparable(got) != _comparable(want):
+            raise AssertionError("streaming and whole-frame decoding disagree")
+        return got
+    return target
+
+
+def _comparable(msg: Any) -> Any:
+    if isinstance(msg, TensorMessage):
+        return (msg.kind, msg.apply, msg.seq_slot, msg.layer_range, msg.token_range, msg.attrs,
+                [(t.name, t.dtype, t.shape, bytes(t.data), t.checksum) for t in msg.tensors])
+    return msg
+
+
 def follow_up(msg: Any) -> None:
     """What a receiver does next with a decoded message, short of touching a model."""
     from edgelink.runtime.kvstate import tensors_to_state

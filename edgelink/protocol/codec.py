@@ -13,6 +13,7 @@ and against the frame's real size before anything is allocated or sliced.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import blake3
 import numpy as np
+import xxhash
 
 from edgelink.config import ProtocolConfig
 from edgelink.errors import (
@@ -31,9 +33,11 @@ from edgelink.errors import (
     UnsupportedVersion,
 )
 from edgelink.protocol.kinds import (
+    CHECKSUM_NAMES,
     MAGIC,
     PROTOCOL_VERSION,
     ApplyMode,
+    Checksum,
     DType,
     FrameType,
     Kind,
@@ -58,7 +62,7 @@ from edgelink.protocol.untrusted import I64_MAX, U64_MAX, Hex, Int, Json, Obj, S
 PREAMBLE = struct.Struct("<4sHBB16sQIIQ")  # 48 bytes, then a 16-byte header digest
 PREAMBLE_BYTES = 64
 HEADER_DIGEST_BYTES = 16
-TENSOR_FIXED = struct.Struct("<BBHiiiqqII")  # kind, apply, reserved, slot, layers, tokens, count, attrs
+TENSOR_FIXED = struct.Struct("<BBHiiiqqII")  # kind, apply, checksum alg, slot, layers, tokens, count, attrs
 TENSOR_ENTRY = struct.Struct("<HBB")  # name length, dtype, ndim
 TENSOR_TAIL = struct.Struct("<QQ32s")  # offset, byte length, checksum
 ALIGN = 64
@@ -71,11 +75,32 @@ Buffer = bytes | bytearray | memoryview
 _PARALLEL_HASH_BYTES = 1 << 18
 
 
-def checksum(data: Buffer | np.ndarray) -> bytes:
-    """blake3-256 of a tensor's bytes: what the receiver verifies and acknowledges."""
-    n = memoryview(data).nbytes
-    threads = blake3.blake3.AUTO if n >= _PARALLEL_HASH_BYTES else 1
-    return blake3.blake3(data, max_threads=threads).digest()
+class _Xxh3:
+    """xxh3-128 as a 32-byte checksum (the digest, then 16 zero bytes), blake3's interface."""
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_128()
+
+    def update(self, data: Buffer | np.ndarray) -> None:
+        self._h.update(data)
+
+    def digest(self) -> bytes:
+        return self._h.digest() + bytes(16)
+
+
+def hasher(alg: Checksum, nbytes: int = 0):
+    """An incremental hasher for ``alg`` (``update``, ``digest``): 32-byte digests."""
+    if alg is Checksum.XXH3_128:
+        return _Xxh3()
+    threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1
+    return blake3.blake3(max_threads=threads)
+
+
+def checksum(data: Buffer | np.ndarray, alg: Checksum = Checksum.BLAKE3) -> bytes:
+    """A tensor's checksum: what the receiver verifies and acknowledges."""
+    h = hasher(alg, memoryview(data).nbytes)
+    h.update(data)
+    return h.digest()
 
 
 def message_digest(checksums: Sequence[bytes]) -> bytes:
@@ -86,7 +111,8 @@ def message_digest(checksums: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
-def _pad(n: int) -> int:
+def pad_bytes(n: int) -> int:
+    """Zero bytes after a tensor of ``n`` bytes, so the next one starts 64-byte aligned."""
     return (-n) % ALIGN
 
 
@@ -120,6 +146,8 @@ def encode_hello(h: Hello) -> bytes:
         body["auth"] = h.auth
     if h.bridge:
         body["bridge"] = h.bridge
+    if tuple(h.checksums) != ("blake3",):
+        body["checksums"] = list(h.checksums)
     return _frame(FrameType.HELLO, h.session_id, h.message_id, _json(body))
 
 
@@ -160,12 +188,12 @@ def encode_tensor_message(msg: TensorMessage) -> list[Buffer]:
             + TENSOR_TAIL.pack(offset, t.nbytes, digest)
             + name
         )
-        layout.append((t, offset, _pad(t.nbytes)))
-        offset += t.nbytes + _pad(t.nbytes)
-    fixed = TENSOR_FIXED.pack(int(msg.kind), int(msg.apply), 0, msg.seq_slot, *msg.layer_range,
+        layout.append((t, offset, pad_bytes(t.nbytes)))
+        offset += t.nbytes + pad_bytes(t.nbytes)
+    fixed = TENSOR_FIXED.pack(int(msg.kind), int(msg.apply), int(msg.checksum_alg), msg.seq_slot, *msg.layer_range,
                               *msg.token_range, len(msg.tensors), len(attrs))
     header = fixed + attrs + b"".join(entries)
-    header += b"\0" * _pad(PREAMBLE_BYTES + len(header))
+    header += b"\0" * pad_bytes(PREAMBLE_BYTES + len(header))
     parts: list[Buffer] = [_frame(FrameType.TENSOR, msg.session_id, msg.message_id, header, offset)]
     for t, _, pad in layout:
         parts.append(t.data)
@@ -186,7 +214,8 @@ _HELLO = Obj(
      "max_message_bytes": Int(0, I64_MAX),
      "encryption": Obj(extra=Json(), max_keys=32)},
     {"auth": Obj(extra=Json(scalar=True), max_keys=16),
-     "bridge": Obj(extra=Json(scalar=True), max_keys=16)},  # compat.bridge_rule checks it
+     "bridge": Obj(extra=Json(scalar=True), max_keys=16),  # compat.bridge_rule checks it
+     "checksums": Seq(Str(32), min_items=1, max_items=16)},
 )
 _CONTROL = {
     FrameType.ACK: Obj({"acked_id": Int(0, U64_MAX), "digest": Hex(max_bytes=64)}),
@@ -201,9 +230,49 @@ def _load_json(header: memoryview, what: str, limits: ProtocolConfig, schema: Ob
     return schema(load_json(header, what, max_depth=limits.max_json_depth), what)
 
 
-def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
-    """Decode one whole frame. Raises a ProtocolError subclass on anything malformed."""
-    view = memoryview(buf).cast("B")
+@dataclasses.dataclass(frozen=True)
+class Preamble:
+    """The fixed 64 bytes that open every frame, checked against this side's limits."""
+
+    ftype: FrameType
+    session_id: bytes
+    message_id: int
+    header_len: int
+    payload_len: int
+
+    @property
+    def total(self) -> int:
+        return PREAMBLE_BYTES + self.header_len + self.payload_len
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One row of a tensor frame's table: where a tensor lies in the payload, and its digest."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksum: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorHeader:
+    """A tensor frame's header, checked: everything but the tensors' bytes."""
+
+    kind: Kind
+    apply: ApplyMode
+    seq_slot: int
+    layer_range: tuple[int, int]
+    token_range: tuple[int, int]
+    attrs: dict[str, Any]
+    entries: tuple[TensorEntry, ...]
+    checksum_alg: Checksum = Checksum.BLAKE3
+
+
+def parse_preamble(view: memoryview, limits: ProtocolConfig) -> Preamble:
+    """Check the first 64 bytes of a frame: magic, version, type and the declared lengths."""
     if len(view) < PREAMBLE_BYTES:
         raise TruncatedMessage(f"frame of {len(view)} bytes is shorter than the preamble")
     magic, version, ftype_raw, _flags, session_id, message_id, header_len, _res, payload_len = (
@@ -229,19 +298,41 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
                               "it from the model and n_ctx)")
     if ftype != FrameType.TENSOR and payload_len:
         raise ProtocolError(f"{ftype.name} frames carry no payload")
-    total = PREAMBLE_BYTES + header_len + payload_len
-    if len(view) < total:
-        raise TruncatedMessage(f"frame declares {total} bytes, got {len(view)}")
-    if len(view) > total:
-        raise ProtocolError(f"{len(view) - total} trailing bytes after the frame")
-    header = view[PREAMBLE_BYTES:PREAMBLE_BYTES + header_len]
+    return Preamble(ftype, bytes(session_id), message_id, header_len, payload_len)
+
+
+def check_frame_size(pre: Preamble, size: int) -> None:
+    """The frame is exactly as long as its preamble declares."""
+    if size < pre.total:
+        raise TruncatedMessage(f"frame declares {pre.total} bytes, got {size}")
+    if size > pre.total:
+        raise ProtocolError(f"{size - pre.total} trailing bytes after the frame")
+
+
+def check_header_digest(view: memoryview, header: memoryview, ftype: FrameType) -> None:
+    """The preamble's digest covers its first 48 bytes and the header."""
     want = blake3.blake3(view[:48]).update(header).digest(length=HEADER_DIGEST_BYTES)
     if want != bytes(view[48:64]):
         raise ChecksumMismatch(f"{ftype.name} header digest mismatch")
-    sid = bytes(session_id)
-    what = ftype.name
-    if ftype == FrameType.TENSOR:
-        return _decode_tensor(sid, message_id, header, view[PREAMBLE_BYTES + header_len:], limits)
+
+
+def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
+    """Decode one whole frame. Raises a ProtocolError subclass on anything malformed."""
+    view = memoryview(buf).cast("B")
+    pre = parse_preamble(view, limits)
+    check_frame_size(pre, len(view))
+    header = view[PREAMBLE_BYTES:PREAMBLE_BYTES + pre.header_len]
+    check_header_digest(view, header, pre.ftype)
+    if pre.ftype == FrameType.TENSOR:
+        payload = view[PREAMBLE_BYTES + pre.header_len:]
+        th = parse_tensor_header(header, len(payload), limits)
+        return tensor_message(pre, th, [payload[e.offset:e.offset + e.nbytes] for e in th.entries])
+    return decode_control(pre, header, limits)
+
+
+def decode_control(pre: Preamble, header: memoryview, limits: ProtocolConfig) -> Message:
+    """A HELLO or control frame from its checked preamble and header."""
+    sid, message_id, ftype, what = pre.session_id, pre.message_id, pre.ftype, pre.ftype.name
     if ftype == FrameType.HELLO:
         body = _load_json(header, what, limits, _HELLO)
         return Hello(
@@ -255,6 +346,7 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
             encryption=body["encryption"],
             auth=body.get("auth", {}),
             bridge=body.get("bridge", {}),
+            checksums=tuple(body.get("checksums", ("blake3",))),
         )
     body = _load_json(header, what, limits, _CONTROL[ftype])
     if ftype == FrameType.ACK:
@@ -268,11 +360,19 @@ def decode_frame(buf: Buffer, limits: ProtocolConfig) -> Message:
     return Close(sid, message_id)
 
 
-def _decode_tensor(sid: bytes, message_id: int, header: memoryview, payload: memoryview,
-                   limits: ProtocolConfig) -> TensorMessage:
+def tensor_message(pre: Preamble, th: TensorHeader, data: Sequence[memoryview]) -> TensorMessage:
+    """The message whose tensors' bytes are ``data`` (one view per table entry, in order)."""
+    tensors = tuple(Tensor(e.name, e.dtype, e.shape, d.toreadonly(), e.checksum)
+                    for e, d in zip(th.entries, data, strict=True))
+    return TensorMessage(pre.session_id, pre.message_id, th.kind, th.apply, th.seq_slot,
+                         th.layer_range, th.token_range, tensors, th.attrs, th.checksum_alg)
+
+
+def parse_tensor_header(header: memoryview, payload_len: int, limits: ProtocolConfig) -> TensorHeader:
+    """Check a tensor frame's header against the payload length it declares."""
     if len(header) < TENSOR_FIXED.size:
         raise TruncatedMessage("tensor header shorter than its fixed part")
-    (kind_raw, apply_raw, _res, slot, l0, l1, t0, t1, count, attrs_len) = TENSOR_FIXED.unpack_from(header, 0)
+    (kind_raw, apply_raw, alg_raw, slot, l0, l1, t0, t1, count, attrs_len) = TENSOR_FIXED.unpack_from(header, 0)
     try:
         kind = Kind(kind_raw)
     except ValueError:
@@ -281,6 +381,10 @@ def _decode_tensor(sid: bytes, message_id: int, header: memoryview, payload: mem
         apply = ApplyMode(apply_raw)
     except ValueError:
         raise UnknownKind(f"unknown apply mode {apply_raw}") from None
+    try:
+        alg = Checksum(alg_raw)
+    except ValueError:
+        raise UnknownKind(f"unknown checksum algorithm {alg_raw}") from None
     if count > limits.max_tensors:
         raise MessageTooLarge(f"{count} tensors exceed the limit of {limits.max_tensors}")
     pos = TENSOR_FIXED.size
@@ -289,7 +393,7 @@ def _decode_tensor(sid: bytes, message_id: int, header: memoryview, payload: mem
     attrs = (_load_json(header[pos:pos + attrs_len], "TENSOR attrs", limits, _ANY_OBJECT)
              if attrs_len else {})
     pos += attrs_len
-    tensors: list[Tensor] = []
+    entries: list[TensorEntry] = []
     expected_offset = 0
     names: set[str] = set()
     for _ in range(count):
@@ -328,18 +432,17 @@ def _decode_tensor(sid: bytes, message_id: int, header: memoryview, payload: mem
             raise ProtocolError(f"tensor {name}: declares {nbytes} bytes, {dtype.name}{list(shape)} needs {want}")
         if offset != expected_offset:
             raise ProtocolError(f"tensor {name}: offset {offset}, expected {expected_offset}")
-        if offset + nbytes > len(payload):
+        if offset + nbytes > payload_len:
             raise TruncatedMessage(f"tensor {name} runs past the payload")
-        tensors.append(Tensor(name, dtype, tuple(shape), payload[offset:offset + nbytes].toreadonly(),
-                              bytes(digest)))
-        expected_offset = offset + nbytes + _pad(nbytes)
+        entries.append(TensorEntry(name, dtype, tuple(shape), offset, nbytes, bytes(digest)))
+        expected_offset = offset + nbytes + pad_bytes(nbytes)
     if any(header[pos:]):
         raise ProtocolError("non-zero bytes in tensor header padding")
-    if expected_offset != len(payload):
-        raise ProtocolError(f"payload holds {len(payload)} bytes, tensors account for {expected_offset}")
+    if expected_offset != payload_len:
+        raise ProtocolError(f"payload holds {payload_len} bytes, tensors account for {expected_offset}")
     if CHECKSUM_BYTES != 32:  # pragma: no cover - layout guard
         raise AssertionError
-    return TensorMessage(sid, message_id, kind, apply, slot, (l0, l1), (t0, t1), tuple(tensors), attrs)
+    return TensorHeader(kind, apply, slot, (l0, l1), (t0, t1), attrs, tuple(entries), alg)
 
 
 def tensor_message_digest(msg: TensorMessage) -> bytes:
@@ -350,6 +453,7 @@ def tensor_message_digest(msg: TensorMessage) -> bytes:
 def verify_checksums(msg: TensorMessage) -> bytes:
     """Recompute every tensor's checksum; return the message digest or raise ChecksumMismatch."""
     for t in msg.tensors:
-        if checksum(t.data) != t.checksum:
-            raise ChecksumMismatch(f"tensor {t.name}: checksum mismatch (payload corrupted)")
+        if checksum(t.data, msg.checksum_alg) != t.checksum:
+            raise ChecksumMismatch(f"tensor {t.name}: {CHECKSUM_NAMES[msg.checksum_alg]} checksum "
+                                   "mismatch (payload corrupted)")
     return tensor_message_digest(msg)

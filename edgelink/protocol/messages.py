@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelink.protocol.kinds import NUMPY_DTYPE, ApplyMode, DType, FrameType, Kind
+from edgelink.protocol.kinds import NUMPY_DTYPE, ApplyMode, Checksum, DType, FrameType, Kind
 
 SESSION_ID_BYTES = 16
 CHECKSUM_BYTES = 32
@@ -52,6 +52,9 @@ class Hello:
     # The bridge a bridged session (two different models) runs through: {"digest", "source",
     # "target"} (the bridge's sha256 and both models' weights digests); absent when empty.
     bridge: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The tensor checksum algorithms this side accepts, most preferred first (kinds.Checksum
+    # names); absent from the frame when it is only blake3, which is what earlier peers take.
+    checksums: tuple[str, ...] = ("blake3",)
     frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
 
 
@@ -68,6 +71,7 @@ class TensorMessage:
     token_range: tuple[int, int]
     tensors: tuple[Tensor, ...]
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checksum_alg: Checksum = Checksum.BLAKE3  # how every tensor's checksum was computed
     frame_type: FrameType = dataclasses.field(default=FrameType.TENSOR, init=False)
 
     def tensor(self, name: str) -> Tensor:

@@ -26,6 +26,7 @@ from typing import Any
 
 from edgelink.config import ProtocolConfig
 from edgelink.errors import (
+    ConfigError,
     EdgelinkError,
     MessageTooLarge,
     PeerRejected,
@@ -38,7 +39,7 @@ from edgelink.errors import (
 from edgelink.protocol import codec
 from edgelink.protocol.codec import Buffer
 from edgelink.protocol.compat import bridge_rule, describe_diff, signature_diff
-from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.kinds import CHECKSUM_BY_NAME, CHECKSUM_NAMES, ApplyMode, Checksum, Kind
 from edgelink.protocol.limits import describe_bytes, limit_of
 from edgelink.protocol.messages import (
     SESSION_ID_BYTES,
@@ -52,6 +53,17 @@ from edgelink.protocol.messages import (
     Tensor,
     TensorMessage,
 )
+from edgelink.protocol.reader import FrameReader
+
+
+def accepted_checksums(limits: ProtocolConfig) -> tuple[Checksum, ...]:
+    """``protocol.checksums`` as algorithms, most preferred first."""
+    names = [n.strip() for n in limits.checksums.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CHECKSUM_BY_NAME]
+    if unknown or not names:
+        raise ConfigError(f"protocol.checksums: {limits.checksums!r}; choose from "
+                          f"{', '.join(CHECKSUM_BY_NAME)} (most preferred first)")
+    return tuple(dict.fromkeys(CHECKSUM_BY_NAME[n] for n in names))
 
 
 class State(enum.Enum):
@@ -93,6 +105,8 @@ class Session:
         self.peer: Hello | None = None
         self.negotiated_kinds: frozenset[Kind] = frozenset()
         self.peer_max_bytes = 0
+        self.accepts = accepted_checksums(limits)  # what we take, most preferred first
+        self.send_checksum = Checksum.BLAKE3  # what we send with: settled at the handshake
         self._next_out = 0
         self._next_in = 0
         self._hello_sent = False
@@ -126,6 +140,7 @@ class Session:
             kinds=tuple(k.name for k in self.kinds),
             max_message_bytes=limit_of(self.limits),
             encryption=self.encryption,
+            checksums=tuple(CHECKSUM_NAMES[c] for c in self.accepts),
             auth=self.auth if self.role is Role.CLIENT else {},
             # A server echoes its bridge only into a session the client asked to bridge, so
             # ordinary clients of a bridge-holding server see an ordinary HELLO.
@@ -140,6 +155,7 @@ class Session:
             raise SessionError("send the hello first")
         self.negotiated_kinds = frozenset(self.kinds)
         self.peer_max_bytes = limit_of(self.limits)
+        self.send_checksum = self.accepts[0]
         self.state = State.READY
 
     def encode_tensor_message(self, kind: Kind, apply: ApplyMode, tensors: Sequence[Tensor], *,
@@ -150,10 +166,10 @@ class Session:
         self._require(State.READY)
         if kind not in self.negotiated_kinds:
             raise UnknownKind(f"{kind.name} was not negotiated with the peer")
-        with_sums = tuple(t if t.checksum else Tensor(t.name, t.dtype, t.shape, t.data, codec.checksum(t.data))
-                          for t in tensors)
+        alg = self.send_checksum
+        with_sums = tuple(Tensor(t.name, t.dtype, t.shape, t.data, codec.checksum(t.data, alg)) for t in tensors)
         msg = TensorMessage(self.session_id, self._next_out, kind, apply, seq_slot, layer_range,
-                            token_range, with_sums, attrs or {})
+                            token_range, with_sums, attrs or {}, alg)
         parts = codec.encode_tensor_message(msg)
         # what the receiver checks against its limit: the payload, padding included (the
         # header has its own bound, protocol.max_control_bytes)
@@ -195,8 +211,9 @@ class Session:
 
     # ------------------------------------------------------------------ incoming
 
-    def receive(self, frame: Buffer) -> Message:
-        """Decode and check one frame from the peer.
+    def receive(self, frame: Buffer | FrameReader) -> Message:
+        """Decode and check one frame from the peer: its bytes, or a ``FrameReader`` that a
+        transport has filled (its tensors already hashed as they arrived).
 
         Returns the typed message. Raises a typed error when the frame is not acceptable;
         ``self.state`` is CLOSED afterwards when the error ends the session (handshake failures,
@@ -206,7 +223,7 @@ class Session:
             raise SessionError("session is closed")
         self.last_seen_id = -1
         try:
-            msg = codec.decode_frame(frame, self.limits)
+            msg = frame.message() if isinstance(frame, FrameReader) else codec.decode_frame(frame, self.limits)
         except ProtocolError as exc:
             if isinstance(exc, MessageTooLarge) and self.state is not State.AWAIT_HELLO:
                 raise
@@ -237,7 +254,13 @@ class Session:
         if isinstance(msg, TensorMessage):
             if msg.kind not in self.negotiated_kinds:
                 raise UnknownKind(f"{msg.kind.name} was not negotiated for this session")
-            codec.verify_checksums(msg)
+            if msg.checksum_alg not in self.accepts:
+                raise UnknownKind(f"{CHECKSUM_NAMES[msg.checksum_alg]} checksums were not offered "
+                                  "by this side (protocol.checksums)")
+            if isinstance(frame, FrameReader):
+                frame.verify(msg)
+            else:
+                codec.verify_checksums(msg)
         return msg
 
     def _receive_hello(self, msg: Message) -> Hello:
@@ -282,6 +305,13 @@ class Session:
         if not self.negotiated_kinds:
             self.state = State.CLOSED
             raise SessionError("no message kind in common")
+        theirs_sums = [CHECKSUM_BY_NAME[n] for n in msg.checksums if n in CHECKSUM_BY_NAME]
+        common_sums = [c for c in self.accepts if c in theirs_sums]
+        if not common_sums:
+            self.state = State.CLOSED
+            raise SessionError(f"no tensor checksum in common: the peer takes {list(msg.checksums)}, "
+                               f"this side {[CHECKSUM_NAMES[c] for c in self.accepts]} (protocol.checksums)")
+        self.send_checksum = common_sums[0]
         # What we may send is what the peer says it accepts (its own limit, from its model);
         # what we accept is checked against ours on every frame we decode.
         self.peer_max_bytes = msg.max_message_bytes

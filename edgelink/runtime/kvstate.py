@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import Generic, Protocol, TypeVar
 
 import blake3
 import numpy as np
@@ -30,6 +31,8 @@ from edgelink.protocol.messages import Tensor
 from edgelink.protocol.untrusted import I32_MAX, I32_MIN, Bool, Int, Nullable, Obj, Seq
 
 SEQ_STATE_MAGIC = 0xAF143CD8
+
+T = TypeVar("T")
 
 # ggml type id -> wire dtype (the KV cache types llama.cpp accepts for type_k / type_v)
 GGML_TO_DTYPE: dict[int, DType] = {
@@ -176,12 +179,15 @@ def assemble_seq_state(state: SeqState, out: np.ndarray | None = None) -> np.nda
     size = assembled_size(state)
     buf = out[:size] if out is not None and out.nbytes >= size else np.empty(size, dtype=np.uint8)
     mv = memoryview(buf).cast("B")
+    base = buf.ctypes.data
     pos = 0
 
     def put(data: bytes | memoryview) -> None:
         nonlocal pos
         n = memoryview(data).nbytes
-        mv[pos:pos + n] = data
+        # Tensors a receiver wrote straight into place (see ``blob_offsets``) are not copied.
+        if n < 4096 or np.frombuffer(data, dtype=np.uint8).ctypes.data != base + pos:
+            mv[pos:pos + n] = data
         pos += n
 
     put(struct.pack("<Ii", SEQ_STATE_MAGIC, state.seq_id))
@@ -242,21 +248,42 @@ _LAYOUT = Obj({"seq_id": Int(I32_MIN, I32_MAX),
                "caches": Seq(Seq(Nullable(_STREAM), max_items=64), min_items=1, max_items=16)})
 
 
-def tensors_to_state(tensors: dict[str, Tensor], layout: dict) -> SeqState:
-    """Inverse of ``state_to_tensors``; checks every name, dtype and shape against the layout."""
+class _Described(Protocol):
+    """What the layout walk needs of a tensor: a ``Tensor`` or a ``codec.TensorEntry``."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamParts(Generic[T]):
+    cells: int
+    v_trans: bool
+    pos: T
+    seq: T
+    k: tuple[T, ...]
+    v: tuple[T, ...]
+
+
+def _walk_layout(tensors: dict[str, T], layout: dict) -> tuple[int, list[list[_StreamParts[T] | None]]]:
+    """(seq_id, caches of streams): the layout attrs checked, and every tensor they name checked
+    for dtype and shape. Extra tensors (beyond tokens and logits) are refused."""
     layout = _LAYOUT(layout, "KV layout attrs", StateError)
-    seq_id, cache_layouts = layout["seq_id"], layout["caches"]
-    caches = []
     used = set()
 
-    def get(name: str, cells: int | None = None) -> Tensor:
+    def get(name: str) -> T:
         if name not in tensors:
             raise StateError(f"missing tensor {name}")
         used.add(name)
         return tensors[name]
 
-    for c, streams_layout in enumerate(cache_layouts):
-        streams: list[StreamState | None] = []
+    caches: list[list[_StreamParts[T] | None]] = []
+    for c, streams_layout in enumerate(layout["caches"]):
+        streams: list[_StreamParts[T] | None] = []
         for s, sl in enumerate(streams_layout):
             if sl is None:
                 streams.append(None)
@@ -280,17 +307,53 @@ def tensors_to_state(tensors: dict[str, Tensor], layout: dict) -> SeqState:
                         raise StateError(f"{t.name}: a transposed V cannot be block-quantized")
                     if tensor_nbytes(t.dtype, t.shape) != t.nbytes:
                         raise StateError(f"{t.name}: byte length does not match its shape")
-                    out.append(LayerRows(DTYPE_TO_GGML[t.dtype], t.shape, t.data))
-            positions = np.frombuffer(pos_t.data, dtype="<i4")
-            seq_ids = np.frombuffer(seq_t.data, dtype="<i4")
-            streams.append(StreamState(positions, seq_ids, v_trans, tuple(k_rows), tuple(v_rows)))
-        caches.append(CacheState(tuple(streams)))
+                    out.append(t)
+            streams.append(_StreamParts(cells, v_trans, pos_t, seq_t, tuple(k_rows), tuple(v_rows)))
+        caches.append(streams)
     extra = set(tensors) - used - {"tokens", "logits"}
     if extra:
         raise StateError(f"unexpected tensors: {sorted(extra)[:5]}")
     if not caches:
         raise StateError("KV layout names no cache")
+    return layout["seq_id"], caches
+
+
+def tensors_to_state(tensors: dict[str, Tensor], layout: dict) -> SeqState:
+    """Inverse of ``state_to_tensors``; checks every name, dtype and shape against the layout."""
+    seq_id, walked = _walk_layout(tensors, layout)
+
+    def rows(t: Tensor) -> LayerRows:
+        return LayerRows(DTYPE_TO_GGML[t.dtype], t.shape, t.data)  # type: ignore[arg-type]
+
+    caches = []
+    for streams in walked:
+        caches.append(CacheState(tuple(
+            None if sp is None else StreamState(
+                np.frombuffer(sp.pos.data, dtype="<i4"), np.frombuffer(sp.seq.data, dtype="<i4"),
+                sp.v_trans, tuple(rows(t) for t in sp.k), tuple(rows(t) for t in sp.v))
+            for sp in streams)))
     return SeqState(seq_id, tuple(caches))
+
+
+def blob_offsets(entries: dict[str, _Described], layout: dict) -> tuple[int, dict[str, int]]:
+    """Where ``assemble_seq_state`` will put each K and V tensor a message describes, and the
+    blob's size, from the message's header alone: a receiver can then write the tensors' bytes
+    there as they arrive and never hold the message and the blob at once."""
+    _, walked = _walk_layout(entries, layout)
+    at: dict[str, int] = {}
+    pos = 8
+    for streams in walked:
+        pos += 4
+        for sp in streams:
+            pos += 4
+            if sp is None:
+                continue
+            pos += 12 * sp.cells + 8
+            for t in (*sp.k, *sp.v):
+                pos += 12  # the layer's type and row size (or, transposed, element size and width)
+                at[t.name] = pos
+                pos += t.nbytes
+    return pos, at
 
 
 # ------------------------------------------------------------------ cell selection and merging

@@ -6,20 +6,26 @@ copying them, and a reusable receive buffer whose memory follows the bytes that 
 
 from __future__ import annotations
 
-import mmap
 import struct
 from collections.abc import Iterable
-
-import numpy as np
+from typing import Protocol
 
 from edgelink.errors import MessageTooLarge, TransportError
+from edgelink.protocol.buffers import RecvBuffer
 from edgelink.protocol.limits import describe_bytes
 
 HEADER = struct.Struct("<Q")
 HEADER_BYTES = HEADER.size
-# Receive buffers grow in steps of this size so a stream of slightly growing frames does not
-# reallocate (and re-fault) on every frame.
-GROW_STEP = 1 << 20
+
+class FrameSink(Protocol):
+    """Where a transport writes one frame's bytes, in order: ``start(length)`` gives the first
+    buffer, ``filled()`` the next once that one is full (None when the frame is complete).
+    The sink decides where bytes land (``protocol.reader.FrameReader`` puts each tensor where
+    its consumer wants it); the transport only copies, and never reads what it copies."""
+
+    def start(self, length: int) -> memoryview: ...
+
+    def filled(self) -> memoryview | None: ...
 
 
 def byte_views(parts: Iterable[object]) -> tuple[list[memoryview], int]:
@@ -54,30 +60,60 @@ def check_length(length: int, max_bytes: int, where: str) -> None:
         )
 
 
-class RecvBuffer:
-    """A receive buffer reused across frames; ``view(n)`` is valid until the next ``view``.
 
-    A frame's length is only a claim until its bytes arrive, so a larger buffer is reserved as
-    anonymous memory that the kernel commits page by page as the transport writes into it:
-    a bare length of a gigabyte costs address space, not memory, and memory follows the bytes
-    actually received. Once grown, the buffer is reused (already faulted) for later frames;
-    views handed out earlier keep the old memory alive until they are dropped.
-    """
 
-    def __init__(self, initial: int = 0):
-        self._arr = np.empty(0, dtype=np.uint8)
-        if initial:
-            self._grow(initial)
+class WholeFrame:
+    """The plainest frame sink: the whole frame, contiguous, in a reused ``RecvBuffer``."""
 
-    @property
-    def capacity(self) -> int:
-        return int(self._arr.nbytes)
+    def __init__(self, buf: RecvBuffer):
+        self._buf = buf
+        self.view = memoryview(b"")
 
-    def _grow(self, n: int) -> None:
-        size = -(-n // GROW_STEP) * GROW_STEP
-        self._arr = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+    def start(self, length: int) -> memoryview:
+        self.view = self._buf.view(length)
+        return self.view
 
-    def view(self, n: int) -> memoryview:
-        if n > self._arr.nbytes:
-            self._grow(n)
-        return memoryview(self._arr)[:n]
+    def filled(self) -> None:
+        return None
+
+
+class Scatter:
+    """Writes a frame's bytes, in order, into the buffers a sink hands out (see ``FrameSink``).
+
+    ``room(n)`` is a view of the next ``n`` bytes when the sink's current buffer holds them, so
+    a transport can decrypt or copy straight into place; ``write`` copies across buffers."""
+
+    def __init__(self, sink: FrameSink, length: int):
+        self._sink = sink
+        self.remaining = length
+        self._buf: memoryview | None = sink.start(length)
+        self._pos = 0
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._buf is not None and self._pos == self._buf.nbytes:
+            self._buf, self._pos = self._sink.filled(), 0
+
+    def current(self) -> memoryview | None:
+        """The rest of the sink's current buffer (None once the frame is complete)."""
+        return None if self._buf is None else self._buf[self._pos:]
+
+    def advance(self, n: int) -> None:
+        self._pos += n
+        self.remaining -= n
+        self._skip_empty()
+
+    def room(self, n: int) -> memoryview | None:
+        if self._buf is not None and self._buf.nbytes - self._pos >= n:
+            return self._buf[self._pos:self._pos + n]
+        return None
+
+    def write(self, data: memoryview) -> None:
+        data = memoryview(data).cast("B")
+        while data.nbytes:
+            if self._buf is None:
+                raise TransportError("frame sink took fewer bytes than the frame holds")
+            k = min(data.nbytes, self._buf.nbytes - self._pos)
+            self._buf[self._pos:self._pos + k] = data[:k]
+            data = data[k:]
+            self.advance(k)

@@ -53,7 +53,14 @@ from edgelink.errors import (
     TransportTimeout,
 )
 from edgelink.identity import Identity
-from edgelink.transport.framing import RecvBuffer, byte_views, check_length
+from edgelink.transport.framing import (
+    FrameSink,
+    RecvBuffer,
+    Scatter,
+    WholeFrame,
+    byte_views,
+    check_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,7 @@ class P2PChannel:
         # sync side
         self._keys: e2e.Keys | None = None
         self._rbuf = RecvBuffer()
+        self._straddle = RecvBuffer()  # a record that spans two of a sink's buffers
         self._tx_frame = 0
         self._rx_frame = 0
         self._consumed = 0
@@ -424,6 +432,13 @@ class P2PChannel:
 
     def recv(self, max_bytes: int, timeout: float | None = None) -> memoryview:
         """Receive one whole frame into a reusable buffer (valid until the next recv)."""
+        sink = WholeFrame(self._rbuf)
+        self.recv_into(sink, max_bytes, timeout)
+        return sink.view
+
+    def recv_into(self, sink: FrameSink, max_bytes: int, timeout: float | None = None) -> int:
+        """Receive one frame into the buffers ``sink`` hands out (records are decrypted
+        straight into them); returns the frame's length."""
         self._check()
         if self._rx_broken:
             raise TransportError(f"p2p {self.remote_peer_id}: receiving is over after: {self._rx_broken}")
@@ -452,18 +467,23 @@ class P2PChannel:
                 self._rx_broken = str(exc)
                 self._push(R_STOP, U64.pack(fno))
                 raise
-            view = self._rbuf.view(length)
-            off = 0
-            while off < length:
+            out = Scatter(sink, length)
+            while out.remaining:
                 typ, body = self._next(self._timeout_s)
                 if typ != R_DATA:
                     raise CryptoError("handshake record inside a frame")
                 n = e2e.Opener.plaintext_len(len(body))
                 opener.check_counter(body)
-                if n == 0 or off + n > length:
+                if n == 0 or n > out.remaining:
                     raise CryptoError(f"record runs past the end of frame {fno}")
-                opener.open_into(body, fno, view[off:off + n])
-                off += n
+                room = out.room(n)
+                if room is not None:
+                    opener.open_into(body, fno, room)
+                    out.advance(n)
+                else:  # the record straddles two of the sink's buffers
+                    tmp = self._straddle.view(n)
+                    opener.open_into(body, fno, tmp)
+                    out.write(tmp)
                 self._consume(len(body))
         except MessageTooLarge:
             raise
@@ -474,7 +494,7 @@ class P2PChannel:
         self.bytes_in += length
         if self.limiter is not None:
             self.limiter.wait_message()
-        return view
+        return length
 
     def _consume(self, n: int) -> None:
         if self.limiter is not None:

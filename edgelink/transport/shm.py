@@ -50,7 +50,15 @@ from edgelink.errors import (
     TransportError,
     TransportTimeout,
 )
-from edgelink.transport.framing import HEADER, HEADER_BYTES, RecvBuffer, byte_views, check_length
+from edgelink.transport.framing import (
+    HEADER,
+    HEADER_BYTES,
+    FrameSink,
+    RecvBuffer,
+    WholeFrame,
+    byte_views,
+    check_length,
+)
 from edgelink.transport.ring import Ring, footprint, native, pid_alive, process_start_ticks
 
 log = logging.getLogger(__name__)
@@ -208,7 +216,13 @@ class ShmChannel:
             raise
 
     def recv(self, max_bytes: int, timeout: float | None = None) -> memoryview:
-        """Receive one frame into the channel's reusable buffer; valid until the next recv.
+        """Receive one frame into the channel's reusable buffer; valid until the next recv."""
+        sink = WholeFrame(self._rbuf)
+        self.recv_into(sink, max_bytes, timeout)
+        return sink.view
+
+    def recv_into(self, sink: FrameSink, max_bytes: int, timeout: float | None = None) -> int:
+        """Receive one frame into the buffers ``sink`` hands out; returns the frame's length.
 
         ``timeout`` (default cfg.shm.timeout_s; ``math.inf`` for none) bounds the wait for
         the frame to start; every later stall is bounded by cfg.shm.timeout_s. A timeout before the first byte leaves the
@@ -242,8 +256,10 @@ class ShmChannel:
                 self._rx_broken = str(exc)
                 rx.close_reader()
                 raise
-            view = self._rbuf.view(length)
-            rx.read_into(view, limit)
+            buf = sink.start(length)
+            while buf is not None:
+                rx.read_into(buf, limit)
+                buf = sink.filled()
         except MessageTooLarge:
             raise
         except EdgelinkError as exc:
@@ -251,7 +267,7 @@ class ShmChannel:
             # closing our side tells the peer at once.
             self._fail(str(exc))
             raise
-        return view
+        return length
 
     def close(self) -> None:
         """Close this end: the peer's blocked or next call raises PeerGone. Idempotent."""
