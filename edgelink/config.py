@@ -101,6 +101,14 @@ class P2PConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WireConfig:
+    codec: str
+    allow_lossy: str
+    zstd_level: int
+    threads: int
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeConfig:
     max_clients: int
     max_message_bytes: int
@@ -124,6 +132,7 @@ class Config:
     latent: LatentConfig
     p2p: P2PConfig
     node: NodeConfig
+    wire: WireConfig
     source: tuple[Path, ...] = ()
 
     def replace(self, **overrides: Any) -> Config:

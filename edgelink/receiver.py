@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgelink import wire
 from edgelink.bridge import Bridge
 from edgelink.config import Config
 from edgelink.errors import (
@@ -64,6 +65,7 @@ class Receiver:
                  bridge: Bridge | None = None):
         self.rt = rt
         self.cfg = fit_limits(cfg, rt)  # message limits derived from this model unless set
+        self.codecs = wire.offered(cfg.wire)  # what this receiver's HELLO lists
         if cfg.protocol.session_state not in ("clear", "keep"):
             raise ConfigError(f"protocol.session_state is {cfg.protocol.session_state!r}: clear or keep")
         self.signature = signature
@@ -123,6 +125,7 @@ class Receiver:
 
     def _serve(self, ch: Channel, reader: FrameReader, report: SessionReport) -> SessionReport:
         session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers),
+                          codecs=self.codecs,
                           encryption=getattr(ch, "encryption", None), bridge=self.bridge_claim)
         limit = frame_limit(self.cfg)
         try:
@@ -149,9 +152,11 @@ class Receiver:
                         break
                     if isinstance(msg, TensorMessage):
                         t0 = time.perf_counter()
+                        digest = tensor_message_digest(msg)  # of what was sent, encoded or not
+                        msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place)
                         self.appliers[msg.kind](msg)
                         report.applied += 1
-                        ch.send(session.ack(msg, tensor_message_digest(msg)))
+                        ch.send(session.ack(msg, digest))
                         log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,
                                  msg.message_id, msg.payload_bytes, 1e3 * (time.perf_counter() - t0))
                     elif isinstance(msg, Request) and msg.op == "delta":

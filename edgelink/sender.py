@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelink import wire
 from edgelink.config import Config
 from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError, StateError
 from edgelink.latent.bridged import NO_RANGE, bridged_tensors
@@ -49,10 +50,12 @@ class Sender:
         self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds,
                                encryption=getattr(ch, "encryption", None), auth=auth, bridge=bridge)
         self._limit = frame_limit(cfg)
+        self.codec: str | None = None  # the wire codec (edgelink/wire), settled at the handshake
 
     def handshake(self) -> None:
         self.ch.send(self.session.hello())
-        self.session.receive(self.ch.recv(self._limit))  # raises PeerRejected / SignatureMismatch
+        hello = self.session.receive(self.ch.recv(self._limit))  # raises PeerRejected / SignatureMismatch
+        self.codec = wire.choose(self.cfg.wire, hello.codecs, getattr(self.ch, "link", "local") == "network")
 
     def _reply(self):
         msg = self.session.receive(self.ch.recv(self._limit, timeout=self.cfg.protocol.reply_timeout_s))
@@ -112,6 +115,8 @@ class Sender:
     def _ship(self, seq_slot: int, layer_range: tuple[int, int], kind: Kind, apply: ApplyMode,
               built: tuple[list, dict, tuple[int, int]], t0: float) -> SentSnapshot:
         tensors, attrs, token_range = built
+        if self.codec is not None:
+            tensors, attrs = wire.encode_tensors(tensors, attrs, self.codec, self.session.send_checksum)
         parts, msg = self.session.encode_tensor_message(
             kind, apply, tensors, seq_slot=seq_slot,
             layer_range=layer_range, token_range=token_range, attrs=attrs)

@@ -55,6 +55,8 @@ class Hello:
     # The tensor checksum algorithms this side accepts, most preferred first (kinds.Checksum
     # names); absent from the frame when it is only blake3, which is what earlier peers take.
     checksums: tuple[str, ...] = ("blake3",)
+    # The wire codecs (edgelink/wire) this side takes as a receiver; absent when none.
+    codecs: tuple[str, ...] = ()
     frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
 
 

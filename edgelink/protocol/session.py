@@ -88,7 +88,8 @@ class Session:
                  encryption: dict[str, Any] | None = None,
                  session_id: bytes | None = None,
                  auth: dict[str, Any] | None = None,
-                 bridge: dict[str, str] | None = None):
+                 bridge: dict[str, str] | None = None,
+                 codecs: Sequence[str] = ()):
         """``bridge``: the claim of the bridge this side holds (``latent.bridged.bridge_claim``);
         a client names it in its HELLO, a server accepts bridged sessions through it."""
         self.role = role
@@ -99,6 +100,7 @@ class Session:
         self.encryption = encryption or {"scheme": "none"}
         self.auth = dict(auth or {})  # e.g. {"token": ...}; only a client's HELLO carries it
         self.bridge = dict(bridge or {})
+        self.codecs = tuple(codecs)  # wire codecs we take as a receiver (edgelink/wire)
         self.bridged = False  # set at the handshake: both sides named the same bridge
         self.state = State.AWAIT_HELLO
         self.session_id = session_id or (os.urandom(SESSION_ID_BYTES) if role is Role.CLIENT else b"")
@@ -141,6 +143,7 @@ class Session:
             max_message_bytes=limit_of(self.limits),
             encryption=self.encryption,
             checksums=tuple(CHECKSUM_NAMES[c] for c in self.accepts),
+            codecs=self.codecs,
             auth=self.auth if self.role is Role.CLIENT else {},
             # A server echoes its bridge only into a session the client asked to bridge, so
             # ordinary clients of a bridge-holding server see an ordinary HELLO.
@@ -167,7 +170,8 @@ class Session:
         if kind not in self.negotiated_kinds:
             raise UnknownKind(f"{kind.name} was not negotiated with the peer")
         alg = self.send_checksum
-        with_sums = tuple(Tensor(t.name, t.dtype, t.shape, t.data, codec.checksum(t.data, alg)) for t in tensors)
+        sums = codec.checksums([t.data for t in tensors], alg)
+        with_sums = tuple(Tensor(t.name, t.dtype, t.shape, t.data, c) for t, c in zip(tensors, sums, strict=True))
         msg = TensorMessage(self.session_id, self._next_out, kind, apply, seq_slot, layer_range,
                             token_range, with_sums, attrs or {}, alg)
         parts = codec.encode_tensor_message(msg)

@@ -8,7 +8,10 @@ Buffer = bytes | bytearray | memoryview
 
 
 class Channel(Protocol):
-    """A bidirectional, ordered, reliable channel of frames between two peers."""
+    """A bidirectional, ordered, reliable channel of frames between two peers.
+
+    A channel over a network says so with ``link = "network"`` (absent means local: shared
+    memory, a file), which is what ``wire.codec = auto`` goes by."""
 
     def send(self, *parts: Buffer) -> None:
         """Send one frame made of ``parts`` concatenated (they are never joined in memory)."""

@@ -105,6 +105,8 @@ class P2PChannel:
     trio thread runs a reader and a writer task for it.
     """
 
+    link = "network"  # a sender compresses KV state over it by default (wire.codec = auto)
+
     def __init__(self, host: P2PHost, stream: Any, *, initiator: bool):
         import trio
 

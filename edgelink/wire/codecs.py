@@ -1,0 +1,242 @@
+"""The codecs themselves: a KV tensor's bytes <-> its encoded bytes. Pure numpy and zstd.
+
+Every codec works on a 2-D block of f16 rows seen as ``[tokens, channels]`` (a transposed V is
+handed over transposed back). Decoding must give the same bits on every machine, because the
+sender announces a checksum of what the receiver's decoder will produce: so only elementwise
+IEEE operations are used (no BLAS, no float sums whose order could vary), and the sender runs
+the very same decoder to compute that checksum.
+
+* ``zstd-shuffle/1`` (lossless): the two byte planes of the f16 values, one after the other,
+  then zstd. The high bytes (sign, exponent) are what compresses.
+* ``q8/1``: llama.cpp's q8_0 idea: blocks of 32 channels of one token, an f16 scale
+  (max |x| / 127) and 32 int8 values; 8.5 bits per value.
+* ``kivi4/1``: 4-bit asymmetric (KIVI): K per channel over groups of 64 tokens, V per token over
+  groups of 64 channels, each group an f16 scale and an f16 minimum; 4.5 bits per value.
+* ``kivi4h/1``: the same after a Walsh-Hadamard rotation of each token's channels in blocks of
+  64 (spreads outlier channels), then per-token groups for K and V alike; undone on decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from edgelink.errors import ProtocolError
+
+GROUP = 64  # values per quantization group (kivi4)
+Q8_BLOCK = 32
+HADAMARD_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    name: str
+    lossy: bool
+    # encode(x: f16 [T, C], is_k) -> bytes; decode(data, T, C, is_k) -> f16 [T, C]
+    encode: Callable[[np.ndarray, bool], bytes | np.ndarray]
+    decode: Callable[[memoryview, int, int, bool], np.ndarray]
+    # encoded size for (T, C), or None when it depends on the data (zstd)
+    size: Callable[[int, int], int | None]
+    widths: int = 1  # channel counts must be multiples of this
+
+
+def _need(data: memoryview, n: int, name: str) -> None:
+    if data.nbytes != n:
+        raise ProtocolError(f"{name}: {data.nbytes} encoded bytes where {n} are needed")
+
+
+# ---------------------------------------------------------------------------- lossless
+
+
+_ZSTD_LEVEL = [1]
+_ZSTD_THREADS = [0]
+
+
+def configure(level: int, threads: int) -> None:
+    """zstd level and worker threads (wire.zstd_level, wire.threads)."""
+    _ZSTD_LEVEL[0] = level
+    _ZSTD_THREADS[0] = threads
+
+
+def _shuffle_encode(x: np.ndarray, is_k: bool) -> bytes:
+    import zstandard
+
+    planes = np.ascontiguousarray(x.view(np.uint8).reshape(-1, 2).T)
+    threads = _ZSTD_THREADS[0] if _ZSTD_THREADS[0] > 0 else -1
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL[0], threads=threads,
+                                    write_content_size=True).compress(planes)
+
+
+def _shuffle_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
+    import zstandard
+
+    n = 2 * t * c
+    try:
+        # The frame must declare exactly the size we expect (libzstd enforces the declared size
+        # block by block, so output stays bounded), be one whole frame, and nothing after it.
+        if zstandard.frame_content_size(data) != n:
+            raise ProtocolError(f"zstd-shuffle/1: the frame does not declare the {n} bytes needed")
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        raw = obj.decompress(data)
+        if not obj.eof or obj.unused_data or len(raw) != n:
+            raise ProtocolError(f"zstd-shuffle/1: not exactly one frame of {n} bytes")
+    except zstandard.ZstdError as exc:
+        raise ProtocolError(f"zstd-shuffle/1: {exc}") from None
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, -1)
+    out = np.empty((t * c, 2), dtype=np.uint8)
+    out[:, 0] = planes[0]
+    out[:, 1] = planes[1]
+    return out.view(np.float16).reshape(t, c)
+
+
+# ---------------------------------------------------------------------------- q8
+
+
+def _q8_size(t: int, c: int) -> int:
+    return t * (c // Q8_BLOCK) * 2 + t * c
+
+
+def _q8_encode(x: np.ndarray, is_k: bool) -> bytes:
+    t, c = x.shape
+    blocks = x.astype(np.float32).reshape(t, c // Q8_BLOCK, Q8_BLOCK)
+    scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float16)
+    s32 = scale.astype(np.float32)[:, :, None]
+    q = np.where(s32 > 0, np.rint(blocks / np.where(s32 > 0, s32, 1)), 0)
+    q = np.clip(q, -127, 127).astype(np.int8)
+    return scale.tobytes() + q.tobytes()
+
+
+def _q8_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
+    _need(data, _q8_size(t, c), "q8/1")
+    nb = c // Q8_BLOCK
+    scale = np.frombuffer(data, dtype=np.float16, count=t * nb).reshape(t, nb, 1).astype(np.float32)
+    q = np.frombuffer(data, dtype=np.int8, offset=t * nb * 2).reshape(t, nb, Q8_BLOCK)
+    return (q.astype(np.float32) * scale).astype(np.float16).reshape(t, c)
+
+
+# ---------------------------------------------------------------------------- kivi4
+
+
+def _groups(n: int) -> int:
+    return -(-n // GROUP)
+
+
+def _pad_tokens(x: np.ndarray) -> np.ndarray:
+    t = x.shape[0]
+    extra = _groups(t) * GROUP - t
+    if not extra:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+
+
+def _quant4(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """g: f32 [..., GROUP] -> (4-bit codes u8 [..., GROUP], scale f16 [...], minimum f16 [...])."""
+    lo = g.min(axis=-1).astype(np.float16)
+    hi = g.max(axis=-1)
+    lo32 = lo.astype(np.float32)
+    scale = ((hi - lo32) / np.float32(15)).astype(np.float16)
+    s32 = scale.astype(np.float32)[..., None]
+    q = np.where(s32 > 0, np.rint((g - lo32[..., None]) / np.where(s32 > 0, s32, 1)), 0)
+    return np.clip(q, 0, 15).astype(np.uint8), scale, lo
+
+
+def _dequant4(q: np.ndarray, scale: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale.astype(np.float32)[..., None] + lo.astype(np.float32)[..., None]
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    flat = q.reshape(-1)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack4(b: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint8)
+    out[0::2] = b & 0x0F
+    out[1::2] = b >> 4
+    return out
+
+
+def _hadamard(x: np.ndarray) -> np.ndarray:
+    """Orthonormal Walsh-Hadamard transform over the last axis in blocks of 64 (butterflies:
+    additions and subtractions only, then one scaling, so every machine gets the same bits)."""
+    t, c = x.shape
+    y = x.astype(np.float32).reshape(t, c // HADAMARD_BLOCK, HADAMARD_BLOCK).copy()
+    h = 1
+    while h < HADAMARD_BLOCK:
+        y = y.reshape(t, c // HADAMARD_BLOCK, HADAMARD_BLOCK // (2 * h), 2, h)
+        a, b = y[:, :, :, 0, :].copy(), y[:, :, :, 1, :].copy()
+        y[:, :, :, 0, :] = a + b
+        y[:, :, :, 1, :] = a - b
+        h *= 2
+    return (y.reshape(t, c) * np.float32(0.125)).astype(np.float32)  # 1/sqrt(64)
+
+
+def _kivi_encode_with(x: np.ndarray, per_channel: bool) -> bytes:
+    t, c = x.shape
+    if per_channel:  # groups of GROUP tokens within each channel
+        xp = _pad_tokens(x.astype(np.float32))
+        g = xp.reshape(_groups(t), GROUP, c).transpose(0, 2, 1)  # [token groups, c, GROUP]
+        q, scale, lo = _quant4(g)
+        codes = q.transpose(0, 2, 1).reshape(-1, c)[:t]  # back to [t, c]
+        # metadata for the padded groups: [token groups, c]; keep t*c/GROUP of it (see size)
+        meta_s = scale.reshape(-1)
+        meta_l = lo.reshape(-1)
+    else:  # groups of GROUP channels within each token
+        g = x.astype(np.float32).reshape(t, c // GROUP, GROUP)
+        q, scale, lo = _quant4(g)
+        codes = q.reshape(t, c)
+        meta_s, meta_l = scale.reshape(-1), lo.reshape(-1)
+    return _pack4(codes).tobytes() + meta_s.tobytes() + meta_l.tobytes()
+
+
+def _kivi_meta_count(t: int, c: int, per_channel: bool) -> int:
+    return _groups(t) * c if per_channel else t * (c // GROUP)
+
+
+def _kivi_size_for(t: int, c: int, per_channel: bool) -> int:
+    return (t * c) // 2 + 4 * _kivi_meta_count(t, c, per_channel)
+
+
+def _kivi_decode_with(data: memoryview, t: int, c: int, per_channel: bool, name: str) -> np.ndarray:
+    _need(data, _kivi_size_for(t, c, per_channel), name)
+    nval = (t * c) // 2
+    m = _kivi_meta_count(t, c, per_channel)
+    codes = _unpack4(np.frombuffer(data, dtype=np.uint8, count=nval), t * c).reshape(t, c)
+    scale = np.frombuffer(data, dtype=np.float16, count=m, offset=nval)
+    lo = np.frombuffer(data, dtype=np.float16, count=m, offset=nval + 2 * m)
+    if per_channel:
+        cp = _pad_tokens(codes)
+        g = cp.reshape(_groups(t), GROUP, c).transpose(0, 2, 1)
+        x = _dequant4(g, scale.reshape(_groups(t), c), lo.reshape(_groups(t), c))
+        return x.transpose(0, 2, 1).reshape(-1, c)[:t]
+    g = codes.reshape(t, c // GROUP, GROUP)
+    return _dequant4(g, scale.reshape(t, c // GROUP), lo.reshape(t, c // GROUP)).reshape(t, c)
+
+
+def _kivi_encode(x: np.ndarray, is_k: bool) -> bytes:
+    return _kivi_encode_with(x, per_channel=is_k)
+
+
+def _kivi_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
+    return _kivi_decode_with(data, t, c, is_k, "kivi4/1").astype(np.float16)
+
+
+def _kivih_encode(x: np.ndarray, is_k: bool) -> bytes:
+    return _kivi_encode_with(_hadamard(x), per_channel=False)
+
+
+def _kivih_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
+    y = _kivi_decode_with(data, t, c, False, "kivi4h/1")
+    return _hadamard(y).astype(np.float16)  # the orthonormal WHT is its own inverse
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (
+    Codec("zstd-shuffle/1", False, _shuffle_encode, _shuffle_decode, lambda t, c: None),
+    Codec("q8/1", True, _q8_encode, _q8_decode, _q8_size, widths=Q8_BLOCK),
+    # K groups run over tokens (per channel), V groups over channels: sizes differ by role, so
+    # the size check lives in the decoder (_kivi_size_for).
+    Codec("kivi4/1", True, _kivi_encode, _kivi_decode, lambda t, c: None, widths=GROUP),
+    Codec("kivi4h/1", True, _kivih_encode, _kivih_decode, lambda t, c: None, widths=HADAMARD_BLOCK),
+)}
