@@ -19,6 +19,7 @@ class RemoteHost:
     pid: int  # a process that holds the namespace open
     ip: str  # its address on the link
     local_ip: str  # ours
+    local_iface: str = ""  # our end of the veth pair (the remote end is eth0 in its namespace)
 
     @property
     def wrapper(self) -> tuple[str, ...]:
@@ -31,6 +32,14 @@ def _run(*cmd: str) -> None:
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()} (these tests need root "
                            "or CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+
+
+def shape(host: RemoteHost, mbit: float) -> None:
+    """Both directions of the link at ``mbit`` Mbit/s (tc tbf; this kernel has no netem)."""
+    for prefix, dev in (((), host.local_iface), (host.wrapper, "eth0")):
+        subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+        _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
+             "burst", "64kb", "latency", "200ms")
 
 
 def _free_subnet() -> int:
@@ -55,11 +64,12 @@ def remote_host(subnet: int | None = None) -> Iterator[RemoteHost]:
         _run("ip", "link", "add", ours, "type", "veth", "peer", "name", theirs, "netns", str(holder.pid))
         _run("ip", "addr", "add", f"{local_ip}/30", "dev", ours)
         _run("ip", "link", "set", ours, "up")
-        host = RemoteHost(holder.pid, ip, local_ip)
+        host = RemoteHost(holder.pid, ip, local_ip, ours)
         _run(*host.wrapper, "sh", "-c", f"ip addr add {ip}/30 dev {theirs} && ip link set {theirs} up "
                                          "&& ip link set lo up")
         yield host
     finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", ours, "root"], capture_output=True)
         subprocess.run(["ip", "link", "del", ours], capture_output=True)
         holder.stdin.close()
         holder.wait(timeout=10)

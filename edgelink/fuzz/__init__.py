@@ -84,6 +84,24 @@ def _f32(name: str, a: np.ndarray) -> Tensor:
     return Tensor(name, DType.F32, a.shape, memoryview(a).cast("B"))
 
 
+def _wire_messages(nv: int) -> list[tuple]:
+    """KV snapshots encoded with each wire codec (edgelink/wire), so mutations reach the
+    decoders and the decoded-checksum check."""
+    from edgelink.protocol.kinds import Checksum
+    from edgelink.wire import CODECS, encode_tensors
+
+    kv, layout = _kv_tensors(cells=5, n_layer=1, width=64)
+    kv = [Tensor(t.name, t.dtype, t.shape, memoryview(np.frombuffer(t.data, np.float16) * np.float16(0.37 + i))
+                 .cast("B")) if t.dtype is DType.F16 else t for i, t in enumerate(kv)]
+    out = []
+    for name in CODECS:
+        tensors, attrs = encode_tensors(kv, {"kv": layout}, name, Checksum.XXH3_128)
+        out.append((Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors + [_i32("tokens", [1, 2, 3, 4, 5]),
+                                                                   _f32("logits", np.zeros(nv))],
+                    attrs, (0, 1), (0, 5)))
+    return out
+
+
 def seed_frames(signature: dict[str, Any] | None = None, limits=None,
                 extra_tensor_messages: Iterable[tuple] = ()) -> list[bytes]:
     """One valid exchange, client side: HELLO, then every frame type and tensor kind, with the
@@ -115,6 +133,7 @@ def seed_frames(signature: dict[str, Any] | None = None, limits=None,
          {"layers": [1], "site": "l_out"}, (1, 2), (0, 2)),
         (Kind.BRIDGED_PREFIX, ApplyMode.OVERWRITE, [_f32("embd", np.ones((2, d)))],
          {"bridge": "cd" * 32, "source_tokens": 5}, (-1, -1), (-1, -1)),
+        *_wire_messages(nv),
         *extra_tensor_messages,
     ]
     for kind, apply, tensors, attrs, lr, tr in messages:

@@ -95,6 +95,10 @@ def follow_up(msg: Any) -> None:
                 _typed(exc)
     elif isinstance(msg, TensorMessage):
         codec.verify_checksums(msg)
+        if "wire" in msg.attrs:
+            from edgelink import wire
+
+            msg = wire.decode_message(msg, list(wire.CODECS), 1 << 28)
         if msg.kind in (Kind.KV_CACHE, Kind.KV_CACHE_DELTA, Kind.KV_MEMORY) and "kv" in msg.attrs:
             tensors_to_state({t.name: t for t in msg.tensors}, msg.attrs["kv"])
 
