@@ -149,6 +149,7 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                     sender.close()
                     node.next_event()
                     row.update(p2p_handoff_ms=1e3 * p2p_s, p2p_speedup_vs_reprefill=prefill_s / p2p_s,
+                               p2p_codec=sender.codec or "raw",
                                p2p_mbps=row["wire_bytes"] / p2p_s / 1e6)
                 say(f"{n} tokens: shm vs memcpy on {row['wire_bytes']:,} bytes")
                 thr = measure_shm_throughput(row["wire_bytes"], cfg, repeats)
@@ -189,5 +190,5 @@ def format_handoff_table(report: dict[str, Any]) -> str:
             f"close around it {r['session_setup_ms']:.1f} ms; overwriting a live "
             f"sequence {r['overwrite_ms']:.1f} ms, receiver peak "
             f"{r['receiver_overwrite_peak_over_mb'] / (r['payload_bytes'] / 1e6):.2f}x state"
-            + (f"; p2p {r['p2p_mbps']:.0f} MB/s" if "p2p_mbps" in r else ""))
+            + (f"; p2p {r['p2p_mbps']:.0f} MB/s of state ({r['p2p_codec']} on the wire)" if "p2p_mbps" in r else ""))
     return "\n".join(lines)

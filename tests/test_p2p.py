@@ -22,6 +22,7 @@ from edgelink.errors import (
     MessageTooLarge,
     PeerGone,
     PeerRejected,
+    SessionError,
     TransportError,
 )
 from edgelink.identity import load_identity
@@ -147,6 +148,8 @@ class NodeUnderTest:
             "EDGELINK_NODE_MESSAGES_BURST": "10",
             "EDGELINK_NODE_MAX_MESSAGE_BYTES": str(64 << 20),
             "EDGELINK_NODE_SHUTDOWN_GRACE_S": "5",
+            # tests here check a node's state across sessions (faults leave it unchanged)
+            "EDGELINK_PROTOCOL_SESSION_STATE": "keep",
         }
         self.model = str(path)
         self.start()
@@ -226,6 +229,52 @@ def test_handoff_over_p2p_continues_exactly(node, sender_rt):
     assert ev["bytes_in"] >= sent.wire_bytes
     local = rt.generate(24, stop_at_eog=False)
     assert body["tokens"] == local
+
+
+def test_a_network_handoff_is_compressed_losslessly_by_default(node, sender_rt):
+    """wire.codec = auto: zstd-shuffle/1 over p2p, fewer bytes on the wire, exact continuation;
+    a lossy codec the node did not allow is refused before anything is sent."""
+    rt = sender_rt
+    _prefill(rt, 300)
+    s = _sender(node, rt)
+    assert s.codec == "zstd-shuffle/1"
+    sent = s.send_snapshot(rt)
+    body = s.request("generate", n_tokens=16, stop_at_eog=False)
+    s.close()
+    node.event()
+    assert body["tokens"] == rt.generate(16, stop_at_eog=False)
+    _prefill(rt, 300)
+    raw = _sender(node, rt, cfg=node.client_cfg.replace(wire_codec="raw"))
+    raw_sent = raw.send_snapshot(rt)
+    raw.close()
+    node.event()
+    assert raw.codec is None and sent.wire_bytes < 0.97 * raw_sent.wire_bytes
+    with pytest.raises(SessionError, match="allow_lossy = on on the receiver"):
+        _sender(node, rt, cfg=node.client_cfg.replace(wire_codec="kivi4/1"))
+    node.event()
+
+
+def test_a_lossy_handoff_to_a_node_that_allows_it(smollm2_path, cfg, tmp_path, sender_rt):
+    rt = sender_rt
+    key = tmp_path / "lossy.key"
+    proc = start_node(str(smollm2_path), cfg.replace(wire_allow_lossy="on"),
+                      extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(key)})
+    try:
+        _prefill(rt, 300)
+        from edgelink.api import connect
+        from edgelink.sender import Sender
+
+        c = cfg.replace(wire_codec="kivi4/1", p2p_identity_key=tmp_path / "client.key")
+        s = Sender(connect(proc.ready["addrs"][0], c), c, rt.signature)
+        s.handshake()
+        sent = s.send_snapshot(rt)
+        digest = s.request("digest")
+        s.close()
+        proc.next_event()
+        assert s.codec == "kivi4/1" and sent.wire_bytes < 0.4 * len(rt.export_state())
+        assert digest["context_tokens"] == 300
+    finally:
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
 
 
 @pytest.mark.parametrize("who", ["wrong_token", "no_token", "unknown_peer"])

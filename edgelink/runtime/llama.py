@@ -218,6 +218,30 @@ class LlamaRuntime:
         self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return self.logits
 
+    def prefill_all_logits(self, tokens: list[int]) -> np.ndarray:
+        """Append ``tokens`` (at most ``n_batch``) in one batch and return the logits after each
+        of them, f32 [n, vocab]: teacher forcing, for measuring what a state predicts along a
+        known continuation in one llama.cpp call."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise StateError(f"{n} tokens: one batch takes 1..{self.n_batch}")
+        if len(self.tokens) + n > self.n_ctx:
+            raise StateError(f"{len(self.tokens) + n} tokens exceed the context of {self.n_ctx}")
+        base = len(self.tokens)
+        self._b_token[:n] = tokens
+        self._b_pos[:n] = np.arange(base, base + n)
+        self._b_logits[:n] = 1
+        self._batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise StateError(f"llama_decode failed with code {rc}")
+        self.tokens.extend(tokens)
+        out = np.empty((n, self.n_vocab), dtype=np.float32)
+        for i in range(n):
+            out[i] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+        self.logits = out[-1].copy()
+        return out
+
     def prefill_embeddings(self, vectors: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Append positions fed by ``vectors`` (f32 [n, n_embd], times ``scale``) instead of
         tokens; they are recorded as token id -1. Returns the logits after the last one. If

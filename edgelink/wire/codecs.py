@@ -8,8 +8,9 @@ the very same decoder to compute that checksum.
 
 * ``zstd-shuffle/1`` (lossless): the two byte planes of the f16 values, one after the other,
   then zstd. The high bytes (sign, exponent) are what compresses.
-* ``q8/1``: llama.cpp's q8_0 idea: blocks of 32 channels of one token, an f16 scale
-  (max |x| / 127) and 32 int8 values; 8.5 bits per value.
+* ``q8/1``: llama.cpp's q8_0 idea (an f16 scale, max |x| / 127, per group of 32 int8 values),
+  with KIVI's grouping: K per channel over 32 tokens (K has outlier channels: this halves its
+  error), V per token over 32 channels; 8.5 bits per value.
 * ``kivi4/1``: 4-bit asymmetric (KIVI): K per channel over groups of 64 tokens, V per token over
   groups of 64 channels, each group an f16 scale and an f16 minimum; 4.5 bits per value.
 * ``kivi4h/1``: the same after a Walsh-Hadamard rotation of each token's channels in blocks of
@@ -37,8 +38,6 @@ class Codec:
     # encode(x: f16 [T, C], is_k) -> bytes; decode(data, T, C, is_k) -> f16 [T, C]
     encode: Callable[[np.ndarray, bool], bytes | np.ndarray]
     decode: Callable[[memoryview, int, int, bool], np.ndarray]
-    # encoded size for (T, C), or None when it depends on the data (zstd)
-    size: Callable[[int, int], int | None]
     widths: int = 1  # channel counts must be multiples of this
 
 
@@ -94,26 +93,43 @@ def _shuffle_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
 # ---------------------------------------------------------------------------- q8
 
 
-def _q8_size(t: int, c: int) -> int:
-    return t * (c // Q8_BLOCK) * 2 + t * c
+def _q8_size(t: int, c: int, is_k: bool) -> int:
+    groups = -(-t // Q8_BLOCK) * c if is_k else t * (c // Q8_BLOCK)
+    return 2 * groups + t * c
+
+
+def _q8_groups(x: np.ndarray, is_k: bool) -> np.ndarray:
+    """f32 [..., 32] groups: K per channel over 32 tokens (tokens padded by repeating the
+    last), V per token over 32 channels."""
+    t, c = x.shape
+    if is_k:
+        tp = -(-t // Q8_BLOCK) * Q8_BLOCK
+        xp = np.concatenate([x, np.repeat(x[-1:], tp - t, axis=0)]) if tp > t else x
+        return xp.reshape(tp // Q8_BLOCK, Q8_BLOCK, c).transpose(0, 2, 1)
+    return x.reshape(t, c // Q8_BLOCK, Q8_BLOCK)
 
 
 def _q8_encode(x: np.ndarray, is_k: bool) -> bytes:
-    t, c = x.shape
-    blocks = x.astype(np.float32).reshape(t, c // Q8_BLOCK, Q8_BLOCK)
+    blocks = _q8_groups(x.astype(np.float32), is_k)
     scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float16)
     s32 = scale.astype(np.float32)[:, :, None]
     q = np.where(s32 > 0, np.rint(blocks / np.where(s32 > 0, s32, 1)), 0)
     q = np.clip(q, -127, 127).astype(np.int8)
+    if is_k:  # values back in [tokens, channels] order, without the padding
+        q = q.transpose(0, 2, 1).reshape(-1, x.shape[1])[:x.shape[0]]
     return scale.tobytes() + q.tobytes()
 
 
 def _q8_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
-    _need(data, _q8_size(t, c), "q8/1")
-    nb = c // Q8_BLOCK
-    scale = np.frombuffer(data, dtype=np.float16, count=t * nb).reshape(t, nb, 1).astype(np.float32)
-    q = np.frombuffer(data, dtype=np.int8, offset=t * nb * 2).reshape(t, nb, Q8_BLOCK)
-    return (q.astype(np.float32) * scale).astype(np.float16).reshape(t, c)
+    _need(data, _q8_size(t, c, is_k), "q8/1")
+    ns = _q8_size(t, c, is_k) - t * c
+    scale = np.frombuffer(data, dtype=np.float16, count=ns // 2).astype(np.float32)
+    q = np.frombuffer(data, dtype=np.int8, offset=ns).reshape(t, c).astype(np.float32)
+    if is_k:
+        g = _q8_groups(q, True)  # padding rows are copies of the last: harmless, cut below
+        x = g * scale.reshape(g.shape[0], c)[:, :, None]
+        return x.transpose(0, 2, 1).reshape(-1, c)[:t].astype(np.float16)
+    return (q.reshape(t, c // Q8_BLOCK, Q8_BLOCK) * scale.reshape(t, c // Q8_BLOCK, 1)).astype(np.float16).reshape(t, c)
 
 
 # ---------------------------------------------------------------------------- kivi4
@@ -233,10 +249,9 @@ def _kivih_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (
-    Codec("zstd-shuffle/1", False, _shuffle_encode, _shuffle_decode, lambda t, c: None),
-    Codec("q8/1", True, _q8_encode, _q8_decode, _q8_size, widths=Q8_BLOCK),
-    # K groups run over tokens (per channel), V groups over channels: sizes differ by role, so
-    # the size check lives in the decoder (_kivi_size_for).
-    Codec("kivi4/1", True, _kivi_encode, _kivi_decode, lambda t, c: None, widths=GROUP),
-    Codec("kivi4h/1", True, _kivih_encode, _kivih_decode, lambda t, c: None, widths=HADAMARD_BLOCK),
+    # Each decoder checks the encoded length it needs (it differs between K and V).
+    Codec("zstd-shuffle/1", False, _shuffle_encode, _shuffle_decode),
+    Codec("q8/1", True, _q8_encode, _q8_decode, widths=Q8_BLOCK),
+    Codec("kivi4/1", True, _kivi_encode, _kivi_decode, widths=GROUP),
+    Codec("kivi4h/1", True, _kivih_encode, _kivih_decode, widths=HADAMARD_BLOCK),
 )}
