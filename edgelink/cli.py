@@ -10,7 +10,15 @@ import sys
 import click
 
 from edgelink import api
-from edgelink.cli_common import _Ctx, _emit, _progress, json_option, n_option  # noqa: F401
+from edgelink.cli_common import (  # noqa: F401
+    _Ctx,
+    _emit,
+    _progress,
+    json_option,
+    n_option,
+    wire_codec,
+    wire_option,
+)
 from edgelink.errors import EdgelinkError
 
 
@@ -199,13 +207,14 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
 @click.option("--bridge", default=None, type=click.Path(dir_okay=False),
               help="Hand PROMPT to a receiver running the bridge's target model: ship the bridge's "
                    "output (BRIDGED_PREFIX) instead of the KV state; MODEL is the bridge's source.")
+@wire_option
 @json_option
 @click.pass_obj
 def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | None,
-            verify: bool, token: str | None, bridge: str | None, as_json: bool) -> None:
+            verify: bool, token: str | None, bridge: str | None, wire: str | None, as_json: bool) -> None:
     """Prefill here, ship the KV state to a receiver, print its continuation (with --bridge:
     a bridge's reading of PROMPT to a receiver running another model, and its label scores)."""
-    cfg = obj.cfg()
+    cfg = obj.cfg(wire_codec=wire_codec(wire))
     if bridge:
         if verify:
             raise click.UsageError("--verify compares with this model's own continuation; a bridged "
@@ -318,12 +327,13 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, bridge: s
               help="A turn this process adds (repeat for several turns).")
 @click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
 @n_option
+@wire_option
 @json_option
 @click.pass_obj
 def converse(obj: _Ctx, model: str | None, turns: tuple[str, ...], to: str, n_tokens: int | None,
-             as_json: bool) -> None:
+             wire: str | None, as_json: bool) -> None:
     """Take turns with a peer on one sequence, each side shipping only the KV cells it added."""
-    cfg = obj.cfg()
+    cfg = obj.cfg(wire_codec=wire_codec(wire))
     conv = api.converse(model or cfg.runtime.default_model, list(turns), to, n_tokens, cfg,
                         progress=None if as_json else _progress())
     lines = []

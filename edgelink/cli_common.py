@@ -58,6 +58,18 @@ def _progress():
     return cb
 
 
+wire_option = click.option(
+    "--wire", default=None, metavar="CODEC",
+    help="How the KV state travels [config: wire.codec]: auto (lossless over a network, raw over "
+         "shared memory), raw, lossless (zstd-shuffle/1), or a lossy codec (q8/1, kivi4/1, "
+         "kivi4h/1) that the receiver allows.")
+
+
+def wire_codec(value: str | None) -> str | None:
+    """--wire as a wire.codec value."""
+    return "zstd-shuffle/1" if value == "lossless" else value
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 n_option = click.option("-n", "--n-tokens", type=int, default=None,
                         help="Greedy tokens to generate [config: generate.n_tokens].")

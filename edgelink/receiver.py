@@ -54,6 +54,7 @@ class SessionReport:
     bytes_in: int = 0
     ended_by: str = ""
     bridged: bool = False  # the session ran through this receiver's bridge (another model)
+    codec: str = ""  # the wire codec of the last tensor message applied ("raw": none)
 
 
 class Receiver:
@@ -153,9 +154,12 @@ class Receiver:
                     if isinstance(msg, TensorMessage):
                         t0 = time.perf_counter()
                         digest = tensor_message_digest(msg)  # of what was sent, encoded or not
+                        coded = msg.attrs.get("wire")
                         msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place)
+                        codec_used = coded["codec"] if coded is not None else "raw"  # checked by the decode
                         self.appliers[msg.kind](msg)
                         report.applied += 1
+                        report.codec = codec_used
                         ch.send(session.ack(msg, digest))
                         log.info("applied %s message %d (%d bytes, %.1f ms)", msg.kind.name,
                                  msg.message_id, msg.payload_bytes, 1e3 * (time.perf_counter() - t0))

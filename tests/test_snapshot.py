@@ -143,3 +143,31 @@ def test_state_larger_than_the_receivers_context_is_rejected(model_paths, cfg, r
         assert small.state_digest() == before
     finally:
         small.close()
+
+
+def test_a_prefill_that_fails_part_way_leaves_the_sequence_as_it_was(runtimes):
+    """Two batches: the first is decoded, the second holds a token outside the vocabulary, so
+    llama.cpp refuses it; the first batch's cells are taken out again."""
+    rt, _ = runtimes["smollm2-135m"]
+    rt.clear()
+    rt.prefill(context_tokens(rt, 40))
+    before = rt.state_digest()
+    toks = context_tokens(rt, rt.n_batch + 20)
+    toks[-3] = rt.n_vocab + 5
+    with pytest.raises(StateError, match="llama_decode failed"):
+        rt.prefill(toks)
+    assert len(rt.tokens) == 40 and rt.state_digest() == before
+    rt.prefill([toks[0]])  # and it goes on
+    assert len(rt.tokens) == 41
+
+
+def test_prefill_all_logits_gives_one_row_per_token(runtimes):
+    rt, _ = runtimes["smollm2-135m"]
+    rt.clear()
+    rt.prefill(context_tokens(rt, 30))
+    more = context_tokens(rt, 40)[30:]
+    rows = rt.prefill_all_logits(more)
+    assert rows.shape == (10, rt.n_vocab) and np.array_equal(rows[-1], rt.logits)
+    assert len(rt.tokens) == 40
+    with pytest.raises(StateError):
+        rt.prefill_all_logits([])

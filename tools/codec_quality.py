@@ -10,6 +10,7 @@ top-1 agreement is the share of positions that agree; KL is the mean KL(referenc
 the next-token distributions. Also reports size ratio against f16 and encode/decode speed.
 
     python tools/codec_quality.py --models smollm2-135m,gemma3-270m --prompts 50 --json out.json
+    python tools/codec_quality.py --speed --tokens 1024      # encode/decode MB/s, 1 and 2 threads
 
 Takes about 10 minutes per model on 2 cores. Writes a JSON report and prints a table.
 """
@@ -145,6 +146,34 @@ def framing_copy(t: Tensor) -> Tensor:
     return Tensor(t.name, t.dtype, t.shape, memoryview(bytes(t.data)), t.checksum)
 
 
+def speed(model: str, cfg, length: int, codecs: list[str], repeats: int = 3) -> dict:
+    """Encode and decode MB/s (f16 K/V bytes per second) on one and on two threads."""
+    import edgelink.wire as w
+
+    path = resolve_model(model, cfg, pull=True)
+    out: dict = {}
+    with LlamaRuntime(path, cfg) as rt:
+        rt.prefill(prompts(rt, texts(cfg, 4), 1, length)[0])
+        tensors, attrs, rng = snapshot_tensors(rt)
+        tensors = [framing_copy(t) for t in tensors]
+        raw_kv = sum(t.nbytes for t in tensors if t.dtype is DType.F16 and t.name.split(".")[-1][0] in "kv")
+        for threads in (1, 2):
+            configure(cfg.wire.zstd_level, threads)
+            w._THREADS[0] = threads  # noqa: SLF001 - what wire.threads sets
+            for c in codecs:
+                enc_s, dec_s = [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    msg = _encoded_message(rt, tensors, attrs, rng, c)
+                    t1 = time.perf_counter()
+                    wire.decode_message(msg, list(CODECS), 1 << 34)
+                    dec_s.append(time.perf_counter() - t1)
+                    enc_s.append(t1 - t0)
+                out.setdefault(c, {})[f"{threads}t"] = {"encode_mb_s": raw_kv / min(enc_s) / 1e6,
+                                                        "decode_mb_s": raw_kv / min(dec_s) / 1e6}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -154,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--threads", type=int, default=1, help="zstd threads while timing")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--speed", action="store_true", help="only encode/decode speed on 1 and 2 threads")
     args = ap.parse_args(argv)
+    if args.speed:
+        cfg = load_config().replace(runtime_n_ctx=max(2048, args.tokens + 8))
+        for model in args.models.split(","):
+            for c, r in speed(model, cfg, args.tokens, args.codecs.split(",")).items():
+                print(f"{model:14s} {c:15s} " + "  ".join(
+                    f"{k}: encode {v['encode_mb_s']:5.0f} MB/s, decode {v['decode_mb_s']:5.0f} MB/s"
+                    for k, v in r.items()))
+        return 0
     cfg = load_config().replace(runtime_n_ctx=max(2048, args.tokens + args.cont + 8))
     configure(cfg.wire.zstd_level, args.threads)
     report = {"prompts": args.prompts, "tokens": args.tokens, "continue": args.cont, "models": {}}

@@ -192,13 +192,15 @@ class LlamaRuntime:
         self.logits = None
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Append ``tokens`` to the sequence; returns the logits after the last one."""
+        """Append ``tokens`` to the sequence; returns the logits after the last one. If llama.cpp
+        fails part-way, the sequence is left as it was."""
         if not tokens:
             raise StateError("nothing to prefill")
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise StateError(f"{len(self.tokens) + len(tokens)} tokens exceed the context of {self.n_ctx}")
         observer = self.batch_observer
         step = self.n_batch if observer is None else self.n_ubatch
+        base0, logits0 = len(self.tokens), self.logits
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
             n = len(chunk)
@@ -212,6 +214,11 @@ class LlamaRuntime:
                 observer(self._b_pos[:n], self._b_logits[:n])
             rc = llama_cpp.llama_decode(self.ctx, self._batch)
             if rc != 0:
+                # Earlier chunks are already in the cache: take them out again, so a failed
+                # prefill leaves the sequence as it was.
+                llama_cpp.llama_memory_seq_rm(self.memory, self.seq, base0, -1)
+                del self.tokens[base0:]
+                self.logits = logits0
                 raise StateError(f"llama_decode failed with code {rc}")
             self.tokens.extend(chunk)
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)

@@ -14,8 +14,10 @@ unchanged. Lossless is the default; lossy is never used unless the receiver allo
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,7 @@ def _check(cfg: WireConfig) -> None:
     if cfg.codec not in ("auto", "raw", *CODECS):
         raise ConfigError(f"wire.codec is {cfg.codec!r}: auto, raw or one of {', '.join(CODECS)}")
     configure(cfg.zstd_level, cfg.threads)
+    _THREADS[0] = cfg.threads
 
 
 def choose(cfg: WireConfig, peer_codecs: Sequence[str], network: bool) -> str | None:
@@ -93,23 +96,36 @@ def _role(name: str, attrs: dict[str, Any]) -> tuple[bool, bool] | None:
     return is_k, (not is_k and vt)
 
 
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _map(fn: Callable, items: Sequence) -> list:
+    """``fn`` over ``items`` on ``wire.threads`` threads (numpy and zstd release the GIL)."""
+    workers = _THREADS[0] or len(os.sched_getaffinity(0))
+    if workers <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    if not _POOL or _POOL[0]._max_workers != workers:  # noqa: SLF001 - resized when configured
+        _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="edgelink-wire")]
+    return list(_POOL[0].map(fn, items))
+
+
+_THREADS = [0]
+
+
 def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str,
                    alg: Checksum) -> tuple[list[Tensor], dict[str, Any]]:
     """The message's f16 K/V tensors encoded with codec ``name``; everything else as it was."""
     codec = CODECS[name]
-    out: list[Tensor] = []
-    described: dict[str, Any] = {}
-    for t in tensors:
+
+    def one(t: Tensor) -> tuple[Tensor, dict[str, Any] | None]:
         role = _role(t.name, attrs)
         if role is None or t.dtype is not DType.F16 or len(t.shape) != 2:
-            out.append(t)
-            continue
+            return t, None
         is_k, transposed = role
         x = t.array()
         m = np.ascontiguousarray(x.T) if transposed else x
         if m.shape[1] % codec.widths:
-            out.append(t)
-            continue
+            return t, None
         enc = np.frombuffer(codec.encode(m, is_k), dtype=np.uint8)
         if codec.lossy:
             dec = codec.decode(memoryview(enc), m.shape[0], m.shape[1], is_k)
@@ -117,8 +133,15 @@ def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str,
             digest = framing.checksum(dec, alg)
         else:
             digest = framing.checksum(t.data, alg)
-        described[t.name] = {"shape": list(t.shape), "checksum": digest.hex()}
-        out.append(Tensor(t.name, DType.U8, (enc.size,), memoryview(enc)))
+        return (Tensor(t.name, DType.U8, (enc.size,), memoryview(enc)),
+                {"shape": list(t.shape), "checksum": digest.hex()})
+
+    out: list[Tensor] = []
+    described: dict[str, Any] = {}
+    for t, d in _map(one, tensors):
+        out.append(t)
+        if d is not None:
+            described[t.name] = d
     if not described:
         return tensors, attrs
     return out, {**attrs, "wire": {"codec": name, "tensors": described}}
@@ -165,8 +188,9 @@ def decode_message(msg: TensorMessage, accepted: Sequence[str], limit: int,
                                                                                  t.nbytes, t.checksum)
                                         for t in msg.tensors), msg.checksum_alg)
     dest = place(header) if place is not None else {}
-    new: dict[str, Tensor] = {}
-    for t, shape, tokens, width, is_k, transposed, digest in plan:
+
+    def one(item) -> Tensor:
+        t, shape, tokens, width, is_k, transposed, digest = item
         with np.errstate(all="ignore"):  # hostile scales may overflow; the checksum refuses them
             x = codec.decode(t.data, tokens, width, is_k)
         x = x.T if transposed else x
@@ -176,7 +200,9 @@ def decode_message(msg: TensorMessage, accepted: Sequence[str], limit: int,
         if framing.checksum(arr, msg.checksum_alg) != digest:
             raise ChecksumMismatch(f"tensor {t.name}: decoded with {codec.name}, it differs from what the "
                                    "sender's decoder produced (nothing was applied)")
-        new[t.name] = Tensor(t.name, DType.F16, shape, memoryview(arr).cast("B").toreadonly(), digest)
+        return Tensor(t.name, DType.F16, shape, memoryview(arr).cast("B").toreadonly(), digest)
+
+    new = {t.name: t for t in _map(one, plan)}
     tensors = tuple(new.get(t.name, t) for t in msg.tensors)
     return TensorMessage(msg.session_id, msg.message_id, msg.kind, msg.apply, msg.seq_slot, msg.layer_range,
                          msg.token_range, tensors, attrs, msg.checksum_alg)
