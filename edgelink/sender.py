@@ -10,7 +10,14 @@ import numpy as np
 
 from edgelink import wire
 from edgelink.config import Config
-from edgelink.errors import ChecksumMismatch, PeerGone, PeerRejected, SessionError, StateError
+from edgelink.errors import (
+    ChecksumMismatch,
+    EdgelinkError,
+    PeerGone,
+    PeerRejected,
+    SessionError,
+    StateError,
+)
 from edgelink.latent.bridged import NO_RANGE, bridged_tensors
 from edgelink.latent.delta import DeltaApplier, delta_tensors
 from edgelink.latent.memory import memory_tensors
@@ -55,7 +62,11 @@ class Sender:
     def handshake(self) -> None:
         self.ch.send(self.session.hello())
         hello = self.session.receive(self.ch.recv(self._limit))  # raises PeerRejected / SignatureMismatch
-        self.codec = wire.choose(self.cfg.wire, hello.codecs, getattr(self.ch, "link", "local") == "network")
+        try:
+            self.codec = wire.choose(self.cfg.wire, hello.codecs, getattr(self.ch, "link", "local") == "network")
+        except EdgelinkError:
+            self.close()  # nothing can be sent: end the session now rather than leave it idle
+            raise
 
     def _reply(self):
         msg = self.session.receive(self.ch.recv(self._limit, timeout=self.cfg.protocol.reply_timeout_s))
