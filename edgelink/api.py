@@ -145,7 +145,7 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
     with load_runtime(model, cfg, progress) as rt:
         cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
         session = file_session(rt, cfg, Role.SERVER)
-        appliers = Receiver(rt, cfg, session.signature).appliers
+        appliers = Receiver(rt, cfg, session.signature, calibrate=False).appliers
         t0 = time.perf_counter()
         payload = 0
         with FileChannelReader(path) as r:

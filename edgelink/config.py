@@ -106,6 +106,10 @@ class WireConfig:
     allow_lossy: str
     zstd_level: int
     threads: int
+    split: str
+    probe_bytes: int
+    link_mbit: float
+    prefill_tps: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,13 +58,33 @@ class SessionReport:
     codec: str = ""  # the wire codec of the last tensor message applied ("raw": none)
 
 
+CALIBRATION_TOKENS = 128
+
+
+def calibrate_prefill(rt: LlamaRuntime) -> float:
+    """Measure the runtime's prefill speed on a short made-up prompt (the faster of two runs,
+    then cleared), so a fresh receiver can announce one; real prefills refine it
+    (``rt.prefill_tps``)."""
+    n = min(CALIBRATION_TOKENS, rt.n_batch, rt.n_ctx - 1)
+    best = 0.0
+    for _ in range(2 if n >= 64 else 0):
+        rt.prefill_tps = 0.0
+        rt.prefill([(1000 + 7 * i) % rt.n_vocab for i in range(n)])
+        rt.clear()
+        best = max(best, rt.prefill_tps)
+    rt.prefill_tps = best
+    return best
+
+
 class Receiver:
     """Serves sessions on channels, one at a time, against one runtime. With a ``bridge``
     (edgelink/bridge.py, trained for this model as its target) it also accepts sessions bridged
     from the bridge's source model and applies their BRIDGED_PREFIX messages."""
 
     def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any],
-                 bridge: Bridge | None = None):
+                 bridge: Bridge | None = None, calibrate: bool = True):
+        """``calibrate``: measure the prefill speed to announce now (``calibrate_prefill``),
+        unless wire.prefill_tps sets it; off for a receiver that serves no live session."""
         self.rt = rt
         self.cfg = fit_limits(cfg, rt)  # message limits derived from this model unless set
         self.codecs = wire.offered(cfg.wire)  # what this receiver's HELLO lists
@@ -93,10 +114,61 @@ class Receiver:
         # BRIDGED_PREFIX (only with a bridge) and the label_scores request: edgelink/latent.
         self.bridge_claim: dict[str, str] | None = None
         register_bridged(self, bridge)
+        # A prefill the sender asked for in the background (a split handoff: wire/plan.py);
+        # every later message of the session waits for it.
+        self._background: threading.Thread | None = None
+        self._background_error: BaseException | None = None
+        if calibrate and cfg.wire.prefill_tps == 0 and rt.prefill_tps == 0 and not rt.tokens:
+            calibrate_prefill(rt)
+
+    def prefill_tps(self) -> float:
+        """The prefill speed this receiver announces (configured, else measured)."""
+        return self.cfg.wire.prefill_tps or self.rt.prefill_tps
+
+    def _join(self) -> None:
+        if self._background is not None:
+            self._background.join()
+            self._background = None
+
+    def _settle(self) -> None:
+        """Wait for a background prefill; its failure is the failure of the message that waits."""
+        self._join()
+        exc, self._background_error = self._background_error, None
+        if exc is not None:
+            raise SessionError(f"the background prefill failed: {exc}") from exc
+
+    def _prefill(self, params: dict[str, Any]) -> dict[str, Any]:
+        rt = self.rt
+        toks = list(params["tokens"])
+        if max(toks) >= rt.n_vocab:
+            raise SessionError(f"prefill: token id {max(toks)} outside the vocabulary of {rt.n_vocab}")
+        base = 0 if params.get("replace") else len(rt.tokens)
+        if base + len(toks) > rt.n_ctx:
+            raise SessionError(f"{len(toks)} tokens do not fit the context")
+        if params.get("replace"):
+            rt.clear()
+        if not params.get("background"):
+            rt.prefill(toks)
+            return {"context_tokens": len(rt.tokens)}
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                rt.prefill(toks)
+                log.info("background prefill of %d tokens: %.2f s", len(toks), time.perf_counter() - t0)
+            except BaseException as exc:  # noqa: BLE001 - reported to the message that waits
+                self._background_error = exc
+
+        self._background = threading.Thread(target=run, name="edgelink-prefill", daemon=True)
+        self._background.start()
+        return {"context_tokens": base + len(toks), "background": True}
 
     def _place(self, th: TensorHeader) -> dict[str, memoryview]:
         placer = self.placers.get(th.kind)
-        return placer(th) if placer else {}
+        if placer is None:
+            return {}
+        self._join()  # a placer prepares buffers for the runtime: not while it prefills
+        return placer(th)
 
     def _recv(self, ch: Channel, reader: FrameReader, limit: int, timeout: float | None = None):
         """The next frame: into ``reader`` where the transport can scatter, else whole."""
@@ -115,6 +187,8 @@ class Receiver:
         try:
             return self._serve(ch, reader, report)
         finally:
+            self._join()
+            self._background_error = None
             if self.cfg.protocol.session_state != "keep":
                 self.rt.clear()
             if report.rejected or report.ended_by != "close":
@@ -126,7 +200,7 @@ class Receiver:
 
     def _serve(self, ch: Channel, reader: FrameReader, report: SessionReport) -> SessionReport:
         session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers),
-                          codecs=self.codecs,
+                          codecs=self.codecs, prefill_tps=self.prefill_tps(),
                           encryption=getattr(ch, "encryption", None), bridge=self.bridge_claim)
         limit = frame_limit(self.cfg)
         try:
@@ -148,6 +222,7 @@ class Receiver:
                 report.bytes_in += n
                 try:
                     msg = session.receive(frame)
+                    self._settle()
                     if isinstance(msg, Close):
                         report.ended_by = "close"
                         break
@@ -158,6 +233,8 @@ class Receiver:
                         msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place)
                         codec_used = coded["codec"] if coded is not None else "raw"  # checked by the decode
                         self.appliers[msg.kind](msg)
+                        log.info("applied %s message %d in %.3f s", msg.kind.name, msg.message_id,
+                                 time.perf_counter() - t0)
                         report.applied += 1
                         report.codec = codec_used
                         ch.send(session.ack(msg, digest))
@@ -247,13 +324,9 @@ class Receiver:
             rt.clear()
             return {"context_tokens": 0}
         if req.op == "prefill":
-            toks = list(req.params["tokens"])
-            if max(toks) >= rt.n_vocab:
-                raise SessionError(f"prefill: token id {max(toks)} outside the vocabulary of {rt.n_vocab}")
-            if len(rt.tokens) + len(toks) > rt.n_ctx:
-                raise SessionError(f"{len(toks)} tokens do not fit the context")
-            rt.prefill(toks)
-            return {"context_tokens": len(rt.tokens)}
+            return self._prefill(req.params)
+        if req.op == "probe":
+            return {"bytes": len(req.params["pad"]), "context_tokens": len(rt.tokens)}
         if req.op in self.ops:
             return self.ops[req.op](req.params)
         raise SessionError(f"unknown request {req.op!r}")

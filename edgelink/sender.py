@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -28,9 +29,13 @@ from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
 from edgelink.protocol.ops import check_result
 from edgelink.protocol.session import Role, Session, State
 from edgelink.receiver import frame_limit
+from edgelink.runtime.kvstate import parse_seq_state
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.snapshot import snapshot_tensors
+from edgelink.snapshot import state_message_tensors
 from edgelink.transport.base import Channel
+from edgelink.wire.plan import SPLIT_MIN, Link, Plan, choose_plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -41,6 +46,13 @@ class SentSnapshot:
     digest: str
     export_s: float
     roundtrip_s: float
+    codec: str = "raw"  # how the K/V tensors travelled (edgelink/wire)
+    # A split handoff (wire/plan.py): the leading tokens the receiver prefilled itself; and
+    # whether it was refused (its cells differed) so that the whole state followed.
+    split: int = 0
+    fallback: bool = False
+    predicted_s: float | None = None  # what the plan expected, when a plan was made
+    link: Link | None = None  # the link as measured for the plan
 
 
 class Sender:
@@ -58,6 +70,7 @@ class Sender:
                                encryption=getattr(ch, "encryption", None), auth=auth, bridge=bridge)
         self._limit = frame_limit(cfg)
         self.codec: str | None = None  # the wire codec (edgelink/wire), settled at the handshake
+        self.link: Link | None = None  # measured by the first handoff that plans (wire/plan.py)
 
     def handshake(self) -> None:
         self.ch.send(self.session.hello())
@@ -75,10 +88,82 @@ class Sender:
         return msg
 
     def send_snapshot(self, rt: LlamaRuntime) -> SentSnapshot:
-        """Export the runtime's sequence, ship it and wait for the receiver's verified ACK."""
+        """Export the runtime's sequence, ship it and wait for the receiver's verified ACK.
+        Over a network link this follows a plan (wire/plan.py): the codec, and perhaps a split
+        in which the receiver prefills the first tokens itself, that the link's measured rate
+        and the receiver's announced prefill speed say reach the receiver's ACK soonest."""
         t0 = time.perf_counter()
-        return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE,
-                          snapshot_tensors(rt), t0)
+        if not rt.tokens or rt.logits is None:
+            raise StateError("the sequence is empty: prefill a prompt first")
+        full = parse_seq_state(rt.export_state())
+        plan = self._plan(rt, full.nbytes)
+        whole = (*state_message_tensors(rt, full, rt.tokens), (0, len(rt.tokens)))
+        if plan is None:
+            return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE, whole, t0)
+        if plan.split:
+            try:
+                sent = self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE_DELTA, ApplyMode.APPEND,
+                                  delta_tensors(rt, plan.split, verify_base=True, state=full), t0,
+                                  codec=plan.codec, before=self._start_prefill(rt.tokens[:plan.split]))
+                return dataclasses.replace(sent, split=plan.split, predicted_s=plan.seconds, link=self.link)
+            except PeerRejected as exc:
+                # Its own cells differed from ours (or its prefill failed): the whole state
+                # follows, which replaces whatever it holds.
+                log.warning("split handoff refused (%s); sending the whole state", exc)
+                sent = self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE, whole, t0,
+                                  codec=plan.codec)
+                return dataclasses.replace(sent, split=plan.split, fallback=True, predicted_s=plan.seconds,
+                                           link=self.link)
+        sent = self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE, whole, t0,
+                          codec=plan.codec)
+        return dataclasses.replace(sent, predicted_s=plan.seconds, link=self.link)
+
+    def _start_prefill(self, tokens: list[int]) -> int:
+        """Ask the receiver to replace its sequence by ``tokens``, prefilled in the background
+        while our KV for the rest travels. Returns the replies this leaves outstanding (1)."""
+        self.ch.send(self.session.request("prefill", {"tokens": tokens, "background": True, "replace": True}))
+        return 1
+
+    def _plan(self, rt: LlamaRuntime, state_bytes: int) -> Plan | None:
+        """The handoff's plan, or None where there is nothing to plan: not a network link, a
+        fixed codec without splitting, or no way to know the link's rate."""
+        w = self.cfg.wire
+        peer = self.session.peer
+        if getattr(self.ch, "link", "local") != "network" or peer is None:
+            return None
+        can_split = (w.split == "auto" and peer.prefill_tps > 0 and Kind.KV_CACHE_DELTA in self.session.negotiated_kinds
+                     and rt.batched >= SPLIT_MIN)
+        options = wire.candidates(w, peer.codecs, self.codec)
+        if len(options) < 2 and not can_split:
+            return None
+        link = self.measure_link()
+        if link is None:
+            return None
+        plan = choose_plan(len(rt.tokens), state_bytes, options, link, peer.prefill_tps,
+                           rt.batched if can_split else 0)
+        log.info("handoff plan: %s (%.2f s predicted; link %.1f Mbit/s, rtt %.1f ms; receiver %.0f tokens/s)",
+                 plan.describe(len(rt.tokens)), plan.seconds, 8e-6 * link.bytes_per_s, 1e3 * link.rtt_s,
+                 peer.prefill_tps)
+        return plan
+
+    def measure_link(self) -> Link | None:
+        """The link's rate and round trip, measured once per session: a probe of
+        ``wire.probe_bytes`` padding after an empty one (or ``wire.link_mbit`` when set)."""
+        w = self.cfg.wire
+        if self.link is None and (w.link_mbit > 0 or w.probe_bytes > 0):
+            t0 = time.perf_counter()
+            self.request("probe", pad="")
+            rtt = time.perf_counter() - t0
+            if w.link_mbit > 0:
+                self.link = Link(w.link_mbit * 1e6 / 8, rtt)
+            else:
+                n = min(w.probe_bytes, self.cfg.protocol.max_control_bytes - 1024)
+                t1 = time.perf_counter()
+                got = self.request("probe", pad="x" * n)["bytes"]
+                if got != n:
+                    raise SessionError(f"the receiver read {got} bytes of a {n}-byte probe")
+                self.link = Link(n / max(time.perf_counter() - t1 - rtt, 1e-6), rtt)
+        return self.link
 
     def send_delta(self, rt: LlamaRuntime, since: int) -> SentSnapshot:
         """Ship only the cells from position ``since`` on (the receiver holds the rest)."""
@@ -124,10 +209,14 @@ class Sender:
         return msg.payload_bytes
 
     def _ship(self, seq_slot: int, layer_range: tuple[int, int], kind: Kind, apply: ApplyMode,
-              built: tuple[list, dict, tuple[int, int]], t0: float) -> SentSnapshot:
+              built: tuple[list, dict, tuple[int, int]], t0: float, codec: str | None | bool = False,
+              before: int = 0) -> SentSnapshot:
+        """Encode (with ``codec``; by default the session's), send, and wait for the ACK,
+        reading first the ``before`` replies to requests sent ahead of this message."""
         tensors, attrs, token_range = built
-        if self.codec is not None:
-            tensors, attrs = wire.encode_tensors(tensors, attrs, self.codec, self.session.send_checksum)
+        codec = self.codec if codec is False else codec
+        if codec is not None:
+            tensors, attrs = wire.encode_tensors(tensors, attrs, codec, self.session.send_checksum)
         parts, msg = self.session.encode_tensor_message(
             kind, apply, tensors, seq_slot=seq_slot,
             layer_range=layer_range, token_range=token_range, attrs=attrs)
@@ -138,7 +227,15 @@ class Sender:
             # The receiver stopped reading mid-frame (it refused it); read why, if it said so.
             self._reply()
             raise
+        refused: PeerRejected | None = None
+        for _ in range(before):
+            try:
+                self._reply()
+            except PeerRejected as exc:
+                refused = refused or exc
         ack = self._reply()
+        if refused is not None:
+            raise refused
         t2 = time.perf_counter()
         if not isinstance(ack, Ack) or ack.acked_id != msg.message_id:
             raise SessionError(f"expected an ACK for message {msg.message_id}, got {ack}")
@@ -146,7 +243,7 @@ class Sender:
         if ack.digest != digest:
             raise ChecksumMismatch("the receiver acknowledged a different digest than was sent")
         return SentSnapshot(msg.message_id, msg.payload_bytes, sum(memoryview(p).nbytes for p in parts),
-                            digest.hex(), t1 - t0, t2 - t0)
+                            digest.hex(), t1 - t0, t2 - t0, codec or "raw")
 
     def request(self, op: str, **params: Any) -> dict[str, Any]:
         self.ch.send(self.session.request(op, params))

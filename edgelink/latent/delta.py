@@ -9,6 +9,9 @@ the result with the same all-or-nothing guard as a snapshot.
 The message: the snapshot's tensors restricted to positions [since, end), the token ids of
 those positions, the logits after the last one, ``token_range = (since, end)``, apply mode
 APPEND, and ``attrs.base`` = blake3 of the ``since`` token ids both sides must already share.
+With ``attrs.base_kv`` (a split handoff, where the receiver has just prefilled those tokens
+itself: edgelink/wire/plan.py) the receiver also checks that its own cells, as they will stand
+in the merged sequence, are bit-identical to the sender's, and refuses the delta otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import numpy as np
 from edgelink.errors import StateError
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
-from edgelink.runtime.kvstate import SeqState, append_cells, parse_seq_state, select_cells
+from edgelink.runtime.kvstate import (
+    SeqState,
+    append_cells,
+    canonical_digest,
+    parse_seq_state,
+    select_cells,
+)
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.snapshot import (
     SnapshotApplier,
@@ -36,14 +45,25 @@ def tokens_digest(tokens: list[int]) -> str:
     return blake3.blake3(np.asarray(tokens, dtype="<i4").tobytes()).hexdigest()
 
 
-def delta_tensors(rt: LlamaRuntime, since: int) -> tuple[list[Tensor], dict, tuple[int, int]]:
-    """(tensors, attrs, token range) for the cells at positions ``since`` and later."""
+def prefix_cells_digest(state: SeqState, end: int) -> str:
+    """Digest of a sequence's cells before position ``end``: what a split handoff's receiver
+    must hold bit for bit (the sender's full state and the receiver's merged one alike)."""
+    return canonical_digest(select_cells(state, lambda pos: pos < end)).hex()
+
+
+def delta_tensors(rt: LlamaRuntime, since: int, verify_base: bool = False,
+                  state: SeqState | None = None) -> tuple[list[Tensor], dict, tuple[int, int]]:
+    """(tensors, attrs, token range) for the cells at positions ``since`` and later (of
+    ``state``, the runtime's parsed export, when the caller already has it); with
+    ``verify_base``, also the digest of the cells before it (``attrs.base_kv``)."""
     n = len(rt.tokens)
     if not 0 < since < n:
         raise StateError(f"nothing to send: delta from {since} with {n} tokens in the sequence")
-    state = select_cells(parse_seq_state(rt.export_state()), lambda pos: pos >= since)
-    tensors, attrs = state_message_tensors(rt, state, rt.tokens[since:])
+    full = parse_seq_state(rt.export_state()) if state is None else state
+    tensors, attrs = state_message_tensors(rt, select_cells(full, lambda pos: pos >= since), rt.tokens[since:])
     attrs["base"] = tokens_digest(rt.tokens[:since])
+    if verify_base:
+        attrs["base_kv"] = prefix_cells_digest(full, since)
     return tensors, attrs, (since, n)
 
 
@@ -81,5 +101,8 @@ class DeltaApplier:
         # guard below reuses that buffer as its backup
         merged = merge_delta(rt, parse_seq_state(rt.export_state()), delta, end)
         check_state_layout(rt, merged, end)
+        if "base_kv" in msg.attrs and msg.attrs["base_kv"] != prefix_cells_digest(merged, since):
+            raise StateError(f"this side's own cells for tokens 0..{since} differ from the sender's (its "
+                             "prefill of them is not bit-identical to the sender's); nothing was applied")
         blob = self._assembler.assemble(merged)
         import_guarded(rt, blob, rt.tokens + new_tokens, logits)

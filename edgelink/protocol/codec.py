@@ -59,7 +59,18 @@ from edgelink.protocol.messages import (
     Tensor,
     TensorMessage,
 )
-from edgelink.protocol.untrusted import I64_MAX, U64_MAX, Hex, Int, Json, Obj, Seq, Str, load_json
+from edgelink.protocol.untrusted import (
+    I64_MAX,
+    U64_MAX,
+    Hex,
+    Int,
+    Json,
+    Num,
+    Obj,
+    Seq,
+    Str,
+    load_json,
+)
 
 PREAMBLE = struct.Struct("<4sHBB16sQIIQ")  # 48 bytes, then a 16-byte header digest
 PREAMBLE_BYTES = 64
@@ -168,6 +179,8 @@ def encode_hello(h: Hello) -> bytes:
         body["checksums"] = list(h.checksums)
     if h.codecs:
         body["codecs"] = list(h.codecs)
+    if h.prefill_tps > 0:
+        body["prefill_tps"] = h.prefill_tps
     return _frame(FrameType.HELLO, h.session_id, h.message_id, _json(body))
 
 
@@ -236,7 +249,8 @@ _HELLO = Obj(
     {"auth": Obj(extra=Json(scalar=True), max_keys=16),
      "bridge": Obj(extra=Json(scalar=True), max_keys=16),  # compat.bridge_rule checks it
      "checksums": Seq(Str(32), min_items=1, max_items=16),
-     "codecs": Seq(Str(32), max_items=32)},
+     "codecs": Seq(Str(32), max_items=32),
+     "prefill_tps": Num(0, 1e9)},
 )
 _CONTROL = {
     FrameType.ACK: Obj({"acked_id": Int(0, U64_MAX), "digest": Hex(max_bytes=64)}),
@@ -369,6 +383,7 @@ def decode_control(pre: Preamble, header: memoryview, limits: ProtocolConfig) ->
             bridge=body.get("bridge", {}),
             checksums=tuple(body.get("checksums", ("blake3",))),
             codecs=tuple(body.get("codecs", ())),
+            prefill_tps=body.get("prefill_tps", 0.0),
         )
     body = _load_json(header, what, limits, _CONTROL[ftype])
     if ftype == FrameType.ACK:

@@ -57,6 +57,9 @@ class Hello:
     checksums: tuple[str, ...] = ("blake3",)
     # The wire codecs (edgelink/wire) this side takes as a receiver; absent when none.
     codecs: tuple[str, ...] = ()
+    # A receiver's prefill speed in tokens/s, for a sender planning a handoff (edgelink/wire/
+    # plan.py); 0 (absent from the frame) when not announced.
+    prefill_tps: float = 0.0
     frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
 
 

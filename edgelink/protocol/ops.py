@@ -19,7 +19,12 @@ PARAMS: dict[str, Obj] = {
     "generate": Obj({"n_tokens": Int(0, I32_MAX)}, {"stop_at_eog": Bool()}),
     "digest": Obj(),
     "reset": Obj(),
-    "prefill": Obj({"tokens": Seq(Int(0, I32_MAX), max_items=1 << 20, min_items=1)}),
+    # background: answer at once and prefill while the session reads on (a split handoff:
+    # edgelink/wire/plan.py); the next message waits for it. replace: clear the sequence first.
+    "prefill": Obj({"tokens": Seq(Int(0, I32_MAX), max_items=1 << 20, min_items=1)},
+                   {"background": Bool(), "replace": Bool()}),
+    # Padding the receiver reads and answers with its length: a sender measures the link rate.
+    "probe": Obj({"pad": Str(1 << 24)}),
     "delta": Obj({"since": Int(0, I32_MAX)}),
     "latent_caps": Obj(),
     "label_scores": Obj(optional={"labels": _LABELS}),
@@ -37,6 +42,7 @@ RESULTS: dict[str, Obj] = {
     "digest": _result({"digest": Str(256)}),
     "reset": _result({}),
     "prefill": _result({}),
+    "probe": _result({"bytes": Int(0, I32_MAX)}),
     "latent_caps": _result({"n_layer": Int(1, 4096), "n_embd": Int(1, 1 << 20),
                             "n_ctx": Int(1, I32_MAX), "max_gain": Num(0),
                             "norm_gate_multiple": Num(0), "norm_gate_mode": Str(32),

@@ -89,7 +89,7 @@ class Session:
                  session_id: bytes | None = None,
                  auth: dict[str, Any] | None = None,
                  bridge: dict[str, str] | None = None,
-                 codecs: Sequence[str] = ()):
+                 codecs: Sequence[str] = (), prefill_tps: float = 0.0):
         """``bridge``: the claim of the bridge this side holds (``latent.bridged.bridge_claim``);
         a client names it in its HELLO, a server accepts bridged sessions through it."""
         self.role = role
@@ -101,6 +101,7 @@ class Session:
         self.auth = dict(auth or {})  # e.g. {"token": ...}; only a client's HELLO carries it
         self.bridge = dict(bridge or {})
         self.codecs = tuple(codecs)  # wire codecs we take as a receiver (edgelink/wire)
+        self.prefill_tps = prefill_tps  # what a receiver announces for senders planning a handoff
         self.bridged = False  # set at the handshake: both sides named the same bridge
         self.state = State.AWAIT_HELLO
         self.session_id = session_id or (os.urandom(SESSION_ID_BYTES) if role is Role.CLIENT else b"")
@@ -144,6 +145,7 @@ class Session:
             encryption=self.encryption,
             checksums=tuple(CHECKSUM_NAMES[c] for c in self.accepts),
             codecs=self.codecs,
+            prefill_tps=self.prefill_tps if self.role is Role.SERVER else 0.0,
             auth=self.auth if self.role is Role.CLIENT else {},
             # A server echoes its bridge only into a session the client asked to bridge, so
             # ordinary clients of a bridge-holding server see an ordinary HELLO.

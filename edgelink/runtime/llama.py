@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -23,6 +24,9 @@ from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, canonical_digest, parse_seq_state
 
 _FLASH = {"auto": -1, "off": 0, "on": 1}
+# Prefills at least this long update ``prefill_tps`` (shorter ones say little about bulk speed).
+PREFILL_RATE_MIN_TOKENS = 64
+BATCHED_MIN = 64  # see LlamaRuntime.batched
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -119,6 +123,14 @@ class LlamaRuntime:
             self._batch.seq_id[i][0] = self.seq
         self._b_nseq[:] = 1
         self.tokens: list[int] = []
+        # Measured bulk prefill speed, tokens/s (0 until a prefill of 64+ tokens): what a
+        # receiver announces to senders that plan a split handoff (edgelink/wire/plan.py).
+        self.prefill_tps = 0.0
+        # How many leading tokens of the sequence this runtime computed itself in batches whose
+        # every ubatch held 64+ tokens: the cells another process's batch prefill of the same
+        # tokens reproduces bit for bit (measured; single-token decodes and small batches take
+        # other kernels). A split handoff splits only inside this prefix.
+        self.batched = 0
         self.logits: np.ndarray | None = None
         self._state_buf = np.empty(0, dtype=np.uint8)
         self._flash_resolved: bool | None = None
@@ -180,6 +192,7 @@ class LlamaRuntime:
         llama_cpp.llama_memory_seq_rm(self.memory, self.seq, -1, -1)
         self.tokens = []
         self.logits = None
+        self.batched = 0
 
     def truncate(self, n_keep: int) -> None:
         """Drop every position from ``n_keep`` on, so a shared context (a primer) is computed
@@ -189,6 +202,7 @@ class LlamaRuntime:
         if not llama_cpp.llama_memory_seq_rm(self.memory, self.seq, n_keep, -1):
             raise StateError(f"llama.cpp refused to drop positions {n_keep}.. of the sequence")
         del self.tokens[n_keep:]
+        self.batched = min(self.batched, n_keep)
         self.logits = None
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
@@ -201,6 +215,7 @@ class LlamaRuntime:
         observer = self.batch_observer
         step = self.n_batch if observer is None else self.n_ubatch
         base0, logits0 = len(self.tokens), self.logits
+        t0 = time.perf_counter()
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
             n = len(chunk)
@@ -220,10 +235,20 @@ class LlamaRuntime:
                 del self.tokens[base0:]
                 self.logits = logits0
                 raise StateError(f"llama_decode failed with code {rc}")
+            self._note_batch(base, n)
             self.tokens.extend(chunk)
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        if len(tokens) >= PREFILL_RATE_MIN_TOKENS:
+            tps = len(tokens) / max(time.perf_counter() - t0, 1e-9)
+            self.prefill_tps = tps if self.prefill_tps <= 0 else 0.5 * (self.prefill_tps + tps)
         return self.logits
+
+    def _note_batch(self, base: int, n: int) -> None:
+        """Extend ``batched`` over a decoded batch of ``n`` tokens at ``base`` when it qualifies."""
+        whole, rest = divmod(n, self.n_ubatch)
+        if base == self.batched and (self.n_ubatch >= BATCHED_MIN or not whole) and (not rest or rest >= BATCHED_MIN):
+            self.batched += n
 
     def prefill_all_logits(self, tokens: list[int]) -> np.ndarray:
         """Append ``tokens`` (at most ``n_batch``) in one batch and return the logits after each
@@ -242,6 +267,7 @@ class LlamaRuntime:
         rc = llama_cpp.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise StateError(f"llama_decode failed with code {rc}")
+        self._note_batch(base, n)
         self.tokens.extend(tokens)
         out = np.empty((n, self.n_vocab), dtype=np.float32)
         for i in range(n):
@@ -353,6 +379,7 @@ class LlamaRuntime:
         after the last position and removed again: afterwards the cells hold final values and
         export as such. Tokens and logits are the caller's to update."""
         llama_cpp.llama_memory_seq_add(self.memory, self.seq, p0, p1, delta)
+        self.batched = min(self.batched, p0)
         end = llama_cpp.llama_memory_seq_pos_max(self.memory, self.seq) + 1
         if end >= self.n_ctx:
             raise StateError("no room to apply a position shift")

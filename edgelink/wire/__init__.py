@@ -38,7 +38,7 @@ from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.protocol.untrusted import Hex, Int, Obj, Seq, Str
 from edgelink.wire.codecs import CODECS, Codec, configure
 
-__all__ = ["CODECS", "choose", "decode_message", "encode_tensors", "offered"]
+__all__ = ["CODECS", "candidates", "choose", "decode_message", "encode_tensors", "offered"]
 
 _KV_NAME = re.compile(r"c(\d{1,3})\.s(\d{1,3})\.([kv])\d{1,5}")
 _ATTRS = Obj({"codec": Str(32),
@@ -55,8 +55,13 @@ def offered(cfg: WireConfig) -> tuple[str, ...]:
 def _check(cfg: WireConfig) -> None:
     if cfg.allow_lossy not in ("on", "off"):
         raise ConfigError(f"wire.allow_lossy is {cfg.allow_lossy!r}: on or off")
-    if cfg.codec not in ("auto", "raw", *CODECS):
-        raise ConfigError(f"wire.codec is {cfg.codec!r}: auto, raw or one of {', '.join(CODECS)}")
+    if cfg.codec not in ("auto", "raw", "lossless", *CODECS):
+        raise ConfigError(f"wire.codec is {cfg.codec!r}: auto, raw, lossless or one of {', '.join(CODECS)}")
+    if cfg.split not in ("auto", "off"):
+        raise ConfigError(f"wire.split is {cfg.split!r}: auto or off")
+    for key in ("probe_bytes", "link_mbit", "prefill_tps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"wire.{key} is {getattr(cfg, key)}: 0 or more")
     configure(cfg.zstd_level, cfg.threads)
     _THREADS[0] = cfg.threads
 
@@ -64,16 +69,26 @@ def _check(cfg: WireConfig) -> None:
 def choose(cfg: WireConfig, peer_codecs: Sequence[str], network: bool) -> str | None:
     """The codec a sender uses with a receiver that lists ``peer_codecs`` (None: raw)."""
     _check(cfg)
-    if cfg.codec == "raw":
+    name = "zstd-shuffle/1" if cfg.codec == "lossless" else cfg.codec
+    if name == "raw":
         return None
-    if cfg.codec == "auto":
+    if name == "auto":
         return "zstd-shuffle/1" if network and "zstd-shuffle/1" in peer_codecs else None
-    if cfg.codec not in peer_codecs:
-        lossy = CODECS[cfg.codec].lossy
-        raise SessionError(f"the receiver does not take {cfg.codec} (it lists {list(peer_codecs) or 'none'}"
+    if name not in peer_codecs:
+        lossy = CODECS[name].lossy
+        raise SessionError(f"the receiver does not take {name} (it lists {list(peer_codecs) or 'none'}"
                            + ("; a lossy codec needs wire.allow_lossy = on on the receiver" if lossy else "")
                            + "): set wire.codec to auto or raw, or change the receiver")
-    return cfg.codec
+    return name
+
+
+def candidates(cfg: WireConfig, peer_codecs: Sequence[str], chosen: str | None) -> list[str | None]:
+    """What a handoff's plan may pick from (None: raw). With wire.codec = auto: raw and each
+    codec the receiver takes, lossy ones only when this side allows them too (wire.allow_lossy):
+    a sender's defaults never trade exactness away. Otherwise only what ``choose`` settled on."""
+    if cfg.codec != "auto":
+        return [chosen]
+    return [None, *(n for n, c in CODECS.items() if n in peer_codecs and (not c.lossy or cfg.allow_lossy == "on"))]
 
 
 def _v_trans(attrs: dict[str, Any], c: int, s: int) -> bool | None:

@@ -39,6 +39,12 @@ class Codec:
     encode: Callable[[np.ndarray, bool], bytes | np.ndarray]
     decode: Callable[[memoryview, int, int, bool], np.ndarray]
     widths: int = 1  # channel counts must be multiples of this
+    # For planning a handoff (wire/plan.py): encoded size over f16 size, and encode and decode
+    # speed in f16 bytes/s. Lossy sizes are exact; zstd's ratio and all speeds are what
+    # tools/codec_quality.py measured on a 2-core laptop-class VM (docs/benchmarks.md).
+    expected_ratio: float = 1.0
+    encode_bytes_per_s: float = 1e9
+    decode_bytes_per_s: float = 1e9
 
 
 def _need(data: memoryview, n: int, name: str) -> None:
@@ -250,8 +256,12 @@ def _kivih_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
 
 CODECS: dict[str, Codec] = {c.name: c for c in (
     # Each decoder checks the encoded length it needs (it differs between K and V).
-    Codec("zstd-shuffle/1", False, _shuffle_encode, _shuffle_decode),
-    Codec("q8/1", True, _q8_encode, _q8_decode, widths=Q8_BLOCK),
-    Codec("kivi4/1", True, _kivi_encode, _kivi_decode, widths=GROUP),
-    Codec("kivi4h/1", True, _kivih_encode, _kivih_decode, widths=HADAMARD_BLOCK),
+    Codec("zstd-shuffle/1", False, _shuffle_encode, _shuffle_decode, expected_ratio=0.87,
+          encode_bytes_per_s=430e6, decode_bytes_per_s=490e6),
+    Codec("q8/1", True, _q8_encode, _q8_decode, widths=Q8_BLOCK, expected_ratio=8.5 / 16,
+          encode_bytes_per_s=170e6, decode_bytes_per_s=240e6),
+    Codec("kivi4/1", True, _kivi_encode, _kivi_decode, widths=GROUP, expected_ratio=4.5 / 16,
+          encode_bytes_per_s=140e6, decode_bytes_per_s=240e6),
+    Codec("kivi4h/1", True, _kivih_encode, _kivih_decode, widths=HADAMARD_BLOCK,
+          expected_ratio=4.5 / 16, encode_bytes_per_s=40e6, decode_bytes_per_s=58e6),
 )}
