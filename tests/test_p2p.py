@@ -232,27 +232,95 @@ def test_handoff_over_p2p_continues_exactly(node, sender_rt):
 
 
 def test_a_network_handoff_is_compressed_losslessly_by_default(node, sender_rt):
-    """wire.codec = auto: zstd-shuffle/1 over p2p, fewer bytes on the wire, exact continuation;
+    """wire.codec = auto over p2p: other messages use zstd-shuffle/1; a handoff over a link
+    known to be slow (split off) ships the whole state with it: fewer bytes, exact continuation;
     a lossy codec the node did not allow is refused before anything is sent."""
     rt = sender_rt
     _prefill(rt, 300)
-    s = _sender(node, rt)
+    slow = node.client_cfg.replace(wire_link_mbit=20.0, wire_split="off")
+    s = _sender(node, rt, cfg=slow)
     assert s.codec == "zstd-shuffle/1"
     sent = s.send_snapshot(rt)
     body = s.request("generate", n_tokens=16, stop_at_eog=False)
     s.close()
     node.event()
+    assert sent.codec == "zstd-shuffle/1" and sent.split == 0 and sent.link.bytes_per_s == 20e6 / 8
     assert body["tokens"] == rt.generate(16, stop_at_eog=False)
     _prefill(rt, 300)
     raw = _sender(node, rt, cfg=node.client_cfg.replace(wire_codec="raw"))
     raw_sent = raw.send_snapshot(rt)
     raw.close()
     node.event()
-    assert raw.codec is None and sent.wire_bytes < 0.97 * raw_sent.wire_bytes
+    assert raw.codec is None and raw_sent.codec == "raw" and sent.wire_bytes < 0.97 * raw_sent.wire_bytes
     with pytest.raises(SessionError, match="allow_lossy = on on the receiver"):
         _sender(node, rt, cfg=node.client_cfg.replace(wire_codec="kivi4/1"))
     # the sender closed the session at once (it does not idle until the node's timeout)
     assert node.event()["ended_by"] == "close"
+
+
+def test_auto_measures_the_link_and_the_plan_is_exact(node, sender_rt):
+    """On loopback the probe measures a fast link (well over 100 Mbit/s) and the plan ships
+    the whole state; the receiver's HELLO announced its prefill speed."""
+    rt = sender_rt
+    _prefill(rt, 300)
+    s = _sender(node, rt)
+    assert s.session.peer.prefill_tps > 10
+    sent = s.send_snapshot(rt)
+    body = s.request("generate", n_tokens=8, stop_at_eog=False)
+    s.close()
+    node.event()
+    assert sent.link is not None and sent.link.bytes_per_s > 100e6 / 8 and sent.split == 0
+    assert sent.predicted_s is not None
+    assert body["tokens"] == rt.generate(8, stop_at_eog=False)
+
+
+def _split_handoff(node, rt, n, cfg):
+    """Hand ``n`` tokens over as if on a 20 Mbit/s link; returns (sent, the node's digest
+    after the handoff, the continuation there)."""
+    s = _sender(node, rt, cfg=cfg.replace(wire_link_mbit=20.0))
+    try:
+        sent = s.send_snapshot(rt)
+        digest = s.request("digest")["digest"]
+        body = s.request("generate", n_tokens=16, stop_at_eog=False)
+    finally:
+        s.close()
+    return sent, digest, body["tokens"]
+
+
+def test_a_split_handoff_leaves_exactly_the_senders_state(node, sender_rt):
+    """On a slow link the receiver prefills the first tokens itself while the rest of the KV
+    travels; it verifies its own cells against the sender's, so the merged state is the
+    sender's bit for bit (the same digest) and continues the same."""
+    rt = sender_rt
+    _prefill(rt, 1024)
+    assert rt.batched == 1024
+    sent, digest, remote = _split_handoff(node, rt, 1024, node.client_cfg)
+    ev = node.event()
+    assert sent.split >= 64 and sent.split % 32 == 0 and not sent.fallback, sent
+    assert ev["applied"] == 1 and ev["rejected"] == [] and ev["codec"] == "zstd-shuffle/1"
+    assert digest == rt.state_digest()
+    assert remote == rt.generate(16, stop_at_eog=False)
+
+
+def test_a_split_whose_cells_differ_falls_back_to_the_whole_state(node, smollm2_path, cfg):
+    """A sender that computed its cells in 16-token batches (not reproducible by the receiver's
+    prefill) but claims otherwise: the receiver refuses the delta (state), and the whole state
+    follows in the same handoff; the result is still exactly the sender's."""
+    from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.signature import model_signature
+
+    small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=16)
+    with LlamaRuntime(smollm2_path, small) as rt:
+        rt.signature = model_signature(rt, small).to_dict()
+        _prefill(rt, 512)
+        assert rt.batched == 0  # a planner would not split this state ...
+        rt.batched = 512  # ... unless it misjudged: the receiver's check is what holds
+        sent, digest, remote = _split_handoff(node, rt, 512, node.client_cfg)
+        ev = node.event()
+        assert sent.split > 0 and sent.fallback, sent
+        assert ev["rejected"] == ["state"] and ev["applied"] == 1
+        assert digest == rt.state_digest()
+        assert remote == rt.generate(16, stop_at_eog=False)
 
 
 def test_a_lossy_handoff_to_a_node_that_allows_it(smollm2_path, cfg, tmp_path, sender_rt):
@@ -275,6 +343,37 @@ def test_a_lossy_handoff_to_a_node_that_allows_it(smollm2_path, cfg, tmp_path, s
         assert s.codec == "kivi4/1" and sent.wire_bytes < 0.4 * len(rt.export_state())
         assert digest["context_tokens"] == 300
     finally:
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
+
+
+def test_a_split_handoff_past_gemmas_window_is_exact(gemma3_path, cfg, tmp_path):
+    """Gemma-3 keeps a 512-token window cache beside its full one: a 1,024-token split handoff
+    merges the receiver's own cells and the shipped ones in both, exactly."""
+    from edgelink.api import connect
+    from edgelink.bench import context_tokens
+    from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.sender import Sender
+    from edgelink.signature import model_signature
+
+    proc = start_node(str(gemma3_path), cfg, extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "g.key"),
+                                                        "EDGELINK_PROTOCOL_SESSION_STATE": "keep"})
+    try:
+        with LlamaRuntime(gemma3_path, cfg) as rt:
+            assert rt.n_swa == 512
+            rt.prefill(context_tokens(rt, 1024))
+            c = cfg.replace(wire_link_mbit=20.0, p2p_identity_key=tmp_path / "c.key")
+            s = Sender(connect(proc.ready["addrs"][0], c), c, model_signature(rt, c).to_dict())
+            s.handshake()
+            sent = s.send_snapshot(rt)
+            digest = s.request("digest")["digest"]
+            remote = s.request("generate", n_tokens=16, stop_at_eog=False)["tokens"]
+            s.close()
+            ev = proc.next_event()
+            assert sent.split >= 64 and not sent.fallback and ev["rejected"] == [], (sent, ev)
+            assert digest == rt.state_digest()
+            assert remote == rt.generate(16, stop_at_eog=False)
+    finally:
+        p2p.close_client_hosts()
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
 
 

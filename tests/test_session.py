@@ -202,3 +202,33 @@ def test_no_checksum_in_common_ends_the_handshake(cfg):
 def test_unknown_checksum_names_are_a_config_error(cfg, bad):
     with pytest.raises(ConfigError, match="protocol.checksums"):
         Session(Role.CLIENT, SIG, _with_checksums(cfg, bad))
+
+
+def test_a_receiver_announces_its_prefill_speed_and_a_client_never_does(cfg):
+    c = Session(Role.CLIENT, SIG, cfg.protocol, prefill_tps=99.0)
+    s = Session(Role.SERVER, SIG, cfg.protocol, prefill_tps=187.5)
+    hello = c.hello()
+    assert b"prefill_tps" not in hello  # a sender has nothing to announce
+    s.receive(hello)
+    c.receive(s.hello())
+    assert c.peer.prefill_tps == 187.5 and s.peer.prefill_tps == 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "1e10", "\"fast\"", "null", "[1]"])
+def test_a_hostile_prefill_speed_ends_the_handshake_typed(cfg, value):
+    import json
+
+    from edgelink.errors import ProtocolError
+    from edgelink.protocol import codec
+
+    s = Session(Role.SERVER, SIG, cfg.protocol, prefill_tps=100.0)
+    c = Session(Role.CLIENT, SIG, cfg.protocol)
+    s.receive(c.hello())
+    good = codec.decode_frame(s.hello(), cfg.protocol)
+    body = {"role": "server", "signature": SIG, "dtypes": list(good.dtypes), "kinds": list(good.kinds),
+            "max_message_bytes": good.max_message_bytes, "encryption": good.encryption,
+            "prefill_tps": json.loads(value)}
+    frame = codec._frame(codec.FrameType.HELLO, good.session_id, 0, json.dumps(body).encode())
+    with pytest.raises(ProtocolError, match="prefill_tps"):
+        c.receive(frame)
+    assert c.state is State.CLOSED

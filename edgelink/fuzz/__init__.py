@@ -123,7 +123,7 @@ def seed_frames(signature: dict[str, Any] | None = None, limits=None,
         (Kind.KV_CACHE, ApplyMode.OVERWRITE, kv + [_i32("tokens", [1, 2, 3]), _f32("logits", np.zeros(nv))],
          {"kv": layout}, (0, 2), (0, 3)),
         (Kind.KV_CACHE_DELTA, ApplyMode.APPEND, kv + [_i32("tokens", [4, 5, 6]), _f32("logits", np.zeros(nv))],
-         {"kv": layout, "base": "00" * 32}, (0, 2), (3, 6)),
+         {"kv": layout, "base": "00" * 32, "base_kv": "11" * 32}, (0, 2), (3, 6)),
         (Kind.VIRTUAL_PREFIX, ApplyMode.APPEND, [_f32("embd", np.ones((2, d)))], {"energy_match": True},
          (-1, -1), (0, 2)),
         (Kind.RESIDUAL_PATCH, ApplyMode.ADDITIVE, [_i32("tokens", [1, 2]), _i32("positions", [0, 1]),
@@ -142,7 +142,8 @@ def seed_frames(signature: dict[str, Any] | None = None, limits=None,
         frames.append(b"".join(bytes(memoryview(p).cast("B")) for p in parts))
         client.state = client.state.READY  # as if acknowledged
     for op, params in (("generate", {"n_tokens": 4, "stop_at_eog": False}), ("prefill", {"tokens": [1, 2]}),
-                       ("delta", {"since": 1}), ("digest", {}), ("reset", {}),
+                       ("prefill", {"tokens": [1, 2, 3], "background": True, "replace": True}),
+                       ("probe", {"pad": "x" * 64}), ("delta", {"since": 1}), ("digest", {}), ("reset", {}),
                        ("label_scores", {"labels": {"pos": " good", "neg": " bad"}}), ("latent_caps", {})):
         frames.append(client.request(op, params))
     from edgelink.protocol import codec
