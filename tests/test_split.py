@@ -120,10 +120,10 @@ def test_a_failed_background_prefill_is_the_next_messages_refusal(pair, cfg, mon
     receiver, sender, th, listener, reports = _session(pair, cfg)
     real = LlamaRuntime.prefill
 
-    def failing(self, tokens):
+    def failing(self, tokens, **kw):
         if threading.current_thread().name == "edgelink-prefill":
             raise StateError("injected: llama_decode failed")
-        return real(self, tokens)
+        return real(self, tokens, **kw)
 
     try:
         monkeypatch.setattr(LlamaRuntime, "prefill", failing)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 import blake3
@@ -433,6 +434,25 @@ def append_cells(base: SeqState, extra: SeqState) -> SeqState:
             ))
         caches.append(CacheState(tuple(streams)))
     return SeqState(base.seq_id, tuple(caches))
+
+
+def bytes_from_position(state: SeqState) -> Callable[[int], int]:
+    """A function giving the K/V bytes of the cells at positions ``k`` and later: what a delta
+    from ``k`` carries (a window cache holds few old cells, so this is not proportional)."""
+    pos, size = [], []
+    for cache in state.caches:
+        for st in cache.streams:
+            if st is None or not st.n_cells:
+                continue
+            per_cell = sum(r.data.nbytes for r in (*st.k, *st.v)) // st.n_cells
+            pos.append(st.positions.astype(np.int64))
+            size.append(np.full(st.n_cells, per_cell, dtype=np.int64))
+    if not pos:
+        return lambda k: 0
+    order = np.argsort(np.concatenate(pos), kind="stable")
+    p = np.concatenate(pos)[order]
+    tail = np.concatenate([np.cumsum(np.concatenate(size)[order][::-1])[::-1], [0]])
+    return lambda k: int(tail[np.searchsorted(p, k, side="left")])
 
 
 def canonical_digest(state: SeqState) -> bytes:

@@ -205,19 +205,25 @@ class LlamaRuntime:
         self.batched = min(self.batched, n_keep)
         self.logits = None
 
-    def prefill(self, tokens: list[int]) -> np.ndarray:
+    def prefill(self, tokens: list[int], min_tail: int = 0, measure: bool = True) -> np.ndarray:
         """Append ``tokens`` to the sequence; returns the logits after the last one. If llama.cpp
-        fails part-way, the sequence is left as it was."""
+        fails part-way, the sequence is left as it was. ``min_tail``: decode in ubatches of which
+        none is shorter than this (the last borrows from the one before), as a split handoff's
+        receiver does so that its cells match a sender's large batches bit for bit. ``measure``:
+        let this prefill update ``prefill_tps`` (not one that shares the CPU with other work)."""
         if not tokens:
             raise StateError("nothing to prefill")
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise StateError(f"{len(self.tokens) + len(tokens)} tokens exceed the context of {self.n_ctx}")
         observer = self.batch_observer
-        step = self.n_batch if observer is None else self.n_ubatch
+        step = self.n_batch if observer is None and not min_tail else self.n_ubatch
+        bounds = [*range(0, len(tokens), step), len(tokens)]
+        if 2 * min_tail <= step and len(bounds) > 2 and bounds[-1] - bounds[-2] < min_tail:
+            bounds[-2] = bounds[-1] - min_tail
         base0, logits0 = len(self.tokens), self.logits
         t0 = time.perf_counter()
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start:start + step]
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            chunk = tokens[start:stop]
             n = len(chunk)
             base = len(self.tokens)
             self._b_token[:n] = chunk
@@ -239,7 +245,7 @@ class LlamaRuntime:
             self.tokens.extend(chunk)
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-        if len(tokens) >= PREFILL_RATE_MIN_TOKENS:
+        if measure and len(tokens) >= PREFILL_RATE_MIN_TOKENS:
             tps = len(tokens) / max(time.perf_counter() - t0, 1e-9)
             self.prefill_tps = tps if self.prefill_tps <= 0 else 0.5 * (self.prefill_tps + tps)
         return self.logits

@@ -22,13 +22,19 @@ refuses a mismatch, after which the sender ships the whole state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgelink.wire.codecs import CODECS
 
 SPLIT_ALIGN = 32  # a split's prefill length is a multiple of this ...
 SPLIT_MIN = 64  # ... and at least this
-APPLY_BYTES_PER_S = 1e9  # merging and importing a state on the receiver (measured 1-2 GB/s)
+# Measured on a 2-core VM with SmolLM2 and Gemma-3 (tools/bench_link.py, receiver logs):
+APPLY_BYTES_PER_S = 1e9  # a whole state imported in place: 1-3 GB/s
+MERGE_BYTES_PER_S = 200e6  # a split's merge: own cells exported, joined with the delta, checked, imported
+# A receiver's prefill slows while bytes arrive (the encrypted p2p receive path takes CPU; here
+# the sender shared the same two cores too): it ran at 0.46x its idle speed while 12.5 MB/s
+# arrived and at 0.79x at 2.5 MB/s, that is 1 + 0.1 per MB/s more time for the overlap.
+SLOWDOWN_PER_BYTE_PER_S = 0.1 / 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +61,22 @@ class Plan:
         return f"split: receiver prefills {self.split} of {n_tokens} tokens, {codec} KV for the rest"
 
 
-def estimate(n_tokens: int, state_bytes: int, codec: str | None, split: int, link: Link,
+def estimate(shipped_from: Callable[[int], int], codec: str | None, split: int, link: Link,
              prefill_tps: float) -> float:
-    """Predicted seconds from export to the receiver's ACK."""
+    """Predicted seconds from export to the receiver's ACK; ``shipped_from(k)``: the K/V bytes
+    of the cells at positions ``k`` and later."""
     c = CODECS.get(codec) if codec else None
-    shipped = state_bytes * (n_tokens - split) / n_tokens
+    state_bytes = shipped_from(0)
+    shipped = shipped_from(split)
     encode = shipped / c.encode_bytes_per_s if c else 0.0
     decode = shipped / c.decode_bytes_per_s if c else 0.0
-    wire = shipped * (c.expected_ratio if c else 1.0) / link.bytes_per_s
-    prefill = split / prefill_tps if split else 0.0
-    return max(prefill, encode + wire) + decode + state_bytes / APPLY_BYTES_PER_S + link.rtt_s
+    on_wire = shipped * (c.expected_ratio if c else 1.0)
+    wire = on_wire / link.bytes_per_s
+    if not split:
+        return encode + wire + decode + state_bytes / APPLY_BYTES_PER_S + link.rtt_s
+    idle = split / prefill_tps
+    prefill = idle + min(idle, wire) * SLOWDOWN_PER_BYTE_PER_S * link.bytes_per_s
+    return max(prefill, encode + wire) + decode + state_bytes / MERGE_BYTES_PER_S + link.rtt_s
 
 
 def split_points(n_tokens: int, max_split: int) -> range:
@@ -73,7 +85,7 @@ def split_points(n_tokens: int, max_split: int) -> range:
     return range(SPLIT_MIN, min(n_tokens - 1, max_split) + 1, SPLIT_ALIGN)
 
 
-def choose_plan(n_tokens: int, state_bytes: int, codecs: Sequence[str | None], link: Link,
+def choose_plan(n_tokens: int, shipped_from: Callable[[int], int], codecs: Sequence[str | None], link: Link,
                 prefill_tps: float, max_split: int = 0) -> Plan:
     """The soonest plan among ``codecs`` (None: raw), whole or split at most at ``max_split``
     (0: never; a split also needs the receiver's prefill speed)."""
@@ -83,7 +95,7 @@ def choose_plan(n_tokens: int, state_bytes: int, codecs: Sequence[str | None], l
     best: Plan | None = None
     for codec in codecs:
         for k in points:
-            s = estimate(n_tokens, state_bytes, codec, k, link, prefill_tps)
+            s = estimate(shipped_from, codec, k, link, prefill_tps)
             if best is None or s < best.seconds:
                 best = Plan(codec, k, s)
     assert best is not None
