@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelink import wire
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.endpoint import parse_endpoint
@@ -25,6 +26,7 @@ from edgelink.errors import EdgelinkError, PeerGone
 from edgelink.latent.prefix import prefix_tensors
 from edgelink.launcher import start_receiver, stop_receiver
 from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import TensorMessage
 from edgelink.protocol.session import Role, Session
 from edgelink.receiver import Receiver, SessionReport, frame_limit
@@ -104,10 +106,13 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
            progress: Progress | None = None, *, kind: str = "snapshot") -> Generation:
     """Write the handshake and one tensor message about ``prompt`` to ``path``:
     ``snapshot`` (KV_CACHE of the prefilled prompt), ``memory`` (the same cells as KV_MEMORY)
-    or ``prefix`` (the prompt's token-embedding rows as a VIRTUAL_PREFIX at position 0)."""
+    or ``prefix`` (the prompt's token-embedding rows as a VIRTUAL_PREFIX at position 0).
+    The K/V tensors are encoded with ``wire.codec`` when it names a codec (``auto``: raw, as
+    for any local copy); reading a lossy file back needs ``wire.allow_lossy = on``."""
     if kind not in EXPORT_KINDS:
         raise EdgelinkError(f"unknown export kind {kind!r} (choose from {', '.join(EXPORT_KINDS)})")
     cfg = _cfg(cfg)
+    codec = wire.choose(cfg.wire, tuple(wire.CODECS), network=False)
     with load_runtime(model, cfg, progress) as rt:
         toks = rt.tokenize(prompt, add_special=kind != "memory")
         t0 = time.perf_counter()
@@ -122,6 +127,8 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
         hello = session.hello()
         session.assume_peer_accepts()
         tensors, attrs, token_range = built
+        if codec is not None:
+            tensors, attrs = wire.encode_tensors(tensors, attrs, codec, session.send_checksum)
         parts, msg = session.encode_tensor_message(
             *what, tensors, seq_slot=rt.seq,
             layer_range=(-1, -1) if kind == "prefix" else (0, rt.n_layer),
@@ -132,7 +139,8 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
         t2 = time.perf_counter()
         size = Path(path).stat().st_size
         return Generation(model, len(toks), [], "", {"prefill_s": t1 - t0, "export_s": t2 - t1},
-                          {"file": size, "payload": msg.payload_bytes}, {"kind": msg.kind.name})
+                          {"file": size, "payload": msg.payload_bytes},
+                          {"kind": msg.kind.name, "codec": codec or "raw"})
 
 
 def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Config | None = None,
@@ -145,7 +153,8 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
     with load_runtime(model, cfg, progress) as rt:
         cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
         session = file_session(rt, cfg, Role.SERVER)
-        appliers = Receiver(rt, cfg, session.signature, calibrate=False).appliers
+        receiver = Receiver(rt, cfg, session.signature, calibrate=False)
+        appliers = receiver.appliers
         t0 = time.perf_counter()
         payload = 0
         with FileChannelReader(path) as r:
@@ -160,6 +169,7 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
                     raise EdgelinkError(f"{path}: unexpected {msg.frame_type.name} frame")
                 if msg.kind not in appliers:
                     raise EdgelinkError(f"{path}: this runtime cannot apply {msg.kind.name}")
+                msg = wire.decode_message(msg, receiver.codecs, limit_of(cfg.protocol))
                 appliers[msg.kind](msg)
                 payload += msg.payload_bytes
         if payload == 0:
@@ -315,7 +325,7 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
             {"prefill_s": t1 - t0, "connect_s": connect_s, "handshake_s": t3 - t2, "export_s": sent.export_s,
              "snapshot_roundtrip_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
             {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
-            {"digest": sent.digest, "to": to},
+            {"digest": sent.digest, "to": to, "wire": sent.wire_facts()},
         )
         if verify:
             local = rt.generate(n)

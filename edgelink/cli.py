@@ -118,7 +118,9 @@ def _gen_text(g: api.Generation) -> str:
     if g.bytes:
         lines.append("  ".join(f"{k}={v:,} B" for k, v in g.bytes.items()))
     for k, v in g.extra.items():
-        if k not in ("local_tokens", "local_text"):
+        if isinstance(v, dict):
+            lines.append(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
+        elif k not in ("local_tokens", "local_text"):
             lines.append(f"{k}: {v}")
     return "\n".join(lines)
 
@@ -143,11 +145,14 @@ def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as
 @click.option("--as", "kind", type=click.Choice(api.EXPORT_KINDS), default="snapshot", show_default=True,
               help="snapshot: KV_CACHE; memory: the same cells as KV_MEMORY; prefix: the prompt's "
                    "embedding rows as a VIRTUAL_PREFIX.")
+@wire_option
 @json_option
 @click.pass_obj
-def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, as_json: bool) -> None:
-    """Write the handshake and one tensor message about PROMPT to a file."""
-    cfg = obj.cfg()
+def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, wire: str | None,
+           as_json: bool) -> None:
+    """Write the handshake and one tensor message about PROMPT to a file (its K/V tensors
+    encoded with --wire when that names a codec; auto and raw write them raw)."""
+    cfg = obj.cfg(wire_codec=wire_codec(wire))
     g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress(),
                    kind=kind)
     _emit(as_json, g, f"wrote {output}\n" + _gen_text(g).lstrip())

@@ -60,9 +60,11 @@ def _progress():
 
 wire_option = click.option(
     "--wire", default=None, metavar="CODEC",
-    help="How the KV state travels [config: wire.codec]: auto (lossless over a network, raw over "
-         "shared memory), raw, lossless (zstd-shuffle/1), or a lossy codec (q8/1, kivi4/1, "
-         "kivi4h/1) that the receiver allows.")
+    help="How the KV state travels [config: wire.codec]: auto (raw over shared memory; over a "
+         "network, measure the link and take the soonest exact plan: raw, lossless, or a split in "
+         "which the receiver prefills part of the text; wire.split = off forbids splits), raw, "
+         "lossless (zstd-shuffle/1), or a lossy codec (q8/1, kivi4/1, kivi4h/1) that the "
+         "receiver allows.")
 
 
 def wire_codec(value: str | None) -> str | None:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,17 @@ class SentSnapshot:
     predicted_s: float | None = None  # what the plan expected, when a plan was made
     link: Link | None = None  # the link as measured for the plan
 
+    def wire_facts(self) -> dict[str, Any]:
+        """How the state travelled, for reports: codec, split, fallback, link, prediction."""
+        facts: dict[str, Any] = {"codec": self.codec}
+        if self.split:
+            facts.update(split=self.split, fallback=self.fallback)
+        if self.link is not None:
+            facts.update(link_mbit=round(8e-6 * self.link.bytes_per_s, 1), rtt_ms=round(1e3 * self.link.rtt_s, 2))
+        if self.predicted_s is not None:
+            facts["predicted_s"] = round(self.predicted_s, 3)
+        return facts
+
 
 class Sender:
     """A client session over one channel."""
@@ -96,8 +108,16 @@ class Sender:
         t0 = time.perf_counter()
         if not rt.tokens or rt.logits is None:
             raise StateError("the sequence is empty: prefill a prompt first")
-        full = parse_seq_state(rt.export_state())
-        plan = self._plan(rt, bytes_from_position(full))
+        planning = self._planning(rt)
+        if planning is not None and self.link is None:
+            # measure the link while llama.cpp exports (the probe only waits on the network)
+            with ThreadPoolExecutor(1, thread_name_prefix="edgelink-probe") as pool:
+                probing = pool.submit(self.measure_link)
+                full = parse_seq_state(rt.export_state())
+                probing.result()
+        else:
+            full = parse_seq_state(rt.export_state())
+        plan = self._plan(rt, planning, bytes_from_position(full)) if planning is not None else None
         whole = (*state_message_tensors(rt, full, rt.tokens), (0, len(rt.tokens)))
         if plan is None:
             return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE, whole, t0)
@@ -125,9 +145,9 @@ class Sender:
         self.ch.send(self.session.request("prefill", {"tokens": tokens, "background": True, "replace": True}))
         return 1
 
-    def _plan(self, rt: LlamaRuntime, shipped_from: Callable[[int], int]) -> Plan | None:
-        """The handoff's plan, or None where there is nothing to plan: not a network link, a
-        fixed codec without splitting, or no way to know the link's rate."""
+    def _planning(self, rt: LlamaRuntime) -> tuple[list[str | None], int] | None:
+        """What a handoff's plan may choose from (codecs, the longest split), or None where
+        there is nothing to plan: not a network link, or a fixed codec without splitting."""
         w = self.cfg.wire
         peer = self.session.peer
         if getattr(self.ch, "link", "local") != "network" or peer is None:
@@ -137,14 +157,20 @@ class Sender:
         options = wire.candidates(w, peer.codecs, self.codec)
         if len(options) < 2 and not can_split:
             return None
+        return options, rt.batched if can_split else 0
+
+    def _plan(self, rt: LlamaRuntime, planning: tuple[list[str | None], int],
+              shipped_from: Callable[[int], int]) -> Plan | None:
+        """The handoff's plan (None without a way to know the link's rate)."""
         link = self.measure_link()
         if link is None:
             return None
-        plan = choose_plan(len(rt.tokens), shipped_from, options, link, peer.prefill_tps,
-                           rt.batched if can_split else 0)
+        options, max_split = planning
+        prefill_tps = self.session.peer.prefill_tps
+        plan = choose_plan(len(rt.tokens), shipped_from, options, link, prefill_tps, max_split)
         log.info("handoff plan: %s (%.2f s predicted; link %.1f Mbit/s, rtt %.1f ms; receiver %.0f tokens/s)",
                  plan.describe(len(rt.tokens)), plan.seconds, 8e-6 * link.bytes_per_s, 1e3 * link.rtt_s,
-                 peer.prefill_tps)
+                 prefill_tps)
         return plan
 
     def measure_link(self) -> Link | None:

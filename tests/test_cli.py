@@ -33,6 +33,24 @@ def test_export_then_resume_matches_generate(reference, smollm2_path, tmp_path):
     assert resumed["text"] == reference["text"]
 
 
+def test_export_with_a_codec_resumes_exactly_and_a_lossy_file_needs_consent(reference, smollm2_path, tmp_path):
+    raw, packed, lossy = tmp_path / "raw.elk", tmp_path / "zstd.elk", tmp_path / "kivi4.elk"
+    long = " ".join([PROMPT] * 30)  # enough KV for compression to show over the codec's attrs
+    run("export", str(smollm2_path), "-p", long, "-o", str(raw), "--wire", "raw")
+    out = json.loads(run("export", str(smollm2_path), "-p", long, "-o", str(tmp_path / "long.elk"),
+                         "--wire", "lossless", "--json").stdout)
+    assert out["extra"]["codec"] == "zstd-shuffle/1"
+    assert (tmp_path / "long.elk").stat().st_size < 0.95 * raw.stat().st_size
+    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(packed), "--wire", "lossless")
+    resumed = json.loads(run("resume", str(smollm2_path), str(packed), "-n", "12", "--json").stdout)
+    assert resumed["tokens"] == reference["tokens"]
+    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(lossy), "--wire", "kivi4/1")
+    proc = run("resume", str(smollm2_path), str(lossy), ok=False)
+    assert proc.returncode == 2 and "kivi4/1" in proc.stderr and "allow_lossy" in proc.stderr
+    ok = run("--set", "wire.allow_lossy=on", "resume", str(smollm2_path), str(lossy), "-n", "4", "--json")
+    assert len(json.loads(ok.stdout)["tokens"]) == 4
+
+
 def test_resume_into_another_model_is_refused(smollm2_path, gemma3_path, tmp_path):
     snap = tmp_path / "state.elk"
     run("export", str(smollm2_path), "-p", PROMPT, "-o", str(snap))

@@ -5,6 +5,7 @@ receiver's background prefill, over a real shared-memory session."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 
@@ -138,3 +139,23 @@ def test_a_failed_background_prefill_is_the_next_messages_refusal(pair, cfg, mon
         th.join(60)
         listener.close()
     assert reports[0].rejected == ["session"]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_bytes_from_a_position_are_what_a_delta_from_there_carries(model_paths, cfg, name):
+    """What the planner counts is exactly the K/V bytes of a delta; for Gemma-3 past its
+    512-token window it is far from proportional to the tokens (the window cache is the bulk)."""
+    from edgelink.runtime.kvstate import bytes_from_position, parse_seq_state
+
+    with LlamaRuntime(model_paths[name], cfg) as rt:
+        rt.prefill(context_tokens(rt, 1024))
+        shipped = bytes_from_position(parse_seq_state(rt.export_state()))
+        for k in (64, 256, 512, 800, 1000):
+            tensors, _, _ = delta_tensors(rt, k)
+            assert shipped(k) == sum(t.nbytes for t in tensors if re.fullmatch(r"c\d+\.s\d+\.[kv]\d+", t.name)), k
+        assert shipped(0) > shipped(64) > shipped(1024) == 0
+        share = shipped(512) / shipped(0)
+        if name == "gemma3-270m":
+            assert share > 0.8  # half the tokens, most of the bytes
+        else:
+            assert abs(share - 0.5) < 0.01
