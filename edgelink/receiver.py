@@ -147,14 +147,17 @@ class Receiver:
             raise SessionError(f"{len(toks)} tokens do not fit the context")
         if params.get("replace"):
             rt.clear()
+        # a handoff's prefill (replace) decodes in ubatches of 64+ tokens, so its cells are the
+        # sender's bit for bit (see LlamaRuntime.batched)
+        tail = BATCHED_MIN if params.get("replace") else 0
         if not params.get("background"):
-            rt.prefill(toks)
+            rt.prefill(toks, min_tail=tail)
             return {"context_tokens": len(rt.tokens)}
 
         def run() -> None:
             t0 = time.perf_counter()
             try:
-                rt.prefill(toks, min_tail=BATCHED_MIN, measure=False)  # it shares the CPU with the receive
+                rt.prefill(toks, min_tail=tail, measure=False)  # it shares the CPU with the receive
                 log.info("background prefill of %d tokens: %.2f s", len(toks), time.perf_counter() - t0)
             except BaseException as exc:  # noqa: BLE001 - reported to the message that waits
                 self._background_error = exc

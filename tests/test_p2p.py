@@ -346,6 +346,35 @@ def test_a_lossy_handoff_to_a_node_that_allows_it(smollm2_path, cfg, tmp_path, s
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
 
 
+def test_on_a_very_slow_link_the_text_travels_and_the_digests_must_agree(node, sender_rt, smollm2_path, cfg):
+    """At 1 Mbit/s the plan sends the token ids; the receiver's prefill must give our state
+    digest exactly (cells, tokens, logits). A sender whose cells no prefill reproduces (16-token
+    batches, claimed otherwise) is caught by that digest and the whole state follows."""
+    from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.signature import model_signature
+
+    rt = sender_rt
+    _prefill(rt, 700)  # 512 + 188: the receiver decodes the same ubatches
+    s = _sender(node, rt, cfg=node.client_cfg.replace(wire_link_mbit=1.0))
+    sent = s.send_snapshot(rt)
+    digest = s.request("digest")["digest"]
+    s.close()
+    node.event()
+    assert sent.codec == "tokens" and sent.split == 700 and not sent.fallback and sent.payload_bytes == 0
+    assert digest == rt.state_digest() == sent.digest
+    small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=16)
+    with LlamaRuntime(smollm2_path, small) as other:
+        other.signature = model_signature(other, small).to_dict()
+        _prefill(other, 300)
+        other.batched = 300
+        s = _sender(node, other, cfg=node.client_cfg.replace(wire_link_mbit=1.0))
+        sent = s.send_snapshot(other)
+        digest = s.request("digest")["digest"]
+        s.close()
+        node.event()
+        assert sent.fallback and sent.codec != "tokens" and digest == other.state_digest()
+
+
 def test_a_split_handoff_past_gemmas_window_is_exact(gemma3_path, cfg, tmp_path):
     """Gemma-3 keeps a 512-token window cache beside its full one: a 1,024-token split handoff
     merges the receiver's own cells and the shipped ones in both, exactly."""

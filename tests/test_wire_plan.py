@@ -45,7 +45,10 @@ def test_a_slow_link_splits_on_an_aligned_length_and_beats_both_ends():
 def test_the_slower_the_link_the_more_the_receiver_prefills():
     splits = [_plan(mbit).split for mbit in (200, 100, 50, 20, 5, 1)]
     assert splits == sorted(splits) and splits[-1] > splits[0]
-    assert splits[-1] >= N - 2 * SPLIT_ALIGN  # a dial-up link: nearly "send the text"
+    assert splits[-1] >= N - 2 * SPLIT_ALIGN
+    dial_up = _plan(0.2)  # even a few tokens of KV cost more than prefilling them: the text
+    assert dial_up.split == N and "text" in dial_up.describe(N)
+    assert _plan(0.2, max_split=N - 1).split < N  # the text only when all its cells are reproducible
 
 
 def test_no_split_without_a_prefill_speed_or_a_reproducible_prefix():

@@ -8,7 +8,9 @@ The options, for a context of ``n`` tokens:
   the KV of ``k..n`` (a KV_CACHE_DELTA); the two run at once, and the receiver merges them when
   both are done. This is the idea of Cake (Jin et al., 2024: "Compute Or Load KV Cache? Why
   Not Both?"), with the split chosen ahead from the link rate and the receiver's prefill speed
-  instead of both ends racing. A split near ``n`` is "send the text".
+  instead of both ends racing;
+* the text: the receiver prefills all ``n`` tokens, then its state digest is compared with the
+  sender's.
 
 A split is exact only when the receiver's prefill of ``0..k`` gives the sender's cells bit for
 bit. Measured with llama.cpp on CPU (SmolLM2, Gemma-3): a prefill of a multiple of 32 tokens, 64
@@ -56,6 +58,8 @@ class Plan:
 
     def describe(self, n_tokens: int) -> str:
         codec = self.codec or "raw"
+        if self.split == n_tokens:
+            return f"text: receiver prefills all {n_tokens} tokens"
         if self.split == 0:
             return f"whole state, {codec}"
         return f"split: receiver prefills {self.split} of {n_tokens} tokens, {codec} KV for the rest"
@@ -68,6 +72,8 @@ def estimate(shipped_from: Callable[[int], int], codec: str | None, split: int, 
     c = CODECS.get(codec) if codec else None
     state_bytes = shipped_from(0)
     shipped = shipped_from(split)
+    if shipped == 0:  # the text alone: then a digest of the receiver's state is compared
+        return split / prefill_tps + state_bytes / APPLY_BYTES_PER_S + 2 * link.rtt_s
     encode = shipped / c.encode_bytes_per_s if c else 0.0
     decode = shipped / c.decode_bytes_per_s if c else 0.0
     on_wire = shipped * (c.expected_ratio if c else 1.0)
@@ -91,7 +97,8 @@ def choose_plan(n_tokens: int, shipped_from: Callable[[int], int], codecs: Seque
     (0: never; a split also needs the receiver's prefill speed)."""
     if not codecs:
         raise ValueError("no codec to plan with")
-    points = [0, *split_points(n_tokens, max_split)] if prefill_tps > 0 else [0]
+    points = [0, *split_points(n_tokens, max_split), *([n_tokens] if max_split >= n_tokens else [])] \
+        if prefill_tps > 0 else [0]
     best: Plan | None = None
     for codec in codecs:
         for k in points:
