@@ -48,3 +48,24 @@ def test_transport_bench_across_the_veth_link(tmp_path):
     report = json.loads(out.stdout)
     assert report["link"].startswith("to 10.")
     assert report["rows"][0]["libp2p_nacl_mbps"] > 0
+
+
+def test_link_bench_measures_every_option_across_a_shaped_link(tmp_path):
+    """tools/bench_link.py end to end on a tiny run: a 20 Mbit/s tc-shaped veth link, every
+    option once; exact options continue exactly, and a slow link makes the plan split."""
+    import json
+
+    from tools.bench_link import LOSSLESS, OPTIONS, main
+
+    out = tmp_path / "link.json"
+    assert main(["--models", "smollm2-135m", "--tokens", "448", "--rates", "20", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["option"]: r for r in report["rows"]}
+    assert set(rows) == set(OPTIONS)
+    for name in LOSSLESS:
+        assert rows[name]["same_continuation"], rows[name]
+    assert 14 < rows["auto"]["link_mbit"] < 30  # the probe saw the shaped rate
+    assert rows["split + zstd-shuffle/1"]["split"] >= 64 and not rows["split + zstd-shuffle/1"]["fallback"]
+    assert rows["zstd-shuffle/1"]["wire_mb"] < rows["raw"]["wire_mb"]
+    assert len(report["summary"]) == 2
