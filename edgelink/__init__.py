@@ -1,3 +1,46 @@
-"""edgelink: hand a language model's internal state to another process instead of text."""
+"""edgelink: hand a language model's internal state to another process instead of text.
+
+    import edgelink
+
+    with edgelink.load("smollm2-135m") as m:          # one model + context, reused
+        m.prefill("The capital of France is")
+        with m.connect("shm:demo") as peer:           # one session, reused
+            print(peer.handoff(n_tokens=16).text)     # ship the state, get the continuation
+
+The public names below are imported on first use, so ``import edgelink`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "load": "edgelink.model",
+    "Model": "edgelink.model",
+    "Snapshot": "edgelink.model",
+    "Generation": "edgelink.model",
+    "Peer": "edgelink.peer",
+    "Round": "edgelink.peer",
+    "from_llama": "edgelink.interop",
+    "Config": "edgelink.config",
+    "load_config": "edgelink.config",
+    "EdgelinkError": "edgelink.errors",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgelink' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

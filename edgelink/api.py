@@ -1,4 +1,6 @@
-"""The Python API: everything the CLI does, as functions returning dataclasses.
+"""One-shot functions: everything the CLI does, each call loading its model and connecting
+anew. Scripts that do more than one thing want the objects instead (``edgelink.load``,
+``Model``, ``Peer``: edgelink/model.py), which these functions are thin wrappers over.
 
     >>> from edgelink import api
     >>> out = api.generate("smollm2-135m", "The capital of France is", n_tokens=8)
@@ -22,43 +24,26 @@ from edgelink import wire
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.endpoint import parse_endpoint
-from edgelink.errors import EdgelinkError, PeerGone
+from edgelink.errors import EdgelinkError
 from edgelink.latent.prefix import prefix_tensors
 from edgelink.launcher import start_receiver, stop_receiver
+from edgelink.model import Generation, Progress, load
+from edgelink.peer import Round
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.protocol.limits import limit_of
-from edgelink.protocol.messages import TensorMessage
 from edgelink.protocol.session import Role, Session
-from edgelink.receiver import Receiver, SessionReport, frame_limit
+from edgelink.receiver import Receiver, SessionReport
 from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
 from edgelink.sender import Sender
 from edgelink.signature import ModelSignature, model_signature
 from edgelink.snapshot import snapshot_tensors
-from edgelink.transport.file import FileChannelReader, FileChannelWriter
+from edgelink.transport.file import FileChannelWriter
 from edgelink.transport.shm import ShmListener, install_cleanup_handlers
 from edgelink.transport.shm import connect as shm_connect
 
 log = logging.getLogger("edgelink")
 
-Progress = Callable[[str, int, int], None]
-
-
-@dataclasses.dataclass
-class Generation:
-    """Tokens and text from a greedy continuation, with where the time and bytes went."""
-
-    model: str
-    prompt_tokens: int
-    tokens: list[int]
-    text: str
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    bytes: dict[str, int] = dataclasses.field(default_factory=dict)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _cfg(cfg: Config | None) -> Config:
@@ -80,17 +65,13 @@ def info(model: str, cfg: Config | None = None, progress: Progress | None = None
 def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | None = None,
              progress: Progress | None = None) -> Generation:
     """Greedy continuation in this process: the reference a handoff must reproduce."""
-    cfg = _cfg(cfg)
-    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
-    with load_runtime(model, cfg, progress) as rt:
-        toks = rt.tokenize(prompt)
+    with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
-        rt.prefill(toks)
+        n = m.prefill(prompt)
         t1 = time.perf_counter()
-        out = rt.generate(n)
-        t2 = time.perf_counter()
-        return Generation(model, len(toks), out, rt.detokenize(out),
-                          {"prefill_s": t1 - t0, "generate_s": t2 - t1})
+        g = m.generate(n_tokens)
+        g.prompt_tokens, g.timings = n, {"prefill_s": t1 - t0, **g.timings}
+        return g
 
 
 def file_session(rt: LlamaRuntime, cfg: Config, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:
@@ -148,39 +129,16 @@ def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Confi
     """Apply every tensor message in a file written by ``export`` (verified like live
     messages, in order, through the same appliers as a receiver), optionally read ``prompt``
     after them, and continue greedily."""
-    cfg = _cfg(cfg)
-    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
-    with load_runtime(model, cfg, progress) as rt:
-        cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
-        session = file_session(rt, cfg, Role.SERVER)
-        receiver = Receiver(rt, cfg, session.signature, calibrate=False)
-        appliers = receiver.appliers
+    with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
-        payload = 0
-        with FileChannelReader(path) as r:
-            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: checked
-            while True:
-                try:
-                    frame = r.recv(frame_limit(cfg))
-                except PeerGone:  # a clean end of file between frames
-                    break
-                msg = session.receive(frame)
-                if not isinstance(msg, TensorMessage):
-                    raise EdgelinkError(f"{path}: unexpected {msg.frame_type.name} frame")
-                if msg.kind not in appliers:
-                    raise EdgelinkError(f"{path}: this runtime cannot apply {msg.kind.name}")
-                msg = wire.decode_message(msg, receiver.codecs, limit_of(cfg.protocol))
-                appliers[msg.kind](msg)
-                payload += msg.payload_bytes
-        if payload == 0:
-            raise EdgelinkError(f"{path} holds no tensor message")
+        payload = m.restore(path)
         if prompt:
-            rt.prefill(rt.tokenize(prompt, add_special=False))
+            m.prefill(prompt)
         t1 = time.perf_counter()
-        out = rt.generate(n)
-        t2 = time.perf_counter()
-        return Generation(model, len(rt.tokens) - len(out), out, rt.detokenize(out),
-                          {"import_s": t1 - t0, "generate_s": t2 - t1}, {"payload": payload})
+        g = m.generate(n_tokens)
+        g.timings = {"import_s": t1 - t0, **g.timings}
+        g.bytes = {"payload": payload}
+        return g
 
 
 def _load_bridge(bridge: str | os.PathLike[str] | Bridge | None) -> Bridge | None:
@@ -301,36 +259,17 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
     """Prefill ``prompt`` here, ship the KV snapshot to the peer at ``to``, and return the
     peer's greedy continuation. With ``verify``, also continue locally and compare.
     ``token``: a bearer token for a node that requires one (sent inside the encryption)."""
-    cfg = _cfg(cfg)
-    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
-    with load_runtime(model, cfg, progress) as rt:
-        signature = model_signature(rt, cfg).to_dict()
-        toks = rt.tokenize(prompt)
+    with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
-        rt.prefill(toks)
-        t1 = time.perf_counter()
-        t_connect = time.perf_counter()
-        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), signature, auth={"token": token} if token else None)
-        connect_s = time.perf_counter() - t_connect
-        try:
-            t2 = time.perf_counter()
-            sender.handshake()
-            t3 = time.perf_counter()
-            sent = sender.send_snapshot(rt)
-            body = sender.request("generate", n_tokens=n)
-        finally:
-            sender.close()
-        result = Generation(
-            model, len(toks), list(body["tokens"]), body["text"],
-            {"prefill_s": t1 - t0, "connect_s": connect_s, "handshake_s": t3 - t2, "export_s": sent.export_s,
-             "snapshot_roundtrip_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
-            {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
-            {"digest": sent.digest, "to": to, "wire": sent.wire_facts()},
-        )
+        m.prefill(prompt)
+        prefill_s = time.perf_counter() - t0
+        with m.connect(to, token=token) as peer:
+            result = peer.handoff(n_tokens)
+        result.timings = {"prefill_s": prefill_s, **result.timings}
         if verify:
-            local = rt.generate(n)
+            local = m.generate(n_tokens).tokens
             result.extra["local_tokens"] = local
-            result.extra["local_text"] = rt.detokenize(local)
+            result.extra["local_text"] = m.runtime.detokenize(local)
             result.extra["matches_local"] = local == result.tokens
         return result
 
@@ -365,22 +304,6 @@ def demo(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | Non
 
 
 @dataclasses.dataclass
-class Round:
-    """One turn of a delta conversation: A adds a turn, B answers, each ships only its cells."""
-
-    turn: int
-    context_tokens: int
-    sent_tokens: int
-    sent_bytes: int
-    sent_kind: str
-    reply_tokens: list[int]
-    reply_text: str
-    pulled_bytes: int
-    full_snapshot_bytes: int
-    timings: dict[str, float]
-
-
-@dataclasses.dataclass
 class Conversation:
     model: str
     rounds: list[Round]
@@ -393,40 +316,12 @@ def converse(model: str, turns: list[str], to: str, n_tokens: int | None = None,
     """A and B take turns extending one sequence: this process prefills each turn and ships
     only the new cells (a full snapshot the first time); the peer generates a reply and ships
     only its new cells back. Ends by comparing both sides' state digests."""
-    cfg = _cfg(cfg)
-    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     if not turns:
         raise EdgelinkError("a conversation needs at least one turn")
-    rounds: list[Round] = []
-    with load_runtime(model, cfg, progress) as rt:
-        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
-        try:
-            sender.handshake()
-            synced = 0
-            for i, text in enumerate(turns):
-                toks = rt.tokenize(text, add_special=(i == 0))
-                t0 = time.perf_counter()
-                rt.prefill(toks)
-                t1 = time.perf_counter()
-                sent = sender.send_snapshot(rt) if synced == 0 else sender.send_delta(rt, synced)
-                t2 = time.perf_counter()
-                body = sender.request("generate", n_tokens=n, stop_at_eog=False)
-                t3 = time.perf_counter()
-                before_pull = len(rt.tokens)
-                pulled = sender.pull_delta(rt, before_pull) if body["tokens"] else 0
-                t4 = time.perf_counter()
-                synced = len(rt.tokens)
-                full = sum(t.nbytes for t in snapshot_tensors(rt)[0])
-                rounds.append(Round(
-                    i, synced, len(toks), sent.payload_bytes, "KV_CACHE" if i == 0 else "KV_CACHE_DELTA",
-                    list(body["tokens"]), body["text"], pulled, full,
-                    {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2,
-                     "pull_s": t4 - t3}))
-            remote = sender.request("digest")["digest"]
-            same = remote == rt.state_digest()
-            transcript = rt.detokenize([t for t in rt.tokens if t >= 0])
-        finally:
-            sender.close()
+    with load(model, _cfg(cfg), progress=progress) as m, m.connect(to) as peer:
+        rounds = [peer.converse(text, n_tokens) for text in turns]
+        same = peer.same_state()
+        transcript = m.runtime.detokenize([t for t in m.tokens if t >= 0])
     return Conversation(model, rounds, same, transcript)
 
 

@@ -29,3 +29,14 @@ def gemma3_path(cfg):
 @pytest.fixture(scope="session")
 def model_paths(smollm2_path, gemma3_path):
     return {"smollm2-135m": smollm2_path, "gemma3-270m": gemma3_path}
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2_path, cfg):
+    """Two SmolLM2 runtimes (a sender and a receiver in one process), one per test module."""
+    from edgelink.runtime.llama import LlamaRuntime
+
+    a, b = LlamaRuntime(smollm2_path, cfg), LlamaRuntime(smollm2_path, cfg)
+    yield a, b
+    a.close()
+    b.close()

@@ -15,7 +15,6 @@ from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor
 from edgelink.protocol.reader import PIECE_BYTES, FrameReader
 from edgelink.protocol.session import Role, Session
-from edgelink.runtime.llama import LlamaRuntime
 from edgelink.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.transport.framing import Scatter
 
@@ -35,14 +34,6 @@ def _sessions(sig, cfg):
     server.receive(client.hello())
     client.receive(server.hello())
     return client, server
-
-
-@pytest.fixture(scope="module")
-def pair(smollm2_path, cfg):
-    a, b = LlamaRuntime(smollm2_path, cfg), LlamaRuntime(smollm2_path, cfg)
-    yield a, b
-    a.close()
-    b.close()
 
 
 @pytest.mark.parametrize("step", [4093, 1 << 22])

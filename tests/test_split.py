@@ -20,14 +20,6 @@ from edgelink.runtime.llama import LlamaRuntime
 from edgelink.signature import model_signature
 
 
-@pytest.fixture(scope="module")
-def pair(smollm2_path, cfg):
-    a, b = LlamaRuntime(smollm2_path, cfg), LlamaRuntime(smollm2_path, cfg)
-    yield a, b
-    a.close()
-    b.close()
-
-
 def test_batched_counts_the_cells_a_batch_prefill_reproduces(pair, smollm2_path, cfg):
     rt, _ = pair
     rt.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -51,11 +52,15 @@ def _free_subnet() -> int:
     raise RuntimeError("no free 10.X.0.0/30 subnet for a test host")
 
 
+_HOSTS = itertools.count()
+
+
 @contextlib.contextmanager
 def remote_host(subnet: int | None = None) -> Iterator[RemoteHost]:
     holder = subprocess.Popen(["unshare", "-n", "--", "sh", "-c", "echo up; exec cat"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    ours = f"elh{os.getpid() % 100000}"
+    # unique per host, also for several hosts of one process (an interface name has 15 bytes)
+    ours = f"elh{os.getpid() % 100000}x{next(_HOSTS) % 1000}"
     try:
         assert holder.stdout.readline().strip() == "up", "unshare -n did not start"
         theirs = "eth0"

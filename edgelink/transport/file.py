@@ -7,6 +7,7 @@ writer never joins parts in memory; the reader reads each frame into one reusabl
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,22 +63,33 @@ class FileChannelWriter:
         self.close()
 
 
+def frame_bytes(*parts) -> bytes:
+    """One frame made of ``parts`` as a file holds it (a message file in memory)."""
+    views, total = byte_views(parts)
+    return HEADER.pack(total) + b"".join(bytes(v) for v in views)
+
+
 class FileChannelReader:
-    """Reads frames from ``path`` in order.
+    """Reads frames from ``path`` (or from ``bytes`` holding a file's content) in order.
 
     ``recv`` raises MessageTooLarge (declared length above ``max_bytes``) or TruncatedMessage
     (the file ends inside a frame, or declares more than the file holds) before allocating,
     and PeerGone at a clean end of file: no more frames. Iterating yields frames until then.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        try:
-            self._f = open(self.path, "rb", buffering=0)
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-            raise TransportError(f"cannot open {str(self.path)[:200]!r}: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
-        self._size = os.fstat(self._f.fileno()).st_size
+    def __init__(self, path: str | os.PathLike[str] | bytes):
+        if isinstance(path, bytes):
+            self.path = Path("<memory>")
+            self._f: io.RawIOBase | io.BytesIO = io.BytesIO(path)
+            self._size = len(path)
+        else:
+            self.path = Path(path)
+            try:
+                self._f = open(self.path, "rb", buffering=0)
+            except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+                raise TransportError(f"cannot open {str(self.path)[:200]!r}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}") from None
+            self._size = os.fstat(self._f.fileno()).st_size
         self._pos = 0
         self._hdr = bytearray(HEADER_BYTES)
         self._buf = RecvBuffer()
