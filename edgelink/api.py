@@ -84,7 +84,7 @@ EXPORT_KINDS = ("snapshot", "memory", "prefix")
 
 
 def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
-           progress: Progress | None = None, *, kind: str = "snapshot") -> Generation:
+           progress: Progress | None = None, *, kind: str = "snapshot", file_format: str = "edgelink") -> Generation:
     """Write the handshake and one tensor message about ``prompt`` to ``path``:
     ``snapshot`` (KV_CACHE of the prefilled prompt), ``memory`` (the same cells as KV_MEMORY)
     or ``prefix`` (the prompt's token-embedding rows as a VIRTUAL_PREFIX at position 0).
@@ -92,6 +92,10 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
     for any local copy); reading a lossy file back needs ``wire.allow_lossy = on``."""
     if kind not in EXPORT_KINDS:
         raise EdgelinkError(f"unknown export kind {kind!r} (choose from {', '.join(EXPORT_KINDS)})")
+    if file_format == "llama":
+        return _export_llama(model, prompt, path, _cfg(cfg), progress, kind)
+    if file_format != "edgelink":
+        raise EdgelinkError(f"unknown file format {file_format!r} (edgelink or llama)")
     cfg = _cfg(cfg)
     codec = wire.choose(cfg.wire, tuple(wire.CODECS), network=False)
     with load_runtime(model, cfg, progress) as rt:
@@ -122,6 +126,49 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
         return Generation(model, len(toks), [], "", {"prefill_s": t1 - t0, "export_s": t2 - t1},
                           {"file": size, "payload": msg.payload_bytes},
                           {"kind": msg.kind.name, "codec": codec or "raw"})
+
+
+def _export_llama(model: str, prompt: str, path: str | Path, cfg: Config, progress: Progress | None,
+                  kind: str) -> Generation:
+    """``export --format llama``: a llama.cpp sequence-state file (``llama_state_seq_load_file``)."""
+    if kind != "snapshot":
+        raise EdgelinkError(f"a llama.cpp state file holds a sequence's cells: export --as snapshot, not {kind}")
+    if cfg.wire.codec not in ("auto", "raw"):
+        raise EdgelinkError("a llama.cpp state file holds raw cells: drop --wire (or use raw)")
+    with load(model, cfg, progress=progress) as m:
+        t0 = time.perf_counter()
+        n = m.prefill(prompt)
+        t1 = time.perf_counter()
+        size = m.save_llama_file(path)
+        return Generation(model, n, [], "", {"prefill_s": t1 - t0, "export_s": time.perf_counter() - t1},
+                          {"file": size}, {"format": "llama"})
+
+
+def import_llama(model: str, path: str | Path, *, output: str | Path | None = None, to: str | None = None,
+                 n_tokens: int | None = None, token: str | None = None, cfg: Config | None = None,
+                 progress: Progress | None = None) -> Generation:
+    """Read a llama.cpp sequence-state file (llama-server's saved slot, ``llama_state_seq_save_file``),
+    verified against ``model``, then write it as an edgelink message file (``output``) and/or
+    hand it off to ``to`` (returning the peer's continuation)."""
+    if output is None and to is None:
+        raise EdgelinkError("import-llama needs somewhere to put the state: -o FILE and/or --to PEER")
+    with load(model, _cfg(cfg), progress=progress) as m:
+        t0 = time.perf_counter()
+        n = m.load_llama_file(path)
+        result = Generation(model, n, [], "", {"import_s": time.perf_counter() - t0}, {}, {"tokens": n})
+        if output is not None:
+            snap = m.snapshot()
+            snap.save(output)
+            result.bytes["file"] = len(snap.frames)
+            result.extra["output"] = str(output)
+        if to is not None:
+            with m.connect(to, token=token) as peer:
+                g = peer.handoff(n_tokens)
+            result.tokens, result.text = g.tokens, g.text
+            result.timings.update(g.timings)
+            result.bytes.update(g.bytes)
+            result.extra.update(g.extra)
+        return result
 
 
 def resume(model: str, path: str | Path, n_tokens: int | None = None, cfg: Config | None = None,

@@ -112,6 +112,14 @@ bridge_option = click.option(
          "for this model as its target; docs/protocol.md, BRIDGED_PREFIX).")
 
 
+def _join_list(configured: str, more: tuple[str, ...]) -> str:
+    """A comma-separated config list with the flag values added."""
+    for value in more:
+        if not value or "," in value or value != value.strip():
+            raise click.BadParameter(f"{value!r}: one value per flag, without commas or surrounding spaces")
+    return ",".join([*(x.strip() for x in configured.split(",") if x.strip()), *more])
+
+
 def _gen_text(g: api.Generation) -> str:
     lines = [g.text, ""]
     lines.append("  ".join(f"{k}={v * 1e3:.1f}ms" for k, v in g.timings.items()))
@@ -145,17 +153,45 @@ def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as
 @click.option("--as", "kind", type=click.Choice(api.EXPORT_KINDS), default="snapshot", show_default=True,
               help="snapshot: KV_CACHE; memory: the same cells as KV_MEMORY; prefix: the prompt's "
                    "embedding rows as a VIRTUAL_PREFIX.")
+@click.option("--format", "file_format", type=click.Choice(["edgelink", "llama"]), default="edgelink",
+              show_default=True, help="edgelink: a verified message file (resume, inspect); llama: a "
+                                      "llama.cpp sequence-state file (llama_state_seq_load_file, "
+                                      "llama-server slots).")
 @wire_option
 @json_option
 @click.pass_obj
-def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, wire: str | None,
-           as_json: bool) -> None:
+def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, file_format: str,
+           wire: str | None, as_json: bool) -> None:
     """Write the handshake and one tensor message about PROMPT to a file (its K/V tensors
-    encoded with --wire when that names a codec; auto and raw write them raw)."""
+    encoded with --wire when that names a codec; auto and raw write them raw), or with
+    --format llama the sequence as llama.cpp saves one."""
     cfg = obj.cfg(wire_codec=wire_codec(wire))
     g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress(),
-                   kind=kind)
+                   kind=kind, file_format=file_format)
     _emit(as_json, g, f"wrote {output}\n" + _gen_text(g).lstrip())
+
+
+@cli.command("import-llama")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False)
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the state as an edgelink message file.")
+@click.option("--to", default=None, help="Hand the state off to this receiver (shm:NAME or a multiaddr).")
+@n_option
+@click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@json_option
+@click.pass_obj
+def import_llama(obj: _Ctx, file: str, model: str | None, output: str | None, to: str | None,
+                 n_tokens: int | None, token: str | None, as_json: bool) -> None:
+    """Read a llama.cpp sequence-state FILE (llama_state_seq_save_file; llama-server's
+    --slot-save-path slots), verify it against MODEL, and write it as an edgelink message
+    (-o) and/or hand it off (--to)."""
+    if output is None and to is None:
+        raise click.UsageError("give -o FILE (an edgelink message file) and/or --to PEER (a handoff)")
+    cfg = obj.cfg()
+    g = api.import_llama(model or cfg.runtime.default_model, file, output=output, to=to, n_tokens=n_tokens,
+                         token=token, cfg=cfg, progress=_progress())
+    _emit(as_json, g, f"read {g.prompt_tokens} tokens from {file}\n" + _gen_text(g).lstrip())
 
 
 @cli.command()
@@ -295,13 +331,21 @@ def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: b
 @click.option("--listen", default=None, help="Multiaddr to listen on [config: p2p.listen].")
 @click.option("--mdns", is_flag=True, default=False,
               help="Announce this node on the LAN with mDNS [config: p2p.mdns].")
+@click.option("--token", "tokens", multiple=True, metavar="TOKEN",
+              help="A bearer token a client must present (repeatable; adds to node.tokens).")
+@click.option("--allow-peer", "allow_peers", multiple=True, metavar="PEER_ID",
+              help="A peer id allowed to start sessions (repeatable; adds to node.allow_peers; "
+                   "with none anywhere, any peer may).")
 @bridge_option
 @json_option
 @click.pass_obj
-def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, bridge: str | None,
-         as_json: bool) -> None:
+def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: tuple[str, ...],
+         allow_peers: tuple[str, ...], bridge: str | None, as_json: bool) -> None:
     """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
     cfg = obj.cfg(p2p_mdns=1 if mdns else None)
+    if tokens or allow_peers:
+        cfg = cfg.replace(node_tokens=_join_list(cfg.node.tokens, tokens),
+                          node_allow_peers=_join_list(cfg.node.allow_peers, allow_peers))
 
     def ready(ev: dict) -> None:
         per = ev["kv_bytes_per_context"] / 1e6

@@ -16,9 +16,10 @@ The one-shot functions of ``edgelink.api`` are thin wrappers over these objects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,11 +95,25 @@ class Model:
     """One model and one llama.cpp context, reused across prefills, generations, snapshots
     and peers. Not thread-safe: one operation at a time, as with llama-cpp-python's ``Llama``."""
 
-    def __init__(self, rt: LlamaRuntime, cfg: Config, name: str):
+    def __init__(self, rt: LlamaRuntime, cfg: Config, name: str, binding: Any = None):
+        """``binding``: whoever else holds this context (``interop.LlamaBinding`` for a
+        llama-cpp-python ``Llama``): told before and after each operation."""
         self.runtime = rt
         self.cfg = cfg
         self.name = name
+        self.binding = binding
         self._signature: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[LlamaRuntime]:
+        """One operation on the sequence, in step with a bound ``Llama`` (if any)."""
+        if self.binding is not None:
+            self.binding.pull()
+        try:
+            yield self.runtime
+        finally:
+            if self.binding is not None:
+                self.binding.push()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,21 +150,24 @@ class Model:
 
     def prefill(self, prompt: str | Sequence[int]) -> int:
         """Append ``prompt`` (text, or token ids) to the sequence; returns its token count."""
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        self.runtime.prefill(toks)
+        with self.step() as rt:
+            toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            rt.prefill(toks)
         return len(toks)
 
     def generate(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> Generation:
         """Greedy continuation here (appended to the sequence)."""
         n = self.cfg.generate.n_tokens if n_tokens is None else n_tokens
         t0 = time.perf_counter()
-        out = self.runtime.generate(n, stop_at_eog=stop_at_eog)
-        return Generation(self.name, len(self.runtime.tokens) - len(out), out, self.runtime.detokenize(out),
+        with self.step() as rt:
+            out = rt.generate(n, stop_at_eog=stop_at_eog)
+        return Generation(self.name, len(rt.tokens) - len(out), out, rt.detokenize(out),
                           {"generate_s": time.perf_counter() - t0})
 
     def reset(self) -> None:
         """Forget the sequence."""
-        self.runtime.clear()
+        with self.step() as rt:
+            rt.clear()
 
     # ------------------------------------------------------------------ state
 
@@ -164,7 +182,8 @@ class Model:
         session = self.file_session(Role.CLIENT)
         hello = session.hello()
         session.assume_peer_accepts()
-        tensors, attrs, token_range = snapshot_tensors(self.runtime)
+        with self.step():
+            tensors, attrs, token_range = snapshot_tensors(self.runtime)
         parts, msg = session.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors,
                                                    seq_slot=self.runtime.seq,
                                                    layer_range=(0, self.runtime.n_layer),
@@ -178,9 +197,26 @@ class Model:
         from edgelink.transport.file import FileChannelReader
 
         where = "the snapshot" if isinstance(snapshot, Snapshot) else str(snapshot)
-        with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot) as r:
+        with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot) as r, \
+                self.step():
             return apply_messages(Receiver(self.runtime, self.cfg, self.signature, calibrate=False),
                                   self.file_session(Role.SERVER), r, where)
+
+    def load_llama_file(self, path: str | Path) -> int:
+        """Replace the sequence by a llama.cpp sequence-state file's (``llama_state_seq_save_file``,
+        llama-server's saved slots), verified against this model first. Returns its tokens."""
+        from edgelink.interop import load_seq_file
+
+        with self.step() as rt:
+            return load_seq_file(path, rt)
+
+    def save_llama_file(self, path: str | Path) -> int:
+        """Write the sequence as a llama.cpp sequence-state file (``llama_state_seq_load_file``
+        reads it). Returns the bytes written."""
+        from edgelink.interop import save_seq_file
+
+        with self.step() as rt:
+            return save_seq_file(path, rt)
 
     # ------------------------------------------------------------------ peers
 

@@ -76,12 +76,12 @@ class Peer:
     def send(self) -> SentSnapshot:
         """Bring the receiver's sequence to the model's: the whole state (planned over a
         network link: docs/protocol.md, "Choosing") or, while in step, only the new cells."""
-        rt = self.model.runtime
-        if 0 < self.synced < len(rt.tokens):
-            sent = self.sender.send_delta(rt, self.synced)
-        else:
-            sent = self.sender.send_snapshot(rt)
-        self.synced = len(rt.tokens)
+        with self.model.step() as rt:
+            if 0 < self.synced < len(rt.tokens):
+                sent = self.sender.send_delta(rt, self.synced)
+            else:
+                sent = self.sender.send_snapshot(rt)
+            self.synced = len(rt.tokens)
         return sent
 
     def generate(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> dict[str, Any]:
@@ -109,23 +109,22 @@ class Peer:
     def converse(self, text: str, n_tokens: int | None = None) -> Round:
         """One turn: read ``text`` here, ship only what the receiver lacks, let it answer,
         and take its answer's cells back, so both sides hold the same sequence again."""
-        rt = self.model.runtime
         n = self.model.cfg.generate.n_tokens if n_tokens is None else n_tokens
-        toks = self.model.tokenize(text)
         first = self.synced == 0
         t0 = time.perf_counter()
-        rt.prefill(toks)
+        sent_tokens = self.model.prefill(text)
         t1 = time.perf_counter()
         sent = self.send()
         t2 = time.perf_counter()
         body = self.sender.request("generate", n_tokens=n, stop_at_eog=False)
         t3 = time.perf_counter()
-        pulled = self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0
+        with self.model.step() as rt:
+            pulled = self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0
+            self.synced = len(rt.tokens)
+            full = sum(t.nbytes for t in _snapshot_tensors(rt))
         t4 = time.perf_counter()
-        self.synced = len(rt.tokens)
-        full = sum(t.nbytes for t in _snapshot_tensors(rt))
         self.turns += 1
-        return Round(self.turns - 1, self.synced, len(toks), sent.payload_bytes,
+        return Round(self.turns - 1, self.synced, sent_tokens, sent.payload_bytes,
                      "KV_CACHE" if first else "KV_CACHE_DELTA", list(body["tokens"]), body["text"], pulled, full,
                      {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2, "pull_s": t4 - t3})
 
@@ -135,7 +134,8 @@ class Peer:
 
     def same_state(self) -> bool:
         """Whether the receiver holds exactly the model's sequence (cells, tokens, logits)."""
-        return self.digest() == self.model.runtime.state_digest()
+        with self.model.step() as rt:
+            return self.digest() == rt.state_digest()
 
     def request(self, op: str, **params: Any) -> dict[str, Any]:
         """Any other REQUEST the receiver answers (docs/protocol.md)."""

@@ -64,24 +64,12 @@ class LlamaRuntime:
         if not self.path.is_file():
             raise ModelError(f"model file not found: {self.path}")
         _init_backend()
+        self._owned = True  # this runtime made the model and context, and frees them
         mparams = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise ModelError(f"llama.cpp could not load {self.path}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
-        self.n_swa = llama_cpp.llama_model_n_swa(self.model)
-        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        # Head sizes (the GGUF's key/value length, else n_embd / n_head) and the width of one
-        # token's K and V rows per layer: the signature and message sizing read these.
-        arch = self.meta("general.architecture") or ""
-        n_head = max(llama_cpp.llama_model_n_head(self.model), 1)
-        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
-        k_len, v_len = self.meta(f"{arch}.attention.key_length"), self.meta(f"{arch}.attention.value_length")
-        self.head_dim = int(k_len) if k_len else self.n_embd // n_head
-        head_dim_v = int(v_len) if v_len else self.n_embd // n_head
-        self.kv_widths = (self.n_head_kv * self.head_dim, self.n_head_kv * head_dim_v)
+        self._model_facts()
         cp = llama_cpp.llama_context_default_params()
         self.eval_hook = None
         # Called with (positions, output flags) before each llama_decode while set; prefill then
@@ -108,6 +96,42 @@ class LlamaRuntime:
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise ModelError(f"llama.cpp could not create a context for {self.path} (n_ctx={rc.n_ctx})")
+        self._context_facts()
+        # Resolve flash attention now, while the sequence is empty: probing later would reuse
+        # the export buffer that callers may still be reading views from.
+        self.flash_attn_resolved()
+
+    @classmethod
+    def adopt(cls, model, ctx, path: Path, cfg: Config) -> LlamaRuntime:
+        """A runtime over a model and context someone else made and frees (a llama-cpp-python
+        ``Llama``'s: edgelink/interop.py). ``cfg`` must describe that context."""
+        self = cls.__new__(cls)
+        self.path, self.cfg, self._owned = Path(path), cfg, False
+        self.model, self.ctx = model, ctx
+        self.eval_hook = None
+        self.batch_observer = None
+        self._model_facts()
+        self._context_facts()
+        return self
+
+    def _model_facts(self) -> None:
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        self.n_swa = llama_cpp.llama_model_n_swa(self.model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        # Head sizes (the GGUF's key/value length, else n_embd / n_head) and the width of one
+        # token's K and V rows per layer: the signature and message sizing read these.
+        arch = self.meta("general.architecture") or ""
+        n_head = max(llama_cpp.llama_model_n_head(self.model), 1)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.model)
+        k_len, v_len = self.meta(f"{arch}.attention.key_length"), self.meta(f"{arch}.attention.value_length")
+        self.head_dim = int(k_len) if k_len else self.n_embd // n_head
+        head_dim_v = int(v_len) if v_len else self.n_embd // n_head
+        self.kv_widths = (self.n_head_kv * self.head_dim, self.n_head_kv * head_dim_v)
+
+    def _context_facts(self) -> None:
+        rc = self.cfg.runtime
         # llama.cpp may pad the context and clamp the batch to it: use what it resolved.
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = min(llama_cpp.llama_n_batch(self.ctx), rc.n_batch)
@@ -135,17 +159,15 @@ class LlamaRuntime:
         self._state_buf = np.empty(0, dtype=np.uint8)
         self._flash_resolved: bool | None = None
         self._embeddings: TokenEmbeddings | None = None
-        # Resolve flash attention now, while the sequence is empty: probing later would reuse
-        # the export buffer that callers may still be reading views from.
-        self.flash_attn_resolved()
 
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
             llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self.ctx)
-            llama_cpp.llama_model_free(self.model)
+            if self._owned:
+                llama_cpp.llama_free(self.ctx)
+                llama_cpp.llama_model_free(self.model)
             self.ctx = None
             self.model = None
 
@@ -320,6 +342,11 @@ class LlamaRuntime:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         self.logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return self.logits
+
+    def context_logits(self) -> np.ndarray:
+        """The logits llama.cpp holds for the last token of its last decode (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def generate(self, n_tokens: int, stop_at_eog: bool = True) -> list[int]:
         """Greedy continuation from the current logits: the reference every handoff must match."""
