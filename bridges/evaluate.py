@@ -61,15 +61,15 @@ import numpy as np
 from bridges.data import Example, load_split
 from bridges.features import Features, split_features
 from bridges.tasks import task_prompt
-from edgelink.blas import blas_thread_count, blas_threads
 from edgelink.bridge import Bridge, BridgePrompt, load_bridge
+from edgelink.bridge.blas import blas_thread_count, blas_threads
 from edgelink.config import Config, load_config
-from edgelink.latent.bridged import feed_vectors
-from edgelink.registry import resolve_model
+from edgelink.kinds.bridged import feed_vectors
+from edgelink.models.resolve import resolve_model
+from edgelink.models.signature import model_signature
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.signature import model_signature
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"

@@ -1,5 +1,5 @@
 """The trainable bridge kinds in torch, mirrored op for op by the numpy runtime in
-``edgelink/bridge.py`` (the parity test holds them together).
+``edgelink/bridge/__init__.py`` (the parity test holds them together).
 
 Both take the source's residual rows after one layer, drop the first (BOS) row, which carries
 the attention-sink outlier, and standardize every row with per-dimension statistics of the

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from edgelink.gguf_meta import read_gguf_header
+from edgelink.models.gguf_meta import read_gguf_header
 
 ARCHITECTURES = ("llama", "gemma3")
 

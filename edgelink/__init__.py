@@ -17,13 +17,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "load": "edgelink.model",
-    "Model": "edgelink.model",
-    "Snapshot": "edgelink.model",
-    "Generation": "edgelink.model",
-    "Peer": "edgelink.peer",
-    "Round": "edgelink.peer",
-    "from_llama": "edgelink.interop",
+    "load": "edgelink.api.model",
+    "Model": "edgelink.api.model",
+    "Snapshot": "edgelink.api.model",
+    "Generation": "edgelink.api.results",
+    "Peer": "edgelink.api.peer",
+    "Round": "edgelink.api.peer",
+    "from_llama": "edgelink.api.interop",
     "Config": "edgelink.config",
     "load_config": "edgelink.config",
     "EdgelinkError": "edgelink.errors",

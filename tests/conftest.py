@@ -14,14 +14,14 @@ def cfg():
 
 @pytest.fixture(scope="session")
 def smollm2_path(cfg):
-    from edgelink.registry import resolve_model
+    from edgelink.models.resolve import resolve_model
 
     return resolve_model("smollm2-135m", cfg, pull=True)
 
 
 @pytest.fixture(scope="session")
 def gemma3_path(cfg):
-    from edgelink.registry import resolve_model
+    from edgelink.models.resolve import resolve_model
 
     return resolve_model("gemma3-270m", cfg, pull=True)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edgelink.gguf_meta import read_gguf_header
-from edgelink.twins import write_gguf
+from edgelink.models.gguf_meta import read_gguf_header
+from edgelink.models.twins import write_gguf
 
 TINY_NAME = "edgelink-tiny-llama"
 

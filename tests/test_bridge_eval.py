@@ -17,7 +17,7 @@ import pytest
 
 import bridges.evaluate as ev
 from bridges.plot import render_svg, write_svg
-from edgelink.blas import blas_thread_count, blas_threads, openblas_controls
+from edgelink.bridge.blas import blas_thread_count, blas_threads, openblas_controls
 
 # --------------------------------------------------------------------------- statistics
 
@@ -119,9 +119,9 @@ def private_cfg(tmp_path_factory, cfg, smollm2_path, gemma3_path):
 
 def _export(path, cfg, seed: int):
     from edgelink.bridge import export_bridge
-    from edgelink.registry import resolve_model
+    from edgelink.models.resolve import resolve_model
+    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.signature import model_signature
 
     with LlamaRuntime(resolve_model(ev.SOURCE, cfg), cfg) as s, \
             LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:

@@ -1,4 +1,4 @@
-"""The bridge export format and numpy runtime (edgelink/bridge.py) and the ridge baseline
+"""The bridge export format and numpy runtime (edgelink/bridge/__init__.py) and the ridge baseline
 (bridges/ridge.py): round trip, integrity, a torch reference, apply time, pair checks, and a
 smoke fit on the real models."""
 
@@ -125,7 +125,7 @@ def test_check_pair(tmp_path):
 
 def test_smoke_fit_on_real_models(tmp_path, cfg):
     from bridges.ridge import train_ridge
-    from edgelink.registry import resolve_model
+    from edgelink.models.resolve import resolve_model
     from edgelink.runtime.evalhook import capture
     from edgelink.runtime.llama import LlamaRuntime
 

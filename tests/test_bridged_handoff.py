@@ -22,16 +22,16 @@ import pytest
 
 from bridges.tasks import task_prompt
 from edgelink.api import connect
-from edgelink.api_latent import bridged_handoff
+from edgelink.api.latent import bridged_handoff
 from edgelink.bridge import export_bridge, load_bridge
 from edgelink.config import to_env
 from edgelink.errors import EdgelinkError, PeerRejected
-from edgelink.latent.bridged import bridge_claim, source_rows
-from edgelink.launcher import start_node, start_receiver, stop_receiver
+from edgelink.kinds.bridged import bridge_claim, source_rows
+from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import Kind
+from edgelink.roles.launcher import start_node, start_receiver, stop_receiver
+from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.sender import Sender
-from edgelink.signature import model_signature
 
 TEXT = "A warm, funny and moving film; I loved every minute of it."
 LAYER, K, N = 15, 2, 8
@@ -268,7 +268,7 @@ def test_bridged_handoff_to_a_node_over_libp2p(model_paths, cfg1, bridge_files, 
 
 
 def _message(vectors, digest, n_src=3, **changes):
-    from edgelink.latent.bridged import bridged_tensors
+    from edgelink.kinds.bridged import bridged_tensors
     from edgelink.protocol.kinds import ApplyMode
     from edgelink.protocol.messages import TensorMessage
 
@@ -282,7 +282,7 @@ def _message(vectors, digest, n_src=3, **changes):
 def test_applier_checks_the_envelope_and_restores_on_a_llama_failure(runtimes, bridge_files, reference,
                                                                       monkeypatch):
     from edgelink.errors import StateError
-    from edgelink.latent.bridged import BridgedPrefixApplier
+    from edgelink.kinds.bridged import BridgedPrefixApplier
     from edgelink.protocol.kinds import ApplyMode
 
     _, tgt = runtimes
@@ -317,7 +317,7 @@ def test_applier_checks_the_envelope_and_restores_on_a_llama_failure(runtimes, b
 
 def test_label_scores_request_checks_its_labels(runtimes):
     from edgelink.errors import SessionError
-    from edgelink.latent.bridged import label_scores
+    from edgelink.kinds.bridged import label_scores
 
     _, tgt = runtimes
     tgt.clear()

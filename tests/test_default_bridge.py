@@ -13,8 +13,8 @@ from bridges.evaluate import Reader, derangement
 from bridges.features import extract
 from edgelink.bridge import load_bridge
 from edgelink.errors import ModelError
+from edgelink.models.signature import model_signature
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.signature import model_signature
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "sentiment-perceiver-k8-l15.json"
 N = 24

@@ -8,11 +8,11 @@ import pytest
 
 from edgelink.bench import context_tokens
 from edgelink.errors import StateError
-from edgelink.latent.delta import DeltaApplier, delta_tensors
+from edgelink.kinds.delta import DeltaApplier, delta_tensors
+from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.snapshot import SnapshotApplier, snapshot_tensors
 
 
 def _msg(kind, apply, rt, built) -> TensorMessage:

@@ -10,10 +10,10 @@ import blake3
 import pytest
 from gguf_variants import write_tiny_llama_gguf, write_weight_variant
 
-import edgelink.digest as digest_mod
+import edgelink.models.digest as digest_mod
 from edgelink.config import load_config
-from edgelink.digest import sidecar_path, weights_digest
 from edgelink.errors import ModelError
+from edgelink.models.digest import sidecar_path, weights_digest
 
 HOUR_NS = 3600 * 10**9
 
@@ -25,7 +25,7 @@ def tmp_cfg(tmp_path):
 
 @pytest.fixture
 def counter(monkeypatch):
-    """Counts real hashing passes (every call of edgelink.digest.hash_file)."""
+    """Counts real hashing passes (every call of edgelink.models.digest.hash_file)."""
     calls: list[str] = []
     real = digest_mod.hash_file
 

@@ -10,12 +10,12 @@ import pytest
 from edgelink.bench import context_tokens
 from edgelink.errors import ChecksumMismatch
 from edgelink.fuzz import synthetic_signature
+from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.protocol import codec
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor
 from edgelink.protocol.reader import PIECE_BYTES, FrameReader
 from edgelink.protocol.session import Role, Session
-from edgelink.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.transport.framing import Scatter
 
 

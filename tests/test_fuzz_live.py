@@ -16,9 +16,9 @@ from edgelink import api
 from edgelink.errors import PeerRejected
 from edgelink.fuzz import real_export
 from edgelink.fuzz.live import fuzz_live
-from edgelink.launcher import start_node, start_receiver, stop_receiver
+from edgelink.models.signature import model_signature
+from edgelink.roles.launcher import start_node, start_receiver, stop_receiver
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.signature import model_signature
 
 PROMPT = "The capital of France is"
 
@@ -84,8 +84,8 @@ def test_a_fault_after_llama_cpp_was_touched_is_rejected_and_restored(smollm2_pa
     """Inject an untyped fault into the import (after llama.cpp holds the new cells): the
     receiver answers REJECT internal, its sequence digest is exactly what it was, and the same
     session then takes a snapshot and continues exactly."""
-    from edgelink.receiver import Receiver
-    from edgelink.sender import Sender
+    from edgelink.roles.receiver import Receiver
+    from edgelink.roles.sender import Sender
     from edgelink.transport.shm import ShmListener
     from edgelink.transport.shm import connect as shm_connect
 

@@ -11,7 +11,12 @@ import pytest
 from gguf_variants import write_tiny_llama_gguf, write_weight_variant
 
 from edgelink.errors import ModelError
-from edgelink.gguf_meta import MAX_ARRAY_ITEMS, ArraySummary, read_gguf_facts, read_gguf_header
+from edgelink.models.gguf_meta import (
+    MAX_ARRAY_ITEMS,
+    ArraySummary,
+    read_gguf_facts,
+    read_gguf_header,
+)
 
 
 def _reader_value(field: gguf.ReaderField):

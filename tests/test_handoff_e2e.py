@@ -20,14 +20,14 @@ from gguf_variants import write_weight_variant
 from edgelink.api import connect
 from edgelink.bench import context_tokens
 from edgelink.errors import MessageTooLarge, PeerRejected
-from edgelink.launcher import start_receiver, stop_receiver
+from edgelink.kinds.snapshot import snapshot_tensors
+from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Reject
-from edgelink.receiver import frame_limit
+from edgelink.roles.launcher import start_receiver, stop_receiver
+from edgelink.roles.receiver import frame_limit
+from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.sender import Sender
-from edgelink.signature import model_signature
-from edgelink.snapshot import snapshot_tensors
 
 
 def _name(tag: str) -> str:
@@ -261,7 +261,7 @@ import json, sys
 from edgelink.api import connect
 from edgelink.config import load_config
 from edgelink.protocol.session import Role, Session
-from edgelink.receiver import frame_limit
+from edgelink.roles.receiver import frame_limit
 from edgelink.transport.framing import HEADER
 cfg = load_config()
 ch = connect("shm:" + sys.argv[1], cfg)

@@ -16,17 +16,17 @@ import uuid
 import numpy as np
 import pytest
 
-from edgelink import api_latent
 from edgelink.api import connect
+from edgelink.api import latent as api_latent
 from edgelink.errors import NormGateError, PeerRejected, StateError
-from edgelink.latent.hidden import HiddenSliceApplier, capture_slice
-from edgelink.latent.patch import PatchApplier, ResidualPatch, apply_patch, steering_patch
-from edgelink.launcher import start_receiver, stop_receiver
+from edgelink.kinds.hidden import HiddenSliceApplier, capture_slice
+from edgelink.kinds.patch import PatchApplier, ResidualPatch, apply_patch, steering_patch
+from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
+from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.runtime.evalhook import Patch, capture, patching
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.signature import model_signature
 
 TEXT = "The old lighthouse keeper climbed the stairs every evening to light the lamp for the ships."
 

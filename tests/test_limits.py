@@ -8,13 +8,13 @@ import pytest
 
 from edgelink.bench import context_tokens
 from edgelink.errors import MessageTooLarge
+from edgelink.kinds.snapshot import snapshot_tensors
+from edgelink.models.signature import model_signature
 from edgelink.protocol import codec
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token, largest_message_bytes
-from edgelink.signature import model_signature
-from edgelink.snapshot import snapshot_tensors
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
@@ -84,9 +84,9 @@ def test_inspect_is_bounded_by_the_file_not_a_fixed_limit(tmp_path, cfg, monkeyp
     """Without a model there is no context to derive a limit from: `edgelink inspect` takes the
     file's size as the bound, so a file with a message over the 1 GiB fallback still reads."""
     import edgelink.protocol.limits as limits
+    from edgelink.api.inspect import inspect_file
     from edgelink.errors import TransportError
     from edgelink.fuzz import seed_frames
-    from edgelink.inspect_file import inspect_file
     from edgelink.transport.framing import HEADER
 
     frames = seed_frames(limits=cfg.protocol)[:2]  # HELLO and a KV_CACHE message

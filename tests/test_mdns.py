@@ -22,7 +22,7 @@ SCENARIO = textwrap.dedent("""
     from edgelink import api
     from edgelink.config import load_config
     from edgelink.errors import PeerGone
-    from edgelink.launcher import start_node, stop_receiver
+    from edgelink.roles.launcher import start_node, stop_receiver
 
     model, tmp = sys.argv[1], sys.argv[2]
     cfg = load_config()
@@ -96,7 +96,7 @@ def test_discover_cli_json_and_exit_status(netns_ok, tmp_path):
     ("/p2p/12D3KooWabc", "mdns", "12D3KooWabc"),
 ])
 def test_endpoint_forms(text, scheme, address):
-    from edgelink.endpoint import parse_endpoint
+    from edgelink.net.endpoint import parse_endpoint
 
     ep = parse_endpoint(text)
     assert (ep.scheme, ep.address, str(ep)) == (scheme, address, text)
@@ -104,8 +104,8 @@ def test_endpoint_forms(text, scheme, address):
 
 @pytest.mark.parametrize("text", ["/p2p/", "/ip4/1.2.3.4/tcp/1", "/p2p/a/b", "tcp:1.2.3.4", "demo"])
 def test_endpoint_errors_say_what_is_wrong(text):
-    from edgelink.endpoint import parse_endpoint
     from edgelink.errors import ConfigError
+    from edgelink.net.endpoint import parse_endpoint
 
     with pytest.raises(ConfigError, match="endpoint"):
         parse_endpoint(text)

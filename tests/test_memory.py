@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgelink.errors import StateError
-from edgelink.latent.memory import MemoryApplier, memory_tensors
+from edgelink.kinds.memory import MemoryApplier, memory_tensors
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.runtime.kvstate import parse_seq_state

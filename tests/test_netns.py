@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edgelink import api
-from edgelink.launcher import start_node, stop_receiver
+from edgelink.roles.launcher import start_node, stop_receiver
 from tools.netns import remote_host
 
 

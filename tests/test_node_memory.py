@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 
 from edgelink.api import connect
+from edgelink.bench.rss import rss_bytes
 from edgelink.errors import PeerRejected
-from edgelink.launcher import start_node, stop_receiver
-from edgelink.rss import rss_bytes
+from edgelink.models.signature import model_signature
+from edgelink.models.twins import TWINS, twin_path
+from edgelink.roles.launcher import start_node, stop_receiver
+from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
-from edgelink.sender import Sender
-from edgelink.signature import model_signature
-from edgelink.twins import TWINS, twin_path
 
 
 def test_node_creates_contexts_as_clients_arrive(cfg, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 import edgelink
 from edgelink.errors import EdgelinkError, StateError
-from edgelink.launcher import start_receiver, stop_receiver
+from edgelink.roles.launcher import start_receiver, stop_receiver
 
 PROMPT = "The old lighthouse keeper climbed the stairs every evening, and"
 

@@ -25,8 +25,8 @@ from edgelink.errors import (
     SessionError,
     TransportError,
 )
-from edgelink.identity import load_identity
-from edgelink.launcher import start_node, stop_receiver
+from edgelink.net.identity import load_identity
+from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.transport import p2p
 
 TOKEN = "s3cret-token"
@@ -181,8 +181,8 @@ def node(smollm2_path, cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sender_rt(smollm2_path, cfg):
+    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.signature import model_signature
 
     rt = LlamaRuntime(smollm2_path, cfg)
     rt.signature = model_signature(rt, cfg).to_dict()
@@ -192,7 +192,7 @@ def sender_rt(smollm2_path, cfg):
 
 def _sender(node, rt, token=TOKEN, cfg=None):
     from edgelink.api import connect
-    from edgelink.sender import Sender
+    from edgelink.roles.sender import Sender
 
     cfg = cfg or node.client_cfg
     s = Sender(connect(node.addr, cfg), cfg, rt.signature, auth={"token": token} if token else None)
@@ -306,8 +306,8 @@ def test_a_split_whose_cells_differ_falls_back_to_the_whole_state(node, smollm2_
     """A sender that computed its cells in 16-token batches (not reproducible by the receiver's
     prefill) but claims otherwise: the receiver refuses the delta (state), and the whole state
     follows in the same handoff; the result is still exactly the sender's."""
+    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.signature import model_signature
 
     small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=16)
     with LlamaRuntime(smollm2_path, small) as rt:
@@ -331,7 +331,7 @@ def test_a_lossy_handoff_to_a_node_that_allows_it(smollm2_path, cfg, tmp_path, s
     try:
         _prefill(rt, 300)
         from edgelink.api import connect
-        from edgelink.sender import Sender
+        from edgelink.roles.sender import Sender
 
         c = cfg.replace(wire_codec="kivi4/1", p2p_identity_key=tmp_path / "client.key")
         s = Sender(connect(proc.ready["addrs"][0], c), c, rt.signature)
@@ -350,8 +350,8 @@ def test_on_a_very_slow_link_the_text_travels_and_the_digests_must_agree(node, s
     """At 1 Mbit/s the plan sends the token ids; the receiver's prefill must give our state
     digest exactly (cells, tokens, logits). A sender whose cells no prefill reproduces (16-token
     batches, claimed otherwise) is caught by that digest and the whole state follows."""
+    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.signature import model_signature
 
     rt = sender_rt
     _prefill(rt, 700)  # 512 + 188: the receiver decodes the same ubatches
@@ -380,9 +380,9 @@ def test_a_split_handoff_past_gemmas_window_is_exact(gemma3_path, cfg, tmp_path)
     merges the receiver's own cells and the shipped ones in both, exactly."""
     from edgelink.api import connect
     from edgelink.bench import context_tokens
+    from edgelink.models.signature import model_signature
+    from edgelink.roles.sender import Sender
     from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.sender import Sender
-    from edgelink.signature import model_signature
 
     proc = start_node(str(gemma3_path), cfg, extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "g.key"),
                                                         "EDGELINK_PROTOCOL_SESSION_STATE": "keep"})
@@ -614,7 +614,7 @@ def test_keys_ratchet_during_a_live_handoff(smollm2_path, cfg, tmp_path, sender_
 def test_clients_past_the_maximum_are_refused_busy(node, sender_rt):
     from edgelink.api import connect
     from edgelink.errors import PeerRejected
-    from edgelink.sender import Sender
+    from edgelink.roles.sender import Sender
 
     held = [_sender(node, sender_rt) for _ in range(2)]  # node.max_clients = 2
     try:
@@ -708,7 +708,7 @@ def test_node_flags_add_tokens_and_allowed_peers(smollm2_path, cfg, tmp_path, se
                       node_args=("--token", "flag-token", "--allow-peer", allowed.peer_id_str))
     try:
         from edgelink.api import connect
-        from edgelink.sender import Sender
+        from edgelink.roles.sender import Sender
 
         addr = proc.ready["addrs"][0]
         ok = cfg.replace(p2p_identity_key=tmp_path / "allowed.key")

@@ -15,7 +15,7 @@ import sys
 import pytest
 import trio
 
-from edgelink.identity import load_identity
+from edgelink.net.identity import load_identity
 from edgelink.transport import p2p
 from edgelink.transport.readahead import ReadAhead, stock_noise_option
 

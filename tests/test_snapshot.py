@@ -9,6 +9,7 @@ import pytest
 
 from edgelink.bench import context_tokens
 from edgelink.errors import StateError
+from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.kvstate import (
@@ -18,7 +19,6 @@ from edgelink.runtime.kvstate import (
     tensors_to_state,
 )
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.snapshot import SnapshotApplier, snapshot_tensors
 
 MODELS = ["smollm2-135m", "gemma3-270m"]
 

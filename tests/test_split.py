@@ -13,11 +13,11 @@ import pytest
 
 from edgelink.bench import context_tokens
 from edgelink.errors import PeerRejected, StateError
-from edgelink.latent.delta import DeltaApplier, delta_tensors
+from edgelink.kinds.delta import DeltaApplier, delta_tensors
+from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.signature import model_signature
 
 
 def test_batched_counts_the_cells_a_batch_prefill_reproduces(pair, smollm2_path, cfg):
@@ -71,8 +71,8 @@ def test_the_receiver_refuses_a_delta_over_cells_that_differ(pair):
 
 
 def _session(pair, cfg):
-    from edgelink.receiver import Receiver
-    from edgelink.sender import Sender
+    from edgelink.roles.receiver import Receiver
+    from edgelink.roles.sender import Sender
     from edgelink.transport.shm import ShmListener
     from edgelink.transport.shm import connect as shm_connect
 

@@ -1,4 +1,4 @@
-"""Shape twins (edgelink/twins.py): each loads under llama.cpp, its KV state is byte for byte the
+"""Shape twins (edgelink/models/twins.py): each loads under llama.cpp, its KV state is byte for byte the
 size of the real model's, Gemma-3-4B's keeps its sliding window, and a handoff on the
 Llama-3-8B twin across two processes continues exactly."""
 
@@ -12,11 +12,11 @@ import pytest
 
 from edgelink import api
 from edgelink.bench import context_tokens
-from edgelink.launcher import start_receiver, stop_receiver
-from edgelink.registry import resolve_model
+from edgelink.models.resolve import resolve_model
+from edgelink.models.twins import TWINS, twin_path, write_twin
+from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import kv_bytes_per_token
-from edgelink.twins import TWINS, twin_path, write_twin
 
 # Published geometries: layers x KV heads x head size x (K, V) x f16
 REAL_KV_BYTES_PER_TOKEN = {"llama-3-8b": 32 * 8 * 128 * 4, "llama-3.2-1b": 16 * 8 * 64 * 4,

@@ -20,11 +20,11 @@ from edgelink.errors import (
     UnknownKind,
 )
 from edgelink.fuzz import synthetic_signature
+from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
 from edgelink.protocol.reader import FrameReader
 from edgelink.protocol.session import Role, Session
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.transport.framing import Scatter
 from edgelink.wire.codecs import CODECS, _hadamard
 

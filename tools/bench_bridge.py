@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelink.bench.timing import median_seconds
 from edgelink.bridge import export_bridge, load_bridge
-from edgelink.bridge_forward import expected_shapes
+from edgelink.bridge.forward import expected_shapes
 from edgelink.config import load_config
-from edgelink.registry import resolve_model
+from edgelink.models.resolve import resolve_model
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.timing import median_seconds
 
 ARCH = {"perceiver": {"d_model": 256, "n_heads": 4, "n_layers": 2, "d_ff": 512, "target_norm": 1.0},
         "lip": {"bottleneck": 256, "target_norm": 1.0}, "ridge": {}}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgelink.bench_transport import format_transport_table, run_transport_bench  # noqa: E402
+from edgelink.bench.transport import format_transport_table, run_transport_bench  # noqa: E402
 from edgelink.config import load_config  # noqa: E402
 from tools.netns import remote_host  # noqa: E402
 

@@ -26,12 +26,12 @@ import numpy as np
 
 from edgelink import wire
 from edgelink.config import load_config
+from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
+from edgelink.models.resolve import resolve_model
 from edgelink.protocol import codec as framing
 from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
-from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.wire.codecs import CODECS, configure
 
 

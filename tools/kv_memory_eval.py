@@ -19,10 +19,10 @@ import statistics
 import time
 
 from edgelink.config import load_config
-from edgelink.latent.memory import MemoryApplier, memory_tensors
+from edgelink.kinds.memory import MemoryApplier, memory_tensors
+from edgelink.models.resolve import resolve_model
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
-from edgelink.registry import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 
 PREAMBLE = "You are a careful assistant. Answer from the notes you were given."

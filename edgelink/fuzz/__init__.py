@@ -185,10 +185,10 @@ def run(target: Callable[[bytes], Any], name: str, seeds: list[bytes], cases: in
 
 def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tuple[dict[str, Any], list[tuple]]:
     """(signature, [a KV_CACHE message tuple]) from a real prefill of ``model``, for seeds."""
-    from edgelink.registry import resolve_model
+    from edgelink.kinds.snapshot import snapshot_tensors
+    from edgelink.models.resolve import resolve_model
+    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.signature import model_signature
-    from edgelink.snapshot import snapshot_tensors
 
     with LlamaRuntime(resolve_model(model, cfg), cfg) as rt:
         rt.prefill(rt.tokenize(prompt))

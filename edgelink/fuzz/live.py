@@ -18,7 +18,7 @@ from edgelink.protocol import codec
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.messages import Ack, Close, Hello, Reject
 from edgelink.protocol.session import Role, Session
-from edgelink.receiver import frame_limit
+from edgelink.roles.receiver import frame_limit
 
 
 def with_id(frame: bytes, message_id: int) -> bytes:
@@ -43,7 +43,7 @@ def fuzz_live(endpoint: str, cfg: Config, signature: dict[str, Any], cases: int,
               reply_timeout_s: float = 60.0) -> FuzzReport:
     """Send ``cases`` mutated frames to the receiver at ``endpoint`` (sessions of up to
     ``per_session`` frames each) and return what came back."""
-    from edgelink.api import connect
+    from edgelink.net.endpoint import connect
 
     seeds = seed_frames(signature, cfg.protocol, extra_tensor_messages)
     auth = {"token": token} if token else None

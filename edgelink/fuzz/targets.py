@@ -159,7 +159,7 @@ def message_file(data: bytes) -> None:
 
 
 def identity_file(data: bytes) -> None:
-    from edgelink.identity import load_identity
+    from edgelink.net.identity import load_identity
 
     fd, path = tempfile.mkstemp(suffix=".key")
     try:

@@ -52,7 +52,7 @@ def describe_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
 
 # ---------------------------------------------------------------------------- bridged sessions
 #
-# A bridge (edgelink/bridge.py) lets two *different* models talk: the client runs the bridge's
+# A bridge (edgelink/bridge/__init__.py) lets two *different* models talk: the client runs the bridge's
 # source model, the server its target, and the only thing exchanged is what the bridge made
 # (BRIDGED_PREFIX). For such a session the exact-match rule above is replaced by this one: both
 # HELLOs name the same bridge (its sha256 and both weights digests), the client's model is the

@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from edgelink.errors import ModelError
-from edgelink.gguf_meta import read_gguf_header
+from edgelink.models.gguf_meta import read_gguf_header
 
 # Architectures whose graph multiplies token embeddings by sqrt(n_embd) but leaves raw
 # embedding input unscaled (llama.cpp src/models/gemma*.cpp).

@@ -104,7 +104,7 @@ class LlamaRuntime:
     @classmethod
     def adopt(cls, model, ctx, path: Path, cfg: Config) -> LlamaRuntime:
         """A runtime over a model and context someone else made and frees (a llama-cpp-python
-        ``Llama``'s: edgelink/interop.py). ``cfg`` must describe that context."""
+        ``Llama``'s: edgelink/api/interop.py). ``cfg`` must describe that context."""
         self = cls.__new__(cls)
         self.path, self.cfg, self._owned = Path(path), cfg, False
         self.model, self.ctx = model, ctx

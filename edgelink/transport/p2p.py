@@ -7,7 +7,7 @@ are cached by libp2p per peer, so a second session to the same peer opens a stre
 existing connection and skips the ~250 ms connection set-up.
 
 Security: the host offers Noise only (never plaintext, secio or TLS fallbacks), yamux only.
-Inside the stream, every byte after the key exchange is sealed by ``edgelink.crypto.e2e``;
+Inside the stream, every byte after the key exchange is sealed by ``edgelink.net.crypto.e2e``;
 there is no switch to turn that off.
 
 Records on the stream (little-endian): ``type u8 | length u32 | body``
@@ -43,7 +43,6 @@ from collections.abc import Callable
 from typing import Any
 
 from edgelink.config import Config
-from edgelink.crypto import e2e
 from edgelink.errors import (
     CryptoError,
     EdgelinkError,
@@ -52,7 +51,8 @@ from edgelink.errors import (
     TransportError,
     TransportTimeout,
 )
-from edgelink.identity import Identity
+from edgelink.net.crypto import e2e
+from edgelink.net.identity import Identity
 from edgelink.transport.framing import (
     FrameSink,
     RecvBuffer,
@@ -772,7 +772,7 @@ _CLIENT_LOCK = threading.Lock()
 def client_host(cfg: Config, identity: Identity | None = None) -> P2PHost:
     """This process's dialling host (one per identity key), kept so that connections to a
     peer are reused across handoffs."""
-    from edgelink.identity import load_identity
+    from edgelink.net.identity import load_identity
 
     ident = identity or load_identity(cfg.p2p.identity_key)
     key = (str(ident.path), ident.peer_id_str)

@@ -1,0 +1,80 @@
+"""Living with the llama-cpp-python code people already run: ``from_llama(llm)`` wraps a
+``Llama`` (its model and its context, nothing reloaded) as an edgelink ``Model``, so its
+conversation can be handed off, snapshotted or replaced by a received state, after which
+``llm.create_completion`` continues from it. (llama.cpp's own state files: kinds/llama_file.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgelink.config import Config, load_config
+from edgelink.errors import ModelError
+from edgelink.runtime.kvstate import CACHE_TYPE_NAMES
+
+if TYPE_CHECKING:
+    from edgelink.api.model import Model
+    from edgelink.runtime.llama import LlamaRuntime
+
+# ---------------------------------------------------------------------------- llama-cpp-python
+
+
+_TYPE_NAMES = {v: k for k, v in CACHE_TYPE_NAMES.items()}
+
+
+def _config_of(llm: Any, cfg: Config) -> Config:
+    """``cfg`` with the runtime settings ``llm``'s context was made with."""
+    cp = llm.context_params
+    flash = {-1: "auto", 0: "off", 1: "on"}.get(int(getattr(cp, "flash_attn_type", -1)), "auto")
+    try:
+        type_k, type_v = _TYPE_NAMES[int(cp.type_k)], _TYPE_NAMES[int(cp.type_v)]
+    except KeyError as exc:
+        raise ModelError(f"the Llama's KV cache type {exc} is not one edgelink moves") from None
+    return cfg.replace(runtime_n_ctx=int(llm.n_ctx()), runtime_n_batch=int(llm.n_batch),
+                       runtime_n_ubatch=int(cp.n_ubatch), runtime_n_threads=int(cp.n_threads),
+                       runtime_flash_attn=flash, runtime_type_k=type_k, runtime_type_v=type_v,
+                       runtime_seq_id=0)
+
+
+def from_llama(llm: Any, cfg: Config | None = None) -> Model:
+    """Wrap a ``llama_cpp.Llama`` as an edgelink ``Model`` over the same model and context.
+
+    Its sequence (``llm``'s evaluated tokens and cells) is the model's; after edgelink changes
+    it (a restore, a received state, a prefill), ``llm`` knows the new tokens and re-decodes
+    the last one before it samples, so ``llm.create_completion(prompt=...)`` with those tokens
+    (or their text) continues from the state. Closing the model leaves ``llm`` usable."""
+    from edgelink.api.model import Model
+    from edgelink.runtime.llama import LlamaRuntime
+
+    cfg = _config_of(llm, cfg if cfg is not None else load_config())
+    rt = LlamaRuntime.adopt(llm._model.model, llm._ctx.ctx, Path(llm.model_path), cfg)
+    return Model(rt, cfg, Path(llm.model_path).name, binding=LlamaBinding(llm, rt))
+
+
+class LlamaBinding:
+    """Keeps a ``Llama``'s token bookkeeping and edgelink's runtime in step around each
+    operation (``Model`` calls ``pull`` before and ``push`` after)."""
+
+    def __init__(self, llm: Any, rt: LlamaRuntime):
+        self.llm, self.rt = llm, rt
+        self.pull()
+
+    def pull(self) -> None:
+        """Take ``llm``'s sequence as the runtime's, when it moved since the last push."""
+        llm, rt = self.llm, self.rt
+        n = int(llm.n_tokens)
+        ids = [int(t) for t in llm.input_ids[:n]]
+        if ids == rt.tokens:
+            return
+        rt.tokens = ids
+        rt.batched = 0  # how llama-cpp-python batched them is not ours to vouch for
+        rt.logits = rt.context_logits() if n and not getattr(llm, "_requires_eval", True) else None
+
+    def push(self) -> None:
+        """Give ``llm`` the runtime's sequence; it re-decodes the last token before sampling."""
+        llm, rt = self.llm, self.rt
+        n = len(rt.tokens)
+        llm.input_ids[:n] = rt.tokens
+        llm.n_tokens = n
+        llm._requires_eval = True

@@ -1,0 +1,281 @@
+"""Python API for the latent kinds: HIDDEN_SLICE and RESIDUAL_PATCH (see docs/latent.md), and
+BRIDGED_PREFIX handoffs between different models (``bridged_handoff``, docs/protocol.md).
+
+    >>> from edgelink.api import latent as al
+    >>> sl = al.capture_hidden("smollm2-135m", "The capital of France is", layers=[15])
+    >>> sl.rows[15].shape                                  # (n_tokens, 576)
+    >>> out = al.steer("smollm2-135m", "I watched the film and", to="shm:demo", layer=15,
+    ...                positive=["I loved it."], negative=["I hated it."], gain=4.0, n_tokens=16)
+
+Sending works over any channel (``api.connect`` endpoints, or any transport's Channel through
+``LatentSender``); files hold the same frames (``export_hidden``/``export_patch`` then
+``apply_file``). The receiver side is an ordinary ``edgelink serve`` whose runtime has the eval
+hook (``--set runtime.eval_hook=on``) for patches; hidden slices need no hook there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelink.api import Generation, _cfg, connect, file_session, load_runtime
+from edgelink.bridge import Bridge, load_bridge
+from edgelink.config import Config
+from edgelink.errors import ChecksumMismatch, EdgelinkError, PeerGone, SessionError
+from edgelink.kinds.bridged import bridge_claim, source_rows
+from edgelink.kinds.hidden import HiddenSlice, HiddenSliceApplier, capture_slice
+from edgelink.kinds.patch import PatchApplier, ResidualPatch, steering_patch
+from edgelink.kinds.snapshot import SnapshotApplier
+from edgelink.models.resolve import resolve_model
+from edgelink.models.signature import model_signature
+from edgelink.protocol.codec import tensor_message_digest
+from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.messages import Ack, TensorMessage
+from edgelink.protocol.session import Role
+from edgelink.roles.receiver import frame_limit
+from edgelink.roles.sender import Sender
+from edgelink.runtime.evalhook import capture
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
+from edgelink.transport.file import FileChannelReader, FileChannelWriter
+
+LATENT_KINDS = (Kind.KV_CACHE, Kind.HIDDEN_SLICE, Kind.RESIDUAL_PATCH)
+
+
+def _hooked(model: str, cfg: Config) -> LlamaRuntime:
+    return LlamaRuntime(resolve_model(model, cfg, pull=True), cfg, eval_hook=True)
+
+
+# ------------------------------------------------------------------------------ local
+
+
+def capture_hidden(model: str, prompt: str, layers: Sequence[int], positions: Sequence[int] | None = None,
+                   cfg: Config | None = None) -> HiddenSlice:
+    """Prefill ``prompt`` and return the residual stream after ``layers`` at ``positions``
+    (default: every prompt token), captured during that forward pass."""
+    cfg = _cfg(cfg)
+    with _hooked(model, cfg) as rt:
+        return capture_slice(rt, rt.tokenize(prompt), layers, positions)
+
+
+def mean_activation(rt: LlamaRuntime, texts: Sequence[str], layer: int) -> np.ndarray:
+    """Mean over texts of the mean over their tokens (the first excluded) of the residual after
+    ``layer``. The runtime's sequence is cleared before and after each text."""
+    rows = []
+    for text in texts:
+        rt.clear()
+        acts = capture(rt, rt.tokenize(text), [layer])[layer]
+        rows.append(acts[1:].mean(axis=0) if len(acts) > 1 else acts[0])
+    rt.clear()
+    return np.mean(rows, axis=0).astype(np.float32)
+
+
+def steering_vector(rt: LlamaRuntime, positive: Sequence[str], negative: Sequence[str], layer: int) -> np.ndarray:
+    """Difference of mean activations, positive minus negative (f32 [n_embd])."""
+    return mean_activation(rt, positive, layer) - mean_activation(rt, negative, layer)
+
+
+# ------------------------------------------------------------------------------ wire
+
+
+class LatentSender:
+    """A client session that negotiates the latent kinds on any channel."""
+
+    def __init__(self, ch, cfg: Config, signature: dict[str, Any]):
+        self.sender = Sender(ch, cfg, signature, kinds=LATENT_KINDS)
+
+    def handshake(self) -> None:
+        self.sender.handshake()
+
+    def _send(self, kind: Kind, apply: ApplyMode, parts: tuple, seq_slot: int) -> dict[str, Any]:
+        tensors, attrs, layer_range, token_range = parts
+        t0 = time.perf_counter()
+        frames, msg = self.sender.session.encode_tensor_message(
+            kind, apply, tensors, seq_slot=seq_slot, layer_range=layer_range, token_range=token_range, attrs=attrs)
+        self.sender.ch.send(*frames)
+        ack = self.sender._reply()
+        if not isinstance(ack, Ack) or ack.acked_id != msg.message_id:
+            raise SessionError(f"expected an ACK for message {msg.message_id}, got {ack}")
+        digest = tensor_message_digest(msg)
+        if ack.digest != digest:
+            raise ChecksumMismatch("the receiver acknowledged a different digest than was sent")
+        return {"message_id": msg.message_id, "digest": digest.hex(), "payload_bytes": msg.payload_bytes,
+                "wire_bytes": sum(memoryview(p).nbytes for p in frames),
+                "roundtrip_s": time.perf_counter() - t0}
+
+    def send_hidden(self, sl: HiddenSlice) -> dict[str, Any]:
+        return self._send(Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE, sl.message_parts(), sl.seq_slot)
+
+    def caps(self) -> dict[str, Any]:
+        """The receiver's latent limits and state (n_embd, max_gain, norms, context_tokens)."""
+        return self.sender.request("latent_caps")
+
+    def send_patch(self, patch: ResidualPatch) -> dict[str, Any]:
+        return self._send(Kind.RESIDUAL_PATCH, patch.mode, patch.message_parts(), patch.seq_slot)
+
+    def generate(self, n_tokens: int) -> dict[str, Any]:
+        return self.sender.request("generate", n_tokens=n_tokens)
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+@contextlib.contextmanager
+def latent_session(rt: LlamaRuntime, to: str, cfg: Config) -> Iterator[LatentSender]:
+    """A handshaken LatentSender to the serving peer at ``to``."""
+    ls = LatentSender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
+    try:
+        ls.handshake()
+        yield ls
+    finally:
+        ls.close()
+
+
+def send_hidden(model: str, prompt: str, to: str, layers: Sequence[int],
+                positions: Sequence[int] | None = None, cfg: Config | None = None) -> dict[str, Any]:
+    """Capture a hidden slice of ``prompt`` here and ship it; returns the acknowledged digest."""
+    cfg = _cfg(cfg)
+    with _hooked(model, cfg) as rt:
+        sl = capture_slice(rt, rt.tokenize(prompt), layers, positions)
+        with latent_session(rt, to, cfg) as ls:
+            return ls.send_hidden(sl)
+
+
+def steer(model: str, prompt: str, to: str, layer: int, positive: Sequence[str], negative: Sequence[str],
+          gain: float = 4.0, n_tokens: int | None = None, cfg: Config | None = None) -> Generation:
+    """Build a steering vector (positive minus negative mean activations at ``layer``) here, and
+    have the peer decode ``prompt`` with it added at every prompt position (gain negotiated:
+    at most the peer's ``max_gain``); returns the peer's greedy continuation."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    with _hooked(model, cfg) as rt:
+        vec = steering_vector(rt, positive, negative, layer)
+        toks = rt.tokenize(prompt)
+        with latent_session(rt, to, cfg) as ls:
+            caps = ls.caps()
+            g = float(np.clip(gain, -caps["max_gain"], caps["max_gain"]))
+            patch = steering_patch(caps["context_tokens"], toks, layer, vec, g, seq_slot=rt.seq)
+            sent = ls.send_patch(patch)
+            body = ls.generate(n)
+        return Generation(model, len(toks), list(body["tokens"]), body["text"],
+                          {"patch_roundtrip_s": sent["roundtrip_s"], "remote_generate_s": body["generate_s"]},
+                          {"payload": sent["payload_bytes"], "wire": sent["wire_bytes"]},
+                          {"digest": sent["digest"], "gain": g, "layer": layer, "to": to})
+
+
+def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str | None = None,
+                    n_tokens: int | None = None, cfg: Config | None = None, *,
+                    token: str | None = None, labels: bool = True) -> Generation:
+    """Hand ``text`` to a peer running *another* model, through a bridge (BRIDGED_PREFIX).
+
+    Here: the bridge's source model (``model``, default ``runtime.default_model``; refused
+    unless it is the bridge's source) reads ``text`` with the eval hook, its residual after
+    ``bridge.source_layer`` goes through ``bridge.apply``, and the K vectors are shipped in a
+    session bridged by the bridge's digest. The peer (``edgelink serve/node --bridge`` with the
+    same bridge, on its target model) reads them inside the bridge's prompt; with ``labels`` and
+    a prompt that has labels it reports its label scores, then it generates ``n_tokens``."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    br = bridge if isinstance(bridge, Bridge) else load_bridge(bridge)
+    model = model or cfg.runtime.default_model
+    with _hooked(model, cfg) as rt:
+        signature = model_signature(rt, cfg).to_dict()
+        br.check_pair(signature, br.meta["target"])  # this model must be the bridge's source
+        t0 = time.perf_counter()
+        rows, n_src = source_rows(rt, br, text)
+        t1 = time.perf_counter()
+        vectors = br.apply(rows)
+        t2 = time.perf_counter()
+        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), signature, auth={"token": token} if token else None,
+                        bridge=bridge_claim(br))
+        t3 = time.perf_counter()
+        try:
+            sender.handshake()
+            t4 = time.perf_counter()
+            sent = sender.send_bridged(vectors, br.digest, n_src, seq_slot=rt.seq)
+            scores = sender.request("label_scores") if labels and br.prompt and br.prompt.labels else None
+            body = sender.request("generate", n_tokens=n)
+        finally:
+            sender.close()
+    timings = {"capture_s": t1 - t0, "apply_s": t2 - t1, "connect_s": t3 - t2, "handshake_s": t4 - t3,
+               "ship_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]}
+    extra: dict[str, Any] = {"digest": sent.digest, "bridge": br.digest, "to": to, "k": br.k,
+                             "source_layer": br.source_layer}
+    if scores is not None:
+        layout = scores.pop("bridged", None)
+        if layout:
+            timings["remote_apply_s"] = layout.pop("apply_s")
+            extra["layout"] = layout
+        extra["label_scores"] = scores["scores"]
+        extra["label_probs"] = scores["probs"]
+        extra["label"] = scores["best"]
+    return Generation(model, n_src, list(body["tokens"]), body["text"], timings,
+                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes}, extra)
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def _write(rt: LlamaRuntime, cfg: Config, path: str | Path, kind: Kind, apply: ApplyMode, parts: tuple) -> int:
+    tensors, attrs, layer_range, token_range = parts
+    session = file_session(rt, cfg, Role.CLIENT, LATENT_KINDS)
+    hello = session.hello()
+    session.assume_peer_accepts()
+    frames, msg = session.encode_tensor_message(kind, apply, tensors, seq_slot=rt.seq, layer_range=layer_range,
+                                                token_range=token_range, attrs=attrs)
+    with FileChannelWriter(path) as w:
+        w.send(hello)
+        w.send(*frames)
+    return msg.payload_bytes
+
+
+def export_hidden(model: str, prompt: str, path: str | Path, layers: Sequence[int],
+                  positions: Sequence[int] | None = None, cfg: Config | None = None) -> dict[str, Any]:
+    """Write the handshake and a HIDDEN_SLICE frame to ``path``."""
+    cfg = _cfg(cfg)
+    with _hooked(model, cfg) as rt:
+        sl = capture_slice(rt, rt.tokenize(prompt), layers, positions)
+        return {"payload_bytes": _write(rt, cfg, path, Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE, sl.message_parts())}
+
+
+def export_patch(model: str, patch: ResidualPatch, path: str | Path, cfg: Config | None = None) -> dict[str, Any]:
+    """Write the handshake and a RESIDUAL_PATCH frame to ``path`` (the reader's sequence must
+    hold exactly ``patch.start`` tokens when it applies it; 0 for a fresh reader)."""
+    cfg = _cfg(cfg)
+    with load_runtime(model, cfg) as rt:
+        return {"payload_bytes": _write(rt, cfg, path, Kind.RESIDUAL_PATCH, patch.mode, patch.message_parts())}
+
+
+def apply_file(model: str, path: str | Path, n_tokens: int | None = None,
+               cfg: Config | None = None) -> dict[str, Any]:
+    """Read a file of frames (handshake, then KV_CACHE / HIDDEN_SLICE / RESIDUAL_PATCH
+    messages), verify and apply each in order like a receiver, then continue greedily."""
+    cfg = _cfg(cfg)
+    n = cfg.generate.n_tokens if n_tokens is None else n_tokens
+    with _hooked(model, cfg) as rt:
+        cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
+        session = file_session(rt, cfg, Role.SERVER, LATENT_KINDS)
+        hidden = HiddenSliceApplier(rt, cfg)
+        appliers = {Kind.KV_CACHE: SnapshotApplier(rt).apply, Kind.HIDDEN_SLICE: hidden.apply,
+                    Kind.RESIDUAL_PATCH: PatchApplier(rt, cfg).apply}
+        applied = []
+        with FileChannelReader(path) as r:
+            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: checked
+            while True:
+                try:
+                    frame = r.recv(frame_limit(cfg))
+                except PeerGone:
+                    break  # a clean end of file
+                msg = session.receive(frame)
+                if not isinstance(msg, TensorMessage):
+                    raise EdgelinkError(f"{path}: unexpected {msg.frame_type.name} frame")
+                appliers[msg.kind](msg)
+                applied.append(msg.kind.name)
+        out = rt.generate(n) if n and rt.logits is not None else []
+        return {"applied": applied, "hidden_slices": len(hidden.store), "tokens": out,
+                "text": rt.detokenize(out), "digest": rt.state_digest()}

@@ -1,0 +1,242 @@
+"""The object API: a model and its llama.cpp context, loaded once and reused by every
+operation a script performs (the way llama-cpp-python has ``Llama``)::
+
+    import edgelink
+
+    with edgelink.load("smollm2-135m") as m:
+        m.prefill("The capital of France is")
+        with m.connect("shm:demo") as peer:     # one session, reused
+            out = peer.handoff(n_tokens=16)     # ship the state, get the continuation
+            peer.converse(" And of Germany?", n_tokens=8)
+        snap = m.snapshot()                     # a verified message in memory
+        snap.save("france.elk")
+
+The one-shot functions of ``edgelink.api`` are thin wrappers over these objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgelink.api.results import Generation, Progress
+from edgelink.config import Config, load_config
+from edgelink.errors import EdgelinkError, StateError
+from edgelink.kinds.snapshot import snapshot_tensors
+from edgelink.models.resolve import resolve_model
+from edgelink.models.signature import model_signature
+from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.session import Role, Session
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
+
+if TYPE_CHECKING:
+    from edgelink.api.peer import Peer
+
+
+
+def load(model: str | Path | None = None, cfg: Config | None = None, *, progress: Progress | None = None,
+         **settings: Any) -> Model:
+    """Load ``model`` (a registry name such as ``"smollm2-135m"``, or a path to a .gguf file;
+    default ``runtime.default_model``) into one context, pulling it into the cache if needed.
+    ``settings`` override the configuration as ``section_key=value`` (``runtime_n_ctx=8192``).
+
+    >>> with edgelink.load("smollm2-135m", runtime_n_ctx=2048) as m:  # doctest: +SKIP
+    ...     m.prefill("Once upon a time")
+    ...     print(m.generate(8).text)
+    """
+    cfg = cfg if cfg is not None else load_config()
+    if settings:
+        cfg = cfg.replace(**settings)
+    name = str(model) if model is not None else cfg.runtime.default_model
+    return Model(LlamaRuntime(resolve_model(name, cfg, pull=True, progress=progress), cfg), cfg, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A model's sequence as a verified message file in memory (HELLO + one KV_CACHE message,
+    what ``edgelink export`` writes): ``save`` it, or ``Model.restore`` it into a context of
+    the same model."""
+
+    frames: bytes
+    tokens: int
+    payload_bytes: int
+
+    def save(self, path: str | Path) -> Path:
+        """Write it as a message file (atomically: a temporary name, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(self.frames)
+        tmp.replace(path)
+        return path
+
+
+class Model:
+    """One model and one llama.cpp context, reused across prefills, generations, snapshots
+    and peers. Not thread-safe: one operation at a time, as with llama-cpp-python's ``Llama``."""
+
+    def __init__(self, rt: LlamaRuntime, cfg: Config, name: str, binding: Any = None):
+        """``binding``: whoever else holds this context (``interop.LlamaBinding`` for a
+        llama-cpp-python ``Llama``): told before and after each operation."""
+        self.runtime = rt
+        self.cfg = cfg
+        self.name = name
+        self.binding = binding
+        self._signature: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[LlamaRuntime]:
+        """One operation on the sequence, in step with a bound ``Llama`` (if any)."""
+        if self.binding is not None:
+            self.binding.pull()
+        try:
+            yield self.runtime
+        finally:
+            if self.binding is not None:
+                self.binding.push()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<edgelink.Model {self.name} n_ctx={self.runtime.n_ctx} tokens={len(self.runtime.tokens)}>"
+
+    # ------------------------------------------------------------------ the sequence
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids of the sequence (a copy)."""
+        return list(self.runtime.tokens)
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        """What a peer checks before it accepts this model's state (``edgelink info``)."""
+        if self._signature is None:
+            self._signature = model_signature(self.runtime, self.cfg).to_dict()
+        return self._signature
+
+    def tokenize(self, text: str, *, add_special: bool | None = None) -> list[int]:
+        """Token ids of ``text``; special tokens (BOS) only at the start of a sequence unless
+        ``add_special`` says otherwise."""
+        return self.runtime.tokenize(text, add_special=not self.runtime.tokens if add_special is None else add_special)
+
+    def prefill(self, prompt: str | Sequence[int]) -> int:
+        """Append ``prompt`` (text, or token ids) to the sequence; returns its token count."""
+        with self.step() as rt:
+            toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            rt.prefill(toks)
+        return len(toks)
+
+    def generate(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> Generation:
+        """Greedy continuation here (appended to the sequence)."""
+        n = self.cfg.generate.n_tokens if n_tokens is None else n_tokens
+        t0 = time.perf_counter()
+        with self.step() as rt:
+            out = rt.generate(n, stop_at_eog=stop_at_eog)
+        return Generation(self.name, len(rt.tokens) - len(out), out, rt.detokenize(out),
+                          {"generate_s": time.perf_counter() - t0})
+
+    def reset(self) -> None:
+        """Forget the sequence."""
+        with self.step() as rt:
+            rt.clear()
+
+    # ------------------------------------------------------------------ state
+
+    def file_session(self, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:
+        """The session of a message file for this model (its signature, limits fitted to it)."""
+        return Session(role, self.signature, fit_limits(self.cfg, self.runtime).protocol, kinds=kinds)
+
+    def snapshot(self) -> Snapshot:
+        """The sequence as a verified KV_CACHE message, in memory."""
+        from edgelink.transport.file import frame_bytes
+
+        session = self.file_session(Role.CLIENT)
+        hello = session.hello()
+        session.assume_peer_accepts()
+        with self.step():
+            tensors, attrs, token_range = snapshot_tensors(self.runtime)
+        parts, msg = session.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors,
+                                                   seq_slot=self.runtime.seq,
+                                                   layer_range=(0, self.runtime.n_layer),
+                                                   token_range=token_range, attrs=attrs)
+        return Snapshot(frame_bytes(hello) + frame_bytes(*parts), len(self.runtime.tokens), msg.payload_bytes)
+
+    def restore(self, snapshot: Snapshot | str | Path) -> int:
+        """Apply a snapshot (or a message file written by ``export``/``Snapshot.save``): every
+        message verified against this model before anything changes. Returns payload bytes."""
+        from edgelink.roles.receiver import Receiver
+        from edgelink.transport.file import FileChannelReader
+
+        where = "the snapshot" if isinstance(snapshot, Snapshot) else str(snapshot)
+        with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot) as r, \
+                self.step():
+            return apply_messages(Receiver(self.runtime, self.cfg, self.signature, calibrate=False),
+                                  self.file_session(Role.SERVER), r, where)
+
+    def load_llama_file(self, path: str | Path) -> int:
+        """Replace the sequence by a llama.cpp sequence-state file's (``llama_state_seq_save_file``,
+        llama-server's saved slots), verified against this model first. Returns its tokens."""
+        from edgelink.kinds.llama_file import load_seq_file
+
+        with self.step() as rt:
+            return load_seq_file(path, rt)
+
+    def save_llama_file(self, path: str | Path) -> int:
+        """Write the sequence as a llama.cpp sequence-state file (``llama_state_seq_load_file``
+        reads it). Returns the bytes written."""
+        from edgelink.kinds.llama_file import save_seq_file
+
+        with self.step() as rt:
+            return save_seq_file(path, rt)
+
+    # ------------------------------------------------------------------ peers
+
+    def connect(self, to: str, *, token: str | None = None) -> Peer:
+        """A session with the receiver at ``to`` (``shm:NAME``, a multiaddr, or ``/p2p/ID``),
+        reused by every call on the returned ``Peer`` until it is closed."""
+        from edgelink.api.peer import Peer
+
+        return Peer.open(self, to, token=token)
+
+
+def apply_messages(receiver, session: Session, reader, where: str) -> int:
+    """Apply every tensor message a one-way reader holds (a file's, a snapshot's), in order,
+    through the receiver's own decoding and appliers. Returns the payload bytes applied."""
+    from edgelink import wire
+    from edgelink.errors import PeerGone
+    from edgelink.protocol.limits import limit_of
+    from edgelink.protocol.messages import TensorMessage
+    from edgelink.roles.receiver import frame_limit
+
+    limit = frame_limit(receiver.cfg)
+    session.receive(reader.recv(limit))  # the writer's HELLO: checked against this model
+    payload = 0
+    while True:
+        try:
+            frame = reader.recv(limit)
+        except PeerGone:  # a clean end between frames
+            break
+        msg = session.receive(frame)
+        if not isinstance(msg, TensorMessage):
+            raise EdgelinkError(f"{where}: unexpected {msg.frame_type.name} frame")
+        if msg.kind not in receiver.appliers:
+            raise EdgelinkError(f"{where}: this runtime cannot apply {msg.kind.name}")
+        msg = wire.decode_message(msg, receiver.codecs, limit_of(receiver.cfg.protocol))
+        receiver.appliers[msg.kind](msg)
+        payload += msg.payload_bytes
+    if payload == 0:
+        raise StateError(f"{where} holds no tensor message")
+    return payload

@@ -1,0 +1,150 @@
+"""A session with one receiver, opened by ``Model.connect`` and reused by every call until it
+is closed: hand the model's state over, ask for continuations, take turns.
+
+The peer keeps track of how much of the model's sequence the receiver already holds, so after
+the first handoff only new cells travel (KV_CACHE_DELTA) while the two sides stay in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from edgelink.api.results import Generation
+from edgelink.errors import EdgelinkError
+from edgelink.net.endpoint import connect
+from edgelink.roles.sender import Sender, SentSnapshot
+from edgelink.runtime.sizing import fit_limits
+
+if TYPE_CHECKING:
+    from edgelink.api.model import Model
+
+
+@dataclasses.dataclass
+class Round:
+    """One turn of a delta conversation: A adds a turn, B answers, each ships only its cells."""
+
+    turn: int
+    context_tokens: int
+    sent_tokens: int
+    sent_bytes: int
+    sent_kind: str
+    reply_tokens: list[int]
+    reply_text: str
+    pulled_bytes: int
+    full_snapshot_bytes: int
+    timings: dict[str, float]
+
+
+class Peer:
+    """One session with a receiver. Use it as a context manager (or call ``close``)."""
+
+    def __init__(self, model: Model, sender: Sender, to: str, timings: dict[str, float]):
+        self.model = model
+        self.sender = sender
+        self.to = to
+        self.timings = timings  # connect_s, handshake_s
+        self.synced = 0  # tokens of the model's sequence the receiver holds exactly as we do
+        self.turns = 0
+
+    @classmethod
+    def open(cls, model: Model, to: str, *, token: str | None = None) -> Peer:
+        t0 = time.perf_counter()
+        ch = connect(to, model.cfg)
+        t1 = time.perf_counter()
+        sender = Sender(ch, fit_limits(model.cfg, model.runtime), model.signature,
+                        auth={"token": token} if token else None)
+        try:
+            sender.handshake()
+        except BaseException:
+            ch.close()
+            raise
+        return cls(model, sender, to, {"connect_s": t1 - t0, "handshake_s": time.perf_counter() - t1})
+
+    def close(self) -> None:
+        self.sender.close()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ operations
+
+    def send(self) -> SentSnapshot:
+        """Bring the receiver's sequence to the model's: the whole state (planned over a
+        network link: docs/protocol.md, "Choosing") or, while in step, only the new cells."""
+        with self.model.step() as rt:
+            if 0 < self.synced < len(rt.tokens):
+                sent = self.sender.send_delta(rt, self.synced)
+            else:
+                sent = self.sender.send_snapshot(rt)
+            self.synced = len(rt.tokens)
+        return sent
+
+    def generate(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> dict[str, Any]:
+        """The receiver's greedy continuation of what it holds (its sequence grows, ours not:
+        the next ``send`` ships the whole state again)."""
+        n = self.model.cfg.generate.n_tokens if n_tokens is None else n_tokens
+        body = self.sender.request("generate", n_tokens=n, stop_at_eog=stop_at_eog)
+        if body["tokens"]:
+            self.synced = 0
+        return body
+
+    def handoff(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> Generation:
+        """Ship the model's state and return the receiver's continuation."""
+        sent = self.send()
+        body = self.generate(n_tokens, stop_at_eog=stop_at_eog)
+        return Generation(
+            self.model.name, len(self.model.runtime.tokens), list(body["tokens"]), body["text"],
+            {**self.timings, "export_s": sent.export_s, "snapshot_roundtrip_s": sent.roundtrip_s,
+             "remote_generate_s": body["generate_s"]},
+            {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
+            {"digest": sent.digest, "to": self.to, "wire": sent.wire_facts()})
+
+    def converse(self, text: str, n_tokens: int | None = None) -> Round:
+        """One turn: read ``text`` here, ship only what the receiver lacks, let it answer,
+        and take its answer's cells back, so both sides hold the same sequence again."""
+        n = self.model.cfg.generate.n_tokens if n_tokens is None else n_tokens
+        first = self.synced == 0
+        t0 = time.perf_counter()
+        sent_tokens = self.model.prefill(text)
+        t1 = time.perf_counter()
+        sent = self.send()
+        t2 = time.perf_counter()
+        body = self.sender.request("generate", n_tokens=n, stop_at_eog=False)
+        t3 = time.perf_counter()
+        with self.model.step() as rt:
+            pulled = self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0
+            self.synced = len(rt.tokens)
+            full = sum(t.nbytes for t in _snapshot_tensors(rt))
+        t4 = time.perf_counter()
+        self.turns += 1
+        return Round(self.turns - 1, self.synced, sent_tokens, sent.payload_bytes,
+                     "KV_CACHE" if first else "KV_CACHE_DELTA", list(body["tokens"]), body["text"], pulled, full,
+                     {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2, "pull_s": t4 - t3})
+
+    def digest(self) -> str:
+        """The receiver's state digest (equal to ``model.runtime.state_digest()`` in step)."""
+        return self.sender.request("digest")["digest"]
+
+    def same_state(self) -> bool:
+        """Whether the receiver holds exactly the model's sequence (cells, tokens, logits)."""
+        with self.model.step() as rt:
+            return self.digest() == rt.state_digest()
+
+    def request(self, op: str, **params: Any) -> dict[str, Any]:
+        """Any other REQUEST the receiver answers (docs/protocol.md)."""
+        if op in ("prefill", "reset", "generate"):
+            self.synced = 0
+        return self.sender.request(op, **params)
+
+
+def _snapshot_tensors(rt) -> list:
+    from edgelink.kinds.snapshot import snapshot_tensors
+
+    if not rt.tokens:
+        raise EdgelinkError("the sequence is empty")
+    return snapshot_tensors(rt)[0]

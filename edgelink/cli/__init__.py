@@ -1,0 +1,620 @@
+"""The `edgelink` command: parse flags, call edgelink.api, print (text, or JSON with --json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+
+import click
+
+from edgelink import api
+from edgelink.cli.common import (  # noqa: F401
+    _Ctx,
+    _emit,
+    _progress,
+    json_option,
+    n_option,
+    wire_codec,
+    wire_option,
+)
+from edgelink.errors import EdgelinkError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="A config file read on top of edgelink.cfg (or set EDGELINK_CONFIG).")
+@click.option("--set", "settings", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any config value, e.g. --set runtime.n_ctx=2048 (repeatable).")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.version_option(package_name="edgelink")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, settings: tuple[str, ...], verbose: int) -> None:
+    """Hand a language model's internal state to another process instead of text."""
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    ctx.obj = _Ctx(config_path, settings, verbose)
+
+
+@cli.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List the models edgelink knows (and `models pull NAME`)."""
+    if ctx.invoked_subcommand:
+        return
+    from edgelink.models.registry import list_models
+
+    rows = list_models(ctx.obj.cfg())
+    if as_json:
+        _emit(True, [dataclasses.asdict(r) for r in rows], "")
+        return
+    for r in rows:
+        mark = "cached" if r.cached else "-"
+        click.echo(f"{r.entry.name:22} {mark:7} {r.entry.description}")
+
+
+@models.command("list")
+@json_option
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """List the models edgelink knows and whether each is downloaded."""
+    ctx.invoke(models, as_json=as_json)
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download again even if cached.")
+@json_option
+@click.pass_obj
+def models_pull(obj: _Ctx, name: str, force: bool, as_json: bool) -> None:
+    """Download NAME into the cache directory and verify its sha256."""
+    from edgelink.models.pull import pull_model
+    from edgelink.models.registry import get_entry
+
+    cfg = obj.cfg()
+    path = pull_model(get_entry(name, cfg), cfg, progress=None if as_json else _progress(), force=force)
+    _emit(as_json, {"name": name, "path": str(path)}, f"{name}: {path}")
+
+
+@models.command("twins")
+@click.argument("name", required=False)
+@json_option
+@click.pass_obj
+def models_twins(obj: _Ctx, name: str | None, as_json: bool) -> None:
+    """List the shape twins (tiny GGUFs with a real model's KV geometry; use them as
+    `twin:NAME` wherever a MODEL is taken), or write NAME's into the cache and print its path."""
+    rows = api.twins(obj.cfg(), name)
+    if as_json:
+        _emit(True, rows, "")
+        return
+    for r in rows:
+        where = r.get("path") or "(written on first use)"
+        click.echo(f"twin:{r['name']:14} {r['kv_bytes_per_token']:>9,} B/token  {r['real']:28} {where}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@json_option
+@click.pass_obj
+def info(obj: _Ctx, model: str | None, as_json: bool) -> None:
+    """Show MODEL's signature (a registry name or a .gguf path)."""
+    cfg = obj.cfg()
+    sig = api.info(model or cfg.runtime.default_model, cfg, progress=_progress())
+    d = sig.to_dict()
+    _emit(as_json, d, "\n".join(f"{k:16} {v}" for k, v in d.items()))
+
+
+bridge_option = click.option(
+    "--bridge", default=None, type=click.Path(dir_okay=False),
+    help="Also accept sessions bridged from another model through this bridge file (trained "
+         "for this model as its target; docs/protocol.md, BRIDGED_PREFIX).")
+
+
+def _join_list(configured: str, more: tuple[str, ...]) -> str:
+    """A comma-separated config list with the flag values added."""
+    for value in more:
+        if not value or "," in value or value != value.strip():
+            raise click.BadParameter(f"{value!r}: one value per flag, without commas or surrounding spaces")
+    return ",".join([*(x.strip() for x in configured.split(",") if x.strip()), *more])
+
+
+def _gen_text(g: api.Generation) -> str:
+    lines = [g.text, ""]
+    lines.append("  ".join(f"{k}={v * 1e3:.1f}ms" for k, v in g.timings.items()))
+    if g.bytes:
+        lines.append("  ".join(f"{k}={v:,} B" for k, v in g.bytes.items()))
+    for k, v in g.extra.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
+        elif k not in ("local_tokens", "local_text"):
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@n_option
+@json_option
+@click.pass_obj
+def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_json: bool) -> None:
+    """Greedy generation in this process (the reference a handoff must match)."""
+    cfg = obj.cfg()
+    g = api.generate(model or cfg.runtime.default_model, prompt, n_tokens, cfg, progress=_progress())
+    _emit(as_json, g, _gen_text(g))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Message file.")
+@click.option("--as", "kind", type=click.Choice(api.EXPORT_KINDS), default="snapshot", show_default=True,
+              help="snapshot: KV_CACHE; memory: the same cells as KV_MEMORY; prefix: the prompt's "
+                   "embedding rows as a VIRTUAL_PREFIX.")
+@click.option("--format", "file_format", type=click.Choice(["edgelink", "llama"]), default="edgelink",
+              show_default=True, help="edgelink: a verified message file (resume, inspect); llama: a "
+                                      "llama.cpp sequence-state file (llama_state_seq_load_file, "
+                                      "llama-server slots).")
+@wire_option
+@json_option
+@click.pass_obj
+def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, file_format: str,
+           wire: str | None, as_json: bool) -> None:
+    """Write the handshake and one tensor message about PROMPT to a file (its K/V tensors
+    encoded with --wire when that names a codec; auto and raw write them raw), or with
+    --format llama the sequence as llama.cpp saves one."""
+    cfg = obj.cfg(wire_codec=wire_codec(wire))
+    g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress(),
+                   kind=kind, file_format=file_format)
+    _emit(as_json, g, f"wrote {output}\n" + _gen_text(g).lstrip())
+
+
+@cli.command("import-llama")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False)
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the state as an edgelink message file.")
+@click.option("--to", default=None, help="Hand the state off to this receiver (shm:NAME or a multiaddr).")
+@n_option
+@click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@json_option
+@click.pass_obj
+def import_llama(obj: _Ctx, file: str, model: str | None, output: str | None, to: str | None,
+                 n_tokens: int | None, token: str | None, as_json: bool) -> None:
+    """Read a llama.cpp sequence-state FILE (llama_state_seq_save_file; llama-server's
+    --slot-save-path slots), verify it against MODEL, and write it as an edgelink message
+    (-o) and/or hand it off (--to)."""
+    if output is None and to is None:
+        raise click.UsageError("give -o FILE (an edgelink message file) and/or --to PEER (a handoff)")
+    cfg = obj.cfg()
+    g = api.import_llama(model or cfg.runtime.default_model, file, output=output, to=to, n_tokens=n_tokens,
+                         token=token, cfg=cfg, progress=_progress())
+    _emit(as_json, g, f"read {g.prompt_tokens} tokens from {file}\n" + _gen_text(g).lstrip())
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-p", "--prompt", default=None, help="Text to read after the file's messages.")
+@n_option
+@json_option
+@click.pass_obj
+def resume(obj: _Ctx, model: str, file: str, prompt: str | None, n_tokens: int | None,
+           as_json: bool) -> None:
+    """Apply a message FILE to MODEL (verified), optionally read PROMPT, continue greedily."""
+    cfg = obj.cfg()
+    g = api.resume(model, file, n_tokens, cfg, progress=_progress(), prompt=prompt)
+    _emit(as_json, g, _gen_text(g))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--shm", "shm_name", required=True, help="Shared-memory name to serve on.")
+@click.option("--max-sessions", type=int, default=None, help="Exit after this many sessions.")
+@bridge_option
+@json_option
+@click.pass_obj
+def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None, bridge: str | None,
+          as_json: bool) -> None:
+    """Receive KV snapshots on shm:NAME and continue them (until Ctrl-C)."""
+    cfg = obj.cfg()
+
+    def ready(ep: str) -> None:
+        _emit(as_json, {"event": "ready", "endpoint": ep}, f"serving on {ep} (Ctrl-C to stop)", compact=True)
+        sys.stdout.flush()
+
+    def session(report) -> None:
+        _emit(as_json, {"event": "session", **dataclasses.asdict(report)},
+              f"session: applied={report.applied} rejected={report.rejected} "
+              f"generated={report.generated} ended_by={report.ended_by}"
+              + (" (bridged)" if report.bridged else ""), compact=True)
+        sys.stdout.flush()
+
+    api.serve(model or cfg.runtime.default_model, f"shm:{shm_name}", cfg, max_sessions=max_sessions,
+              on_ready=ready, on_session=session, progress=_progress(), bridge=bridge)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("--to", "to", required=True,
+              help="Receiver endpoint: shm:NAME, a node's /ip4/HOST/tcp/PORT/p2p/PEERID, or "
+                   "/p2p/PEERID alone (found on the LAN with mDNS).")
+@n_option
+@click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
+@click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@click.option("--bridge", default=None, type=click.Path(dir_okay=False),
+              help="Hand PROMPT to a receiver running the bridge's target model: ship the bridge's "
+                   "output (BRIDGED_PREFIX) instead of the KV state; MODEL is the bridge's source.")
+@wire_option
+@json_option
+@click.pass_obj
+def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | None,
+            verify: bool, token: str | None, bridge: str | None, wire: str | None, as_json: bool) -> None:
+    """Prefill here, ship the KV state to a receiver, print its continuation (with --bridge:
+    a bridge's reading of PROMPT to a receiver running another model, and its label scores)."""
+    cfg = obj.cfg(wire_codec=wire_codec(wire))
+    if bridge:
+        if verify:
+            raise click.UsageError("--verify compares with this model's own continuation; a bridged "
+                                   "receiver runs another model")
+        from edgelink.api import latent as api_latent
+
+        g = api_latent.bridged_handoff(bridge, prompt, to, model, n_tokens, cfg, token=token)
+    else:
+        g = api.handoff(model or cfg.runtime.default_model, prompt, to, n_tokens, cfg, verify=verify,
+                        token=token, progress=_progress())
+    _emit(as_json, g, _gen_text(g))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", default="Alice and Bob are two robots who share a workshop. One morning,",
+              show_default=True, help="Prompt the sender reads.")
+@n_option
+@json_option
+@click.pass_obj
+def demo(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_json: bool) -> None:
+    """A real two-process handoff: start a receiver, ship it our KV state, compare continuations."""
+    cfg = obj.cfg()
+    d = api.demo(model or cfg.runtime.default_model, prompt, n_tokens, cfg,
+                 progress=None if as_json else _progress(),
+                 log=None if as_json else lambda m: click.echo(m, err=True))
+    g = d.handoff
+    human = "\n".join([
+        f"process A (pid {d.sender_pid}) read the prompt: {prompt!r}",
+        f"process B (pid {d.receiver_pid}) never saw it; it received {g.bytes['payload']:,} bytes of KV state",
+        f"  over shm in {g.timings['snapshot_roundtrip_s'] * 1e3:.1f} ms "
+        f"(re-reading the prompt would take {g.timings['prefill_s'] * 1e3:.1f} ms here)",
+        "",
+        f"B continued: {g.text!r}",
+        f"A would say: {d.local_text!r}",
+        f"identical: {g.extra['matches_local']}",
+    ])
+    _emit(as_json, d, human)
+    if not g.extra["matches_local"]:
+        sys.exit(1)
+
+
+@cli.command("id")
+@json_option
+@click.pass_obj
+def id_(obj: _Ctx, as_json: bool) -> None:
+    """Show this machine's libp2p peer id (creating its key file, mode 0600, if missing)."""
+    d = api.identity(obj.cfg())
+    _emit(as_json, d, f"{d['peer_id']}\n  key file: {d['key_file']}" + ("  (created)" if d["created"] else ""))
+
+
+@cli.command()
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Seconds to listen [config: p2p.discover_timeout_s].")
+@click.option("--peer", "peer_id", default=None, help="Stop as soon as this peer id is heard.")
+@json_option
+@click.pass_obj
+def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: bool) -> None:
+    """List libp2p peers (edgelink nodes started with --mdns) announcing on the LAN via mDNS."""
+    cfg = obj.cfg()
+    limit = cfg.p2p.discover_timeout_s if timeout_s is None else timeout_s
+    peers = api.discover(cfg, limit, peer_id=peer_id)
+    lines = [f"{len(peers)} peer(s) heard in {limit:g} s"]
+    for p in peers:
+        lines += [f"  {p.peer_id}"] + [f"    {a}" for a in p.addrs]
+    _emit(as_json, {"timeout_s": limit, "peers": [dataclasses.asdict(p) for p in peers]}, "\n".join(lines))
+    if peer_id is not None and not peers:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--listen", default=None, help="Multiaddr to listen on [config: p2p.listen].")
+@click.option("--mdns", is_flag=True, default=False,
+              help="Announce this node on the LAN with mDNS [config: p2p.mdns].")
+@click.option("--token", "tokens", multiple=True, metavar="TOKEN",
+              help="A bearer token a client must present (repeatable; adds to node.tokens).")
+@click.option("--allow-peer", "allow_peers", multiple=True, metavar="PEER_ID",
+              help="A peer id allowed to start sessions (repeatable; adds to node.allow_peers; "
+                   "with none anywhere, any peer may).")
+@bridge_option
+@json_option
+@click.pass_obj
+def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: tuple[str, ...],
+         allow_peers: tuple[str, ...], bridge: str | None, as_json: bool) -> None:
+    """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
+    cfg = obj.cfg(p2p_mdns=1 if mdns else None)
+    if tokens or allow_peers:
+        cfg = cfg.replace(node_tokens=_join_list(cfg.node.tokens, tokens),
+                          node_allow_peers=_join_list(cfg.node.allow_peers, allow_peers))
+
+    def ready(ev: dict) -> None:
+        per = ev["kv_bytes_per_context"] / 1e6
+        _emit(as_json, ev, "node ready (Ctrl-C to stop); dial one of:\n  " + "\n  ".join(ev["addrs"])
+              + f"\nmemory: each client's context holds a KV cache of {per:,.0f} MB (n_ctx x KV bytes "
+              f"per token); {ev['contexts']} now, up to {ev['max_clients']} ({ev['max_clients'] * per:,.0f} MB) "
+              "as clients arrive (node.max_clients)", compact=True)
+        sys.stdout.flush()
+
+    def session(ev: dict) -> None:
+        if ev.get("event") == "stopping":
+            _emit(as_json, ev, f"stopping: {ev['active_sessions']} session(s) may finish within "
+                  f"{ev['grace_s']} s; new sessions are refused", compact=True)
+            sys.stdout.flush()
+            return
+        _emit(as_json, ev, f"session {ev['session']} from {ev['peer']}: applied={ev['applied']} "
+              f"rejected={ev['rejected']} generated={ev['generated']} ended_by={ev['ended_by']}",
+              compact=True)
+        sys.stdout.flush()
+
+    api.node(model or cfg.runtime.default_model, cfg, listen=listen, on_ready=ready,
+             on_session=session, progress=None if as_json else _progress(), bridge=bridge)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", "turns", multiple=True, required=True,
+              help="A turn this process adds (repeat for several turns).")
+@click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
+@n_option
+@wire_option
+@json_option
+@click.pass_obj
+def converse(obj: _Ctx, model: str | None, turns: tuple[str, ...], to: str, n_tokens: int | None,
+             wire: str | None, as_json: bool) -> None:
+    """Take turns with a peer on one sequence, each side shipping only the KV cells it added."""
+    cfg = obj.cfg(wire_codec=wire_codec(wire))
+    conv = api.converse(model or cfg.runtime.default_model, list(turns), to, n_tokens, cfg,
+                        progress=None if as_json else _progress())
+    lines = []
+    for r in conv.rounds:
+        lines.append(f"turn {r.turn}: +{r.sent_tokens} tokens, sent {r.sent_bytes:,} B ({r.sent_kind}); "
+                     f"peer replied {len(r.reply_tokens)} tokens, pulled back {r.pulled_bytes:,} B; "
+                     f"a full snapshot would be {r.full_snapshot_bytes:,} B at {r.context_tokens} tokens")
+        lines.append(f"  peer: {r.reply_text!r}")
+    lines.append(f"both sides hold the same state: {conv.same_state}")
+    _emit(as_json, conv, "\n".join(lines))
+    if not conv.same_state:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--text", required=True, help="Text whose token-embedding rows are sent as the prefix.")
+@click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
+@click.option("--keep", is_flag=True, help="Append to the peer's sequence instead of resetting it.")
+@click.option("--energy-match", is_flag=True, help="Rescale rows to the peer's mean embedding norm.")
+@n_option
+@json_option
+@click.pass_obj
+def prefix(obj: _Ctx, model: str | None, text: str, to: str, keep: bool, energy_match: bool,
+           n_tokens: int | None, as_json: bool) -> None:
+    """Send a VIRTUAL_PREFIX (embedding rows, not tokens) and print the peer's continuation."""
+    cfg = obj.cfg()
+    g = api.send_prefix(model or cfg.runtime.default_model, to, text=text, n_tokens=n_tokens,
+                        reset=not keep, energy_match=energy_match, cfg=cfg,
+                        progress=None if as_json else _progress())
+    _emit(as_json, g, _gen_text(g))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@click.pass_obj
+def inspect(obj: _Ctx, file: str, as_json: bool) -> None:
+    """Describe a message file: each frame's kind, layers, positions, apply mode, tensors."""
+    from edgelink.api.inspect import inspect_file
+
+    frames = inspect_file(file, obj.cfg())
+    lines = []
+    for f in frames:
+        if f["frame"] == "HELLO":
+            m = f["model"]
+            lines.append(f"HELLO from a {f['role']}: {m['architecture']} {m['name']!r}, "
+                         f"{m['n_layer']} layers x {m['n_embd']}, weights {str(m['weights_digest'])[:16]}..., "
+                         f"kinds {', '.join(f['kinds'])}")
+        elif f["frame"] == "TENSOR":
+            lines.append(f"TENSOR #{f['message_id']} {f['kind']}/{f['apply']} slot {f['seq_slot']} "
+                         f"layers {f['layers']} tokens {f['tokens']}: {len(f['tensors'])} tensors, "
+                         f"{f['payload_bytes']:,} B, checksums {'verified' if f['verified'] else 'FAIL'}")
+            shown = [t for i, t in enumerate(f["tensors"]) if i < 8 or not t["verified"]]
+            for t in shown:
+                lines.append(f"  {t['name']:14} {t['dtype']:5} {str(t['shape']):16} "
+                             f"{t['checksum'][:16]} {'ok' if t['verified'] else 'CORRUPT'}")
+            if len(f["tensors"]) > len(shown):
+                lines.append(f"  ... {len(f['tensors']) - len(shown)} more, all ok (use --json)")
+        else:
+            lines.append(f"{f['frame']} #{f['message_id']}")
+    _emit(as_json, frames, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--text", required=True, help="Text read here; its KV cells become the peer's memory.")
+@click.option("--question", default=None, help="Text the peer reads after the memory, then answers.")
+@click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
+@n_option
+@json_option
+@click.pass_obj
+def memory(obj: _Ctx, model: str | None, text: str, question: str | None, to: str,
+           n_tokens: int | None, as_json: bool) -> None:
+    """Hand the peer KV_MEMORY (another text's K/V cells, placed after its own context)."""
+    cfg = obj.cfg()
+    g = api.send_memory(model or cfg.runtime.default_model, to, text, question=question,
+                        n_tokens=n_tokens, cfg=cfg, progress=None if as_json else _progress())
+    _emit(as_json, g, _gen_text(g))
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that compare edgelink with the baseline a user would pick instead."""
+
+
+@bench.command("handoff")
+@click.argument("model", required=False)
+@click.option("--tokens", default=None, help="Comma-separated context lengths [config: bench.tokens].")
+@click.option("--repeats", type=int, default=None, help="Repetitions per point [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_handoff(obj: _Ctx, model: str | None, tokens: str | None, repeats: int | None,
+                  as_json: bool) -> None:
+    """Re-prefill vs KV handoff over shared memory vs memcpy, side by side."""
+    from edgelink.bench import format_handoff_table, run_handoff_bench
+
+    cfg = obj.cfg(bench_tokens=tokens, bench_repeats=repeats)
+    report = run_handoff_bench(model or cfg.runtime.default_model, cfg,
+                               log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_handoff_table(report))
+
+
+@bench.command("hook")
+@click.argument("model", required=False)
+@click.option("-n", "--tokens", "n_tokens", type=int, default=64, show_default=True, help="Tokens decoded per run.")
+@click.option("--repeats", type=int, default=None, help="Rounds (best reported) [default: max(bench.repeats, 9)].")
+@click.option("--threads", type=int, default=None, help="CPU threads [config: runtime.n_threads].")
+@json_option
+@click.pass_obj
+def bench_hook(obj: _Ctx, model: str | None, n_tokens: int, repeats: int | None, threads: int | None,
+               as_json: bool) -> None:
+    """Decode speed: no eval hook vs hook installed idle vs hook capturing one layer."""
+    from edgelink.bench.hook import format_hook_table, run_hook_bench
+
+    cfg = obj.cfg(runtime_n_threads=threads)
+    report = run_hook_bench(model or cfg.runtime.default_model, cfg, n_tokens=n_tokens, repeats=repeats,
+                            log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_hook_table(report))
+
+
+@bench.command("transport")
+@click.option("--sizes", default="1,16,64,256", show_default=True, help="Payload sizes in MB.")
+@click.option("--repeats", type=int, default=None, help="Repetitions per point [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_transport(obj: _Ctx, sizes: str, repeats: int | None, as_json: bool) -> None:
+    """Raw TCP vs libp2p (Noise, yamux) vs libp2p + end-to-end NaCl, on loopback."""
+    from edgelink.bench.transport import format_transport_table, run_transport_bench
+
+    cfg = obj.cfg()
+    report = run_transport_bench(cfg, tuple(int(x) for x in sizes.split(",") if x.strip()), repeats,
+                                 log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_transport_table(report))
+
+
+@cli.group()
+def latent() -> None:
+    """Hidden slices and residual patches (docs/latent.md)."""
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of layers") from None
+
+
+@latent.command("capture")
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("--layers", required=True, help="Comma-separated layer indices.")
+@click.option("--to", "to", default=None, help="Send the slice to a serving peer (shm:NAME).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Write the slice to a file.")
+@json_option
+@click.pass_obj
+def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: str | None,
+                   output: str | None, as_json: bool) -> None:
+    """Capture a HIDDEN_SLICE of PROMPT; print norms, or send it (--to) or write it (-o)."""
+    import numpy as np
+
+    from edgelink.api import latent as api_latent
+
+    cfg = obj.cfg()
+    model = model or cfg.runtime.default_model
+    if to:
+        out = api_latent.send_hidden(model, prompt, to, _layers(layers), cfg=cfg)
+    elif output:
+        out = api_latent.export_hidden(model, prompt, output, _layers(layers), cfg=cfg)
+    else:
+        sl = api_latent.capture_hidden(model, prompt, _layers(layers), cfg=cfg)
+        out = {"positions": sl.positions.tolist(),
+               "mean_row_norm": {str(k): float(np.linalg.norm(v, axis=1).mean()) for k, v in sl.rows.items()}}
+    _emit(as_json, out, json.dumps(out, indent=2))
+
+
+@latent.command("steer")
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt the peer decodes with the patch.")
+@click.option("--to", "to", required=True, help="A serving peer with runtime.eval_hook=on (shm:NAME).")
+@click.option("--layer", type=int, required=True, help="Layer whose residual is patched.")
+@click.option("--positive", multiple=True, required=True, help="Text for the positive side (repeatable).")
+@click.option("--negative", multiple=True, required=True, help="Text for the negative side (repeatable).")
+@click.option("--gain", type=float, default=2.0, show_default=True, help="Gain (capped by the peer's max_gain).")
+@n_option
+@json_option
+@click.pass_obj
+def latent_steer(obj: _Ctx, model: str | None, prompt: str, to: str, layer: int, positive: tuple[str, ...],
+                 negative: tuple[str, ...], gain: float, n_tokens: int | None, as_json: bool) -> None:
+    """Send a RESIDUAL_PATCH (positive minus negative mean activations) and show the continuation."""
+    from edgelink.api import latent as api_latent
+
+    cfg = obj.cfg()
+    g = api_latent.steer(model or cfg.runtime.default_model, prompt, to, layer, list(positive), list(negative),
+                         gain=gain, n_tokens=n_tokens, cfg=cfg)
+    _emit(as_json, g, _gen_text(g))
+
+
+@latent.command("apply")
+@click.argument("model")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@n_option
+@json_option
+@click.pass_obj
+def latent_apply(obj: _Ctx, model: str, file: str, n_tokens: int | None, as_json: bool) -> None:
+    """Verify and apply a file of KV_CACHE / HIDDEN_SLICE / RESIDUAL_PATCH frames, then continue."""
+    from edgelink.api import latent as api_latent
+
+    out = api_latent.apply_file(model, file, n_tokens=n_tokens, cfg=obj.cfg())
+    _emit(as_json, out, f"applied {', '.join(out['applied']) or 'nothing'}\n{out['text']}")
+
+
+from edgelink.cli.bridge import bridge  # noqa: E402  (registers `edgelink bridge ...`)
+
+cli.add_command(bridge)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EdgelinkError as exc:
+        click.echo(f"error ({exc.code}): {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""`edgelink node`: a long-running peer that accepts handoffs over libp2p.
+
+Per incoming session (each in its own thread, on its own yamux stream):
+
+1. the transport has already run the end-to-end key exchange (the peer proved its peer id);
+2. the client's HELLO is read and the peer id allowlist and bearer tokens are checked, before
+   any model work; a refusal is a typed REJECT with code ``auth`` (and a log line);
+3. a free runtime slot is taken (``node.max_clients`` llama.cpp contexts over one mmapped
+   weights file), or the client gets REJECT ``busy``;
+4. ``Receiver.serve_channel`` runs the session: verify, import, continue, answer.
+
+Per-peer token buckets slow a peer that sends too many messages or bytes per second (its
+reads wait; other peers' sessions run on), and cap the size a peer may declare. SIGINT/SIGTERM
+stop new sessions, let running ones finish for ``node.shutdown_grace_s``, then cut the rest at
+a frame boundary of the transport: an apply is never interrupted, and a refused or cut message
+leaves the runtime exactly as it was (the appliers restore it on any failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgelink.config import Config
+from edgelink.errors import (
+    AuthError,
+    BusyError,
+    EdgelinkError,
+    ProtocolError,
+    TransportError,
+)
+from edgelink.net.identity import Identity, load_identity
+from edgelink.protocol import codec
+from edgelink.protocol.messages import Hello
+from edgelink.protocol.session import Role, Session
+from edgelink.roles.receiver import Receiver, frame_limit
+from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
+from edgelink.transport.framing import Scatter
+
+log = logging.getLogger("edgelink.net.node")
+
+
+class TokenBucket:
+    """A classic token bucket; ``take(n)`` sleeps until ``n`` tokens are there."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic, sleep=time.sleep):
+        self.rate = float(rate)
+        self.burst = float(max(burst, 1))
+        self._tokens = self.burst
+        self._t = clock()
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.waited_s = 0.0
+
+    def take(self, n: float) -> float:
+        """Take ``n`` tokens (a request larger than the burst is allowed to go into debt)."""
+        if self.rate <= 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+            self._t = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self.waited_s += wait
+            self._sleep(wait)
+        return wait
+
+
+class PeerLimiter:
+    """What one peer may do, shared by all of its sessions."""
+
+    def __init__(self, cfg: Config):
+        n = cfg.node
+        self.messages = TokenBucket(n.messages_per_s, n.messages_burst)
+        self.bytes = TokenBucket(n.bytes_per_s, n.bytes_burst)
+
+    def wait_message(self) -> None:
+        self.messages.take(1)
+
+    def wait_bytes(self, n: int) -> None:
+        self.bytes.take(n)
+
+    @property
+    def throttled_s(self) -> float:
+        return self.messages.waited_s + self.bytes.waited_s
+
+
+class _Prefetched:
+    """A channel whose first ``recv`` returns a frame that was already read (the HELLO the
+    node checked), then reads from the real channel."""
+
+    def __init__(self, ch, first):
+        self._ch = ch
+        self._first = first
+        self.encryption = ch.encryption
+
+    def send(self, *parts) -> None:
+        self._ch.send(*parts)
+
+    def recv(self, max_bytes: int, timeout: float | None = None):
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return self._ch.recv(max_bytes, timeout)
+
+    def recv_into(self, sink, max_bytes: int, timeout: float | None = None) -> int:
+        if self._first is not None:  # the prefetched HELLO, written into the sink
+            first, self._first = self._first, None
+            out = Scatter(sink, first.nbytes)
+            out.write(first)
+            return first.nbytes
+        return self._ch.recv_into(sink, max_bytes, timeout)
+
+    def close(self) -> None:
+        self._ch.close()
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+class Node:
+    """Serve sessions over libp2p, each in its own llama.cpp context of one model: one context
+    at start, more as clients need them, up to ``node.max_clients``."""
+
+    def __init__(self, model_path: str | Path, cfg: Config, *, listen: str | None = None,
+                 identity: Identity | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 bridge: Any = None):
+        """``bridge``: an ``edgelink.bridge.Bridge`` for this model as its target; every slot
+        then also accepts sessions bridged from the bridge's source model."""
+        from edgelink.models.signature import model_signature
+        from edgelink.runtime.llama import LlamaRuntime
+
+        self.cfg = cfg
+        self.identity = identity or load_identity(cfg.p2p.identity_key)
+        self.on_event = on_event or (lambda e: None)
+        self.allow_peers = frozenset(_split(cfg.node.allow_peers))
+        self.tokens = tuple(_split(cfg.node.tokens))
+        # Slot 0 now (the signature and the limits come from it); the other slots' contexts
+        # are created when a client first needs one: llama.cpp commits a context's whole KV
+        # cache when it creates it, so N idle contexts would hold N full caches.
+        self._model_path = model_path
+        self._bridge = bridge
+        self.max_slots = max(1, cfg.node.max_clients)
+        self._creating = 0
+        self._runtimes = [LlamaRuntime(model_path, cfg)]
+        try:
+            self.signature = model_signature(self._runtimes[0], cfg).to_dict()
+            # Limits derived from the model (0 settings); a node's peers get the smaller of its
+            # two limits, announced in its HELLO so a sender refuses before any bytes move.
+            self.cfg = cfg = fit_limits(cfg, self._runtimes[0])
+            self._serving = cfg.replace(protocol_max_message_bytes=min(cfg.protocol.max_message_bytes,
+                                                                       cfg.node.max_message_bytes))
+            self._receivers = [Receiver(self._runtimes[0], self._serving, self.signature, bridge=bridge)]
+            self.kv_bytes_per_context = self._runtimes[0].n_ctx * kv_bytes_per_token(self._runtimes[0])
+        except BaseException:
+            self._runtimes[0].close()
+            raise
+        self._free = list(range(len(self._receivers)))
+        self._lock = threading.Lock()
+        self._limiters: dict[str, PeerLimiter] = {}
+        self._active: dict[int, Any] = {}  # session number -> channel
+        self._count = 0
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        from edgelink.transport.p2p import P2PHost
+
+        self.host = P2PHost(cfg, self.identity, listen=[listen or cfg.p2p.listen],
+                            on_channel=self._session, admit=self._admit)
+
+    # ------------------------------------------------------------------ sessions
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.host.addrs
+
+    def _admit(self, peer: str) -> bool:
+        """Runs in the trio thread for every new stream: a cheap cap on work in progress so a
+        flood of streams cannot make unbounded threads (they get a reset, not a REJECT)."""
+        host = getattr(self, "host", None)
+        return host is not None and len(host._channels) < 2 * self.max_slots + 4
+
+    def _limiter(self, peer: str) -> PeerLimiter:
+        with self._lock:
+            lim = self._limiters.get(peer)
+            if lim is None:
+                lim = self._limiters[peer] = PeerLimiter(self.cfg)
+            return lim
+
+    def _refuse(self, ch, hello: Hello | None, exc: EdgelinkError, event: dict[str, Any]) -> None:
+        session = Session(Role.SERVER, self.signature, self.cfg.protocol,
+                          session_id=hello.session_id if hello else None)
+        log.warning("refused %s from peer %s: %s", exc.code, ch.remote_peer_id, exc)
+        event.update(rejected=[exc.code], ended_by=exc.code, detail=str(exc))
+        try:
+            ch.send(session.reject(0, exc))
+        except EdgelinkError:
+            pass
+
+    def _check_auth(self, peer: str, hello: Hello) -> None:
+        if self.allow_peers and peer not in self.allow_peers:
+            raise AuthError(f"peer {peer} is not on this node's allowlist")
+        if self.tokens:
+            given = hello.auth.get("token") if isinstance(hello.auth, dict) else None
+            if not isinstance(given, str) or not given:
+                raise AuthError("this node requires a bearer token")
+            ok = False
+            for tok in self.tokens:  # compare with every token, in constant time each
+                ok |= hmac.compare_digest(tok.encode(), given.encode())
+            if not ok:
+                raise AuthError("wrong bearer token")
+
+    def _session(self, ch) -> None:
+        """One session, in its own thread (called by the host after the key exchange)."""
+        peer = ch.remote_peer_id
+        with self._lock:
+            self._count += 1
+            number = self._count
+            self._active[number] = ch
+        t0 = time.perf_counter()
+        event: dict[str, Any] = {"event": "session", "session": number, "peer": peer, "slot": None,
+                                 "applied": 0, "rejected": [], "generated": 0, "bytes_in": 0,
+                                 "ended_by": ""}
+        slot = None
+        try:
+            limiter = self._limiter(peer)
+            ch.limiter = limiter
+            ch.max_frame = frame_limit(self._receivers[0].cfg)
+            try:
+                first = ch.recv(frame_limit(self.cfg), timeout=self.cfg.p2p.handshake_timeout_s)
+            except (TransportError, ProtocolError) as exc:
+                log.warning("session %d with %s ended before its HELLO: %s", number, peer, exc)
+                event.update(ended_by=exc.code, detail=str(exc))
+                return
+            try:
+                hello = codec.decode_frame(first, self.cfg.protocol)
+            except ProtocolError:
+                hello = None  # let the receiver refuse it with its usual typed REJECT
+            if hello is not None and not isinstance(hello, Hello):
+                hello = None
+            if hello is not None:
+                try:
+                    self._check_auth(peer, hello)
+                except AuthError as exc:
+                    self._refuse(ch, hello, exc, event)
+                    return
+            if self._stopping.is_set():
+                self._refuse(ch, hello, BusyError("node is shutting down"), event)
+                return
+            slot = self._take_slot()
+            if slot is None:
+                self._refuse(ch, hello, BusyError(
+                    f"node is serving its maximum of {self.max_slots} clients (node.max_clients)"), event)
+                return
+            event["slot"] = slot
+            report = self._receivers[slot].serve_channel(_Prefetched(ch, first))
+            event.update(dataclasses.asdict(report))
+            event["throttled_s"] = round(limiter.throttled_s, 3)
+        finally:
+            event["seconds"] = round(time.perf_counter() - t0, 4)
+            event["bytes_in"] = max(event.get("bytes_in", 0), ch.bytes_in)
+            self._emit(event)  # before the slot is released: shutdown waits for that
+            with self._lock:
+                if slot is not None:
+                    self._free.append(slot)
+                    self._free.sort()
+                self._active.pop(number, None)
+
+    def _take_slot(self) -> int | None:
+        """A free slot, or a new one while fewer than node.max_clients exist; None when full."""
+        with self._lock:
+            if self._free:
+                return self._free.pop(0)
+            if len(self._receivers) + self._creating >= self.max_slots:
+                return None
+            self._creating += 1
+        try:
+            from edgelink.runtime.llama import LlamaRuntime
+
+            rt = LlamaRuntime(self._model_path, self.cfg)
+            try:
+                receiver = Receiver(rt, self._serving, self.signature, bridge=self._bridge)
+            except BaseException:
+                rt.close()
+                raise
+        except EdgelinkError as exc:
+            log.error("could not create a context for another client: %s", exc)
+            return None
+        finally:
+            with self._lock:
+                self._creating -= 1
+        with self._lock:
+            self._runtimes.append(rt)
+            self._receivers.append(receiver)
+            log.info("created context %d of %d", len(self._receivers), self.max_slots)
+            return len(self._receivers) - 1
+
+    def memory_facts(self) -> dict[str, int]:
+        """What this node's llama.cpp contexts take (each commits its whole KV cache)."""
+        with self._lock:
+            n = len(self._runtimes)
+        return {"max_clients": self.max_slots, "contexts": n,
+                "kv_bytes_per_context": self.kv_bytes_per_context,
+                "kv_bytes_now": n * self.kv_bytes_per_context,
+                "kv_bytes_at_max_clients": self.max_slots * self.kv_bytes_per_context}
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001
+            log.exception("event callback failed")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self, install_signals: bool = True) -> None:
+        """Serve until SIGINT/SIGTERM (or ``stop()``), then shut down gracefully."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self._stopping.set())
+        while not self._stopping.wait(0.2):
+            pass
+        self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def shutdown(self) -> None:
+        """Refuse new sessions, let running ones finish for the grace period, cut the rest."""
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        with self._lock:
+            running = len(self._active)
+        self._emit({"event": "stopping", "active_sessions": running,
+                    "grace_s": self.cfg.node.shutdown_grace_s})
+        deadline = time.monotonic() + self.cfg.node.shutdown_grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            left = list(self._active.values())
+        for ch in left:
+            log.warning("shutdown: cutting the session with %s", ch.remote_peer_id)
+            ch.close()
+        # Wait for cut sessions to release their runtime before closing it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self._free) == len(self._receivers) and not self._creating:
+                    break
+            time.sleep(0.05)
+        self.host.close()
+        for rt in self._runtimes:
+            rt.close()
+        self._stopped.set()
