@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgelink.config import Config
 from edgelink.errors import ModelError
+from edgelink.models import pull as puller
 from edgelink.models.registry import (
     Progress,
     _looks_like_path,
@@ -42,7 +43,7 @@ def resolve_model(spec: str, cfg: Config, pull: bool = True, progress: Progress 
             raise ModelError(
                 f"model {spec!r} is not downloaded yet; run `edgelink models pull {spec}`"
             )
-        return pull.pull_model(entry, cfg, progress=progress)
+        return puller.pull_model(entry, cfg, progress=progress)
     candidate = Path(os.path.expanduser(spec))
     if candidate.exists():
         return check_gguf_file(candidate.absolute())
