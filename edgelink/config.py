@@ -101,6 +101,14 @@ class P2PConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    dir: str
+    chunk_tokens: int
+    ram_bytes: int
+    disk_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class WireConfig:
     codec: str
     allow_lossy: str
@@ -137,6 +145,7 @@ class Config:
     p2p: P2PConfig
     node: NodeConfig
     wire: WireConfig
+    cache: CacheConfig
     source: tuple[Path, ...] = ()
 
     def replace(self, **overrides: Any) -> Config:

@@ -63,15 +63,40 @@ def info(model: str, cfg: Config | None = None, progress: Progress | None = None
 
 
 def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | None = None,
-             progress: Progress | None = None) -> Generation:
-    """Greedy continuation in this process: the reference a handoff must reproduce."""
+             progress: Progress | None = None, *, cache: bool = False) -> Generation:
+    """Greedy continuation in this process: the reference a handoff must reproduce. With
+    ``cache``, the prompt goes through the prefix cache (cached chunks imported, new ones stored)."""
     with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
-        n = m.prefill(prompt)
+        used = m.prefill(prompt, cache=True) if cache else None
+        n = len(m.tokens)
         t1 = time.perf_counter()
         g = m.generate(n_tokens)
         g.prompt_tokens, g.timings = n, {"prefill_s": t1 - t0, **g.timings}
+        if used is not None:
+            g.extra["cache"] = dataclasses.asdict(used)
         return g
+
+
+def cache_stats(cfg: Config | None = None) -> dict[str, Any]:
+    """The prefix cache's tiers (entries, bytes, bounds) and where its disk tier lives."""
+    from edgelink.cache.prefix import PrefixCache
+
+    return PrefixCache(_cfg(cfg)).stats()
+
+
+def cache_list(cfg: Config | None = None) -> list[dict[str, Any]]:
+    """Every chunk of the disk tier, most recently used first."""
+    from edgelink.cache.prefix import store_for
+
+    return [{"key": k, "bytes": size, "last_used": used} for k, size, used in store_for(_cfg(cfg)).disk_keys()]
+
+
+def cache_clear(cfg: Config | None = None) -> int:
+    """Remove every chunk of the disk tier; returns how many went."""
+    from edgelink.cache.prefix import store_for
+
+    return store_for(_cfg(cfg)).clear()
 
 
 def file_session(rt: LlamaRuntime, cfg: Config, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:

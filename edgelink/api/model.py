@@ -36,6 +36,7 @@ from edgelink.runtime.sizing import fit_limits
 
 if TYPE_CHECKING:
     from edgelink.api.peer import Peer
+    from edgelink.cache.prefix import PrefixCache
 
 
 
@@ -87,6 +88,7 @@ class Model:
         self.name = name
         self.binding = binding
         self._signature: dict[str, Any] | None = None
+        self._cache: PrefixCache | None = None
 
     @contextlib.contextmanager
     def step(self) -> Iterator[LlamaRuntime]:
@@ -132,10 +134,20 @@ class Model:
         ``add_special`` says otherwise."""
         return self.runtime.tokenize(text, add_special=not self.runtime.tokens if add_special is None else add_special)
 
-    def prefill(self, prompt: str | Sequence[int]) -> int:
-        """Append ``prompt`` (text, or token ids) to the sequence; returns its token count."""
+    def prefill(self, prompt: str | Sequence[int], *, cache: bool | PrefixCache = False) -> Any:
+        """Append ``prompt`` (text, or token ids) to the sequence; returns its token count.
+        With ``cache`` (True: the configured prefix cache, or a ``PrefixCache``), a prompt that
+        starts the sequence goes through the prefix cache; returns what it did (``CachedPrefill``)."""
         with self.step() as rt:
             toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if cache:
+                if cache is True:
+                    if self._cache is None:
+                        from edgelink.cache.prefix import PrefixCache as _PrefixCache
+
+                        self._cache = _PrefixCache(self.cfg)
+                    cache = self._cache
+                return cache.prefill(rt, self.signature, toks)
             rt.prefill(toks)
         return len(toks)
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 
 import click
 
@@ -137,13 +138,55 @@ def _gen_text(g: api.Generation) -> str:
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @n_option
+@click.option("--cache", "use_cache", is_flag=True,
+              help="Go through the prefix cache: import the longest cached prefix, store the new "
+                   "chunks [config: cache.*].")
 @json_option
 @click.pass_obj
-def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_json: bool) -> None:
+def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, use_cache: bool,
+             as_json: bool) -> None:
     """Greedy generation in this process (the reference a handoff must match)."""
     cfg = obj.cfg()
-    g = api.generate(model or cfg.runtime.default_model, prompt, n_tokens, cfg, progress=_progress())
+    g = api.generate(model or cfg.runtime.default_model, prompt, n_tokens, cfg, progress=_progress(),
+                     cache=use_cache)
     _emit(as_json, g, _gen_text(g))
+
+
+@cli.group()
+def cache() -> None:
+    """The prefix cache: chunks of KV cells keyed by the prompt prefix they continue."""
+
+
+@cache.command("stats")
+@json_option
+@click.pass_obj
+def cache_stats(obj: _Ctx, as_json: bool) -> None:
+    """Entries and bytes per tier, and the bounds (cache.ram_bytes, cache.disk_bytes)."""
+    st = api.cache_stats(obj.cfg())
+    disk = st["tiers"]["disk"]
+    _emit(as_json, st, f"disk tier {st['dir']}: {disk['entries']} chunk(s), {disk['bytes']:,} of "
+          f"{disk['capacity']:,} bytes; {st['chunk_tokens']} tokens per chunk")
+
+
+@cache.command("ls")
+@json_option
+@click.pass_obj
+def cache_ls(obj: _Ctx, as_json: bool) -> None:
+    """Every chunk on disk, most recently used first."""
+    rows = api.cache_list(obj.cfg())
+    lines = [f"{len(rows)} chunk(s)"] + [f"  {r['key'][:16]}  {r['bytes']:>12,} B  "
+                                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['last_used']))}"
+                                         for r in rows]
+    _emit(as_json, {"entries": rows}, "\n".join(lines))
+
+
+@cache.command("clear")
+@json_option
+@click.pass_obj
+def cache_clear(obj: _Ctx, as_json: bool) -> None:
+    """Remove every chunk from the disk tier."""
+    n = api.cache_clear(obj.cfg())
+    _emit(as_json, {"removed": n}, f"removed {n} chunk(s)")
 
 
 @cli.command()

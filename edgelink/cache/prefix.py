@@ -1,0 +1,245 @@
+"""The prefix cache: prefill a context once, reuse its KV cells in every later process.
+
+A prompt is cut into chunks of ``cache.chunk_tokens`` tokens. A chunk's key is a chained digest:
+the root names the model exactly (its signature: weights digest, KV cache types, V layout,
+llama.cpp version), and each key hashes its parent key with the chunk's token ids. So a key
+names exactly one prefix of one model, and a hit can only be the cells of those very tokens.
+
+Exactness. A prefill through the cache always decodes in the same steps, whether or not it
+hits: whole chunks from position 0, then the remainder. Cached cells came from those same steps,
+and llama.cpp's CPU kernels give the same bits for the same batches. So a continuation after a
+hit is bit-identical to a cold run through the cache. (A plain ``generate`` batches by
+``runtime.n_batch`` instead, and may differ from both in the last bits of a logit.)
+
+Sliding-window models (Gemma-3). Each chunk is stored right after it is computed, with its cells
+from every cache, the window cache included: a window holds the last ``n_swa`` positions and a
+chunk is at most that long. A restore keeps the window cells llama.cpp itself would still hold
+at the cut. llama-server's own slot restore gets this wrong (llama.cpp #25913).
+
+A chunk is a verified message file (HELLO with the model's signature, then one tensor message
+of the chunk's cells and token ids, each tensor checksummed). A chunk that fails any check
+is dropped from the store and recomputed, never applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+
+from edgelink.cache.store import ChunkStore, TierStats
+from edgelink.config import Config
+from edgelink.errors import ConfigError, EdgelinkError, StateError
+from edgelink.kinds.delta import merge_delta
+from edgelink.kinds.snapshot import check_state_layout
+from edgelink.protocol.kinds import ApplyMode, DType, Kind
+from edgelink.protocol.messages import Tensor, TensorMessage
+from edgelink.protocol.session import Role, Session
+from edgelink.runtime.kvstate import (
+    SeqState,
+    assemble_seq_state,
+    parse_seq_state,
+    select_cells,
+    state_to_tensors,
+    tensors_to_state,
+)
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.sizing import fit_limits
+from edgelink.transport.file import FileChannelReader, frame_bytes
+
+log = logging.getLogger(__name__)
+ROOT_TAG = b"edgelink-kv-prefix/1\0"
+
+
+@dataclasses.dataclass
+class CachedPrefill:
+    """What one prefill through the cache did."""
+
+    tokens: int
+    hit_tokens: int = 0  # leading tokens whose cells came from the cache
+    hit_tiers: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks per tier
+    stored_chunks: int = 0
+    dropped_chunks: int = 0  # chunks that did not verify (removed; recomputed)
+    lookup_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+def chunk_tokens_of(cfg: Config) -> int:
+    c = cfg.cache.chunk_tokens
+    if c < 64 or c % 32:
+        raise ConfigError(f"cache.chunk_tokens is {c}: a multiple of 32, at least 64 (the batch sizes "
+                          "whose cells llama.cpp reproduces bit for bit)")
+    return c
+
+
+def store_for(cfg: Config) -> ChunkStore:
+    """The chunk store ``cfg`` names (``cache.dir``, default ``<paths.cache_dir>/kv``)."""
+    directory = Path(cfg.cache.dir).expanduser() if cfg.cache.dir else cfg.paths.cache_dir / "kv"
+    return ChunkStore(directory, cfg.cache.ram_bytes, cfg.cache.disk_bytes)
+
+
+class PrefixCache:
+    """Chunks of KV cells keyed by the prefix they continue, in RAM and on disk."""
+
+    def __init__(self, cfg: Config, store: ChunkStore | None = None):
+        self.cfg = cfg
+        self.chunk = chunk_tokens_of(cfg)
+        self.store = store if store is not None else store_for(cfg)
+        self.totals = CachedPrefill(0)  # summed over this process's prefills
+
+    # ------------------------------------------------------------------ keys
+
+    @staticmethod
+    def root_key(signature: dict[str, Any]) -> bytes:
+        canon = json.dumps(signature, sort_keys=True, separators=(",", ":")).encode()
+        return blake3.blake3(ROOT_TAG + canon).digest()
+
+    def keys(self, signature: dict[str, Any], tokens: list[int]) -> list[str]:
+        """The key of every whole chunk of ``tokens``, in order."""
+        key = self.root_key(signature)
+        out = []
+        for start in range(0, len(tokens) - self.chunk + 1, self.chunk):
+            chunk = np.asarray(tokens[start:start + self.chunk], dtype="<i4").tobytes()
+            key = blake3.blake3(key + chunk).digest()
+            out.append(key.hex())
+        return out
+
+    # ------------------------------------------------------------------ the prefill
+
+    def prefill(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int]) -> CachedPrefill:
+        """Make ``tokens`` the runtime's sequence: the longest cached run of whole chunks
+        (always leaving at least one token to decode, so the logits are fresh), then the rest
+        decoded chunk by chunk, each new whole chunk stored."""
+        if rt.tokens:
+            raise StateError("a prefill through the cache starts a sequence: reset the model first")
+        if not tokens:
+            raise StateError("nothing to prefill")
+        if rt.n_swa and self.chunk > rt.n_swa:
+            raise ConfigError(f"cache.chunk_tokens ({self.chunk}) is longer than this model's window of "
+                              f"{rt.n_swa}: lower it")
+        out = CachedPrefill(len(tokens))
+        keys = self.keys(signature, tokens)
+        usable = (len(tokens) - 1) // self.chunk  # whole chunks that may come from the cache
+        t0 = time.perf_counter()
+        states = self._lookup(rt, signature, tokens, keys[:usable], out)
+        if states:
+            self._restore(rt, tokens, states)
+        out.hit_tokens = len(states) * self.chunk
+        t1 = time.perf_counter()
+        pos = out.hit_tokens
+        while pos < len(tokens):
+            step = min(self.chunk, len(tokens) - pos)
+            rt.prefill(tokens[pos:pos + step])
+            index = pos // self.chunk
+            if step == self.chunk and not self.store.has(keys[index]):
+                out.stored_chunks += self._store(rt, signature, keys[index], index)
+            pos += step
+        out.lookup_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
+        self._add(out)
+        return out
+
+    def _lookup(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keys: list[str],
+                out: CachedPrefill) -> list[SeqState]:
+        states: list[SeqState] = []
+        for index, key in enumerate(keys):
+            got = self.store.get(key)
+            if got is None:
+                break
+            data, tier = got
+            try:
+                states.append(self._read(rt, signature, data, key, index,
+                                         tokens[index * self.chunk:(index + 1) * self.chunk]))
+            except EdgelinkError as exc:
+                log.warning("cached chunk %s did not verify (%s): dropped, recomputing", key[:16], exc)
+                self.store.drop(key)
+                out.dropped_chunks += 1
+                break
+            out.hit_tiers[tier] = out.hit_tiers.get(tier, 0) + 1
+        return states
+
+    def _restore(self, rt: LlamaRuntime, tokens: list[int], states: list[SeqState]) -> None:
+        merged = states[0]
+        for index, state in enumerate(states[1:], start=1):
+            merged = merge_delta(rt, merged, state, (index + 1) * self.chunk)
+        end = len(states) * self.chunk
+        check_state_layout(rt, merged, end)
+        rt.import_state(assemble_seq_state(merged), tokens[:end], None)
+
+    # ------------------------------------------------------------------ chunks as messages
+
+    def _session(self, rt: LlamaRuntime, signature: dict[str, Any], role: Role) -> Session:
+        return Session(role, signature, fit_limits(self.cfg, rt).protocol, kinds=(Kind.KV_CACHE_DELTA,))
+
+    def _store(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int) -> int:
+        start, end = index * self.chunk, (index + 1) * self.chunk
+        state = select_cells(parse_seq_state(rt.export_state()), lambda pos: (pos >= start) & (pos < end))
+        for cache in state.caches:  # every cache must still hold the whole chunk
+            st = next((s for s in cache.streams if s is not None), None)
+            if st is None or st.n_cells != self.chunk:
+                log.warning("chunk %d is not whole in every cache; not stored", index)
+                return 0
+        tensors, layout = state_to_tensors(state)
+        ids = np.asarray(rt.tokens[start:end], dtype="<i4")
+        tensors.append(Tensor("tokens", DType.I32, ids.shape, memoryview(ids).cast("B")))
+        session = self._session(rt, signature, Role.CLIENT)
+        hello = session.hello()
+        session.assume_peer_accepts()
+        parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=rt.seq,
+                                                 layer_range=(0, rt.n_layer), token_range=(start, end),
+                                                 attrs={"kv": layout, "chunk": {"key": key, "index": index}})
+        self.store.put(key, frame_bytes(hello) + frame_bytes(*parts))
+        return 1
+
+    def _read(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str, index: int,
+              tokens: list[int]) -> SeqState:
+        """A stored chunk, verified: this model's signature, every checksum, the key, the
+        token ids and the positions it should hold. Raises an EdgelinkError otherwise."""
+        session = self._session(rt, signature, Role.SERVER)
+        limit = fit_limits(self.cfg, rt).protocol.max_message_bytes + (1 << 20)
+        with FileChannelReader(data) as r:
+            session.receive(r.recv(limit))
+            msg = session.receive(r.recv(limit))
+            if not isinstance(msg, TensorMessage):
+                raise StateError("a cached chunk holds no tensor message")
+            chunk = msg.attrs.get("chunk")
+            start, end = index * self.chunk, (index + 1) * self.chunk
+            if not isinstance(chunk, dict) or chunk.get("key") != key or msg.token_range != (start, end):
+                raise StateError("a cached chunk names another key or other positions")
+            by_name = {t.name: t for t in msg.tensors}
+            ids = by_name.get("tokens")
+            if ids is None or ids.dtype is not DType.I32 or np.frombuffer(ids.data, "<i4").tolist() != tokens:
+                raise StateError("a cached chunk holds other token ids than its key")
+            layout = msg.attrs.get("kv")
+            if not isinstance(layout, dict):
+                raise StateError("a cached chunk lacks its kv layout")
+            state = tensors_to_state({n: t for n, t in by_name.items() if n != "tokens"}, layout)
+            # copy out of the reader's buffer, and check the positions are exactly the chunk's
+            state = select_cells(state, lambda pos: (pos >= start) & (pos < end))
+            for cache in state.caches:
+                st = next((s for s in cache.streams if s is not None), None)
+                if st is None or st.n_cells != self.chunk:
+                    raise StateError("a cached chunk does not hold exactly its positions")
+            return state
+
+    # ------------------------------------------------------------------ reporting
+
+    def _add(self, out: CachedPrefill) -> None:
+        t = self.totals
+        t.tokens += out.tokens
+        t.hit_tokens += out.hit_tokens
+        t.stored_chunks += out.stored_chunks
+        t.dropped_chunks += out.dropped_chunks
+        for tier, n in out.hit_tiers.items():
+            t.hit_tiers[tier] = t.hit_tiers.get(tier, 0) + n
+
+    def stats(self) -> dict[str, Any]:
+        tiers: dict[str, TierStats] = self.store.stats()
+        return {"chunk_tokens": self.chunk, "dir": str(self.store.dir) if self.store.dir else None,
+                "tiers": {k: dataclasses.asdict(v) for k, v in tiers.items()},
+                "this_process": dataclasses.asdict(self.totals)}

@@ -1,0 +1,138 @@
+"""The prefix cache on real models: a hit continues exactly as a cold run, also past Gemma-3's
+512-token window; chunks on disk are shared by processes, verified on every read, and a
+damaged one is dropped and recomputed, never applied; both tiers stay within their bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import edgelink
+from edgelink.bench import context_tokens
+from edgelink.cache.prefix import PrefixCache
+from edgelink.cache.store import ChunkStore
+from edgelink.errors import ConfigError, StateError
+
+
+@pytest.fixture()
+def cache_cfg(cfg, tmp_path):
+    return cfg.replace(cache_dir=str(tmp_path / "kv"), cache_chunk_tokens=128)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_a_hit_continues_exactly_as_a_cold_run(model_paths, cache_cfg, name):
+    with edgelink.load(str(model_paths[name]), cache_cfg) as m:
+        toks = context_tokens(m.runtime, 700)  # past Gemma's 512-token window
+        cache = PrefixCache(cache_cfg)
+        cold = cache.prefill(m.runtime, m.signature, toks)
+        assert cold.hit_tokens == 0 and cold.stored_chunks == 700 // 128
+        cold_digest = m.runtime.state_digest()
+        cold_out = m.generate(16, stop_at_eog=False).tokens
+        m.reset()
+        cache.store.clear_ram()
+        warm = cache.prefill(m.runtime, m.signature, toks)
+        assert warm.hit_tokens == 640 and warm.hit_tiers == {"disk": 5} and warm.stored_chunks == 0
+        assert m.runtime.state_digest() == cold_digest
+        assert m.generate(16, stop_at_eog=False).tokens == cold_out
+        m.reset()
+        again = cache.prefill(m.runtime, m.signature, toks)
+        assert again.hit_tiers == {"ram": 5}
+        # a longer prompt sharing the prefix reuses it and stores only its new chunks
+        m.reset()
+        longer = cache.prefill(m.runtime, m.signature, toks + context_tokens(m.runtime, 300)[1:])
+        assert longer.hit_tokens == 640 and longer.stored_chunks == 2
+
+
+def test_a_damaged_chunk_is_dropped_and_recomputed_never_applied(model_paths, cache_cfg):
+    with edgelink.load(str(model_paths["smollm2-135m"]), cache_cfg) as m:
+        toks = context_tokens(m.runtime, 400)
+        cache = PrefixCache(cache_cfg)
+        cache.prefill(m.runtime, m.signature, toks)
+        want = m.runtime.state_digest()
+        files = sorted(cache.store.dir.glob("??/*.elk"))
+        assert len(files) == 3
+        key1 = cache.keys(m.signature, toks)[1]
+        damaged = cache.store.dir / key1[:2] / f"{key1}.elk"
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        damaged.write_bytes(bytes(data))
+        cache.store.clear_ram()
+        m.reset()
+        out = cache.prefill(m.runtime, m.signature, toks)
+        assert out.dropped_chunks == 1 and out.hit_tokens == 128  # chunk 0 only; 1 and 2 recomputed
+        assert m.runtime.state_digest() == want
+        assert damaged.exists() and damaged.read_bytes() != bytes(data)  # stored again, whole
+
+
+def test_a_chunk_of_another_model_or_prompt_is_never_a_hit(model_paths, cache_cfg):
+    cache = PrefixCache(cache_cfg)
+    with edgelink.load(str(model_paths["smollm2-135m"]), cache_cfg) as m:
+        toks = context_tokens(m.runtime, 300)
+        cache.prefill(m.runtime, m.signature, toks)
+        m.reset()
+        other = cache.prefill(m.runtime, m.signature, [toks[0] + 1, *toks[1:]])
+        assert other.hit_tokens == 0  # the first token differs: every key differs
+        sig = m.signature
+    with edgelink.load(str(model_paths["smollm2-135m"]), cache_cfg.replace(runtime_type_k="q8_0")) as q:
+        assert q.signature != sig
+        assert cache.prefill(q.runtime, q.signature, toks).hit_tokens == 0
+    # a file planted under a real key, holding another chunk, is refused by its contents
+    keys = cache.keys(sig, toks)
+    src = cache.store.dir / keys[1][:2] / f"{keys[1]}.elk"
+    dst = cache.store.dir / keys[0][:2] / f"{keys[0]}.elk"
+    dst.write_bytes(src.read_bytes())
+    cache.store.clear_ram()
+    with edgelink.load(str(model_paths["smollm2-135m"]), cache_cfg) as m:
+        out = cache.prefill(m.runtime, m.signature, toks)
+        assert out.dropped_chunks == 1 and out.hit_tokens == 0
+
+
+def test_tiers_stay_within_their_bounds_least_recently_used_first(tmp_path):
+    store = ChunkStore(tmp_path / "kv", ram_bytes=2500, disk_bytes=3500)
+    keys = [f"{i:064x}" for i in range(5)]
+    for k in keys:
+        store.put(k, os.urandom(1000))
+    stats = store.stats()
+    assert stats["ram"].bytes <= 2500 and stats["disk"].bytes <= 3500
+    assert store.get(keys[0]) is None and store.get(keys[4])[1] == "ram"
+    assert store.get(keys[2])[1] == "disk"
+    with pytest.raises(ConfigError):
+        ChunkStore(tmp_path / "x", ram_bytes=-1, disk_bytes=0)
+
+
+def test_processes_share_the_disk_tier_and_the_cli_reports_it(smollm2_path, cache_cfg, tmp_path):
+    env = {**os.environ, "EDGELINK_CACHE_DIR": str(tmp_path / "shared"), "EDGELINK_CACHE_CHUNK_TOKENS": "128"}
+    prompt = " ".join(["The old lighthouse keeper climbed the stairs every evening."] * 40)
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "edgelink", *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    first = json.loads(run("generate", str(smollm2_path), "-p", prompt, "-n", "8", "--cache", "--json"))
+    second = json.loads(run("generate", str(smollm2_path), "-p", prompt, "-n", "8", "--cache", "--json"))
+    assert first["extra"]["cache"]["hit_tokens"] == 0 and second["extra"]["cache"]["hit_tokens"] > 0
+    assert second["tokens"] == first["tokens"]
+    stats = json.loads(run("cache", "stats", "--json"))
+    assert stats["tiers"]["disk"]["entries"] == first["extra"]["cache"]["stored_chunks"] > 0
+    listing = run("cache", "ls")
+    assert "chunk" in listing or "entries" in listing
+    run("cache", "clear")
+    assert json.loads(run("cache", "stats", "--json"))["tiers"]["disk"]["entries"] == 0
+
+
+def test_the_cache_refuses_what_it_cannot_do_exactly(model_paths, cache_cfg):
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        PrefixCache(cache_cfg.replace(cache_chunk_tokens=100))
+    with edgelink.load(str(model_paths["gemma3-270m"]), cache_cfg.replace(cache_chunk_tokens=1024)) as g:
+        with pytest.raises(ConfigError, match="window"):
+            PrefixCache(g.cfg).prefill(g.runtime, g.signature, context_tokens(g.runtime, 100))
+    with edgelink.load(str(model_paths["smollm2-135m"]), cache_cfg) as m:
+        m.prefill("Already something here")
+        with pytest.raises(StateError, match="reset"):
+            PrefixCache(cache_cfg).prefill(m.runtime, m.signature, context_tokens(m.runtime, 100))
