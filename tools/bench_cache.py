@@ -46,11 +46,11 @@ def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int
                 first = rt.generate(1, stop_at_eog=False)
                 rows[label].append(time.perf_counter() - t0)
                 outs[label] = first + rt.generate(15, stop_at_eog=False)
-                if res is not None:
+                if hasattr(res, "hit_tokens"):
                     hits[label] = res.hit_tokens
 
             for _ in range(repeats):
-                timed("no cache", lambda: rt.prefill(toks) and None)
+                timed("no cache", lambda: rt.prefill(toks) is None)
                 cache.store.clear()
                 timed("cold, through the cache", lambda: cache.prefill(rt, m.signature, toks))
                 timed("RAM hit", lambda: cache.prefill(rt, m.signature, toks))

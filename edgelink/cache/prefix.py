@@ -164,10 +164,8 @@ class PrefixCache:
         return states
 
     def _restore(self, rt: LlamaRuntime, tokens: list[int], states: list[SeqState]) -> None:
-        merged = states[0]
-        for index, state in enumerate(states[1:], start=1):
-            merged = merge_delta(rt, merged, state, (index + 1) * self.chunk)
         end = len(states) * self.chunk
+        merged = merge_delta(rt, *states, end=end)
         check_state_layout(rt, merged, end)
         rt.import_state(assemble_seq_state(merged), tokens[:end], None)
 

@@ -67,9 +67,9 @@ def delta_tensors(rt: LlamaRuntime, since: int, verify_base: bool = False,
     return tensors, attrs, (since, n)
 
 
-def merge_delta(rt: LlamaRuntime, own: SeqState, delta: SeqState, end: int) -> SeqState:
-    """Own cells + delta cells, minus what the window caches no longer hold at ``end``."""
-    merged = append_cells(own, delta)
+def merge_delta(rt: LlamaRuntime, own: SeqState, *deltas: SeqState, end: int) -> SeqState:
+    """Own cells + each delta's cells, minus what the window caches no longer hold at ``end``."""
+    merged = append_cells(own, *deltas)
     if rt.n_swa > 0 and len(merged.caches) == 2:
         # iSWA models (Gemma-3): the second cache is the window cache; llama.cpp keeps a cell
         # while (last position - its position) < n_swa.
@@ -99,7 +99,7 @@ class DeltaApplier:
         check_state_layout(rt, delta, end, first=since)
         # parse views into the runtime's export buffer; assembling copies them out, and the
         # guard below reuses that buffer as its backup
-        merged = merge_delta(rt, parse_seq_state(rt.export_state()), delta, end)
+        merged = merge_delta(rt, parse_seq_state(rt.export_state()), delta, end=end)
         check_state_layout(rt, merged, end)
         if "base_kv" in msg.attrs and msg.attrs["base_kv"] != prefix_cells_digest(merged, since):
             raise StateError(f"this side's own cells for tokens 0..{since} differ from the sender's (its "

@@ -66,7 +66,7 @@ class MemoryApplier:
             rt.shift_positions(0, m, n)  # memory now sits at n .. n+m-1, keys re-rotated
             shifted = parse_seq_state(rt.export_state())
             own = parse_seq_state(own_blob)
-            merged = merge_delta(rt, own, shifted, n + m) if rt.n_swa > 0 else append_cells(own, shifted)
+            merged = merge_delta(rt, own, shifted, end=n + m) if rt.n_swa > 0 else append_cells(own, shifted)
             check_state_layout(rt, merged, n + m)
             rt.import_state(self._assembler.assemble(merged), own_tokens + [VIRTUAL_TOKEN] * m, None)
         except Exception:  # any failure, typed or not: the sequence goes back as it was

@@ -393,44 +393,49 @@ def select_cells(state: SeqState, keep) -> SeqState:
     return SeqState(state.seq_id, tuple(caches))
 
 
-def _cat_rows(a: LayerRows, b: LayerRows, v_trans: bool, what: str) -> LayerRows:
-    if a.ggml_type != b.ggml_type:
-        raise StateError(f"{what}: cache type {b.dtype.name} differs from {a.dtype.name}")
-    ra, rb = np.frombuffer(a.data, dtype=np.uint8), np.frombuffer(b.data, dtype=np.uint8)
+def _cat_rows(parts: list[LayerRows], v_trans: bool, what: str) -> LayerRows:
+    a = parts[0]
+    for b in parts[1:]:
+        if a.ggml_type != b.ggml_type:
+            raise StateError(f"{what}: cache type {b.dtype.name} differs from {a.dtype.name}")
+        if (a.shape[0] != b.shape[0]) if v_trans else (a.shape[1] != b.shape[1]):
+            raise StateError(f"{what}: width differs")
+    raws = [np.frombuffer(p.data, dtype=np.uint8) for p in parts]
     if v_trans:
-        if a.shape[0] != b.shape[0]:
-            raise StateError(f"{what}: width {b.shape[0]} differs from {a.shape[0]}")
         w = a.shape[0]
-        out = np.concatenate([ra.reshape(w, a.shape[1], -1), rb.reshape(w, b.shape[1], -1)], axis=1)
-        return LayerRows(a.ggml_type, (w, a.shape[1] + b.shape[1]), memoryview(out.reshape(-1)).cast("B"))
-    if a.shape[1] != b.shape[1]:
-        raise StateError(f"{what}: width {b.shape[1]} differs from {a.shape[1]}")
-    out = np.concatenate([ra, rb])
-    return LayerRows(a.ggml_type, (a.shape[0] + b.shape[0], a.shape[1]), memoryview(out).cast("B"))
+        out = np.concatenate([r.reshape(w, p.shape[1], -1) for r, p in zip(raws, parts, strict=True)], axis=1)
+        return LayerRows(a.ggml_type, (w, sum(p.shape[1] for p in parts)), memoryview(out.reshape(-1)).cast("B"))
+    out = np.concatenate(raws)
+    return LayerRows(a.ggml_type, (sum(p.shape[0] for p in parts), a.shape[1]), memoryview(out).cast("B"))
 
 
-def append_cells(base: SeqState, extra: SeqState) -> SeqState:
-    """``base`` with ``extra``'s cells appended after its own, cache by cache, stream by stream."""
-    if len(base.caches) != len(extra.caches):
-        raise StateError(f"{len(extra.caches)} caches where this model has {len(base.caches)}")
+def append_cells(base: SeqState, *extras: SeqState) -> SeqState:
+    """``base`` with each of ``extras``' cells appended after its own, in order, cache by cache,
+    stream by stream (one copy of everything, however many are appended)."""
+    states = (base, *extras)
+    for extra in extras:
+        if len(base.caches) != len(extra.caches):
+            raise StateError(f"{len(extra.caches)} caches where this model has {len(base.caches)}")
     caches = []
-    for c, (cb, ce) in enumerate(zip(base.caches, extra.caches, strict=True)):
-        if len(cb.streams) != len(ce.streams):
+    for c, cb in enumerate(base.caches):
+        if any(len(st.caches[c].streams) != len(cb.streams) for st in extras):
             raise StateError(f"cache {c}: stream count differs")
         streams: list[StreamState | None] = []
-        for s, (sb, se) in enumerate(zip(cb.streams, ce.streams, strict=True)):
-            if sb is None or se is None:
-                streams.append(sb if se is None else se)
+        for s in range(len(cb.streams)):
+            live = [st.caches[c].streams[s] for st in states if st.caches[c].streams[s] is not None]
+            if len(live) <= 1:
+                streams.append(live[0] if live else None)
                 continue
             what = f"cache {c} stream {s}"
-            if sb.v_trans != se.v_trans or len(sb.k) != len(se.k):
+            first = live[0]
+            if any(x.v_trans != first.v_trans or len(x.k) != len(first.k) for x in live[1:]):
                 raise StateError(f"{what}: layout differs (V transposition or layer count)")
             streams.append(StreamState(
-                np.concatenate([sb.positions, se.positions]),
-                np.concatenate([sb.seq_ids, np.full_like(se.seq_ids, sb.seq_ids[0])]),
-                sb.v_trans,
-                tuple(_cat_rows(a, b, False, f"{what} K{j}") for j, (a, b) in enumerate(zip(sb.k, se.k, strict=True))),
-                tuple(_cat_rows(a, b, sb.v_trans, f"{what} V{j}") for j, (a, b) in enumerate(zip(sb.v, se.v, strict=True))),
+                np.concatenate([x.positions for x in live]),
+                np.concatenate([first.seq_ids, *(np.full_like(x.seq_ids, first.seq_ids[0]) for x in live[1:])]),
+                first.v_trans,
+                tuple(_cat_rows([x.k[j] for x in live], False, f"{what} K{j}") for j in range(len(first.k))),
+                tuple(_cat_rows([x.v[j] for x in live], first.v_trans, f"{what} V{j}") for j in range(len(first.v))),
             ))
         caches.append(CacheState(tuple(streams)))
     return SeqState(base.seq_id, tuple(caches))
