@@ -69,6 +69,8 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
     with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
         used = m.prefill(prompt, cache=True) if cache else None
+        if used is None:
+            m.prefill(prompt)
         n = len(m.tokens)
         t1 = time.perf_counter()
         g = m.generate(n_tokens)
