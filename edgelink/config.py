@@ -106,6 +106,7 @@ class CacheConfig:
     chunk_tokens: int
     ram_bytes: int
     disk_bytes: int
+    share: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,3 +136,56 @@ def test_the_cache_refuses_what_it_cannot_do_exactly(model_paths, cache_cfg):
         m.prefill("Already something here")
         with pytest.raises(StateError, match="reset"):
             PrefixCache(cache_cfg).prefill(m.runtime, m.signature, context_tokens(m.runtime, 100))
+
+
+def test_a_node_shares_its_cache_with_the_peers_it_accepts(smollm2_path, cfg, tmp_path):
+    """A node whose cache holds a prompt's chunks serves them to an authorized client over the
+    encrypted channel; the client verifies and stores them, and its prefill then hits its own
+    cache and continues exactly as a cold run. A damaged chunk on the node is not sent; a node
+    with cache.share = off refuses."""
+    from edgelink.roles.launcher import start_node, stop_receiver
+    from edgelink.transport import p2p
+
+    node_dir, client_dir = tmp_path / "node-kv", tmp_path / "client-kv"
+    node_cfg = cfg.replace(cache_dir=str(node_dir), cache_chunk_tokens=128)
+    with edgelink.load(str(smollm2_path), node_cfg) as m:
+        toks = context_tokens(m.runtime, 600)
+        warm = PrefixCache(node_cfg)
+        warm.prefill(m.runtime, m.signature, toks)  # the node's cache, filled before it starts
+        want = m.runtime.state_digest()
+        cold_out = m.generate(8, stop_at_eog=False).tokens
+        keys = warm.keys(m.signature, toks)
+    # the node's last chunk is damaged on disk: it must not be sent, the others must
+    damaged = node_dir / keys[3][:2] / f"{keys[3]}.elk"
+    data = bytearray(damaged.read_bytes())
+    data[-50] ^= 1
+    damaged.write_bytes(bytes(data))
+    env = {"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "node.key"), "EDGELINK_NODE_TOKENS": "kv-token"}
+    proc = start_node(str(smollm2_path), node_cfg, extra_env=env)
+    client_cfg = cfg.replace(cache_dir=str(client_dir), cache_chunk_tokens=128, p2p_identity_key=tmp_path / "client.key")
+    try:
+        addr = proc.ready["addrs"][0]
+        with edgelink.load(str(smollm2_path), client_cfg) as m:
+            with m.connect(addr, token="kv-token") as peer:
+                with pytest.raises(edgelink.EdgelinkError, match="did not|no cached chunk|checksum|differ"):
+                    peer.fetch_cache(toks)
+                assert m.prefix_cache().held(keys) == 3  # the three good ones arrived and were kept
+                assert peer.fetch_cache(toks[:3 * 128 + 1]) == 0  # those are all held here now
+            used = m.prefill(toks, cache=True)
+            assert used.hit_tokens == 384 and used.hit_tiers == {"ram": 3}
+            assert m.runtime.state_digest() == want  # the fourth computed here, exactly
+            assert m.generate(8, stop_at_eog=False).tokens == cold_out
+        proc.next_event()
+        assert proc.poll() is None and not damaged.exists()  # the node dropped what did not verify
+    finally:
+        p2p.close_client_hosts()
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
+    proc = start_node(str(smollm2_path), node_cfg.replace(cache_share="off"),
+                      extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "node2.key")})
+    try:
+        with edgelink.load(str(smollm2_path), client_cfg) as m, m.connect(proc.ready["addrs"][0]) as peer:
+            with pytest.raises(edgelink.EdgelinkError, match="cache.share"):
+                peer.fetch_cache(list(reversed(toks)))  # chunks this client does not hold
+    finally:
+        p2p.close_client_hosts()
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()

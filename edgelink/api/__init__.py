@@ -63,11 +63,20 @@ def info(model: str, cfg: Config | None = None, progress: Progress | None = None
 
 
 def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | None = None,
-             progress: Progress | None = None, *, cache: bool = False) -> Generation:
+             progress: Progress | None = None, *, cache: bool = False, cache_from: str | None = None,
+             token: str | None = None) -> Generation:
     """Greedy continuation in this process: the reference a handoff must reproduce. With
-    ``cache``, the prompt goes through the prefix cache (cached chunks imported, new ones stored)."""
+    ``cache``, the prompt goes through the prefix cache (cached chunks imported, new ones stored);
+    with ``cache_from`` (a peer: shm:NAME or a multiaddr), chunks this cache lacks are first
+    fetched from that peer's cache (``token`` for a node that requires one)."""
     with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
+        fetched = 0
+        if cache_from:
+            cache = True
+            with m.connect(cache_from, token=token) as peer:
+                fetched = peer.fetch_cache(prompt)
+        t_fetch = time.perf_counter() - t0
         used = m.prefill(prompt, cache=True) if cache else None
         if used is None:
             m.prefill(prompt)
@@ -76,7 +85,7 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
         g = m.generate(n_tokens)
         g.prompt_tokens, g.timings = n, {"prefill_s": t1 - t0, **g.timings}
         if used is not None:
-            g.extra["cache"] = dataclasses.asdict(used)
+            g.extra["cache"] = {**dataclasses.asdict(used), "fetched_chunks": fetched, "fetch_s": t_fetch}
         return g
 
 

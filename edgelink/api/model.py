@@ -141,13 +141,7 @@ class Model:
         with self.step() as rt:
             toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             if cache:
-                if cache is True:
-                    if self._cache is None:
-                        from edgelink.cache.prefix import PrefixCache as _PrefixCache
-
-                        self._cache = _PrefixCache(self.cfg)
-                    cache = self._cache
-                return cache.prefill(rt, self.signature, toks)
+                return (self.prefix_cache() if cache is True else cache).prefill(rt, self.signature, toks)
             rt.prefill(toks)
         return len(toks)
 
@@ -159,6 +153,14 @@ class Model:
             out = rt.generate(n, stop_at_eog=stop_at_eog)
         return Generation(self.name, len(rt.tokens) - len(out), out, rt.detokenize(out),
                           {"generate_s": time.perf_counter() - t0})
+
+    def prefix_cache(self) -> PrefixCache:
+        """This model's prefix cache (the ``cache`` settings; docs/cache.md), made on first use."""
+        if self._cache is None:
+            from edgelink.cache.prefix import PrefixCache as _PrefixCache
+
+            self._cache = _PrefixCache(self.cfg)
+        return self._cache
 
     def reset(self) -> None:
         """Forget the sequence."""

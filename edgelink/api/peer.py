@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgelink.api.results import Generation
@@ -125,6 +126,14 @@ class Peer:
         return Round(self.turns - 1, self.synced, sent_tokens, sent.payload_bytes,
                      "KV_CACHE" if first else "KV_CACHE_DELTA", list(body["tokens"]), body["text"], pulled, full,
                      {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2, "pull_s": t4 - t3})
+
+    def fetch_cache(self, prompt: str | Sequence[int]) -> int:
+        """Fetch from the receiver the prefix-cache chunks of ``prompt`` (as the start of a
+        sequence) that the model's own cache lacks, each verified before it is stored there;
+        a later ``model.prefill(prompt, cache=True)`` then finds them. Returns how many came."""
+        m = self.model
+        toks = m.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+        return m.prefix_cache().fetch(self.sender, m.runtime, m.signature, toks)
 
     def digest(self) -> str:
         """The receiver's state digest (equal to ``model.runtime.state_digest()`` in step)."""

@@ -194,10 +194,9 @@ class PrefixCache:
         self.store.put(key, frame_bytes(hello) + frame_bytes(*parts))
         return 1
 
-    def _read(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str, index: int,
-              tokens: list[int]) -> SeqState:
-        """A stored chunk, verified: this model's signature, every checksum, the key, the
-        token ids and the positions it should hold. Raises an EdgelinkError otherwise."""
+    def _open(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str) -> TensorMessage:
+        """A stored chunk's tensor message, verified: this model's signature, every checksum,
+        and the key it names. Raises an EdgelinkError otherwise."""
         session = self._session(rt, signature, Role.SERVER)
         limit = fit_limits(self.cfg, rt).protocol.max_message_bytes + (1 << 20)
         with FileChannelReader(data) as r:
@@ -206,24 +205,91 @@ class PrefixCache:
             if not isinstance(msg, TensorMessage):
                 raise StateError("a cached chunk holds no tensor message")
             chunk = msg.attrs.get("chunk")
-            start, end = index * self.chunk, (index + 1) * self.chunk
-            if not isinstance(chunk, dict) or chunk.get("key") != key or msg.token_range != (start, end):
-                raise StateError("a cached chunk names another key or other positions")
-            by_name = {t.name: t for t in msg.tensors}
-            ids = by_name.get("tokens")
-            if ids is None or ids.dtype is not DType.I32 or np.frombuffer(ids.data, "<i4").tolist() != tokens:
-                raise StateError("a cached chunk holds other token ids than its key")
-            layout = msg.attrs.get("kv")
-            if not isinstance(layout, dict):
-                raise StateError("a cached chunk lacks its kv layout")
-            state = tensors_to_state({n: t for n, t in by_name.items() if n != "tokens"}, layout)
-            # copy out of the reader's buffer, and check the positions are exactly the chunk's
-            state = select_cells(state, lambda pos: (pos >= start) & (pos < end))
-            for cache in state.caches:
-                st = next((s for s in cache.streams if s is not None), None)
-                if st is None or st.n_cells != self.chunk:
-                    raise StateError("a cached chunk does not hold exactly its positions")
-            return state
+            if not isinstance(chunk, dict) or chunk.get("key") != key:
+                raise StateError("a cached chunk names another key")
+            # copy out of the reader's buffer, which the next read reuses
+            return TensorMessage(msg.session_id, msg.message_id, msg.kind, msg.apply, msg.seq_slot, msg.layer_range,
+                                 msg.token_range, tuple(dataclasses.replace(t, data=memoryview(bytes(t.data)))
+                                                        for t in msg.tensors), msg.attrs, msg.checksum_alg)
+
+    def _state(self, msg: TensorMessage, index: int, tokens: list[int]) -> SeqState:
+        """The cells of chunk ``index`` of ``tokens`` from its message, checked: its positions
+        and token ids are exactly that chunk's. Raises an EdgelinkError otherwise."""
+        start, end = index * self.chunk, (index + 1) * self.chunk
+        if msg.kind is not Kind.KV_CACHE_DELTA or msg.token_range != (start, end):
+            raise StateError(f"a chunk for positions {start}..{end} names others")
+        by_name = {t.name: t for t in msg.tensors}
+        ids = by_name.get("tokens")
+        if ids is None or ids.dtype is not DType.I32 or np.frombuffer(ids.data, "<i4").tolist() != tokens:
+            raise StateError("a cached chunk holds other token ids than its key")
+        layout = msg.attrs.get("kv")
+        if not isinstance(layout, dict):
+            raise StateError("a cached chunk lacks its kv layout")
+        state = tensors_to_state({n: t for n, t in by_name.items() if n != "tokens"}, layout)
+        state = select_cells(state, lambda pos: (pos >= start) & (pos < end))  # a copy
+        for cache in state.caches:
+            st = next((x for x in cache.streams if x is not None), None)
+            if st is None or st.n_cells != self.chunk:
+                raise StateError("a cached chunk does not hold exactly its positions")
+        return state
+
+    def _read(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str, index: int,
+              tokens: list[int]) -> SeqState:
+        return self._state(self._open(rt, signature, data, key), index, tokens)
+
+    # ------------------------------------------------------------------ sharing with peers
+
+    def held(self, keys: list[str]) -> int:
+        """How many of ``keys``, from the first, this store holds."""
+        n = 0
+        for key in keys:
+            if not self.store.has(key):
+                break
+            n += 1
+        return n
+
+    def chunk_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str) -> TensorMessage:
+        """A stored chunk to send a peer, verified here first (a damaged one is dropped)."""
+        got = self.store.get(key)
+        if got is None:
+            raise StateError(f"no cached chunk {key[:16]}")
+        try:
+            return self._open(rt, signature, got[0], key)
+        except EdgelinkError:
+            self.store.drop(key)
+            raise
+
+    def fetch(self, sender: Any, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int]) -> int:
+        """Fetch from the peer of ``sender`` the chunks of ``tokens`` this store lacks, as far
+        as the peer holds them, each verified as a local chunk is before it is stored.
+        Returns how many arrived."""
+        keys = self.keys(signature, tokens)[:(len(tokens) - 1) // self.chunk]
+        local = self.held(keys)
+        if local == len(keys):
+            return 0
+        held = sender.request("cache_has", keys=keys[local:])["held"]
+        fetched = 0
+        for index in range(local, local + min(held, len(keys) - local)):
+            key, ids = keys[index], tokens[index * self.chunk:(index + 1) * self.chunk]
+
+            def keep(msg: TensorMessage, index: int = index, key: str = key, ids: list[int] = ids) -> None:
+                self._state(msg, index, ids)  # refused (and the peer told) unless it is exactly that chunk
+                self._put_message(rt, signature, key, index, msg)
+
+            sender.pull_chunk(key, keep)
+            fetched += 1
+        return fetched
+
+    def _put_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int,
+                     msg: TensorMessage) -> None:
+        session = self._session(rt, signature, Role.CLIENT)
+        hello = session.hello()
+        session.assume_peer_accepts()
+        parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, list(msg.tensors),
+                                                 seq_slot=rt.seq, layer_range=(0, rt.n_layer),
+                                                 token_range=msg.token_range,
+                                                 attrs={"kv": msg.attrs["kv"], "chunk": {"key": key, "index": index}})
+        self.store.put(key, frame_bytes(hello) + frame_bytes(*parts))
 
     # ------------------------------------------------------------------ reporting
 

@@ -141,14 +141,18 @@ def _gen_text(g: api.Generation) -> str:
 @click.option("--cache", "use_cache", is_flag=True,
               help="Go through the prefix cache: import the longest cached prefix, store the new "
                    "chunks [config: cache.*].")
+@click.option("--cache-from", default=None, metavar="PEER",
+              help="First fetch the chunks this cache lacks from a peer's cache (shm:NAME or a "
+                   "multiaddr); implies --cache.")
+@click.option("--token", default=None, help="Bearer token for a node that requires one.")
 @json_option
 @click.pass_obj
 def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, use_cache: bool,
-             as_json: bool) -> None:
+             cache_from: str | None, token: str | None, as_json: bool) -> None:
     """Greedy generation in this process (the reference a handoff must match)."""
     cfg = obj.cfg()
     g = api.generate(model or cfg.runtime.default_model, prompt, n_tokens, cfg, progress=_progress(),
-                     cache=use_cache)
+                     cache=use_cache, cache_from=cache_from, token=token)
     _emit(as_json, g, _gen_text(g))
 
 

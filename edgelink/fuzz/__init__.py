@@ -143,7 +143,8 @@ def seed_frames(signature: dict[str, Any] | None = None, limits=None,
         client.state = client.state.READY  # as if acknowledged
     for op, params in (("generate", {"n_tokens": 4, "stop_at_eog": False}), ("prefill", {"tokens": [1, 2]}),
                        ("prefill", {"tokens": [1, 2, 3], "background": True, "replace": True}),
-                       ("probe", {"pad": "x" * 64}), ("delta", {"since": 1}), ("digest", {}), ("reset", {}),
+                       ("probe", {"pad": "x" * 64}), ("delta", {"since": 1}),
+                       ("cache_has", {"keys": ["ab" * 32, "cd" * 32]}), ("cache_get", {"key": "ef" * 32}), ("digest", {}), ("reset", {}),
                        ("label_scores", {"labels": {"pos": " good", "neg": " bad"}}), ("latent_caps", {})):
         frames.append(client.request(op, params))
     from edgelink.protocol import codec

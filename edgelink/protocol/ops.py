@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgelink.errors import SessionError
-from edgelink.protocol.untrusted import I32_MAX, Bool, Int, Json, Num, Obj, Seq, Str
+from edgelink.protocol.untrusted import I32_MAX, Bool, Hex, Int, Json, Num, Obj, Seq, Str
 
 _TOKEN_IDS = Seq(Int(0, I32_MAX), max_items=1 << 20)
 _CONTEXT = {"context_tokens": Int(0, I32_MAX)}
@@ -25,6 +25,10 @@ PARAMS: dict[str, Obj] = {
                    {"background": Bool(), "replace": Bool()}),
     # Padding the receiver reads and answers with its length: a sender measures the link rate.
     "probe": Obj({"pad": Str(1 << 24)}),
+    # The prefix cache (edgelink/cache): how many of these chain keys, from the first, the
+    # receiver holds; and one chunk, answered by a KV_CACHE_DELTA tensor message.
+    "cache_has": Obj({"keys": Seq(Hex(n_bytes=32), max_items=4096)}),
+    "cache_get": Obj({"key": Hex(n_bytes=32)}),
     "delta": Obj({"since": Int(0, I32_MAX)}),
     "latent_caps": Obj(),
     "label_scores": Obj(optional={"labels": _LABELS}),
@@ -43,6 +47,7 @@ RESULTS: dict[str, Obj] = {
     "reset": _result({}),
     "prefill": _result({}),
     "probe": _result({"bytes": Int(0, I32_MAX)}),
+    "cache_has": _result({"held": Int(0, 4096)}),
     "latent_caps": _result({"n_layer": Int(1, 4096), "n_embd": Int(1, 1 << 20),
                             "n_ctx": Int(1, I32_MAX), "max_gain": Num(0),
                             "norm_gate_multiple": Num(0), "norm_gate_mode": Str(32),

@@ -116,6 +116,7 @@ class Receiver:
         register_bridged(self, bridge)
         # A prefill the sender asked for in the background (a split handoff: wire/plan.py);
         # every later message of the session waits for it.
+        self._cache = None  # the shared prefix cache (cache.share), made on first request
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
         if calibrate and cfg.wire.prefill_tps == 0 and rt.prefill_tps == 0 and not rt.tokens:
@@ -247,6 +248,9 @@ class Receiver:
                     elif isinstance(msg, Request) and msg.op == "delta":
                         msg = dataclasses.replace(msg, params=check_params(msg.op, msg.params))
                         self._send_delta(ch, session, msg)  # answered by a tensor message
+                    elif isinstance(msg, Request) and msg.op == "cache_get":
+                        msg = dataclasses.replace(msg, params=check_params(msg.op, msg.params))
+                        self._send_chunk(ch, session, msg)  # answered by a tensor message
                     elif isinstance(msg, Ack):
                         log.info("peer applied our message %d", msg.acked_id)
                     elif isinstance(msg, Request):
@@ -310,8 +314,34 @@ class Receiver:
             layer_range=(0, self.rt.n_layer), token_range=token_range, attrs=attrs)
         ch.send(*parts)
 
+    def _prefix_cache(self):
+        """The prefix cache this receiver shares (cache.share), made on first use."""
+        if self.cfg.cache.share != "on":
+            raise SessionError("this receiver does not share its prefix cache (cache.share = off)")
+        if self._cache is None:
+            from edgelink.cache.prefix import PrefixCache
+
+            self._cache = PrefixCache(self.cfg)
+        return self._cache
+
+    def _send_chunk(self, ch: Channel, session: Session, req: Request) -> None:
+        """Answer REQUEST(cache_get, key) with that chunk, verified here first, encoded with
+        the codec the peer takes over a network link."""
+        msg = self._prefix_cache().chunk_message(self.rt, self.signature, req.params["key"].hex())
+        tensors, attrs = list(msg.tensors), dict(msg.attrs)
+        codec = wire.choose(self.cfg.wire, session.peer.codecs if session.peer else (),
+                            getattr(ch, "link", "local") == "network")
+        if codec is not None:
+            tensors, attrs = wire.encode_tensors(tensors, attrs, codec, session.send_checksum)
+        parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=self.rt.seq,
+                                                 layer_range=msg.layer_range, token_range=msg.token_range, attrs=attrs)
+        ch.send(*parts)
+
     def _request(self, req: Request) -> dict[str, Any]:
         rt = self.rt
+        if req.op == "cache_has":
+            return {"held": self._prefix_cache().held([k.hex() for k in req.params["keys"]]),
+                    "context_tokens": len(rt.tokens)}
         if req.op == "generate":
             n = req.params["n_tokens"]
             room = rt.n_ctx - len(rt.tokens)

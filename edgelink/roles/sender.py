@@ -79,8 +79,11 @@ class Sender:
         self.ch = ch
         self.cfg = cfg
         # A network channel knows the end-to-end scheme it negotiated; both HELLOs carry it.
+        # codecs: what we take as a receiver of the peer's tensor messages (pulled deltas,
+        # prefix-cache chunks)
         self.session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds,
-                               encryption=getattr(ch, "encryption", None), auth=auth, bridge=bridge)
+                               encryption=getattr(ch, "encryption", None), auth=auth, bridge=bridge,
+                               codecs=wire.offered(cfg.wire))
         self._limit = frame_limit(cfg)
         self.codec: str | None = None  # the wire codec (edgelink/wire), settled at the handshake
         self.link: Link | None = None  # measured by the first handoff that plans (wire/plan.py)
@@ -267,6 +270,23 @@ class Sender:
             self.ch.send(self.session.reject(msg.message_id, exc))
             raise
         self.ch.send(self.session.ack(msg, tensor_message_digest(msg)))
+        return msg.payload_bytes
+
+    def pull_chunk(self, key: str, keep: Callable[[TensorMessage], None]) -> int:
+        """Ask the peer for one prefix-cache chunk (edgelink/cache) and hand it, decoded and
+        verified by the session, to ``keep``; the peer hears ACK, or REJECT when ``keep``
+        refuses it. Returns the payload bytes received."""
+        self.ch.send(self.session.request("cache_get", {"key": key}))
+        msg = self._reply()  # PeerRejected when the peer does not hold it
+        if not isinstance(msg, TensorMessage) or msg.kind is not Kind.KV_CACHE_DELTA:
+            raise SessionError(f"expected a KV_CACHE_DELTA, got {msg.frame_type.name}")
+        digest = tensor_message_digest(msg)
+        try:
+            keep(wire.decode_message(msg, self.session.codecs, self._limit))
+        except EdgelinkError as exc:
+            self.ch.send(self.session.reject(msg.message_id, exc))
+            raise
+        self.ch.send(self.session.ack(msg, digest))
         return msg.payload_bytes
 
     def _ship(self, seq_slot: int, layer_range: tuple[int, int], kind: Kind, apply: ApplyMode,
