@@ -6,18 +6,23 @@ the first new token, side by side in one run.
 Rows per model: no cache (a plain prefill, what a user does today); cold through the cache (the
 same work plus storing the chunks); the first hit after it (from RAM, paying the page faults of
 fresh buffers); a RAM hit and a disk hit in steady state (for the disk hit the RAM tier is
-emptied first: the chunks are read, verified and imported from the directory). Each hit must continue exactly as the cold
-run. Medians of ``--repeats``.
+emptied first: the chunks are read, verified and imported from the directory); then, with an empty local cache, fetching
+every chunk from an ``edgelink node`` that holds them (on loopback, and behind a tc-shaped link
+of ``--peer-rates`` Mbit/s in another network namespace: root), then the local hit. Each hit
+must continue exactly as the cold run. Medians of ``--repeats``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import edgelink
 from edgelink.bench import context_tokens
@@ -27,9 +32,44 @@ from edgelink.config import load_config
 QUESTION = " Question: in one sentence, what happened to the keeper after the storm? Answer:"
 
 
-def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int) -> list[dict]:
+def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[float], repeats: int,
+               timed) -> None:
+    """Fetch every chunk from a node (loopback, or a tc-shaped link to another namespace)."""
+    from edgelink.roles.launcher import start_node, stop_receiver
+    from edgelink.transport import p2p
+
+    for rate in rates:
+        label = "fetched from a node, loopback" if rate == 0 else f"fetched from a node, {rate:g} Mbit/s"
+        with contextlib.ExitStack() as stack:
+            node_cfg = cfg.replace(cache_dir=str(node_dir))
+            if rate == 0:
+                node = start_node(m.name, node_cfg)
+            else:
+                from tools.netns import remote_host, shape
+
+                host = stack.enter_context(remote_host())
+                node = start_node(m.name, node_cfg, listen=f"/ip4/{host.ip}/tcp/0", wrapper=host.wrapper)
+                shape(host, rate)
+            try:
+                for _ in range(repeats):
+                    cache.store.clear()
+
+                    def fetch_then_prefill(node=node):
+                        with m.connect(node.ready["addrs"][0]) as peer:
+                            peer.fetch_cache(toks)
+                        return cache.prefill(m.runtime, m.signature, toks)
+
+                    timed(label, fetch_then_prefill)
+                    node.next_event()
+            finally:
+                p2p.close_client_hosts()
+                stop_receiver(node)
+
+
+def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int,
+                peer_rates: list[float]) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config().replace(cache_dir=d, cache_chunk_tokens=chunk)
+        cfg = load_config().replace(cache_dir=str(Path(d) / "local"), cache_chunk_tokens=chunk)
         with edgelink.load(model, cfg) as m:
             rt = m.runtime
             q = (rt.tokenize(QUESTION, add_special=False) * 8)[:question]
@@ -37,6 +77,7 @@ def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int
             cache = PrefixCache(cfg)
             rows: dict[str, list[float]] = {"no cache": [], "cold, through the cache": [],
                                              "first hit after it": [], "RAM hit": [], "disk hit": []}
+            m._cache = cache  # noqa: SLF001 - the model's fetches land in this very cache
             outs: dict[str, list[int]] = {}
             hits: dict[str, int] = {}
 
@@ -50,6 +91,10 @@ def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int
                 if hasattr(res, "hit_tokens"):
                     hits[label] = res.hit_tokens
 
+            def timed_any(label: str, fn) -> None:
+                rows.setdefault(label, [])
+                timed(label, fn)
+
             for _ in range(repeats):
                 timed("no cache", lambda: rt.prefill(toks) is None)
                 cache.store.clear()
@@ -61,6 +106,10 @@ def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int
                 cache.store.clear_ram()
                 timed("disk hit", lambda: cache.prefill(rt, m.signature, toks))
             stored = cache.store.stats()["disk"].bytes
+            if peer_rates:
+                node_dir = Path(d) / "node"
+                shutil.copytree(cache.store.dir, node_dir)  # the node's cache holds this prompt
+                _peer_rows(m, cache, toks, cfg, node_dir, peer_rates, repeats, timed_any)
     cold = statistics.median(rows["no cache"])
     out = []
     for label, times in rows.items():
@@ -78,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--question", type=int, default=50)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peer-rates", default="0,100",
+                    help="fetch rows from a node: 0 is loopback, others Mbit/s over a tc-shaped veth (root); "
+                         "empty for none")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     for model in args.models.split(","):
-        for row in bench_model(model, args.prefix, args.question, args.repeats, args.chunk):
+        rates = [float(r) for r in args.peer_rates.split(",") if r.strip()]
+        for row in bench_model(model, args.prefix, args.question, args.repeats, args.chunk, rates):
             rows.append(row)
-            print(f"{row['model']:14s} {row['case']:24s} {row['tokens']} tokens  TTFT {row['ttft_s']:7.3f} s  "
+            print(f"{row['model']:14s} {row['case']:34s} {row['tokens']} tokens  TTFT {row['ttft_s']:7.3f} s  "
                   f"{row['vs_no_cache']:6.1f}x  hit {row['hit_tokens']:5d}  "
                   f"{'same' if row['same_as_cold_cache_run'] else 'DIFFERS'}", flush=True)
     if args.json:
