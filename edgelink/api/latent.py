@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from edgelink import wire
 from edgelink.api import Generation, _cfg, connect, file_session, load_runtime
+from edgelink.api.model import apply_messages
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config
-from edgelink.errors import ChecksumMismatch, EdgelinkError, PeerGone, SessionError
+from edgelink.errors import ChecksumMismatch, SessionError
 from edgelink.kinds.bridged import bridge_claim, source_rows
 from edgelink.kinds.hidden import HiddenSlice, HiddenSliceApplier, capture_slice
 from edgelink.kinds.patch import PatchApplier, ResidualPatch, steering_patch
@@ -35,9 +37,8 @@ from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.protocol.messages import Ack, TensorMessage
+from edgelink.protocol.messages import Ack
 from edgelink.protocol.session import Role
-from edgelink.roles.receiver import frame_limit
 from edgelink.roles.sender import Sender
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
@@ -263,19 +264,9 @@ def apply_file(model: str, path: str | Path, n_tokens: int | None = None,
         hidden = HiddenSliceApplier(rt, cfg)
         appliers = {Kind.KV_CACHE: SnapshotApplier(rt).apply, Kind.HIDDEN_SLICE: hidden.apply,
                     Kind.RESIDUAL_PATCH: PatchApplier(rt, cfg).apply}
-        applied = []
         with FileChannelReader(path) as r:
-            session.receive(r.recv(frame_limit(cfg)))  # the writer's HELLO: checked
-            while True:
-                try:
-                    frame = r.recv(frame_limit(cfg))
-                except PeerGone:
-                    break  # a clean end of file
-                msg = session.receive(frame)
-                if not isinstance(msg, TensorMessage):
-                    raise EdgelinkError(f"{path}: unexpected {msg.frame_type.name} frame")
-                appliers[msg.kind](msg)
-                applied.append(msg.kind.name)
+            applied = [kind.name for kind, _ in apply_messages(appliers, wire.offered(cfg.wire), cfg, session, r,
+                                                                str(path))]
         out = rt.generate(n) if n and rt.logits is not None else []
         return {"applied": applied, "hidden_slices": len(hidden.store), "tokens": out,
                 "text": rt.detokenize(out), "digest": rt.state_digest()}

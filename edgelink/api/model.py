@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,8 +197,12 @@ class Model:
         where = "the snapshot" if isinstance(snapshot, Snapshot) else str(snapshot)
         with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot) as r, \
                 self.step():
-            return apply_messages(Receiver(self.runtime, self.cfg, self.signature, calibrate=False),
-                                  self.file_session(Role.SERVER), r, where)
+            receiver = Receiver(self.runtime, self.cfg, self.signature, calibrate=False)
+            applied = apply_messages(receiver.appliers, receiver.codecs, receiver.cfg,
+                                     self.file_session(Role.SERVER), r, where)
+        if not applied:
+            raise StateError(f"{where} holds no tensor message")
+        return sum(n for _, n in applied)
 
     def load_llama_file(self, path: str | Path) -> int:
         """Replace the sequence by a llama.cpp sequence-state file's (``llama_state_seq_save_file``,
@@ -226,18 +230,21 @@ class Model:
         return Peer.open(self, to, token=token)
 
 
-def apply_messages(receiver, session: Session, reader, where: str) -> int:
-    """Apply every tensor message a one-way reader holds (a file's, a snapshot's), in order,
-    through the receiver's own decoding and appliers. Returns the payload bytes applied."""
+def apply_messages(appliers: dict[Kind, Callable[[Any], None]], codecs: Sequence[str], cfg: Config,
+                   session: Session, reader: Any, where: str) -> list[tuple[Kind, int]]:
+    """Apply every tensor message a one-way reader holds (a message file's, a snapshot's), in
+    order: the writer's HELLO checked against ``session``, each message verified, decoded
+    (``codecs``: what this side takes) and handed to its applier. Returns (kind, payload bytes)
+    per message. ``cfg`` is fitted to the runtime (its limits bound every frame)."""
     from edgelink import wire
     from edgelink.errors import PeerGone
     from edgelink.protocol.limits import limit_of
     from edgelink.protocol.messages import TensorMessage
     from edgelink.roles.receiver import frame_limit
 
-    limit = frame_limit(receiver.cfg)
+    limit = frame_limit(cfg)
     session.receive(reader.recv(limit))  # the writer's HELLO: checked against this model
-    payload = 0
+    applied = []
     while True:
         try:
             frame = reader.recv(limit)
@@ -246,11 +253,9 @@ def apply_messages(receiver, session: Session, reader, where: str) -> int:
         msg = session.receive(frame)
         if not isinstance(msg, TensorMessage):
             raise EdgelinkError(f"{where}: unexpected {msg.frame_type.name} frame")
-        if msg.kind not in receiver.appliers:
+        if msg.kind not in appliers:
             raise EdgelinkError(f"{where}: this runtime cannot apply {msg.kind.name}")
-        msg = wire.decode_message(msg, receiver.codecs, limit_of(receiver.cfg.protocol))
-        receiver.appliers[msg.kind](msg)
-        payload += msg.payload_bytes
-    if payload == 0:
-        raise StateError(f"{where} holds no tensor message")
-    return payload
+        msg = wire.decode_message(msg, codecs, limit_of(cfg.protocol))
+        appliers[msg.kind](msg)
+        applied.append((msg.kind, msg.payload_bytes))
+    return applied

@@ -185,14 +185,20 @@ class PrefixCache:
         tensors, layout = state_to_tensors(state)
         ids = np.asarray(rt.tokens[start:end], dtype="<i4")
         tensors.append(Tensor("tokens", DType.I32, ids.shape, memoryview(ids).cast("B")))
+        self._put(rt, signature, key, index, tensors, layout)
+        return 1
+
+    def _put(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int, tensors: list[Tensor],
+             layout: dict[str, Any]) -> None:
+        """Keep chunk ``index``'s tensors (cells and token ids) under ``key``, as a message file."""
         session = self._session(rt, signature, Role.CLIENT)
         hello = session.hello()
         session.assume_peer_accepts()
+        start = index * self.chunk
         parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=rt.seq,
-                                                 layer_range=(0, rt.n_layer), token_range=(start, end),
+                                                 layer_range=(0, rt.n_layer), token_range=(start, start + self.chunk),
                                                  attrs={"kv": layout, "chunk": {"key": key, "index": index}})
         self.store.put(key, frame_bytes(hello) + frame_bytes(*parts))
-        return 1
 
     def _open(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str) -> TensorMessage:
         """A stored chunk's tensor message, verified: this model's signature, every checksum,
@@ -274,22 +280,11 @@ class PrefixCache:
 
             def keep(msg: TensorMessage, index: int = index, key: str = key, ids: list[int] = ids) -> None:
                 self._state(msg, index, ids)  # refused (and the peer told) unless it is exactly that chunk
-                self._put_message(rt, signature, key, index, msg)
+                self._put(rt, signature, key, index, list(msg.tensors), msg.attrs["kv"])
 
             sender.pull_chunk(key, keep)
             fetched += 1
         return fetched
-
-    def _put_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int,
-                     msg: TensorMessage) -> None:
-        session = self._session(rt, signature, Role.CLIENT)
-        hello = session.hello()
-        session.assume_peer_accepts()
-        parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, list(msg.tensors),
-                                                 seq_slot=rt.seq, layer_range=(0, rt.n_layer),
-                                                 token_range=msg.token_range,
-                                                 attrs={"kv": msg.attrs["kv"], "chunk": {"key": key, "index": index}})
-        self.store.put(key, frame_bytes(hello) + frame_bytes(*parts))
 
     # ------------------------------------------------------------------ reporting
 
