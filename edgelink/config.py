@@ -107,6 +107,12 @@ class CacheConfig:
     ram_bytes: int
     disk_bytes: int
     share: str
+    peers: str
+    dht: str
+    bootstrap: str
+    trust: str
+    announce_burst: int
+    dht_timeout_s: float
 
 
 @dataclasses.dataclass(frozen=True)

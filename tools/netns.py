@@ -78,3 +78,52 @@ def remote_host(subnet: int | None = None) -> Iterator[RemoteHost]:
         subprocess.run(["ip", "link", "del", ours], capture_output=True)
         holder.stdin.close()
         holder.wait(timeout=10)
+
+
+@dataclasses.dataclass
+class LanHost:
+    pid: int  # a process that holds the host's namespace open
+    ip: str  # its address on the LAN
+
+    @property
+    def wrapper(self) -> tuple[str, ...]:
+        return ("nsenter", "-t", str(self.pid), "-n", "--")
+
+
+def _holder() -> subprocess.Popen:
+    p = subprocess.Popen(["unshare", "-n", "--", "sh", "-c", "echo up; exec cat"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "up", "unshare -n did not start"
+    return p
+
+
+@contextlib.contextmanager
+def lan(n: int) -> Iterator[list[LanHost]]:
+    """``n`` hosts, each in its own network namespace, on one Ethernet segment: a bridge in a
+    switch namespace of its own, one veth pair per host, addresses 10.X.1.1 .. 10.X.1.n/24.
+    Nothing is attached to this (the root) namespace: a host's traffic reaches only the others."""
+    holders: list[subprocess.Popen] = []
+    try:
+        switch = _holder()
+        holders.append(switch)
+        sw = ("nsenter", "-t", str(switch.pid), "-n", "--")
+        _run(*sw, "sh", "-c", "ip link add br0 type bridge && ip link set br0 up")
+        subnet = _free_subnet()
+        hosts = []
+        for i in range(n):
+            h = _holder()
+            holders.append(h)
+            port = f"elp{os.getpid() % 100000}x{next(_HOSTS) % 1000}"
+            _run("ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", str(h.pid))
+            _run("ip", "link", "set", port, "netns", str(switch.pid))
+            _run(*sw, "sh", "-c", f"ip link set {port} master br0 && ip link set {port} up")
+            host = LanHost(h.pid, f"10.{subnet}.1.{i + 1}")
+            _run(*host.wrapper, "sh", "-c", f"ip addr add {host.ip}/24 dev eth0 && ip link set eth0 up "
+                                             "&& ip link set lo up")
+            hosts.append(host)
+        yield hosts
+    finally:
+        for h in reversed(holders):  # a namespace goes, with its interfaces, when its holder exits
+            if h.stdin:
+                h.stdin.close()
+            h.wait(timeout=10)

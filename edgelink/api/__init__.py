@@ -66,17 +66,16 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
              progress: Progress | None = None, *, cache: bool = False, cache_from: str | None = None,
              token: str | None = None) -> Generation:
     """Greedy continuation in this process: the reference a handoff must reproduce. With
-    ``cache``, the prompt goes through the prefix cache (cached chunks imported, new ones stored);
-    with ``cache_from`` (a peer: shm:NAME or a multiaddr), chunks this cache lacks are first
-    fetched from that peer's cache (``token`` for a node that requires one)."""
+    ``cache``, the prompt goes through the prefix cache (cached chunks imported, new ones stored),
+    after fetching the chunks it lacks from ``cache.peers``; ``cache_from`` names the peers
+    instead (shm:NAME or multiaddrs, comma-separated, or ``dht``: whoever the DHT says holds
+    them; see ``Model.fetch_cache``); ``token`` for nodes that require one."""
     with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
-        fetched = 0
-        if cache_from:
+        fetched = None
+        if cache_from or (cache and m.cfg.cache.peers):
             cache = True
-            with m.connect(cache_from, token=token) as peer:
-                fetched = peer.fetch_cache(prompt)
-        t_fetch = time.perf_counter() - t0
+            fetched = m.fetch_cache(prompt, cache_from, token=token)
         used = m.prefill(prompt, cache=True) if cache else None
         if used is None:
             m.prefill(prompt)
@@ -85,7 +84,10 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
         g = m.generate(n_tokens)
         g.prompt_tokens, g.timings = n, {"prefill_s": t1 - t0, **g.timings}
         if used is not None:
-            g.extra["cache"] = {**dataclasses.asdict(used), "fetched_chunks": fetched, "fetch_s": t_fetch}
+            g.extra["cache"] = {**dataclasses.asdict(used), "fetched_chunks": fetched.chunks if fetched else 0,
+                                "fetch_s": fetched.seconds if fetched else 0.0}
+            if fetched is not None:
+                g.extra["cache"]["fetch"] = dataclasses.asdict(fetched)
         return g
 
 

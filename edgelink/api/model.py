@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgelink.api.results import Generation, Progress
+from edgelink.api.results import CacheFetch, Generation, Progress
 from edgelink.config import Config, load_config
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.kinds.snapshot import snapshot_tensors
@@ -161,6 +161,53 @@ class Model:
 
             self._cache = _PrefixCache(self.cfg)
         return self._cache
+
+    def fetch_cache(self, prompt: str | Sequence[int], sources: str | Sequence[str] | None = None, *,
+                    token: str | None = None) -> CacheFetch:
+        """Fetch from peers the prefix-cache chunks of ``prompt`` (as the start of a sequence)
+        that this model's cache lacks, each verified before it is stored; a later
+        ``prefill(prompt, cache=True)`` finds them. ``sources``: peers (``shm:NAME`` or
+        multiaddrs, a list or comma-separated), asked in order while chunks are lacking; ``"dht"``
+        (the peers in ``cache.trust`` that the DHT says hold the deepest chunk); default
+        ``cache.peers``. A peer that fails is skipped (the chunks are then prefilled here);
+        ``token``: a bearer token for nodes that require one."""
+        from edgelink.net.dht import split_list
+
+        t0 = time.perf_counter()
+        toks = self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+        cache = self.prefix_cache()
+        keys = cache.keys(self.signature, toks)[:(len(toks) - 1) // cache.chunk]
+        out = CacheFetch(lacking=len(keys) - cache.held(keys))
+        names = split_list(sources) if isinstance(sources, str) else list(sources or split_list(self.cfg.cache.peers))
+        for name in names:
+            if cache.held(keys) == len(keys):
+                break
+            addrs = self._dht_holders(keys, cache.held(keys), out) if name == "dht" else [name]
+            for addr in addrs:
+                out.sources.append(addr)
+                try:
+                    with self.connect(addr, token=token) as peer:
+                        out.chunks += peer.fetch_cache(toks)
+                except EdgelinkError as exc:
+                    out.errors.append(f"{addr}: {exc}")
+                if cache.held(keys) == len(keys):
+                    break
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    def _dht_holders(self, keys: list[str], held: int, out: CacheFetch) -> list[str]:
+        """Addresses of the trusted peers the DHT names as holders of the deepest of ``keys``
+        (beyond the ``held`` this cache has)."""
+        from edgelink.net.dht import client_dht, split_list
+
+        dht = client_dht(self.cfg)
+        trust = set(split_list(self.cfg.cache.trust))
+        n, found = dht.deepest(keys, lambda p: "*" in trust or p.peer_id in trust)
+        out.providers += [p.peer_id for p in found]
+        if not found:  # say who holds it, if anyone, so the user can decide to trust them
+            out.untrusted += [p.peer_id for p in dht.providers(keys[held])] if held < len(keys) else []
+            return []
+        return [p.addrs[0] for p in found] if n > held else []
 
     def reset(self) -> None:
         """Forget the sequence."""

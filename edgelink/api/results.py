@@ -24,3 +24,16 @@ class Generation:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CacheFetch:
+    """What fetching a prompt's prefix-cache chunks from peers did (``Model.fetch_cache``)."""
+
+    chunks: int = 0  # chunks that arrived and verified
+    lacking: int = 0  # chunks the local cache lacked before
+    sources: list[str] = dataclasses.field(default_factory=list)  # peers asked, in order
+    providers: list[str] = dataclasses.field(default_factory=list)  # DHT: trusted holders found
+    untrusted: list[str] = dataclasses.field(default_factory=list)  # DHT: holders not in cache.trust
+    errors: list[str] = dataclasses.field(default_factory=list)  # peers that failed (skipped)
+    seconds: float = 0.0

@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from edgelink.errors import ConfigError
@@ -52,6 +53,8 @@ class ChunkStore:
         self._lock = threading.Lock()
         self.ram_stats = TierStats(capacity=ram_bytes)
         self.disk_stats = TierStats(capacity=disk_bytes)
+        # Called with each key put here (a node announces its new chunks to the DHT).
+        self.on_put: list[Callable[[str], None]] = []
         if self.dir is not None:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +97,11 @@ class ChunkStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Keep ``data`` under ``key`` in both tiers (each evicting what it must)."""
+        self._keep(key, data)
+        for listener in self.on_put:
+            listener(key)
+
+    def _keep(self, key: str, data: bytes) -> None:
         self._put_ram(key, data)
         path = self._path(key)
         if path is None or len(data) > self.disk_cap or path.exists():
@@ -146,6 +154,12 @@ class ChunkStore:
         files = self._disk_files()
         self.disk_stats.entries, self.disk_stats.bytes = len(files), sum(size for _, size, _ in files)
         return {"ram": self.ram_stats, "disk": self.disk_stats}
+
+    def keys(self) -> list[str]:
+        """Every key held in either tier."""
+        with self._lock:
+            ram = list(self._ram)
+        return sorted(set(ram) | {k for k, _, _ in self.disk_keys()})
 
     def disk_keys(self) -> list[tuple[str, int, float]]:
         """(key, bytes, last use) of every chunk on disk, most recently used first."""

@@ -128,7 +128,7 @@ def _gen_text(g: api.Generation) -> str:
         lines.append("  ".join(f"{k}={v:,} B" for k, v in g.bytes.items()))
     for k, v in g.extra.items():
         if isinstance(v, dict):
-            lines.append(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
+            lines.append(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict)))
         elif k not in ("local_tokens", "local_text"):
             lines.append(f"{k}: {v}")
     return "\n".join(lines)
@@ -141,19 +141,43 @@ def _gen_text(g: api.Generation) -> str:
 @click.option("--cache", "use_cache", is_flag=True,
               help="Go through the prefix cache: import the longest cached prefix, store the new "
                    "chunks [config: cache.*].")
-@click.option("--cache-from", default=None, metavar="PEER",
-              help="First fetch the chunks this cache lacks from a peer's cache (shm:NAME or a "
-                   "multiaddr); implies --cache.")
+@click.option("--cache-from", default=None, metavar="PEERS",
+              help="First fetch the chunks this cache lacks from peers' caches: shm:NAME or "
+                   "multiaddrs (comma-separated, asked in order), or 'dht' (the holders the DHT "
+                   "names among cache.trust); implies --cache [default: cache.peers].")
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
+              help="A DHT member to join through for --cache-from dht (repeatable; adds to "
+                   "cache.bootstrap).")
+@click.option("--trust", multiple=True, metavar="PEER_ID",
+              help="A peer id whose chunks a DHT lookup may fetch, or * for any (repeatable; adds "
+                   "to cache.trust).")
 @click.option("--token", default=None, help="Bearer token for a node that requires one.")
 @json_option
 @click.pass_obj
 def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, use_cache: bool,
-             cache_from: str | None, token: str | None, as_json: bool) -> None:
+             cache_from: str | None, bootstrap: tuple[str, ...], trust: tuple[str, ...], token: str | None,
+             as_json: bool) -> None:
     """Greedy generation in this process (the reference a handoff must match)."""
     cfg = obj.cfg()
+    cfg = cfg.replace(cache_bootstrap=_join_list(cfg.cache.bootstrap, bootstrap),
+                      cache_trust=_join_list(cfg.cache.trust, trust))
     g = api.generate(model or cfg.runtime.default_model, prompt, n_tokens, cfg, progress=_progress(),
                      cache=use_cache, cache_from=cache_from, token=token)
-    _emit(as_json, g, _gen_text(g))
+    _emit(as_json, g, _gen_text(g) + _fetch_text(g))
+
+
+def _fetch_text(g: api.Generation) -> str:
+    f = g.extra.get("cache", {}).get("fetch")
+    if not f:
+        return ""
+    line = (f"\nfetched {f['chunks']} of the {f['lacking']} chunk(s) this cache lacked"
+            + (f" from {', '.join(f['sources'])}" if f["sources"] else ""))
+    if f["untrusted"]:
+        line += (f"\nthe DHT names holders not in cache.trust (not asked): {', '.join(f['untrusted'])}; "
+                 "add one with --trust PEER_ID if you accept its cells")
+    for err in f["errors"]:
+        line += f"\nskipped {err}"
+    return line
 
 
 @cli.group()
@@ -383,13 +407,21 @@ def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: b
 @click.option("--allow-peer", "allow_peers", multiple=True, metavar="PEER_ID",
               help="A peer id allowed to start sessions (repeatable; adds to node.allow_peers; "
                    "with none anywhere, any peer may).")
+@click.option("--dht", is_flag=True, default=False,
+              help="Join the cache DHT and announce the chunks of this node's prefix cache "
+                   "[config: cache.dht].")
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
+              help="A DHT member to join through (repeatable; adds to cache.bootstrap).")
 @bridge_option
 @json_option
 @click.pass_obj
 def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: tuple[str, ...],
-         allow_peers: tuple[str, ...], bridge: str | None, as_json: bool) -> None:
+         allow_peers: tuple[str, ...], dht: bool, bootstrap: tuple[str, ...], bridge: str | None,
+         as_json: bool) -> None:
     """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
-    cfg = obj.cfg(p2p_mdns=1 if mdns else None)
+    cfg = obj.cfg(p2p_mdns=1 if mdns else None, cache_dht="on" if dht else None)
+    if bootstrap:
+        cfg = cfg.replace(cache_bootstrap=_join_list(cfg.cache.bootstrap, bootstrap))
     if tokens or allow_peers:
         cfg = cfg.replace(node_tokens=_join_list(cfg.node.tokens, tokens),
                           node_allow_peers=_join_list(cfg.node.allow_peers, allow_peers))
@@ -403,6 +435,11 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
         sys.stdout.flush()
 
     def session(ev: dict) -> None:
+        if ev.get("event") == "cache_announced":
+            _emit(as_json, ev, f"announced {ev['keys']} chunk key(s) to the DHT ({ev['total']} in all; "
+                  f"{ev['peers']} DHT peer(s) known)", compact=True)
+            sys.stdout.flush()
+            return
         if ev.get("event") == "stopping":
             _emit(as_json, ev, f"stopping: {ev['active_sessions']} session(s) may finish within "
                   f"{ev['grace_s']} s; new sessions are refused", compact=True)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgelink.cache.prefix import PrefixCache
 from edgelink.config import Config
 from edgelink.errors import (
     AuthError,
@@ -36,6 +37,7 @@ from edgelink.errors import (
     ProtocolError,
     TransportError,
 )
+from edgelink.net.dht import Announcer, CacheDht, dht_enabled
 from edgelink.net.identity import Identity, load_identity
 from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
@@ -143,6 +145,7 @@ class Node:
         from edgelink.runtime.llama import LlamaRuntime
 
         self.cfg = cfg
+        use_dht = dht_enabled(cfg)
         self.identity = identity or load_identity(cfg.p2p.identity_key)
         self.on_event = on_event or (lambda e: None)
         self.allow_peers = frozenset(_split(cfg.node.allow_peers))
@@ -162,7 +165,10 @@ class Node:
             self.cfg = cfg = fit_limits(cfg, self._runtimes[0])
             self._serving = cfg.replace(protocol_max_message_bytes=min(cfg.protocol.max_message_bytes,
                                                                        cfg.node.max_message_bytes))
-            self._receivers = [Receiver(self._runtimes[0], self._serving, self.signature, bridge=bridge)]
+            # One prefix cache for every slot (cache.share): its chunks are what the DHT announces.
+            self._cache = PrefixCache(cfg) if cfg.cache.share == "on" else None
+            self._receivers = [Receiver(self._runtimes[0], self._serving, self.signature, bridge=bridge,
+                                        prefix_cache=self._cache)]
             self.kv_bytes_per_context = self._runtimes[0].n_ctx * kv_bytes_per_token(self._runtimes[0])
         except BaseException:
             self._runtimes[0].close()
@@ -178,6 +184,17 @@ class Node:
 
         self.host = P2PHost(cfg, self.identity, listen=[listen or cfg.p2p.listen],
                             on_channel=self._session, admit=self._admit)
+        self.dht: CacheDht | None = None
+        self._announcer: Announcer | None = None
+        if use_dht:
+            try:
+                self.dht = CacheDht(self.host, cfg, server=True, admit=self._may_query)
+                self._announcer = Announcer(self.dht, self._cache.store, self._emit)
+            except BaseException:
+                self.host.close()
+                for rt in self._runtimes:
+                    rt.close()
+                raise
 
     # ------------------------------------------------------------------ sessions
 
@@ -190,6 +207,10 @@ class Node:
         flood of streams cannot make unbounded threads (they get a reset, not a REJECT)."""
         host = getattr(self, "host", None)
         return host is not None and len(host._channels) < 2 * self.max_slots + 4
+
+    def _may_query(self, peer: str) -> bool:
+        """Who may use this node's DHT protocol: the peers its allowlist admits."""
+        return not self.allow_peers or peer in self.allow_peers
 
     def _limiter(self, peer: str) -> PeerLimiter:
         with self._lock:
@@ -290,7 +311,8 @@ class Node:
 
             rt = LlamaRuntime(self._model_path, self.cfg)
             try:
-                receiver = Receiver(rt, self._serving, self.signature, bridge=self._bridge)
+                receiver = Receiver(rt, self._serving, self.signature, bridge=self._bridge,
+                                    prefix_cache=self._cache)
             except BaseException:
                 rt.close()
                 raise
@@ -362,6 +384,10 @@ class Node:
                 if len(self._free) == len(self._receivers) and not self._creating:
                     break
             time.sleep(0.05)
+        if self._announcer is not None:
+            self._announcer.close()
+        if self.dht is not None:
+            self.dht.close()
         self.host.close()
         for rt in self._runtimes:
             rt.close()

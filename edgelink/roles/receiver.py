@@ -82,9 +82,11 @@ class Receiver:
     from the bridge's source model and applies their BRIDGED_PREFIX messages."""
 
     def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any],
-                 bridge: Bridge | None = None, calibrate: bool = True):
+                 bridge: Bridge | None = None, calibrate: bool = True, prefix_cache: Any = None):
         """``calibrate``: measure the prefill speed to announce now (``calibrate_prefill``),
-        unless wire.prefill_tps sets it; off for a receiver that serves no live session."""
+        unless wire.prefill_tps sets it; off for a receiver that serves no live session.
+        ``prefix_cache``: the PrefixCache to share (a node's, one for all of its slots); by
+        default one is made on the first cache request."""
         self.rt = rt
         self.cfg = fit_limits(cfg, rt)  # message limits derived from this model unless set
         self.codecs = wire.offered(cfg.wire)  # what this receiver's HELLO lists
@@ -116,7 +118,7 @@ class Receiver:
         register_bridged(self, bridge)
         # A prefill the sender asked for in the background (a split handoff: wire/plan.py);
         # every later message of the session waits for it.
-        self._cache = None  # the shared prefix cache (cache.share), made on first request
+        self._cache = prefix_cache  # the shared prefix cache (cache.share), made on first request
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
         if calibrate and cfg.wire.prefill_tps == 0 and rt.prefill_tps == 0 and not rt.tokens:

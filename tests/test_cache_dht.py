@@ -1,0 +1,149 @@
+"""Finding prefix-cache holders with libp2p's Kademlia DHT (edgelink/net/dht.py).
+
+Without models: five DHT members on loopback and a client; records route, the deepest
+announced key is found by a binary search, a node's allowlist guards its DHT protocol, and a
+provider record's addresses are checked before anything dials them.
+
+With real nodes: four network namespaces on one Ethernet segment (tools/netns.lan). Three
+`edgelink node --dht` processes (a bootstrap node, one holding a document's chunks, one
+holding nothing) and an asker that knows only the bootstrap node: `generate --cache-from dht`
+finds the holder through the DHT, fetches the chunks over the encrypted session, and continues
+exactly as a cold run. A holder not in cache.trust is named, not asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgelink
+from edgelink.bench import context_tokens
+from edgelink.cache.prefix import PrefixCache
+from edgelink.config import to_env
+from edgelink.errors import ConfigError
+from edgelink.net.dht import CacheDht, Provider, dht_enabled, dialable
+from edgelink.net.identity import load_identity
+from edgelink.transport.p2p import P2PHost
+
+
+def test_provider_addresses_are_checked_before_anything_dials_them():
+    pid = "12D3KooWDk6yjt3XiP4nntm3cmkJvmExGenGZJj34eUXUnBTtMoj"
+    assert dialable("/ip4/10.0.0.2/tcp/4001", pid) == f"/ip4/10.0.0.2/tcp/4001/p2p/{pid}"
+    assert dialable(f"/ip4/10.0.0.2/tcp/4001/p2p/{pid}", pid) == f"/ip4/10.0.0.2/tcp/4001/p2p/{pid}"
+    for bad in ("/ip4/0.0.0.0/tcp/4001", "/ip4/10.0.0.2/udp/4001", "/ip4/10.0.0.2/tcp/0",
+                "/ip4/10.0.0.2/tcp/99999", "/dns4/x/tcp/1", "", "ip4/1.2.3.4/tcp/1",
+                "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWOther", "/ip4/10.0.0.2/tcp/80x"):
+        assert dialable(bad, pid) is None, bad
+
+
+def test_the_dht_setting_is_checked(cfg):
+    assert dht_enabled(cfg.replace(cache_dht="on")) is True
+    with pytest.raises(ConfigError, match="on or off"):
+        dht_enabled(cfg.replace(cache_dht="yes"))
+    with pytest.raises(ConfigError, match="cache.share"):
+        dht_enabled(cfg.replace(cache_dht="on", cache_share="off"))
+
+
+def test_records_route_through_members_and_the_deepest_key_is_found(cfg, tmp_path):
+    hosts, dhts = [], []
+    outsider = load_identity(tmp_path / "outsider.key")
+    try:
+        for i in range(5):
+            host = P2PHost(cfg, load_identity(tmp_path / f"m{i}.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                           on_channel=lambda ch: None)
+            hosts.append(host)
+            boot = hosts[0].addrs[0] if i else ""
+            dhts.append(CacheDht(host, cfg.replace(cache_bootstrap=boot), server=True,
+                                 admit=lambda peer: peer != outsider.peer_id_str))
+        assert all(d.routing_peers() >= 2 for d in dhts)  # they learned of each other, not only of #0
+        keys = [f"{i:064x}" for i in range(1, 9)]
+        assert dhts[3].announce(keys[:5]) == 5
+        assert dhts[3].announce(keys[:5]) == 0  # each key once
+        # a client that knows only member 1 finds member 3 as the holder of the 5th key
+        client = P2PHost(cfg, load_identity(tmp_path / "c.key"))
+        hosts.append(client)
+        asker = CacheDht(client, cfg.replace(cache_bootstrap=hosts[1].addrs[0]), server=False)
+        n, found = asker.deepest(keys)
+        assert n == 5 and found == [Provider(hosts[3].peer_id, (hosts[3].addrs[0],))]
+        assert asker.deepest(keys, accept=lambda p: p.peer_id != hosts[3].peer_id) == (0, [])
+        assert asker.providers(f"{99:064x}") == []
+        # the members refuse their DHT protocol to a peer their allowlist does not admit
+        stranger = P2PHost(cfg, outsider)
+        hosts.append(stranger)
+        shut_out = CacheDht(stranger, cfg.replace(cache_bootstrap=hosts[2].addrs[0]), server=False)
+        assert shut_out.deepest(keys) == (0, [])
+    finally:
+        for h in hosts:
+            h.close()
+
+
+def _event(proc, name: str, pred=lambda ev: True) -> dict:
+    while True:
+        ev = proc.next_event()
+        if ev.get("event") == name and pred(ev):
+            return ev
+
+
+def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2_path, cfg, tmp_path):
+    from edgelink.roles.launcher import start_node, stop_receiver
+    from tools.netns import lan
+
+    chunk = 64
+    # wire.prefill_tps set: the nodes skip measuring their prefill speed at start
+    base = cfg.replace(cache_chunk_tokens=chunk, p2p_connect_timeout_s=10.0, wire_prefill_tps=500.0)
+    holder_dir = tmp_path / "holder-kv"
+    with edgelink.load(str(smollm2_path), base.replace(cache_dir=str(holder_dir))) as m:
+        prompt = m.runtime.detokenize(context_tokens(m.runtime, 300))
+        toks = m.tokenize(prompt, add_special=True)
+        assert 4 * chunk < len(toks) < 5 * chunk  # 4 whole chunks, the 5th partial
+        PrefixCache(base.replace(cache_dir=str(holder_dir))).prefill(m.runtime, m.signature, toks)
+        cold = m.generate(8, stop_at_eog=False).tokens
+    procs = []
+    with lan(4) as hosts:
+        try:
+            def node(i: int, cache_dir: Path, *args: str):
+                proc = start_node(str(smollm2_path), base.replace(cache_dir=str(cache_dir)),
+                                  listen=f"/ip4/{hosts[i].ip}/tcp/4001", wrapper=hosts[i].wrapper,
+                                  extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / f"n{i}.key")},
+                                  node_args=("--dht", *args))
+                procs.append(proc)
+                return proc
+
+            boot = node(0, tmp_path / "boot-kv")
+            boot_addr = boot.ready["addrs"][0]
+            node(1, tmp_path / "empty-kv", "--bootstrap", boot_addr)  # a member that holds nothing
+            holder = node(2, holder_dir, "--bootstrap", boot_addr)
+            ev = _event(holder, "cache_announced", lambda e: e["total"] == 4)
+            assert ev["peers"] >= 2
+            holder_id = holder.ready["peer_id"]
+
+            def ask(cache_dir: Path, *args: str) -> dict:
+                env = to_env(base.replace(cache_dir=str(cache_dir), p2p_identity_key=tmp_path / "asker.key"))
+                r = subprocess.run([*hosts[3].wrapper, sys.executable, "-m", "edgelink", "generate",
+                                    str(smollm2_path), "-p", prompt, "-n", "8", "--cache-from", "dht",
+                                    "--bootstrap", boot_addr, "--json", *args],
+                                   capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+                assert r.returncode == 0, r.stderr[-3000:]
+                return json.loads(r.stdout)
+
+            # not trusted: named, not asked; the prompt is prefilled here instead
+            out = ask(tmp_path / "asker1-kv")
+            fetch = out["extra"]["cache"]["fetch"]
+            assert fetch["untrusted"] == [holder_id] and fetch["chunks"] == 0 and fetch["sources"] == []
+            assert out["extra"]["cache"]["hit_tokens"] == 0 and out["tokens"] == cold
+            # trusted: the chunks come from the holder, found through the DHT, and continue exactly
+            out = ask(tmp_path / "asker2-kv", "--trust", holder_id)
+            fetch = out["extra"]["cache"]["fetch"]
+            assert fetch["providers"] == [holder_id] and fetch["chunks"] == 4 and fetch["lacking"] == 4
+            assert fetch["sources"] == [f"/ip4/{hosts[2].ip}/tcp/4001/p2p/{holder_id}"]
+            assert out["extra"]["cache"]["hit_tokens"] == 4 * chunk
+            assert out["tokens"] == cold
+        finally:
+            for proc in procs:
+                stop_receiver(proc)
+
