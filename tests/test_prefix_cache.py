@@ -189,3 +189,47 @@ def test_a_node_shares_its_cache_with_the_peers_it_accepts(smollm2_path, cfg, tm
     finally:
         p2p.close_client_hosts()
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
+
+
+def test_a_fetch_brings_window_cells_only_where_a_restore_needs_them(gemma3_path, cfg, tmp_path):
+    """Gemma-3 keeps sliding-window cells for its last 512 positions only: a fetch asks for
+    the earlier chunks trimmed (full-attention cells alone), and the restore is still exact.
+    A shorter prompt whose run would end in trimmed chunks is cut back and recomputed, exactly,
+    and its chunks are then stored whole."""
+    from edgelink.cache.prefix import trimmed_key
+    from edgelink.roles.launcher import start_node, stop_receiver
+    from edgelink.transport import p2p
+
+    node_cfg = cfg.replace(cache_dir=str(tmp_path / "node-kv"), cache_chunk_tokens=128, wire_prefill_tps=500.0)
+    with edgelink.load(str(gemma3_path), node_cfg) as m:
+        toks = context_tokens(m.runtime, 900)  # 7 whole chunks; the last 4 cover the window
+        warm = PrefixCache(node_cfg)
+        warm.prefill(m.runtime, m.signature, toks)
+        want, cold = m.runtime.state_digest(), m.generate(8, stop_at_eog=False).tokens
+        keys = warm.keys(m.signature, toks)
+        m.reset()
+        short = toks[:5 * 128 + 10]
+        PrefixCache(node_cfg.replace(cache_dir=str(tmp_path / "ref-kv"))).prefill(m.runtime, m.signature, short)
+        want_short = m.runtime.state_digest()
+    proc = start_node(str(gemma3_path), node_cfg, extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "n.key")})
+    client_cfg = cfg.replace(cache_dir=str(tmp_path / "client-kv"), cache_chunk_tokens=128,
+                             p2p_identity_key=tmp_path / "client.key")
+    try:
+        with edgelink.load(str(gemma3_path), client_cfg) as m:
+            got = m.fetch_cache(toks, [proc.ready["addrs"][0]])
+            assert got.chunks == 7 and not got.errors
+            store = m.prefix_cache().store
+            assert [store.has(trimmed_key(k)) for k in keys] == [True] * 3 + [False] * 4
+            assert [store.has(k) for k in keys] == [False] * 3 + [True] * 4
+            sizes = [len(store.get(k)[0]) for k in keys[3:]] + [len(store.get(trimmed_key(k))[0]) for k in keys[:3]]
+            assert max(sizes[4:]) * 4 < min(sizes[:4])  # 3 of 18 layers: about a sixth of the bytes
+            used = m.prefill(toks, cache=True)
+            assert used.hit_tokens == 7 * 128 and m.runtime.state_digest() == want
+            assert m.generate(8, stop_at_eog=False).tokens == cold
+            m.reset()
+            used = m.prefill(short, cache=True)  # a run of 5 would end in trimmed chunks: cut back
+            assert used.hit_tokens == 0 and m.runtime.state_digest() == want_short
+            assert used.stored_chunks == 3 and all(store.has(k) for k in keys[:5])  # the trimmed ones, now whole
+    finally:
+        p2p.close_client_hosts()
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()

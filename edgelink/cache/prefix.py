@@ -15,6 +15,11 @@ Sliding-window models (Gemma-3). Each chunk is stored right after it is computed
 from every cache, the window cache included: a window holds the last ``n_swa`` positions and a
 chunk is at most that long. A restore keeps the window cells llama.cpp itself would still hold
 at the cut. llama-server's own slot restore gets this wrong (llama.cpp #25913).
+A restore needs the window cells of only its last ``ceil(n_swa / chunk)`` chunks, so a fetch
+from a peer asks for the earlier chunks *trimmed* (full-attention cells only: a sixth of a
+Gemma-3 chunk). A trimmed chunk is kept under a key of its own (``trimmed_key``) and is only
+used where no window cell of it is needed: a run ending in one is cut back, and the rest is
+recomputed (and stored whole).
 
 A chunk is a verified message file (HELLO with the model's signature, then one tensor message
 of the chunk's cells and token ids, each tensor checksummed). A chunk that fails any check
@@ -42,6 +47,7 @@ from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.protocol.session import Role, Session
 from edgelink.runtime.kvstate import (
+    CacheState,
     SeqState,
     assemble_seq_state,
     parse_seq_state,
@@ -55,6 +61,24 @@ from edgelink.transport.file import FileChannelReader, frame_bytes
 
 log = logging.getLogger(__name__)
 ROOT_TAG = b"edgelink-kv-prefix/1\0"
+TRIM_TAG = b"edgelink-kv-trimmed/1\0"
+
+
+def trimmed_key(key: str) -> str:
+    """Where the trimmed form of chunk ``key`` is kept (never the same file as the whole one)."""
+    return blake3.blake3(TRIM_TAG + bytes.fromhex(key)).hexdigest()
+
+
+def trim(state: SeqState) -> SeqState:
+    """Only the full-attention cache's cells (an iSWA model's second cache is its window)."""
+    if len(state.caches) != 2:
+        return state
+    return SeqState(state.seq_id, (state.caches[0], CacheState(tuple(None for _ in state.caches[1].streams))))
+
+
+def is_trimmed(msg: TensorMessage) -> bool:
+    chunk = msg.attrs.get("chunk")
+    return isinstance(chunk, dict) and chunk.get("trimmed") is True
 
 
 @dataclasses.dataclass
@@ -144,24 +168,43 @@ class PrefixCache:
         self._add(out)
         return out
 
+    def window_chunks(self, rt: LlamaRuntime) -> int:
+        """How many chunks at the end of a restored run must bring their window cells."""
+        return -(-rt.n_swa // self.chunk) if rt.n_swa else 0
+
     def _lookup(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keys: list[str],
                 out: CachedPrefill) -> list[SeqState]:
+        """The longest usable run of cached chunks: whole ones, or trimmed ones wherever the
+        restore needs none of their window cells."""
         states: list[SeqState] = []
+        trimmed: list[bool] = []
+        tiers: list[str] = []
         for index, key in enumerate(keys):
+            stored = key
             got = self.store.get(key)
+            if got is None:
+                stored = trimmed_key(key)
+                got = self.store.get(stored)
             if got is None:
                 break
             data, tier = got
             try:
-                states.append(self._read(rt, signature, data, key, index,
-                                         tokens[index * self.chunk:(index + 1) * self.chunk]))
+                msg = self._open(rt, signature, data, key)
+                states.append(self._state(msg, index, tokens[index * self.chunk:(index + 1) * self.chunk],
+                                          trimmed=stored != key))
             except EdgelinkError as exc:
                 log.warning("cached chunk %s did not verify (%s): dropped, recomputing", key[:16], exc)
-                self.store.drop(key)
+                self.store.drop(stored)
                 out.dropped_chunks += 1
                 break
+            trimmed.append(stored != key)
+            tiers.append(tier)
+        w, n = self.window_chunks(rt), len(states)
+        while n and any(trimmed[max(0, n - w):n]):
+            n -= 1
+        for tier in tiers[:n]:
             out.hit_tiers[tier] = out.hit_tiers.get(tier, 0) + 1
-        return states
+        return states[:n]
 
     def _restore(self, rt: LlamaRuntime, tokens: list[int], states: list[SeqState]) -> None:
         end = len(states) * self.chunk
@@ -189,16 +232,18 @@ class PrefixCache:
         return 1
 
     def _put(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int, tensors: list[Tensor],
-             layout: dict[str, Any]) -> None:
-        """Keep chunk ``index``'s tensors (cells and token ids) under ``key``, as a message file."""
+             layout: dict[str, Any], trimmed: bool = False) -> None:
+        """Keep chunk ``index``'s tensors (cells and token ids) under ``key`` (or, trimmed, under
+        ``trimmed_key(key)``), as a message file."""
         session = self._session(rt, signature, Role.CLIENT)
         hello = session.hello()
         session.assume_peer_accepts()
         start = index * self.chunk
         parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=rt.seq,
                                                  layer_range=(0, rt.n_layer), token_range=(start, start + self.chunk),
-                                                 attrs={"kv": layout, "chunk": {"key": key, "index": index}})
-        self.store.put(key, frame_bytes(hello) + frame_bytes(*parts))
+                                                 attrs={"kv": layout, "chunk": {"key": key, "index": index,
+                                                                                "trimmed": trimmed}})
+        self.store.put(trimmed_key(key) if trimmed else key, frame_bytes(hello) + frame_bytes(*parts))
 
     def _open(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str) -> TensorMessage:
         """A stored chunk's tensor message, verified: this model's signature, every checksum,
@@ -218,9 +263,12 @@ class PrefixCache:
                                  msg.token_range, tuple(dataclasses.replace(t, data=memoryview(bytes(t.data)))
                                                         for t in msg.tensors), msg.attrs, msg.checksum_alg)
 
-    def _state(self, msg: TensorMessage, index: int, tokens: list[int]) -> SeqState:
+    def _state(self, msg: TensorMessage, index: int, tokens: list[int], trimmed: bool = False) -> SeqState:
         """The cells of chunk ``index`` of ``tokens`` from its message, checked: its positions
-        and token ids are exactly that chunk's. Raises an EdgelinkError otherwise."""
+        and token ids are exactly that chunk's (``trimmed``: with no window cells, and saying
+        so). Raises an EdgelinkError otherwise."""
+        if is_trimmed(msg) != trimmed:
+            raise StateError("a cached chunk is trimmed where a whole one was expected, or the reverse")
         start, end = index * self.chunk, (index + 1) * self.chunk
         if msg.kind is not Kind.KV_CACHE_DELTA or msg.token_range != (start, end):
             raise StateError(f"a chunk for positions {start}..{end} names others")
@@ -233,37 +281,50 @@ class PrefixCache:
             raise StateError("a cached chunk lacks its kv layout")
         state = tensors_to_state({n: t for n, t in by_name.items() if n != "tokens"}, layout)
         state = select_cells(state, lambda pos: (pos >= start) & (pos < end))  # a copy
-        for cache in state.caches:
+        if trimmed and (len(state.caches) != 2 or any(x is not None for x in state.caches[1].streams)):
+            raise StateError("a trimmed chunk holds window cells, or its model has no window cache")
+        for cache in state.caches[:1] if trimmed else state.caches:
             st = next((x for x in cache.streams if x is not None), None)
             if st is None or st.n_cells != self.chunk:
                 raise StateError("a cached chunk does not hold exactly its positions")
         return state
 
-    def _read(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str, index: int,
-              tokens: list[int]) -> SeqState:
-        return self._state(self._open(rt, signature, data, key), index, tokens)
-
     # ------------------------------------------------------------------ sharing with peers
 
     def held(self, keys: list[str]) -> int:
-        """How many of ``keys``, from the first, this store holds."""
+        """How many of ``keys``, from the first, this store holds (whole or trimmed)."""
         n = 0
         for key in keys:
-            if not self.store.has(key):
+            if not (self.store.has(key) or self.store.has(trimmed_key(key))):
                 break
             n += 1
         return n
 
-    def chunk_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str) -> TensorMessage:
-        """A stored chunk to send a peer, verified here first (a damaged one is dropped)."""
-        got = self.store.get(key)
+    def chunk_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str,
+                      window: bool = True) -> TensorMessage:
+        """A stored chunk to send a peer, verified here first (a damaged one is dropped);
+        without ``window``, trimmed to its full-attention cells (for a sliding-window model)."""
+        stored, got = key, self.store.get(key)
+        if got is None:
+            stored = trimmed_key(key)
+            got = self.store.get(stored)
+            if got is not None and window and rt.n_swa:
+                raise StateError(f"this peer holds only the full-attention cells of chunk {key[:16]}")
         if got is None:
             raise StateError(f"no cached chunk {key[:16]}")
         try:
-            return self._open(rt, signature, got[0], key)
+            msg = self._open(rt, signature, got[0], key)
         except EdgelinkError:
-            self.store.drop(key)
+            self.store.drop(stored)
             raise
+        if window or not rt.n_swa or is_trimmed(msg):
+            return msg
+        by_name = {t.name: t for t in msg.tensors}
+        state = tensors_to_state({n: t for n, t in by_name.items() if n != "tokens"}, msg.attrs["kv"])
+        tensors, layout = state_to_tensors(trim(state))
+        chunk = {**msg.attrs["chunk"], "trimmed": True}
+        return dataclasses.replace(msg, tensors=(*tensors, by_name["tokens"]),
+                                   attrs={**msg.attrs, "kv": layout, "chunk": chunk})
 
     def fetch(self, sender: Any, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int]) -> int:
         """Fetch from the peer of ``sender`` the chunks of ``tokens`` this store lacks, as far
@@ -275,14 +336,18 @@ class PrefixCache:
             return 0
         held = sender.request("cache_has", keys=keys[local:])["held"]
         fetched = 0
+        whole_from = len(keys) - self.window_chunks(rt)  # the chunks whose window cells a restore needs
         for index in range(local, local + min(held, len(keys) - local)):
             key, ids = keys[index], tokens[index * self.chunk:(index + 1) * self.chunk]
+            window = index >= whole_from or not rt.n_swa
 
-            def keep(msg: TensorMessage, index: int = index, key: str = key, ids: list[int] = ids) -> None:
-                self._state(msg, index, ids)  # refused (and the peer told) unless it is exactly that chunk
-                self._put(rt, signature, key, index, list(msg.tensors), msg.attrs["kv"])
+            def keep(msg: TensorMessage, index: int = index, key: str = key, ids: list[int] = ids,
+                     trimmed: bool = not window) -> None:
+                # refused (and the peer told) unless it is exactly that chunk, in the form asked for
+                self._state(msg, index, ids, trimmed=trimmed)
+                self._put(rt, signature, key, index, list(msg.tensors), msg.attrs["kv"], trimmed=trimmed)
 
-            sender.pull_chunk(key, keep)
+            sender.pull_chunk(key, keep, window=window)
             fetched += 1
         return fetched
 

@@ -26,9 +26,11 @@ PARAMS: dict[str, Obj] = {
     # Padding the receiver reads and answers with its length: a sender measures the link rate.
     "probe": Obj({"pad": Str(1 << 24)}),
     # The prefix cache (edgelink/cache): how many of these chain keys, from the first, the
-    # receiver holds; and one chunk, answered by a KV_CACHE_DELTA tensor message.
+    # receiver holds; and one chunk, answered by a KV_CACHE_DELTA tensor message (window:
+    # false, only the cells of the full-attention cache: an asker that restores past this
+    # chunk needs none of its sliding-window cells).
     "cache_has": Obj({"keys": Seq(Hex(n_bytes=32), max_items=4096)}),
-    "cache_get": Obj({"key": Hex(n_bytes=32)}),
+    "cache_get": Obj({"key": Hex(n_bytes=32)}, {"window": Bool()}),
     "delta": Obj({"since": Int(0, I32_MAX)}),
     "latent_caps": Obj(),
     "label_scores": Obj(optional={"labels": _LABELS}),

@@ -329,7 +329,8 @@ class Receiver:
     def _send_chunk(self, ch: Channel, session: Session, req: Request) -> None:
         """Answer REQUEST(cache_get, key) with that chunk, verified here first, encoded with
         the codec the peer takes over a network link."""
-        msg = self._prefix_cache().chunk_message(self.rt, self.signature, req.params["key"].hex())
+        msg = self._prefix_cache().chunk_message(self.rt, self.signature, req.params["key"].hex(),
+                                                 window=req.params.get("window", True))
         tensors, attrs = list(msg.tensors), dict(msg.attrs)
         codec = wire.choose(self.cfg.wire, session.peer.codecs if session.peer else (),
                             getattr(ch, "link", "local") == "network")

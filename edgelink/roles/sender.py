@@ -272,11 +272,13 @@ class Sender:
         self.ch.send(self.session.ack(msg, tensor_message_digest(msg)))
         return msg.payload_bytes
 
-    def pull_chunk(self, key: str, keep: Callable[[TensorMessage], None]) -> int:
-        """Ask the peer for one prefix-cache chunk (edgelink/cache) and hand it, decoded and
-        verified by the session, to ``keep``; the peer hears ACK, or REJECT when ``keep``
-        refuses it. Returns the payload bytes received."""
-        self.ch.send(self.session.request("cache_get", {"key": key}))
+    def pull_chunk(self, key: str, keep: Callable[[TensorMessage], None], *, window: bool = True) -> int:
+        """Ask the peer for one prefix-cache chunk (edgelink/cache; without ``window``, only
+        its full-attention cells) and hand it, decoded and verified by the session, to
+        ``keep``; the peer hears ACK, or REJECT when ``keep`` refuses it. Returns the payload
+        bytes received."""
+        params: dict[str, Any] = {"key": key} if window else {"key": key, "window": False}
+        self.ch.send(self.session.request("cache_get", params))
         msg = self._reply()  # PeerRejected when the peer does not hold it
         if not isinstance(msg, TensorMessage) or msg.kind is not Kind.KV_CACHE_DELTA:
             raise SessionError(f"expected a KV_CACHE_DELTA, got {msg.frame_type.name}")
