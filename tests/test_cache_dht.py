@@ -1,4 +1,5 @@
-"""Finding prefix-cache holders with libp2p's Kademlia DHT (edgelink/net/dht.py).
+"""Finding prefix-cache holders with libp2p's Kademlia DHT (edgelink/net/dht.py), or in
+``cache.peers``.
 
 Without models: five DHT members on loopback and a client; records route, the deepest
 announced key is found by a binary search, a node's allowlist guards its DHT protocol, and a
@@ -8,7 +9,8 @@ With real nodes: four network namespaces on one Ethernet segment (tools/netns.la
 `edgelink node --dht` processes (a bootstrap node, one holding a document's chunks, one
 holding nothing) and an asker that knows only the bootstrap node: `generate --cache-from dht`
 finds the holder through the DHT, fetches the chunks over the encrypted session, and continues
-exactly as a cold run. A holder not in cache.trust is named, not asked.
+exactly as a cold run. A holder not in cache.trust is named, not asked. Without the DHT,
+``cache.peers`` are asked in order, and one that does not answer is skipped.
 """
 
 from __future__ import annotations
@@ -122,11 +124,12 @@ def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2
             assert ev["peers"] >= 2
             holder_id = holder.ready["peer_id"]
 
-            def ask(cache_dir: Path, *args: str) -> dict:
-                env = to_env(base.replace(cache_dir=str(cache_dir), p2p_identity_key=tmp_path / "asker.key"))
+            def ask(cache_dir: Path, *args: str, peers: str = "") -> dict:
+                env = to_env(base.replace(cache_dir=str(cache_dir), p2p_identity_key=tmp_path / "asker.key",
+                                          cache_peers=peers))
+                how = ("--cache",) if peers else ("--cache-from", "dht", "--bootstrap", boot_addr)
                 r = subprocess.run([*hosts[3].wrapper, sys.executable, "-m", "edgelink", "generate",
-                                    str(smollm2_path), "-p", prompt, "-n", "8", "--cache-from", "dht",
-                                    "--bootstrap", boot_addr, "--json", *args],
+                                    str(smollm2_path), "-p", prompt, "-n", "8", *how, "--json", *args],
                                    capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
                 assert r.returncode == 0, r.stderr[-3000:]
                 return json.loads(r.stdout)
@@ -143,7 +146,73 @@ def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2
             assert fetch["sources"] == [f"/ip4/{hosts[2].ip}/tcp/4001/p2p/{holder_id}"]
             assert out["extra"]["cache"]["hit_tokens"] == 4 * chunk
             assert out["tokens"] == cold
+            # cache.peers, no DHT: a peer that does not answer is skipped, the next one serves
+            dead = f"/ip4/{hosts[1].ip}/tcp/4999/p2p/{holder_id}"
+            out = ask(tmp_path / "asker3-kv", peers=f"{dead},{holder.ready['addrs'][0]}")
+            fetch = out["extra"]["cache"]["fetch"]
+            assert fetch["chunks"] == 4 and len(fetch["errors"]) == 1 and fetch["errors"][0].startswith(dead)
+            assert out["extra"]["cache"]["hit_tokens"] == 4 * chunk and out["tokens"] == cold
         finally:
             for proc in procs:
                 stop_receiver(proc)
 
+
+
+def test_a_member_survives_hostile_bytes_on_its_dht_protocol(cfg, tmp_path):
+    """Garbage on the Kademlia protocol (huge declared lengths, random bytes, a truncated
+    protobuf, a forged ADD_PROVIDER naming another peer) costs the sender its stream; the member
+    keeps routing, keeps its records, and stores no forged one."""
+    import random
+
+    import varint
+    from libp2p.kad_dht.common import PROTOCOL_ID
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+
+    hosts = []
+    try:
+        for i in range(3):
+            host = P2PHost(cfg, load_identity(tmp_path / f"m{i}.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                           on_channel=lambda ch: None)
+            hosts.append(host)
+        dhts = [CacheDht(h, cfg.replace(cache_bootstrap=hosts[0].addrs[0] if i else ""), server=True)
+                for i, h in enumerate(hosts)]
+        keys = [f"{i:064x}" for i in range(1, 4)]
+        assert dhts[1].announce(keys) == 3
+        attacker = P2PHost(cfg, load_identity(tmp_path / "a.key"))
+        hosts.append(attacker)
+        victim = hosts[0]
+        import multiaddr
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        info = info_from_p2p_addr(multiaddr.Multiaddr(victim.addrs[0]))
+        forged = Message(type=Message.MessageType.ADD_PROVIDER, key=bytes.fromhex(f"{9:064x}"))
+        p = forged.providerPeers.add()
+        p.id = info.peer_id.to_bytes()  # claims the victim itself provides it: not the sender
+        p.addrs.append(multiaddr.Multiaddr("/ip4/10.9.9.9/tcp/1").to_bytes())
+        rng = random.Random(7)
+        payloads = [varint.encode(1 << 40), bytes(rng.getrandbits(8) for _ in range(10_000)),
+                    varint.encode(50) + b"\x08\x01\x12\xff", varint.encode(len(forged.SerializeToString()))
+                    + forged.SerializeToString()]
+        for payload in payloads:
+            async def attack(payload=payload):
+                import trio
+
+                await attacker._host.connect(info)
+                stream = await attacker._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                await stream.write(payload)
+                with trio.move_on_after(2):
+                    await stream.read(1 << 16)  # an answer, a reset or nothing: all fine
+                await stream.close()
+
+            try:
+                attacker._call(attack)
+            except Exception:  # noqa: BLE001 - the victim may reset the stream: that is the point
+                pass
+        # the victim still routes and answers, and stored no record for the forged key
+        asker = CacheDht(attacker, cfg.replace(cache_bootstrap=victim.addrs[0]), server=False)
+        n, found = asker.deepest(keys)
+        assert n == 3 and [p.peer_id for p in found] == [hosts[1].peer_id]
+        assert not [p for p in asker.providers(f"{9:064x}") if "10.9.9.9" in " ".join(p.addrs)]
+    finally:
+        for h in hosts:
+            h.close()

@@ -104,7 +104,14 @@ class CacheDht:
                         except Exception:  # noqa: BLE001 - the stream may be gone already
                             pass
                         return
-                    await handler(stream)
+                    try:
+                        await handler(stream)
+                    except Exception as exc:  # noqa: BLE001 - a peer's bytes must never stop the host
+                        log.warning("dht: a DHT stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
+                        try:
+                            await stream.reset()
+                        except Exception:  # noqa: BLE001
+                            pass
 
                 self.host._host.set_stream_handler(PROTOCOL_ID, guarded)
             stop = trio.Event()

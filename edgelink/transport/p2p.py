@@ -710,6 +710,10 @@ class P2PHost:
                 # the same key must not be dialled at its old address.
                 with contextlib.suppress(Exception):
                     self._host.get_peerstore().clear_addrs(info.peer_id)
+                # ... and a failed dial at another address must not block this one (libp2p keeps
+                # a peer whose addresses all failed in a negative cache for a while).
+                with contextlib.suppress(Exception):
+                    self._host.get_network().unblock_peer(info.peer_id)
                 await self._host.connect(info)
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
