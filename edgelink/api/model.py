@@ -177,7 +177,8 @@ class Model:
         toks = self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
         cache = self.prefix_cache()
         keys = cache.keys(self.signature, toks)[:(len(toks) - 1) // cache.chunk]
-        out = CacheFetch(lacking=len(keys) - cache.held(keys))
+        before = cache.held(keys)
+        out = CacheFetch(lacking=len(keys) - before)
         names = split_list(sources) if isinstance(sources, str) else list(sources or split_list(self.cfg.cache.peers))
         for name in names:
             if cache.held(keys) == len(keys):
@@ -187,11 +188,12 @@ class Model:
                 out.sources.append(addr)
                 try:
                     with self.connect(addr, token=token) as peer:
-                        out.chunks += peer.fetch_cache(toks)
-                except EdgelinkError as exc:
+                        peer.fetch_cache(toks)
+                except EdgelinkError as exc:  # what arrived before the failure is kept
                     out.errors.append(f"{addr}: {exc}")
                 if cache.held(keys) == len(keys):
                     break
+        out.chunks = cache.held(keys) - before
         out.seconds = time.perf_counter() - t0
         return out
 
