@@ -15,6 +15,7 @@ docs/security.md.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -33,6 +34,14 @@ log = logging.getLogger("edgelink.net.dht")
 # (KadDHT._provider_rate_max / _provider_rate_window); announcements stay under that.
 _RATE_WINDOW_S = 10.0
 _RATE_MAX = 10
+_DHT_TAG = b"edgelink-cache-dht/1\0"
+
+
+def dht_key(chunk_key: str) -> str:
+    """The DHT key a chunk is announced under: a sha2-256 multihash of the (tagged) chunk key.
+    Other implementations read a provider key as a CID and drop anything else (js-libp2p's
+    kad-dht refuses a bare blake3 digest), so the key has the one shape they all accept."""
+    return "1220" + hashlib.sha256(_DHT_TAG + bytes.fromhex(chunk_key)).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +192,7 @@ class CacheDht:
                 if key in self._announced:
                     continue
             self._pace(stop)
-            ok = self.host._call(self._provide, key)
+            ok = self.host._call(self._provide, dht_key(key))
             with self._lock:
                 if ok:
                     self._announced.add(key)
@@ -221,12 +230,14 @@ class CacheDht:
             return len(self._announced)
 
     def providers(self, key: str) -> list[Provider]:
-        """Who announced ``key`` (hex), as dialable addresses; never this host itself."""
+        """Who announced chunk ``key`` (hex), as dialable addresses; never this host itself."""
         import trio
+
+        wanted = dht_key(key)
 
         async def find():
             with trio.move_on_after(self.cfg.cache.dht_timeout_s):
-                return await self._dht.find_providers(key)
+                return await self._dht.find_providers(wanted)
             return []
 
         own = self.host.peer_id
@@ -239,11 +250,10 @@ class CacheDht:
                 continue
             if pid == own:
                 continue
-            ok = [d for d in (dialable(a, pid) for a in addrs) if d]
-            if ok:
-                out.setdefault(pid, [])
-                out[pid] += [a for a in ok if a not in out[pid]]
-        return [Provider(pid, tuple(a)) for pid, a in sorted(out.items())]
+            for d in (dialable(a, pid) for a in addrs):
+                if d and d not in out.setdefault(pid, []):
+                    out[pid].append(d)
+        return [Provider(pid, tuple(a)) for pid, a in sorted(out.items()) if a]
 
     def deepest(self, keys: Sequence[str], accept: Callable[[Provider], bool] = lambda p: True
                 ) -> tuple[int, list[Provider]]:
