@@ -112,6 +112,7 @@ class CacheConfig:
     bootstrap: str
     trust: str
     announce_burst: int
+    announce_retry_s: float
     dht_timeout_s: float
 
 

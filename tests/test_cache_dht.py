@@ -216,3 +216,41 @@ def test_a_member_survives_hostile_bytes_on_its_dht_protocol(cfg, tmp_path):
     finally:
         for h in hosts:
             h.close()
+
+
+def test_a_node_that_started_alone_announces_once_a_member_joins(cfg, tmp_path):
+    """Keys no other member took stay pending, and go out once someone joins."""
+    import queue
+
+    from edgelink.cache.store import ChunkStore
+    from edgelink.net.dht import Announcer
+
+    store = ChunkStore(tmp_path / "kv", 1 << 20, 1 << 20)
+    keys = [f"{i:064x}" for i in range(1, 4)]
+    for k in keys:
+        store.put(k, b"x")
+    hosts = []
+    events: queue.Queue = queue.Queue()
+    try:
+        fast = cfg.replace(cache_announce_retry_s=0.5)
+        first = P2PHost(fast, load_identity(tmp_path / "a.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                        on_channel=lambda ch: None)
+        hosts.append(first)
+        alone = CacheDht(first, fast, server=True)
+        announcer = Announcer(alone, store, events.put)
+        ev = events.get(timeout=60)
+        assert ev["total"] == 0 and ev["pending"] == 3 and ev["peers"] == 0
+        second = P2PHost(fast, load_identity(tmp_path / "b.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                         on_channel=lambda ch: None)
+        hosts.append(second)
+        CacheDht(second, fast.replace(cache_bootstrap=first.addrs[0]), server=True)
+        while ev["total"] < 3:
+            ev = events.get(timeout=60)
+        assert ev["pending"] == 0 and ev["peers"] >= 1
+        store.put(f"{9:064x}", b"y")  # a chunk stored later is announced as it arrives
+        while ev["total"] < 4:
+            ev = events.get(timeout=60)
+        announcer.close()
+    finally:
+        for h in hosts:
+            h.close()

@@ -8,7 +8,8 @@ same work plus storing the chunks); the first hit after it (from RAM, paying the
 fresh buffers); a RAM hit and a disk hit in steady state (for the disk hit the RAM tier is
 emptied first: the chunks are read, verified and imported from the directory); then, with an empty local cache, fetching
 every chunk from an ``edgelink node`` that holds them (on loopback, and behind a tc-shaped link
-of ``--peer-rates`` Mbit/s in another network namespace: root), then the local hit. Each hit
+of ``--peer-rates`` Mbit/s in another network namespace: root; ``dht``: a node found through
+the cache DHT, the lookup timed too), then the local hit. Each hit
 must continue exactly as the cold run. Medians of ``--repeats``.
 """
 
@@ -32,31 +33,53 @@ from edgelink.config import load_config
 QUESTION = " Question: in one sentence, what happened to the keeper after the storm? Answer:"
 
 
-def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[float], repeats: int,
-               timed) -> None:
-    """Fetch every chunk from a node (loopback, or a tc-shaped link to another namespace)."""
+def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[str], repeats: int,
+               timed, fetched_bytes: dict[str, int]) -> None:
+    """Fetch every chunk from a node (loopback, a tc-shaped link to another namespace, or
+    found through the DHT on loopback)."""
     from edgelink.roles.launcher import start_node, stop_receiver
     from edgelink.transport import p2p
 
+    n_chunks = len(cache.keys(m.signature, toks)[:(len(toks) - 1) // cache.chunk])
     for rate in rates:
-        label = "fetched from a node, loopback" if rate == 0 else f"fetched from a node, {rate:g} Mbit/s"
+        dht = rate == "dht"
+        label = ("found through the DHT, fetched, loopback" if dht else "fetched from a node, loopback"
+                 if float(rate) == 0 else f"fetched from a node, {float(rate):g} Mbit/s")
         with contextlib.ExitStack() as stack:
             node_cfg = cfg.replace(cache_dir=str(node_dir))
-            if rate == 0:
-                node = start_node(m.name, node_cfg)
+            keys = {name: {"EDGELINK_P2P_IDENTITY_KEY": str(node_dir.with_name(f"{name}.key"))}
+                    for name in ("entry", "node")}  # each node its own peer id
+            if dht:  # a DHT of two nodes: the asker knows only the one that holds nothing
+                entry = start_node(m.name, cfg.replace(cache_dir=str(node_dir.with_name("entry"))),
+                                   node_args=("--dht",), extra_env=keys["entry"])
+                stack.callback(stop_receiver, entry)
+                node = start_node(m.name, node_cfg, node_args=("--dht", "--bootstrap", entry.ready["addrs"][0]),
+                                  extra_env=keys["node"])
+            elif float(rate) == 0:
+                node = start_node(m.name, node_cfg, extra_env=keys["node"])
             else:
                 from tools.netns import remote_host, shape
 
                 host = stack.enter_context(remote_host())
-                node = start_node(m.name, node_cfg, listen=f"/ip4/{host.ip}/tcp/0", wrapper=host.wrapper)
-                shape(host, rate)
+                node = start_node(m.name, node_cfg, listen=f"/ip4/{host.ip}/tcp/0", wrapper=host.wrapper,
+                                  extra_env=keys["node"])
+                shape(host, float(rate))
             try:
+                if dht:
+                    while not (ev := node.next_event()).get("event") == "cache_announced" or ev["total"] < n_chunks:
+                        pass
+                    m.cfg = m.cfg.replace(cache_bootstrap=entry.ready["addrs"][0], cache_trust="*")
                 for _ in range(repeats):
                     cache.store.clear()
 
-                    def fetch_then_prefill(node=node):
-                        with m.connect(node.ready["addrs"][0]) as peer:
-                            peer.fetch_cache(toks)
+                    def fetch_then_prefill(node=node, dht=dht, label=label):
+                        if dht:
+                            got = m.fetch_cache(toks, "dht")
+                            assert got.chunks == n_chunks, got
+                        else:
+                            with m.connect(node.ready["addrs"][0]) as peer:
+                                peer.fetch_cache(toks)
+                        fetched_bytes[label] = cache.store.stats()["disk"].bytes
                         return cache.prefill(m.runtime, m.signature, toks)
 
                     timed(label, fetch_then_prefill)
@@ -67,7 +90,7 @@ def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[float
 
 
 def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int,
-                peer_rates: list[float]) -> list[dict]:
+                peer_rates: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         cfg = load_config().replace(cache_dir=str(Path(d) / "local"), cache_chunk_tokens=chunk)
         with edgelink.load(model, cfg) as m:
@@ -106,16 +129,17 @@ def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int
                 cache.store.clear_ram()
                 timed("disk hit", lambda: cache.prefill(rt, m.signature, toks))
             stored = cache.store.stats()["disk"].bytes
+            fetched: dict[str, int] = {}
             if peer_rates:
                 node_dir = Path(d) / "node"
                 shutil.copytree(cache.store.dir, node_dir)  # the node's cache holds this prompt
-                _peer_rows(m, cache, toks, cfg, node_dir, peer_rates, repeats, timed_any)
+                _peer_rows(m, cache, toks, cfg, node_dir, peer_rates, repeats, timed_any, fetched)
     cold = statistics.median(rows["no cache"])
     out = []
     for label, times in rows.items():
         t = statistics.median(times)
         out.append({"model": model, "case": label, "tokens": len(toks), "ttft_s": t, "vs_no_cache": cold / t,
-                    "hit_tokens": hits.get(label, 0), "disk_bytes": stored,
+                    "hit_tokens": hits.get(label, 0), "disk_bytes": stored, "fetched_bytes": fetched.get(label, 0),
                     "same_as_cold_cache_run": outs[label] == outs["cold, through the cache"]})
     return out
 
@@ -127,18 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--question", type=int, default=50)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--peer-rates", default="0,100",
-                    help="fetch rows from a node: 0 is loopback, others Mbit/s over a tc-shaped veth (root); "
-                         "empty for none")
+    ap.add_argument("--peer-rates", default="0,100,dht",
+                    help="fetch rows from a node: 0 is loopback, others Mbit/s over a tc-shaped veth (root), "
+                         "dht a node found through the DHT on loopback; empty for none")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     for model in args.models.split(","):
-        rates = [float(r) for r in args.peer_rates.split(",") if r.strip()]
+        rates = [r.strip() for r in args.peer_rates.split(",") if r.strip()]
         for row in bench_model(model, args.prefix, args.question, args.repeats, args.chunk, rates):
             rows.append(row)
-            print(f"{row['model']:14s} {row['case']:34s} {row['tokens']} tokens  TTFT {row['ttft_s']:7.3f} s  "
-                  f"{row['vs_no_cache']:6.1f}x  hit {row['hit_tokens']:5d}  "
+            fetched = f"fetched {row['fetched_bytes'] / 1e6:5.1f} MB  " if row["fetched_bytes"] else ""
+            print(f"{row['model']:14s} {row['case']:40s} {row['tokens']} tokens  TTFT {row['ttft_s']:7.3f} s  "
+                  f"{row['vs_no_cache']:6.1f}x  hit {row['hit_tokens']:5d}  {fetched}"
                   f"{'same' if row['same_as_cold_cache_run'] else 'DIFFERS'}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -436,8 +436,9 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
 
     def session(ev: dict) -> None:
         if ev.get("event") == "cache_announced":
-            _emit(as_json, ev, f"announced {ev['keys']} chunk key(s) to the DHT ({ev['total']} in all; "
-                  f"{ev['peers']} DHT peer(s) known)", compact=True)
+            _emit(as_json, ev, f"announced {ev['keys']} chunk key(s) to the DHT ({ev['total']} in all, "
+                  f"{ev['pending']} waiting for a member to take them; {ev['peers']} DHT peer(s) known)",
+                  compact=True)
             sys.stdout.flush()
             return
         if ev.get("event") == "stopping":

@@ -86,6 +86,7 @@ class CacheDht:
         self._stop = None
         self._lock = threading.Lock()
         self._announced: set[str] = set()
+        self.pending: set[str] = set()  # announced to no other member yet (none known, or none took it)
         self._window: list[float] = []  # send times of the current rate window
         self.bootstrapped: list[str] = []
         self._start()
@@ -183,7 +184,8 @@ class CacheDht:
     def announce(self, keys: Sequence[str], *, stop: threading.Event | None = None) -> int:
         """Announce that this host holds the chunks ``keys`` (hex), each once, paced so that
         no DHT member drops them. Blocks while pacing; ``stop`` ends it early. Returns how many
-        were announced now."""
+        reached another member now; the others stay in ``pending`` (this host answers for them
+        itself meanwhile)."""
         done = 0
         for key in keys:
             if stop is not None and stop.is_set():
@@ -196,6 +198,9 @@ class CacheDht:
             with self._lock:
                 if ok:
                     self._announced.add(key)
+                    self.pending.discard(key)
+                else:
+                    self.pending.add(key)
             done += bool(ok)
         return done
 
@@ -293,7 +298,9 @@ def dht_enabled(cfg: Config) -> bool:
 class Announcer:
     """Announces a store's chunks: every key it holds now, then each new one as it is put,
     on a thread of its own (pacing makes announcing slow by design). ``on_event`` hears
-    ``{"event": "cache_announced", ...}`` each time the queue runs dry."""
+    ``{"event": "cache_announced", ...}`` each time the queue runs dry. Keys no other member
+    took (a node that starts before its peers) are announced again every
+    ``cache.announce_retry_s`` while any member is known."""
 
     def __init__(self, dht: CacheDht, store, on_event: Callable[[dict], None]):
         import queue
@@ -312,7 +319,13 @@ class Announcer:
         import queue
 
         while not self._stop.is_set():
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=max(0.1, self.dht.cfg.cache.announce_retry_s))]
+            except queue.Empty:
+                with self.dht._lock:
+                    batch = sorted(self.dht.pending)
+                if not batch or self.dht.routing_peers() == 0:
+                    continue
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -328,7 +341,7 @@ class Announcer:
                 return
             if self._queue.empty() and not self._stop.is_set():
                 self._on_event({"event": "cache_announced", "keys": n, "total": self.dht.announced(),
-                                "peers": self.dht.routing_peers()})
+                                "pending": len(self.dht.pending), "peers": self.dht.routing_peers()})
 
     def close(self) -> None:
         self._stop.set()
