@@ -8,11 +8,21 @@ context (``primer + before``, with BOS) is prefilled once and kept; each read tr
 it (``LlamaRuntime.truncate``), so every latency below is measured with that primer cached.
 
 Conditions
-    none           the receiver reads the prompt with an empty text (no message)
+    none           the receiver reads the prompt with an empty text (no message): the
+                   receiver alone
     text_relay     the sender (SmolLM2-135M Instruct) writes a short message (greedy, at most
                    ``relay_tokens`` tokens, stops at EOG or at the end of the first line), the
                    receiver reads the message as the text
     original_text  the receiver reads the review itself (upper bound)
+    prompt_tuning  (with ``soft_prompts``) K trained soft rows, then the review as text
+                   (bridges.prompt_tuning: the bridge's labels and budget, no sender)
+    sender_alone   the sender (the same SmolLM2-135M Instruct GGUF) reads the same task prompt,
+                   two-shot primer included, and answers by its own verbalizer logits
+    <base> (offset), <base> (contextual)
+                   original_text, text_relay and sender_alone with their label logits
+                   calibrated (bridges.calibration): a per-label offset that maximises accuracy
+                   on the first ``n_dev`` DEV examples, or Zhao et al.'s contextual calibration
+                   from content-free reads ("", "N/A", "[MASK]"); never fitted on test
     per bridge group (manifest kind + K; several files = several training seeds):
     bridged        the receiver reads ``bridge.apply(sender rows of this example)``
     shuffled       ... of ANOTHER test example (a fixed seeded derangement: nobody gets its own)
@@ -21,7 +31,8 @@ Conditions
     random         Gaussian rows rescaled to the norm of the corresponding bridged row
     linear_probe   logistic regression on the standardized, mean-pooled sender rows (the bridge's
                    pooling), trained on the bridge's train subset, C picked on DEV; no receiver
-    majority       the most frequent train label
+    majority       the most frequent label among the scored test examples (the best constant
+                   answer on exactly these examples)
 
 Latency (per message, ms): ``none``/``original_text``/controls: the receiver's read only;
 ``text_relay``: sender prefill + generation + receiver read (the relay template's constant head
@@ -33,9 +44,13 @@ is timed on the first ``constant_repeats`` examples. Wire bytes: UTF-8 bytes of 
 K*d*4 (f32) plus the header of one protocol tensor message for vectors (the controls ship a
 message of the same shape).
 
+Every read keeps its label logits (``per_example["label_logits"]``, and the dev and
+content-free reads), so any calibration can be recomputed from eval.json.
+
 Statistics: accuracy with a 95% percentile bootstrap CI (1000 resamples of examples, seeded; a
 condition with several seeds is averaged over seeds inside each resample); differences are
-paired (the same resampled examples for both conditions).
+paired (the same resampled examples for both conditions); ``paired`` holds every bridge group
+minus every reference and baseline row.
 
 Relay prompt: chosen by the receiver's accuracy on the first 100 DEV examples (never test), with
 ``python -m bridges.evaluate --sweep-relay`` (24 tokens): ``chat_word`` 0.79, ``chat_pn`` 0.75,
@@ -58,8 +73,10 @@ from typing import Any
 
 import numpy as np
 
+from bridges.calibration import CONTENT_FREE, contextual_offset, fit_offset, predict
 from bridges.data import Example, load_split
 from bridges.features import Features, split_features
+from bridges.soft_prompt import load_soft_prompt, tail_ids
 from bridges.tasks import task_prompt
 from edgelink.bridge import Bridge, BridgePrompt, load_bridge
 from edgelink.bridge.blas import blas_thread_count, blas_threads
@@ -187,8 +204,10 @@ def probe_predict(probe: dict[str, Any], x: np.ndarray) -> np.ndarray:
 
 
 class Reader:
-    """The receiver with the prompt's shared context prefilled once. Every read returns
-    (label index, seconds) and leaves the primer in place for the next read."""
+    """A model reading the task prompt, with its shared context prefilled once. Every read
+    returns (label logits [L], seconds) and leaves the primer in place for the next read; the
+    logits, not only their argmax, are kept so that any calibration can be recomputed. The
+    receiver is one; the sender answering the task on its own is another."""
 
     def __init__(self, rt: LlamaRuntime, emb: TokenEmbeddings, prompt: BridgePrompt):
         self.rt, self.emb, self.prompt = rt, emb, prompt
@@ -213,10 +232,10 @@ class Reader:
         else:
             self.rt.truncate(self.n_primer)
 
-    def _answer(self, logits: np.ndarray) -> int:
-        return int(np.argmax(logits[self.label_ids]))
+    def _label_logits(self, logits: np.ndarray) -> np.ndarray:
+        return np.asarray(logits[self.label_ids], dtype=np.float32).copy()
 
-    def read_text(self, text: str) -> tuple[int, float]:
+    def read_text(self, text: str) -> tuple[np.ndarray, float]:
         self._reset()
         t0 = time.perf_counter()
         ids = self.rt.tokenize(self.prompt.text_prompt(text))
@@ -226,16 +245,27 @@ class Reader:
             self.fallbacks += 1
             self.rt.clear()
             logits = self.rt.prefill(ids)
-        ans = self._answer(logits)
-        return ans, time.perf_counter() - t0
+        out = self._label_logits(logits)
+        return out, time.perf_counter() - t0
 
-    def read_vectors(self, v: np.ndarray) -> tuple[int, float]:
+    def read_soft_text(self, rows: np.ndarray, text: str) -> tuple[np.ndarray, float]:
+        """Soft-prompt rows where a bridge's vectors go, then the text and the prompt's tail
+        (the prompt-tuning baseline, ``bridges.prompt_tuning``)."""
+        self._reset()
+        t0 = time.perf_counter()
+        tail = tail_ids(self.rt, text, self.prompt.after)
+        logits = feed_vectors(self.rt, np.ascontiguousarray(rows, dtype=np.float32), tail,
+                              self.emb.rows(tail), self.emb.input_scale)
+        out = self._label_logits(logits)
+        return out, time.perf_counter() - t0
+
+    def read_vectors(self, v: np.ndarray) -> tuple[np.ndarray, float]:
         self._reset()
         t0 = time.perf_counter()
         logits = feed_vectors(self.rt, np.ascontiguousarray(v, dtype=np.float32), self.after_ids,
                               self.after_rows, self.emb.input_scale)
-        ans = self._answer(logits)
-        return ans, time.perf_counter() - t0
+        out = self._label_logits(logits)
+        return out, time.perf_counter() - t0
 
 
 class Relay:
@@ -359,6 +389,9 @@ class EvalReport:
     derangement: list[int]
     per_example: dict[str, Any]
     wall_s: float
+    calibration: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    paired: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    soft_prompts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # Vectors of the first seed of each group (not serialized): for checks and tests.
     arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -385,6 +418,19 @@ class EvalReport:
                         f"{lat} | {wire} |")
         return "\n".join(rows)
 
+    def paired_md(self) -> str:
+        """Bridge minus every baseline, paired over the same examples."""
+        rows = ["| bridge | minus | points [95% CI] |", "|---|---|---|"]
+        rows += [f"| {p['bridge']} | {p['versus']} | {p['diff']:+.1f} [{p['ci'][0]:+.1f}, "
+                 f"{p['ci'][1]:+.1f}] |" for p in self.paired]
+        return "\n".join(rows)
+
+    def calibration_text(self) -> str:
+        return "\n".join(
+            f"* {name}: offset {', '.join(f'{b:+.3f}' for b in c['offset'])} from "
+            f"{c['fitted_on']}; dev accuracy {c['dev_acc_raw']:.3f} raw -> {c['dev_acc']:.3f}"
+            for name, c in self.calibration.items())
+
     def checks_text(self) -> str:
         return "\n".join([f"* {c['text']}" for c in self.checks]
                          + [f"* (info) {d}" for d in self.diagnostics])
@@ -398,6 +444,14 @@ class EvalReport:
             "## Goals",
             "",
             self.checks_text(),
+            "",
+            "## Paired differences",
+            "",
+            self.paired_md(),
+            "",
+            "## Calibration (fitted on dev or content-free reads, never on test)",
+            "",
+            self.calibration_text(),
             "",
             "## Notes",
             "",
@@ -444,6 +498,80 @@ def _group_name(br: Bridge) -> str:
     return f"{br.kind} k{br.k}"
 
 
+# --------------------------------------------------------------------------- baselines
+
+CALIBRATED = ("original_text", "text_relay", "sender_alone")  # rows that get calibrated twins
+# whose content-free reads calibrate each base: the relay's message sits in the receiver's
+# text slot, so it shares the receiver's content-free reads with the original text
+CONTENT_FREE_OF = {"original_text": "receiver", "text_relay": "receiver", "sender_alone": "sender"}
+
+
+def scored_majority(examples: Sequence[Example]) -> str:
+    """The most frequent gold label among the SCORED examples (first seen wins a tie): the best
+    any constant answer can do on exactly these examples."""
+    return Counter(e.label for e in examples).most_common(1)[0][0]
+
+
+def dev_reads(reader: Reader, relay: Relay, sender: Reader, dev: Sequence[Example]
+              ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Label logits [n_dev, L] of the calibrated baselines on DEV examples (what their offsets
+    are fitted on), and the relay's dev messages."""
+    out: dict[str, list[np.ndarray]] = {b: [] for b in CALIBRATED}
+    msgs: list[str] = []
+    t0 = time.perf_counter()
+    for i, ex in enumerate(dev):
+        out["original_text"].append(reader.read_text(ex.text)[0])
+        msgs.append(relay.message(ex.text)[0])
+        out["text_relay"].append(reader.read_text(msgs[-1])[0])
+        out["sender_alone"].append(sender.read_text(ex.text)[0])
+        _progress("dev (calibration)", i + 1, len(dev), t0)
+    return {b: np.stack(v) for b, v in out.items()}, msgs
+
+
+def calibrate(test_lg: dict[str, np.ndarray], dev_lg: dict[str, np.ndarray],
+              cf_lg: dict[str, np.ndarray], y_dev: np.ndarray
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Offsets for each calibrated base (``offset``: fitted on dev labels; ``contextual``: from
+    content-free reads) and the calibrated test predictions [1, n], named ``<base> (<how>)``.
+    Test logits are only ever shifted, never looked at to choose a shift."""
+    info: dict[str, dict[str, Any]] = {}
+    preds: dict[str, np.ndarray] = {}
+    for base in CALIBRATED:
+        offsets = {"offset": fit_offset(dev_lg[base], y_dev),
+                   "contextual": contextual_offset(cf_lg[CONTENT_FREE_OF[base]])}
+        for how, b in offsets.items():
+            preds[f"{base} ({how})"] = predict(test_lg[base], b)
+            info[f"{base} ({how})"] = {
+                "base": base, "how": how, "offset": b.tolist(),
+                "dev_acc": float(np.mean(predict(dev_lg[base], b) == y_dev)),
+                "dev_acc_raw": float(np.mean(predict(dev_lg[base]) == y_dev)),
+                "fitted_on": (f"first {len(y_dev)} dev examples" if how == "offset" else
+                              f"content-free reads {list(CONTENT_FREE)} by the "
+                              f"{CONTENT_FREE_OF[base]}")}
+    return info, preds
+
+
+def _constant(lg: np.ndarray, lat: np.ndarray, j: int, i: int, read: tuple[np.ndarray, float]
+              ) -> None:
+    """Store one timed read of a constant input; its answer must not change between reads."""
+    lg[j, i], lat[j, i] = read
+    if i and int(np.argmax(lg[j, i])) != int(np.argmax(lg[j, 0])):
+        raise RuntimeError("the receiver's answer to a constant input changed")
+
+
+def paired_differences(correct: dict[str, np.ndarray], bridge: str, versus: Sequence[str],
+                       idx: np.ndarray) -> list[dict[str, Any]]:
+    """Bridge minus each baseline in accuracy points, with the paired bootstrap CI (seeds of
+    either side averaged per example first)."""
+    out = []
+    for v in versus:
+        d = correct[bridge].mean(axis=0) - correct[v].mean(axis=0)
+        lo, hi = bootstrap_ci(d, idx)
+        out.append({"bridge": bridge, "versus": v, "diff": float(d.mean()) * 100,
+                    "ci": (lo * 100, hi * 100)})
+    return out
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -470,11 +598,13 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
              n: int = 400, *, out: str | Path | None = None, relay_tokens: int = 24,
              relay_prompt: str = RELAY_PROMPT, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
              resamples: int = 1000, seed: int = 0, constant_repeats: int = 30,
-             n_train: int | None = None, source: str = SOURCE, target: str = TARGET) -> EvalReport:
+             n_train: int | None = None, source: str = SOURCE, target: str = TARGET,
+             soft_prompts: Sequence[str | Path] = ()) -> EvalReport:
     """``source``/``target``: registry names or GGUF paths of the two models; ``relay_prompt``: a name in RELAY_PROMPTS or a template with ``{text}``; ``n_dev``: dev
-    examples for the probe's C and the ``mean`` control; ``n_train``: the probe's train
+    examples for the probe's C, the ``mean`` control and the calibration offsets; ``n_train``: the probe's train
     examples (default: the first bridge's manifest, else 2000); ``constant_repeats``: timed
-    reads of the constant inputs."""
+    reads of the constant inputs; ``soft_prompts``: prompt-tuning baselines (one row, their
+    files as seeds)."""
     if not bridge_paths:
         raise ValueError("at least one bridge is needed")
     t_start = time.perf_counter()
@@ -502,6 +632,10 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
         for br in bridges:
             br.check_pair(src_sig, tgt_sig)
+        soft = [load_soft_prompt(p) for p in soft_prompts]
+        for p, (_, meta) in zip(soft_prompts, soft, strict=True):
+            if meta["target"].get("weights_digest") != tgt_sig.weights_digest:
+                raise ValueError(f"{p} was trained for another target model")
         digest = src_sig.weights_digest
         layers = sorted({br.source_layer for br in bridges})
 
@@ -533,7 +667,8 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         t0 = time.perf_counter()
         probe_pred = probe_predict(probe, x_te)
         probe_s = (time.perf_counter() - t0) / n
-        majority = Counter(e.label for e in load_split(task, "train", cfg)).most_common(1)[0][0]
+        train_majority = Counter(e.label for e in load_split(task, "train", cfg)).most_common(1)[0][0]
+        majority = scored_majority(examples)
 
         # ---- bridge outputs
         vec: dict[str, list[np.ndarray]] = {c: [] for c in ("bridged", "shuffled", "random")}
@@ -548,21 +683,33 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             fd = dev_feats[br.source_layer]
             means.append(np.mean([br.apply(fd.rows_of(i)) for i in range(len(fd))], axis=0))
 
-        # ---- per-example loop (conditions interleaved, so load drifts hit all alike)
+        # ---- the sender answering alone uses a runtime of its own (capture clears ``src``)
+        sender_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=False))
         emb = tgt.token_embeddings()
         reader = Reader(tgt, emb, prompt)
         relay = Relay(relay_rt, template, relay_tokens)
-        pred: dict[str, np.ndarray] = {}
+        sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt)
+
+        # ---- calibration data: DEV reads and content-free reads (no test example involved)
+        dev_lg, dev_msgs = dev_reads(reader, relay, sender, dev_ex)
+        cf_lg = {"receiver": np.stack([reader.read_text(t)[0] for t in CONTENT_FREE]),
+                 "sender": np.stack([sender.read_text(t)[0] for t in CONTENT_FREE])}
+
+        # ---- per-example loop (conditions interleaved, so load drifts hit all alike)
+        n_lab = len(labels)
+        lg: dict[str, np.ndarray] = {}
         lat: dict[str, np.ndarray] = {}
 
         def slot(name: str, s: int = 1) -> None:
-            pred[name] = np.full((s, n), -1)
+            lg[name] = np.full((s, n, n_lab), np.nan, dtype=np.float32)
             lat[name] = np.full((s, n), np.nan)
 
-        for name in ("original_text", "text_relay", "none"):
+        for name in ("original_text", "text_relay", "sender_alone", "none"):
             slot(name)
         for c in ("bridged", "shuffled", "random", "zero", "mean"):
             slot(c, len(bridges))
+        if soft:
+            slot("prompt_tuning", len(soft))
         capture_s = np.zeros(n)
         rel_diff = np.zeros(n)
         relay_msgs: list[str] = []
@@ -582,10 +729,14 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
                 rel_diff[i] = max(rel_diff[i], float(np.linalg.norm(rows[layer] - cached)
                                                      / max(np.linalg.norm(cached), 1e-12)))
             # text conditions
-            pred["original_text"][0, i], lat["original_text"][0, i] = reader.read_text(ex.text)
+            lg["original_text"][0, i], lat["original_text"][0, i] = reader.read_text(ex.text)
             msg, relay_ntok[i], relay_send_s[i] = relay.message(ex.text)
             relay_msgs.append(msg)
-            pred["text_relay"][0, i], lat["text_relay"][0, i] = reader.read_text(msg)
+            lg["text_relay"][0, i], lat["text_relay"][0, i] = reader.read_text(msg)
+            lg["sender_alone"][0, i], lat["sender_alone"][0, i] = sender.read_text(ex.text)
+            for j, (rows_sp, _) in enumerate(soft):
+                lg["prompt_tuning"][j, i], lat["prompt_tuning"][j, i] = \
+                    reader.read_soft_text(rows_sp, ex.text)
             # vector conditions
             for j, br in enumerate(bridges):
                 rows_i = test_feats[br.source_layer].rows_of(i)
@@ -595,25 +746,23 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
                 if not np.allclose(out_ij, vec["bridged"][j][i], rtol=1e-5, atol=1e-6):
                     raise RuntimeError("bridge.apply gave a different output for the same rows")
                 for c in ("bridged", "shuffled", "random"):
-                    pred[c][j, i], lat[c][j, i] = reader.read_vectors(vec[c][j][i])
+                    lg[c][j, i], lat[c][j, i] = reader.read_vectors(vec[c][j][i])
             # constant inputs: answered once, timed on the first n_const examples
             if i < n_const:
-                a, lat["none"][0, i] = reader.read_text("")
-                if i and a != pred["none"][0, 0]:
-                    raise RuntimeError("the receiver's answer to a constant input changed")
-                pred["none"][0, i] = a
+                _constant(lg["none"], lat["none"], 0, i, reader.read_text(""))
                 for j, br in enumerate(bridges):
-                    for c, v in (("zero", np.zeros((br.k, br.d_tgt), np.float32)), ("mean", means[j])):
-                        a, lat[c][j, i] = reader.read_vectors(v)
-                        if i and a != pred[c][j, 0]:
-                            raise RuntimeError("the receiver's answer to a constant input changed")
-                        pred[c][j, i] = a
+                    _constant(lg["zero"], lat["zero"], j, i,
+                              reader.read_vectors(np.zeros((br.k, br.d_tgt), np.float32)))
+                    _constant(lg["mean"], lat["mean"], j, i, reader.read_vectors(means[j]))
             _progress("eval", i + 1, n, t_loop)
         for name in ("none", "zero", "mean"):
-            pred[name][:, n_const:] = pred[name][:, :1]
-        text_fallbacks = reader.fallbacks + relay.fallbacks
+            lg[name][:, n_const:] = lg[name][:, :1]
+        text_fallbacks = reader.fallbacks + relay.fallbacks + sender.fallbacks
         threads = {"llama.cpp": cfg.runtime.n_threads or "all cores",
                    "blas": blas_thread_count() or "unknown"}
+    pred = {name: v.argmax(axis=-1) for name, v in lg.items()}
+    calib, cal_pred = calibrate(lg, dev_lg, cf_lg, y_dev)
+    pred.update(cal_pred)
 
     # ---- statistics
     idx = bootstrap_indices(n, resamples, seed)
@@ -635,15 +784,28 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
 
     add("majority", "majority", None, "reference",
         np.array([lab_index[majority] == g for g in gold]), None, 0.0, "",
-        f"none (always {majority!r})")
+        f"none (always {majority!r}, the most frequent label of the scored examples)")
     add("none", "none", None, "reference", pred["none"] == gold, lat["none"], 0.0,
         "receiver read", "nothing sent")
-    add("original_text", "original_text", None, "reference", pred["original_text"] == gold,
-        lat["original_text"], float(np.mean([len(e.text.encode()) for e in examples])),
-        "receiver read", "UTF-8 bytes of the text")
-    add("text_relay", "text_relay", None, "baseline", pred["text_relay"] == gold,
-        relay_send_s[None, :] + lat["text_relay"], float(np.mean([len(m.encode()) for m in relay_msgs])),
-        "sender prefill + generation + receiver read", "UTF-8 bytes of the message")
+    text_rows = {  # role, latency [1, n] s, wire bytes, what the latency is, what the bytes are
+        "original_text": ("reference", lat["original_text"],
+                          float(np.mean([len(e.text.encode()) for e in examples])),
+                          "receiver read", "UTF-8 bytes of the text"),
+        "text_relay": ("baseline", relay_send_s[None, :] + lat["text_relay"],
+                       float(np.mean([len(m.encode()) for m in relay_msgs])),
+                       "sender prefill + generation + receiver read", "UTF-8 bytes of the message"),
+        "sender_alone": ("baseline", lat["sender_alone"], None,
+                         "sender read of the task prompt (no receiver)", ""),
+    }
+    for base, (role, lat_s, wire, lat_what, wire_what) in text_rows.items():
+        add(base, base, None, role, pred[base] == gold, lat_s, wire, lat_what, wire_what)
+        for how in ("offset", "contextual"):
+            add(f"{base} ({how})", f"{base} ({how})", None, role, pred[f"{base} ({how})"] == gold,
+                lat_s, wire, lat_what, wire_what)
+    if soft:
+        add(f"prompt_tuning (k{soft[0][0].shape[0]})", "prompt_tuning", None, "baseline",
+            pred["prompt_tuning"] == gold, lat["prompt_tuning"], text_rows["original_text"][2],
+            "receiver read of K soft rows + the text", "UTF-8 bytes of the text")
     add("linear_probe", "linear_probe", None, "baseline", probe_pred == gold,
         capture_s + probe_s, None, "sender capture + probe", "")
     bridge_info = []
@@ -703,6 +865,9 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
                                f"{'HOLDS' if ratio >= 5 else 'FAILS'} (median {lb:.0f} ms vs "
                                f"{lr:.0f} ms, ratio {ratio:.1f}x)"})
 
+    versus = [c.name for c in conditions if c.role in ("reference", "baseline")]
+    paired = [row for g in groups for row in paired_differences(correct, f"bridged ({g})", versus, idx)]
+
     diagnostics = []
     for g, members in groups.items():
         m = np.array(members)
@@ -724,7 +889,15 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         "pred": {name: [[labels[a] if a >= 0 else None for a in row] for row in pred[name]]
                  for name in pred},
         "linear_probe": [labels[a] for a in probe_pred],
+        "labels": labels,
+        # label logits [seeds][n][L] of every condition the receiver (or the sender) read;
+        # a calibrated row is its base's logits plus ``calibration[name]["offset"]``
+        "label_logits": {name: np.round(v, 4).tolist() for name, v in lg.items()},
         "relay_messages": relay_msgs,
+        "dev": {"gold": [labels[y] for y in y_dev], "relay_messages": dev_msgs,
+                "label_logits": {b: np.round(v, 4).tolist() for b, v in dev_lg.items()}},
+        "content_free": {"inputs": list(CONTENT_FREE),
+                         **{who: np.round(v, 4).tolist() for who, v in cf_lg.items()}},
         "latency_ms": {"capture": (capture_s * 1e3).round(2).tolist(),
                        "relay_sender": (relay_send_s * 1e3).round(2).tolist(),
                        "apply": (apply_s * 1e3).round(3).tolist(),
@@ -736,6 +909,10 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         probe={"C": probe["C"], "cs": probe["cs"], "dev_scores": probe["dev_scores"],
                "train_acc": probe["train_acc"], "n_train": len(y_tr), "n_dev": len(y_dev),
                "layer": probe_layer, "selected_on": "dev"},
+        soft_prompts=[{"path": str(p), "k": meta["k"], "seed": meta["training"].get("seed"),
+                       "dev_acc": meta["training"].get("dev_acc"),
+                       "best_step": meta["training"].get("best_step")}
+                      for p, (_, meta) in zip(soft_prompts, soft, strict=True)],
         relay={"prompt_name": relay_prompt if relay_prompt in RELAY_PROMPTS else "custom",
                "prompt": template, "max_tokens": relay_tokens,
                "mean_tokens": float(relay_ntok.mean()), "examples": relay_msgs[:5],
@@ -743,10 +920,11 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         sender={"max_rel_diff": float(rel_diff.max()), "capture_median_ms": _pct(capture_s * 1e3, 50),
                 "layers": layers},
         settings={"resamples": resamples, "seed": seed, "n_dev": n_dev, "constant_repeats": n_const,
+                  "train_majority": train_majority, "scored_majority": majority,
                   "text_fallbacks": text_fallbacks, "threads": threads,
                   "apply_median_ms": _pct(apply_s.ravel() * 1e3, 50)},
         derangement=perm.tolist(), per_example=per_example,
-        wall_s=time.perf_counter() - t_start, arrays=arrays)
+        wall_s=time.perf_counter() - t_start, calibration=calib, paired=paired, arrays=arrays)
     if out is not None:
         write_outputs(report, out)
     return report
@@ -799,7 +977,7 @@ def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int =
             relay = Relay(s, template, relay_tokens)
             for i, ex in enumerate(dev):
                 msg, _, _ = relay.message(ex.text)
-                ok.append(labels[reader.read_text(msg)[0]] == ex.label)
+                ok.append(labels[int(np.argmax(reader.read_text(msg)[0]))] == ex.label)
                 _progress(f"relay {name}", i + 1, len(dev), t0)
             out[name] = float(np.mean(ok))
             _log(f"relay prompt {name}: dev accuracy {out[name]:.3f}")

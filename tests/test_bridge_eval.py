@@ -136,22 +136,40 @@ def _export(path, cfg, seed: int):
                          training={"task": "sentiment", "n_train": N_TRAIN, "seed": seed})[0]
 
 
+def _soft_prompt(path, cfg):
+    """A stand-in for a trained soft prompt: K real token rows of the receiver."""
+    from bridges.soft_prompt import save_soft_prompt
+    from edgelink.models.resolve import resolve_model
+    from edgelink.models.signature import model_signature
+    from edgelink.runtime.llama import LlamaRuntime
+
+    with LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
+        rows = t.token_embeddings().rows(t.tokenize(" Honest review", add_special=False)[:K])
+        return save_soft_prompt(path, rows, model_signature(t, cfg).to_dict(), {"seed": 0})[0]
+
+
 @pytest.fixture(scope="module")
 def run(private_cfg, tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     paths = [_export(d / f"br-s{s}", private_cfg, s) for s in (0, 1)]
-    seen = {}
-    real_fit = ev.fit_probe
+    soft = _soft_prompt(d / "sp", private_cfg)
+    seen = {"offsets": []}
+    real_fit, real_offset = ev.fit_probe, ev.fit_offset
 
     def spy(x_tr, y_tr, x_dev, y_dev, *a, **kw):
         seen.update(x_tr=x_tr, y_tr=y_tr, x_dev=x_dev, y_dev=y_dev)
         return real_fit(x_tr, y_tr, x_dev, y_dev, *a, **kw)
 
+    def offset_spy(logits, gold, *a, **kw):
+        seen["offsets"].append((np.array(logits), np.array(gold)))
+        return real_offset(logits, gold, *a, **kw)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(ev, "fit_probe", spy)
+    mp.setattr(ev, "fit_offset", offset_spy)
     try:
         report = ev.evaluate(paths, private_cfg, "sentiment", n=N, out=d / "out", relay_tokens=6,
-                             n_dev=N_DEV, constant_repeats=3, resamples=300)
+                             n_dev=N_DEV, constant_repeats=3, resamples=300, soft_prompts=[soft])
     finally:
         mp.undo()
     return report, d / "out", seen, private_cfg
@@ -162,8 +180,11 @@ def test_every_condition_on_the_same_examples(run):
     from bridges.data import load_split
 
     g = f"ridge k{K}"
-    want = {"majority", "none", "original_text", "text_relay", "linear_probe"} | {
-        f"{c} ({g})" for c in ("bridged", "shuffled", "zero", "mean", "random")}
+    want = {"majority", "none", "original_text", "text_relay", "sender_alone", "linear_probe",
+            f"prompt_tuning (k{K})"} | {
+        f"{c} ({g})" for c in ("bridged", "shuffled", "zero", "mean", "random")} | {
+        f"{b} ({h})" for b in ("original_text", "text_relay", "sender_alone")
+        for h in ("offset", "contextual")}
     assert {c.name for c in report.conditions} == want
     digest = ev._examples_digest(load_split("sentiment", "test", cfg)[:N])
     assert report.n == N and report.examples_digest == digest
@@ -227,6 +248,64 @@ def test_probe_never_sees_test(run):
     assert seen["y_dev"].tolist() == [labels.index(e.label) for e in dev]
 
 
+def test_label_logits_saved_and_consistent_with_answers(run):
+    report, out, *_ = run
+    pe = json.loads((out / "eval.json").read_text())["per_example"]
+    labels = pe["labels"]
+    assert labels == list(ev.task_prompt("sentiment").labels)
+    assert set(pe["label_logits"]) == {"original_text", "text_relay", "sender_alone", "none",
+                                       "bridged", "shuffled", "random", "zero", "mean",
+                                       "prompt_tuning"}
+    # soft rows in front of the text change what the receiver reads
+    assert not np.allclose(pe["label_logits"]["prompt_tuning"], pe["label_logits"]["original_text"])
+    assert report.condition(f"prompt_tuning (k{K})").latency_median_ms > 0
+    for name, lg in pe["label_logits"].items():
+        lg = np.array(lg)
+        assert lg.shape[1:] == (N, len(labels)) and np.isfinite(lg).all(), name
+        answers = [[labels[a] for a in row] for row in lg.argmax(axis=-1)]
+        assert answers == pe["pred"][name], name
+    assert len(set(map(tuple, np.array(pe["label_logits"]["sender_alone"])[0]))) > 1
+    # a calibrated row is its base's logits plus the recorded offset
+    for name, c in report.calibration.items():
+        shifted = np.array(pe["label_logits"][c["base"]]) + np.array(c["offset"])
+        assert [[labels[a] for a in row] for row in shifted.argmax(axis=-1)] == pe["pred"][name]
+    # the none row is the receiver's content-free read of the empty text
+    np.testing.assert_allclose(np.array(pe["label_logits"]["none"])[0, 0],
+                               pe["content_free"]["receiver"][0], atol=1e-3)
+    assert len(pe["dev"]["relay_messages"]) == N_DEV
+    assert all(np.array(v).shape == (N_DEV, 2) for v in pe["dev"]["label_logits"].values())
+
+
+def test_calibration_is_fitted_on_dev_only(run):
+    report, _, seen, cfg = run
+    from bridges.data import load_split
+
+    labels = list(ev.task_prompt("sentiment").labels)
+    dev_gold = [labels.index(e.label) for e in load_split("sentiment", "dev", cfg)[:N_DEV]]
+    assert len(seen["offsets"]) == 3  # original_text, text_relay, sender_alone
+    for logits, gold in seen["offsets"]:
+        assert logits.shape == (N_DEV, 2) and gold.tolist() == dev_gold
+    hows = {c["how"]: c["fitted_on"] for c in report.calibration.values()}
+    assert hows["offset"] == f"first {N_DEV} dev examples"
+    assert hows["contextual"].startswith("content-free")
+
+
+def test_majority_and_paired_rows(run):
+    report, *_ = run
+    gold = report.per_example["gold"]
+    top = max(gold.count(lab) for lab in set(gold))
+    assert report.condition("majority").acc == pytest.approx(top / N)
+    assert report.settings["scored_majority"] in gold
+    g = f"bridged (ridge k{K})"
+    versus = {p["versus"]: p for p in report.paired if p["bridge"] == g}
+    assert {"original_text (offset)", "text_relay (contextual)", "sender_alone", "none",
+            "majority", "linear_probe"} <= set(versus)
+    assert not any(v.startswith(("shuffled", "zero", "mean", "random")) for v in versus)
+    for v, p in versus.items():
+        want = (report.condition(g).acc - report.condition(v).acc) * 100
+        assert p["diff"] == pytest.approx(want) and p["ci"][0] <= p["diff"] + 1e-9 <= p["ci"][1] + 2e-9
+
+
 def test_outputs_written(run):
     report, out, *_ = run
     data = json.loads((out / "eval.json").read_text())
@@ -234,6 +313,7 @@ def test_outputs_written(run):
     md = (out / "eval.md").read_text()
     assert "| condition | accuracy [95% CI]" in md and "bridged (ridge k2)" in md
     assert "HOLDS" in md or "FAILS" in md
+    assert "## Paired differences" in md and "text_relay (offset)" in md
     ET.parse(out / "eval.svg")
 
 
@@ -244,3 +324,4 @@ def test_cli_has_eval():
 
     res = CliRunner().invoke(cli, ["bridge", "eval", "--help"])
     assert res.exit_code == 0 and "--relay-tokens" in res.output and "--bridge" in res.output
+    assert "--n-dev" in res.output

@@ -48,7 +48,10 @@ def test_gemma_reads_the_shipped_bridge(shipped, cfg, model_paths):
         reader = Reader(tgt, tgt.token_embeddings(), shipped.prompt)
         gold = [reader.labels.index(ex.label) for ex in examples]
         perm = derangement(N, seed=1)
-        own = np.mean([reader.read_vectors(vectors[i])[0] == gold[i] for i in range(N)])
-        other = np.mean([reader.read_vectors(vectors[perm[i]])[0] == gold[i] for i in range(N)])
+        def answer(v: np.ndarray) -> int:  # a read returns the label logits
+            return int(np.argmax(reader.read_vectors(v)[0]))
+
+        own = np.mean([answer(vectors[i]) == gold[i] for i in range(N)])
+        other = np.mean([answer(vectors[perm[i]]) == gold[i] for i in range(N)])
     assert own >= 0.75, f"bridged accuracy {own:.2f} on {N} dev examples"
     assert own - other >= 0.2, f"bridged {own:.2f} vs shuffled {other:.2f}"

@@ -45,6 +45,12 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
               help="Directory for eval.json, eval.md and eval.svg.")
 @click.option("--relay-tokens", type=int, default=24, show_default=True,
               help="Most tokens the sender may write in the text relay.")
+@click.option("--n-dev", type=int, default=500, show_default=True,
+              help="Dev examples (the first n of the dev split) that fit the calibrated "
+                   "baselines' offsets, the probe's C and the mean control.")
+@click.option("--soft-prompt", "soft_prompts", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A prompt-tuning baseline (python -m bridges.prompt_tuning); repeat for seeds.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="llama.cpp threads for every model and numpy's BLAS threads "
                    "(0: leave both as configured).")
@@ -52,14 +58,16 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str,
-                relay_tokens: int, threads: int, source: str, target: str, as_json: bool) -> None:
-    """Score bridges on the test split against text relay, controls and a linear probe."""
+                relay_tokens: int, n_dev: int, soft_prompts: tuple[str, ...], threads: int,
+                source: str, target: str, as_json: bool) -> None:
+    """Score bridges on the test split against text relay, calibrated text baselines, the
+    sender alone, controls and a linear probe."""
     from bridges.evaluate import evaluate
 
     report = evaluate(list(bridges), obj.cfg(), task=task, n=n, out=out,
-                      relay_tokens=relay_tokens, threads=threads or None, source=source,
-                      target=target)
-    human = (f"{report.table_md()}\n\n{report.checks_text()}\n\n"
+                      relay_tokens=relay_tokens, n_dev=n_dev, threads=threads or None,
+                      source=source, target=target, soft_prompts=list(soft_prompts))
+    human = (f"{report.table_md()}\n\n{report.checks_text()}\n\n{report.paired_md()}\n\n"
              f"wrote {out}/eval.json, eval.md, eval.svg ({report.wall_s:.0f} s)")
     _emit(as_json, report.to_dict() if as_json else None, human)
 
