@@ -107,6 +107,7 @@ class CacheConfig:
     ram_bytes: int
     disk_bytes: int
     share: str
+    keep_prefills: str
     peers: str
     dht: str
     bootstrap: str

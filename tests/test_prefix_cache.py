@@ -233,3 +233,40 @@ def test_a_fetch_brings_window_cells_only_where_a_restore_needs_them(gemma3_path
     finally:
         p2p.close_client_hosts()
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_a_node_keeps_the_prompts_peers_ask_it_to_prefill(model_paths, cfg, tmp_path, name):
+    """With cache.keep_prefills, a node stores the chunks of a prompt a peer had it prefill (a
+    handoff sent as text): a cache reading its directory later hits and continues exactly as a
+    cold run through the cache. For Gemma-3, chunks whose window cells are gone are kept
+    trimmed, and a hit is still exact."""
+    from edgelink.roles.launcher import start_node, stop_receiver
+    from edgelink.transport import p2p
+
+    node_dir = tmp_path / "node-kv"
+    node_cfg = cfg.replace(cache_dir=str(node_dir), cache_chunk_tokens=128, wire_prefill_tps=500.0,
+                           cache_keep_prefills="on")
+    with edgelink.load(str(model_paths[name]), cfg.replace(cache_dir=str(tmp_path / "ref-kv"),
+                                                           cache_chunk_tokens=128)) as m:
+        toks = context_tokens(m.runtime, 640 + 70)
+        PrefixCache(m.cfg).prefill(m.runtime, m.signature, toks)
+        want, cold = m.runtime.state_digest(), m.generate(8, stop_at_eog=False).tokens
+    proc = start_node(str(model_paths[name]), node_cfg,
+                      extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "n.key")})
+    try:
+        with edgelink.load(str(model_paths[name]), cfg.replace(p2p_identity_key=tmp_path / "c.key")) as m:
+            with m.connect(proc.ready["addrs"][0]) as peer:
+                peer.request("prefill", tokens=toks, replace=True)
+    finally:
+        p2p.close_client_hosts()
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
+    with edgelink.load(str(model_paths[name]), node_cfg) as m:
+        cache = PrefixCache(node_cfg)
+        keys = cache.keys(m.signature, toks)
+        assert cache.held(keys) == 5  # every whole chunk, kept by the node
+        used = cache.prefill(m.runtime, m.signature, toks)
+        assert m.runtime.state_digest() == want
+        assert m.generate(8, stop_at_eog=False).tokens == cold
+        if name == "smollm2-135m":
+            assert used.hit_tokens == 5 * 128

@@ -218,18 +218,46 @@ class PrefixCache:
         return Session(role, signature, fit_limits(self.cfg, rt).protocol, kinds=(Kind.KV_CACHE_DELTA,))
 
     def _store(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int) -> int:
+        return self._store_cells(rt, signature, parse_seq_state(rt.export_state()), key, index)
+
+    def _store_cells(self, rt: LlamaRuntime, signature: dict[str, Any], full: SeqState, key: str, index: int,
+                     allow_trimmed: bool = False) -> int:
+        """Store chunk ``index`` from the runtime's parsed state: whole when every cache still
+        holds it; with ``allow_trimmed``, trimmed when only the window cache has moved on."""
         start, end = index * self.chunk, (index + 1) * self.chunk
-        state = select_cells(parse_seq_state(rt.export_state()), lambda pos: (pos >= start) & (pos < end))
-        for cache in state.caches:  # every cache must still hold the whole chunk
+        state = select_cells(full, lambda pos: (pos >= start) & (pos < end))
+
+        def whole(cache: CacheState) -> bool:
             st = next((s for s in cache.streams if s is not None), None)
-            if st is None or st.n_cells != self.chunk:
-                log.warning("chunk %d is not whole in every cache; not stored", index)
+            return st is not None and st.n_cells == self.chunk
+
+        trimmed = not all(whole(c) for c in state.caches)
+        if trimmed and not (allow_trimmed and rt.n_swa and len(state.caches) == 2 and whole(state.caches[0])):
+            log.warning("chunk %d is not whole in every cache; not stored", index)
+            return 0
+        if trimmed:
+            if self.store.has(trimmed_key(key)):
                 return 0
+            state = trim(state)
         tensors, layout = state_to_tensors(state)
         ids = np.asarray(rt.tokens[start:end], dtype="<i4")
         tensors.append(Tensor("tokens", DType.I32, ids.shape, memoryview(ids).cast("B")))
-        self._put(rt, signature, key, index, tensors, layout)
+        self._put(rt, signature, key, index, tensors, layout, trimmed=trimmed)
         return 1
+
+    def keep(self, rt: LlamaRuntime, signature: dict[str, Any]) -> int:
+        """Store the whole chunks of the runtime's sequence that it computed in batches of 64
+        or more tokens (``LlamaRuntime.batched``), whose cells a cold prefill through the cache
+        reproduces bit for bit (measured: identical for SmolLM2 and Gemma-3 at every chunk
+        boundary); earlier chunks of a window model whose window cells are gone, trimmed.
+        Returns how many were stored."""
+        n = min(rt.batched, len(rt.tokens)) // self.chunk
+        if n == 0:
+            return 0
+        keys = self.keys(signature, rt.tokens[:n * self.chunk])
+        full = parse_seq_state(rt.export_state())
+        return sum(self._store_cells(rt, signature, full, key, index, allow_trimmed=True)
+                   for index, key in enumerate(keys) if not self.store.has(key))
 
     def _put(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int, tensors: list[Tensor],
              layout: dict[str, Any], trimmed: bool = False) -> None:

@@ -153,8 +153,11 @@ class Receiver:
         # a handoff's prefill (replace) decodes in ubatches of 64+ tokens, so its cells are the
         # sender's bit for bit (see LlamaRuntime.batched)
         tail = BATCHED_MIN if params.get("replace") else 0
+        keep = bool(params.get("replace")) and self._keeps_prefills()
         if not params.get("background"):
             rt.prefill(toks, min_tail=tail)
+            if keep:
+                self._keep_prefix()
             return {"context_tokens": len(rt.tokens)}
 
         def run() -> None:
@@ -162,12 +165,29 @@ class Receiver:
             try:
                 rt.prefill(toks, min_tail=tail, measure=False)  # it shares the CPU with the receive
                 log.info("background prefill of %d tokens: %.2f s", len(toks), time.perf_counter() - t0)
+                if keep:
+                    self._keep_prefix()
             except BaseException as exc:  # noqa: BLE001 - reported to the message that waits
                 self._background_error = exc
 
         self._background = threading.Thread(target=run, name="edgelink-prefill", daemon=True)
         self._background.start()
         return {"context_tokens": base + len(toks), "background": True}
+
+    def _keeps_prefills(self) -> bool:
+        keep = self.cfg.cache.keep_prefills
+        if keep not in ("on", "off"):
+            raise ConfigError(f"cache.keep_prefills is {keep!r}: on or off")
+        return keep == "on" and self.cfg.cache.share == "on"
+
+    def _keep_prefix(self) -> None:
+        """Store the whole chunks a peer's prompt filled here (cache.keep_prefills): a cache
+        that cannot store costs the cache, never the session."""
+        try:
+            n = self._prefix_cache().keep(self.rt, self.signature)
+            log.info("kept %d chunk(s) of a prefilled prompt in the prefix cache", n)
+        except (EdgelinkError, OSError) as exc:
+            log.warning("could not keep a prefilled prompt in the prefix cache: %s", exc)
 
     def _place(self, th: TensorHeader) -> dict[str, memoryview]:
         placer = self.placers.get(th.kind)
