@@ -20,6 +20,11 @@ ENV_PREFIX = "EDGELINK_"
 CONFIG_ENV = "EDGELINK_CONFIG"
 
 
+
+def config_list(text: str) -> list[str]:
+    """A comma-separated setting as its items (blanks and surrounding spaces dropped)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
 @dataclasses.dataclass(frozen=True)
 class PathsConfig:
     cache_dir: Path

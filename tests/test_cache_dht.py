@@ -39,7 +39,8 @@ def test_provider_addresses_are_checked_before_anything_dials_them():
     assert dialable(f"/ip4/10.0.0.2/tcp/4001/p2p/{pid}", pid) == f"/ip4/10.0.0.2/tcp/4001/p2p/{pid}"
     for bad in ("/ip4/0.0.0.0/tcp/4001", "/ip4/10.0.0.2/udp/4001", "/ip4/10.0.0.2/tcp/0",
                 "/ip4/10.0.0.2/tcp/99999", "/dns4/x/tcp/1", "", "ip4/1.2.3.4/tcp/1",
-                "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWOther", "/ip4/10.0.0.2/tcp/80x"):
+                "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWOther", "/ip4/10.0.0.2/tcp/80x",
+                "/ip4/10.0.0.2/tcp/\u00b2", "/ip4/10.0.0.2/tcp/" + "9" * 4000):
         assert dialable(bad, pid) is None, bad
 
 

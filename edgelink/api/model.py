@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgelink.api.results import CacheFetch, Generation, Progress
-from edgelink.config import Config, load_config
+from edgelink.config import Config, config_list, load_config
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.models.resolve import resolve_model
@@ -171,15 +171,13 @@ class Model:
         (the peers in ``cache.trust`` that the DHT says hold the deepest chunk); default
         ``cache.peers``. A peer that fails is skipped (the chunks are then prefilled here);
         ``token``: a bearer token for nodes that require one."""
-        from edgelink.net.dht import split_list
-
         t0 = time.perf_counter()
         toks = self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
         cache = self.prefix_cache()
         keys = cache.keys(self.signature, toks)[:(len(toks) - 1) // cache.chunk]
         before = cache.held(keys)
         out = CacheFetch(lacking=len(keys) - before)
-        names = split_list(sources) if isinstance(sources, str) else list(sources or split_list(self.cfg.cache.peers))
+        names = config_list(sources) if isinstance(sources, str) else list(sources or config_list(self.cfg.cache.peers))
         for name in names:
             if cache.held(keys) == len(keys):
                 break
@@ -200,10 +198,10 @@ class Model:
     def _dht_holders(self, keys: list[str], held: int, out: CacheFetch) -> list[str]:
         """Addresses of the trusted peers the DHT names as holders of the deepest of ``keys``
         (beyond the ``held`` this cache has)."""
-        from edgelink.net.dht import client_dht, split_list
+        from edgelink.net.dht import client_dht
 
         dht = client_dht(self.cfg)
-        trust = set(split_list(self.cfg.cache.trust))
+        trust = set(config_list(self.cfg.cache.trust))
         n, found = dht.deepest(keys, lambda p: "*" in trust or p.peer_id in trust)
         out.providers += [p.peer_id for p in found]
         if not found:  # say who holds it, if anyone, so the user can decide to trust them

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from edgelink.config import Config
+from edgelink.config import Config, config_list
 from edgelink.errors import ConfigError, PeerGone, TransportError
 
 if TYPE_CHECKING:
@@ -50,17 +50,15 @@ class Provider:
     addrs: tuple[str, ...]  # dialable multiaddrs, each ending in /p2p/<peer id>
 
 
-def split_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def dialable(addr: str, peer_id: str) -> str | None:
     """``addr`` as a full multiaddr for ``peer_id`` if a session could be dialled there (TCP over
     an IP that is not a wildcard); None for anything else a record may carry."""
     parts = addr.split("/")
     if len(parts) < 5 or parts[0] != "" or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
         return None
-    if parts[2] in ("0.0.0.0", "::") or not parts[4].isdigit() or not 0 < int(parts[4]) < 65536:
+    port = parts[4]
+    if parts[2] in ("0.0.0.0", "::") or not (port.isascii() and port.isdigit() and len(port) <= 5) \
+            or not 0 < int(port) < 65536:
         return None
     base = "/".join(parts[:5])
     rest = parts[5:]
@@ -135,7 +133,7 @@ class CacheDht:
             self._dht, self._stop = dht, stop
 
         self.host._call(start)
-        self.bootstrap(split_list(self.cfg.cache.bootstrap))
+        self.bootstrap(config_list(self.cfg.cache.bootstrap))
 
     def bootstrap(self, addrs: Sequence[str]) -> list[str]:
         """Connect to these DHT members and learn the network from them (a lookup of our own
@@ -207,8 +205,11 @@ class CacheDht:
     async def _provide(self, key: str) -> bool:
         import trio
 
-        with trio.move_on_after(self.cfg.cache.dht_timeout_s):
-            return bool(await self._dht.provide(key))
+        try:
+            with trio.move_on_after(self.cfg.cache.dht_timeout_s):
+                return bool(await self._dht.provide(key))
+        except Exception as exc:  # noqa: BLE001 - what peers answer is py-libp2p's to parse; any failure is a miss
+            log.warning("dht: announcing %s failed: %s: %s", key[:16], type(exc).__name__, exc)
         return False
 
     def _pace(self, stop: threading.Event | None) -> None:
@@ -241,8 +242,11 @@ class CacheDht:
         wanted = dht_key(key)
 
         async def find():
-            with trio.move_on_after(self.cfg.cache.dht_timeout_s):
-                return await self._dht.find_providers(wanted)
+            try:
+                with trio.move_on_after(self.cfg.cache.dht_timeout_s):
+                    return await self._dht.find_providers(wanted)
+            except Exception as exc:  # noqa: BLE001 - what peers answer is py-libp2p's to parse; any failure is a miss
+                log.warning("dht: looking up %s failed: %s: %s", key[:16], type(exc).__name__, exc)
             return []
 
         own = self.host.peer_id
@@ -356,7 +360,8 @@ def client_dht(cfg: Config) -> CacheDht:
     """This process's DHT client on its dialling host, joined through ``cache.bootstrap``."""
     from edgelink.transport.p2p import client_host
 
-    if not split_list(cfg.cache.bootstrap):
+    wanted = config_list(cfg.cache.bootstrap)
+    if not wanted:
         raise ConfigError("a DHT lookup needs cache.bootstrap: the multiaddr of at least one node with "
                           "cache.dht = on")
     host = client_host(cfg)
@@ -364,7 +369,13 @@ def client_dht(cfg: Config) -> CacheDht:
         dht = _CLIENT_DHTS.get(id(host))
         if dht is None or dht.host is not host:
             dht = _CLIENT_DHTS[id(host)] = CacheDht(host, cfg, server=False)
-        return dht
+            return dht
+    # a later call may name other members to join through (and another trust list: the caller's)
+    known = set(dht.bootstrapped)
+    new = [a for a in wanted if a.rsplit("/", 1)[-1] not in known]
+    if new:
+        dht.bootstrap(new)
+    return dht
 
 
 _CLIENT_LOCK = threading.Lock()

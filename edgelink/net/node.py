@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelink.cache.prefix import PrefixCache
-from edgelink.config import Config
+from edgelink.config import Config, config_list
 from edgelink.errors import (
     AuthError,
     BusyError,
@@ -127,10 +127,6 @@ class _Prefetched:
         self._ch.close()
 
 
-def _split(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 class Node:
     """Serve sessions over libp2p, each in its own llama.cpp context of one model: one context
     at start, more as clients need them, up to ``node.max_clients``."""
@@ -148,8 +144,8 @@ class Node:
         use_dht = dht_enabled(cfg)
         self.identity = identity or load_identity(cfg.p2p.identity_key)
         self.on_event = on_event or (lambda e: None)
-        self.allow_peers = frozenset(_split(cfg.node.allow_peers))
-        self.tokens = tuple(_split(cfg.node.tokens))
+        self.allow_peers = frozenset(config_list(cfg.node.allow_peers))
+        self.tokens = tuple(config_list(cfg.node.tokens))
         # Slot 0 now (the signature and the limits come from it); the other slots' contexts
         # are created when a client first needs one: llama.cpp commits a context's whole KV
         # cache when it creates it, so N idle contexts would hold N full caches.

@@ -119,6 +119,7 @@ class Receiver:
         # A prefill the sender asked for in the background (a split handoff: wire/plan.py);
         # every later message of the session waits for it.
         self._cache = prefix_cache  # the shared prefix cache (cache.share), made on first request
+        self._keeps_prefills()  # a wrong cache.keep_prefills fails here, not at a peer's request
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
         if calibrate and cfg.wire.prefill_tps == 0 and rt.prefill_tps == 0 and not rt.tokens:
