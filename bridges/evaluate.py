@@ -67,7 +67,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,22 +86,42 @@ from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
+from edgelink.runtime.label_head import LabelHead
 from edgelink.runtime.llama import LlamaRuntime
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"
 
-# Sender prompts for the text relay; "{text}" is the review. Special tokens are parsed.
-RELAY_PROMPTS = {
-    "opinion": "Review: {text}\nIn a few words, the reviewer's opinion of the movie is:",
-    "chat_pn": ("<|im_start|>user\nIs this movie review positive or negative? Answer in a few "
-                "words.\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
-    "chat_sum": ("<|im_start|>user\nIn a few words, what does this reviewer think of the movie?"
-                 "\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
-    "chat_word": ("<|im_start|>user\nIs this movie review positive or negative? Answer with one "
-                  "word.\n\n{text}<|im_end|>\n<|im_start|>assistant\n"),
+# Sender prompts for the text relay, per task; "{text}" is the input. Special tokens are parsed.
+_CHAT = "<|im_start|>user\n{ask}\n\n{{text}}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _primed(task: str) -> str:
+    """The receiver's own two-shot task prompt, given to the sender: its message is then its
+    answer (what ``sender_alone`` scores), which the receiver reads as the text."""
+    p = task_prompt(task)
+    return f"{p.primer}{p.before} {{text}}{p.after}"
+
+
+RELAY_PROMPTS: dict[str, dict[str, str]] = {
+    "sentiment": {
+        "opinion": "Review: {text}\nIn a few words, the reviewer's opinion of the movie is:",
+        "chat_pn": _CHAT.format(ask="Is this movie review positive or negative? Answer in a few words."),
+        "chat_sum": _CHAT.format(ask="In a few words, what does this reviewer think of the movie?"),
+        "chat_word": _CHAT.format(ask="Is this movie review positive or negative? Answer with one word."),
+        "primed": _primed("sentiment"),
+    },
+    "topic": {
+        "about": "Article: {text}\nIn a few words, this news article is about",
+        "chat_sum": _CHAT.format(ask="In a few words, what is this news article about?"),
+        "chat_word": _CHAT.format(ask="Is this news article about business, sports, politics, "
+                                      "entertainment or tech? Answer with one word."),
+        "chat_topic": _CHAT.format(ask="What is the topic of this news article? Answer with one word."),
+        "primed": _primed("topic"),
+    },
 }
-RELAY_PROMPT = "chat_word"
+# chosen on DEV by sweep_relay (see the module docstring)
+RELAY_PROMPT: dict[str, str] = {"sentiment": "chat_word", "topic": "chat_word"}
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_N_TRAIN = 2000
 
@@ -209,12 +229,16 @@ class Reader:
     logits, not only their argmax, are kept so that any calibration can be recomputed. The
     receiver is one; the sender answering the task on its own is another."""
 
-    def __init__(self, rt: LlamaRuntime, emb: TokenEmbeddings, prompt: BridgePrompt):
+    def __init__(self, rt: LlamaRuntime, emb: TokenEmbeddings, prompt: BridgePrompt,
+                 label_head: bool = False):
+        """``label_head``: compute only the labels' logits (edgelink.runtime.label_head; the
+        runtime needs the eval hook), not the whole vocabulary's."""
         self.rt, self.emb, self.prompt = rt, emb, prompt
         self.labels = list(prompt.labels)
         self.label_ids = [rt.tokenize(v, add_special=False)[0] for v in prompt.labels.values()]
         if len(set(self.label_ids)) != len(self.label_ids):
             raise ValueError(f"verbalizers share a first token: {prompt.labels}")
+        self.head = LabelHead(rt, self.label_ids) if label_head else None
         self.primer_ids = rt.tokenize(prompt.primer + prompt.before)
         self.after_ids = rt.tokenize(prompt.after, add_special=False)
         self.after_rows = emb.rows(self.after_ids) if self.after_ids else None
@@ -232,20 +256,22 @@ class Reader:
         else:
             self.rt.truncate(self.n_primer)
 
-    def _label_logits(self, logits: np.ndarray) -> np.ndarray:
-        return np.asarray(logits[self.label_ids], dtype=np.float32).copy()
+    def _labels_after(self, n_new: int, decode: Callable[[], np.ndarray]) -> np.ndarray:
+        """Label logits after ``decode`` appends ``n_new`` positions."""
+        if self.head is not None:
+            return self.head.read(n_new, decode).astype(np.float32)
+        return np.asarray(decode()[self.label_ids], dtype=np.float32).copy()
 
     def read_text(self, text: str) -> tuple[np.ndarray, float]:
         self._reset()
         t0 = time.perf_counter()
         ids = self.rt.tokenize(self.prompt.text_prompt(text))
-        if ids[:self.n_primer] == self.primer_ids and len(ids) > self.n_primer:
-            logits = self.rt.prefill(ids[self.n_primer:])
-        else:  # the primer's tokens would differ inside the whole string: read it all
+        if ids[:self.n_primer] != self.primer_ids or len(ids) <= self.n_primer:
+            # the primer's tokens would differ inside the whole string: read it all
             self.fallbacks += 1
             self.rt.clear()
-            logits = self.rt.prefill(ids)
-        out = self._label_logits(logits)
+        new = ids[len(self.rt.tokens):]
+        out = self._labels_after(len(new), lambda: self.rt.prefill(new))
         return out, time.perf_counter() - t0
 
     def read_soft_text(self, rows: np.ndarray, text: str) -> tuple[np.ndarray, float]:
@@ -254,17 +280,17 @@ class Reader:
         self._reset()
         t0 = time.perf_counter()
         tail = tail_ids(self.rt, text, self.prompt.after)
-        logits = feed_vectors(self.rt, np.ascontiguousarray(rows, dtype=np.float32), tail,
-                              self.emb.rows(tail), self.emb.input_scale)
-        out = self._label_logits(logits)
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        out = self._labels_after(len(rows) + len(tail), lambda: feed_vectors(
+            self.rt, rows, tail, self.emb.rows(tail), self.emb.input_scale))
         return out, time.perf_counter() - t0
 
     def read_vectors(self, v: np.ndarray) -> tuple[np.ndarray, float]:
         self._reset()
         t0 = time.perf_counter()
-        logits = feed_vectors(self.rt, np.ascontiguousarray(v, dtype=np.float32), self.after_ids,
-                              self.after_rows, self.emb.input_scale)
-        out = self._label_logits(logits)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        out = self._labels_after(len(v) + len(self.after_ids), lambda: feed_vectors(
+            self.rt, v, self.after_ids, self.after_rows, self.emb.input_scale))
         return out, time.perf_counter() - t0
 
 
@@ -495,7 +521,10 @@ def _n_train(br: Bridge) -> int:
 
 
 def _group_name(br: Bridge) -> str:
-    return f"{br.kind} k{br.k}"
+    """Bridges of one group are seeds of one design: kind, K, source layer, and how it is read
+    (``direct``: the answer is read at the last bridged vector, without the prompt's tail)."""
+    direct = " direct" if br.prompt is not None and not br.prompt.after else ""
+    return f"{br.kind} k{br.k} l{br.source_layer}{direct}"
 
 
 # --------------------------------------------------------------------------- baselines
@@ -596,27 +625,29 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
 
 def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sentiment",
              n: int = 400, *, out: str | Path | None = None, relay_tokens: int = 24,
-             relay_prompt: str = RELAY_PROMPT, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
+             relay_prompt: str | None = None, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
              resamples: int = 1000, seed: int = 0, constant_repeats: int = 30,
              n_train: int | None = None, source: str = SOURCE, target: str = TARGET,
-             soft_prompts: Sequence[str | Path] = ()) -> EvalReport:
+             soft_prompts: Sequence[str | Path] = (), label_head: bool = True) -> EvalReport:
     """``source``/``target``: registry names or GGUF paths of the two models; ``relay_prompt``: a name in RELAY_PROMPTS or a template with ``{text}``; ``n_dev``: dev
     examples for the probe's C, the ``mean`` control and the calibration offsets; ``n_train``: the probe's train
     examples (default: the first bridge's manifest, else 2000); ``constant_repeats``: timed
     reads of the constant inputs; ``soft_prompts``: prompt-tuning baselines (one row, their
-    files as seeds)."""
+    files as seeds); ``label_head``: every read (receiver and sender alone) computes only the
+    labels' logits (edgelink.runtime.label_head) rather than the whole vocabulary's."""
     if not bridge_paths:
         raise ValueError("at least one bridge is needed")
     t_start = time.perf_counter()
     prompt = task_prompt(task)
-    template = RELAY_PROMPTS.get(relay_prompt, relay_prompt)
+    relay_prompt = relay_prompt or RELAY_PROMPT[task]
+    template = RELAY_PROMPTS[task].get(relay_prompt, relay_prompt)
     bridges = [load_bridge(p) for p in bridge_paths]
     for br in bridges:
         bt = (br.meta.get("training") or {}).get("task")
         if bt not in (None, task):
             raise ValueError(f"{br.path} was trained for task {bt!r}, not {task!r}")
     for br in bridges:
-        if br.prompt is not None and br.prompt != prompt:
+        if br.prompt is not None and dataclasses.replace(br.prompt, after=prompt.after) != prompt:
             _log(f"warning: {br.path} was trained with a prompt other than bridges.tasks' "
                  f"{task!r} prompt, which this evaluation uses for every condition")
     groups: dict[str, list[int]] = {}
@@ -628,7 +659,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=True))
         relay_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=False))
-        tgt = stack.enter_context(LlamaRuntime(resolve_model(target, cfg), cfg))
+        tgt = stack.enter_context(LlamaRuntime(resolve_model(target, cfg), cfg, eval_hook=label_head))
         src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
         for br in bridges:
             br.check_pair(src_sig, tgt_sig)
@@ -684,11 +715,17 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             means.append(np.mean([br.apply(fd.rows_of(i)) for i in range(len(fd))], axis=0))
 
         # ---- the sender answering alone uses a runtime of its own (capture clears ``src``)
-        sender_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=False))
+        sender_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg,
+                                                     eval_hook=label_head))
         emb = tgt.token_embeddings()
-        reader = Reader(tgt, emb, prompt)
+        reader = Reader(tgt, emb, prompt, label_head)
+        # a bridge trained to be read without the prompt's tail (``TrainSpec.tail``) is read,
+        # with its controls, the way it was trained; every other condition reads the task prompt
+        readers = [reader if br.prompt is None or br.prompt.after == prompt.after
+                   else Reader(tgt, emb, dataclasses.replace(prompt, after=br.prompt.after), label_head)
+                   for br in bridges]
         relay = Relay(relay_rt, template, relay_tokens)
-        sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt)
+        sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt, label_head)
 
         # ---- calibration data: DEV reads and content-free reads (no test example involved)
         dev_lg, dev_msgs = dev_reads(reader, relay, sender, dev_ex)
@@ -710,7 +747,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             slot(c, len(bridges))
         if soft:
             slot("prompt_tuning", len(soft))
-        capture_s = np.zeros(n)
+        capture_s = {layer: np.zeros(n) for layer in layers}  # each layer's own stopped capture
         rel_diff = np.zeros(n)
         relay_msgs: list[str] = []
         relay_ntok = np.zeros(n, dtype=int)
@@ -719,15 +756,15 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         t_loop = time.perf_counter()
         for i, ex in enumerate(examples):
             # sender: capture (timed), compared with the cached rows the bridges read
-            src.clear()
-            t0 = time.perf_counter()
-            rows = capture(src, src.tokenize(ex.text), layers, stop_early=True)
-            capture_s[i] = time.perf_counter() - t0
-            src.clear()
             for layer in layers:
+                src.clear()
+                t0 = time.perf_counter()
+                rows = capture(src, src.tokenize(ex.text), [layer], stop_early=True)[layer]
+                capture_s[layer][i] = time.perf_counter() - t0
                 cached = test_feats[layer].rows_of(i)
-                rel_diff[i] = max(rel_diff[i], float(np.linalg.norm(rows[layer] - cached)
+                rel_diff[i] = max(rel_diff[i], float(np.linalg.norm(rows - cached)
                                                      / max(np.linalg.norm(cached), 1e-12)))
+            src.clear()
             # text conditions
             lg["original_text"][0, i], lat["original_text"][0, i] = reader.read_text(ex.text)
             msg, relay_ntok[i], relay_send_s[i] = relay.message(ex.text)
@@ -746,14 +783,14 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
                 if not np.allclose(out_ij, vec["bridged"][j][i], rtol=1e-5, atol=1e-6):
                     raise RuntimeError("bridge.apply gave a different output for the same rows")
                 for c in ("bridged", "shuffled", "random"):
-                    lg[c][j, i], lat[c][j, i] = reader.read_vectors(vec[c][j][i])
+                    lg[c][j, i], lat[c][j, i] = readers[j].read_vectors(vec[c][j][i])
             # constant inputs: answered once, timed on the first n_const examples
             if i < n_const:
                 _constant(lg["none"], lat["none"], 0, i, reader.read_text(""))
                 for j, br in enumerate(bridges):
                     _constant(lg["zero"], lat["zero"], j, i,
-                              reader.read_vectors(np.zeros((br.k, br.d_tgt), np.float32)))
-                    _constant(lg["mean"], lat["mean"], j, i, reader.read_vectors(means[j]))
+                              readers[j].read_vectors(np.zeros((br.k, br.d_tgt), np.float32)))
+                    _constant(lg["mean"], lat["mean"], j, i, readers[j].read_vectors(means[j]))
             _progress("eval", i + 1, n, t_loop)
         for name in ("none", "zero", "mean"):
             lg[name][:, n_const:] = lg[name][:, :1]
@@ -807,7 +844,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             pred["prompt_tuning"] == gold, lat["prompt_tuning"], text_rows["original_text"][2],
             "receiver read of K soft rows + the text", "UTF-8 bytes of the text")
     add("linear_probe", "linear_probe", None, "baseline", probe_pred == gold,
-        capture_s + probe_s, None, "sender capture + probe", "")
+        capture_s[probe_layer] + probe_s, None, "sender capture + probe", "")
     bridge_info = []
     for g, members in groups.items():
         k, d = bridges[members[0]].k, bridges[members[0]].d_tgt
@@ -817,7 +854,8 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         wire_what = (f"f32 K*d*4 = {payload} + {over} bytes of TENSOR message header"
                      if over is not None else f"f32 K*d*4 = {payload} (payload only)")
         m = np.array(members)
-        b_lat = capture_s[None, :] + apply_s[m] + lat["bridged"][m]
+        b_lat = (np.stack([capture_s[bridges[j].source_layer] for j in members])
+                 + apply_s[m] + lat["bridged"][m])
         add(f"bridged ({g})", "bridged", g, "bridge", pred["bridged"][m] == gold, b_lat, wire,
             "sender capture + apply + receiver read", wire_what)
         for c in ("shuffled", "zero", "mean", "random"):
@@ -898,7 +936,8 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
                 "label_logits": {b: np.round(v, 4).tolist() for b, v in dev_lg.items()}},
         "content_free": {"inputs": list(CONTENT_FREE),
                          **{who: np.round(v, 4).tolist() for who, v in cf_lg.items()}},
-        "latency_ms": {"capture": (capture_s * 1e3).round(2).tolist(),
+        "latency_ms": {"capture": {str(layer): (c * 1e3).round(2).tolist()
+                               for layer, c in capture_s.items()},
                        "relay_sender": (relay_send_s * 1e3).round(2).tolist(),
                        "apply": (apply_s * 1e3).round(3).tolist(),
                        **{f"read_{c}": (lat[c] * 1e3).round(2).tolist() for c in lat}},
@@ -913,15 +952,15 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
                        "dev_acc": meta["training"].get("dev_acc"),
                        "best_step": meta["training"].get("best_step")}
                       for p, (_, meta) in zip(soft_prompts, soft, strict=True)],
-        relay={"prompt_name": relay_prompt if relay_prompt in RELAY_PROMPTS else "custom",
+        relay={"prompt_name": relay_prompt if relay_prompt in RELAY_PROMPTS[task] else "custom",
                "prompt": template, "max_tokens": relay_tokens,
                "mean_tokens": float(relay_ntok.mean()), "examples": relay_msgs[:5],
                "stop": "EOG, max tokens, or the end of the first line"},
-        sender={"max_rel_diff": float(rel_diff.max()), "capture_median_ms": _pct(capture_s * 1e3, 50),
-                "layers": layers},
+        sender={"max_rel_diff": float(rel_diff.max()), "layers": layers,
+                "capture_median_ms": {str(layer): _pct(c * 1e3, 50) for layer, c in capture_s.items()}},
         settings={"resamples": resamples, "seed": seed, "n_dev": n_dev, "constant_repeats": n_const,
                   "train_majority": train_majority, "scored_majority": majority,
-                  "text_fallbacks": text_fallbacks, "threads": threads,
+                  "text_fallbacks": text_fallbacks, "threads": threads, "label_head": label_head,
                   "apply_median_ms": _pct(apply_s.ravel() * 1e3, 50)},
         derangement=perm.tolist(), per_example=per_example,
         wall_s=time.perf_counter() - t_start, calibration=calib, paired=paired, arrays=arrays)
@@ -964,7 +1003,7 @@ def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int =
     cfg = cfg or load_config()
     if threads is not None:
         cfg = cfg.replace(runtime_n_threads=threads)
-    prompts = prompts or RELAY_PROMPTS
+    prompts = prompts or RELAY_PROMPTS[task]
     prompt = task_prompt(task)
     dev = load_split(task, "dev", cfg)[:n_dev]
     labels = list(prompt.labels)
@@ -994,5 +1033,5 @@ if __name__ == "__main__":
     ap.add_argument("--task", default="sentiment")
     ap.add_argument("--prompts", nargs="*", help="names from RELAY_PROMPTS (default: all)")
     a = ap.parse_args()
-    chosen = {k: RELAY_PROMPTS[k] for k in a.prompts} if a.prompts else None
+    chosen = {k: RELAY_PROMPTS[a.task][k] for k in a.prompts} if a.prompts else None
     print(json.dumps(sweep_relay(task=a.task, n_dev=a.n_dev, prompts=chosen), indent=1))

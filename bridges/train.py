@@ -36,7 +36,7 @@ from bridges.features import Features, split_features
 from bridges.modules import LipAdapter, LipArch, PerceiverArch, PerceiverBridge, segment_means
 from bridges.tasks import task_prompt
 from bridges.torch_receiver import Receiver
-from edgelink.bridge import export_bridge
+from edgelink.bridge import BridgePrompt, export_bridge
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
@@ -71,9 +71,17 @@ class TrainSpec:
     n_layers: int = 2
     d_ff: int = 512
     bottleneck: int = 256
+    # False: the target answers at the last bridged vector, without the prompt's tail (a
+    # ``direct`` bridge): its read is K positions, not K + the tail's (3 for both tasks)
+    tail: bool = True
 
     def stem(self) -> str:
-        return f"{self.task}-{self.kind}-k{self.k}-l{self.layer}-s{self.seed}"
+        return f"{self.task}-{self.kind}-k{self.k}-l{self.layer}{'' if self.tail else '-direct'}-s{self.seed}"
+
+    def prompt(self) -> BridgePrompt:
+        """The prompt the target reads this bridge with (recorded in its manifest)."""
+        p = task_prompt(self.task)
+        return p if self.tail else dataclasses.replace(p, after="")
 
 
 def _padded(feats: Features, idx: np.ndarray, mean: np.ndarray, std: np.ndarray
@@ -101,18 +109,19 @@ def row_stats(feats: Features) -> tuple[np.ndarray, np.ndarray]:
 class _ReceiverHead:
     """The frozen torch target behind the prompt: bridged vectors -> answer logits."""
 
-    def __init__(self, rx: Receiver, tgt: LlamaRuntime, task: str, labels: list[str]):
-        prompt = task_prompt(task)
+    def __init__(self, rx: Receiver, tgt: LlamaRuntime, prompt: BridgePrompt, labels: list[str]):
         self.rx = rx
         self.cache = rx.prefix_cache(torch.tensor(tgt.tokenize(prompt.primer + prompt.before)))
-        after = torch.tensor(tgt.tokenize(prompt.after, add_special=False))
-        self.after = rx.embed(after)  # [A, n_embd]
+        after = tgt.tokenize(prompt.after, add_special=False) if prompt.after else []
+        self.after = rx.embed(torch.tensor(after)) if after else None  # [A, n_embd]
         self.label_ids = torch.tensor([tgt.tokenize(prompt.labels[lab], add_special=False)[0]
                                        for lab in labels])
 
     def logits(self, v: torch.Tensor) -> torch.Tensor:
         """v [B, K, n_embd] in token-row space -> full-vocabulary logits [B, n_vocab]."""
-        x = torch.cat((v * self.rx.input_scale, self.after.expand(v.shape[0], -1, -1)), dim=1)
+        x = v * self.rx.input_scale
+        if self.after is not None:
+            x = torch.cat((x, self.after.expand(v.shape[0], -1, -1)), dim=1)
         return self.rx(inputs_embeds=x, cache=self.cache, last_only=True)[:, -1]
 
 
@@ -148,7 +157,7 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         log(f"{spec.stem()}: {len(train)} train / {len(dev)} dev texts, features {t_feat:.0f} s")
         model = build_model(spec, d_src, d_tgt, emb.mean_norm)
         if spec.kind == "perceiver":
-            head = _ReceiverHead(Receiver.from_gguf(tgt.path), tgt, spec.task, labels)
+            head = _ReceiverHead(Receiver.from_gguf(tgt.path), tgt, spec.prompt(), labels)
             loop = _PerceiverLoop(model, head, labels)
         else:
             loop = _LipLoop(model, spec.k, _text_rows(tgt, emb, train), _text_rows(tgt, emb, dev))
@@ -226,7 +235,7 @@ def export_checkpoint(ckpt: str | Path, stem: str | Path) -> tuple[Path, Path]:
         target_sig=c["target_sig"], source_layer=spec.layer, k=spec.k, norm_mean=c["mean"],
         norm_std=c["std"], pool={"kind": "none" if spec.kind == "perceiver" else "segments",
                                  "skip": SKIP},
-        training=c["record"], prompt=task_prompt(spec.task), arch=model.manifest_arch())
+        training=c["record"], prompt=spec.prompt(), arch=model.manifest_arch())
 
 
 class _PerceiverLoop:

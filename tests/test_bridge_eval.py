@@ -117,7 +117,12 @@ def private_cfg(tmp_path_factory, cfg, smollm2_path, gemma3_path):
     return private
 
 
-def _export(path, cfg, seed: int):
+def _export(path, cfg, seed: int, layer: int = 15, direct: bool = False):
+    """A ridge bridge with random weights; ``direct``: its prompt has no tail, so the answer is
+    read at its last vector (how ``TrainSpec(tail=False)`` bridges are trained and read)."""
+    import dataclasses
+
+    from bridges.tasks import task_prompt
     from edgelink.bridge import export_bridge
     from edgelink.models.resolve import resolve_model
     from edgelink.models.signature import model_signature
@@ -131,9 +136,11 @@ def _export(path, cfg, seed: int):
     arrays = {"W": rng.standard_normal((576, K * 640)).astype(np.float32) * 1e-3,
               "b": rows.reshape(-1)}
     return export_bridge(path, kind="ridge", arrays=arrays, source_sig=ssig, target_sig=tsig,
-                         source_layer=15, k=K, norm_mean=np.zeros(576), norm_std=np.full(576, 5.0),
-                         pool={"kind": "mean", "skip": 1},
-                         training={"task": "sentiment", "n_train": N_TRAIN, "seed": seed})[0]
+                         source_layer=layer, k=K, norm_mean=np.zeros(576),
+                         norm_std=np.full(576, 5.0), pool={"kind": "mean", "skip": 1},
+                         training={"task": "sentiment", "n_train": N_TRAIN, "seed": seed},
+                         prompt=dataclasses.replace(task_prompt("sentiment"), after="") if direct
+                         else None)[0]
 
 
 def _soft_prompt(path, cfg):
@@ -152,6 +159,7 @@ def _soft_prompt(path, cfg):
 def run(private_cfg, tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     paths = [_export(d / f"br-s{s}", private_cfg, s) for s in (0, 1)]
+    paths.append(_export(d / "br-direct", private_cfg, 2, layer=4, direct=True))
     soft = _soft_prompt(d / "sp", private_cfg)
     seen = {"offsets": []}
     real_fit, real_offset = ev.fit_probe, ev.fit_offset
@@ -179,10 +187,10 @@ def test_every_condition_on_the_same_examples(run):
     report, out, _, cfg = run
     from bridges.data import load_split
 
-    g = f"ridge k{K}"
+    g, gd = f"ridge k{K} l15", f"ridge k{K} l4 direct"
     want = {"majority", "none", "original_text", "text_relay", "sender_alone", "linear_probe",
             f"prompt_tuning (k{K})"} | {
-        f"{c} ({g})" for c in ("bridged", "shuffled", "zero", "mean", "random")} | {
+        f"{c} ({x})" for c in ("bridged", "shuffled", "zero", "mean", "random") for x in (g, gd)} | {
         f"{b} ({h})" for b in ("original_text", "text_relay", "sender_alone")
         for h in ("offset", "contextual")}
     assert {c.name for c in report.conditions} == want
@@ -199,12 +207,12 @@ def test_every_condition_on_the_same_examples(run):
     assert len(report.per_example["relay_messages"]) == N
     assert report.sender["max_rel_diff"] < 1e-2  # fresh capture == cached rows (f16)
     assert report.settings["text_fallbacks"] == 0  # primers (receiver, relay sender) reused
-    assert len(report.checks) == 3 and all(isinstance(c["holds"], bool) for c in report.checks)
+    assert len(report.checks) == 3 * 2 and all(isinstance(c["holds"], bool) for c in report.checks)
 
 
 def test_controls_are_what_they_claim(run):
     report, *_ = run
-    g = f"ridge k{K}"
+    g = f"ridge k{K} l15"
     perm = np.array(report.derangement)
     assert sorted(perm.tolist()) == list(range(N)) and (perm != np.arange(N)).all()
     bridged = report.arrays[f"bridged ({g})"]
@@ -226,13 +234,48 @@ def test_controls_are_what_they_claim(run):
         if c.latency_median_ms is not None:
             assert 0 < c.latency_median_ms <= c.latency_p90_ms
     # the bridge pays for its sender, the relay for its sender and generation
-    lat = {k: np.array(v, dtype=float) for k, v in report.per_example["latency_ms"].items()}
-    bridged_ms = lat["capture"][None] + lat["apply"] + lat["read_bridged"]
+    raw = report.per_example["latency_ms"]
+    lat = {k: np.array(v, dtype=float) for k, v in raw.items() if k != "capture"}
+    cap = {int(k): np.array(v, dtype=float) for k, v in raw["capture"].items()}
+    assert set(cap) == {4, 15} and (cap[4] > 0).all() and (cap[15] > 0).all()
+    # each bridge pays for its own layer's stopped capture, and layer 4 stops much earlier
+    assert np.median(cap[4]) < np.median(cap[15])
+    bridged_ms = cap[15][None] + lat["apply"][:2] + lat["read_bridged"][:2]
     assert report.condition(f"bridged ({g})").latency_median_ms == pytest.approx(
         np.median(bridged_ms), abs=0.05)
+    direct_ms = cap[4] + lat["apply"][2] + lat["read_bridged"][2]
+    assert report.condition(f"bridged (ridge k{K} l4 direct)").latency_median_ms == pytest.approx(
+        np.median(direct_ms), abs=0.05)
     assert report.condition("text_relay").latency_median_ms == pytest.approx(
         np.median(lat["relay_sender"] + lat["read_text_relay"]), abs=0.05)
-    assert (lat["relay_sender"] > 0).all() and (lat["capture"] > 0).all()
+    assert (lat["relay_sender"] > 0).all()
+
+
+def test_direct_bridge_is_read_without_the_tail(run):
+    """The direct bridge's controls are read as it was trained: primer + before + the vectors,
+    answer at the last vector; the other bridges' with the tail. Checked against a read made
+    here with llama.cpp's full head (the evaluation used the label head)."""
+    report, _, _, cfg = run
+    from bridges.tasks import task_prompt
+    from edgelink.kinds.bridged import feed_vectors
+    from edgelink.models.resolve import resolve_model
+    from edgelink.runtime.llama import LlamaRuntime
+
+    assert report.settings["label_head"] is True
+    zero = np.array(report.per_example["label_logits"]["zero"])  # [bridges, N, labels]
+    prompt = task_prompt("sentiment")
+    with LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
+        emb = t.token_embeddings()
+        ids = [t.tokenize(v, add_special=False)[0] for v in prompt.labels.values()]
+        t.prefill(t.tokenize(prompt.primer + prompt.before))
+        n0, v = len(t.tokens), np.zeros((K, 640), np.float32)
+        direct = feed_vectors(t, v, [], None, emb.input_scale)[ids]
+        t.truncate(n0)
+        after = t.tokenize(prompt.after, add_special=False)
+        tail = feed_vectors(t, v, after, emb.rows(after), emb.input_scale)[ids]
+    np.testing.assert_allclose(zero[2, 0], direct, atol=0.15)
+    np.testing.assert_allclose(zero[0, 0], tail, atol=0.15)
+    assert np.abs(direct - tail).max() > 0.5  # the two reads really differ
 
 
 def test_probe_never_sees_test(run):
@@ -296,7 +339,7 @@ def test_majority_and_paired_rows(run):
     top = max(gold.count(lab) for lab in set(gold))
     assert report.condition("majority").acc == pytest.approx(top / N)
     assert report.settings["scored_majority"] in gold
-    g = f"bridged (ridge k{K})"
+    g = f"bridged (ridge k{K} l15)"
     versus = {p["versus"]: p for p in report.paired if p["bridge"] == g}
     assert {"original_text (offset)", "text_relay (contextual)", "sender_alone", "none",
             "majority", "linear_probe"} <= set(versus)
@@ -311,7 +354,7 @@ def test_outputs_written(run):
     data = json.loads((out / "eval.json").read_text())
     assert data["n"] == N and len(data["conditions"]) == len(report.conditions)
     md = (out / "eval.md").read_text()
-    assert "| condition | accuracy [95% CI]" in md and "bridged (ridge k2)" in md
+    assert "| condition | accuracy [95% CI]" in md and "bridged (ridge k2 l15)" in md
     assert "HOLDS" in md or "FAILS" in md
     assert "## Paired differences" in md and "text_relay (offset)" in md
     ET.parse(out / "eval.svg")

@@ -75,3 +75,36 @@ def test_the_other_direction_gemma_to_smollm2(cfg, tmp_path):
     with torch.no_grad():
         want = out["model"].eval()(z, torch.ones(z.shape[:2], dtype=torch.bool))[0].numpy()
     np.testing.assert_allclose(br.apply(rows), want, rtol=1e-4, atol=1e-5)
+
+
+def test_direct_bridge_is_trained_and_read_without_the_tail(cfg, tmp_path, dev_rows):
+    """``tail=False``: the manifest's prompt has no tail, and what training optimised (the torch
+    target's logits at the last bridged vector) is what llama.cpp answers when it reads the
+    bridge the same way (primer + before + the K vectors, nothing after)."""
+    from bridges.tasks import task_prompt
+    from bridges.torch_receiver import Receiver
+    from bridges.train import _ReceiverHead
+    from edgelink.kinds.bridged import feed_vectors
+    from edgelink.models.resolve import resolve_model
+
+    spec = TrainSpec(kind="perceiver", tail=False, **{**SMOKE, "steps": 2, "eval_every": 2})
+    out = train_bridge(spec, tmp_path, cfg, log=lambda m: None)
+    assert out["manifest"].name == "sentiment-perceiver-k4-l15-direct-s0.json"
+    br = load_bridge(out["manifest"])
+    task = task_prompt("sentiment")
+    assert br.prompt.after == "" and (br.prompt.primer, br.prompt.before) == (task.primer, task.before)
+    with LlamaRuntime(resolve_model("gemma3-270m", cfg), cfg) as t:
+        head = _ReceiverHead(Receiver.from_gguf(t.path), t, br.prompt, list(task.labels))
+        assert head.after is None
+        ids = head.label_ids.tolist()
+        emb = t.token_embeddings()
+        t.prefill(t.tokenize(task.primer + task.before))
+        n0 = len(t.tokens)
+        for rows in dev_rows[:3]:
+            v = br.apply(rows)
+            t.truncate(n0)
+            got = feed_vectors(t, v, [], None, emb.input_scale)[ids]
+            assert len(t.tokens) == n0 + 4  # K positions read, no tail
+            with torch.no_grad():
+                want = head.logits(torch.from_numpy(v)[None])[0, ids].numpy()
+            np.testing.assert_allclose(got, want, atol=0.5)  # llama.cpp vs torch (see the parity test)

@@ -54,19 +54,23 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
 @click.option("--threads", type=int, default=1, show_default=True,
               help="llama.cpp threads for every model and numpy's BLAS threads "
                    "(0: leave both as configured).")
+@click.option("--label-head/--full-head", default=True, show_default=True,
+              help="Compute only the labels' logits in every read (the classification a "
+                   "receiver answers) or the whole vocabulary's, as a generating reader does.")
 @pair_options
 @json_option
 @click.pass_obj
 def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str,
                 relay_tokens: int, n_dev: int, soft_prompts: tuple[str, ...], threads: int,
-                source: str, target: str, as_json: bool) -> None:
+                label_head: bool, source: str, target: str, as_json: bool) -> None:
     """Score bridges on the test split against text relay, calibrated text baselines, the
     sender alone, controls and a linear probe."""
     from bridges.evaluate import evaluate
 
     report = evaluate(list(bridges), obj.cfg(), task=task, n=n, out=out,
                       relay_tokens=relay_tokens, n_dev=n_dev, threads=threads or None,
-                      source=source, target=target, soft_prompts=list(soft_prompts))
+                      source=source, target=target, soft_prompts=list(soft_prompts),
+                      label_head=label_head)
     human = (f"{report.table_md()}\n\n{report.checks_text()}\n\n{report.paired_md()}\n\n"
              f"wrote {out}/eval.json, eval.md, eval.svg ({report.wall_s:.0f} s)")
     _emit(as_json, report.to_dict() if as_json else None, human)
@@ -86,19 +90,25 @@ def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str
 @click.option("--steps", type=int, default=300, show_default=True, help="Optimizer steps.")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--direct", is_flag=True,
+              help="Read the answer at the last bridged vector, without the prompt's tail "
+                   "(a shorter receiver read; perceiver only).")
 @click.option("--out", type=click.Path(file_okay=False), default="bridges-out", show_default=True)
 @pair_options
 @json_option
 @click.pass_obj
 def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int, n_train: int,
-                 n_dev: int, steps: int, batch: int, lr: float, out: str, source: str, target: str,
-                 as_json: bool) -> None:
+                 n_dev: int, steps: int, batch: int, lr: float, direct: bool, out: str, source: str,
+                 target: str, as_json: bool) -> None:
     """Train bridges from SmolLM2-135M's hidden states into Gemma-3-270M (needs '.[train]')."""
     try:
         from bridges.train import TrainSpec, train_bridge
     except ImportError as exc:
         raise click.ClickException(f"training needs torch: pip install -e '.[train]' ({exc})") from exc
     cfg = obj.cfg()
+    if direct and kind != "perceiver":
+        raise click.UsageError("--direct trains perceiver bridges only (it needs the receiver in "
+                               "the loss)")
     results = []
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
         if kind == "ridge":
@@ -109,7 +119,8 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
         else:
             r = train_bridge(TrainSpec(kind=kind, task=task, k=k, layer=layer, seed=seed,
                                        n_train=n_train, n_dev=n_dev, steps=steps, batch=batch,
-                                       lr=lr, source=source, target=target), out, cfg)
+                                       lr=lr, source=source, target=target, tail=not direct),
+                               out, cfg)
             r.pop("model", None)
         results.append({key: (str(v) if hasattr(v, "__fspath__") else v) for key, v in r.items()})
     human = "\n".join(f"{r['manifest']}: dev " + ", ".join(

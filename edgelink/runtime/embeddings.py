@@ -23,17 +23,19 @@ _SQRT_SCALED = {"gemma", "gemma2", "gemma3", "gemma3n"}
 class TokenEmbeddings:
     """Reads rows of ``token_embd.weight`` on demand through a memory map."""
 
-    def __init__(self, path: str | Path, architecture: str, n_embd: int):
+    def __init__(self, path: str | Path, architecture: str, n_embd: int,
+                 tensor: str = "token_embd.weight"):
+        """``tensor``: another [n_vocab, n_embd] matrix to read rows of (``output.weight``)."""
         header = read_gguf_header(path)
         try:
-            info = header.tensor("token_embd.weight")
+            info = header.tensor(tensor)
         except KeyError:
-            raise ModelError(f"{path}: no token_embd.weight tensor") from None
+            raise ModelError(f"{path}: no {tensor} tensor") from None
         self.qtype = GGMLQuantizationType(info.ggml_type)
         block, type_size = GGML_QUANT_SIZES[self.qtype]
         self.n_embd, self.n_vocab = info.shape[0], info.shape[1]
         if self.n_embd != n_embd:
-            raise ModelError(f"token_embd width {self.n_embd} != n_embd {n_embd}")
+            raise ModelError(f"{tensor} width {self.n_embd} != n_embd {n_embd}")
         self.row_bytes = self.n_embd // block * type_size
         self._raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset,
                               shape=(self.n_vocab, self.row_bytes))

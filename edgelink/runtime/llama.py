@@ -323,14 +323,18 @@ class LlamaRuntime:
             for i in range(self.n_batch):
                 batch.seq_id[i][0] = self.seq
             nseq[:] = 1
-            for start in range(0, n, self.n_batch):
-                chunk = vectors[start:start + self.n_batch]
+            observer = self.batch_observer  # the eval hook maps rows to positions per ubatch
+            step = self.n_batch if observer is None else self.n_ubatch
+            for start in range(0, n, step):
+                chunk = vectors[start:start + step]
                 m = len(chunk)
                 np.multiply(chunk, scale, out=embd[:m], casting="unsafe")
                 pos[:m] = np.arange(len(self.tokens), len(self.tokens) + m)
                 want[:m] = 0
                 want[m - 1] = 1
                 batch.n_tokens = m
+                if observer is not None:
+                    observer(pos[:m], want[:m])
                 rc = llama_cpp.llama_decode(self.ctx, batch)
                 if rc != 0:
                     llama_cpp.llama_memory_seq_rm(self.memory, self.seq, base0, -1)
