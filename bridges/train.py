@@ -36,7 +36,7 @@ from bridges.features import Features, split_features
 from bridges.modules import LipAdapter, LipArch, PerceiverArch, PerceiverBridge, segment_means
 from bridges.tasks import task_prompt
 from bridges.torch_receiver import Receiver
-from edgelink.bridge import BridgePrompt, export_bridge
+from edgelink.bridge import BridgePrompt, export_bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
@@ -74,6 +74,12 @@ class TrainSpec:
     # False: the target answers at the last bridged vector, without the prompt's tail (a
     # ``direct`` bridge): its read is K positions, not K + the tail's (3 for both tasks)
     tail: bool = True
+    # distillation: a trained bridge (manifest path) of the same task whose answer distribution
+    # over the labels (the torch target reading it) the student also matches, with weight
+    # ``distill`` (KL at temperature ``temperature``; 1 - distill on the gold label)
+    teacher: str = ""
+    distill: float = 0.5
+    temperature: float = 2.0
 
     def stem(self) -> str:
         return f"{self.task}-{self.kind}-k{self.k}-l{self.layer}{'' if self.tail else '-direct'}-s{self.seed}"
@@ -157,8 +163,12 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         log(f"{spec.stem()}: {len(train)} train / {len(dev)} dev texts, features {t_feat:.0f} s")
         model = build_model(spec, d_src, d_tgt, emb.mean_norm)
         if spec.kind == "perceiver":
-            head = _ReceiverHead(Receiver.from_gguf(tgt.path), tgt, spec.prompt(), labels)
+            rx = Receiver.from_gguf(tgt.path)
+            head = _ReceiverHead(rx, tgt, spec.prompt(), labels)
             loop = _PerceiverLoop(model, head, labels)
+            if spec.teacher:
+                loop.teach(teacher_label_logits(spec, cfg, src, tgt, rx, train, labels, log),
+                           spec.distill, spec.temperature)
         else:
             loop = _LipLoop(model, spec.k, _text_rows(tgt, emb, train), _text_rows(tgt, emb, dev))
     finally:
@@ -238,16 +248,54 @@ def export_checkpoint(ckpt: str | Path, stem: str | Path) -> tuple[Path, Path]:
         training=c["record"], prompt=spec.prompt(), arch=model.manifest_arch())
 
 
+def teacher_label_logits(spec: TrainSpec, cfg: Config, src: LlamaRuntime, tgt: LlamaRuntime,
+                         rx: Receiver, train: list[Example], labels: list[str],
+                         log: Callable[[str], None], batch: int = 32) -> torch.Tensor:
+    """The teacher bridge's label logits [N, n_labels] on the training examples: the torch
+    target reading the teacher's vectors with the teacher's own prompt."""
+    teacher = load_bridge(spec.teacher)
+    t_task = (teacher.meta.get("training") or {}).get("task")
+    if t_task != spec.task or teacher.prompt is None:
+        raise ValueError(f"teacher {spec.teacher} was trained for task {t_task!r}, not {spec.task!r}")
+    teacher.check_pair(model_signature(src, cfg), model_signature(tgt, cfg))
+    _, feats = split_features(src, cfg, spec.task, "train", teacher.source_layer, len(train),
+                              model_signature(src, cfg).weights_digest)
+    head = _ReceiverHead(rx, tgt, teacher.prompt, labels)
+    t0, out = time.perf_counter(), []
+    for s in range(0, len(train), batch):
+        v = np.stack([teacher.apply(feats.rows_of(i)) for i in range(s, min(s + batch, len(train)))])
+        with torch.no_grad():
+            out.append(head.logits(torch.from_numpy(v))[:, head.label_ids])
+    logits = torch.cat(out)
+    acc = float((logits.argmax(dim=1) == torch.tensor([labels.index(e.label) for e in train])).float().mean())
+    log(f"teacher {Path(spec.teacher).name}: train accuracy {acc:.3f} ({time.perf_counter() - t0:.0f} s)")
+    return logits
+
+
 class _PerceiverLoop:
     def __init__(self, model: PerceiverBridge, head: _ReceiverHead, labels: list[str]):
         self.model, self.head, self.labels = model, head, labels
+        self.teacher: torch.Tensor | None = None
+        self.distill, self.temperature = 0.0, 1.0
+
+    def teach(self, teacher_logits: torch.Tensor, weight: float, temperature: float) -> None:
+        if not 0.0 <= weight <= 1.0 or temperature <= 0:
+            raise ValueError("distill must lie in [0, 1] and temperature be positive")
+        self.teacher, self.distill, self.temperature = teacher_logits, weight, temperature
 
     def _gold(self, idx, examples: list[Example]) -> torch.Tensor:
         return torch.tensor([self.labels.index(examples[int(i)].label) for i in idx])
 
     def loss(self, x, valid, idx, examples) -> torch.Tensor:
         logits = self.head.logits(self.model(x, valid))
-        return F.cross_entropy(logits, self.head.label_ids[self._gold(idx, examples)])
+        ce = F.cross_entropy(logits, self.head.label_ids[self._gold(idx, examples)])
+        if self.teacher is None:
+            return ce
+        t = self.temperature
+        student = F.log_softmax(logits[:, self.head.label_ids] / t, dim=1)
+        teacher = F.softmax(self.teacher[torch.as_tensor(idx)] / t, dim=1)
+        kl = F.kl_div(student, teacher, reduction="batchmean") * t * t
+        return (1 - self.distill) * ce + self.distill * kl
 
     def dev_score(self, feats: Features, examples, mean, std, batch: int = 32) -> dict[str, float]:
         correct, losses = 0, []

@@ -108,3 +108,35 @@ def test_direct_bridge_is_trained_and_read_without_the_tail(cfg, tmp_path, dev_r
             with torch.no_grad():
                 want = head.logits(torch.from_numpy(v)[None])[0, ids].numpy()
             np.testing.assert_allclose(got, want, atol=0.5)  # llama.cpp vs torch (see the parity test)
+
+
+def test_distillation_matches_the_teachers_answers(cfg, tmp_path):
+    """A student trained on a teacher's answers: the teacher (a direct bridge) is read its own
+    way, its logits cover every training example, and a teacher of another task is refused."""
+    import dataclasses
+
+    from bridges.torch_receiver import Receiver
+    from bridges.train import teacher_label_logits
+    from edgelink.models.resolve import resolve_model
+
+    t_spec = TrainSpec(kind="perceiver", tail=False, **{**SMOKE, "steps": 2, "eval_every": 2})
+    teacher = train_bridge(t_spec, tmp_path / "t", cfg, log=lambda m: None)["manifest"]
+    spec = TrainSpec(kind="perceiver", teacher=str(teacher), distill=1.0,
+                     **{**SMOKE, "steps": 8, "eval_every": 8, "lr": 3e-3})
+    logs: list[str] = []
+    out = train_bridge(spec, tmp_path / "s", cfg, log=logs.append)
+    assert any(m.startswith(f"teacher {teacher.name}: train accuracy") for m in logs)
+    assert out["teacher"] == str(teacher)
+    with LlamaRuntime(resolve_model("smollm2-135m", cfg), cfg, eval_hook=True) as src, \
+            LlamaRuntime(resolve_model("gemma3-270m", cfg), cfg) as tgt:
+        from bridges.data import load_split
+
+        train = load_split("sentiment", "train", cfg)[:SMOKE["n_train"]]
+        rx = Receiver.from_gguf(tgt.path)
+        t_logits = teacher_label_logits(spec, cfg, src, tgt, rx, train, ["negative", "positive"],
+                                        lambda m: None)
+        assert t_logits.shape == (SMOKE["n_train"], 2) and torch.isfinite(t_logits).all()
+        wrong = dataclasses.replace(spec, task="topic")
+        with pytest.raises(ValueError, match="task"):
+            teacher_label_logits(wrong, cfg, src, tgt, rx, train, ["negative", "positive"],
+                                 lambda m: None)

@@ -93,22 +93,29 @@ def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str
 @click.option("--direct", is_flag=True,
               help="Read the answer at the last bridged vector, without the prompt's tail "
                    "(a shorter receiver read; perceiver only).")
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Distil from this trained bridge of the same task: also match its answer "
+                   "distribution (perceiver only).")
+@click.option("--distill", type=float, default=0.5, show_default=True,
+              help="Weight of the teacher's term (the gold label's is 1 minus this).")
 @click.option("--out", type=click.Path(file_okay=False), default="bridges-out", show_default=True)
 @pair_options
 @json_option
 @click.pass_obj
 def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int, n_train: int,
-                 n_dev: int, steps: int, batch: int, lr: float, direct: bool, out: str, source: str,
-                 target: str, as_json: bool) -> None:
+                 n_dev: int, steps: int, batch: int, lr: float, direct: bool, teacher: str | None,
+                 distill: float, out: str, source: str, target: str, as_json: bool) -> None:
     """Train bridges from SmolLM2-135M's hidden states into Gemma-3-270M (needs '.[train]')."""
     try:
         from bridges.train import TrainSpec, train_bridge
     except ImportError as exc:
         raise click.ClickException(f"training needs torch: pip install -e '.[train]' ({exc})") from exc
     cfg = obj.cfg()
-    if direct and kind != "perceiver":
-        raise click.UsageError("--direct trains perceiver bridges only (it needs the receiver in "
-                               "the loss)")
+    if (direct or teacher) and kind != "perceiver":
+        raise click.UsageError("--direct and --teacher train perceiver bridges only (they need "
+                               "the receiver in the loss)")
+    if not 0.0 <= distill <= 1.0:
+        raise click.BadParameter("must lie in [0, 1]", param_hint="--distill")
     results = []
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
         if kind == "ridge":
@@ -119,7 +126,8 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
         else:
             r = train_bridge(TrainSpec(kind=kind, task=task, k=k, layer=layer, seed=seed,
                                        n_train=n_train, n_dev=n_dev, steps=steps, batch=batch,
-                                       lr=lr, source=source, target=target, tail=not direct),
+                                       lr=lr, source=source, target=target, tail=not direct,
+                                       teacher=teacher or "", distill=distill),
                                out, cfg)
             r.pop("model", None)
         results.append({key: (str(v) if hasattr(v, "__fspath__") else v) for key, v in r.items()})
