@@ -52,10 +52,13 @@ condition with several seeds is averaged over seeds inside each resample); diffe
 paired (the same resampled examples for both conditions); ``paired`` holds every bridge group
 minus every reference and baseline row.
 
-Relay prompt: chosen by the receiver's accuracy on the first 100 DEV examples (never test), with
-``python -m bridges.evaluate --sweep-relay`` (24 tokens): ``chat_word`` 0.79, ``chat_pn`` 0.75,
-``chat_sum`` 0.68, ``opinion`` 0.63 (see ``RELAY_PROMPTS``). The task-aware prompts make the
-relay as strong as we could make it: the sender classifies and says so in words.
+Relay prompt: chosen per task by the receiver's accuracy on the first 100 DEV examples (never
+test), with ``python -m bridges.evaluate --sweep-relay --task T`` (24 tokens; see
+``RELAY_PROMPTS``). sentiment: ``primed`` 0.91, ``chat_word`` 0.79, ``chat_pn`` 0.75,
+``chat_sum`` 0.68, ``opinion`` 0.63. topic: ``chat_topic`` 0.70, ``chat_word`` 0.69,
+``chat_sum`` 0.67, ``primed`` 0.62, ``about`` 0.47. The task-aware prompts make the relay as
+strong as we could make it: the sender classifies and says so in words (``primed``: it answers
+the receiver's own two-shot prompt, and its answer is the message).
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ RELAY_PROMPTS: dict[str, dict[str, str]] = {
     },
 }
 # chosen on DEV by sweep_relay (see the module docstring)
-RELAY_PROMPT: dict[str, str] = {"sentiment": "chat_word", "topic": "chat_word"}
+RELAY_PROMPT: dict[str, str] = {"sentiment": "primed", "topic": "chat_topic"}
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_N_TRAIN = 2000
 

@@ -1,5 +1,6 @@
-"""The bridge shipped under models/: it fits the registry's models, and llama.cpp's Gemma-3
-reading its vectors answers dev examples far better than when it reads another example's."""
+"""The bridges shipped under models/: each fits the registry's models, and llama.cpp's Gemma-3
+reading its vectors (with the bridge's own prompt) answers dev examples of its task far better
+than when it reads another example's."""
 
 from __future__ import annotations
 
@@ -11,23 +12,33 @@ import pytest
 from bridges.data import load_split
 from bridges.evaluate import Reader, derangement
 from bridges.features import extract
+from bridges.tasks import task_prompt
 from edgelink.bridge import load_bridge
 from edgelink.errors import ModelError
 from edgelink.models.signature import model_signature
 from edgelink.runtime.llama import LlamaRuntime
 
-DEFAULT = Path(__file__).resolve().parents[1] / "models" / "sentiment-perceiver-k8-l15.json"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DEFAULT = MODELS / "sentiment-perceiver-k8-l15.json"
+SHIPPED = sorted(MODELS.glob("*.json"))
 N = 24
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    return load_bridge(DEFAULT)
+def test_the_default_bridge_is_shipped():
+    assert DEFAULT in SHIPPED
+
+
+@pytest.fixture(scope="module", params=SHIPPED, ids=lambda p: p.stem)
+def shipped(request):
+    return load_bridge(request.param)
 
 
 def test_shipped_bridge_is_intact_and_fits_the_registry_models(shipped, cfg, model_paths):
-    assert shipped.kind == "perceiver" and shipped.k == 8 and shipped.source_layer == 15
-    assert shipped.prompt is not None and sorted(shipped.prompt.labels) == ["negative", "positive"]
+    training = shipped.meta["training"]
+    task = task_prompt(training["task"])
+    assert shipped.kind == "perceiver" and shipped.prompt is not None
+    assert (shipped.prompt.primer, shipped.prompt.before, shipped.prompt.labels) == (
+        task.primer, task.before, task.labels)
     sigs = {}
     for name in ("smollm2-135m", "gemma3-270m"):
         with LlamaRuntime(model_paths[name], cfg) as rt:
@@ -35,12 +46,11 @@ def test_shipped_bridge_is_intact_and_fits_the_registry_models(shipped, cfg, mod
     shipped.check_pair(sigs["smollm2-135m"], sigs["gemma3-270m"])
     with pytest.raises(ModelError, match="source"):
         shipped.check_pair(sigs["gemma3-270m"], sigs["gemma3-270m"])
-    training = shipped.meta["training"]
     assert training["split"] == "train" and training["dev_acc"] > 0.8
 
 
 def test_gemma_reads_the_shipped_bridge(shipped, cfg, model_paths):
-    examples = load_split("sentiment", "dev", cfg)[:N]
+    examples = load_split(shipped.meta["training"]["task"], "dev", cfg)[:N]
     with LlamaRuntime(model_paths["smollm2-135m"], cfg, eval_hook=True) as src:
         feats = extract(src, [ex.text for ex in examples], shipped.source_layer)
     vectors = [shipped.apply(feats.rows_of(i)) for i in range(N)]

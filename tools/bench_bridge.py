@@ -6,9 +6,12 @@
   on 32 source rows. The issue's budget is 5 ms per message for K <= 32.
 * ``capture``: the sender's capture of the source layer for one review, running the whole model
   (what a text handoff's prefill costs) and stopping after the source layer (what a bridged
-  handoff does), and their ratio.
+  handoff does), and their ratio; then the stopped capture after each of ``--layers``.
+* ``read``: Gemma-3's read of K bridged vectors behind its cached sentiment primer, with the
+  prompt's tail (" \nSentiment:") or ``direct`` (answer at the last vector), computing the whole
+  vocabulary's logits (llama.cpp's head) or only the two labels' (``LabelHead``).
 
-    python tools/bench_bridge.py [--repeats 50]
+    python tools/bench_bridge.py [--repeats 50] [--layers 0,2,4,8,15]
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from bridges.tasks import task_prompt
 from edgelink.bench.timing import median_seconds
 from edgelink.bridge import export_bridge, load_bridge
 from edgelink.bridge.forward import expected_shapes
 from edgelink.config import load_config
+from edgelink.kinds.bridged import feed_vectors
 from edgelink.models.resolve import resolve_model
 from edgelink.runtime.evalhook import capture
+from edgelink.runtime.label_head import LabelHead
 from edgelink.runtime.llama import LlamaRuntime
 
 ARCH = {"perceiver": {"d_model": 256, "n_heads": 4, "n_layers": 2, "d_ff": 512, "target_norm": 1.0},
@@ -71,9 +77,49 @@ def bench_capture(repeats: int, layer: int = 15) -> tuple[int, float, float]:
         return len(toks), _median_ms(lambda: run(False), repeats), _median_ms(lambda: run(True), repeats)
 
 
+def bench_capture_layers(repeats: int, layers: list[int]) -> list[tuple[int, float]]:
+    cfg = load_config()
+    with LlamaRuntime(resolve_model("smollm2-135m", cfg), cfg, eval_hook=True) as rt:
+        toks = rt.tokenize(REVIEW)
+
+        def run(layer: int) -> None:
+            rt.clear()
+            capture(rt, toks, [layer], stop_early=True)
+            rt.clear()
+        return [(layer, _median_ms(lambda layer=layer: run(layer), repeats)) for layer in layers]
+
+
+def bench_read(repeats: int, ks: tuple[int, ...] = (1, 2, 8)) -> list[tuple[int, str, float, float]]:
+    """(K, tail|direct, full head ms, label head ms) for Gemma-3 reading random vectors."""
+    cfg = load_config()
+    prompt = task_prompt("sentiment")
+    out = []
+    with LlamaRuntime(resolve_model("gemma3-270m", cfg), cfg, eval_hook=True) as rt:
+        emb = rt.token_embeddings()
+        head = LabelHead(rt, [rt.tokenize(v, add_special=False)[0] for v in prompt.labels.values()])
+        rt.prefill(rt.tokenize(prompt.primer + prompt.before))
+        n0 = len(rt.tokens)
+        rng = np.random.default_rng(0)
+        for k in ks:
+            v = rng.standard_normal((k, rt.n_embd)).astype(np.float32) * 0.05
+            for how, tail in (("tail", rt.tokenize(prompt.after, add_special=False)), ("direct", [])):
+                rows = emb.rows(tail) if tail else None
+
+                def full(v=v, tail=tail, rows=rows) -> None:
+                    rt.truncate(n0)
+                    feed_vectors(rt, v, tail, rows, emb.input_scale)
+
+                def labels(v=v, tail=tail, rows=rows) -> None:
+                    rt.truncate(n0)
+                    head.read(len(v) + len(tail), lambda: feed_vectors(rt, v, tail, rows, emb.input_scale))
+                out.append((k, how, _median_ms(full, repeats), _median_ms(labels, repeats)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--layers", default="0,2,4,8,15", help="stopped captures to time")
     args = ap.parse_args()
     print("| kind | K | apply ms (median) |\n|---|---|---|")
     for kind, k, ms in bench_apply(args.repeats):
@@ -82,6 +128,11 @@ def main() -> None:
     print(f"\n| sender capture, {n} tokens | ms (median) |\n|---|---|")
     print(f"| whole model (30 layers) | {full:.1f} |\n| stop after layer 15 | {stop:.1f} |")
     print(f"| ratio | {full / stop:.2f}x |")
+    for layer, ms in bench_capture_layers(min(args.repeats, 20), [int(x) for x in args.layers.split(",")]):
+        print(f"| stop after layer {layer} | {ms:.1f} |")
+    print("\n| Gemma-3 read, K vectors | prompt | full head ms | label head ms |\n|---|---|---|---|")
+    for k, how, full_ms, label_ms in bench_read(min(args.repeats, 30)):
+        print(f"| {k} | {how} | {full_ms:.1f} | {label_ms:.1f} |")
 
 
 if __name__ == "__main__":
