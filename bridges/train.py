@@ -252,12 +252,16 @@ def teacher_label_logits(spec: TrainSpec, cfg: Config, src: LlamaRuntime, tgt: L
                          rx: Receiver, train: list[Example], labels: list[str],
                          log: Callable[[str], None], batch: int = 32) -> torch.Tensor:
     """The teacher bridge's label logits [N, n_labels] on the training examples: the torch
-    target reading the teacher's vectors with the teacher's own prompt."""
+    target reading the teacher's vectors with the teacher's own prompt. Kept for the process,
+    so the seeds of one ``bridge train`` run compute them once."""
     teacher = load_bridge(spec.teacher)
     t_task = (teacher.meta.get("training") or {}).get("task")
     if t_task != spec.task or teacher.prompt is None:
         raise ValueError(f"teacher {spec.teacher} was trained for task {t_task!r}, not {spec.task!r}")
     teacher.check_pair(model_signature(src, cfg), model_signature(tgt, cfg))
+    key = (teacher.digest, spec.task, tuple(e.text for e in train), tuple(labels))
+    if key in _TEACHER_LOGITS:
+        return _TEACHER_LOGITS[key]
     _, feats = split_features(src, cfg, spec.task, "train", teacher.source_layer, len(train),
                               model_signature(src, cfg).weights_digest)
     head = _ReceiverHead(rx, tgt, teacher.prompt, labels)
@@ -269,7 +273,11 @@ def teacher_label_logits(spec: TrainSpec, cfg: Config, src: LlamaRuntime, tgt: L
     logits = torch.cat(out)
     acc = float((logits.argmax(dim=1) == torch.tensor([labels.index(e.label) for e in train])).float().mean())
     log(f"teacher {Path(spec.teacher).name}: train accuracy {acc:.3f} ({time.perf_counter() - t0:.0f} s)")
+    _TEACHER_LOGITS[key] = logits
     return logits
+
+
+_TEACHER_LOGITS: dict[tuple, torch.Tensor] = {}
 
 
 class _PerceiverLoop:

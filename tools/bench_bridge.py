@@ -65,28 +65,27 @@ def bench_apply(repeats: int) -> list[tuple[str, int, float]]:
     return out
 
 
-def bench_capture(repeats: int, layer: int = 15) -> tuple[int, float, float]:
+def _capture_ms(repeats: int, stops: list[int | None], layer: int = 15) -> tuple[int, list[float]]:
+    """(tokens, median ms per entry of ``stops``): None runs the whole model capturing
+    ``layer``, an int stops the graph right after that layer."""
     cfg = load_config()
     with LlamaRuntime(resolve_model("smollm2-135m", cfg), cfg, eval_hook=True) as rt:
         toks = rt.tokenize(REVIEW)
 
-        def run(stop: bool) -> None:
+        def run(stop: int | None) -> None:
             rt.clear()
-            capture(rt, toks, [layer], stop_early=stop)
+            capture(rt, toks, [layer if stop is None else stop], stop_early=stop is not None)
             rt.clear()
-        return len(toks), _median_ms(lambda: run(False), repeats), _median_ms(lambda: run(True), repeats)
+        return len(toks), [_median_ms(lambda s=s: run(s), repeats) for s in stops]
+
+
+def bench_capture(repeats: int, layer: int = 15) -> tuple[int, float, float]:
+    n, (full, stop) = _capture_ms(repeats, [None, layer], layer)
+    return n, full, stop
 
 
 def bench_capture_layers(repeats: int, layers: list[int]) -> list[tuple[int, float]]:
-    cfg = load_config()
-    with LlamaRuntime(resolve_model("smollm2-135m", cfg), cfg, eval_hook=True) as rt:
-        toks = rt.tokenize(REVIEW)
-
-        def run(layer: int) -> None:
-            rt.clear()
-            capture(rt, toks, [layer], stop_early=True)
-            rt.clear()
-        return [(layer, _median_ms(lambda layer=layer: run(layer), repeats)) for layer in layers]
+    return list(zip(layers, _capture_ms(repeats, list(layers))[1], strict=True))
 
 
 def bench_read(repeats: int, ks: tuple[int, ...] = (1, 2, 8)) -> list[tuple[int, str, float, float]]:
