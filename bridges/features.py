@@ -23,6 +23,14 @@ from bridges.data import Example, data_dir, load_split
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
 
+SKIP = 1  # rows a bridge drops from the front of each text's rows: the BOS row
+
+
+def mean_pool(rows: np.ndarray) -> np.ndarray:
+    """One text's rows [T, d] averaged over every position but the first ``SKIP`` (all of them
+    when that is all there is): the pooling of the probe, ridge and the layer curve."""
+    return (rows[SKIP:] if len(rows) > SKIP else rows).mean(axis=0)
+
 
 @dataclasses.dataclass
 class Features:

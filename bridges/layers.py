@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from bridges.data import load_split
-from bridges.evaluate import PROBE_CS, fit_probe, probe_predict
-from bridges.train import SKIP, SOURCE
+from bridges.evaluate import PROBE_CS, SOURCE, fit_probe, probe_predict
+from bridges.features import mean_pool
 from edgelink.bridge.blas import blas_threads
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
@@ -38,8 +38,7 @@ def pooled_layers(rt: LlamaRuntime, texts: list[str], layers: list[int]) -> dict
         rt.clear()
         rows = capture(rt, rt.tokenize(text), layers, stop_early=True)
         for layer in layers:
-            r = rows[layer]
-            out[layer].append((r[SKIP:] if len(r) > SKIP else r).mean(axis=0))
+            out[layer].append(mean_pool(rows[layer]))
         if (i + 1) % 100 == 0 or i + 1 == len(texts):
             sys.stderr.write(f"\rcaptured {i + 1}/{len(texts)} texts")
     sys.stderr.write("\n")

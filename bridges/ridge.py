@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bridges.data import Example, load_split
-from bridges.features import Features, split_features
+from bridges.features import SKIP, Features, mean_pool, split_features
 from bridges.tasks import task_prompt
 from edgelink.bridge import export_bridge
 from edgelink.config import Config, load_config
@@ -44,7 +44,6 @@ TARGET = "gemma3-270m"
 LAYER = 15
 TEMPLATE = "Review sentiment: {label}"
 LAMBDAS = (1.0, 10.0, 100.0, 1_000.0, 10_000.0)
-SKIP = 1  # pooled rows drop the first position
 
 
 def pooled_features(rt: LlamaRuntime, texts: Sequence[str], layer: int) -> np.ndarray:
@@ -53,18 +52,14 @@ def pooled_features(rt: LlamaRuntime, texts: Sequence[str], layer: int) -> np.nd
     for text in texts:
         rt.clear()
         acts = capture(rt, rt.tokenize(text), [layer])[layer]
-        out.append((acts[SKIP:] if len(acts) > SKIP else acts).mean(axis=0))
+        out.append(mean_pool(acts))
     rt.clear()
     return np.asarray(out, dtype=np.float64)
 
 
 def pooled(feats: Features) -> np.ndarray:
     """f64 [N, d]: :func:`pooled_features` from cached rows (``bridges.features``)."""
-    out = []
-    for i in range(len(feats)):
-        rows = feats.rows_of(i)
-        out.append((rows[SKIP:] if len(rows) > SKIP else rows).mean(axis=0))
-    return np.asarray(out, dtype=np.float64)
+    return np.asarray([mean_pool(feats.rows_of(i)) for i in range(len(feats))], dtype=np.float64)
 
 
 def label_targets(rt: LlamaRuntime, emb: TokenEmbeddings, labels: Sequence[str], k: int

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bridges.data import Example
-from bridges.features import Features, split_features
+from bridges.features import SKIP, Features, split_features
 from bridges.modules import LipAdapter, LipArch, PerceiverArch, PerceiverBridge, segment_means
 from bridges.tasks import task_prompt
 from bridges.torch_receiver import Receiver
@@ -45,7 +45,6 @@ from edgelink.runtime.llama import LlamaRuntime
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"
-SKIP = 1  # the BOS row
 
 
 @dataclasses.dataclass

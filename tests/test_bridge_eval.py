@@ -368,3 +368,22 @@ def test_cli_has_eval():
     res = CliRunner().invoke(cli, ["bridge", "eval", "--help"])
     assert res.exit_code == 0 and "--relay-tokens" in res.output and "--bridge" in res.output
     assert "--n-dev" in res.output
+
+
+def test_layer_curve_pools_what_a_capture_gives(cfg, smollm2_path):
+    """bridges.layers: one stopped prefill per text gives every layer's pooled rows, equal to a
+    capture of that layer alone, pooled as the probe pools (BOS row dropped)."""
+    from bridges.features import mean_pool
+    from bridges.layers import pooled_layers
+    from edgelink.runtime.evalhook import capture
+    from edgelink.runtime.llama import LlamaRuntime
+
+    texts = ["A warm and funny film.", "Shares fell after the bank cut its forecast."]
+    with LlamaRuntime(smollm2_path, cfg.replace(runtime_n_threads=1), eval_hook=True) as rt:
+        got = pooled_layers(rt, texts, [0, 4])
+        assert set(got) == {0, 4} and got[0].shape == (2, 576) and not rt.tokens
+        for i, text in enumerate(texts):
+            rt.clear()
+            one = capture(rt, rt.tokenize(text), [4], stop_early=True)[4]
+            np.testing.assert_allclose(got[4][i], mean_pool(one), rtol=1e-5, atol=1e-5)
+        assert np.abs(got[0] - got[4]).max() > 1e-3

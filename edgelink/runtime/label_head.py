@@ -49,8 +49,13 @@ class LabelHead:
             info = header.tensor("output_norm.weight")
         except KeyError:
             raise ModelError(f"{rt.path}: no output_norm.weight") from None
-        raw = np.fromfile(rt.path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        self.norm = dequantize(raw, info.ggml_type).reshape(-1).astype(np.float32)
+        try:
+            if info.nbytes <= 0:
+                raise ValueError(f"tensor type {info.ggml_type} unknown to gguf")
+            raw = np.fromfile(rt.path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+            self.norm = dequantize(raw, info.ggml_type).reshape(-1).astype(np.float32)
+        except (ValueError, NotImplementedError, OSError) as exc:
+            raise ModelError(f"{rt.path}: output_norm.weight unreadable ({exc})") from None
         if self.norm.shape != (rt.n_embd,):
             raise ModelError(f"output_norm.weight of shape {self.norm.shape}, not ({rt.n_embd},)")
         eps = rt.meta(f"{arch}.attention.layer_norm_rms_epsilon")
