@@ -724,9 +724,12 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
         reader = Reader(tgt, emb, prompt, label_head)
         # a bridge trained to be read without the prompt's tail (``TrainSpec.tail``) is read,
         # with its controls, the way it was trained; every other condition reads the task prompt
-        readers = [reader if br.prompt is None or br.prompt.after == prompt.after
-                   else Reader(tgt, emb, dataclasses.replace(prompt, after=br.prompt.after), label_head)
-                   for br in bridges]
+        by_after, readers = {prompt.after: reader}, []
+        for br in bridges:  # one reader per distinct tail
+            after = prompt.after if br.prompt is None else br.prompt.after
+            if after not in by_after:
+                by_after[after] = Reader(tgt, emb, dataclasses.replace(prompt, after=after), label_head)
+            readers.append(by_after[after])
         relay = Relay(relay_rt, template, relay_tokens)
         sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt, label_head)
 

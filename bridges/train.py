@@ -38,6 +38,7 @@ from bridges.tasks import task_prompt
 from bridges.torch_receiver import Receiver
 from edgelink.bridge import BridgePrompt, export_bridge, load_bridge
 from edgelink.config import Config, load_config
+from edgelink.errors import ModelError
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
 from edgelink.runtime.embeddings import TokenEmbeddings
@@ -256,7 +257,8 @@ def teacher_label_logits(spec: TrainSpec, cfg: Config, src: LlamaRuntime, tgt: L
     teacher = load_bridge(spec.teacher)
     t_task = (teacher.meta.get("training") or {}).get("task")
     if t_task != spec.task or teacher.prompt is None:
-        raise ValueError(f"teacher {spec.teacher} was trained for task {t_task!r}, not {spec.task!r}")
+        raise ModelError(f"teacher {spec.teacher} was trained for task {t_task!r}, not "
+                         f"{spec.task!r}: distil from a bridge of the same task")
     teacher.check_pair(model_signature(src, cfg), model_signature(tgt, cfg))
     key = (teacher.digest, spec.task, tuple(e.text for e in train), tuple(labels))
     if key in _TEACHER_LOGITS:

@@ -10,6 +10,7 @@ import torch
 from bridges.features import split_features
 from bridges.train import TrainSpec, train_bridge
 from edgelink.bridge import load_bridge
+from edgelink.errors import ModelError
 from edgelink.models.signature import model_signature
 from edgelink.runtime.llama import LlamaRuntime
 
@@ -137,6 +138,6 @@ def test_distillation_matches_the_teachers_answers(cfg, tmp_path):
                                         lambda m: None)
         assert t_logits.shape == (SMOKE["n_train"], 2) and torch.isfinite(t_logits).all()
         wrong = dataclasses.replace(spec, task="topic")
-        with pytest.raises(ValueError, match="task"):
+        with pytest.raises(ModelError, match="task"):
             teacher_label_logits(wrong, cfg, src, tgt, rx, train, ["negative", "positive"],
                                  lambda m: None)
