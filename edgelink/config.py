@@ -43,6 +43,7 @@ class RuntimeConfig:
     type_v: str
     seq_id: int
     eval_hook: str
+    extra_buffers: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,8 @@ class ProtocolConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ShmConfig:
-    dir: Path
+    dir: str
+    wait: str
     ring_bytes: int
     timeout_s: float
     connect_timeout_s: float

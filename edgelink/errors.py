@@ -13,6 +13,10 @@ class EdgelinkError(Exception):
     code = "error"
 
 
+class EdgelinkWarning(UserWarning):
+    """Something works now but is known to fail or cost more; the text says what to change."""
+
+
 class ConfigError(EdgelinkError):
     code = "config"
 

@@ -7,7 +7,12 @@
  * never holds raw pointers: the buffer export is held for the duration of each call, which also
  * keeps the mapping alive while the GIL is released.
  *
- * Linux only (futex). Built by setup.py as the extension "edgelink._native".
+ * Waiting: Linux uses futexes on the shared page. Everywhere else (macOS, the BSDs), and on
+ * Linux when built with EDGELINK_PORTABLE_WAIT defined (setup.py does so when the environment
+ * sets EDGELINK_NATIVE_PORTABLE=1), a waiter polls the word with a bounded back-off instead:
+ * POSIX has no cross-process wait on an address, and polling can miss no wake-up. poll_u32 is
+ * compiled in every build so a Linux build can run the portable path too (shm.wait = poll).
+ * Built by setup.py as the extension "edgelink._native".
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -15,12 +20,21 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <linux/futex.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#if defined(__linux__) && !defined(EDGELINK_PORTABLE_WAIT)
+#define EDGELINK_HAVE_FUTEX 1
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#define WAIT_BACKEND "futex"
+#else
+#define EDGELINK_HAVE_FUTEX 0
+#define WAIT_BACKEND "poll"
+#endif
 
 /* Below this size a copy is cheaper than dropping and re-taking the GIL. */
 #define COPY_NOGIL_MIN ((Py_ssize_t)65536)
@@ -163,28 +177,93 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static PyObject *
-futex_wait(PyObject *self, PyObject *args)
+/* Parses (buf, off, expected[, timeout_s]) for both waits; timeout < 0 means no limit. */
+static char *
+wait_args(PyObject *args, const char *fmt, Py_buffer *v, uint32_t *expected, double *timeout)
 {
     PyObject *buf, *tobj = Py_None;
     Py_ssize_t off;
-    unsigned long expected;
-    Py_buffer v;
-    if (!PyArg_ParseTuple(args, "Onk|O:futex_wait", &buf, &off, &expected, &tobj))
+    unsigned long exp;
+    if (!PyArg_ParseTuple(args, fmt, &buf, &off, &exp, &tobj))
         return NULL;
-    if (expected > UINT32_MAX) {
+    if (exp > UINT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "expected value does not fit in 32 bits");
         return NULL;
     }
-    double timeout = -1.0; /* < 0: wait without a time limit */
+    *expected = (uint32_t)exp;
+    *timeout = -1.0;
     if (tobj != Py_None) {
-        timeout = PyFloat_AsDouble(tobj);
-        if (timeout == -1.0 && PyErr_Occurred())
+        *timeout = PyFloat_AsDouble(tobj);
+        if (*timeout == -1.0 && PyErr_Occurred())
             return NULL;
-        if (timeout < 0.0)
-            timeout = 0.0;
+        if (*timeout < 0.0)
+            *timeout = 0.0;
     }
-    char *p = span(buf, off, 4, 1, 1, &v);
+    return span(buf, off, 4, 1, 1, v);
+}
+
+/* Longest sleep between two looks at the word, and how long one stretch without the GIL lasts
+   before signals are checked: a wake is seen within POLL_MAX_SLEEP_NS plus a scheduling slice. */
+#define POLL_MAX_SLEEP_NS 200000L
+#define POLL_SLICE_S 0.02
+
+/*
+ * The portable wait: look at the word, yield, then sleep with a doubling back-off capped at
+ * POLL_MAX_SLEEP_NS. Nothing can be missed (the word is re-read after every sleep), only
+ * noticed late; the ring spins before it waits, so a streaming transfer rarely sleeps at all.
+ */
+static PyObject *
+poll_u32(PyObject *self, PyObject *args)
+{
+    Py_buffer v;
+    uint32_t expected;
+    double timeout;
+    char *p = wait_args(args, "Onk|O:poll_u32", &v, &expected, &timeout);
+    if (!p)
+        return NULL;
+    const double start = monotonic_now();
+    long sleep_ns = 1000;
+    int woke = 0;
+    for (;;) {
+        double slice_end = monotonic_now() + POLL_SLICE_S;
+        Py_BEGIN_ALLOW_THREADS
+        for (;;) {
+            if (__atomic_load_n((uint32_t *)p, __ATOMIC_ACQUIRE) != expected) {
+                woke = 1;
+                break;
+            }
+            double now = monotonic_now();
+            if ((timeout >= 0.0 && now - start >= timeout) || now >= slice_end)
+                break;
+            if (sleep_ns < 4000) {
+                sched_yield();
+            } else {
+                struct timespec ts = {0, sleep_ns};
+                nanosleep(&ts, NULL);
+            }
+            sleep_ns = sleep_ns * 2 < POLL_MAX_SLEEP_NS ? sleep_ns * 2 : POLL_MAX_SLEEP_NS;
+        }
+        Py_END_ALLOW_THREADS
+        if (woke || (timeout >= 0.0 && monotonic_now() - start >= timeout))
+            break;
+        /* Run Python signal handlers between slices so Ctrl-C / SIGTERM take effect. */
+        if (PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&v);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(woke);
+}
+
+#if EDGELINK_HAVE_FUTEX
+static PyObject *
+wait_u32(PyObject *self, PyObject *args)
+{
+    Py_buffer v;
+    uint32_t expected;
+    double timeout;
+    char *p = wait_args(args, "Onk|O:wait_u32", &v, &expected, &timeout);
     if (!p)
         return NULL;
 
@@ -207,7 +286,7 @@ futex_wait(PyObject *self, PyObject *args)
         /* Plain FUTEX_WAIT, not the _PRIVATE variant: the word lives in a MAP_SHARED mapping
            and the waker is another process, so the kernel must key it by the shared page. */
         Py_BEGIN_ALLOW_THREADS
-        rc = syscall(SYS_futex, (uint32_t *)p, FUTEX_WAIT, (uint32_t)expected, tsp, NULL, 0);
+        rc = syscall(SYS_futex, (uint32_t *)p, FUTEX_WAIT, expected, tsp, NULL, 0);
         err = errno;
         Py_END_ALLOW_THREADS
         if (rc == 0 || err == EAGAIN) /* woken, or the word already moved on: re-check */
@@ -233,13 +312,13 @@ futex_wait(PyObject *self, PyObject *args)
 }
 
 static PyObject *
-futex_wake(PyObject *self, PyObject *args)
+wake_u32(PyObject *self, PyObject *args)
 {
     PyObject *buf;
     Py_ssize_t off;
     int n;
     Py_buffer v;
-    if (!PyArg_ParseTuple(args, "Oni:futex_wake", &buf, &off, &n))
+    if (!PyArg_ParseTuple(args, "Oni:wake_u32", &buf, &off, &n))
         return NULL;
     char *p = span(buf, off, 4, 1, 1, &v);
     if (!p)
@@ -255,6 +334,29 @@ futex_wake(PyObject *self, PyObject *args)
     }
     return PyLong_FromLong(rc);
 }
+#else
+/* No kernel wait on an address: waiting is polling, and a waker has nothing to do. */
+static PyObject *
+wait_u32(PyObject *self, PyObject *args)
+{
+    return poll_u32(self, args);
+}
+
+static PyObject *
+wake_u32(PyObject *self, PyObject *args)
+{
+    PyObject *buf;
+    Py_ssize_t off;
+    int n;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "Oni:wake_u32", &buf, &off, &n))
+        return NULL;
+    if (!span(buf, off, 4, 1, 1, &v))
+        return NULL;
+    PyBuffer_Release(&v);
+    return PyLong_FromLong(0);
+}
+#endif
 
 static PyObject *
 copy(PyObject *self, PyObject *args)
@@ -304,11 +406,16 @@ static PyMethodDef methods[] = {
      "cas_u64(buf, off, expected, desired) -> bool: seq_cst compare-and-swap."},
     {"fetch_add_u32", fetch_add_u32, METH_VARARGS,
      "fetch_add_u32(buf, off, delta) -> int: seq_cst add, returns the previous value."},
-    {"futex_wait", futex_wait, METH_VARARGS,
-     "futex_wait(buf, off, expected, timeout_s=None) -> bool: sleep while the u32 at off equals\n"
-     "expected. False on timeout, True when woken or the value differs. GIL released."},
-    {"futex_wake", futex_wake, METH_VARARGS,
-     "futex_wake(buf, off, n) -> int: wake up to n waiters (any process); returns how many."},
+    {"wait_u32", wait_u32, METH_VARARGS,
+     "wait_u32(buf, off, expected, timeout_s=None) -> bool: sleep while the u32 at off equals\n"
+     "expected (futex where the build has one, else poll_u32). False on timeout, True when\n"
+     "woken or the value differs. GIL released."},
+    {"poll_u32", poll_u32, METH_VARARGS,
+     "poll_u32(buf, off, expected, timeout_s=None) -> bool: wait_u32 by polling with back-off\n"
+     "(the portable path, in every build)."},
+    {"wake_u32", wake_u32, METH_VARARGS,
+     "wake_u32(buf, off, n) -> int: wake up to n wait_u32 waiters (any process); 0 where\n"
+     "waiting polls."},
     {"copy", copy, METH_VARARGS,
      "copy(dst, dst_off, src, src_off, n): bounds-checked memcpy, GIL released for big copies."},
     {NULL, NULL, 0, NULL},
@@ -316,12 +423,17 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "edgelink._native",
-    "Atomics, futexes and GIL-free copies over shared-memory buffers.", -1, methods,
+    "Atomics, cross-process waits and GIL-free copies over shared-memory buffers.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "WAIT_BACKEND", WAIT_BACKEND) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

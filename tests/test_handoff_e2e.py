@@ -28,6 +28,7 @@ from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import frame_limit
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.transport.shm import segment_dir
 
 
 def _name(tag: str) -> str:
@@ -35,7 +36,7 @@ def _name(tag: str) -> str:
 
 
 def _segments(name: str, cfg) -> list[Path]:
-    return sorted(Path(cfg.shm.dir).glob(f"edgelink-{name}*"))
+    return sorted(segment_dir(cfg).glob(f"edgelink-{name}*"))
 
 
 class Peer:
@@ -119,6 +120,27 @@ def test_by_default_no_session_sees_what_an_earlier_one_left(smollm2_path, cfg):
         finally:
             s.close()
             peer.proc.next_event()
+    finally:
+        peer.stop()
+
+
+@pytest.mark.parametrize("n", [16, 1024])
+def test_handoff_through_the_portable_wait_is_exact(smollm2_path, cfg, n):
+    """shm.wait = poll on both sides (the path macOS and other POSIX systems take): the
+    receiver continues exactly as the sender would, across a context of 1,024 tokens."""
+    poll = cfg.replace(shm_wait="poll")
+    peer = Peer(smollm2_path, poll, f"poll{n}")
+    try:
+        rt = peer.rt
+        rt.prefill(context_tokens(rt, n))
+        s = peer.sender()
+        try:
+            s.send_snapshot(rt)
+            remote = s.request("generate", n_tokens=16)
+        finally:
+            s.close()
+        assert peer.proc.next_event()["applied"] == 1
+        assert remote["tokens"] == rt.generate(16)
     finally:
         peer.stop()
 

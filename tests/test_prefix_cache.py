@@ -270,3 +270,31 @@ def test_a_node_keeps_the_prompts_peers_ask_it_to_prefill(model_paths, cfg, tmp_
         assert m.generate(8, stop_at_eog=False).tokens == cold
         if name == "smollm2-135m":
             assert used.hit_tokens == 5 * 128
+
+
+def test_a_cache_fetch_over_shared_memory_through_the_portable_wait(smollm2_path, cfg, tmp_path):
+    """`serve` on shared memory hands its cached chunks to a client, both sides waiting by
+    polling (shm.wait = poll, the macOS path): the client's prefill then hits and continues
+    exactly as a cold run."""
+    import uuid
+
+    from edgelink.roles.launcher import start_receiver, stop_receiver
+
+    srv_cfg = cfg.replace(cache_dir=str(tmp_path / "srv"), cache_chunk_tokens=128, shm_wait="poll")
+    with edgelink.load(str(smollm2_path), srv_cfg) as m:
+        toks = context_tokens(m.runtime, 3 * 128 + 20)
+        PrefixCache(srv_cfg).prefill(m.runtime, m.signature, toks)
+        want, cold = m.runtime.state_digest(), m.generate(8, stop_at_eog=False).tokens
+    name = f"cpoll-{uuid.uuid4().hex[:8]}"
+    proc = start_receiver(str(smollm2_path), srv_cfg, name)
+    try:
+        cl_cfg = cfg.replace(cache_dir=str(tmp_path / "cl"), cache_chunk_tokens=128, shm_wait="poll")
+        with edgelink.load(str(smollm2_path), cl_cfg) as m:
+            got = m.fetch_cache(toks, f"shm:{name}")
+            assert got.chunks == 3 and not got.errors, got
+            used = m.prefill(toks, cache=True)
+            assert used.hit_tokens == 3 * 128
+            assert m.runtime.state_digest() == want
+            assert m.generate(8, stop_at_eog=False).tokens == cold
+    finally:
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()

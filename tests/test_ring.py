@@ -130,7 +130,7 @@ def _wait_published(ring: Ring, target: int) -> None:
         if ring.write_index >= target:
             return
         assert time.monotonic() < deadline, "writer never filled the ring"
-        nat.futex_wait(ring._buf, seq_at, seq, 0.5)
+        nat.wait_u32(ring._buf, seq_at, seq, 0.5)
 
 
 def _proc_state(pid: int) -> str:
@@ -209,8 +209,12 @@ def test_native_checks_bounds_and_alignment(seg):
     assert nat.cas_u64(mm, 8, 2**64 - 1, 7) and not nat.cas_u64(mm, 8, 0, 9)
     assert nat.load_acquire_u64(mm, 8) == 7
     assert nat.fetch_add_u32(mm, 16, 1) == 0 and nat.load_acquire_u32(mm, 16) == 1
-    assert nat.futex_wait(mm, 16, 0, 1.0) is True  # value differs: returns at once
-    assert nat.futex_wait(mm, 16, 1, 0.01) is False  # nobody wakes: times out
-    assert nat.futex_wake(mm, 16, 1) == 0
+    assert nat.wait_u32(mm, 16, 0, 1.0) is True  # value differs: returns at once
+    assert nat.wait_u32(mm, 16, 1, 0.01) is False  # nobody wakes: times out
+    assert nat.wake_u32(mm, 16, 1) == 0
+    assert nat.poll_u32(mm, 16, 0, 1.0) is True  # the portable wait, in every build
+    t0 = time.monotonic()
+    assert nat.poll_u32(mm, 16, 1, 0.05) is False
+    assert 0.05 <= time.monotonic() - t0 < 1.0
     nat.copy(mm, 100, b"hello", 1, 4)
     assert mm[100:104] == b"ello"

@@ -28,7 +28,7 @@ from edgelink.errors import (
     TransportTimeout,
 )
 from edgelink.transport import ring as ringmod
-from edgelink.transport.shm import ShmListener, connect, segment_path
+from edgelink.transport.shm import ShmListener, connect, segment_dir, segment_path
 
 CTX = multiprocessing.get_context("spawn")
 RING = 1 << 20
@@ -36,24 +36,26 @@ REPO = Path(edgelink.__file__).resolve().parent.parent
 nat = ringmod.native()
 
 
-@pytest.fixture
-def shm_cfg():
+@pytest.fixture(params=["auto", "poll"])
+def shm_cfg(request):
+    """Every test here runs twice: with this build's wait (a futex on Linux) and with the
+    portable polling path that macOS and other POSIX systems take."""
     return load_config().replace(shm_ring_bytes=RING, shm_timeout_s=5, shm_connect_timeout_s=5,
-                                 shm_liveness_interval_s=0.05)
+                                 shm_liveness_interval_s=0.05, shm_wait=request.param)
 
 
 @pytest.fixture
 def name(shm_cfg):
     name = f"t-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     yield name
-    leftovers = list(Path(shm_cfg.shm.dir).glob(f"edgelink-{name}*"))
+    leftovers = list(segment_dir(shm_cfg).glob(f"edgelink-{name}*"))
     for path in leftovers:
         path.unlink()
     assert not leftovers, f"segment files left behind: {leftovers}"
 
 
 def _files(cfg, name) -> list[Path]:
-    return list(Path(cfg.shm.dir).glob(f"edgelink-{name}*"))
+    return list(segment_dir(cfg).glob(f"edgelink-{name}*"))
 
 
 def _payload(n: int, seed: int) -> np.ndarray:
@@ -106,7 +108,7 @@ def _wait_ring_full(ring) -> None:
         if ring.readable() >= ring.capacity:
             return
         assert time.monotonic() < deadline, "the client never filled the ring"
-        nat.futex_wait(ring._buf, seq_at, seq, 0.5)
+        nat.wait_u32(ring._buf, seq_at, seq, 0.5)
 
 
 # --- tests ---------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ conversation can be handed off, snapshotted or replaced by a received state, aft
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgelink.config import Config, load_config
-from edgelink.errors import ModelError
+from edgelink.errors import EdgelinkWarning, ModelError
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES
+from edgelink.runtime.system import amx_unsafe_model
 
 if TYPE_CHECKING:
     from edgelink.api.model import Model
@@ -48,6 +50,15 @@ def from_llama(llm: Any, cfg: Config | None = None) -> Model:
     from edgelink.runtime.llama import LlamaRuntime
 
     cfg = _config_of(llm, cfg if cfg is not None else load_config())
+    if amx_unsafe_model(getattr(llm, "model_params", None)):
+        warnings.warn(EdgelinkWarning(
+            "this Llama keeps its weights in llama.cpp's extra buffer types, and this "
+            "llama-cpp-python build has AMX kernels, which fault with SIGILL on current Xeons "
+            "(llama.cpp PR #26954): the first completion may kill the process. Load the model "
+            "with edgelink.load(path) instead (runtime.extra_buffers = auto keeps it out of "
+            "them), or rebuild llama-cpp-python without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
+            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON\" pip install "
+            "--force-reinstall --no-cache-dir llama-cpp-python (see `edgelink doctor`)."), stacklevel=2)
     rt = LlamaRuntime.adopt(llm._model.model, llm._ctx.ctx, Path(llm.model_path), cfg)
     return Model(rt, cfg, Path(llm.model_path).name, binding=LlamaBinding(llm, rt))
 

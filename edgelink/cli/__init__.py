@@ -369,6 +369,30 @@ def demo(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_jso
         sys.exit(1)
 
 
+@cli.command()
+@json_option
+@click.pass_obj
+def doctor(obj: _Ctx, as_json: bool) -> None:
+    """Check this machine and install: llama.cpp's build against the CPU, AMX, the native
+    helpers, dependencies and extras, cache, identity and shared-memory paths. Exits 1 if
+    anything would fail, and says what to change."""
+    from edgelink.api.doctor import FAIL
+    from edgelink.api.doctor import doctor as run_doctor
+
+    report = run_doctor(obj.cfg())
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    lines = []
+    for c in report.checks:
+        lines.append(f"{marks[c.status]}  {c.area:9} {c.name:20} {c.detail}")
+        if c.fix:
+            lines.append(f"      {'':9} {'':20} -> {c.fix}")
+    lines.append(f"llama.cpp: {report.system_info}")
+    _emit(as_json, {"ok": report.ok, "status": report.worst(), "system_info": report.system_info,
+                    "checks": [dataclasses.asdict(c) for c in report.checks]}, "\n".join(lines))
+    if any(c.status == FAIL for c in report.checks):
+        sys.exit(1)
+
+
 @cli.command("id")
 @json_option
 @click.pass_obj
@@ -587,6 +611,24 @@ def bench_hook(obj: _Ctx, model: str | None, n_tokens: int, repeats: int | None,
     report = run_hook_bench(model or cfg.runtime.default_model, cfg, n_tokens=n_tokens, repeats=repeats,
                             log=None if as_json else lambda s: click.echo(s, err=True))
     _emit(as_json, report, format_hook_table(report))
+
+
+@bench.command("buffers")
+@click.argument("model", required=False)
+@click.option("--prompt-tokens", type=int, default=512, show_default=True, help="Tokens prefilled per run.")
+@click.option("-n", "--tokens", "n_tokens", type=int, default=64, show_default=True, help="Tokens decoded per run.")
+@click.option("--repeats", type=int, default=None, help="Rounds, each variant in a new process [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_buffers(obj: _Ctx, model: str | None, prompt_tokens: int, n_tokens: int, repeats: int | None,
+                  as_json: bool) -> None:
+    """Prefill and decode speed with llama.cpp's extra weight buffers (AMX, repacking) on vs off."""
+    from edgelink.bench.buffers import format_buffers_table, run_buffers_bench
+
+    cfg = obj.cfg()
+    report = run_buffers_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, n_tokens, repeats,
+                               log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_buffers_table(report))
 
 
 @bench.command("transport")

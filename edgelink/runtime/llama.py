@@ -22,6 +22,7 @@ from edgelink.config import Config
 from edgelink.errors import ModelError, StateError
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, canonical_digest, parse_seq_state
+from edgelink.runtime.system import ExtraBuffers, extra_buffers
 
 _FLASH = {"auto": -1, "off": 0, "on": 1}
 # Prefills at least this long update ``prefill_tps`` (shorter ones say little about bulk speed).
@@ -65,7 +66,11 @@ class LlamaRuntime:
             raise ModelError(f"model file not found: {self.path}")
         _init_backend()
         self._owned = True  # this runtime made the model and context, and frees them
+        # Which weight buffers llama.cpp may use on this machine (runtime/system.py: the AMX ones
+        # fault); resolved per load, and reported by `edgelink doctor`.
+        self.extra_buffers = extra_buffers(rc.extra_buffers)
         mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = self.extra_buffers.use
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise ModelError(f"llama.cpp could not load {self.path}")
@@ -108,6 +113,7 @@ class LlamaRuntime:
         self = cls.__new__(cls)
         self.path, self.cfg, self._owned = Path(path), cfg, False
         self.model, self.ctx = model, ctx
+        self.extra_buffers = ExtraBuffers(True, "theirs", "the caller loaded the model")
         self.eval_hook = None
         self.batch_observer = None
         self._model_facts()

@@ -5,11 +5,11 @@ index never invalidates the line the reader updates):
 
     +0    magic u64, version u64, capacity u64                     constant after create
     +64   write index u64   (total bytes ever written; store-release by the writer)
-    +72   data futex u32    (writer bumps after publishing: "data available")
+    +72   data seq u32      (writer bumps after publishing: "data available")
     +80   writer closed u64
     +88   jump index u64    (see "Hot window" below; all ones when none)
     +128  read index u64    (total bytes ever consumed; store-release by the reader)
-    +136  space futex u32   (reader bumps after consuming: "space available")
+    +136  space seq u32     (reader bumps after consuming: "space available")
     +144  reader closed u64
     +256  data, ``capacity`` bytes; byte i of the stream lives at data[i % capacity]
 
@@ -26,7 +26,8 @@ skips to the start of the next lap (the skipped bytes count as used until the re
 at the jump index, skips them too). The ring then behaves like a small, cache-resident one. When
 the reader is absent or far behind, the writer never jumps and the full capacity buffers data.
 
-Blocking is a futex wait on the peer's sequence word, sliced by ``liveness_interval_s``: after
+Blocking is a wait on the peer's sequence word (a futex on Linux, polling with back-off
+elsewhere or with ``shm.wait = poll``: see ``waiter``), sliced by ``liveness_interval_s``: after
 each empty slice the ``peer_alive`` callback is asked whether the peer still exists, which turns
 a crashed peer into PeerGone within one interval instead of a hang.
 """
@@ -68,7 +69,7 @@ _OFF_READER_CLOSED = 144
 # cost fewer wake-ups and Python calls. 512 KiB-1 MiB measured best for 24 MB frames through a
 # 64 MiB ring with a 2-4 MiB hot window (bench_shm, 2-core VM); 256 KiB was clearly slower.
 DEFAULT_CHUNK = 1 << 20
-# Re-checks of the peer's index before sleeping on the futex; the futex wait itself is the
+# Re-checks of the peer's index before sleeping on the sequence word; the wait itself is the
 # normal path (spinning measured slower on a loaded 2-core machine).
 SPINS = 4
 # Hot window of large rings (see the module docstring); rings under 4x this never jump.
@@ -87,6 +88,30 @@ def native():
             f"`python setup.py build_ext --inplace` ({_NATIVE_ERROR})"
         )
     return _native
+
+
+WAIT_MODES = ("auto", "futex", "poll")
+
+
+def waiter(mode: str = "auto") -> Callable[..., bool]:
+    """The native wait for ``shm.wait``: ``futex`` (Linux builds), ``poll`` (the portable path,
+    what macOS and other POSIX systems use, available in every build) or ``auto`` (the best
+    this build has). Wakers always call ``wake_u32``, so a futex waiter and a polling one can
+    share a ring."""
+    nat = native()
+    if mode not in WAIT_MODES:
+        raise TransportError(f"shm.wait must be one of {', '.join(WAIT_MODES)}, not {mode!r}")
+    if mode == "futex" and nat.WAIT_BACKEND != "futex":
+        raise TransportError(
+            "shm.wait = futex, but this build of edgelink._native has no futex wait "
+            f"(it waits by {nat.WAIT_BACKEND}): use shm.wait = auto or poll"
+        )
+    return nat.poll_u32 if mode == "poll" else nat.wait_u32
+
+
+def wait_backend(mode: str = "auto") -> str:
+    """What ``waiter(mode)`` waits with: "futex" or "poll"."""
+    return "poll" if mode == "poll" else native().WAIT_BACKEND
 
 
 # --- peer liveness -------------------------------------------------------------------------
@@ -172,8 +197,10 @@ class Ring:
         chunk_bytes: int = DEFAULT_CHUNK,
         window_bytes: int | None = None,
         name: str = "ring",
+        wait: str = "auto",
     ):
         nat = native()
+        self._wait_u32 = waiter(wait)
         if offset % ALIGN:
             raise TransportError(f"{name}: ring offset {offset} is not {ALIGN}-byte aligned")
         if len(buf) < offset + HEADER_BYTES:
@@ -264,7 +291,7 @@ class Ring:
         nat = _native
         nat.store_release_u64(self._buf, self._off + flag_off, 1)
         nat.fetch_add_u32(self._buf, self._off + seq_off, 1)
-        nat.futex_wake(self._buf, self._off + seq_off, _WAKE_ALL)
+        nat.wake_u32(self._buf, self._off + seq_off, _WAKE_ALL)
 
     def reset(self) -> None:
         """Empty the ring and clear both closed flags. Only while neither side is in use."""
@@ -274,7 +301,7 @@ class Ring:
         nat.store_release_u64(self._buf, self._off + _OFF_JUMP, _NO_JUMP)
         for off in (_OFF_DATA_SEQ, _OFF_SPACE_SEQ):
             nat.fetch_add_u32(self._buf, self._off + off, 1)
-            nat.futex_wake(self._buf, self._off + off, _WAKE_ALL)
+            nat.wake_u32(self._buf, self._off + off, _WAKE_ALL)
 
     # --- waiting ---
 
@@ -286,13 +313,14 @@ class Ring:
               limit: float) -> None:
         """Block until ``ready()``; PeerGone if the peer closed or died, timeout after ``limit``."""
         nat = _native
+        wait_u32 = self._wait_u32
         buf = self._buf
         seq_at = self._off + seq_off
         spins = SPINS
         deadline = time.monotonic() + limit
         while True:
             # Sample the sequence word before the condition: a publish between the two moves
-            # the word, so the futex_wait below returns at once instead of missing the wake.
+            # the word, so the wait below returns at once instead of missing the wake.
             seq = nat.load_acquire_u32(buf, seq_at)
             if ready():
                 return
@@ -306,7 +334,7 @@ class Ring:
                 if self.peer_alive is not None and not self.peer_alive():
                     raise PeerGone(f"{self.name}: peer process died while {what}")
                 raise TransportTimeout(f"{self.name}: no progress for {limit:g}s while {what}")
-            if not nat.futex_wait(buf, seq_at, seq, min(self.liveness_interval_s, left)):
+            if not wait_u32(buf, seq_at, seq, min(self.liveness_interval_s, left)):
                 if self.peer_alive is not None and not self.peer_alive():
                     raise PeerGone(f"{self.name}: peer process died while {what}")
 
@@ -387,7 +415,7 @@ class Ring:
         nat = _native
         nat.store_release_u64(self._buf, self._off + _OFF_WRITE, w)
         nat.fetch_add_u32(self._buf, self._off + _OFF_DATA_SEQ, 1)
-        nat.futex_wake(self._buf, self._off + _OFF_DATA_SEQ, _WAKE_ONE)
+        nat.wake_u32(self._buf, self._off + _OFF_DATA_SEQ, _WAKE_ONE)
 
     def read_into(self, dst: memoryview, timeout: float | None = None) -> None:
         """Fill all of ``dst`` (a writable flat byte view) from the ring, blocking while empty.
@@ -450,4 +478,4 @@ class Ring:
         nat = _native
         nat.store_release_u64(self._buf, self._off + _OFF_READ, r)
         nat.fetch_add_u32(self._buf, self._off + _OFF_SPACE_SEQ, 1)
-        nat.futex_wake(self._buf, self._off + _OFF_SPACE_SEQ, _WAKE_ONE)
+        nat.wake_u32(self._buf, self._off + _OFF_SPACE_SEQ, _WAKE_ONE)

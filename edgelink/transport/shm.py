@@ -35,6 +35,7 @@ import mmap
 import os
 import re
 import signal
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -59,7 +60,14 @@ from edgelink.transport.framing import (
     byte_views,
     check_length,
 )
-from edgelink.transport.ring import Ring, footprint, native, pid_alive, process_start_ticks
+from edgelink.transport.ring import (
+    Ring,
+    footprint,
+    native,
+    pid_alive,
+    process_start_ticks,
+    waiter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +111,21 @@ def validate_name(name: str) -> str:
     return name
 
 
+def segment_dir(cfg: Config) -> Path:
+    """``shm.dir``, with ``auto`` resolved: /dev/shm where it exists (Linux: memory-backed),
+    else the system's temporary directory (macOS has no /dev/shm; a mapped file there is
+    shared between processes the same way, with the page cache behind it)."""
+    if cfg.shm.dir != "auto":
+        return Path(cfg.shm.dir).expanduser()
+    dev = Path("/dev/shm")
+    if dev.is_dir() and os.access(dev, os.W_OK | os.X_OK):
+        return dev
+    return Path(tempfile.gettempdir())
+
+
 def segment_path(name: str, cfg: Config) -> Path:
-    """The file that backs server ``name``: ``<cfg.shm.dir>/edgelink-<name>``."""
-    return Path(cfg.shm.dir) / f"{PREFIX}{validate_name(name)}"
+    """The file that backs server ``name``: ``<shm.dir>/edgelink-<name>``."""
+    return segment_dir(cfg) / f"{PREFIX}{validate_name(name)}"
 
 
 def _layout(ring_bytes: int) -> tuple[int, int, int]:
@@ -119,12 +139,14 @@ def _layout(ring_bytes: int) -> tuple[int, int, int]:
 def _bump(mm: mmap.mmap) -> None:
     nat = native()
     nat.fetch_add_u32(mm, _C_SEQ, 1)
-    nat.futex_wake(mm, _C_SEQ, _WAKE_ALL)
+    nat.wake_u32(mm, _C_SEQ, _WAKE_ALL)
 
 
-def _wait_ctrl(mm: mmap.mmap, ready, deadline: float, slice_s: float, on_slice=None) -> bool:
-    """Futex-wait on the control word until ``ready()``; False once ``deadline`` passes."""
+def _wait_ctrl(mm: mmap.mmap, ready, deadline: float, slice_s: float, on_slice=None, *,
+               wait: str = "auto") -> bool:
+    """Wait on the control word until ``ready()``; False once ``deadline`` passes."""
     nat = native()
+    wait_u32 = waiter(wait)
     while True:
         seq = nat.load_acquire_u32(mm, _C_SEQ)
         if ready():
@@ -132,7 +154,7 @@ def _wait_ctrl(mm: mmap.mmap, ready, deadline: float, slice_s: float, on_slice=N
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if not nat.futex_wait(mm, _C_SEQ, seq, min(slice_s, left)) and on_slice is not None:
+        if not wait_u32(mm, _C_SEQ, seq, min(slice_s, left)) and on_slice is not None:
             on_slice()
 
 
@@ -142,6 +164,16 @@ def _read_pid(fd: int) -> int:
     except OSError:
         return 0
     return int.from_bytes(raw, "little") if len(raw) == 8 else 0
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the segment its size. Allocate the blocks now where the system can (a full /dev/shm
+    is an error here, not a SIGBUS mid-transfer); macOS has no posix_fallocate, and there the
+    file is only sized."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    else:  # pragma: no cover - macOS
+        os.ftruncate(fd, size)
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
@@ -369,8 +401,7 @@ class ShmListener:
             map_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 try:
-                    # Allocate now: a full /dev/shm is an error here, not a SIGBUS mid-transfer.
-                    os.posix_fallocate(map_fd, 0, size)
+                    _allocate(map_fd, size)
                 except OSError as exc:
                     raise TransportError(
                         f"cannot allocate {size} bytes for {self.path}: {exc.strerror}"
@@ -465,7 +496,7 @@ class ShmListener:
             self._check()  # closed meanwhile (by a signal handler)
             return nat.load_acquire_u64(mm, _C_CLIENT_PID) != 0
 
-        if not _wait_ctrl(mm, claimed, deadline, slice_s):
+        if not _wait_ctrl(mm, claimed, deadline, slice_s, wait=self.cfg.shm.wait):
             raise TransportTimeout(f"shm:{self.name}: no client connected within {timeout:g}s")
         self._generation += 1
         self._in_session = True
@@ -484,7 +515,8 @@ class ShmListener:
         return self._channel
 
     def _ring_kw(self) -> dict:
-        return {} if self._chunk is None else {"chunk_bytes": self._chunk}
+        kw = {"wait": self.cfg.shm.wait}
+        return kw if self._chunk is None else {**kw, "chunk_bytes": self._chunk}
 
     def _client_alive(self) -> bool:
         nat = native()
@@ -500,7 +532,8 @@ class ShmListener:
     def _end_session(self, deadline: float) -> None:
         if self._channel is not None:
             self._channel._shutdown_rings()  # tells a still-attached client to go
-        if not _wait_ctrl(self._mm, self._client_done, deadline, self.cfg.shm.liveness_interval_s):
+        if not _wait_ctrl(self._mm, self._client_done, deadline, self.cfg.shm.liveness_interval_s,
+                          wait=self.cfg.shm.wait):
             pid = native().load_acquire_u64(self._mm, _C_CLIENT_PID)
             raise TransportTimeout(
                 f"shm:{self.name}: previous client pid {pid} is still attached"
@@ -645,7 +678,7 @@ def connect(name: str, cfg: Config, timeout: float | None = None, *,
                 raise TransportError(f"{nobody} (pid {server_pid} stopped listening)")
             return nat.cas_u64(mm, _C_CLIENT_PID, 0, me)
 
-        if not _wait_ctrl(mm, claimed, deadline, cfg.shm.liveness_interval_s):
+        if not _wait_ctrl(mm, claimed, deadline, cfg.shm.liveness_interval_s, wait=cfg.shm.wait):
             holder = nat.load_acquire_u64(mm, _C_CLIENT_PID)
             raise TransportTimeout(
                 f"shm:{name} is busy with client pid {holder}; gave up after {limit:g}s"
@@ -656,7 +689,7 @@ def connect(name: str, cfg: Config, timeout: float | None = None, *,
         generation = nat.load_acquire_u64(mm, _C_GENERATION)
         kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
         common = dict(peer_alive=server_alive, liveness_interval_s=cfg.shm.liveness_interval_s,
-                      timeout_s=cfg.shm.timeout_s, **kw)
+                      timeout_s=cfg.shm.timeout_s, wait=cfg.shm.wait, **kw)
         tx = Ring(mm, c2s, name=f"shm:{name} client->server", **common)
         rx = Ring(mm, s2c, name=f"shm:{name} server->client", **common)
     except BaseException:
