@@ -44,6 +44,7 @@ class RuntimeConfig:
     seq_id: int
     eval_hook: str
     extra_buffers: str
+    n_gpu_layers: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,8 @@ class NodeConfig:
     allow_peers: str
     tokens: str
     shutdown_grace_s: float
+    max_pending: int
+    max_pending_per_ip: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -406,19 +406,28 @@ def test_a_split_handoff_past_gemmas_window_is_exact(gemma3_path, cfg, tmp_path)
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
 
 
-@pytest.mark.parametrize("who", ["wrong_token", "no_token", "unknown_peer"])
+@pytest.mark.parametrize("who", ["wrong_token", "no_token"])
 def test_auth_is_checked_before_model_work(node, sender_rt, who):
     before = _digest(node, sender_rt)
-    if who == "unknown_peer":
-        cfg, token = node.stranger_cfg, TOKEN
-    else:
-        cfg, token = node.client_cfg, ("nope" if who == "wrong_token" else None)
+    cfg, token = node.client_cfg, ("nope" if who == "wrong_token" else None)
     with pytest.raises(PeerRejected) as info:
         _sender(node, sender_rt, token=token, cfg=cfg)
     assert info.value.reason == "auth"
     ev = node.event()
     assert ev["rejected"] == ["auth"] and ev["slot"] is None and ev["applied"] == 0, ev
     assert "auth" in node.proc.stderr_tail() and ev["peer"] in node.proc.stderr_tail()
+    assert _digest(node, sender_rt) == before
+
+
+def test_a_peer_off_the_allowlist_is_reset_unread(node, sender_rt):
+    """The allowlist is checked when the stream opens: no key exchange, no HELLO read, no
+    answer; the client's error says what to check, the node's event and log say who."""
+    before = _digest(node, sender_rt)
+    with pytest.raises(PeerGone, match="node.allow_peers"):
+        _sender(node, sender_rt, cfg=node.stranger_cfg)
+    ev = node.event()
+    assert ev["event"] == "refused" and "allow_peers" in ev["reason"], ev
+    assert ev["peer"] in node.proc.stderr_tail()
     assert _digest(node, sender_rt) == before
 
 

@@ -86,6 +86,10 @@ def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
         version = "unknown"
     info = system.system_info()
     out.append(Check("llama.cpp", "llama-cpp-python", OK, version))
+    gpu = system.gpu_offload()
+    out.append(Check("llama.cpp", "GPU offload", OK,
+                     f"yes: runtime.n_gpu_layers = {cfg.runtime.n_gpu_layers} (-1: all); a CPU peer "
+                     "must match runtime.flash_attn" if gpu else "no (a CPU build)"))
     feats = system.build_features()
     flags = system.cpu_flags()
     machine = platform.machine().lower()

@@ -465,6 +465,12 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
                   compact=True)
             sys.stdout.flush()
             return
+        if ev.get("event") == "refused":
+            more = f" (and {ev['not_reported']} more not shown)" if ev.get("not_reported") else ""
+            _emit(as_json, ev, f"refused a stream from {ev['peer']} ({ev['ip']}): {ev['reason']}{more}",
+                  compact=True)
+            sys.stdout.flush()
+            return
         if ev.get("event") == "stopping":
             _emit(as_json, ev, f"stopping: {ev['active_sessions']} session(s) may finish within "
                   f"{ev['grace_s']} s; new sessions are refused", compact=True)

@@ -2,9 +2,14 @@
 
 Per incoming session (each in its own thread, on its own yamux stream):
 
-1. the transport has already run the end-to-end key exchange (the peer proved its peer id);
-2. the client's HELLO is read and the peer id allowlist and bearer tokens are checked, before
-   any model work; a refusal is a typed REJECT with code ``auth`` (and a log line);
+0. a stream from a peer id that is not on ``node.allow_peers`` is reset before a byte of it is
+   read, as is one past the caps on streams that have not authenticated (``node.max_pending``
+   in all, ``node.max_pending_per_ip`` from one address);
+1. the transport runs the end-to-end key exchange (the peer proves its peer id);
+2. the client's HELLO is read (at most ``protocol.max_handshake_bytes``) and the bearer tokens
+   are checked, before any model work, all within one absolute deadline from the stream's
+   opening (``p2p.handshake_timeout_s``); a first frame that is not a valid HELLO, or a wrong
+   token, is a typed REJECT (code ``auth``, ``protocol``, ...) and takes no slot;
 3. a free runtime slot is taken (``node.max_clients`` llama.cpp contexts over one mmapped
    weights file), or the client gets REJECT ``busy``;
 4. ``Receiver.serve_channel`` runs the session: verify, import, continue, answer.
@@ -18,6 +23,7 @@ leaves the runtime exactly as it was (the appliers restore it on any failure).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hmac
 import logging
@@ -42,11 +48,13 @@ from edgelink.net.identity import Identity, load_identity
 from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
-from edgelink.roles.receiver import Receiver, frame_limit
+from edgelink.roles.receiver import Receiver, frame_limit, hello_frame_limit
 from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
 from edgelink.transport.framing import Scatter
 
 log = logging.getLogger("edgelink.net.node")
+# Peers whose rate limiters a node remembers (least recently seen forgotten first).
+LIMITERS_KEPT = 4096
 
 
 class TokenBucket:
@@ -171,7 +179,11 @@ class Node:
             raise
         self._free = list(range(len(self._receivers)))
         self._lock = threading.Lock()
-        self._limiters: dict[str, PeerLimiter] = {}
+        self._limiters: collections.OrderedDict[str, PeerLimiter] = collections.OrderedDict()
+        self._refused = 0
+        self._refusals_reported = 0
+        self._refusal_budget = 100.0
+        self._refusal_t = time.monotonic()
         self._active: dict[int, Any] = {}  # session number -> channel
         self._count = 0
         self._stopping = threading.Event()
@@ -198,21 +210,60 @@ class Node:
     def addrs(self) -> list[str]:
         return self.host.addrs
 
-    def _admit(self, peer: str) -> bool:
-        """Runs in the trio thread for every new stream: a cheap cap on work in progress so a
-        flood of streams cannot make unbounded threads (they get a reset, not a REJECT)."""
+    def _admit(self, peer: str, ip: str | None) -> bool:
+        """Runs in the trio thread for every new stream, before any of it is read: the
+        allowlist, and caps on what peers that have not authenticated may hold, so that a
+        flood of streams (or of peer ids, which are free) costs bounded threads and memory.
+        A refused stream is reset, not answered."""
         host = getattr(self, "host", None)
-        return host is not None and len(host._channels) < 2 * self.max_slots + 4
+        if host is None:
+            return False
+        n = self.cfg.node
+        reason = None
+        if self.allow_peers and peer not in self.allow_peers:
+            reason = "not on node.allow_peers"
+        elif host.pending() >= n.max_pending:
+            reason = f"{n.max_pending} streams already wait to authenticate (node.max_pending)"
+        elif ip is not None and host.pending(ip) >= n.max_pending_per_ip:
+            reason = f"{n.max_pending_per_ip} streams from {ip} already wait to authenticate (node.max_pending_per_ip)"
+        elif host.channel_count() - host.pending() >= 2 * self.max_slots + 4:
+            reason = "too many sessions in progress"
+        if reason is None:
+            return True
+        self._note_refusal(peer, ip, reason)
+        return False
+
+    def _note_refusal(self, peer: str, ip: str | None, reason: str) -> None:
+        """An event (and a log line) per refused stream, within a budget: a flood of refusals
+        must not become a flood of output. What the budget drops is counted in the next one."""
+        self._refused += 1
+        now = time.monotonic()
+        self._refusal_budget = min(100.0, self._refusal_budget + (now - self._refusal_t) * 10.0)
+        self._refusal_t = now
+        if self._refusal_budget < 1:
+            return
+        self._refusal_budget -= 1
+        dropped = self._refused - 1 - self._refusals_reported
+        self._refusals_reported = self._refused
+        log.warning("refused a stream from %s (%s): %s", peer, ip, reason)
+        self._emit({"event": "refused", "peer": peer, "ip": ip, "reason": reason,
+                    "refused_total": self._refused, "not_reported": max(0, dropped)})
 
     def _may_query(self, peer: str) -> bool:
         """Who may use this node's DHT protocol: the peers its allowlist admits."""
         return not self.allow_peers or peer in self.allow_peers
 
     def _limiter(self, peer: str) -> PeerLimiter:
+        """The peer's rate limits (made after it authenticated); the least recently seen are
+        forgotten past ``LIMITERS_KEPT`` peers, so peer ids, which are free, cost bounded memory."""
         with self._lock:
             lim = self._limiters.get(peer)
             if lim is None:
                 lim = self._limiters[peer] = PeerLimiter(self.cfg)
+                while len(self._limiters) > LIMITERS_KEPT:
+                    self._limiters.popitem(last=False)
+            else:
+                self._limiters.move_to_end(peer)
             return lim
 
     def _refuse(self, ch, hello: Hello | None, exc: EdgelinkError, event: dict[str, Any]) -> None:
@@ -250,28 +301,34 @@ class Node:
                                  "applied": 0, "rejected": [], "generated": 0, "bytes_in": 0,
                                  "ended_by": ""}
         slot = None
+        limiter = None
         try:
-            limiter = self._limiter(peer)
-            ch.limiter = limiter
-            ch.max_frame = frame_limit(self._receivers[0].cfg)
+            # Before auth: one small frame, within the deadline the host set at the stream's
+            # opening; no limiter, slot, context or prefill for a peer that has not passed.
             try:
-                first = ch.recv(frame_limit(self.cfg), timeout=self.cfg.p2p.handshake_timeout_s)
+                first = ch.recv(hello_frame_limit(self.cfg), timeout=self.cfg.p2p.handshake_timeout_s)
             except (TransportError, ProtocolError) as exc:
                 log.warning("session %d with %s ended before its HELLO: %s", number, peer, exc)
                 event.update(ended_by=exc.code, detail=str(exc))
                 return
             try:
                 hello = codec.decode_frame(first, self.cfg.protocol)
-            except ProtocolError:
-                hello = None  # let the receiver refuse it with its usual typed REJECT
-            if hello is not None and not isinstance(hello, Hello):
-                hello = None
-            if hello is not None:
-                try:
-                    self._check_auth(peer, hello)
-                except AuthError as exc:
-                    self._refuse(ch, hello, exc, event)
-                    return
+            except ProtocolError as exc:
+                self._refuse(ch, None, exc, event)
+                return
+            if not isinstance(hello, Hello):
+                self._refuse(ch, None, ProtocolError(
+                    f"the first frame must be a HELLO, not {type(hello).__name__}"), event)
+                return
+            try:
+                self._check_auth(peer, hello)
+            except AuthError as exc:
+                self._refuse(ch, hello, exc, event)
+                return
+            self.host.authenticated(ch)
+            limiter = self._limiter(peer)
+            ch.limiter = limiter
+            ch.max_frame = frame_limit(self._receivers[0].cfg)
             if self._stopping.is_set():
                 self._refuse(ch, hello, BusyError("node is shutting down"), event)
                 return
@@ -283,7 +340,7 @@ class Node:
             event["slot"] = slot
             report = self._receivers[slot].serve_channel(_Prefetched(ch, first))
             event.update(dataclasses.asdict(report))
-            event["throttled_s"] = round(limiter.throttled_s, 3)
+            event["throttled_s"] = round(limiter.throttled_s, 3) if limiter else 0.0
         finally:
             event["seconds"] = round(time.perf_counter() - t0, 4)
             event["bytes_in"] = max(event.get("bytes_in", 0), ch.bytes_in)

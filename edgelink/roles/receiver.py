@@ -25,7 +25,7 @@ from edgelink.kinds.delta import DeltaApplier, delta_tensors
 from edgelink.kinds.memory import MemoryApplier
 from edgelink.kinds.prefix import PrefixApplier
 from edgelink.kinds.snapshot import SnapshotApplier
-from edgelink.protocol.codec import TensorHeader, tensor_message_digest
+from edgelink.protocol.codec import PREAMBLE_BYTES, TensorHeader, tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessage
@@ -42,6 +42,12 @@ log = logging.getLogger("edgelink.roles.receiver")
 def frame_limit(cfg: Config) -> int:
     """The largest frame a transport should accept: a full message plus its headers."""
     return limit_of(cfg.protocol) + cfg.protocol.max_control_bytes + 64
+
+
+def hello_frame_limit(cfg: Config) -> int:
+    """The largest first frame (a HELLO: preamble, header digest, a handshake body of at most
+    ``protocol.max_handshake_bytes``) a listener reads before a peer has authenticated."""
+    return PREAMBLE_BYTES + cfg.protocol.max_handshake_bytes + 64
 
 
 @dataclasses.dataclass

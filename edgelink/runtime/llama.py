@@ -71,6 +71,7 @@ class LlamaRuntime:
         self.extra_buffers = extra_buffers(rc.extra_buffers)
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = self.extra_buffers.use
+        mparams.n_gpu_layers = rc.n_gpu_layers
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise ModelError(f"llama.cpp could not load {self.path}")

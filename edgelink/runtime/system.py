@@ -32,6 +32,11 @@ def system_info() -> str:
     return (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip()
 
 
+def gpu_offload() -> bool:
+    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan, ...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def parse_features(info: str) -> dict[str, str]:
     """``"CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | ..."`` as {"SSE3": "1", ...}."""
     return {m.group(1): m.group(2) for m in re.finditer(r"([A-Za-z0-9_]+) = ([^|\s]+)", info)}

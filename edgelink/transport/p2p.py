@@ -71,6 +71,9 @@ R_HS, R_DATA, R_CREDIT, R_STOP = 1, 2, 3, 4
 # The largest yamux payload that, with yamux's 12-byte header, fits one Noise message
 # (65,535 bytes less the 16-byte tag).
 NOISE_PIECE = 65535 - 16 - 12
+# The smallest flow-control window a peer may announce (a 1-byte window would make every
+# record wait for its own credit, and hold the stream open for the whole timeout).
+MIN_WINDOW = 65536
 _EOF = object()
 _CLOSE = object()
 
@@ -117,13 +120,22 @@ class P2PChannel:
         self._timeout_s = cfg.p2p.stream_timeout_s
         self._chunk = cfg.p2p.chunk_bytes
         self._window = cfg.p2p.window_bytes
-        self._max_record = max(self._chunk + e2e.RECORD_OVERHEAD, e2e.HS_BYTES)
+        if self._window < MIN_WINDOW:
+            raise TransportError(f"p2p.window_bytes = {self._window} is below the minimum of {MIN_WINDOW}")
+        # A peer cuts its records to half our window (see handshake), whatever its chunk_bytes.
+        self._max_record = max(self._chunk, self._window // 2) + e2e.RECORD_OVERHEAD
         self.remote_peer_id = stream.muxed_conn.peer_id.to_base58()
         self._remote_id = stream.muxed_conn.peer_id
         self.encryption: dict[str, Any] | None = None
         self.max_frame: int | None = None  # optional per-peer cap (the node sets it)
         self.limiter = None  # optional, with wait_bytes(n) and wait_message()
         self.record_filter: Callable[[int, bytes], list[bytes]] | None = None  # tests only
+        # Until a listener clears it (auth passed), every wait of this channel, in both
+        # threads, ends by this monotonic time: a peer that has not authenticated gets one
+        # absolute deadline for the key exchange and its HELLO, however it paces its bytes.
+        self.deadline: float | None = None
+        self.remote_ip: str | None = None
+        self._hs_seen = False
         # trio side (touched only in the trio thread, except where noted)
         self._rx: queue.SimpleQueue = queue.SimpleQueue()  # records for the sync side
         self._tx_send, self._tx_recv = trio.open_memory_channel(4)
@@ -161,6 +173,8 @@ class P2PChannel:
             nursery.start_soon(self._writer)
             await self._done.wait()
             nursery.cancel_scope.cancel()
+        if self._broken or self._tx_error:
+            await self._reset()  # the peer learns at once; nothing of it stays queued here
 
     async def _read_exactly(self, n: int):
         """``n`` bytes off the stream, as bytes or a read-only view into what yamux returned.
@@ -201,6 +215,11 @@ class P2PChannel:
                     self._in_flight += n
                     self._rx.put((R_DATA, body))
                 elif typ == R_HS:
+                    # One key-exchange record per stream, of its fixed size: anything else
+                    # would queue outside the flow-control window.
+                    if self._hs_seen or n > e2e.HS_BYTES:
+                        raise CryptoError("a second or oversized key-exchange record")
+                    self._hs_seen = True
                     self._rx.put((R_HS, await self._read_exactly(n)))
                 elif typ in (R_CREDIT, R_STOP) and n == U64.size:
                     (value,) = U64.unpack(await self._read_exactly(n))
@@ -238,7 +257,7 @@ class P2PChannel:
                     if self._peer_stopped is not None and frame_no <= self._peer_stopped:
                         continue  # the peer refused this frame: drop the rest of it
                     n = len(record) - REC.size
-                    with trio.move_on_after(self._timeout_s) as scope:
+                    with trio.move_on_after(self.remaining(self._timeout_s)) as scope:
                         while self._credit < n and (self._peer_stopped is None
                                                     or frame_no > self._peer_stopped):
                             await self._credit_changed.wait()
@@ -262,6 +281,12 @@ class P2PChannel:
 
     # ------------------------------------------------------------------ sync helpers
 
+    def remaining(self, limit: float) -> float:
+        """``limit``, cut to what is left before ``deadline`` (0 once it passed)."""
+        if self.deadline is None:
+            return limit
+        return max(0.0, min(limit, self.deadline - time.monotonic()))
+
     def _push(self, typ: int, body, frame_no: int = 0, timeout: float | None = None, *,
               headroom: bool = False) -> None:
         """Hand one record to the writer task (waits while its small queue is full).
@@ -278,7 +303,7 @@ class P2PChannel:
             records = [body]
         else:
             records = [REC.pack(typ, len(body)) + body]
-        limit = self._timeout_s if timeout is None else timeout
+        limit = self.remaining(self._timeout_s if timeout is None else timeout)
 
         async def put() -> bool:
             with trio.move_on_after(limit):
@@ -297,9 +322,13 @@ class P2PChannel:
             raise PeerGone(f"p2p {self.remote_peer_id}: send failed: {self._tx_error}")
 
     def _next(self, timeout: float) -> tuple[int, Any]:
+        wait = self.remaining(timeout)
         try:
-            typ, body = self._rx.get(timeout=None if math.isinf(timeout) else timeout)
+            typ, body = self._rx.get(timeout=None if math.isinf(wait) else wait)
         except queue.Empty:
+            if self.deadline is not None and wait < timeout:
+                raise TransportTimeout(f"p2p {self.remote_peer_id}: did not authenticate within the "
+                                       "handshake deadline (p2p.handshake_timeout_s)") from None
             raise TransportTimeout(f"p2p {self.remote_peer_id}: nothing received for {timeout} s") from None
         if typ is _EOF:
             self._rx.put((_EOF, body))  # stays at the end for later calls
@@ -326,7 +355,7 @@ class P2PChannel:
             import trio
 
             async def put() -> None:
-                with trio.move_on_after(self._timeout_s):
+                with trio.move_on_after(self.remaining(self._timeout_s)):
                     await self._tx_send.send(_CLOSE)
                     return
                 self._done.set()
@@ -365,7 +394,15 @@ class P2PChannel:
         except EdgelinkError as exc:
             self._fail(str(exc))
             raise
-        self._credit_from_peer(self._keys.peer_window)
+        peer_window = self._keys.peer_window
+        if peer_window < MIN_WINDOW:
+            exc = CryptoError(f"the peer announced a flow-control window of {peer_window} bytes; "
+                              f"at least {MIN_WINDOW} is required (p2p.window_bytes)")
+            self._fail(str(exc))
+            raise exc
+        # A record must fit the peer's window, or the writer would wait for credit for ever.
+        self._chunk = min(self._chunk, peer_window // 2 - e2e.RECORD_OVERHEAD)
+        self._credit_from_peer(peer_window)
         self.encryption = hs.encryption_params(self._keys)
 
     def _credit_from_peer(self, n: int) -> None:
@@ -534,8 +571,12 @@ class P2PHost:
 
     ``listen``: multiaddrs to listen on (a client may listen on none). ``on_channel`` (a
     listening host): called in a new thread for each incoming session, after the end-to-end
-    key exchange, with the channel; ``admit(peer_id)`` (optional) runs first in the trio
-    thread and may refuse a stream outright (returning False resets it).
+    key exchange, with the channel; ``admit(peer_id, ip)`` (optional) runs first in the trio
+    thread and may refuse a stream outright (returning False resets it, before a byte of it is
+    read). An incoming channel is *pending* from then until ``authenticated(ch)``: it has one
+    absolute deadline (``p2p.handshake_timeout_s``) for the key exchange and whatever the
+    listener reads before it decides, and ``pending()`` counts such channels (by IP) so that
+    the listener can cap what peers that have not authenticated may hold.
     """
 
     def __init__(self, cfg: Config, identity: Identity, *, listen: list[str] | None = None,
@@ -555,6 +596,7 @@ class P2PHost:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._channels: set[P2PChannel] = set()
+        self._pending: set[P2PChannel] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._thread_main, name="edgelink-p2p", daemon=True)
@@ -612,14 +654,22 @@ class P2PHost:
 
     async def _handle_stream(self, stream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
-        if self._closed or (self._admit is not None and not self._admit(peer)):
-            log.warning("p2p: refused a stream from %s", peer)
+        try:
+            remote = stream.get_remote_address()
+        except Exception:  # noqa: BLE001 - a transport without addresses
+            remote = None
+        ip = remote[0] if remote else None
+        if self._closed or (self._admit is not None and not self._admit(peer, ip)):
+            log.debug("p2p: refused a stream from %s (%s)", peer, ip)
             with contextlib.suppress(Exception):
                 await stream.reset()
             return
         ch = P2PChannel(self, stream, initiator=False)
+        ch.remote_ip = ip
+        ch.deadline = time.monotonic() + self.cfg.p2p.handshake_timeout_s
         with self._lock:
             self._channels.add(ch)
+            self._pending.add(ch)
         threading.Thread(target=self._serve, args=(ch,), name=f"edgelink-session-{peer[-6:]}",
                          daemon=True).start()
         await ch._run()
@@ -670,6 +720,22 @@ class P2PHost:
     def _forget(self, ch: P2PChannel) -> None:
         with self._lock:
             self._channels.discard(ch)
+            self._pending.discard(ch)
+
+    def authenticated(self, ch: P2PChannel) -> None:
+        """The listener accepted ``ch``'s peer: lift its deadline, stop counting it as pending."""
+        ch.deadline = None
+        with self._lock:
+            self._pending.discard(ch)
+
+    def pending(self, ip: str | None = None) -> int:
+        """Incoming channels not yet authenticated (from ``ip``, when given)."""
+        with self._lock:
+            return sum(1 for c in self._pending if ip is None or c.remote_ip == ip)
+
+    def channel_count(self) -> int:
+        with self._lock:
+            return len(self._channels)
 
     # ------------------------------------------------------------------ public
 
@@ -739,7 +805,16 @@ class P2PHost:
             raise PeerGone(f"could not open a session with {addr}: {type(exc).__name__}: {exc}") from None
         with self._lock:
             self._channels.add(ch)
-        ch.handshake(self.cfg.p2p.handshake_timeout_s)
+        try:
+            ch.handshake(self.cfg.p2p.handshake_timeout_s)
+        except PeerGone as exc:
+            # A node resets a stream unread when the peer is not on its allowlist or it holds
+            # its maximum of streams that have not authenticated; it says nothing more to a
+            # peer it has not authenticated, so the hint is ours.
+            raise PeerGone(
+                f"{addr} closed the session before the key exchange finished: this peer "
+                f"({self.peer_id}) may not be on its node.allow_peers, or it is at its limit of "
+                f"streams waiting to authenticate (node.max_pending) ({exc})") from None
         return ch
 
     def connected_peers(self) -> list[str]:
