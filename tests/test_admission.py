@@ -161,32 +161,37 @@ def test_a_peer_that_breaks_the_rules_before_auth_gets_nothing(open_node, sender
     addr = open_node.ready["addrs"][0]
     rss0 = rss_bytes(open_node.pid)
     a = Attack(addr, open_node.attacker_cfgs[0])
-    try:
-        if how == "huge_hello":
-            a.push_data(p2p.U64.pack(1 << 30))
-        elif how == "hs_flood":
-            for _ in range(64):  # 64 MiB of key-exchange records, outside any window
-                a.ch._push(p2p.R_HS, b"\x00" * (1 << 20))
-        elif how == "not_a_hello":
-            from edgelink.config import load_config
-            from edgelink.protocol.session import Role, Session
 
-            s = Session(Role.CLIENT, sender_rt.signature, load_config().protocol)
-            s.hello()
-            s.assume_peer_accepts()
-            body = s.request("digest", {})  # a well-formed frame, but not a HELLO
-            a.push_data(p2p.U64.pack(len(body)))
-            a.push_data(body)
-        else:
-            body = b"\x17" * 200
-            a.push_data(p2p.U64.pack(len(body)))
-            a.push_data(body)
-    except EdgelinkError:
-        pass  # the node cut the stream while we were still sending: that is the point
-    took = a.wait_gone(4 * DEADLINE_S)
-    assert took < DEADLINE_S + 2.0
+    def attack() -> None:
+        try:
+            if how == "huge_hello":
+                a.push_data(p2p.U64.pack(1 << 30))
+            elif how == "hs_flood":
+                for _ in range(64):  # 64 MiB of key-exchange records, outside any window
+                    a.ch._push(p2p.R_HS, b"\x00" * (1 << 20))
+            elif how == "not_a_hello":
+                from edgelink.config import load_config
+                from edgelink.protocol.session import Role, Session
+
+                s = Session(Role.CLIENT, sender_rt.signature, load_config().protocol)
+                s.hello()
+                s.assume_peer_accepts()
+                body = s.request("digest", {})  # a well-formed frame, but not a HELLO
+                a.push_data(p2p.U64.pack(len(body)))
+                a.push_data(body)
+            else:
+                body = b"\x17" * 200
+                a.push_data(p2p.U64.pack(len(body)))
+                a.push_data(body)
+        except EdgelinkError:
+            pass  # the node cut the stream while we were still sending: that is the point
+
+    # The attacker's own side may stay blocked in libp2p's stream window after the node reset
+    # the stream; what is measured is the node's side: its event, its memory, its next client.
+    threading.Thread(target=attack, daemon=True).start()
     ev = _events_until(open_node, lambda evs: evs[-1].get("event") == "session")[-1]
     assert ev["slot"] is None and ev["applied"] == 0, ev
+    assert ev["seconds"] < DEADLINE_S + 1.0, ev
     if how == "huge_hello":
         assert ev["ended_by"] == "too_large", ev
     elif how in ("not_a_hello", "garbage"):
