@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -91,3 +93,22 @@ def test_errors_are_typed(tmp_path):
     w.close()
     with pytest.raises(TransportError, match="closed"):
         w.send(b"x")
+
+
+def test_a_file_that_is_not_an_edgelink_file_says_so(tmp_path):
+    """Not "a frame of 8,031,924,123,371.1 MB": the first bytes of some other file."""
+    from edgelink.errors import ProtocolError
+    from edgelink.protocol.codec import MAGIC
+
+    path = tmp_path / "garbage.elk"
+    path.write_bytes(b"hello, this is a text file and not a message\n" * 20)
+    with pytest.raises(ProtocolError, match="not an edgelink message file"):
+        FileChannelReader(path, magic=MAGIC)
+    with FileChannelWriter(path) as w:  # a real frame passes the check
+        w.send(MAGIC + b"rest")
+    with FileChannelReader(path, magic=MAGIC) as r:
+        assert bytes(r.recv(100)) == MAGIC + b"rest"
+    path.write_bytes(b"hello, this is a text file and not a message\n" * 20)
+    done = subprocess.run([sys.executable, "-m", "edgelink", "inspect", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "not an edgelink message file" in done.stdout + done.stderr

@@ -120,6 +120,22 @@ def test_plaintext_only_dialer_is_refused(hosts):
     assert "error" in outcome, outcome
 
 
+def test_a_second_listener_on_a_taken_port_fails_naming_it(cfg, tmp_path):
+    """libp2p listens with SO_REUSEPORT; edgelink must not let two nodes share a port."""
+    first = p2p.P2PHost(cfg, load_identity(tmp_path / "a.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                        on_channel=lambda ch: None)
+    try:
+        port = int(first.addrs[0].split("/tcp/")[1].split("/")[0])
+        with pytest.raises(TransportError, match=f"TCP port {port} on 127.0.0.1 is already in use"):
+            p2p.P2PHost(cfg, load_identity(tmp_path / "b.key"), listen=[f"/ip4/127.0.0.1/tcp/{port}"],
+                        on_channel=lambda ch: None)
+    finally:
+        first.close()
+    again = p2p.P2PHost(cfg, load_identity(tmp_path / "b.key"), listen=[f"/ip4/127.0.0.1/tcp/{port}"],
+                        on_channel=lambda ch: None)  # free again once the first one closed
+    again.close()
+
+
 def test_identity_persists_with_mode_0600(tmp_path):
     path = tmp_path / "sub" / "id.key"
     a = load_identity(path)
@@ -162,8 +178,13 @@ class NodeUnderTest:
     def stop(self) -> int:
         return stop_receiver(self.proc)
 
-    def event(self):
-        return self.proc.next_event()
+    def event(self, refused: bool = False):
+        """The next session event; ``refused``: the next refused-stream event instead (a
+        client's libp2p may open a refused stream twice, so those are skipped otherwise)."""
+        while True:
+            ev = self.proc.next_event()
+            if (ev.get("event") == "refused") == refused:
+                return ev
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +446,7 @@ def test_a_peer_off_the_allowlist_is_reset_unread(node, sender_rt):
     before = _digest(node, sender_rt)
     with pytest.raises(PeerGone, match="node.allow_peers"):
         _sender(node, sender_rt, cfg=node.stranger_cfg)
-    ev = node.event()
+    ev = node.event(refused=True)
     assert ev["event"] == "refused" and "allow_peers" in ev["reason"], ev
     assert ev["peer"] in node.proc.stderr_tail()
     assert _digest(node, sender_rt) == before

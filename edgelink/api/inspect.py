@@ -48,7 +48,7 @@ def inspect_file(path: str | Path, cfg: Config) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             size = 0  # the reader below says what is wrong with the path
         cfg = cfg.replace(protocol_max_message_bytes=max(size, 1))
-    with FileChannelReader(path) as reader:
+    with FileChannelReader(path, magic=codec.MAGIC) as reader:
         for frame in reader:
             frames.append(describe_frame(frame, cfg))
     return frames

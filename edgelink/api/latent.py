@@ -35,7 +35,7 @@ from edgelink.kinds.patch import PatchApplier, ResidualPatch, steering_patch
 from edgelink.kinds.snapshot import SnapshotApplier
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
-from edgelink.protocol.codec import tensor_message_digest
+from edgelink.protocol.codec import MAGIC, tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack
 from edgelink.protocol.session import Role
@@ -264,7 +264,7 @@ def apply_file(model: str, path: str | Path, n_tokens: int | None = None,
         hidden = HiddenSliceApplier(rt, cfg)
         appliers = {Kind.KV_CACHE: SnapshotApplier(rt).apply, Kind.HIDDEN_SLICE: hidden.apply,
                     Kind.RESIDUAL_PATCH: PatchApplier(rt, cfg).apply}
-        with FileChannelReader(path) as r:
+        with FileChannelReader(path, magic=MAGIC) as r:
             applied = [kind.name for kind, _ in apply_messages(appliers, wire.offered(cfg.wire), cfg, session, r,
                                                                 str(path))]
         out = rt.generate(n) if n and rt.logits is not None else []

@@ -238,11 +238,12 @@ class Model:
     def restore(self, snapshot: Snapshot | str | Path) -> int:
         """Apply a snapshot (or a message file written by ``export``/``Snapshot.save``): every
         message verified against this model before anything changes. Returns payload bytes."""
+        from edgelink.protocol.codec import MAGIC
         from edgelink.roles.receiver import Receiver
         from edgelink.transport.file import FileChannelReader
 
         where = "the snapshot" if isinstance(snapshot, Snapshot) else str(snapshot)
-        with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot) as r, \
+        with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot, magic=MAGIC) as r, \
                 self.step():
             receiver = Receiver(self.runtime, self.cfg, self.signature, calibrate=False)
             applied = apply_messages(receiver.appliers, receiver.codecs, receiver.cfg,

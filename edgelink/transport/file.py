@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgelink.errors import PeerGone, TransportError, TruncatedMessage
+from edgelink.errors import PeerGone, ProtocolError, TransportError, TruncatedMessage
 from edgelink.transport.framing import HEADER, HEADER_BYTES, RecvBuffer, byte_views, check_length
 
 
@@ -77,7 +77,11 @@ class FileChannelReader:
     and PeerGone at a clean end of file: no more frames. Iterating yields frames until then.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | bytes):
+    def __init__(self, path: str | os.PathLike[str] | bytes, *, magic: bytes | None = None):
+        """``magic``: the bytes every frame of this kind of file starts with (the caller's
+        protocol knows them; this layer only compares). A file whose first frame does not start
+        with them is refused at once as some other kind of file, instead of its first 8 bytes
+        being read as an absurd frame length."""
         if isinstance(path, bytes):
             self.path = Path("<memory>")
             self._f: io.RawIOBase | io.BytesIO = io.BytesIO(path)
@@ -91,6 +95,8 @@ class FileChannelReader:
                                      f"{getattr(exc, 'strerror', None) or exc}") from None
             self._size = os.fstat(self._f.fileno()).st_size
         self._pos = 0
+        if magic:
+            self._check_magic(magic)
         self._hdr = bytearray(HEADER_BYTES)
         self._buf = RecvBuffer()
         self.frames = 0
@@ -123,6 +129,22 @@ class FileChannelReader:
             raise TruncatedMessage(f"{self.path}: frame {self.frames} has {got} of {length} bytes")
         self.frames += 1
         return view
+
+    def _check_magic(self, magic: bytes) -> None:
+        want = HEADER_BYTES + len(magic)
+        if isinstance(self._f, io.BytesIO):
+            head = self._f.getvalue()[:want]
+        else:
+            try:
+                head = os.pread(self._f.fileno(), want, 0)
+            except OSError as exc:
+                raise TransportError(f"cannot read {self.path}: {exc.strerror}") from exc
+        found = head[HEADER_BYTES:]
+        if found and not magic.startswith(found):  # shorter files: recv says they are truncated
+            self.close()
+            raise ProtocolError(
+                f"{self.path} is not an edgelink message file (one that `edgelink export` or "
+                "Snapshot.save writes): its first frame does not start with edgelink's magic bytes")
 
     def _read_into(self, view: memoryview) -> int:
         total = 0

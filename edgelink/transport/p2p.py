@@ -86,6 +86,33 @@ def split_multiaddr(addr: str) -> tuple[str, str]:
     return head, pid
 
 
+def check_port_free(addr: str) -> None:
+    """A TransportError naming the port if something already listens on ``addr``'s TCP port.
+
+    py-libp2p opens its listeners with SO_REUSEPORT (for hole punching), so a second node on a
+    taken port would bind without an error and the kernel would split incoming connections
+    between the two. A plain bind without SO_REUSEPORT fails against any listener there."""
+    import socket
+
+    parts = addr.strip("/").split("/")
+    try:
+        fam = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}[parts[0]]
+        host, port = parts[1], int(parts[3]) if parts[2] == "tcp" else 0
+    except (KeyError, IndexError, ValueError):
+        return  # not an /ip4|ip6/.../tcp/PORT address: libp2p reports what is wrong with it
+    if port == 0:
+        return
+    with socket.socket(fam, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {addr}: TCP port {port} on {host} is already in use "
+                f"({exc.strerror}); another edgelink node may be running there: stop it or pick "
+                "another port (--listen, p2p.listen)") from None
+
+
 async def write_in_noise_pieces(stream: Any, data) -> None:
     """Write ``data`` in pieces that fit one Noise message each, yamux header included.
 
@@ -599,6 +626,8 @@ class P2PHost:
         self._pending: set[P2PChannel] = set()
         self._lock = threading.Lock()
         self._closed = False
+        for addr in self._listen:
+            check_port_free(addr)
         self._thread = threading.Thread(target=self._thread_main, name="edgelink-p2p", daemon=True)
         self._thread.start()
         if not self._ready.wait(cfg.p2p.connect_timeout_s + 30):
