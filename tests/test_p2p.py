@@ -507,10 +507,17 @@ def test_client_killed_mid_transfer_node_serves_next(node, sender_rt, tmp_path):
     before = _digest(node, sender_rt)
     script = textwrap.dedent(f"""
         import os, sys
+        from edgelink.api import connect
         from edgelink.config import load_config
-        from edgelink.transport import p2p
+        from edgelink.models.signature import model_signature
+        from edgelink.roles.sender import Sender
+        from edgelink.runtime.llama import LlamaRuntime
         cfg = load_config(p2p_identity_key={str(node.allowed.path)!r})
-        ch = p2p.client_host(cfg).open_channel({node.addr!r})
+        rt = LlamaRuntime({node.model!r}, cfg)
+        s = Sender(connect({node.addr!r}, cfg), cfg, model_signature(rt, cfg).to_dict(),
+                   auth={{"token": {TOKEN!r}}})
+        s.handshake()  # authenticated: a first frame this large would be refused unread
+        ch = s.ch
         n = [0]
         def flt(typ, body):
             n[0] += 1
