@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from gguf_variants import write_tiny_llama_gguf, write_weight_variant
 
+from edgelink.api.interop import make_llama
 from edgelink.errors import ModelError
 from edgelink.models.gguf_meta import (
     MAX_ARRAY_ITEMS,
@@ -247,7 +248,6 @@ def test_smollm2_weight_variant(smollm2_path, tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_loads_tiny_and_variant(smollm2_path, tmp_path):
-    import llama_cpp
     files = {
         "tiny0": write_tiny_llama_gguf(tmp_path / "tiny0.gguf", seed=0),
         "tiny1": write_tiny_llama_gguf(tmp_path / "tiny1.gguf", seed=1),
@@ -258,7 +258,7 @@ def test_llama_cpp_loads_tiny_and_variant(smollm2_path, tmp_path):
     text = "Hello, world! ünïcode ✓\n"
     logits = {}
     for key, path in files.items():
-        model = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
+        model = make_llama(str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
         try:
             tokens = model.tokenize(text.encode())
             assert model.detokenize(tokens) == text.encode(), key

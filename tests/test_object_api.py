@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import edgelink
+from edgelink.api.interop import make_llama
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.roles.launcher import start_receiver, stop_receiver
 
@@ -87,7 +88,7 @@ def test_load_takes_settings_and_names_what_is_wrong(smollm2_path, cfg):
 
 def _llama(path, n_ctx=1024):
     # flash attention on: the V layout edgelink's default (auto) resolves to on CPU
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, flash_attn=True, verbose=False, seed=1)
+    return make_llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, flash_attn=True, verbose=False, seed=1)
 
 
 def _greedy(llm, prompt_tokens, n):

@@ -120,3 +120,28 @@ def test_doctor_cli_json_and_exit_codes(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout and "not a writable folder" in bad.stdout and "set shm.dir" in bad.stdout
+
+
+def test_make_llama_loads_the_way_edgelink_does(amx_build, smollm2_path):
+    """llama-cpp-python's Llama takes no use_extra_bufts; make_llama sets it from
+    runtime.extra_buffers for its own call only, and from_llama then has nothing to warn of."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as raw
+
+    from edgelink.api.interop import make_llama
+
+    default = raw.llama_model_default_params
+    llm = make_llama(smollm2_path, n_ctx=256, verbose=False, flash_attn=True)
+    try:
+        assert llm.model_params.use_extra_bufts is False
+        assert raw.llama_model_default_params is default
+        assert raw.llama_model_default_params().use_extra_bufts is True
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", EdgelinkWarning)
+            m = edgelink.from_llama(llm)
+        m.prefill("The capital of France is")
+        assert len(m.generate(4, stop_at_eog=False).tokens) == 4
+        m.close()
+        assert isinstance(llm, llama_cpp.Llama)
+    finally:
+        llm.close()

@@ -6,6 +6,7 @@ conversation can be handed off, snapshotted or replaced by a received state, aft
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,36 @@ def _config_of(llm: Any, cfg: Config) -> Config:
                        runtime_seq_id=0)
 
 
+_PARAMS_LOCK = threading.Lock()
+
+
+def make_llama(model_path: str | Path, cfg: Config | None = None, **kwargs: Any) -> Any:
+    """A ``llama_cpp.Llama(model_path, **kwargs)`` loaded the way edgelink loads models: with
+    ``runtime.extra_buffers`` deciding whether weights may use llama.cpp's extra buffer types
+    (off on builds with the faulting AMX kernels, runtime/system.py). llama-cpp-python's
+    ``Llama`` has no argument for that, so the model parameters it starts from are adjusted
+    for the duration of this call only."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as raw
+
+    from edgelink.runtime.system import extra_buffers
+
+    use = extra_buffers((cfg if cfg is not None else load_config()).runtime.extra_buffers).use
+    with _PARAMS_LOCK:
+        default = raw.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = use
+            return p
+
+        raw.llama_model_default_params = params
+        try:
+            return llama_cpp.Llama(str(model_path), **kwargs)
+        finally:
+            raw.llama_model_default_params = default
+
+
 def from_llama(llm: Any, cfg: Config | None = None) -> Model:
     """Wrap a ``llama_cpp.Llama`` as an edgelink ``Model`` over the same model and context.
 
@@ -54,9 +85,9 @@ def from_llama(llm: Any, cfg: Config | None = None) -> Model:
         warnings.warn(EdgelinkWarning(
             "this Llama keeps its weights in llama.cpp's extra buffer types, and this "
             "llama-cpp-python build has AMX kernels, which fault with SIGILL on current Xeons "
-            "(llama.cpp PR #26954): the first completion may kill the process. Load the model "
-            "with edgelink.load(path) instead (runtime.extra_buffers = auto keeps it out of "
-            "them), or rebuild llama-cpp-python without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
+            "(llama.cpp PR #26954): the first completion may kill the process. Create it with "
+            "edgelink.api.interop.make_llama(path, **kwargs), or load it with edgelink.load(path) "
+            "(runtime.extra_buffers = auto keeps weights out of them there), or rebuild llama-cpp-python without AMX: CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
             "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON\" pip install "
             "--force-reinstall --no-cache-dir llama-cpp-python (see `edgelink doctor`)."), stacklevel=2)
     rt = LlamaRuntime.adopt(llm._model.model, llm._ctx.ctx, Path(llm.model_path), cfg)
