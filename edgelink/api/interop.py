@@ -6,7 +6,6 @@ conversation can be handed off, snapshotted or replaced by a received state, aft
 
 from __future__ import annotations
 
-import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,34 +39,14 @@ def _config_of(llm: Any, cfg: Config) -> Config:
                        runtime_seq_id=0)
 
 
-_PARAMS_LOCK = threading.Lock()
-
-
 def make_llama(model_path: str | Path, cfg: Config | None = None, **kwargs: Any) -> Any:
     """A ``llama_cpp.Llama(model_path, **kwargs)`` loaded the way edgelink loads models: with
     ``runtime.extra_buffers`` deciding whether weights may use llama.cpp's extra buffer types
-    (off on builds with the faulting AMX kernels, runtime/system.py). llama-cpp-python's
-    ``Llama`` has no argument for that, so the model parameters it starts from are adjusted
-    for the duration of this call only."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as raw
-
-    from edgelink.runtime.system import extra_buffers
+    (off on builds with the faulting AMX kernels: runtime/system.py)."""
+    from edgelink.runtime.system import extra_buffers, new_llama
 
     use = extra_buffers((cfg if cfg is not None else load_config()).runtime.extra_buffers).use
-    with _PARAMS_LOCK:
-        default = raw.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = use
-            return p
-
-        raw.llama_model_default_params = params
-        try:
-            return llama_cpp.Llama(str(model_path), **kwargs)
-        finally:
-            raw.llama_model_default_params = default
+    return new_llama(model_path, use_extra_bufts=use, **kwargs)
 
 
 def from_llama(llm: Any, cfg: Config | None = None) -> Model:

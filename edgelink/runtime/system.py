@@ -17,7 +17,9 @@ import functools
 import platform
 import re
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 
@@ -130,3 +132,27 @@ def extra_buffers(setting: str) -> ExtraBuffers:
 def amx_unsafe_model(model_params) -> bool:
     """Whether a model loaded with these llama_model_params would run the faulting AMX path."""
     return bool(getattr(model_params, "use_extra_bufts", False)) and build_features().get("AMX_INT8") == "1"
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def new_llama(model_path: str | Path, *, use_extra_bufts: bool, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama(model_path, **kwargs)`` with ``use_extra_bufts`` set. The ``Llama``
+    constructor has no argument for it and builds its model parameters from
+    ``llama_model_default_params()``, so that function is wrapped for this call only."""
+    import llama_cpp.llama_cpp as raw
+
+    with _PARAMS_LOCK:
+        default = raw.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = use_extra_bufts
+            return p
+
+        raw.llama_model_default_params = params
+        try:
+            return llama_cpp.Llama(str(model_path), **kwargs)
+        finally:
+            raw.llama_model_default_params = default
