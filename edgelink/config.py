@@ -120,9 +120,14 @@ class CacheConfig:
     dht: str
     bootstrap: str
     trust: str
+    reshare: str
+    salt: str
     announce_burst: int
     announce_retry_s: float
     dht_timeout_s: float
+    dht_max_providers: int
+    dht_max_addrs: int
+    dht_dial: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +152,8 @@ class NodeConfig:
     bytes_burst: int
     allow_peers: str
     tokens: str
+    token_file: str
+    open: str
     shutdown_grace_s: float
     max_pending: int
     max_pending_per_ip: int

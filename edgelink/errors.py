@@ -162,3 +162,11 @@ class SegmentBusy(TransportError):
     """A shared-memory name is held by a live process."""
 
     code = "busy"
+
+
+class SegmentUntrusted(TransportError):
+    """A shared-memory segment file that is not this user's own private file: another local
+    user created the name first (to read the state sent to it), or it is a link or open to
+    others. Nothing is sent to it and nothing is removed."""
+
+    code = "untrusted"

@@ -113,7 +113,7 @@ def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2
                 proc = start_node(str(smollm2_path), base.replace(cache_dir=str(cache_dir)),
                                   listen=f"/ip4/{hosts[i].ip}/tcp/4001", wrapper=hosts[i].wrapper,
                                   extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / f"n{i}.key")},
-                                  node_args=("--dht", *args))
+                                  node_args=("--dht", "--open", *args))
                 procs.append(proc)
                 return proc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import edgelink
 
 ROOT = Path(edgelink.__file__).parent
-TOP_LEVEL = {"__init__", "__main__", "config", "errors"}
+TOP_LEVEL = {"__init__", "__main__", "config", "errors", "files"}
 
 
 def _modules() -> dict[str, Path]:

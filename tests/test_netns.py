@@ -17,16 +17,19 @@ def remote():
 
 
 def test_handoff_to_a_node_on_another_host_continues_exactly(remote, smollm2_path, cfg, tmp_path):
+    # Beyond loopback a node needs a token (or an allowlist, or --open) to start at all.
+    (tmp_path / "tokens").write_text("# the node's clients\nnetns-token\n")
     node = start_node(str(smollm2_path), cfg, listen=f"/ip4/{remote.ip}/tcp/0",
                       extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "remote.key"),
                                  "EDGELINK_RUNTIME_N_THREADS": "1"},
+                      node_args=("--token-file", str(tmp_path / "tokens")),
                       wrapper=remote.wrapper)
     try:
         (addr,) = node.ready["addrs"]
         assert addr.startswith(f"/ip4/{remote.ip}/tcp/")
         prompt = "The old lighthouse keeper climbed the stairs every evening, and"
         for _ in range(2):  # the second handoff reuses the connection
-            g = api.handoff(str(smollm2_path), prompt, addr, 8, cfg, verify=True)
+            g = api.handoff(str(smollm2_path), prompt, addr, 8, cfg, verify=True, token="netns-token")
             assert g.extra["matches_local"] is True and g.text
         assert g.bytes["payload"] > 100_000  # the KV state itself crossed the link
         event = node.next_event()

@@ -6,6 +6,7 @@ node goes on serving the next client.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -19,6 +20,7 @@ import pytest
 
 from edgelink.errors import (
     ConfigError,
+    EdgelinkError,
     MessageTooLarge,
     PeerGone,
     PeerRejected,
@@ -134,6 +136,37 @@ def test_a_second_listener_on_a_taken_port_fails_naming_it(cfg, tmp_path):
     again = p2p.P2PHost(cfg, load_identity(tmp_path / "b.key"), listen=[f"/ip4/127.0.0.1/tcp/{port}"],
                         on_channel=lambda ch: None)  # free again once the first one closed
     again.close()
+
+
+def test_a_refused_stream_is_reported_at_once_and_its_connection_kept(cfg, tmp_path):
+    """A listener resets a refused stream unread; the reset may reach the dialler while it
+    still reads protocol negotiation. Either way the dialler must say "refused" at once,
+    not take the connection for dead and redial it: that would cut every other stream on it
+    (CI saw an attacker's own pending streams vanish, and its next stream get in)."""
+    c = cfg.replace(p2p_handshake_timeout_s=60.0)
+    srv_box: list = []
+
+    def hold(ch) -> None:
+        with contextlib.suppress(EdgelinkError):
+            ch.recv(1 << 20, 60)
+
+    srv = p2p.P2PHost(c, load_identity(tmp_path / "srv.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                      on_channel=hold, admit=lambda peer, ip: srv_box[0].pending() < 1)
+    srv_box.append(srv)
+    cli = p2p.P2PHost(c, load_identity(tmp_path / "cli.key"))
+    try:
+        addr = srv.addrs[0]
+        first = cli.open_channel(addr)  # holds the one pending place
+        for _ in range(30):
+            t0 = time.monotonic()
+            with pytest.raises(PeerGone, match="node.max_pending"):
+                cli.open_channel(addr)
+            assert time.monotonic() - t0 < 5.0
+            assert not first.closed and srv.pending() == 1
+        first.send(b"still here")
+    finally:
+        cli.close()
+        srv.close()
 
 
 def test_identity_persists_with_mode_0600(tmp_path):

@@ -61,7 +61,8 @@ def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[str],
                 from tools.netns import remote_host, shape
 
                 host = stack.enter_context(remote_host())
-                node = start_node(m.name, node_cfg, listen=f"/ip4/{host.ip}/tcp/0", wrapper=host.wrapper,
+                node = start_node(m.name, node_cfg.replace(node_open="on"), listen=f"/ip4/{host.ip}/tcp/0",
+                                  wrapper=host.wrapper,
                                   extra_env=keys["node"])
                 shape(host, float(rate))
             try:

@@ -83,7 +83,7 @@ def bench_model(model: str, tokens: int, rates: list[float], repeats: int, twin:
     rows: list[dict] = []
     labels = list(TWIN_OPTIONS) if twin else list(OPTIONS)
     with remote_host() as host, LlamaRuntime(path, cfg) as rt:
-        node = start_node(str(path), cfg.replace(wire_allow_lossy="on"), listen=f"/ip4/{host.ip}/tcp/0",
+        node = start_node(str(path), cfg.replace(wire_allow_lossy="on", node_open="on"), listen=f"/ip4/{host.ip}/tcp/0",
                           wrapper=host.wrapper)
         try:
             addr = node.ready["addrs"][0]

@@ -99,17 +99,19 @@ def cache_stats(cfg: Config | None = None) -> dict[str, Any]:
 
 
 def cache_list(cfg: Config | None = None) -> list[dict[str, Any]]:
-    """Every chunk of the disk tier, most recently used first."""
-    from edgelink.cache.prefix import store_for
+    """Every chunk of the disk tier, most recently used first; ``from`` is "self" for the
+    chunks computed on this machine, else the peer they were fetched from."""
+    from edgelink.cache.prefix import PrefixCache
 
-    return [{"key": k, "bytes": size, "last_used": used} for k, size, used in store_for(_cfg(cfg)).disk_keys()]
+    return [{"key": k, "bytes": size, "last_used": used, "from": src}
+            for k, size, used, src in PrefixCache(_cfg(cfg)).disk_chunks()]
 
 
 def cache_clear(cfg: Config | None = None) -> int:
-    """Remove every chunk of the disk tier; returns how many went."""
-    from edgelink.cache.prefix import store_for
+    """Remove every chunk of the disk tier, own and fetched; returns how many went."""
+    from edgelink.cache.prefix import PrefixCache
 
-    return store_for(_cfg(cfg)).clear()
+    return PrefixCache(_cfg(cfg)).clear()
 
 
 def file_session(rt: LlamaRuntime, cfg: Config, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from edgelink.api.results import CacheFetch, Generation, Progress
 from edgelink.config import Config, config_list, load_config
 from edgelink.errors import EdgelinkError, StateError
+from edgelink.files import write_atomic
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
@@ -70,9 +71,7 @@ class Snapshot:
     def save(self, path: str | Path) -> Path:
         """Write it as a message file (atomically: a temporary name, then a rename)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(self.frames)
-        tmp.replace(path)
+        write_atomic(path, self.frames)
         return path
 
 
@@ -185,7 +184,7 @@ class Model:
             for addr in addrs:
                 out.sources.append(addr)
                 try:
-                    with self.connect(addr, token=token) as peer:
+                    with self.connect(addr, token=self._token_for(addr, name, token)) as peer:
                         peer.fetch_cache(toks)
                 except EdgelinkError as exc:  # what arrived before the failure is kept
                     out.errors.append(f"{addr}: {exc}")
@@ -194,6 +193,15 @@ class Model:
         out.chunks = cache.held(keys) - before
         out.seconds = time.perf_counter() - t0
         return out
+
+    def _token_for(self, addr: str, source: str, token: str | None) -> str | None:
+        """The bearer token goes to a peer named by the user (``cache.peers``, ``--cache-from``)
+        or, for a holder the DHT named, only to one listed by its peer id in ``cache.trust``:
+        ``*`` lets anyone's chunks be fetched, never the token be handed to whoever announced."""
+        if token is None or source != "dht":
+            return token
+        pid = addr.rpartition("/p2p/")[2]
+        return token if pid in config_list(self.cfg.cache.trust) else None
 
     def _dht_holders(self, keys: list[str], held: int, out: CacheFetch) -> list[str]:
         """Addresses of the trusted peers the DHT names as holders of the deepest of ``keys``

@@ -133,7 +133,8 @@ class Peer:
         a later ``model.prefill(prompt, cache=True)`` then finds them. Returns how many came."""
         m = self.model
         toks = m.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
-        return m.prefix_cache().fetch(self.sender, m.runtime, m.signature, toks)
+        source = getattr(self.sender.ch, "remote_peer_id", None) or self.to
+        return m.prefix_cache().fetch(self.sender, m.runtime, m.signature, toks, source=source)
 
     def digest(self) -> str:
         """The receiver's state digest (equal to ``model.runtime.state_digest()`` in step)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import blake3
 import numpy as np
 
 from edgelink.cache.store import ChunkStore, TierStats
-from edgelink.config import Config
+from edgelink.config import Config, config_list
 from edgelink.errors import ConfigError, EdgelinkError, StateError
 from edgelink.kinds.delta import merge_delta
 from edgelink.kinds.snapshot import check_state_layout
@@ -108,21 +109,75 @@ def store_for(cfg: Config) -> ChunkStore:
     return ChunkStore(directory, cfg.cache.ram_bytes, cfg.cache.disk_bytes)
 
 
+SALT_TAG = b"edgelink cache salt v1\x00"
+_SOURCE_TAG = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+
+
+def source_tag(source: str) -> str:
+    """A directory name for the peer chunks came from (a peer id, ``shm:NAME``)."""
+    tag = source.replace("shm:", "shm-", 1)
+    return tag if _SOURCE_TAG.fullmatch(tag) and tag not in (".", "..") else \
+        "h-" + blake3.blake3(source.encode()).hexdigest()[:32]
+
+
 class PrefixCache:
     """Chunks of KV cells keyed by the prefix they continue, in RAM and on disk."""
 
     def __init__(self, cfg: Config, store: ChunkStore | None = None):
         self.cfg = cfg
         self.chunk = chunk_tokens_of(cfg)
-        self.store = store if store is not None else store_for(cfg)
+        self.store = store if store is not None else store_for(cfg)  # chunks computed here
+        # Chunks fetched from peers, one store per source (``<dir>/from/<source>``): used by
+        # this machine's own prefills, but served to peers (and announced) only when
+        # ``cache.reshare`` names their source, since a fetched chunk is verified for shape,
+        # tokens and checksum, never recomputed (docs/security.md).
+        self._fetched: dict[str, ChunkStore] = {}
+        self._reshare = set(config_list(cfg.cache.reshare))
+        if self.store.dir is not None and (self.store.dir / "from").is_dir():
+            for d in sorted((self.store.dir / "from").iterdir()):
+                if d.is_dir():
+                    self._fetched[d.name] = self._source_store(d.name)
         self.totals = CachedPrefill(0)  # summed over this process's prefills
+
+    def _source_store(self, tag: str) -> ChunkStore:
+        d = None if self.store.dir is None else self.store.dir / "from" / tag
+        return ChunkStore(d, self.cfg.cache.ram_bytes, self.cfg.cache.disk_bytes)
+
+    def fetched_store(self, source: str) -> ChunkStore:
+        """Where chunks fetched from ``source`` (a peer id, ``shm:NAME``) are kept."""
+        tag = source_tag(source)
+        if tag not in self._fetched:
+            self._fetched[tag] = self._source_store(tag)
+        return self._fetched[tag]
+
+    def _stores(self, for_peer: bool) -> list[ChunkStore]:
+        """Own chunks first; then, for this machine, every source's; for a peer, only those of
+        the sources ``cache.reshare`` names (``*``: all)."""
+        if not for_peer or "*" in self._reshare:
+            return [self.store, *self._fetched.values()]
+        tags = {source_tag(s) for s in self._reshare}
+        return [self.store, *(st for tag, st in self._fetched.items() if tag in tags)]
+
+    def _find(self, key: str, for_peer: bool) -> tuple[bytes, str, str, ChunkStore] | None:
+        """(data, tier, stored key, store) of ``key``, whole first, then trimmed."""
+        for stored in (key, trimmed_key(key)):
+            for st in self._stores(for_peer):
+                got = st.get(stored)
+                if got is not None:
+                    return got[0], got[1], stored, st
+        return None
 
     # ------------------------------------------------------------------ keys
 
-    @staticmethod
-    def root_key(signature: dict[str, Any]) -> bytes:
+    def root_key(self, signature: dict[str, Any]) -> bytes:
+        """The key every chain of chunk keys starts from: the model's signature, and the
+        trust domain's ``cache.salt`` when set. Without the salt a peer cannot compute the key
+        of any prompt, so it can neither hit nor time another domain's chunks."""
         canon = json.dumps(signature, sort_keys=True, separators=(",", ":")).encode()
-        return blake3.blake3(ROOT_TAG + canon).digest()
+        salt = self.cfg.cache.salt
+        if not salt:
+            return blake3.blake3(ROOT_TAG + canon).digest()
+        return blake3.blake3(ROOT_TAG + canon, key=blake3.blake3(SALT_TAG + salt.encode()).digest()).digest()
 
     def keys(self, signature: dict[str, Any], tokens: list[int]) -> list[str]:
         """The key of every whole chunk of ``tokens``, in order."""
@@ -180,21 +235,17 @@ class PrefixCache:
         trimmed: list[bool] = []
         tiers: list[str] = []
         for index, key in enumerate(keys):
-            stored = key
-            got = self.store.get(key)
-            if got is None:
-                stored = trimmed_key(key)
-                got = self.store.get(stored)
+            got = self._find(key, for_peer=False)
             if got is None:
                 break
-            data, tier = got
+            data, tier, stored, st = got
             try:
                 msg = self._open(rt, signature, data, key)
                 states.append(self._state(msg, index, tokens[index * self.chunk:(index + 1) * self.chunk],
                                           trimmed=stored != key))
             except EdgelinkError as exc:
                 log.warning("cached chunk %s did not verify (%s): dropped, recomputing", key[:16], exc)
-                self.store.drop(stored)
+                st.drop(stored)
                 out.dropped_chunks += 1
                 break
             trimmed.append(stored != key)
@@ -260,18 +311,20 @@ class PrefixCache:
                    for index, key in enumerate(keys) if not self.store.has(key))
 
     def _put(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int, tensors: list[Tensor],
-             layout: dict[str, Any], trimmed: bool = False) -> None:
+             layout: dict[str, Any], trimmed: bool = False, into: ChunkStore | None = None,
+             origin: str | None = None) -> None:
         """Keep chunk ``index``'s tensors (cells and token ids) under ``key`` (or, trimmed, under
-        ``trimmed_key(key)``), as a message file."""
+        ``trimmed_key(key)``), as a message file, in ``into`` (default: the chunks computed
+        here); ``origin`` names the peer it came from, in the chunk's attributes."""
+        chunk = {"key": key, "index": index, "trimmed": trimmed, **({"from": origin} if origin else {})}
         session = self._session(rt, signature, Role.CLIENT)
         hello = session.hello()
         session.assume_peer_accepts()
         start = index * self.chunk
         parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=rt.seq,
                                                  layer_range=(0, rt.n_layer), token_range=(start, start + self.chunk),
-                                                 attrs={"kv": layout, "chunk": {"key": key, "index": index,
-                                                                                "trimmed": trimmed}})
-        self.store.put(trimmed_key(key) if trimmed else key, frame_bytes(hello) + frame_bytes(*parts))
+                                                 attrs={"kv": layout, "chunk": chunk})
+        (into or self.store).put(trimmed_key(key) if trimmed else key, frame_bytes(hello) + frame_bytes(*parts))
 
     def _open(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str) -> TensorMessage:
         """A stored chunk's tensor message, verified: this model's signature, every checksum,
@@ -319,31 +372,33 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ sharing with peers
 
-    def held(self, keys: list[str]) -> int:
-        """How many of ``keys``, from the first, this store holds (whole or trimmed)."""
+    def held(self, keys: list[str], *, for_peer: bool = False) -> int:
+        """How many of ``keys``, from the first, this cache holds (whole or trimmed);
+        ``for_peer``: only those it may serve a peer (its own, and ``cache.reshare``'s)."""
+        stores = self._stores(for_peer)
         n = 0
         for key in keys:
-            if not (self.store.has(key) or self.store.has(trimmed_key(key))):
+            tk = trimmed_key(key)
+            if not any(st.has(key) or st.has(tk) for st in stores):
                 break
             n += 1
         return n
 
     def chunk_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str,
                       window: bool = True) -> TensorMessage:
-        """A stored chunk to send a peer, verified here first (a damaged one is dropped);
-        without ``window``, trimmed to its full-attention cells (for a sliding-window model)."""
-        stored, got = key, self.store.get(key)
-        if got is None:
-            stored = trimmed_key(key)
-            got = self.store.get(stored)
-            if got is not None and window and rt.n_swa:
-                raise StateError(f"this peer holds only the full-attention cells of chunk {key[:16]}")
+        """A stored chunk to send a peer (one computed here, or from a ``cache.reshare``
+        source), verified here first (a damaged one is dropped); without ``window``, trimmed
+        to its full-attention cells (for a sliding-window model)."""
+        got = self._find(key, for_peer=True)
         if got is None:
             raise StateError(f"no cached chunk {key[:16]}")
+        data, _, stored, st = got
+        if stored != key and window and rt.n_swa:
+            raise StateError(f"this peer holds only the full-attention cells of chunk {key[:16]}")
         try:
-            msg = self._open(rt, signature, got[0], key)
+            msg = self._open(rt, signature, data, key)
         except EdgelinkError:
-            self.store.drop(stored)
+            st.drop(stored)
             raise
         if window or not rt.n_swa or is_trimmed(msg):
             return msg
@@ -354,16 +409,18 @@ class PrefixCache:
         return dataclasses.replace(msg, tensors=(*tensors, by_name["tokens"]),
                                    attrs={**msg.attrs, "kv": layout, "chunk": chunk})
 
-    def fetch(self, sender: Any, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int]) -> int:
-        """Fetch from the peer of ``sender`` the chunks of ``tokens`` this store lacks, as far
-        as the peer holds them, each verified as a local chunk is before it is stored.
-        Returns how many arrived."""
+    def fetch(self, sender: Any, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int],
+              source: str = "peer") -> int:
+        """Fetch from the peer of ``sender`` the chunks of ``tokens`` this cache lacks, as far
+        as the peer holds them, each verified as a local chunk is before it is kept (apart
+        from the chunks computed here: ``fetched_store(source)``). Returns how many arrived."""
         keys = self.keys(signature, tokens)[:(len(tokens) - 1) // self.chunk]
         local = self.held(keys)
         if local == len(keys):
             return 0
         held = sender.request("cache_has", keys=keys[local:])["held"]
         fetched = 0
+        into = self.fetched_store(source)
         whole_from = len(keys) - self.window_chunks(rt)  # the chunks whose window cells a restore needs
         for index in range(local, local + min(held, len(keys) - local)):
             key, ids = keys[index], tokens[index * self.chunk:(index + 1) * self.chunk]
@@ -373,7 +430,8 @@ class PrefixCache:
                      trimmed: bool = not window) -> None:
                 # refused (and the peer told) unless it is exactly that chunk, in the form asked for
                 self._state(msg, index, ids, trimmed=trimmed)
-                self._put(rt, signature, key, index, list(msg.tensors), msg.attrs["kv"], trimmed=trimmed)
+                self._put(rt, signature, key, index, list(msg.tensors), msg.attrs["kv"], trimmed=trimmed,
+                          into=into, origin=source)
 
             sender.pull_chunk(key, keep, window=window)
             fetched += 1
@@ -390,8 +448,21 @@ class PrefixCache:
         for tier, n in out.hit_tiers.items():
             t.hit_tiers[tier] = t.hit_tiers.get(tier, 0) + n
 
+    def clear(self) -> int:
+        """Remove every chunk, own and fetched, from both tiers; returns the disk files gone."""
+        return sum(st.clear() for st in self._stores(for_peer=False))
+
+    def disk_chunks(self) -> list[tuple[str, int, float, str]]:
+        """(key, bytes, last use, source) of every chunk on disk; source "self" for the chunks
+        computed here, most recently used first."""
+        out = [(k, n, t, "self") for k, n, t in self.store.disk_keys()]
+        for tag, st in self._fetched.items():
+            out += [(k, n, t, tag) for k, n, t in st.disk_keys()]
+        return sorted(out, key=lambda c: -c[2])
+
     def stats(self) -> dict[str, Any]:
         tiers: dict[str, TierStats] = self.store.stats()
         return {"chunk_tokens": self.chunk, "dir": str(self.store.dir) if self.store.dir else None,
                 "tiers": {k: dataclasses.asdict(v) for k, v in tiers.items()},
+                "fetched": {tag: st.stats()["disk"].entries for tag, st in self._fetched.items()},
                 "this_process": dataclasses.asdict(self.totals)}

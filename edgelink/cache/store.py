@@ -18,11 +18,11 @@ import dataclasses
 import os
 import re
 import threading
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from edgelink.errors import ConfigError
+from edgelink.files import private_dir, write_atomic
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -57,7 +57,7 @@ class ChunkStore:
         self.on_put: list[Callable[[str], None]] = []
         if self.dir is not None:
             try:
-                self.dir.mkdir(parents=True, exist_ok=True)
+                private_dir(self.dir)
             except OSError as exc:
                 raise ConfigError(f"cannot create the cache directory {self.dir}: {exc.strerror} "
                                   "(set cache.dir)") from None
@@ -106,14 +106,9 @@ class ChunkStore:
         path = self._path(key)
         if path is None or len(data) > self.disk_cap or path.exists():
             return
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            write_atomic(path, data)
         except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             return  # a full disk costs the cache, never the caller
         self._evict_disk()
 

@@ -15,8 +15,10 @@ from edgelink.cli.common import (  # noqa: F401
     _Ctx,
     _emit,
     _progress,
+    client_token,
     json_option,
     n_option,
+    token_options,
     wire_codec,
     wire_option,
 )
@@ -151,18 +153,18 @@ def _gen_text(g: api.Generation) -> str:
 @click.option("--trust", multiple=True, metavar="PEER_ID",
               help="A peer id whose chunks a DHT lookup may fetch, or * for any (repeatable; adds "
                    "to cache.trust).")
-@click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@token_options
 @json_option
 @click.pass_obj
 def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, use_cache: bool,
              cache_from: str | None, bootstrap: tuple[str, ...], trust: tuple[str, ...], token: str | None,
-             as_json: bool) -> None:
+             token_file: str | None, as_json: bool) -> None:
     """Greedy generation in this process (the reference a handoff must match)."""
     cfg = obj.cfg()
     cfg = cfg.replace(cache_bootstrap=_join_list(cfg.cache.bootstrap, bootstrap),
                       cache_trust=_join_list(cfg.cache.trust, trust))
     g = api.generate(model or cfg.runtime.default_model, prompt, n_tokens, cfg, progress=_progress(),
-                     cache=use_cache, cache_from=cache_from, token=token)
+                     cache=use_cache, cache_from=cache_from, token=client_token(token, token_file))
     _emit(as_json, g, _gen_text(g) + _fetch_text(g))
 
 
@@ -249,17 +251,18 @@ def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, fi
               help="Write the state as an edgelink message file.")
 @click.option("--to", default=None, help="Hand the state off to this receiver (shm:NAME or a multiaddr).")
 @n_option
-@click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@token_options
 @json_option
 @click.pass_obj
 def import_llama(obj: _Ctx, file: str, model: str | None, output: str | None, to: str | None,
-                 n_tokens: int | None, token: str | None, as_json: bool) -> None:
+                 n_tokens: int | None, token: str | None, token_file: str | None, as_json: bool) -> None:
     """Read a llama.cpp sequence-state FILE (llama_state_seq_save_file; llama-server's
     --slot-save-path slots), verify it against MODEL, and write it as an edgelink message
     (-o) and/or hand it off (--to)."""
     if output is None and to is None:
         raise click.UsageError("give -o FILE (an edgelink message file) and/or --to PEER (a handoff)")
     cfg = obj.cfg()
+    token = client_token(token, token_file)
     g = api.import_llama(model or cfg.runtime.default_model, file, output=output, to=to, n_tokens=n_tokens,
                          token=token, cfg=cfg, progress=_progress())
     _emit(as_json, g, f"read {g.prompt_tokens} tokens from {file}\n" + _gen_text(g).lstrip())
@@ -315,7 +318,7 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
                    "/p2p/PEERID alone (found on the LAN with mDNS).")
 @n_option
 @click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
-@click.option("--token", default=None, help="Bearer token for a node that requires one.")
+@token_options
 @click.option("--bridge", default=None, type=click.Path(dir_okay=False),
               help="Hand PROMPT to a receiver running the bridge's target model: ship the bridge's "
                    "output (BRIDGED_PREFIX) instead of the KV state; MODEL is the bridge's source.")
@@ -323,10 +326,12 @@ def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None,
 @json_option
 @click.pass_obj
 def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | None,
-            verify: bool, token: str | None, bridge: str | None, wire: str | None, as_json: bool) -> None:
+            verify: bool, token: str | None, token_file: str | None, bridge: str | None, wire: str | None,
+            as_json: bool) -> None:
     """Prefill here, ship the KV state to a receiver, print its continuation (with --bridge:
     a bridge's reading of PROMPT to a receiver running another model, and its label scores)."""
     cfg = obj.cfg(wire_codec=wire_codec(wire))
+    token = client_token(token, token_file)
     if bridge:
         if verify:
             raise click.UsageError("--verify compares with this model's own continuation; a bridged "
@@ -428,6 +433,12 @@ def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: b
               help="Announce this node on the LAN with mDNS [config: p2p.mdns].")
 @click.option("--token", "tokens", multiple=True, metavar="TOKEN",
               help="A bearer token a client must present (repeatable; adds to node.tokens).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Bearer tokens, one per line (node.token_file): unlike --token, not visible in "
+                   "the process list.")
+@click.option("--open", "open_", is_flag=True, default=False,
+              help="Serve any peer that reaches a non-loopback address, with neither allowlist nor "
+                   "token [config: node.open].")
 @click.option("--allow-peer", "allow_peers", multiple=True, metavar="PEER_ID",
               help="A peer id allowed to start sessions (repeatable; adds to node.allow_peers; "
                    "with none anywhere, any peer may).")
@@ -440,10 +451,11 @@ def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: b
 @json_option
 @click.pass_obj
 def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: tuple[str, ...],
-         allow_peers: tuple[str, ...], dht: bool, bootstrap: tuple[str, ...], bridge: str | None,
+         token_file: str | None, open_: bool, allow_peers: tuple[str, ...], dht: bool, bootstrap: tuple[str, ...], bridge: str | None,
          as_json: bool) -> None:
     """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
-    cfg = obj.cfg(p2p_mdns=1 if mdns else None, cache_dht="on" if dht else None)
+    cfg = obj.cfg(p2p_mdns=1 if mdns else None, cache_dht="on" if dht else None,
+                  node_token_file=token_file, node_open="on" if open_ else None)
     if bootstrap:
         cfg = cfg.replace(cache_bootstrap=_join_list(cfg.cache.bootstrap, bootstrap))
     if tokens or allow_peers:

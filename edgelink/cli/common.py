@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -70,6 +72,31 @@ wire_option = click.option(
 def wire_codec(value: str | None) -> str | None:
     """--wire as a wire.codec value."""
     return "zstd-shuffle/1" if value == "lossless" else value
+
+
+def token_options(f):
+    """--token and --token-file, for commands that dial a node that may require a token."""
+    f = click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+                     help="Read the bearer token from this file (first line); not visible to "
+                          "other users the way --token is. $EDGELINK_TOKEN works too.")(f)
+    return click.option("--token", default=None,
+                        help="Bearer token for a node that requires one.")(f)
+
+
+def client_token(token: str | None, token_file: str | None) -> str | None:
+    """The token from --token, else --token-file's first line, else $EDGELINK_TOKEN."""
+    if token:
+        return token
+    if token_file:
+        try:
+            lines = [ln.strip() for ln in Path(token_file).expanduser().read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {token_file}: {exc}", param_hint="--token-file") from None
+        found = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not found:
+            raise click.BadParameter(f"{token_file} holds no token", param_hint="--token-file")
+        return found[0]
+    return os.environ.get("EDGELINK_TOKEN") or None
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

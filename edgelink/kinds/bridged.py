@@ -139,6 +139,10 @@ class BridgedPrefixApplier:
                      "vectors": int(v.shape[0]), "tail_tokens": len(self.tail),
                      "context_tokens": len(rt.tokens), "source_tokens": msg.attrs["source_tokens"]}
 
+    def forget(self) -> None:
+        """The session is over: its figures are not the next peer's to read."""
+        self.last = {}
+
     def _start(self) -> None:
         """Replace the sequence with the head (primer + before), from the cached cells."""
         rt = self.rt
@@ -214,3 +218,4 @@ def register_bridged(receiver: Any, bridge: Bridge | None) -> None:
     receiver.bridge_claim = bridge_claim(bridge) if bridge else None
     if applier is not None:
         receiver.appliers[Kind.BRIDGED_PREFIX] = applier.apply
+        receiver.forget.append(applier.forget)

@@ -9,14 +9,13 @@ models park huge activations on it (an attention sink), which would inflate a me
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgelink.config import Config
 from edgelink.errors import StateError
+from edgelink.files import write_atomic
 from edgelink.models.digest import weights_digest
 from edgelink.runtime.evalhook import capture, require_hook
 
@@ -64,10 +63,7 @@ def residual_norms(rt, cfg: Config) -> np.ndarray:
     norms = measure_norms(rt)
     if not (np.isfinite(norms).all() and (norms > 0).all()):
         raise StateError("residual norm calibration produced non-positive or non-finite norms")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".norms-")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"version": CALIBRATION_VERSION, "model": str(rt.path), "statistic": "median token L2, first token excluded",
-                   "norms": norms.tolist()}, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"version": CALIBRATION_VERSION, "model": str(rt.path),
+                                   "statistic": "median token L2, first token excluded",
+                                   "norms": norms.tolist()}).encode())
     return norms

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelink.errors import StateError
+from edgelink.files import write_atomic
 from edgelink.kinds.snapshot import check_state_layout
 from edgelink.runtime.kvstate import SEQ_STATE_MAGIC, parse_seq_state
 from edgelink.runtime.llama import LlamaRuntime
@@ -77,11 +78,5 @@ def save_seq_file(path: str | Path, rt: LlamaRuntime) -> int:
         raise StateError("the sequence holds embedding positions, which a llama.cpp state file cannot name")
     blob = rt.export_state()
     head = _FILE_HEADER.pack(SEQ_FILE_MAGIC, SEQ_FILE_VERSION, len(rt.tokens))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(head)
-        f.write(np.asarray(rt.tokens, dtype="<i4").tobytes())
-        f.write(blob[8:])
-    tmp.replace(path)
+    write_atomic(path, (head, np.asarray(rt.tokens, dtype="<i4").tobytes(), blob[8:]))
     return len(head) + 4 * len(rt.tokens) + blob.nbytes - 8

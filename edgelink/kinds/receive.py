@@ -10,6 +10,7 @@ from edgelink.protocol.kinds import Kind
 def register_latent(receiver) -> None:
     hidden = HiddenSliceApplier(receiver.rt, receiver.cfg)
     receiver.hidden_slices = hidden.store
+    receiver.forget.append(hidden.store.clear)
     receiver.appliers[Kind.HIDDEN_SLICE] = hidden.apply
     if getattr(receiver.rt, "eval_hook", None) is not None:
         from edgelink.kinds.patch import PatchApplier

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import threading
 import time
@@ -50,14 +51,52 @@ class Provider:
     addrs: tuple[str, ...]  # dialable multiaddrs, each ending in /p2p/<peer id>
 
 
-def dialable(addr: str, peer_id: str) -> str | None:
+SCOPES = {"loopback": 0, "private": 1, "public": 2}
+
+
+def addr_scope(addr: str) -> int | None:
+    """0 loopback, 1 private (RFC 1918, ULA, CGNAT), 2 public, None for an address never to
+    dial (link-local, multicast, unspecified, reserved, or not an IP multiaddr)."""
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return None
+    try:
+        ip = ipaddress.ip_address(parts[2])
+    except ValueError:
+        return None
+    if ip.is_loopback:
+        return 0
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return None
+    return 1 if (ip.is_private or ip in _CGNAT) else 2
+
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+def dial_scope(cfg: Config, own: Sequence[str] = ()) -> int:
+    """The narrowest address scope a DHT lookup may dial (``cache.dht_dial``): auto is the
+    narrowest among ``cache.bootstrap`` (the network joined), or among ``own`` addresses when
+    there is no bootstrap (the first member of a network lives where it listens)."""
+    mode = cfg.cache.dht_dial
+    if mode in SCOPES:
+        return SCOPES[mode]
+    if mode != "auto":
+        raise ConfigError(f"cache.dht_dial is {mode!r}: auto, public, private or loopback")
+    where = config_list(cfg.cache.bootstrap) or list(own)
+    scopes = [s for s in (addr_scope(b) for b in where) if s is not None]
+    return min(scopes, default=SCOPES["public"])
+
+
+def dialable(addr: str, peer_id: str, min_scope: int = 0) -> str | None:
     """``addr`` as a full multiaddr for ``peer_id`` if a session could be dialled there (TCP over
-    an IP that is not a wildcard); None for anything else a record may carry."""
+    an IP of at least ``min_scope``); None for anything else a record may carry."""
     parts = addr.split("/")
     if len(parts) < 5 or parts[0] != "" or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
         return None
+    scope = addr_scope(addr)
     port = parts[4]
-    if parts[2] in ("0.0.0.0", "::") or not (port.isascii() and port.isdigit() and len(port) <= 5) \
+    if scope is None or scope < min_scope or not (port.isascii() and port.isdigit() and len(port) <= 5) \
             or not 0 < int(port) < 65536:
         return None
     base = "/".join(parts[:5])
@@ -250,18 +289,31 @@ class CacheDht:
             return []
 
         own = self.host.peer_id
-        out: dict[str, list[str]] = {}
+        c = self.cfg.cache
+        scope = dial_scope(self.cfg, self.host.addrs)
+        # dicts as ordered sets: linear in what is kept, and what is kept is bounded, however
+        # many providers and addresses an answer carries
+        out: dict[str, dict[str, None]] = {}
         for info in self.host._call(find):
+            if len(out) >= c.dht_max_providers:
+                break
             try:
                 pid = info.peer_id.to_base58()
-                addrs = [str(a) for a in info.addrs]
+                raw = info.addrs[:4 * c.dht_max_addrs]
             except Exception:  # noqa: BLE001 - a record is a peer's word: skip what does not parse
                 continue
             if pid == own:
                 continue
-            for d in (dialable(a, pid) for a in addrs):
-                if d and d not in out.setdefault(pid, []):
-                    out[pid].append(d)
+            kept = out.setdefault(pid, {})
+            for a in raw:
+                try:
+                    d = dialable(str(a), pid, scope)
+                except Exception:  # noqa: BLE001 - an address that does not print is skipped
+                    continue
+                if d:
+                    kept[d] = None
+                    if len(kept) >= c.dht_max_addrs:
+                        break
         return [Provider(pid, tuple(a)) for pid, a in sorted(out.items()) if a]
 
     def deepest(self, keys: Sequence[str], accept: Callable[[Provider], bool] = lambda p: True

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelink.errors import ConfigError
+from edgelink.files import create_private
 
 HEADER = "edgelink-ed25519-v1"
 
@@ -91,22 +92,11 @@ def load_identity(path: str | os.PathLike[str], *, create: bool = True) -> Ident
     if not exists:
         if not create:
             raise ConfigError(f"no identity key at {path} (run `edgelink id` to create one)")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         from nacl.signing import SigningKey
 
         seed = bytes(SigningKey.generate())
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            fd = -1  # another process created it just now: use theirs
-        if fd >= 0:
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, f"{HEADER} {seed.hex()}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            created = True
+        # another process that created it just now wins: its key is used
+        created = create_private(path, f"{HEADER} {seed.hex()}\n".encode())
     seed = _read(path)
     kp, pid = _from_seed(seed)
     return Identity(path, kp, pid, created)

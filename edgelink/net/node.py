@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hmac
+import ipaddress
 import logging
 import signal
 import threading
@@ -39,6 +40,7 @@ from edgelink.config import Config, config_list
 from edgelink.errors import (
     AuthError,
     BusyError,
+    ConfigError,
     EdgelinkError,
     ProtocolError,
     TransportError,
@@ -135,6 +137,51 @@ class _Prefetched:
         self._ch.close()
 
 
+def node_tokens(cfg: Config) -> tuple[str, ...]:
+    """``node.tokens`` and the lines of ``node.token_file`` (blank and # lines skipped)."""
+    tokens = config_list(cfg.node.tokens)
+    if cfg.node.token_file:
+        path = Path(cfg.node.token_file).expanduser()
+        try:
+            st = path.stat()
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read node.token_file {path}: {exc}") from None
+        if st.st_mode & 0o077:
+            log.warning("node.token_file %s is readable by other users (mode %o): chmod 600 it",
+                        path, st.st_mode & 0o777)
+        tokens += [t.strip() for t in text.splitlines() if t.strip() and not t.strip().startswith("#")]
+        if not tokens:
+            raise ConfigError(f"node.token_file {path} holds no token")
+    return tuple(tokens)
+
+
+def beyond_loopback(addr: str) -> bool:
+    """Whether a listen multiaddr may be reached from another machine (a wildcard address is)."""
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+        return True
+    if parts[1].startswith("dns"):
+        return parts[2] != "localhost"
+    try:
+        return not ipaddress.ip_address(parts[2]).is_loopback
+    except ValueError:
+        return True
+
+
+def check_exposure(listen: str, allowlist: bool, tokens: bool, cfg: Config) -> None:
+    """Refuse to serve anyone who reaches a non-loopback address unless that is asked for."""
+    if cfg.node.open not in ("on", "off"):
+        raise ConfigError(f"node.open must be on or off, got {cfg.node.open!r}")
+    if allowlist or tokens or cfg.node.open == "on" or not beyond_loopback(listen):
+        return
+    raise ConfigError(
+        f"the node would listen on {listen} with neither node.allow_peers nor a token, so anyone "
+        "who reaches that address could use its model and cache. Give --token-file FILE (or "
+        "--token, node.tokens, EDGELINK_NODE_TOKENS), --allow-peer PEER_ID, or listen on "
+        "/ip4/127.0.0.1/...; --open (node.open = on) serves anyone, on purpose")
+
+
 class Node:
     """Serve sessions over libp2p, each in its own llama.cpp context of one model: one context
     at start, more as clients need them, up to ``node.max_clients``."""
@@ -153,7 +200,8 @@ class Node:
         self.identity = identity or load_identity(cfg.p2p.identity_key)
         self.on_event = on_event or (lambda e: None)
         self.allow_peers = frozenset(config_list(cfg.node.allow_peers))
-        self.tokens = tuple(config_list(cfg.node.tokens))
+        self.tokens = node_tokens(cfg)
+        check_exposure(listen or cfg.p2p.listen, bool(self.allow_peers), bool(self.tokens), cfg)
         # Slot 0 now (the signature and the limits come from it); the other slots' contexts
         # are created when a client first needs one: llama.cpp commits a context's whole KV
         # cache when it creates it, so N idle contexts would hold N full caches.

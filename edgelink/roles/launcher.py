@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import Any
 
 from edgelink.config import Config, to_env
@@ -15,17 +17,53 @@ from edgelink.errors import EdgelinkError
 
 
 class Receiver(subprocess.Popen):
-    """A serving child; ``next_event()`` reads its JSON event lines (ready, session)."""
+    """A serving child; ``next_event()`` reads its JSON event lines (ready, session).
 
-    def next_event(self) -> dict[str, Any]:
+    A thread reads stdout into a queue, so a wait for an event that never comes ends with an
+    error after ``timeout`` seconds instead of hanging its caller, and ``drain_events()`` can
+    take what is already there without blocking."""
+
+    EVENT_TIMEOUT_S = 300.0
+
+    def _start_reading(self) -> None:
+        self._events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_events, daemon=True, name="receiver-events").start()
+
+    def _read_events(self) -> None:
         assert self.stdout is not None
-        while True:
-            line = self.stdout.readline()
-            if not line:
-                raise EdgelinkError(f"receiver exited (code {self.wait()}): {self.stderr_tail()}")
+        for line in self.stdout:
             line = line.strip()
             if line.startswith("{"):
-                return json.loads(line)
+                try:
+                    self._events.put(json.loads(line))
+                except ValueError:
+                    continue
+        self._events.put(None)  # end of output: the child exited
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next JSON event; EdgelinkError if the child exits or none comes in ``timeout`` s."""
+        limit = self.EVENT_TIMEOUT_S if timeout is None else timeout
+        try:
+            ev = self._events.get(timeout=limit)
+        except queue.Empty:
+            raise EdgelinkError(f"no event from the child within {limit:g} s: {self.stderr_tail(800)}") from None
+        if ev is None:
+            self._events.put(None)
+            raise EdgelinkError(f"receiver exited (code {self.wait()}): {self.stderr_tail()}")
+        return ev
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """Every event already received, without waiting for more."""
+        out = []
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                return out
+            if ev is None:
+                self._events.put(None)
+                return out
+            out.append(ev)
 
     def stderr_tail(self, n: int = 4000) -> str:
         f = self._err_file
@@ -44,6 +82,7 @@ def _spawn(what: str, args: list[str], cfg: Config, extra_env: dict[str, str] | 
     proc = Receiver([*wrapper, sys.executable, "-m", "edgelink", *args], stdout=subprocess.PIPE,
                     stderr=err, text=True, env=env)
     proc._err_file = err
+    proc._start_reading()
     event = proc.next_event()
     if event.get("event") != "ready":
         stop_receiver(proc)

@@ -115,6 +115,10 @@ class Receiver:
         }
         # Extra REQUEST ops (name -> handler(params) -> result body), e.g. "latent_caps".
         self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        # What a session leaves in an applier beside the sequence (stored hidden slices, the
+        # last bridged prefix's figures): each is called when a session ends, with the sequence
+        # cleared (protocol.session_state = clear), so the next peer sees none of it.
+        self.forget: list[Callable[[], None]] = []
         # HIDDEN_SLICE (always) and RESIDUAL_PATCH (only with the eval hook): edgelink/latent.
         from edgelink.kinds.receive import register_latent
 
@@ -224,6 +228,8 @@ class Receiver:
             self._background_error = None
             if self.cfg.protocol.session_state != "keep":
                 self.rt.clear()
+                for forget in self.forget:
+                    forget()
             if report.rejected or report.ended_by != "close":
                 # A message that was cut off or refused must not leave its gigabyte behind:
                 # buffers it filled are given back (a later one faults them in again).
@@ -370,7 +376,7 @@ class Receiver:
     def _request(self, req: Request) -> dict[str, Any]:
         rt = self.rt
         if req.op == "cache_has":
-            return {"held": self._prefix_cache().held([k.hex() for k in req.params["keys"]]),
+            return {"held": self._prefix_cache().held([k.hex() for k in req.params["keys"]], for_peer=True),
                     "context_tokens": len(rt.tokens)}
         if req.op == "generate":
             n = req.params["n_tokens"]

@@ -9,22 +9,36 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from edgelink.errors import PeerGone, ProtocolError, TransportError, TruncatedMessage
+from edgelink.files import FILE_MODE, commit, discard, new_temp
 from edgelink.transport.framing import HEADER, HEADER_BYTES, RecvBuffer, byte_views, check_length
 
 
 class FileChannelWriter:
-    """Writes frames to ``path`` (created or truncated; ``append=True`` adds to its end)."""
+    """Writes frames to ``path`` (``append=True`` adds to its end).
+
+    A new file is written privately (0600) under a temporary name and appears under ``path``
+    only at ``close()``, complete; leaving a ``with`` block on an error removes it and leaves
+    whatever ``path`` held before. A device or pipe (``/dev/stdout``) is written in place."""
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool = False):
         self.path = Path(path)
+        self._tmp: Path | None = None
         try:
+            if append or _special(self.path):
+                flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+                if not _special(self.path):
+                    flags |= os.O_NOFOLLOW
+                fd = os.open(self.path, flags, FILE_MODE)
+            else:
+                self._tmp, fd = new_temp(self.path)
             # Unbuffered: parts are written straight from the caller's memory, never copied
             # into a Python-side buffer first.
-            self._f = open(self.path, "ab" if append else "wb", buffering=0)
+            self._f = os.fdopen(fd, "ab" if append else "wb", buffering=0)
         except OSError as exc:
             raise TransportError(f"cannot open {self.path} for writing: {exc.strerror}") from exc
         self.frames = 0
@@ -54,13 +68,42 @@ class FileChannelWriter:
             os.fsync(self._f.fileno())
 
     def close(self) -> None:
+        """Close the file; a new one now appears under its name."""
+        if self._f.closed:
+            return
         self._f.close()
+        if self._tmp is not None:
+            try:
+                commit(self._tmp, self.path)
+            except OSError as exc:
+                discard(self._tmp)
+                raise TransportError(f"cannot write {self.path}: {exc.strerror}") from exc
+            self._tmp = None
+
+    def abort(self) -> None:
+        """Close without keeping what was written (the old file, if any, stays)."""
+        self._f.close()
+        if self._tmp is not None:
+            discard(self._tmp)
+            self._tmp = None
 
     def __enter__(self) -> FileChannelWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _special(path: Path) -> bool:
+    """A character device, pipe or socket (``/dev/stdout``, a FIFO): written in place."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def frame_bytes(*parts) -> bytes:

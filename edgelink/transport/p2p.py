@@ -813,6 +813,15 @@ class P2PHost:
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 except Exception as exc:  # noqa: BLE001
+                    # The connection is up but the stream was reset while protocol negotiation
+                    # was still being read: the node refused this stream. Saying so now beats
+                    # redialling into the same refusal after a connect timeout.
+                    try:
+                        alive = any(not c.is_closed for c in self._host.get_network().get_connections(info.peer_id))
+                    except Exception:  # noqa: BLE001 - no way to tell: redial as before
+                        alive = False
+                    if alive:
+                        raise PeerGone(self._refused(addr, exc)) from None
                     # A cached connection can be half dead (the peer reset a stream hard, or
                     # restarted): drop it and dial afresh, once.
                     log.info("p2p: new stream to %s failed (%s); redialling", info.peer_id, exc)
@@ -837,14 +846,16 @@ class P2PHost:
         try:
             ch.handshake(self.cfg.p2p.handshake_timeout_s)
         except PeerGone as exc:
-            # A node resets a stream unread when the peer is not on its allowlist or it holds
-            # its maximum of streams that have not authenticated; it says nothing more to a
-            # peer it has not authenticated, so the hint is ours.
-            raise PeerGone(
-                f"{addr} closed the session before the key exchange finished: this peer "
-                f"({self.peer_id}) may not be on its node.allow_peers, or it is at its limit of "
-                f"streams waiting to authenticate (node.max_pending) ({exc})") from None
+            raise PeerGone(self._refused(addr, exc)) from None
         return ch
+
+    def _refused(self, addr: str, exc: BaseException) -> str:
+        """A node resets a stream unread when the peer is not on its allowlist or it holds its
+        maximum of streams that have not authenticated; it says nothing more to a peer it has
+        not authenticated, so the hint is ours."""
+        return (f"{addr} closed the session before the key exchange finished: this peer "
+                f"({self.peer_id}) may not be on its node.allow_peers, or it is at its limit of "
+                f"streams waiting to authenticate (node.max_pending) ({exc})")
 
     def connected_peers(self) -> list[str]:
         async def get():

@@ -39,6 +39,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from edgelink.errors import PeerGone, TransportError, TransportTimeout
 
 try:
@@ -292,6 +294,14 @@ class Ring:
         nat.store_release_u64(self._buf, self._off + flag_off, 1)
         nat.fetch_add_u32(self._buf, self._off + seq_off, 1)
         nat.wake_u32(self._buf, self._off + seq_off, _WAKE_ALL)
+
+    def scrub(self) -> None:
+        """Zero the bytes this ring has carried since its last reset, so that the next session
+        on the segment cannot read the last one's state. Only while neither side is in use;
+        costs what the session sent, up to the capacity."""
+        used = min(self.write_index, self._cap)
+        if used:
+            np.frombuffer(self._buf, dtype=np.uint8, count=used, offset=self._data)[:] = 0
 
     def reset(self) -> None:
         """Empty the ring and clear both closed flags. Only while neither side is in use."""

@@ -28,6 +28,7 @@ bytes of the previous session.
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import logging
 import math
@@ -35,6 +36,7 @@ import mmap
 import os
 import re
 import signal
+import stat
 import tempfile
 import time
 import weakref
@@ -48,6 +50,7 @@ from edgelink.errors import (
     MessageTooLarge,
     PeerGone,
     SegmentBusy,
+    SegmentUntrusted,
     TransportError,
     TransportTimeout,
 )
@@ -156,6 +159,43 @@ def _wait_ctrl(mm: mmap.mmap, ready, deadline: float, slice_s: float, on_slice=N
             return False
         if not wait_u32(mm, _C_SEQ, seq, min(slice_s, left)) and on_slice is not None:
             on_slice()
+
+
+def _check_own(fd: int, path: Path) -> None:
+    """The segment file must be a regular file of this user, open to nobody else: a name that
+    another local user created first would otherwise receive the prompt's state."""
+    st = os.fstat(fd)
+    me = os.geteuid()
+    fix = f"remove {path} if it is not yours to keep, or serve another name"
+    if not stat.S_ISREG(st.st_mode):
+        raise SegmentUntrusted(f"{path} is not a regular file; {fix}")
+    if st.st_uid != me:
+        raise SegmentUntrusted(f"{path} belongs to uid {st.st_uid}, not to you (uid {me}): another "
+                               f"local user created this name first; {fix}")
+    if st.st_mode & 0o077:
+        raise SegmentUntrusted(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}, "
+                               f"not 600); {fix}")
+
+
+def _open_segment(path: Path) -> int:
+    """Open an existing segment file without following a link; typed errors for a foreign one."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SegmentUntrusted(f"{path} is a symbolic link; remove it, or serve another name") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise SegmentUntrusted(f"{path} exists and is not yours (cannot open it: {exc.strerror}); "
+                                   "another local user created this name first: serve another name") from None
+        raise
+    try:
+        _check_own(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _read_pid(fd: int) -> int:
@@ -398,7 +438,7 @@ class ShmListener:
         try:
             # Separate open file description for the mapping: mmap keeps a dup of its fd, and a
             # dup would share (and keep alive) the flock if it were the same description.
-            map_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            map_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 try:
                     _allocate(map_fd, size)
@@ -441,11 +481,12 @@ class ShmListener:
         for _ in range(8):
             created = True
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                os.fchmod(fd, 0o600)
             except FileExistsError:
                 created = False
                 try:
-                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                    fd = _open_segment(path)
                 except FileNotFoundError:
                     continue
             except OSError as exc:
@@ -548,8 +589,9 @@ class ShmListener:
             self._channel._rings_down = True
             self._channel._broken = self._channel._broken or "the session ended"
             self._channel = None
-        self._c2s.reset()
-        self._s2c.reset()
+        for ring in (self._c2s, self._s2c):
+            ring.scrub()
+            ring.reset()
         nat.store_release_u64(mm, _C_CLIENT_TICKS, 0)
         nat.store_release_u64(mm, _C_CLIENT_STATE, 0)
         nat.store_release_u64(mm, _C_CLIENT_PID, 0)  # last: the slot is claimable again
@@ -636,7 +678,7 @@ def connect(name: str, cfg: Config, timeout: float | None = None, *,
     mm = None
     while mm is None:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = _open_segment(path)
         except FileNotFoundError:
             raise TransportError(f"{nobody} ({path} does not exist)") from None
         except OSError as exc:
