@@ -24,6 +24,7 @@ _PUBLIC = {
     "Peer": "edgelink.api.peer",
     "Round": "edgelink.api.peer",
     "from_llama": "edgelink.api.interop",
+    "serve_http": "edgelink.server",
     "Config": "edgelink.config",
     "load_config": "edgelink.config",
     "EdgelinkError": "edgelink.errors",

@@ -160,6 +160,20 @@ class NodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    listen: str
+    parallel: int
+    queue: int
+    retry_after_s: float
+    api_keys: str
+    api_key_file: str
+    cors_origins: str
+    max_body_bytes: int
+    max_tokens: int
+    model_name: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     paths: PathsConfig
     runtime: RuntimeConfig
@@ -172,6 +186,7 @@ class Config:
     node: NodeConfig
     wire: WireConfig
     cache: CacheConfig
+    http: HttpConfig
     source: tuple[Path, ...] = ()
 
     def replace(self, **overrides: Any) -> Config:

@@ -35,7 +35,7 @@ def _pair(a: Ident, b: Ident, params=PARAMS, b_thinks_a=None):
 
 
 def _open(keys, body, frame=0):
-    out = bytearray(e2e.Opener.plaintext_len(len(body)))
+    out = bytearray(e2e.Opener.plaintext_len(body))
     keys.opener.open_into(body, frame, out)
     return bytes(out)
 
@@ -156,3 +156,80 @@ def test_close_wipes_keys():
     assert key == bytearray(32) and not ka.sealer._key
     with pytest.raises(CryptoError):
         ka.sealer.seal(b"x", 0)
+
+
+def _handshakes(a: Ident, b: Ident, params=PARAMS):
+    ha = e2e.Handshake(e2e.CLIENT, sign=a.sign, identity_pk=a.pk, local_id=a.id, remote_id=b.id,
+                       remote_pk=b.pk, params=params)
+    hb = e2e.Handshake(e2e.SERVER, sign=b.sign, identity_pk=b.pk, local_id=b.id, remote_id=a.id,
+                       remote_pk=a.pk, params=params)
+    hb.receive(ha.message())
+    ha.receive(hb.message())
+    return ha, hb, ha.finish(), hb.finish()
+
+
+def test_keys_are_bound_to_the_transcript_and_each_side_confirms_it():
+    """A confirmation signs the hash of both handshake messages (both ephemeral keys): it
+    verifies only for the session it was made in, and only from the connected peer."""
+    a, b = Ident(b"a"), Ident(b"b")
+    ha, hb, ka, kb = _handshakes(a, b)
+    assert ka.transcript_hash == kb.transcript_hash
+    hb.check_confirmation(kb, ha.confirmation(ka))
+    ha.check_confirmation(ka, hb.confirmation(kb))
+    assert ka.confirmed and kb.confirmed
+    assert ka.sealer.peer_rekey_pk == kb.opener.rekey_pk
+    # the same two identities, another session: its confirmation does not carry over
+    ha2, hb2, ka2, kb2 = _handshakes(a, b)
+    with pytest.raises(CryptoError, match="key confirmation does not verify"):
+        hb.check_confirmation(kb, ha2.confirmation(ka2))
+    # the server's own confirmation sent back as the client's (a reflection) fails too
+    with pytest.raises(CryptoError, match="key confirmation does not verify"):
+        ha2.check_confirmation(ka2, ha2.confirmation(ka2))
+    with pytest.raises(CryptoError, match="wrong size"):
+        hb.check_confirmation(kb, b"short")
+    # data and control records use different keys: one never opens as the other
+    body = ka.sealer.seal(b"12345678", 3)
+    with pytest.raises(CryptoError):
+        kb.control_opener.open_into(body, 3, bytearray(8))
+
+
+def test_a_fresh_dh_rekey_leaves_a_stolen_key_useless():
+    """Past rekey_bytes, the sender mixes a fresh X25519 secret (against the key the receiver
+    announced) into its key. Someone who copied the old key can follow a hash ratchet, not this."""
+    a, b = Ident(b"a"), Ident(b"b")
+    params = e2e.Params(window_bytes=1 << 20, rekey_bytes=1000, rekey_s=1e9)
+    ha, hb, ka, kb = _handshakes(a, b, params)
+    ha.check_confirmation(ka, hb.confirmation(kb))
+    first_pk = kb.opener.rekey_pk
+    stolen = bytes(ka.sealer._key)
+    assert _open(kb, ka.sealer.seal(b"x" * 1000, 0)) == b"x" * 1000
+    dh = ka.sealer.seal(b"secret after the rekey", 1)
+    assert e2e.Opener.flags_of(dh) & e2e.FLAG_DH and ka.sealer.dh_rekeys == 1
+    thief = e2e.Opener(bytearray(stolen), ka.session_id, e2e.CLIENT)
+    thief.counter = 1
+    with pytest.raises(CryptoError):
+        thief.open_into(dh, 1, bytearray(64))
+    assert _open(kb, dh, 1) == b"secret after the rekey"
+    # the announced key was used once; a new one is announced, until then the hash ratchets
+    new_pk = kb.opener.take_announcement()
+    assert new_pk and new_pk != first_pk and kb.opener.take_announcement() is None
+    later = [(2, b"y" * 1000), (3, b"z")]
+    bodies = [ka.sealer.seal(m, i) for i, m in later]
+    assert e2e.Opener.flags_of(bodies[1]) & e2e.FLAG_REKEY  # no key announced yet: the hash
+    ka.sealer.peer_rekey_pk = new_pk  # what the channel does when the announcement arrives
+    later += [(4, b"w" * 1000), (5, b"v")]
+    bodies += [ka.sealer.seal(m, i) for i, m in later[2:]]
+    assert e2e.Opener.flags_of(bodies[3]) & e2e.FLAG_DH and ka.sealer.dh_rekeys == 2
+    for (i, want), body in zip(later, bodies):
+        assert _open(kb, body, i) == want
+    assert kb.opener.dh_rekeys == 2 and kb.opener.rekeys == 3
+
+
+def test_an_earlier_version_is_refused_with_a_reason():
+    a, b = Ident(b"a"), Ident(b"b")
+    fields = e2e.HS.pack(e2e.MAGIC, 1, e2e.CLIENT, bytes(32), a.pk, 1 << 20, bytes(16))
+    old = fields + a.sign(b"edgelink-e2e-v1 handshake" + fields + a.id + b.id)
+    hb = e2e.Handshake(e2e.SERVER, sign=b.sign, identity_pk=b.pk, local_id=b.id, remote_id=a.id,
+                       remote_pk=a.pk, params=PARAMS)
+    with pytest.raises(CryptoError, match="version 1 and this side speaks 2"):
+        hb.receive(old)

@@ -169,6 +169,78 @@ def test_a_refused_stream_is_reported_at_once_and_its_connection_kept(cfg, tmp_p
         srv.close()
 
 
+@pytest.fixture()
+def echo_pair(cfg, tmp_path):
+    """A listener that echoes every frame whole, and a client host; small rekey interval."""
+    import queue
+
+    c = cfg.replace(p2p_window_bytes=1 << 20, p2p_rekey_bytes=256 << 10)
+    served: queue.Queue = queue.Queue()  # how each served session ended
+
+    def echo(ch) -> None:
+        try:
+            while True:
+                ch.send(bytes(ch.recv(1 << 24, 30)))
+        except EdgelinkError as exc:
+            served.put(str(exc))
+
+    srv = p2p.P2PHost(c, load_identity(tmp_path / "srv.key"), listen=["/ip4/127.0.0.1/tcp/0"], on_channel=echo)
+    cli = p2p.P2PHost(c, load_identity(tmp_path / "cli.key"))
+    yield srv, cli, served
+    cli.close()
+    srv.close()
+
+
+def test_both_directions_rekey_with_fresh_dh_during_a_transfer(echo_pair):
+    srv, cli, served = echo_pair
+    ch = cli.open_channel(srv.addrs[0])
+    payload = os.urandom(1 << 20)
+    for i in range(8):
+        ch.send(payload[i:] + payload[:i])
+        assert bytes(ch.recv(1 << 24, 30)) == payload[i:] + payload[:i]
+    keys = ch._keys
+    # every direction renewed its key several times, by fresh X25519 exchanges (each answered
+    # by the receiver announcing its next key), not only by the hash ratchet
+    assert keys.sealer.dh_rekeys >= 3 and keys.opener.dh_rekeys >= 3, (keys.sealer.dh_rekeys, keys.opener.dh_rekeys)
+    assert ch.encryption["version"] == 2
+    ch.close()
+
+
+def test_a_close_is_told_from_a_cut_and_flow_control_is_sealed(echo_pair):
+    srv, cli, served = echo_pair
+    from edgelink.net.crypto import e2e
+
+    ch = cli.open_channel(srv.addrs[0])
+    ch.send(b"x" * 100)
+    assert bytes(ch.recv(1 << 20, 30)) == b"x" * 100
+    ch.close()  # a sealed end record: the server's next recv ends as a close
+    # a cut: the end record is dropped, so the server sees the stream end without it
+    ch2 = cli.open_channel(srv.addrs[0])
+    ch2.record_filter = lambda typ, raw: [] if typ == p2p.R_DATA and raw[0] & e2e.FLAG_END else [raw]
+    ch2.send(b"y")
+    assert bytes(ch2.recv(1 << 20, 30)) == b"y"
+    ch2.close()
+    # a flipped bit in a credit record: the server cannot open it and resets the stream
+    ch3 = cli.open_channel(srv.addrs[0])
+
+    def flip(typ, raw):
+        if typ == p2p.R_CREDIT:
+            raw = bytearray(raw)
+            raw[-1] ^= 1
+            raw = bytes(raw)
+        return [raw]
+
+    ch3.record_filter = flip
+    with pytest.raises(EdgelinkError):
+        for _ in range(16):  # the echo comes back; our credit for it is what breaks
+            ch3.send(b"z" * (512 << 10))
+            ch3.recv(1 << 24, 30)
+    reasons = [served.get(timeout=30) for _ in range(3)]  # how the server saw each end, in order
+    assert "(closed)" in reasons[0], reasons
+    assert "without its sealed end record" in reasons[1], reasons
+    assert "does not authenticate" in reasons[2], reasons
+
+
 def test_identity_persists_with_mode_0600(tmp_path):
     path = tmp_path / "sub" / "id.key"
     a = load_identity(path)

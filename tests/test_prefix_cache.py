@@ -218,7 +218,9 @@ def test_a_fetch_brings_window_cells_only_where_a_restore_needs_them(gemma3_path
         with edgelink.load(str(gemma3_path), client_cfg) as m:
             got = m.fetch_cache(toks, [proc.ready["addrs"][0]])
             assert got.chunks == 7 and not got.errors
-            store = m.prefix_cache().store
+            # fetched chunks are kept apart from the ones computed here, under their source
+            store = m.prefix_cache().fetched_store(proc.ready["addrs"][0].rpartition("/p2p/")[2])
+            assert not m.prefix_cache().store.keys()
             assert [store.has(trimmed_key(k)) for k in keys] == [True] * 3 + [False] * 4
             assert [store.has(k) for k in keys] == [False] * 3 + [True] * 4
             sizes = [len(store.get(k)[0]) for k in keys[3:]] + [len(store.get(trimmed_key(k))[0]) for k in keys[:3]]
@@ -229,7 +231,8 @@ def test_a_fetch_brings_window_cells_only_where_a_restore_needs_them(gemma3_path
             m.reset()
             used = m.prefill(short, cache=True)  # a run of 5 would end in trimmed chunks: cut back
             assert used.hit_tokens == 0 and m.runtime.state_digest() == want_short
-            assert used.stored_chunks == 3 and all(store.has(k) for k in keys[:5])  # the trimmed ones, now whole
+            own = m.prefix_cache().store  # the trimmed ones, now whole, computed here
+            assert used.stored_chunks == 3 and all(own.has(k) for k in keys[:3])
     finally:
         p2p.close_client_hosts()
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()

@@ -285,15 +285,35 @@ def resume(obj: _Ctx, model: str, file: str, prompt: str | None, n_tokens: int |
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--shm", "shm_name", required=True, help="Shared-memory name to serve on.")
+@click.option("--shm", "shm_name", default=None, help="Shared-memory name to serve on.")
+@click.option("--http", "http_listen", is_flag=False, flag_value="", default=None, metavar="[HOST:PORT]",
+              help="Serve the OpenAI API instead (needs edgelink[server]), on HOST:PORT "
+                   "[config: http.listen, 127.0.0.1:8080].")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="With --http: API keys clients must send, one per line [config: http.api_key_file].")
 @click.option("--max-sessions", type=int, default=None, help="Exit after this many sessions.")
 @bridge_option
 @json_option
 @click.pass_obj
-def serve(obj: _Ctx, model: str | None, shm_name: str, max_sessions: int | None, bridge: str | None,
-          as_json: bool) -> None:
-    """Receive KV snapshots on shm:NAME and continue them (until Ctrl-C)."""
-    cfg = obj.cfg()
+def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str | None, api_key_file: str | None,
+          max_sessions: int | None, bridge: str | None, as_json: bool) -> None:
+    """Receive KV snapshots on shm:NAME and continue them, or (--http) serve the OpenAI API
+    with every prompt through the prefix cache (until Ctrl-C)."""
+    cfg = obj.cfg(http_api_key_file=api_key_file)
+    if (shm_name is None) == (http_listen is None):
+        raise click.UsageError("give --shm NAME (handoffs) or --http [HOST:PORT] (the OpenAI API)")
+    if http_listen is not None:
+        from edgelink.server import serve_http
+
+        def http_ready(ev: dict) -> None:
+            _emit(as_json, ev, f"serving {ev['model']} on {ev['url']} (OpenAI API; Ctrl-C to stop): "
+                  f"{ev['contexts']} context(s) of {ev['n_ctx']} tokens, {ev['threads_per_context']} "
+                  f"thread(s) each (http.parallel, runtime.n_threads); prefix cache at {ev['cache_dir']}"
+                  + ("" if ev["api_key"] else "; no API key (loopback only)"), compact=True)
+            sys.stdout.flush()
+
+        serve_http(model, cfg, listen=http_listen or None, on_ready=http_ready, progress=_progress())
+        return
 
     def ready(ep: str) -> None:
         _emit(as_json, {"event": "ready", "endpoint": ep}, f"serving on {ep} (Ctrl-C to stop)", compact=True)

@@ -123,6 +123,7 @@ class LlamaRuntime:
 
     def _model_facts(self) -> None:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self._piece_buf = ctypes.create_string_buffer(256)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_swa = llama_cpp.llama_model_n_swa(self.model)
@@ -201,15 +202,17 @@ class LlamaRuntime:
         return list(buf[:n])
 
     def detokenize(self, tokens: list[int]) -> str:
-        out = bytearray()
-        buf = ctypes.create_string_buffer(256)
-        for t in tokens:
-            n = llama_cpp.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
-            out += buf.raw[:n]
-        return out.decode("utf-8", errors="replace")
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (a multi-byte character may span tokens: decode them
+        together, or incrementally)."""
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -444,9 +447,20 @@ class LlamaRuntime:
         return self._embeddings
 
     def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (a chat template may run to kilobytes)."""
         buf = ctypes.create_string_buffer(512)
         n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def special_text(self, which: str) -> tuple[int, str]:
+        """(id, text) of the model's ``bos`` or ``eos`` token; (-1, "") when it has none."""
+        tok = (llama_cpp.llama_vocab_bos if which == "bos" else llama_cpp.llama_vocab_eos)(self.vocab)
+        if tok < 0:
+            return -1, ""
+        return int(tok), llama_cpp.llama_vocab_get_text(self.vocab, tok).decode("utf-8", errors="replace")
 
     def flash_attn_resolved(self) -> bool:
         """Whether llama.cpp enabled flash attention: it decides the V layout, and "auto" is

@@ -181,6 +181,7 @@ class P2PChannel:
         self._straddle = RecvBuffer()  # a record that spans two of a sink's buffers
         self._tx_frame = 0
         self._rx_frame = 0
+        self._sending = 0  # send() calls in progress (a close() then sends no end record)
         self._consumed = 0
         self._closed = False
         self._broken: str | None = None
@@ -248,8 +249,14 @@ class P2PChannel:
                         raise CryptoError("a second or oversized key-exchange record")
                     self._hs_seen = True
                     self._rx.put((R_HS, await self._read_exactly(n)))
-                elif typ in (R_CREDIT, R_STOP) and n == U64.size:
-                    (value,) = U64.unpack(await self._read_exactly(n))
+                elif typ in (R_CREDIT, R_STOP) and n == e2e.CONTROL_BYTES:
+                    # sealed like everything else, with their own key and counter
+                    body = await self._read_exactly(n)
+                    if self._keys is None:
+                        raise CryptoError("a flow-control record before the key exchange")
+                    plain = bytearray(e2e.CONTROL_PLAIN)
+                    self._keys.control_opener.open_into(body, typ, plain)
+                    (value,) = U64.unpack(plain)
                     if typ == R_CREDIT:
                         self._credit += value
                     else:
@@ -258,7 +265,10 @@ class P2PChannel:
                 else:
                     raise CryptoError(f"unknown record type {typ} ({n} bytes)")
         except Exception as exc:  # noqa: BLE001 - EOF, reset, or a peer breaking the rules
-            reason = "closed" if isinstance(exc, EOFError) or "EOF" in type(exc).__name__ else str(exc)
+            # A peer that closes on purpose sends a sealed end record first (the sync side
+            # reads it); a bare end of stream means the stream was cut.
+            eof = isinstance(exc, EOFError) or "EOF" in type(exc).__name__
+            reason = "the stream ended without its sealed end record: cut, or truncated" if eof else str(exc)
             if isinstance(exc, CryptoError):
                 log.warning("p2p peer %s: %s", self.remote_peer_id, exc)
                 await self._reset()
@@ -294,8 +304,7 @@ class P2PChannel:
                         continue
                     self._credit -= n
                 elif typ == R_CREDIT:
-                    (value,) = U64.unpack_from(record, REC.size)
-                    self._in_flight -= value
+                    self._in_flight -= frame_no  # a credit record carries its grant here
                 await write_in_noise_pieces(self._stream, record)
         except Exception as exc:  # noqa: BLE001
             self._tx_error = f"{type(exc).__name__}: {exc}"
@@ -398,7 +407,10 @@ class P2PChannel:
     # ------------------------------------------------------------------ handshake
 
     def handshake(self, timeout: float) -> None:
-        """The end-to-end key exchange (both sides send, then verify)."""
+        """The end-to-end key exchange: the client's key message, the server's, then each side's
+        key confirmation (a signature over the whole transcript) as its first sealed record.
+        Nothing else either side sends (the client's HELLO and token included) is used until
+        the other's confirmation verified."""
         ident = self._host.identity
         remote_pk = self._remote_id.extract_public_key()
         if remote_pk is None:
@@ -414,22 +426,36 @@ class P2PChannel:
             typ, body = self._next(timeout)
             if typ != R_HS:
                 raise CryptoError("peer sent data before the key exchange")
-            hs.receive(body)
+            try:
+                hs.receive(body)
+            except CryptoError:
+                if not self.initiator:  # the client learns our version, and says why it fails
+                    with contextlib.suppress(EdgelinkError):
+                        self._push(R_HS, hs.message(), timeout=timeout)
+                raise
             if not self.initiator:
                 self._push(R_HS, hs.message(), timeout=timeout)
-            self._keys = hs.finish()
+            keys = hs.finish()
+            peer_window = keys.peer_window
+            if peer_window < MIN_WINDOW:
+                raise CryptoError(f"the peer announced a flow-control window of {peer_window} bytes; "
+                                  f"at least {MIN_WINDOW} is required (p2p.window_bytes)")
+            self._keys = keys
+            # A record must fit the peer's window, or the writer would wait for credit for ever.
+            self._chunk = min(self._chunk, peer_window // 2 - e2e.RECORD_OVERHEAD)
+            self._credit_from_peer(peer_window)
+            self._push(R_DATA, keys.sealer.seal(hs.confirmation(keys), e2e.CONFIRM_FRAME, REC.size,
+                                                flags=e2e.FLAG_CONFIRM), 0, timeout=timeout, headroom=True)
+            typ, body = self._next(timeout)
+            if typ != R_DATA or not e2e.Opener.flags_of(body) & e2e.FLAG_CONFIRM:
+                raise CryptoError("the peer's first sealed record is not its key confirmation")
+            plain = bytearray(e2e.Opener.plaintext_len(body))
+            keys.opener.open_into(body, e2e.CONFIRM_FRAME, plain)
+            hs.check_confirmation(keys, plain)
+            self._consume(len(body))
         except EdgelinkError as exc:
             self._fail(str(exc))
             raise
-        peer_window = self._keys.peer_window
-        if peer_window < MIN_WINDOW:
-            exc = CryptoError(f"the peer announced a flow-control window of {peer_window} bytes; "
-                              f"at least {MIN_WINDOW} is required (p2p.window_bytes)")
-            self._fail(str(exc))
-            raise exc
-        # A record must fit the peer's window, or the writer would wait for credit for ever.
-        self._chunk = min(self._chunk, peer_window // 2 - e2e.RECORD_OVERHEAD)
-        self._credit_from_peer(peer_window)
         self.encryption = hs.encryption_params(self._keys)
 
     def _credit_from_peer(self, n: int) -> None:
@@ -453,10 +479,15 @@ class P2PChannel:
         self._tx_frame += 1
         chunk = self._chunk
 
-        def push(plain) -> None:  # sealed with room for the record header, written in place
-            self._push(R_DATA, sealer.seal(plain, fno, REC.size), fno, headroom=True)
+        def push(plain, frame: int = fno, flags: int = 0) -> None:
+            # sealed with room for the record header, written in place
+            self._push(R_DATA, sealer.seal(plain, frame, REC.size, flags), fno, headroom=True)
 
+        self._sending += 1
         try:
+            announce = self._keys.opener.take_announcement()
+            if announce is not None:  # the key the peer's next fresh-DH rekey must use
+                push(announce, e2e.ANNOUNCE_FRAME, e2e.FLAG_ANNOUNCE)
             push(U64.pack(total))
             staging = bytearray()
             for view in views:
@@ -487,6 +518,8 @@ class P2PChannel:
         except EdgelinkError as exc:
             self._fail(str(exc))
             raise
+        finally:
+            self._sending -= 1
         self.bytes_out += total
 
     def _check_stopped(self, fno: int) -> None:
@@ -515,10 +548,16 @@ class P2PChannel:
         fno = self._rx_frame
         typ, body = self._next(limit)  # a timeout here leaves the channel usable
         try:
-            if typ != R_DATA:
-                raise CryptoError("handshake record after the key exchange")
+            while True:
+                if typ != R_DATA:
+                    raise CryptoError("handshake record after the key exchange")
+                flags = e2e.Opener.flags_of(body)
+                if not flags & (e2e.FLAG_ANNOUNCE | e2e.FLAG_END | e2e.FLAG_CONFIRM):
+                    break
+                self._control_record(opener, flags, body)
+                typ, body = self._next(limit)
             opener.check_counter(body)
-            if e2e.Opener.plaintext_len(len(body)) != U64.size:
+            if e2e.Opener.plaintext_len(body) != U64.size:
                 raise CryptoError("a frame must start with its length record")
             hdr = bytearray(U64.size)
             opener.open_into(body, fno, hdr)
@@ -531,14 +570,16 @@ class P2PChannel:
                 # Refused before allocating: tell the writer to stop, keep our sending side so
                 # the refusal itself still reaches the peer, and read nothing more.
                 self._rx_broken = str(exc)
-                self._push(R_STOP, U64.pack(fno))
+                self._push(R_STOP, self._keys.control_sealer.seal(U64.pack(fno), R_STOP))
                 raise
             out = Scatter(sink, length)
             while out.remaining:
                 typ, body = self._next(self._timeout_s)
                 if typ != R_DATA:
                     raise CryptoError("handshake record inside a frame")
-                n = e2e.Opener.plaintext_len(len(body))
+                if e2e.Opener.flags_of(body) & (e2e.FLAG_ANNOUNCE | e2e.FLAG_END | e2e.FLAG_CONFIRM):
+                    raise CryptoError(f"a key or end record inside frame {fno}")
+                n = e2e.Opener.plaintext_len(body)
                 opener.check_counter(body)
                 if n == 0 or n > out.remaining:
                     raise CryptoError(f"record runs past the end of frame {fno}")
@@ -562,19 +603,42 @@ class P2PChannel:
             self.limiter.wait_message()
         return length
 
+    def _control_record(self, opener: e2e.Opener, flags: int, body) -> None:
+        """A sealed record between frames: a key announcement, or the peer's end record."""
+        if flags & e2e.FLAG_CONFIRM:
+            raise CryptoError("a second key confirmation")
+        plain = bytearray(e2e.Opener.plaintext_len(body))
+        if flags & e2e.FLAG_ANNOUNCE:
+            opener.open_into(body, e2e.ANNOUNCE_FRAME, plain)
+            if len(plain) != 32:
+                raise CryptoError("a rekey announcement of the wrong size")
+            self._keys.sealer.peer_rekey_pk = bytes(plain)
+            self._consume(len(body))
+            return
+        opener.open_into(body, e2e.END_FRAME, plain)
+        self._consume(len(body))
+        self._rx.put((_EOF, "closed"))
+        raise PeerGone(f"p2p {self.remote_peer_id}: peer closed the stream (closed)")
+
     def _consume(self, n: int) -> None:
         if self.limiter is not None:
             self.limiter.wait_bytes(n)
         self._consumed += n
         if self._consumed >= self._window // 4:
             grant, self._consumed = self._consumed, 0
-            self._push(R_CREDIT, U64.pack(grant))
+            self._push(R_CREDIT, self._keys.control_sealer.seal(U64.pack(grant), R_CREDIT), grant)
 
     def close(self) -> None:
-        """Close gracefully (queued records are still written); idempotent."""
+        """Close gracefully (queued records are still written, then a sealed end record, so
+        the peer can tell a close from a cut); idempotent."""
         if self._closed:
             return
         self._closed = True
+        if (self._keys is not None and self._keys.confirmed and self._broken is None and self._tx_error is None
+                and not self._tx_broken and not self._sending):
+            with contextlib.suppress(EdgelinkError):
+                self._push(R_DATA, self._keys.sealer.seal(b"", e2e.END_FRAME, REC.size, e2e.FLAG_END),
+                           self._tx_frame, headroom=True)
         self._finish(flush=self._broken is None and self._tx_error is None)
         # wake a recv blocked in another thread (a node cutting a session at shutdown)
         self._rx.put((_EOF, "closed by this side"))

@@ -1,0 +1,211 @@
+"""What an OpenAI-style request runs on: a pool of llama.cpp contexts of one model, every
+prompt through the shared prefix cache, tokens picked by a seeded sampler and handed out as
+text deltas. No HTTP here (edgelink/server/app.py is the web layer); this module is what
+``edgelink.serve_http`` and the tests drive.
+
+A request waits for a free context (at most ``http.queue`` wait; past that ``Busy``), gets the
+whole context while it decodes, and gives it back cleared, so no request sees another's cells.
+A cancelled request (its client went away) stops at the next token and frees its context.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from edgelink.config import Config
+from edgelink.errors import ConfigError, EdgelinkError, StateError
+
+
+class Busy(EdgelinkError):
+    """Every context is decoding and ``http.queue`` requests already wait."""
+
+    code = "busy"
+
+
+class TooLong(EdgelinkError):
+    """A prompt that leaves no room in the context to generate."""
+
+    code = "context_length_exceeded"
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """How to continue a prompt (the OpenAI request fields that matter here)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a finished request reports (OpenAI's usage and finish_reason)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def derived_parallel(cfg: Config) -> int:
+    """``http.parallel``, 0 resolved: one context per two cores, at least one."""
+    n = cfg.http.parallel
+    if n < 0:
+        raise ConfigError(f"http.parallel is {n}: at least 1, or 0 for one per two cores")
+    return n or max(1, (os.cpu_count() or 2) // 2)
+
+
+class Engine:
+    """``http.parallel`` contexts of one model, sharing its weights (mmap) and one prefix cache."""
+
+    def __init__(self, model: str | Path, cfg: Config, *, progress=None):
+        from edgelink.api.model import load
+        from edgelink.cache.prefix import PrefixCache
+        from edgelink.runtime.chat import ChatTemplate
+
+        self.parallel = derived_parallel(cfg)
+        # contexts share the cores: each gets its part unless runtime.n_threads says otherwise
+        self.threads = cfg.runtime.n_threads or max(1, (os.cpu_count() or 1) // self.parallel)
+        cfg = cfg.replace(runtime_n_threads=self.threads)
+        self.cfg = cfg
+        self._models = []
+        try:
+            for i in range(self.parallel):
+                self._models.append(load(model, cfg, progress=progress if i == 0 else None))
+        except BaseException:
+            self.close()
+            raise
+        first = self._models[0]
+        # the id /v1/models lists: the registry name, or a file's stem (never a path)
+        self.name = cfg.http.model_name or (Path(first.name).stem if first.name.endswith(".gguf") else first.name)
+        self.n_ctx = first.runtime.n_ctx
+        self.cache = PrefixCache(cfg)
+        try:
+            self.template: ChatTemplate | None = ChatTemplate(first.runtime)
+        except ConfigError:
+            self.template = None  # /v1/chat/completions then says why
+        self._free: queue.Queue = queue.Queue()
+        for m in self._models:
+            self._free.put(m)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.created = int(time.time())
+
+    def close(self) -> None:
+        for m in self._models:
+            m.close()
+        self._models = []
+
+    # ------------------------------------------------------------------ prompts
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        if self.template is None:
+            raise ConfigError(f"{self.name} has no chat template: use /v1/completions")
+        return self.template.tokens(messages)
+
+    def text_tokens(self, prompt: str) -> list[int]:
+        return self._models[0].runtime.tokenize(prompt, add_special=True)
+
+    # ------------------------------------------------------------------ running
+
+    def acquire(self):
+        """A free context, waiting in line if every one is busy (``Busy`` past ``http.queue``)."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._waiting >= self.cfg.http.queue:
+                raise Busy(f"{self.parallel} requests are decoding and {self._waiting} wait (http.queue)")
+            self._waiting += 1
+        try:
+            return self._free.get()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    @property
+    def decoding(self) -> int:
+        """Contexts held by a request now."""
+        return self.parallel - self._free.qsize()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def release(self, m) -> None:
+        with m.step() as rt:
+            rt.clear()  # the next request sees none of this one's cells
+        self._free.put(m)
+
+    def run(self, tokens: list[int], params: Params, cancelled: Callable[[], bool] = lambda: False,
+            ) -> Iterator[str | Outcome]:
+        """Continue ``tokens``: yields text deltas, then the ``Outcome``. Holds a context from
+        the first ``next()`` until the generator ends (or is closed)."""
+        from edgelink.runtime.sampling import Sampler
+
+        if len(tokens) >= self.n_ctx:
+            raise TooLong(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
+                          "(runtime.n_ctx), with room to generate")
+        if not tokens:
+            raise StateError("an empty prompt")
+        m = self.acquire()
+        try:
+            t0 = time.perf_counter()
+            hit = m.prefill(tokens, cache=self.cache)
+            out = Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
+                          prefill_s=time.perf_counter() - t0)
+            rt = m.runtime
+            sampler = Sampler(params.temperature, params.top_p, params.seed)
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            stop = [s for s in params.stop if s]
+            hold = max((len(s) for s in stop), default=1) - 1
+            text, sent = "", 0  # what was decoded, and how much of it went out
+            by_string = False
+            room = min(params.max_tokens, self.n_ctx - len(tokens))
+            out.finish_reason = "length"
+            t1 = time.perf_counter()
+            while out.completion_tokens < room:
+                if cancelled():
+                    out.finish_reason = "cancelled"
+                    break
+                tok = sampler.pick(rt.logits)
+                if rt.is_eog(tok) and not params.ignore_eos:
+                    out.finish_reason = "stop"
+                    break
+                out.completion_tokens += 1
+                text += decoder.decode(rt.piece(tok))
+                # A stop string cannot start in what went out: the last ``hold`` characters are
+                # held back until they can no longer begin one.
+                found = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
+                if found:
+                    cut = min(found)
+                    if cut > sent:
+                        yield text[sent:cut]
+                    out.finish_reason, by_string = "stop", True
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent:len(text) - hold]
+                    sent = len(text) - hold
+                if out.completion_tokens < room:
+                    rt.prefill([tok], measure=False)
+            if not by_string and out.finish_reason != "cancelled":
+                text += decoder.decode(b"", final=True)
+                if len(text) > sent:
+                    yield text[sent:]
+            out.decode_s = time.perf_counter() - t1
+            yield out
+        finally:
+            self.release(m)
