@@ -220,7 +220,7 @@ def test_a_fresh_dh_rekey_leaves_a_stolen_key_useless():
     later += [(4, b"w" * 1000), (5, b"v")]
     bodies += [ka.sealer.seal(m, i) for i, m in later[2:]]
     assert e2e.Opener.flags_of(bodies[3]) & e2e.FLAG_DH and ka.sealer.dh_rekeys == 2
-    for (i, want), body in zip(later, bodies):
+    for (i, want), body in zip(later, bodies, strict=True):
         assert _open(kb, body, i) == want
     assert kb.opener.dh_rekeys == 2 and kb.opener.rekeys == 3
 
