@@ -69,23 +69,26 @@ def _client(proc, key: str = "none"):
     return openai.OpenAI(base_url=proc.ready["url"], api_key=key, max_retries=0, timeout=120)
 
 
-def _reference(smollm2_path, cfg, messages, n):
-    """The model's own greedy continuation of the same rendered prompt, in this process."""
+def _reference(smollm2_path, cfg, messages, n, tmp_path):
+    """The model's own greedy continuation of the same rendered prompt, in this process, by a
+    cold run through an empty prefix cache: what every reply must equal, hit or not."""
     import edgelink
+    from edgelink.cache.prefix import PrefixCache
     from edgelink.runtime.chat import ChatTemplate
 
-    with edgelink.load(str(smollm2_path), cfg) as m:
+    cold = cfg.replace(cache_dir=str(tmp_path / f"cold-{len(list(tmp_path.iterdir()))}"), cache_chunk_tokens=64)
+    with edgelink.load(str(smollm2_path), cold) as m:
         toks = ChatTemplate(m.runtime).tokens(messages)
-        m.prefill(toks)
+        m.prefill(toks, cache=PrefixCache(cold))
         out = m.generate(n, stop_at_eog=True)
         return len(toks), out.text
 
 
-def test_chat_completion_plain_and_streamed_matches_the_model(server, smollm2_path, cfg):
+def test_chat_completion_plain_and_streamed_matches_the_model(server, smollm2_path, cfg, tmp_path):
     c = _client(server)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which floor has the lenses?"}]
     r = c.chat.completions.create(model=server.ready["model"], messages=messages, max_tokens=24, temperature=0)
-    n_prompt, want = _reference(smollm2_path, cfg, messages, 24)
+    n_prompt, want = _reference(smollm2_path, cfg, messages, 24, tmp_path)
     assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens > 0
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
@@ -101,9 +104,36 @@ def test_chat_completion_plain_and_streamed_matches_the_model(server, smollm2_pa
             parts.append(ch.delta.content or "")
             if ch.finish_reason:
                 reasons.append(ch.finish_reason)
-    _, want2 = _reference(smollm2_path, cfg, messages2, 24)
+    _, want2 = _reference(smollm2_path, cfg, messages2, 24, tmp_path)
     assert "".join(parts) == want2 and reasons in (["stop"], ["length"])
     assert usage is not None and usage.prompt_tokens_details.cached_tokens >= 64 * (n_prompt // 64 - 1)
+
+
+def test_the_next_request_reuses_the_contexts_cells_exactly(smollm2_path, cfg, tmp_path):
+    """With the cache's tiers off, what a second request with the same system prompt reuses can
+    only be its context's own cells: whole chunks of the last prompt, and the reply is still
+    that of a cold run through the cache. A request with another prompt reuses nothing."""
+    from edgelink.server.engine import Engine, Outcome, Params
+
+    ecfg = cfg.replace(cache_dir=str(tmp_path / "kv"), cache_chunk_tokens=64, cache_ram_bytes=0,
+                       cache_disk_bytes=0, http_parallel=1)
+    eng = Engine(str(smollm2_path), ecfg)
+    try:
+        def ask(messages):
+            items = list(eng.run(eng.chat_tokens(messages), Params(max_tokens=16)))
+            return "".join(i for i in items if isinstance(i, str)), items[-1]
+
+        first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which floor has the lenses?"}]
+        second = [first[0], {"role": "user", "content": "Who may enter the lamp room?"}]
+        _, out1 = ask(first)
+        text2, out2 = ask(second)
+        assert isinstance(out2, Outcome) and out1.cached_tokens == 0
+        assert out2.cached_from == {"context": out2.cached_tokens // 64} and out2.cached_tokens >= 128
+        assert text2 == _reference(smollm2_path, cfg, second, 16, tmp_path)[1]
+        _, out3 = ask([{"role": "user", "content": "Something else entirely."}])
+        assert out3.cached_tokens == 0
+    finally:
+        eng.close()
 
 
 def test_a_text_completion_seed_and_stop(server):

@@ -191,10 +191,23 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ the prefill
 
-    def prefill(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int]) -> CachedPrefill:
+    def prefill(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], *,
+                keep: int = 0) -> CachedPrefill:
         """Make ``tokens`` the runtime's sequence: the longest cached run of whole chunks
         (always leaving at least one token to decode, so the logits are fresh), then the rest
-        decoded chunk by chunk, each new whole chunk stored."""
+        decoded chunk by chunk, each new whole chunk stored.
+
+        ``keep``: the runtime's sequence already starts with ``tokens[:keep]`` (whole chunks),
+        computed by a prefill through this cache, so its cells are what a restore would give:
+        they stay, and are not restored again, unless the cache holds a longer run (a server's
+        context reused by the next request with the same system prompt)."""
+        if keep:
+            if keep % self.chunk or rt.tokens[:keep] != list(tokens[:keep]) or keep > (len(tokens) - 1):
+                raise StateError("keep must be whole chunks the sequence already holds, short of the prompt")
+            usable = (len(tokens) - 1) // self.chunk
+            if self.held(self.keys(signature, tokens)[:usable]) * self.chunk <= keep:
+                return self._continue(rt, signature, tokens, keep)
+            rt.clear()
         if rt.tokens:
             raise StateError("a prefill through the cache starts a sequence: reset the model first")
         if not tokens:
@@ -210,6 +223,19 @@ class PrefixCache:
         if states:
             self._restore(rt, tokens, states)
         out.hit_tokens = len(states) * self.chunk
+        out.lookup_s = time.perf_counter() - t0
+        return self._decode_rest(rt, signature, tokens, keys, out)
+
+    def _continue(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keep: int) -> CachedPrefill:
+        rt.truncate(keep)
+        out = CachedPrefill(len(tokens))
+        out.hit_tokens = keep
+        out.hit_tiers["context"] = keep // self.chunk
+        return self._decode_rest(rt, signature, tokens, self.keys(signature, tokens), out)
+
+    def _decode_rest(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keys: list[str],
+                     out: CachedPrefill) -> CachedPrefill:
+        """Decode from ``out.hit_tokens`` on, chunk by chunk, storing each new whole chunk."""
         t1 = time.perf_counter()
         pos = out.hit_tokens
         while pos < len(tokens):
@@ -219,7 +245,7 @@ class PrefixCache:
             if step == self.chunk and not self.store.has(keys[index]):
                 out.stored_chunks += self._store(rt, signature, keys[index], index)
             pos += step
-        out.lookup_s, out.prefill_s = t1 - t0, time.perf_counter() - t1
+        out.prefill_s = time.perf_counter() - t1
         self._add(out)
         return out
 

@@ -519,6 +519,73 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
 
 @cli.command()
 @click.argument("model", required=False)
+@click.option("-p", "--prompt", default=None,
+              help="One user message, answered, then exit; without it, an interactive chat (an empty "
+                   "line or Ctrl-D ends it).")
+@click.option("--system", default=None, help="A system message first.")
+@click.option("-n", "--max-tokens", type=click.IntRange(1), default=512, show_default=True,
+              help="Most tokens per reply.")
+@click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.0, show_default=True,
+              help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Repeat a sampled reply.")
+@click.option("--stop", multiple=True, help="A string that ends a reply (repeatable).")
+@json_option
+@click.pass_obj
+def chat(obj: _Ctx, model: str | None, prompt: str | None, system: str | None, max_tokens: int,
+         temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...], as_json: bool) -> None:
+    """Chat with MODEL through its own chat template, streamed, every turn through the prefix
+    cache (the next turn reuses the previous turn's cells)."""
+    from edgelink.server.engine import Engine, Outcome, Params
+
+    cfg = obj.cfg(http_parallel=1)
+    engine = Engine(model or cfg.runtime.default_model, cfg, progress=None if as_json else _progress())
+    params = Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = prompt is None
+    try:
+        while True:
+            if interactive:
+                try:
+                    text = click.prompt("you", prompt_suffix="> ", default="", show_default=False, err=True)
+                except (click.Abort, EOFError):
+                    break
+                if not text.strip():
+                    break
+            else:
+                text = prompt
+            messages.append({"role": "user", "content": text})
+            parts: list[str] = []
+            out = None
+            for item in engine.run(engine.chat_tokens(messages), params):
+                if isinstance(item, Outcome):
+                    out = item
+                else:
+                    parts.append(item)
+                    if not as_json:
+                        click.echo(item, nl=False)
+                        sys.stdout.flush()
+            reply = "".join(parts)
+            messages.append({"role": "assistant", "content": reply})
+            tps = out.completion_tokens / out.decode_s if out.decode_s > 0 else 0.0
+            if as_json:
+                _emit(True, {"reply": reply, "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
+                             "completion_tokens": out.completion_tokens, "finish_reason": out.finish_reason,
+                             "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": tps}, "",
+                      compact=True)
+            else:
+                click.echo("")
+                click.echo(f"[{out.completion_tokens} tokens, {tps:.1f} tokens/s; prompt {out.prompt_tokens} tokens, "
+                           f"{out.cached_tokens} from the cache, {out.prefill_s * 1e3:.0f} ms; {out.finish_reason}]",
+                           err=True)
+            if not interactive:
+                break
+    finally:
+        engine.close()
+
+
+@cli.command()
+@click.argument("model", required=False)
 @click.option("-p", "--prompt", "turns", multiple=True, required=True,
               help="A turn this process adds (repeat for several turns).")
 @click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
@@ -667,6 +734,28 @@ def bench_buffers(obj: _Ctx, model: str | None, prompt_tokens: int, n_tokens: in
     report = run_buffers_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, n_tokens, repeats,
                                log=None if as_json else lambda s: click.echo(s, err=True))
     _emit(as_json, report, format_buffers_table(report))
+
+
+@bench.command("http")
+@click.argument("model", required=False)
+@click.option("--prompt-tokens", type=int, default=2000, show_default=True, help="Tokens of the shared system prompt.")
+@click.option("--requests", type=int, default=8, show_default=True, help="Questions on the shared prompt.")
+@click.option("--turns", type=int, default=6, show_default=True, help="Turns of the chat case.")
+@click.option("--max-tokens", type=int, default=16, show_default=True, help="Tokens generated per request.")
+@click.option("--threads", type=int, default=None, help="Threads of both servers (default: all cores).")
+@json_option
+@click.pass_obj
+def bench_http(obj: _Ctx, model: str | None, prompt_tokens: int, requests: int, turns: int, max_tokens: int,
+               threads: int | None, as_json: bool) -> None:
+    """The OpenAI server against `python -m llama_cpp.server`: shared prompt, chat, restart, concurrency."""
+    from edgelink.bench.http import run
+
+    cfg = obj.cfg()
+    report = run(model or cfg.runtime.default_model, cfg, prompt_tokens=prompt_tokens, requests=requests,
+                 turns=turns, max_tokens=max_tokens, threads=threads,
+                 say=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+    if as_json:
+        _emit(True, report, "")
 
 
 @bench.command("transport")

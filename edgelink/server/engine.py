@@ -57,6 +57,7 @@ class Outcome:
     finish_reason: str = "stop"
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    cached_from: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks per tier
 
 
 def derived_parallel(cfg: Config) -> int:
@@ -145,9 +146,38 @@ class Engine:
     def waiting(self) -> int:
         return self._waiting
 
-    def release(self, m) -> None:
+    def _reusable(self, m, tokens: list[int]) -> int:
+        """Whole chunks of ``tokens`` the context still holds from its last prompt, exactly as a
+        prefill through the cache computes them (the generated tokens after it are not: each
+        was decoded alone). The next request with the same system prompt starts from them, as
+        llama-server reuses a slot's prefix, and the result stays that of a cold run through
+        the cache. Not on a sliding-window model, whose cache may have dropped cells they need."""
+        last = getattr(m, "prompt", None)
+        rt = m.runtime
+        if not last or rt.n_swa:
+            self._drop(m)
+            return 0
+        chunk = self.cache.chunk
+        n = 0
+        limit = min(len(last), len(tokens) - 1, len(rt.tokens))
+        while n < limit and last[n] == tokens[n]:
+            n += 1
+        keep = n // chunk * chunk
+        if keep == 0 or rt.tokens[:keep] != tokens[:keep]:
+            self._drop(m)
+            return 0
+        return keep
+
+    @staticmethod
+    def _drop(m) -> None:
+        m.prompt = None
         with m.step() as rt:
-            rt.clear()  # the next request sees none of this one's cells
+            rt.clear()
+
+    def release(self, m) -> None:
+        # The cells stay for the next request to reuse its common whole chunks (_reusable):
+        # they are a function of the tokens alone, so a request sees only cells of tokens it
+        # sent itself; anything past them is dropped before it decodes.
         self._free.put(m)
 
     def run(self, tokens: list[int], params: Params, cancelled: Callable[[], bool] = lambda: False,
@@ -164,9 +194,11 @@ class Engine:
         m = self.acquire()
         try:
             t0 = time.perf_counter()
-            hit = m.prefill(tokens, cache=self.cache)
+            with m.step() as rt:
+                hit = self.cache.prefill(rt, m.signature, tokens, keep=self._reusable(m, tokens))
+            m.prompt = list(tokens)
             out = Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
-                          prefill_s=time.perf_counter() - t0)
+                          prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers))
             rt = m.runtime
             sampler = Sampler(params.temperature, params.top_p, params.seed)
             decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -657,6 +657,23 @@ class P2PChannel:
         return f"<P2PChannel {self.remote_peer_id} {'initiator' if self.initiator else 'responder'}>"
 
 
+def _refused_in_negotiation(exc: BaseException) -> bool:
+    """Whether a failed new_stream got past the multistream handshake (the connection works)
+    and failed reading the protocol answer: how a stream the listener resets at once looks to
+    the pinned py-libp2p. A failed handshake means the connection itself is broken."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        text = str(e)
+        if "protocol read failed" in text:
+            return True
+        if "handshake read failed" in text or "handshake write failed" in text:
+            return False
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
 class P2PHost:
     """A libp2p host (Noise only, yamux only) whose trio loop runs in a background thread.
 
@@ -877,14 +894,11 @@ class P2PHost:
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 except Exception as exc:  # noqa: BLE001
-                    # The connection is up but the stream was reset while protocol negotiation
-                    # was still being read: the node refused this stream. Saying so now beats
-                    # redialling into the same refusal after a connect timeout.
-                    try:
-                        alive = any(not c.is_closed for c in self._host.get_network().get_connections(info.peer_id))
-                    except Exception:  # noqa: BLE001 - no way to tell: redial as before
-                        alive = False
-                    if alive:
+                    # The node answered the multistream handshake, then reset the stream while its
+                    # protocol answer was still being read: it refused this stream (its admission
+                    # caps). Saying so now beats redialling, which would cut every other stream on
+                    # this connection and then meet the same refusal.
+                    if _refused_in_negotiation(exc):
                         raise PeerGone(self._refused(addr, exc)) from None
                     # A cached connection can be half dead (the peer reset a stream hard, or
                     # restarted): drop it and dial afresh, once.
