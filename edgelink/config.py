@@ -10,11 +10,12 @@ import configparser
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from edgelink.errors import ConfigError
+from edgelink.errors import ConfigError, EdgelinkWarning
 
 ENV_PREFIX = "EDGELINK_"
 CONFIG_ENV = "EDGELINK_CONFIG"
@@ -277,6 +278,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
             name = f"{ENV_PREFIX}{section}_{key}".upper()
             if name in env:
                 values[section][key] = _convert(env[name], typ, f"${name}", Path.cwd())
+    _check_env_names(env)
 
     sections = {}
     for section, cls in _SECTIONS.items():
@@ -288,6 +290,35 @@ def load_config(path: str | os.PathLike[str] | None = None,
     return _apply_overrides(cfg, overrides) if overrides else cfg
 
 
+# EDGELINK_* variables that are not config keys.
+OTHER_ENV = frozenset({CONFIG_ENV, "EDGELINK_TOKEN", "EDGELINK_NATIVE_PORTABLE", "EDGELINK_CI_PYTHON"})
+
+
+def config_keys() -> list[str]:
+    """Every key as SECTION.KEY."""
+    return [f"{s}.{k}" for s, cls in _SECTIONS.items() for k in _section_types(cls)]
+
+
+def _suggest(wrong: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """A misspelt EDGELINK_<SECTION>_<KEY> would otherwise be ignored without a word."""
+    known = {f"{ENV_PREFIX}{k.replace('.', '_')}".upper() for k in config_keys()}
+    sections = tuple(f"{ENV_PREFIX}{s}_".upper() for s in _SECTIONS)
+    for name in env:
+        if not name.startswith(ENV_PREFIX) or name in known or name in OTHER_ENV:
+            continue
+        hint = _suggest(name, sorted(known | OTHER_ENV))
+        if name.startswith(sections):
+            raise ConfigError(f"${name} is not a config variable{hint} (edgelink config keys: docs/configuration.md)")
+        warnings.warn(f"${name} is not a variable edgelink reads{hint}", EdgelinkWarning, stacklevel=3)
+
+
 def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     by_section: dict[str, dict[str, Any]] = {}
     for name, value in overrides.items():
@@ -295,7 +326,8 @@ def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
             continue
         section, _, key = name.partition("_")
         if section not in _SECTIONS or key not in _section_types(_SECTIONS[section]):
-            raise ConfigError(f"unknown config override {name!r}")
+            dotted = f"{section}.{key}"
+            raise ConfigError(f"unknown config key {dotted}{_suggest(dotted, config_keys())}")
         typ = _section_types(_SECTIONS[section])[key]
         if isinstance(value, str) and typ is not str:
             value = _convert(value, typ, f"override {name}", Path.cwd())

@@ -109,10 +109,12 @@ def test_inspect_describes_a_message_file(smollm2_path, tmp_path):
     data = bytearray(snap.read_bytes())
     data[-300] ^= 0x01
     snap.write_bytes(bytes(data))
-    frames = json.loads(run("inspect", str(snap), "--json").stdout)
+    corrupt = run("inspect", str(snap), "--json", ok=False)
+    assert corrupt.returncode == 2 and "do not verify" in corrupt.stderr  # a corrupt file fails
+    frames = json.loads(corrupt.stdout)
     assert not frames[1]["verified"]
     assert sum(not t["verified"] for t in frames[1]["tensors"]) == 1
-    assert "CORRUPT" in run("inspect", str(snap)).stdout
+    assert "CORRUPT" in run("inspect", str(snap), ok=False).stdout
 
 
 def test_every_kind_goes_through_the_file_transport(reference, smollm2_path, tmp_path):
@@ -129,3 +131,24 @@ def test_every_kind_goes_through_the_file_transport(reference, smollm2_path, tmp
     out = json.loads(run("resume", str(smollm2_path), str(mem), "-p", " The password is", "-n", "4",
                          "--json").stdout)
     assert len(out["tokens"]) == 4
+
+
+def test_one_grammar_global_options_anywhere_and_typos_named(smollm2_path, tmp_path):
+    """--set after the subcommand works; a misspelt key or EDGELINK_* variable is an error that
+    suggests the right name; -n -5 is refused; --json errors are JSON; models --json list is JSON."""
+    import json as _json
+    import os as _os
+
+    ok = run("generate", str(smollm2_path), "-p", "Hi", "-n", "2", "--json", "--set", "runtime.n_ctx=512")
+    assert ok.returncode == 0 and _json.loads(ok.stdout)["tokens"]
+    bad = run("generate", str(smollm2_path), "-p", "Hi", "--set", "runtime.n_ctxx=512", ok=False)
+    assert bad.returncode == 2 and "did you mean runtime.n_ctx?" in bad.stderr, bad.stderr
+    env = {**_os.environ, "EDGELINK_RUNTIME_N_CTXX": "512"}
+    typo = subprocess.run([sys.executable, "-m", "edgelink", "info", str(smollm2_path), "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "EDGELINK_RUNTIME_N_CTX?" in typo.stderr, typo.stderr
+    assert _json.loads(typo.stdout)["error"]["code"] == "config"
+    neg = run("generate", str(smollm2_path), "-p", "Hi", "-n", "-5", ok=False)
+    assert neg.returncode == 2 and "Invalid value" in neg.stderr
+    listed = run("models", "--json", "list")
+    assert isinstance(_json.loads(listed.stdout), list)

@@ -273,3 +273,31 @@ def test_beyond_loopback_the_server_needs_a_key(smollm2_path, cfg, tmp_path):
     assert r.returncode != 0 and "API key" in r.stderr and "Traceback" not in r.stderr, r.stderr
     with socket.socket() as s:  # nothing was left listening
         s.bind(("127.0.0.1", 0))
+
+
+def test_a_second_server_fetches_the_prefix_from_a_peer(smollm2_path, cfg, tmp_path):
+    """Server B lacks the system prompt's chunks; a node on another cache holds them
+    (cache.peers): B fetches them before its prefill, and answers as a cold run would."""
+    import edgelink
+    from edgelink.cache.prefix import PrefixCache
+    from edgelink.roles.launcher import start_node, stop_receiver
+    from edgelink.runtime.chat import ChatTemplate
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Who keeps the logbooks?"}]
+    holder = cfg.replace(cache_dir=str(tmp_path / "holder"), cache_chunk_tokens=64)
+    with edgelink.load(str(smollm2_path), holder) as m:
+        m.prefill(ChatTemplate(m.runtime).tokens(messages), cache=PrefixCache(holder))
+    node = start_node(str(smollm2_path), holder, extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "n.key")})
+    try:
+        bcfg = cfg.replace(cache_dir=str(tmp_path / "b"), cache_chunk_tokens=64, http_parallel=1,
+                           cache_peers=node.ready["addrs"][0], p2p_identity_key=tmp_path / "b.key")
+        proc = _start(str(smollm2_path), bcfg, tmp_path)
+        try:
+            r = _client(proc).chat.completions.create(model=proc.ready["model"], messages=messages,
+                                                      max_tokens=12, temperature=0)
+        finally:
+            _stop(proc)
+    finally:
+        assert stop_receiver(node) in (0, -15), node.stderr_tail()
+    assert r.usage.prompt_tokens_details.cached_tokens >= 64 * ((r.usage.prompt_tokens - 1) // 64)
+    assert r.choices[0].message.content == _reference(smollm2_path, cfg, messages, 12, tmp_path)[1]

@@ -63,7 +63,8 @@ def models(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """List the models edgelink knows and whether each is downloaded."""
-    ctx.invoke(models, as_json=as_json)
+    # `models --json list` and `models list --json` say the same
+    ctx.invoke(models, as_json=as_json or bool(ctx.parent and ctx.parent.params.get("as_json")))
 
 
 @models.command("pull")
@@ -659,6 +660,9 @@ def inspect(obj: _Ctx, file: str, as_json: bool) -> None:
         else:
             lines.append(f"{f['frame']} #{f['message_id']}")
     _emit(as_json, frames, "\n".join(lines))
+    if any(f["frame"] == "TENSOR" and not f["verified"] for f in frames):
+        click.echo("error (checksum): the file's tensors do not verify (CORRUPT above)", err=True)
+        sys.exit(2)  # a corrupt file is a failure, as resume and import treat it
 
 
 @cli.command()
@@ -854,9 +858,33 @@ from edgelink.cli.bridge import bridge  # noqa: E402  (registers `edgelink bridg
 cli.add_command(bridge)
 
 
+_GLOBAL_WITH_VALUE = ("--set", "--config")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """``--set``/``--config`` given after the subcommand (``generate ... --set k=v``) move in
+    front of it, so they work in either place: one grammar, whatever the order."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest += argv[i:]
+            break
+        if a in _GLOBAL_WITH_VALUE and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 2
+            continue
+        if a.startswith(tuple(f"{o}=" for o in _GLOBAL_WITH_VALUE)):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=hoist_global_options(sys.argv[1:]), standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -865,6 +893,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except EdgelinkError as exc:
         click.echo(f"error ({exc.code}): {exc}", err=True)
+        if "--json" in sys.argv[1:]:  # a reader of JSON gets its error as JSON too
+            click.echo(json.dumps({"error": {"code": exc.code, "type": type(exc).__name__, "message": str(exc)}}))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

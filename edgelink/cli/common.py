@@ -100,5 +100,5 @@ def client_token(token: str | None, token_file: str | None) -> str | None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-n_option = click.option("-n", "--n-tokens", type=int, default=None,
+n_option = click.option("-n", "--n-tokens", type=click.IntRange(0), default=None,
                         help="Greedy tokens to generate [config: generate.n_tokens].")

@@ -306,6 +306,7 @@ def serve_http(model: str, cfg: Config, *, listen: str | None = None, api_keys_:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(1024)  # connections queue from now on: the ready event may be acted on at once
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} (http.listen, --http)") from None

@@ -58,6 +58,7 @@ class Outcome:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     cached_from: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks per tier
+    fetched_chunks: int = 0  # chunks fetched from cache.peers for this request
 
 
 def derived_parallel(cfg: Config) -> int:
@@ -93,6 +94,8 @@ class Engine:
         self.name = cfg.http.model_name or (Path(first.name).stem if first.name.endswith(".gguf") else first.name)
         self.n_ctx = first.runtime.n_ctx
         self.cache = PrefixCache(cfg)
+        for m in self._models:
+            m._cache = self.cache  # one cache (one RAM tier) for every context
         try:
             self.template: ChatTemplate | None = ChatTemplate(first.runtime)
         except ConfigError:
@@ -168,6 +171,17 @@ class Engine:
             return 0
         return keep
 
+    def _fetch(self, m, tokens: list[int], keep: int) -> int:
+        """Chunks of ``tokens`` that this cache lacks, fetched from ``cache.peers`` (another
+        machine's node that holds them) before the prefill; a peer that fails costs only time."""
+        if not self.cfg.cache.peers:
+            return 0
+        keys = self.cache.keys(m.signature, tokens)[:(len(tokens) - 1) // self.cache.chunk]
+        if not keys or self.cache.held(keys) == len(keys) or keep >= len(keys) * self.cache.chunk:
+            return 0
+        got = m.fetch_cache(tokens)
+        return got.chunks
+
     @staticmethod
     def _drop(m) -> None:
         m.prompt = None
@@ -194,11 +208,14 @@ class Engine:
         m = self.acquire()
         try:
             t0 = time.perf_counter()
+            keep = self._reusable(m, tokens)
+            fetched = self._fetch(m, tokens, keep)
             with m.step() as rt:
-                hit = self.cache.prefill(rt, m.signature, tokens, keep=self._reusable(m, tokens))
+                hit = self.cache.prefill(rt, m.signature, tokens, keep=keep)
             m.prompt = list(tokens)
             out = Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
-                          prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers))
+                          prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers),
+                          fetched_chunks=fetched)
             rt = m.runtime
             sampler = Sampler(params.temperature, params.top_p, params.seed)
             decoder = codecs.getincrementaldecoder("utf-8")("replace")

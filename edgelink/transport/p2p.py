@@ -895,10 +895,11 @@ class P2PHost:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 except Exception as exc:  # noqa: BLE001
                     # The node answered the multistream handshake, then reset the stream while its
-                    # protocol answer was still being read: it refused this stream (its admission
-                    # caps). Saying so now beats redialling, which would cut every other stream on
-                    # this connection and then meet the same refusal.
-                    if _refused_in_negotiation(exc):
+                    # protocol answer was still being read, and our other streams to it live: it
+                    # refused this one (its admission caps). Redialling would cut those streams
+                    # and then meet the same refusal; say so instead. (A connection with no live
+                    # stream left may be half dead: that one is redialled, as before.)
+                    if _refused_in_negotiation(exc) and self._live_channels_to(info.peer_id.to_base58()):
                         raise PeerGone(self._refused(addr, exc)) from None
                     # A cached connection can be half dead (the peer reset a stream hard, or
                     # restarted): drop it and dial afresh, once.
@@ -934,6 +935,11 @@ class P2PHost:
         return (f"{addr} closed the session before the key exchange finished: this peer "
                 f"({self.peer_id}) may not be on its node.allow_peers, or it is at its limit of "
                 f"streams waiting to authenticate (node.max_pending) ({exc})")
+
+    def _live_channels_to(self, peer: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._channels
+                       if c.remote_peer_id == peer and not c.closed and c._broken is None and c._tx_error is None)
 
     def connected_peers(self) -> list[str]:
         async def get():
