@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,8 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, kind: str, model: Path, cfg: Config, cache_dir: Path, threads: int):
-        self.kind, self.port = kind, _free_port()
+    def __init__(self, kind: str, model: Path, cfg: Config, cache_dir: Path, threads: int, chat: bool):
+        self.kind, self.port, self.chat = kind, _free_port(), chat
         env = {**os.environ, **to_env(cfg)}
         if kind == "edgelink":
             env.update({"EDGELINK_CACHE_DIR": str(cache_dir), "EDGELINK_HTTP_PARALLEL": "1",
@@ -95,27 +96,35 @@ def _ask(srv: _Server, messages: list[dict], max_tokens: int) -> dict[str, Any]:
     c = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=600)
     t0 = time.perf_counter()
     ttft, parts, cached = None, [], None
-    stream = c.chat.completions.create(model=srv.model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
+    common = {"model": srv.model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}}
+    if srv.chat:
+        stream = c.chat.completions.create(messages=messages, **common)
+    else:  # a model without a chat template: the same conversation as plain text
+        text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+        stream = c.completions.create(prompt=text, **common)
     for ev in stream:
         if ev.usage is not None and ev.usage.prompt_tokens_details is not None:
             cached = ev.usage.prompt_tokens_details.cached_tokens
         for ch in ev.choices:
-            if ch.delta.content:
+            piece = ch.delta.content if srv.chat else ch.text
+            if piece:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-                parts.append(ch.delta.content)
+                parts.append(piece)
     srv.sample()
     return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0,
             "total_s": time.perf_counter() - t0, "text": "".join(parts), "cached_tokens": cached}
 
 
-def _system(model: Path, cfg: Config, n_tokens: int) -> str:
+def _system(model: Path, cfg: Config, n_tokens: int) -> tuple[str, bool]:
+    """The shared system prompt, and whether the model has a chat template."""
     from edgelink.bench import context_tokens
     from edgelink.runtime.llama import LlamaRuntime
 
     with LlamaRuntime(model, cfg.replace(runtime_n_ctx=max(512, n_tokens + 64))) as rt:
-        return "You answer questions about this text.\n\n" + rt.detokenize(context_tokens(rt, n_tokens)[1:])
+        text = "You answer questions about this text.\n\n" + rt.detokenize(context_tokens(rt, n_tokens)[1:])
+        return text, bool(rt.meta("tokenizer.chat_template"))
 
 
 def _shared(srv: _Server, system: str, n: int, max_tokens: int) -> list[dict]:
@@ -136,6 +145,7 @@ def _chat(srv: _Server, system: str, turns: int, max_tokens: int) -> list[dict]:
 
 def _concurrent(srv: _Server, system: str, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
     ttfts: list[float] = []
+    chars: list[int] = []
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -146,6 +156,7 @@ def _concurrent(srv: _Server, system: str, clients: int, per_client: int, max_to
                                {"role": "user", "content": QUESTIONS[(k * per_client + j) % len(QUESTIONS)]}], max_tokens)
                 with lock:
                     ttfts.append(r["ttft_s"])
+                    chars.append(len(r["text"]))
             except Exception as exc:  # noqa: BLE001 - a failed request is reported, not fatal
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -159,8 +170,10 @@ def _concurrent(srv: _Server, system: str, clients: int, per_client: int, max_to
     wall = time.perf_counter() - t0
     ttfts.sort()
     pick = (lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))]) if ttfts else (lambda q: float("nan"))
+    # mean reply length: llama_cpp.server interrupts a streaming reply when the next request
+    # arrives (its interrupt_requests default), which raises its request rate by cutting replies
     return {"requests": len(ttfts), "errors": errors[:3], "rps": len(ttfts) / wall, "p50_ttft_s": pick(0.5),
-            "p95_ttft_s": pick(0.95)}
+            "p95_ttft_s": pick(0.95), "mean_reply_chars": statistics.mean(chars) if chars else 0.0}
 
 
 def run(model: str, cfg: Config, *, prompt_tokens: int = 2000, requests: int = 8, turns: int = 6,
@@ -175,21 +188,22 @@ def run(model: str, cfg: Config, *, prompt_tokens: int = 2000, requests: int = 8
                             "pip install openai 'llama-cpp-python[server]==0.3.36'") from None
     path = resolve_model(model, cfg, pull=True)
     threads = threads or os.cpu_count() or 1
-    system = _system(path, cfg, prompt_tokens)
+    system, templated = _system(path, cfg, prompt_tokens)
     results: dict[str, Any] = {"model": path.name, "prompt_tokens": prompt_tokens, "threads": threads,
+                               "api": "chat" if templated else "completions (no chat template)",
                                "n_ctx": cfg.runtime.n_ctx, "max_tokens": max_tokens, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="edgelink-bench-http-") as tmp:
         cache = Path(tmp) / "kv"
         for kind in ("edgelink", "llama_cpp.server"):
             say(f"{kind}: starting")
-            srv = _Server(kind, path, cfg, cache, threads)
+            srv = _Server(kind, path, cfg, cache, threads, templated)
             try:
                 shared = _shared(srv, system, requests, max_tokens)
                 chat = _chat(srv, system, turns, max_tokens)
                 conc = _concurrent(srv, system, clients, per_client, max_tokens)
             finally:
                 srv.stop()
-            srv2 = _Server(kind, path, cfg, cache, threads)
+            srv2 = _Server(kind, path, cfg, cache, threads, templated)
             try:
                 restart = _shared(srv2, system, requests, max_tokens)
             finally:
@@ -216,6 +230,7 @@ def run(model: str, cfg: Config, *, prompt_tokens: int = 2000, requests: int = 8
     for kind, c in results["cases"].items():
         cc = c["concurrent"]
         say(f"{kind}: {clients} clients x {per_client}: {cc['rps']:.2f} req/s, TTFT p50 {cc['p50_ttft_s'] * 1000:.0f} ms, "
-            f"p95 {cc['p95_ttft_s'] * 1000:.0f} ms; peak RSS {c['peak_rss_mb']:.0f} MB"
+            f"p95 {cc['p95_ttft_s'] * 1000:.0f} ms, mean reply {cc['mean_reply_chars']:.0f} chars; "
+            f"peak RSS {c['peak_rss_mb']:.0f} MB"
             + (f"; errors {cc['errors']}" if cc["errors"] else ""))
     return results
