@@ -16,6 +16,7 @@ from edgelink.errors import (
     ConfigError,
     EdgelinkError,
     InternalError,
+    PeerGone,
     ProtocolError,
     SessionError,
     TransportError,
@@ -290,7 +291,7 @@ class Receiver:
                         log.info("peer applied our message %d", msg.acked_id)
                     elif isinstance(msg, Request):
                         body = self._request(dataclasses.replace(
-                            msg, params=check_params(msg.op, msg.params)))
+                            msg, params=check_params(msg.op, msg.params)), ch)
                         report.generated += len(body.get("tokens", []))
                         ch.send(session.result(msg, body))
                     elif isinstance(msg, Reject):
@@ -373,7 +374,7 @@ class Receiver:
                                                  layer_range=msg.layer_range, token_range=msg.token_range, attrs=attrs)
         ch.send(*parts)
 
-    def _request(self, req: Request) -> dict[str, Any]:
+    def _request(self, req: Request, ch: Channel | None = None) -> dict[str, Any]:
         rt = self.rt
         if req.op == "cache_has":
             return {"held": self._prefix_cache().held([k.hex() for k in req.params["keys"]], for_peer=True),
@@ -384,7 +385,12 @@ class Receiver:
             if n > room:
                 raise SessionError(f"{n} tokens do not fit: {room} positions left in the context")
             t0 = time.perf_counter()
-            tokens = rt.generate(n, stop_at_eog=req.params.get("stop_at_eog", True))
+            # A client that went away (Ctrl-C, killed) stops the generation within a token:
+            # nobody would read the reply, and the next client is waiting.
+            gone = getattr(ch, "peer_gone", None)
+            tokens = rt.generate(n, stop_at_eog=req.params.get("stop_at_eog", True), cancelled=gone)
+            if gone is not None and gone():
+                raise PeerGone(f"the client went away after {len(tokens)} of {n} generated tokens")
             dt = time.perf_counter() - t0
             return {"tokens": tokens, "text": rt.detokenize(tokens), "generate_s": dt,
                     "context_tokens": len(rt.tokens)}

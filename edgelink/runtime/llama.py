@@ -12,6 +12,7 @@ import ctypes
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -362,12 +363,16 @@ class LlamaRuntime:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def generate(self, n_tokens: int, stop_at_eog: bool = True) -> list[int]:
-        """Greedy continuation from the current logits: the reference every handoff must match."""
+    def generate(self, n_tokens: int, stop_at_eog: bool = True,
+                 cancelled: Callable[[], bool] | None = None) -> list[int]:
+        """Greedy continuation from the current logits: the reference every handoff must match.
+        ``cancelled`` is asked before each token; once it says so, what was made is returned."""
         if self.logits is None:
             raise StateError("no logits: prefill or import a state first")
         out: list[int] = []
         for _ in range(n_tokens):
+            if cancelled is not None and cancelled():
+                break
             tok = int(np.argmax(self.logits))
             if stop_at_eog and self.is_eog(tok):
                 break

@@ -182,6 +182,7 @@ class P2PChannel:
         self._tx_frame = 0
         self._rx_frame = 0
         self._sending = 0  # send() calls in progress (a close() then sends no end record)
+        self._peer_ended = False  # the reader saw the stream end (set in the trio thread)
         self._consumed = 0
         self._closed = False
         self._broken: str | None = None
@@ -269,6 +270,7 @@ class P2PChannel:
             # reads it); a bare end of stream means the stream was cut.
             eof = isinstance(exc, EOFError) or "EOF" in type(exc).__name__
             reason = "the stream ended without its sealed end record: cut, or truncated" if eof else str(exc)
+            self._peer_ended = True
             if isinstance(exc, CryptoError):
                 log.warning("p2p peer %s: %s", self.remote_peer_id, exc)
                 await self._reset()
@@ -602,6 +604,10 @@ class P2PChannel:
         if self.limiter is not None:
             self.limiter.wait_message()
         return length
+
+    def peer_gone(self) -> bool:
+        """Whether the peer's side of the stream ended (closed, reset, or cut); cheap."""
+        return self._closed or self._peer_ended or self._broken is not None or self._done.is_set()
 
     def _control_record(self, opener: e2e.Opener, flags: int, body) -> None:
         """A sealed record between frames: a key announcement, or the peer's end record."""

@@ -369,6 +369,18 @@ class ShmChannel:
     def closed(self) -> bool:
         return self._closed
 
+    def peer_gone(self) -> bool:
+        """Whether the other side closed or died: a few atomic loads and a pid check, cheap
+        enough to ask between decoded tokens (a receiver stops generating for nobody)."""
+        if self._closed:
+            return True
+        alive = self._rx.peer_alive
+        if alive is not None and not alive():
+            return True
+        if self._listener is not None:
+            return native().load_acquire_u64(self._mm, _C_CLIENT_STATE) == _CLIENT_DETACHED
+        return False
+
     @property
     def peer_pid(self) -> int:
         off = _C_CLIENT_PID if self.role == "server" else _C_SERVER_PID
