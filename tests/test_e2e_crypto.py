@@ -22,8 +22,8 @@ class Ident:
         return self.sk.sign(data).signature
 
 
-def _pair(a: Ident, b: Ident, params=PARAMS, b_thinks_a=None):
-    """Run a full handshake; ``b_thinks_a`` is the identity b believes it is connected to."""
+def _handshakes(a: Ident, b: Ident, params=PARAMS, b_thinks_a=None):
+    """Both sides' handshakes and keys; ``b_thinks_a``: who b believes it is connected to."""
     seen = b_thinks_a or a
     ha = e2e.Handshake(e2e.CLIENT, sign=a.sign, identity_pk=a.pk, local_id=a.id, remote_id=b.id,
                        remote_pk=b.pk, params=params)
@@ -31,7 +31,12 @@ def _pair(a: Ident, b: Ident, params=PARAMS, b_thinks_a=None):
                        remote_pk=seen.pk, params=params)
     hb.receive(ha.message())
     ha.receive(hb.message())
-    return ha.finish(), hb.finish()
+    return ha, hb, ha.finish(), hb.finish()
+
+
+def _pair(a: Ident, b: Ident, params=PARAMS, b_thinks_a=None):
+    """Run a full handshake; ``b_thinks_a`` is the identity b believes it is connected to."""
+    return _handshakes(a, b, params, b_thinks_a)[2:]
 
 
 def _open(keys, body, frame=0):
@@ -156,16 +161,6 @@ def test_close_wipes_keys():
     assert key == bytearray(32) and not ka.sealer._key
     with pytest.raises(CryptoError):
         ka.sealer.seal(b"x", 0)
-
-
-def _handshakes(a: Ident, b: Ident, params=PARAMS):
-    ha = e2e.Handshake(e2e.CLIENT, sign=a.sign, identity_pk=a.pk, local_id=a.id, remote_id=b.id,
-                       remote_pk=b.pk, params=params)
-    hb = e2e.Handshake(e2e.SERVER, sign=b.sign, identity_pk=b.pk, local_id=b.id, remote_id=a.id,
-                       remote_pk=a.pk, params=params)
-    hb.receive(ha.message())
-    ha.receive(hb.message())
-    return ha, hb, ha.finish(), hb.finish()
 
 
 def test_keys_are_bound_to_the_transcript_and_each_side_confirms_it():
