@@ -39,6 +39,7 @@ class RuntimeConfig:
     n_batch: int
     n_ubatch: int
     n_threads: int
+    n_threads_batch: int
     flash_attn: str
     type_k: str
     type_v: str

@@ -1,7 +1,11 @@
 """Typed errors. Every failure a user can cause maps to one of these, never a bare Exception.
 
 The hierarchy mirrors the layers so callers can catch at the level they care about; each
-protocol-level error also carries a stable ``code`` that travels in a REJECT message.
+protocol-level error also carries a stable ``code`` that travels in a REJECT message, and
+each family its own process exit status (``exit_code``, docs/cli.md): 1 any other edgelink
+error, 2 a setting or argument, 3 a model, 4 bytes that are not a valid message or file, 5 a
+state that cannot be applied here, 6 a peer that refused the session, 7 a peer that cannot be
+reached or went away; 130 an interrupt.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ class EdgelinkError(Exception):
     """Base of every error edgelink raises on purpose."""
 
     code = "error"
+    exit_code = 1
 
 
 class EdgelinkWarning(UserWarning):
@@ -19,18 +24,21 @@ class EdgelinkWarning(UserWarning):
 
 class ConfigError(EdgelinkError):
     code = "config"
+    exit_code = 2
 
 
 class ModelError(EdgelinkError):
     """A model cannot be found, pulled, verified or loaded."""
 
     code = "model"
+    exit_code = 3
 
 
 class ProtocolError(EdgelinkError):
     """Bytes that do not decode to a valid message: bad magic, version, kind, length, layout."""
 
     code = "protocol"
+    exit_code = 4
 
 
 class UnsupportedVersion(ProtocolError):
@@ -59,6 +67,7 @@ class SessionError(EdgelinkError):
     """A message that decodes but is not allowed here: wrong session, order, or state."""
 
     code = "session"
+    exit_code = 6
 
 
 class SignatureMismatch(SessionError):
@@ -121,6 +130,7 @@ class StateError(EdgelinkError):
     """A tensor payload that cannot be applied to this runtime (shape, type, capacity)."""
 
     code = "state"
+    exit_code = 5
 
 
 class NormGateError(StateError):
@@ -132,6 +142,7 @@ class NormGateError(StateError):
 
 class TransportError(EdgelinkError):
     code = "transport"
+    exit_code = 7
 
 
 class TransportTimeout(TransportError):
@@ -142,6 +153,12 @@ class PeerGone(TransportError):
     """The peer process died or closed the channel mid-stream."""
 
     code = "peer_gone"
+
+
+class Unreachable(PeerGone):
+    """A dial that found no peer: nothing listening there, another peer id, not a libp2p node."""
+
+    code = "unreachable"
 
 
 class CryptoError(TransportError):

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from edgelink.errors import ModelError, ProtocolError, SessionError, StateError
+
 PROMPT = "The old lighthouse keeper climbed the stairs and"
 
 
@@ -44,9 +46,10 @@ def test_export_with_a_codec_resumes_exactly_and_a_lossy_file_needs_consent(refe
     run("export", str(smollm2_path), "-p", PROMPT, "-o", str(packed), "--wire", "lossless")
     resumed = json.loads(run("resume", str(smollm2_path), str(packed), "-n", "12", "--json").stdout)
     assert resumed["tokens"] == reference["tokens"]
-    run("export", str(smollm2_path), "-p", PROMPT, "-o", str(lossy), "--wire", "kivi4/1")
+    made = run("export", str(smollm2_path), "-p", PROMPT, "-o", str(lossy), "--wire", "kivi4/1")
+    assert "lossy" in made.stderr and "wire.allow_lossy=on" in made.stderr  # said at export time
     proc = run("resume", str(smollm2_path), str(lossy), ok=False)
-    assert proc.returncode == 2 and "kivi4/1" in proc.stderr and "allow_lossy" in proc.stderr
+    assert proc.returncode == ProtocolError.exit_code and "kivi4/1" in proc.stderr and "allow_lossy" in proc.stderr
     ok = run("--set", "wire.allow_lossy=on", "resume", str(smollm2_path), str(lossy), "-n", "4", "--json")
     assert len(json.loads(ok.stdout)["tokens"]) == 4
 
@@ -55,8 +58,8 @@ def test_resume_into_another_model_is_refused(smollm2_path, gemma3_path, tmp_pat
     snap = tmp_path / "state.elk"
     run("export", str(smollm2_path), "-p", PROMPT, "-o", str(snap))
     proc = run("resume", str(gemma3_path), str(snap), ok=False)
-    assert proc.returncode == 2
-    assert "error (signature)" in proc.stderr and "architecture" in proc.stderr
+    assert proc.returncode == SessionError.exit_code
+    assert "error (signature)" in proc.stderr and "different models" in proc.stderr and "gemma3" in proc.stderr
 
 
 def test_corrupted_file_is_refused(smollm2_path, tmp_path):
@@ -66,10 +69,10 @@ def test_corrupted_file_is_refused(smollm2_path, tmp_path):
     data[len(data) // 2] ^= 0x80
     snap.write_bytes(bytes(data))
     proc = run("resume", str(smollm2_path), str(snap), ok=False)
-    assert proc.returncode == 2 and "error (checksum)" in proc.stderr
+    assert proc.returncode == ProtocolError.exit_code and "error (checksum)" in proc.stderr
     snap.write_bytes(bytes(data[: len(data) // 3]))
     proc = run("resume", str(smollm2_path), str(snap), ok=False)
-    assert proc.returncode == 2 and "error (truncated)" in proc.stderr
+    assert proc.returncode == ProtocolError.exit_code and "error (truncated)" in proc.stderr
 
 
 def test_info_and_models(smollm2_path):
@@ -84,14 +87,14 @@ def test_info_and_models(smollm2_path):
 def test_flags_override_config(smollm2_path):
     proc = run("--set", "runtime.n_ctx=8", "generate", str(smollm2_path), "-p", "word " * 300, "-n", "2",
                ok=False)
-    assert proc.returncode == 2 and "context" in proc.stderr
+    assert proc.returncode == StateError.exit_code and "context" in proc.stderr
     proc = run("--set", "nonsense", "generate", "-p", "x", ok=False)
     assert proc.returncode != 0 and "SECTION.KEY=VALUE" in proc.stderr
 
 
 def test_unknown_model_lists_known_names():
     proc = run("info", "no-such-model", ok=False)
-    assert proc.returncode == 2 and "smollm2-135m" in proc.stderr
+    assert proc.returncode == ModelError.exit_code and "smollm2-135m" in proc.stderr
 
 
 def test_inspect_describes_a_message_file(smollm2_path, tmp_path):
@@ -110,7 +113,7 @@ def test_inspect_describes_a_message_file(smollm2_path, tmp_path):
     data[-300] ^= 0x01
     snap.write_bytes(bytes(data))
     corrupt = run("inspect", str(snap), "--json", ok=False)
-    assert corrupt.returncode == 2 and "do not verify" in corrupt.stderr  # a corrupt file fails
+    assert corrupt.returncode == ProtocolError.exit_code and "do not verify" in corrupt.stderr  # a corrupt file fails
     frames = json.loads(corrupt.stdout)
     assert not frames[1]["verified"]
     assert sum(not t["verified"] for t in frames[1]["tensors"]) == 1
@@ -127,7 +130,7 @@ def test_every_kind_goes_through_the_file_transport(reference, smollm2_path, tmp
         "--as", "memory")
     assert json.loads(run("inspect", str(mem), "--json").stdout)[1]["kind"] == "KV_MEMORY"
     proc = run("resume", str(smollm2_path), str(mem), "-n", "4", ok=False)
-    assert proc.returncode == 2 and "no logits" in proc.stderr  # a memory needs something after it
+    assert proc.returncode == StateError.exit_code and "no logits" in proc.stderr  # a memory needs something after it
     out = json.loads(run("resume", str(smollm2_path), str(mem), "-p", " The password is", "-n", "4",
                          "--json").stdout)
     assert len(out["tokens"]) == 4

@@ -49,9 +49,12 @@ def test_one_model_serves_many_operations_and_one_peer_many_calls(smollm2_path, 
             assert out.tokens == continuation
             assert out.extra["wire"]["codec"] == "raw" and out.bytes["payload"] > 0
             first = peer.converse(" Then he lit the lamp.", n_tokens=6)
+            # the handoff's reply stayed in the conversation, and only the new turn's cells went
+            n0 = len(prompt_tokens)
+            assert m.tokens[n0:n0 + len(out.tokens)] == out.tokens
+            assert first.sent_kind == "KV_CACHE_DELTA" and first.sent_bytes < out.bytes["payload"]
             second = peer.converse(" The ships came home.", n_tokens=6)
-            assert first.sent_kind == "KV_CACHE" and second.sent_kind == "KV_CACHE_DELTA"
-            assert second.sent_bytes < first.sent_bytes  # only the new cells travelled
+            assert second.sent_kind == "KV_CACHE_DELTA"
             assert peer.same_state()
         assert m.generate(4, stop_at_eog=False).tokens  # the model is still ours to use
 
@@ -107,6 +110,60 @@ def test_from_llama_hands_off_a_llama_conversation(smollm2_path, cfg, receiver, 
     with m.connect(receiver) as peer:
         assert peer.handoff(n_tokens=12, stop_at_eog=False).tokens == continuation
     m.close()
+    llm.close()
+
+
+def _continuation(path, cfg, tokens, n=8):
+    """What edgelink's own runtime says after ``tokens``: the reference for every order below."""
+    with edgelink.load(str(path), cfg) as m:
+        m.prefill(tokens)
+        return m.generate(n, stop_at_eog=False).tokens
+
+
+def _restored_continuation(path, cfg, snap, n=8):
+    with edgelink.load(str(path), cfg) as b:
+        b.restore(snap)
+        return b.tokens, b.generate(n, stop_at_eog=False).tokens
+
+
+def test_from_llama_stays_in_step_whatever_the_order(smollm2_path, cfg, receiver, reference):
+    """Wrap then use, use then wrap, edgelink then llama-cpp-python then edgelink: after each, the
+    wrapped model's sequence is the Llama's, its snapshot carries the cells (a receiver accepts it),
+    and every continuation is what edgelink's own runtime says after the same tokens."""
+    prompt_tokens, _ = reference
+    half = len(prompt_tokens) // 2
+    # 1. wrap, then llama-cpp-python's own eval, then a snapshot
+    llm = _llama(smollm2_path)
+    m = edgelink.from_llama(llm, cfg)
+    llm.eval(prompt_tokens)
+    snap = m.snapshot()
+    assert snap.payload_bytes > 0 and m.tokens == prompt_tokens
+    assert _restored_continuation(smollm2_path, cfg, snap) == (prompt_tokens, _continuation(smollm2_path, cfg, prompt_tokens))
+    # 2. edgelink prefills, llama-cpp-python completes, then a handoff carries both
+    m.reset()
+    m.prefill(prompt_tokens)
+    said, _ = _greedy(llm, prompt_tokens, 5)
+    seq = list(llm.input_ids[: llm.n_tokens])
+    assert seq[: len(prompt_tokens)] == prompt_tokens and m.tokens == seq
+    with m.connect(receiver) as peer:
+        got = peer.handoff(n_tokens=8, stop_at_eog=False).tokens
+    assert got == _continuation(smollm2_path, cfg, seq)
+    # 3. edgelink, then llama-cpp-python, then edgelink again on one sequence
+    m.reset()
+    m.prefill(prompt_tokens[:half])
+    llm.eval(prompt_tokens[half:])
+    assert m.tokens == prompt_tokens
+    assert m.generate(8, stop_at_eog=False).tokens == _continuation(smollm2_path, cfg, prompt_tokens)
+    # and llama-cpp-python continues from what edgelink generated
+    seq = m.tokens
+    _, out = _greedy(llm, seq, 4)
+    assert out["choices"][0]["text"] == m.runtime.detokenize(_continuation(smollm2_path, cfg, seq, 4))
+    m.close()
+    # 4. use, then wrap: the wrapped model starts from the Llama's sequence
+    m2 = edgelink.from_llama(llm, cfg)
+    assert m2.tokens == list(llm.input_ids[: llm.n_tokens])
+    assert _restored_continuation(smollm2_path, cfg, m2.snapshot())[0] == m2.tokens
+    m2.close()
     llm.close()
 
 
@@ -172,7 +229,7 @@ def test_a_file_llama_cpp_writes_becomes_an_edgelink_message(smollm2_path, cfg, 
         assert llama_cpp.llama_state_seq_save_file(m.runtime.ctx, str(path).encode(), m.runtime.seq, arr,
                                                    len(prompt_tokens)) > 0
     msg = tmp_path / "slot.elk"
-    out = subprocess.run([sys.executable, "-m", "edgelink", "import-llama", str(path), str(smollm2_path), "-o",
+    out = subprocess.run([sys.executable, "-m", "edgelink", "import-llama", str(smollm2_path), str(path), "-o",
                           str(msg), "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["prompt_tokens"] == len(prompt_tokens)
@@ -220,7 +277,45 @@ def test_hostile_or_foreign_state_files_are_refused_typed(smollm2_path, gemma3_p
                 m.load_llama_file(tmp_path / "fuzz.bin")
             except StateError:
                 pass
-    proc = subprocess.run([sys.executable, "-m", "edgelink", "import-llama", str(tmp_path / "gemma.bin"),
-                           str(smollm2_path), "-o", str(tmp_path / "x.elk")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgelink", "import-llama", str(smollm2_path),
+                           str(tmp_path / "gemma.bin"), "-o", str(tmp_path / "x.elk")], capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2 and "error" in proc.stderr and not (tmp_path / "x.elk").exists()
+    assert proc.returncode == StateError.exit_code and "error" in proc.stderr and not (tmp_path / "x.elk").exists()
+
+
+def test_a_prompt_longer_than_the_receivers_context_is_refused_before_prefill(smollm2_path, cfg):
+    """The receiver's HELLO says how much it can take; a handoff that could never fit fails at
+    once, naming the setting to change, before the sender spends a prefill on it."""
+    name = f"t-room-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    proc = start_receiver(str(smollm2_path), cfg, name, extra_args=("--set", "runtime.n_ctx=512"))
+    try:
+        long = " ".join(["lighthouse"] * 700)
+        out = subprocess.run([sys.executable, "-m", "edgelink", "handoff", str(smollm2_path), "-p", long,
+                              "--to", f"shm:{name}", "-n", "2"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == StateError.exit_code, out.stderr
+        assert "takes at most 512" in out.stderr and "runtime.n_ctx" in out.stderr
+        with edgelink.load(str(smollm2_path), cfg) as m, m.connect(f"shm:{name}") as peer:
+            assert peer.room == 512
+            with pytest.raises(StateError, match=r"596 tokens.*at most 512.*runtime\.n_ctx"):
+                peer.check_room(596)
+            m.prefill(PROMPT)  # a sequence that fits still goes
+            assert peer.handoff(n_tokens=2).tokens
+    finally:
+        assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
+
+
+def test_a_turn_ends_at_end_of_turn_and_control_tokens_are_tokens(smollm2_path, cfg, receiver):
+    """A chat turn written with the template's control tokens reads them as tokens, and the
+    peer's reply ends at its end-of-turn token by default (not '...\\nassistant\\n...')."""
+    turn = "<|im_start|>user\nWhat is 2+2? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
+    with edgelink.load(str(smollm2_path), cfg) as m:
+        toks = m.tokenize(turn)
+        assert len(toks) < len(m.tokenize(turn, parse_special=False)) - 10  # not '<', '|', 'im', ...
+        with m.connect(receiver) as peer:
+            r = peer.converse(turn, n_tokens=64)
+            assert 0 < len(r.reply_tokens) < 64 and "assistant" not in r.reply_text  # it ended itself
+            assert peer.same_state()
+        m.reset()
+        with m.connect(receiver) as peer:
+            on = peer.converse(turn, n_tokens=len(r.reply_tokens) + 8, stop_at_eog=False)
+            assert len(on.reply_tokens) == len(r.reply_tokens) + 8

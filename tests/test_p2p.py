@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from edgelink.errors import (
     PeerRejected,
     SessionError,
     TransportError,
+    Unreachable,
 )
 from edgelink.net.identity import load_identity
 from edgelink.roles.launcher import start_node, stop_receiver
@@ -873,3 +875,30 @@ def test_node_flags_add_tokens_and_allowed_peers(smollm2_path, cfg, tmp_path, se
     bad = subprocess.run([sys.executable, "-m", "edgelink", "node", str(smollm2_path), "--token", "a,b"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "without commas" in bad.stderr
+
+
+def test_a_failed_dial_is_one_line_from_the_readers_side(cfg, tmp_path, capfd):
+    """Nothing listening, another peer at the address: each is one line that says which, and
+    py-libp2p's own log lines stay off stderr unless asked for (-v)."""
+    srv = p2p.P2PHost(cfg, load_identity(tmp_path / "srv.key"), listen=["/ip4/127.0.0.1/tcp/0"],
+                      on_channel=lambda ch: None)
+    other = load_identity(tmp_path / "other.key")
+    cli = p2p.P2PHost(cfg, load_identity(tmp_path / "cli.key"))
+    try:
+        head = srv.addrs[0].rsplit("/p2p/", 1)[0]
+        port = head.rsplit("/", 1)[1]
+        with pytest.raises(Unreachable) as wrong:
+            cli.open_channel(f"{head}/p2p/{other.peer_id_str}")
+        msg = str(wrong.value)
+        assert f"127.0.0.1:{port}" in msg and other.peer_id_str in msg and "\n" not in msg
+        assert f"is {srv.peer_id}, not {other.peer_id_str}" in msg
+        with socket.socket() as s:  # a port with nothing behind it
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        with pytest.raises(Unreachable, match=f"nothing is listening at 127.0.0.1:{free}"):
+            cli.open_channel(f"/ip4/127.0.0.1/tcp/{free}/p2p/{other.peer_id_str}")
+    finally:
+        cli.close()
+        srv.close()
+    err = capfd.readouterr().err
+    assert "Failed to open TCP stream" not in err and "failed to upgrade security" not in err, err

@@ -53,14 +53,25 @@ def test_system_info_parses_into_this_builds_features():
 
 
 def test_extra_buffers_off_generates_the_same_tokens(smollm2_path, cfg):
-    with LlamaRuntime(smollm2_path, cfg.replace(runtime_extra_buffers="on")) as on:
-        assert on.extra_buffers.use is True
-        on.prefill(on.tokenize("The capital of France is"))
-        want = on.generate(16)
+    """Off decodes exactly as on. "On" runs in a child process: on a build with AMX kernels on a
+    CPU with AMX it is the path that faults (SIGSEGV or SIGILL in ggml_backend_amx_mul_mat, seen
+    on this workplace's Xeons), which is what ``auto`` avoids; the child's death is the expected
+    outcome there, and any other failure is not."""
+    import signal
+
+    child = subprocess.run([sys.executable, "-m", "edgelink", "--set", "runtime.extra_buffers=on", "generate",
+                            str(smollm2_path), "-p", "The capital of France is", "-n", "16", "--json"],
+                           capture_output=True, text=True, timeout=300)
     with LlamaRuntime(smollm2_path, cfg.replace(runtime_extra_buffers="off")) as off:
         assert off.extra_buffers.use is False
         off.prefill(off.tokenize("The capital of France is"))
-        assert off.generate(16) == want
+        want = off.generate(16)
+    faulting = system.build_features().get("AMX_INT8") == "1" and "amx_int8" in system.cpu_flags()
+    if faulting and child.returncode < 0:
+        assert -child.returncode in (signal.SIGSEGV, signal.SIGILL), child.returncode
+        return
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert json.loads(child.stdout)["tokens"] == want
 
 
 @pytest.fixture

@@ -330,12 +330,13 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
     """Prefill ``prompt`` here, ship the KV snapshot to the peer at ``to``, and return the
     peer's greedy continuation. With ``verify``, also continue locally and compare.
     ``token``: a bearer token for a node that requires one (sent inside the encryption)."""
-    with load(model, _cfg(cfg), progress=progress) as m:
+    with load(model, _cfg(cfg), progress=progress) as m, m.connect(to, token=token) as peer:
+        toks = m.tokenize(prompt)
+        peer.check_room(len(toks))  # known before a long prefill, not after it
         t0 = time.perf_counter()
-        m.prefill(prompt)
+        m.prefill(toks)
         prefill_s = time.perf_counter() - t0
-        with m.connect(to, token=token) as peer:
-            result = peer.handoff(n_tokens)
+        result = peer.handoff(n_tokens)
         result.timings = {"prefill_s": prefill_s, **result.timings}
         if verify:
             local = m.generate(n_tokens).tokens
@@ -383,14 +384,16 @@ class Conversation:
 
 
 def converse(model: str, turns: list[str], to: str, n_tokens: int | None = None,
-             cfg: Config | None = None, *, progress: Progress | None = None) -> Conversation:
+             cfg: Config | None = None, *, progress: Progress | None = None,
+             stop_at_eog: bool = True) -> Conversation:
     """A and B take turns extending one sequence: this process prefills each turn and ships
-    only the new cells (a full snapshot the first time); the peer generates a reply and ships
-    only its new cells back. Ends by comparing both sides' state digests."""
+    only the new cells (a full snapshot the first time); the peer generates a reply (ending at
+    its end-of-turn token unless ``stop_at_eog`` is off) and ships only its new cells back.
+    Ends by comparing both sides' state digests."""
     if not turns:
         raise EdgelinkError("a conversation needs at least one turn")
     with load(model, _cfg(cfg), progress=progress) as m, m.connect(to) as peer:
-        rounds = [peer.converse(text, n_tokens) for text in turns]
+        rounds = [peer.converse(text, n_tokens, stop_at_eog=stop_at_eog) for text in turns]
         same = peer.same_state()
         transcript = m.runtime.detokenize([t for t in m.tokens if t >= 0])
     return Conversation(model, rounds, same, transcript)

@@ -35,6 +35,7 @@ def _config_of(llm: Any, cfg: Config) -> Config:
         raise ModelError(f"the Llama's KV cache type {exc} is not one edgelink moves") from None
     return cfg.replace(runtime_n_ctx=int(llm.n_ctx()), runtime_n_batch=int(llm.n_batch),
                        runtime_n_ubatch=int(cp.n_ubatch), runtime_n_threads=int(cp.n_threads),
+                       runtime_n_threads_batch=int(cp.n_threads_batch),
                        runtime_flash_attn=flash, runtime_type_k=type_k, runtime_type_v=type_v,
                        runtime_seq_id=0)
 

@@ -118,20 +118,28 @@ class Model:
 
     @property
     def tokens(self) -> list[int]:
-        """The token ids of the sequence (a copy)."""
+        """The token ids of the sequence (a copy; a bound ``Llama``'s, if it moved since)."""
+        if self.binding is not None:
+            self.binding.pull()
         return list(self.runtime.tokens)
 
     @property
     def signature(self) -> dict[str, Any]:
         """What a peer checks before it accepts this model's state (``edgelink info``)."""
         if self._signature is None:
-            self._signature = model_signature(self.runtime, self.cfg).to_dict()
+            # in step: reading the signature may probe the context (flash attention "auto"),
+            # which must save and restore the cells a bound Llama evaluated meanwhile
+            with self.step():
+                self._signature = model_signature(self.runtime, self.cfg).to_dict()
         return self._signature
 
-    def tokenize(self, text: str, *, add_special: bool | None = None) -> list[int]:
-        """Token ids of ``text``; special tokens (BOS) only at the start of a sequence unless
-        ``add_special`` says otherwise."""
-        return self.runtime.tokenize(text, add_special=not self.runtime.tokens if add_special is None else add_special)
+    def tokenize(self, text: str, *, add_special: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; BOS only at the start of a sequence unless ``add_special``
+        says otherwise. Control tokens written in the text (``<|im_start|>``) are read as those
+        tokens, as llama-cpp-python's ``create_completion`` reads a prompt, unless
+        ``parse_special`` is off."""
+        add = not self.runtime.tokens if add_special is None else add_special
+        return self.runtime.tokenize(text, add_special=add, parse_special=parse_special)
 
     def prefill(self, prompt: str | Sequence[int], *, cache: bool | PrefixCache = False) -> Any:
         """Append ``prompt`` (text, or token ids) to the sequence; returns its token count.

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgelink.api.results import Generation
-from edgelink.errors import EdgelinkError
+from edgelink.errors import EdgelinkError, StateError
 from edgelink.net.endpoint import connect
 from edgelink.roles.sender import Sender, SentSnapshot
-from edgelink.runtime.sizing import fit_limits
+from edgelink.runtime.sizing import fit_limits, snapshot_tokens_within
 
 if TYPE_CHECKING:
     from edgelink.api.model import Model
@@ -48,6 +48,9 @@ class Peer:
         self.timings = timings  # connect_s, handshake_s
         self.synced = 0  # tokens of the model's sequence the receiver holds exactly as we do
         self.turns = 0
+        # After the receiver generated from a state we sent: the tokens it continued (ours then)
+        # and its reply, so the next turn can take the reply's cells back instead of resending.
+        self._ahead: tuple[list[int], list[int]] | None = None
 
     @classmethod
     def open(cls, model: Model, to: str, *, token: str | None = None) -> Peer:
@@ -72,6 +75,21 @@ class Peer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def room(self) -> int:
+        """The most tokens of this model's state the receiver accepts (read from the message
+        limit its HELLO announced: its n_ctx when that limit is derived, as by default)."""
+        return snapshot_tokens_within(self.model.runtime, self.sender.session.peer_max_bytes)
+
+    def check_room(self, n_tokens: int, what: str = "this prompt") -> None:
+        """Refuse, before any prefill, a sequence that the receiver could never take."""
+        room = self.room
+        if n_tokens > room:
+            raise StateError(
+                f"{what} is {n_tokens:,} tokens, and the receiver at {self.to} takes at most {room:,}: "
+                "start it with a larger runtime.n_ctx (--set runtime.n_ctx=N), or send a shorter "
+                "prompt; nothing was sent")
+
     # ------------------------------------------------------------------ operations
 
     def send(self) -> SentSnapshot:
@@ -81,6 +99,7 @@ class Peer:
             if 0 < self.synced < len(rt.tokens):
                 sent = self.sender.send_delta(rt, self.synced)
             else:
+                self.check_room(len(rt.tokens), "the model's sequence")
                 sent = self.sender.send_snapshot(rt)
             self.synced = len(rt.tokens)
         return sent
@@ -91,8 +110,25 @@ class Peer:
         n = self.model.cfg.generate.n_tokens if n_tokens is None else n_tokens
         body = self.sender.request("generate", n_tokens=n, stop_at_eog=stop_at_eog)
         if body["tokens"]:
+            if self.synced == len(self.model.runtime.tokens):
+                self._ahead = (list(self.model.runtime.tokens), list(body["tokens"]))
             self.synced = 0
         return body
+
+    def _catch_up(self) -> int:
+        """Take back the cells of the receiver's last reply (a ``handoff``/``generate``), when our
+        sequence is still the one it continued: the conversation keeps the reply, and the next
+        turn ships only its own new cells. Returns the payload bytes pulled."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or self.synced:
+            return 0
+        base, _ = ahead
+        with self.model.step() as rt:
+            if rt.tokens != base:
+                return 0  # our sequence moved on (a local generate, a reset): resend it whole
+            pulled = self.sender.pull_delta(rt, len(base))
+            self.synced = len(rt.tokens)
+        return pulled
 
     def handoff(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> Generation:
         """Ship the model's state and return the receiver's continuation."""
@@ -105,20 +141,22 @@ class Peer:
             {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
             {"digest": sent.digest, "to": self.to, "wire": sent.wire_facts()})
 
-    def converse(self, text: str, n_tokens: int | None = None) -> Round:
-        """One turn: read ``text`` here, ship only what the receiver lacks, let it answer,
-        and take its answer's cells back, so both sides hold the same sequence again."""
+    def converse(self, text: str, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> Round:
+        """One turn: read ``text`` here, ship only what the receiver lacks, let it answer (up to
+        ``n_tokens``, ending at its end-of-turn token unless ``stop_at_eog`` is off), and take
+        its answer's cells back, so both sides hold the same sequence again."""
         n = self.model.cfg.generate.n_tokens if n_tokens is None else n_tokens
+        caught_up = self._catch_up()
         first = self.synced == 0
         t0 = time.perf_counter()
         sent_tokens = self.model.prefill(text)
         t1 = time.perf_counter()
         sent = self.send()
         t2 = time.perf_counter()
-        body = self.sender.request("generate", n_tokens=n, stop_at_eog=False)
+        body = self.sender.request("generate", n_tokens=n, stop_at_eog=stop_at_eog)
         t3 = time.perf_counter()
         with self.model.step() as rt:
-            pulled = self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0
+            pulled = caught_up + (self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0)
             self.synced = len(rt.tokens)
             full = sum(t.nbytes for t in _snapshot_tensors(rt))
         t4 = time.perf_counter()
@@ -149,6 +187,7 @@ class Peer:
         """Any other REQUEST the receiver answers (docs/protocol.md)."""
         if op in ("prefill", "reset", "generate"):
             self.synced = 0
+            self._ahead = None
         return self.sender.request(op, **params)
 
 

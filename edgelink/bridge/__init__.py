@@ -51,11 +51,21 @@ POOLS = {"ridge": "mean", "perceiver": "none", "lip": "segments"}  # how each ki
 MAX_MANIFEST_BYTES = 1 << 22  # a manifest holds two signatures and a normalizer: well under this
 
 
-def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """(manifest, npz) for a stem, or for either file of the pair."""
-    p = Path(path)
+def _paths(path: str | os.PathLike[str], find: bool = False) -> tuple[Path, Path]:
+    """(manifest, npz) for a stem, or for either file of the pair. With ``find`` (reading), a
+    relative name that is not there from the current directory is looked up among the shipped
+    bridges (the registry's folder, ``models/``): ``--bridge models/x.json`` works from anywhere."""
+    p = Path(path).expanduser()
     if p.suffix in (".json", ".npz"):
         p = p.with_suffix("")
+    if find and not p.is_absolute() and not p.with_name(p.name + ".json").exists():
+        from edgelink.config import load_config
+
+        shipped = load_config().paths.registry.parent
+        for cand in (shipped / p, shipped / p.name):
+            if cand.with_name(cand.name + ".json").exists():
+                p = cand
+                break
     return p.with_name(p.name + ".json"), p.with_name(p.name + ".npz")
 
 
@@ -357,7 +367,7 @@ def load_bridge(path: str | os.PathLike[str]) -> Bridge:
     Both files are untrusted input: anything wrong is a ModelError, and nothing is allocated
     beyond what the manifest's bounded fields and the files' real bytes allow."""
     try:
-        manifest_path, _ = _paths(path)
+        manifest_path, _ = _paths(path, find=True)
         raw = manifest_path.read_bytes()
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read bridge manifest {str(path)[:200]!r}: {exc}") from None

@@ -17,12 +17,14 @@ from edgelink.cli.common import (  # noqa: F401
     _progress,
     client_token,
     json_option,
+    model_and_file,
     n_option,
+    split_model_file,
     token_options,
     wire_codec,
     wire_option,
 )
-from edgelink.errors import EdgelinkError
+from edgelink.errors import ChecksumMismatch, EdgelinkError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -243,11 +245,16 @@ def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, fi
     g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress(),
                    kind=kind, file_format=file_format)
     _emit(as_json, g, f"wrote {output}\n" + _gen_text(g).lstrip())
+    from edgelink.wire import CODECS
+
+    codec = CODECS.get(cfg.wire.codec)
+    if codec is not None and codec.lossy:
+        click.echo(f"note: {cfg.wire.codec} is lossy; a reader applies this file only with "
+                   "wire.allow_lossy = on (edgelink --set wire.allow_lossy=on resume ...)", err=True)
 
 
 @cli.command("import-llama")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.argument("model", required=False)
+@model_and_file
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Write the state as an edgelink message file.")
 @click.option("--to", default=None, help="Hand the state off to this receiver (shm:NAME or a multiaddr).")
@@ -255,7 +262,7 @@ def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, fi
 @token_options
 @json_option
 @click.pass_obj
-def import_llama(obj: _Ctx, file: str, model: str | None, output: str | None, to: str | None,
+def import_llama(obj: _Ctx, model_file: tuple[str, ...], output: str | None, to: str | None,
                  n_tokens: int | None, token: str | None, token_file: str | None, as_json: bool) -> None:
     """Read a llama.cpp sequence-state FILE (llama_state_seq_save_file; llama-server's
     --slot-save-path slots), verify it against MODEL, and write it as an edgelink message
@@ -263,23 +270,24 @@ def import_llama(obj: _Ctx, file: str, model: str | None, output: str | None, to
     if output is None and to is None:
         raise click.UsageError("give -o FILE (an edgelink message file) and/or --to PEER (a handoff)")
     cfg = obj.cfg()
+    model, file = split_model_file(model_file, cfg.runtime.default_model)
     token = client_token(token, token_file)
-    g = api.import_llama(model or cfg.runtime.default_model, file, output=output, to=to, n_tokens=n_tokens,
+    g = api.import_llama(model, file, output=output, to=to, n_tokens=n_tokens,
                          token=token, cfg=cfg, progress=_progress())
     _emit(as_json, g, f"read {g.prompt_tokens} tokens from {file}\n" + _gen_text(g).lstrip())
 
 
 @cli.command()
-@click.argument("model")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@model_and_file
 @click.option("-p", "--prompt", default=None, help="Text to read after the file's messages.")
 @n_option
 @json_option
 @click.pass_obj
-def resume(obj: _Ctx, model: str, file: str, prompt: str | None, n_tokens: int | None,
+def resume(obj: _Ctx, model_file: tuple[str, ...], prompt: str | None, n_tokens: int | None,
            as_json: bool) -> None:
     """Apply a message FILE to MODEL (verified), optionally read PROMPT, continue greedily."""
     cfg = obj.cfg()
+    model, file = split_model_file(model_file, cfg.runtime.default_model)
     g = api.resume(model, file, n_tokens, cfg, progress=_progress(), prompt=prompt)
     _emit(as_json, g, _gen_text(g))
 
@@ -382,7 +390,8 @@ def demo(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_jso
     g = d.handoff
     human = "\n".join([
         f"process A (pid {d.sender_pid}) read the prompt: {prompt!r}",
-        f"process B (pid {d.receiver_pid}) never saw it; it received {g.bytes['payload']:,} bytes of KV state",
+        f"process B (pid {d.receiver_pid}) did not read it; it received {g.bytes['payload']:,} bytes of KV state "
+        "(cells and token ids)",
         f"  over shm in {g.timings['snapshot_roundtrip_s'] * 1e3:.1f} ms "
         f"(re-reading the prompt would take {g.timings['prefill_s'] * 1e3:.1f} ms here)",
         "",
@@ -591,15 +600,17 @@ def chat(obj: _Ctx, model: str | None, prompt: str | None, system: str | None, m
               help="A turn this process adds (repeat for several turns).")
 @click.option("--to", "to", required=True, help="The peer's endpoint, e.g. shm:demo.")
 @n_option
+@click.option("--run-on", is_flag=True, help="Let each reply run past the model's end-of-turn token "
+                                              "(by default a reply ends there).")
 @wire_option
 @json_option
 @click.pass_obj
 def converse(obj: _Ctx, model: str | None, turns: tuple[str, ...], to: str, n_tokens: int | None,
-             wire: str | None, as_json: bool) -> None:
+             run_on: bool, wire: str | None, as_json: bool) -> None:
     """Take turns with a peer on one sequence, each side shipping only the KV cells it added."""
     cfg = obj.cfg(wire_codec=wire_codec(wire))
     conv = api.converse(model or cfg.runtime.default_model, list(turns), to, n_tokens, cfg,
-                        progress=None if as_json else _progress())
+                        progress=None if as_json else _progress(), stop_at_eog=not run_on)
     lines = []
     for r in conv.rounds:
         lines.append(f"turn {r.turn}: +{r.sent_tokens} tokens, sent {r.sent_bytes:,} B ({r.sent_kind}); "
@@ -662,7 +673,7 @@ def inspect(obj: _Ctx, file: str, as_json: bool) -> None:
     _emit(as_json, frames, "\n".join(lines))
     if any(f["frame"] == "TENSOR" and not f["verified"] for f in frames):
         click.echo("error (checksum): the file's tensors do not verify (CORRUPT above)", err=True)
-        sys.exit(2)  # a corrupt file is a failure, as resume and import treat it
+        sys.exit(ChecksumMismatch.exit_code)  # a corrupt file fails, as resume and import treat it
 
 
 @cli.command()
@@ -738,6 +749,32 @@ def bench_buffers(obj: _Ctx, model: str | None, prompt_tokens: int, n_tokens: in
     report = run_buffers_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, n_tokens, repeats,
                                log=None if as_json else lambda s: click.echo(s, err=True))
     _emit(as_json, report, format_buffers_table(report))
+
+
+@bench.command("threads")
+@click.argument("model", required=False)
+@click.option("--settings", default="0,1,2", show_default=True,
+              help="Candidates, comma-separated: THREADS (0 = the default) or THREADS:WAIT "
+                   "(WAIT: spin, passive, active, spin=N).")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Tokens the handoff prefills.")
+@click.option("-n", "--tokens", "n_tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Tokens the receiver replies with.")
+@click.option("--load", "loads", type=click.Choice(["idle", "busy"]), multiple=True,
+              help="Measure on an idle machine, with a second pair busy, or both (default).")
+@click.option("--repeats", type=int, default=None, help="Rounds [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_threads(obj: _Ctx, model: str | None, settings: str, prompt_tokens: int, n_tokens: int,
+                  loads: tuple[str, ...], repeats: int | None, as_json: bool) -> None:
+    """Thread settings side by side: `edgelink demo` and a handoff, idle and beside a busy pair."""
+    from edgelink.bench.threads import format_threads_table, parse_settings, run_threads_bench
+
+    cfg = obj.cfg()
+    report = run_threads_bench(model or cfg.runtime.default_model, cfg, parse_settings(settings), prompt_tokens,
+                               n_tokens, repeats, loads=loads or ("idle", "busy"),
+                               log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_threads_table(report))
 
 
 @bench.command("http")
@@ -840,16 +877,17 @@ def latent_steer(obj: _Ctx, model: str | None, prompt: str, to: str, layer: int,
 
 
 @latent.command("apply")
-@click.argument("model")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@model_and_file
 @n_option
 @json_option
 @click.pass_obj
-def latent_apply(obj: _Ctx, model: str, file: str, n_tokens: int | None, as_json: bool) -> None:
+def latent_apply(obj: _Ctx, model_file: tuple[str, ...], n_tokens: int | None, as_json: bool) -> None:
     """Verify and apply a file of KV_CACHE / HIDDEN_SLICE / RESIDUAL_PATCH frames, then continue."""
     from edgelink.api import latent as api_latent
 
-    out = api_latent.apply_file(model, file, n_tokens=n_tokens, cfg=obj.cfg())
+    cfg = obj.cfg()
+    model, file = split_model_file(model_file, cfg.runtime.default_model)
+    out = api_latent.apply_file(model, file, n_tokens=n_tokens, cfg=cfg)
     _emit(as_json, out, f"applied {', '.join(out['applied']) or 'nothing'}\n{out['text']}")
 
 
@@ -859,11 +897,12 @@ cli.add_command(bridge)
 
 
 _GLOBAL_WITH_VALUE = ("--set", "--config")
+_GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
-    """``--set``/``--config`` given after the subcommand (``generate ... --set k=v``) move in
-    front of it, so they work in either place: one grammar, whatever the order."""
+    """``--set``/``--config``/``-v`` given after the subcommand (``generate ... --set k=v``) move
+    in front of it, so they work in either place: one grammar, whatever the order."""
     front, rest, i = [], [], 0
     while i < len(argv):
         a = argv[i]
@@ -874,7 +913,7 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             front += argv[i:i + 2]
             i += 2
             continue
-        if a.startswith(tuple(f"{o}=" for o in _GLOBAL_WITH_VALUE)):
+        if a.startswith(tuple(f"{o}=" for o in _GLOBAL_WITH_VALUE)) or a in _GLOBAL_FLAGS:
             front.append(a)
         else:
             rest.append(a)
@@ -894,8 +933,9 @@ def main() -> None:
     except EdgelinkError as exc:
         click.echo(f"error ({exc.code}): {exc}", err=True)
         if "--json" in sys.argv[1:]:  # a reader of JSON gets its error as JSON too
-            click.echo(json.dumps({"error": {"code": exc.code, "type": type(exc).__name__, "message": str(exc)}}))
-        sys.exit(2)
+            click.echo(json.dumps({"error": {"code": exc.code, "type": type(exc).__name__, "message": str(exc),
+                                             "exit_code": exc.exit_code}}))
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 

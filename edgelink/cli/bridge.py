@@ -21,7 +21,7 @@ def bridge() -> None:
 
 
 @bridge.command("info")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file")
 @json_option
 @click.pass_obj
 def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
@@ -36,7 +36,6 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
 
 @bridge.command("eval")
 @click.option("--bridge", "bridges", multiple=True, required=True,
-              type=click.Path(exists=True, dir_okay=False),
               help="A bridge file (.json or .npz); repeat for more seeds or kinds.")
 @click.option("--task", default="sentiment", show_default=True, help="Task (bridges.tasks).")
 @click.option("--n", "n", type=int, default=400, show_default=True,

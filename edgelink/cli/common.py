@@ -102,3 +102,29 @@ def client_token(token: str | None, token_file: str | None) -> str | None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 n_option = click.option("-n", "--n-tokens", type=click.IntRange(0), default=None,
                         help="Greedy tokens to generate [config: generate.n_tokens].")
+
+
+def model_and_file(f):
+    """``[MODEL] FILE``: the one shape of every command that reads a file into a model. MODEL
+    is optional and first, as in every other command that takes one."""
+    return click.argument("model_file", nargs=-1, metavar="[MODEL] FILE")(f)
+
+
+def split_model_file(args: tuple[str, ...], default_model: str) -> tuple[str, str]:
+    """(MODEL, FILE) from ``[MODEL] FILE``; FILE must exist. The older ``FILE MODEL`` order
+    (``import-llama``'s) is still read, with a note, when only the first is an existing file."""
+    if not 1 <= len(args) <= 2:
+        raise click.UsageError(f"expected [MODEL] FILE, got {len(args)} argument(s)")
+    if len(args) == 1:
+        model, file = default_model, args[0]
+    else:
+        model, file = args
+        if Path(model).is_file() and not model.endswith(".gguf") and (
+                file.endswith(".gguf") or not Path(file).is_file()):
+            click.echo(f"note: reading FILE MODEL as MODEL FILE ({file} {model}); the order is [MODEL] FILE",
+                       err=True)
+            model, file = file, model
+    if not Path(file).is_file():
+        raise click.BadParameter(f"{file!r} is not a file", param_hint="FILE")
+    return model, file
+

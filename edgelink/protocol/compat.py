@@ -50,6 +50,40 @@ def describe_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: local {short(a)} != remote {short(b)}" for k, (a, b) in diff.items())
 
 
+# What makes a signature another model rather than the same model run another way.
+_MODEL_FIELDS = ("architecture", "weights_digest", "n_layer", "n_embd", "n_head", "n_head_kv", "head_dim",
+                 "vocab_size", "special_tokens", "n_swa", "norm")
+_SETTING_HINTS = {"flash_attn": "runtime.flash_attn", "type_k": "runtime.type_k", "type_v": "runtime.type_v",
+                  "llama_cpp": "the llama-cpp-python version", "rope_scaling": "the rope scaling settings",
+                  "rope_freq_base": "the rope frequency base", "rope_type": "the rope type"}
+
+
+def _model(sig: Mapping[str, Any]) -> str:
+    digest = str(sig.get("weights_digest") or "")[:12]
+    return (f"{sig.get('architecture', '?')} with {sig.get('n_layer', '?')} layers and n_embd "
+            f"{sig.get('n_embd', '?')}" + (f", weights {digest}" if digest else ""))
+
+
+def describe_mismatch(role: str, mine: Mapping[str, Any], theirs: Mapping[str, Any],
+                      diff: Mapping[str, tuple[Any, Any]]) -> str:
+    """A refused handshake in words that read right on either side: "the sender" and "the
+    receiver", not "local" and "remote" (the text travels to the peer in the REJECT), the
+    cause first, then what to change. ``role``: "server" (receiver) or "client" (sender)."""
+    me, peer = ("receiver", "sender") if role == "server" else ("sender", "receiver")
+    side = {me: mine, peer: theirs}
+    if any(k in diff for k in _MODEL_FIELDS):
+        return (f"the sender and the receiver run different models (sender: {_model(side['sender'])}; "
+                f"receiver: {_model(side['receiver'])}): start the receiver with the sender's GGUF, "
+                "or hand off through a bridge trained for the pair (--bridge)")
+    parts = []
+    for k, (a, b) in diff.items():
+        vals = {me: a, peer: b}
+        parts.append(f"{k} is {vals['sender']!s:.24} on the sender and {vals['receiver']!s:.24} on the receiver")
+    hints = sorted({_SETTING_HINTS.get(k, k) for k in diff})
+    return (f"the same model, set up differently: {'; '.join(parts)}: set {', '.join(hints)} alike on "
+            "both sides")
+
+
 # ---------------------------------------------------------------------------- bridged sessions
 #
 # A bridge (edgelink/bridge/__init__.py) lets two *different* models talk: the client runs the bridge's

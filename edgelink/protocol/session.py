@@ -38,7 +38,7 @@ from edgelink.errors import (
 )
 from edgelink.protocol import codec
 from edgelink.protocol.codec import Buffer
-from edgelink.protocol.compat import bridge_rule, describe_diff, signature_diff
+from edgelink.protocol.compat import bridge_rule, describe_mismatch, signature_diff
 from edgelink.protocol.kinds import CHECKSUM_BY_NAME, CHECKSUM_NAMES, ApplyMode, Checksum, Kind
 from edgelink.protocol.limits import describe_bytes, limit_of
 from edgelink.protocol.messages import (
@@ -294,7 +294,7 @@ class Session:
             raise
         if diff and not self.bridged:
             self.state = State.CLOSED
-            raise SignatureMismatch("model signatures differ: " + describe_diff(diff), diff)
+            raise SignatureMismatch(describe_mismatch(self.role.value, self.signature, msg.signature, diff), diff)
         if msg.encryption != self.encryption:
             self.state = State.CLOSED
             raise SessionError(f"encryption parameters differ: {msg.encryption} != {self.encryption}")

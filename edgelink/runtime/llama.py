@@ -9,7 +9,6 @@ the sequence state, and the facts that make up the model signature.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from edgelink.errors import ModelError, StateError
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, canonical_digest, parse_seq_state
 from edgelink.runtime.system import ExtraBuffers, extra_buffers
+from edgelink.runtime.threads import ThreadPlan, thread_plan
 
 _FLASH = {"auto": -1, "off": 0, "on": 1}
 # Prefills at least this long update ``prefill_tps`` (shorter ones say little about bulk speed).
@@ -92,9 +92,9 @@ class LlamaRuntime:
         cp.n_batch = rc.n_batch
         cp.n_ubatch = min(rc.n_ubatch, rc.n_batch)
         cp.n_seq_max = 1
-        threads = rc.n_threads or _cpu_count()
-        cp.n_threads = threads
-        cp.n_threads_batch = threads
+        self.threads = thread_plan(rc)
+        cp.n_threads = self.threads.threads
+        cp.n_threads_batch = self.threads.threads_batch
         cp.flash_attn_type = _FLASH[rc.flash_attn]
         cp.type_k = CACHE_TYPE_NAMES[rc.type_k]
         cp.type_v = CACHE_TYPE_NAMES[rc.type_v]
@@ -116,6 +116,8 @@ class LlamaRuntime:
         self.path, self.cfg, self._owned = Path(path), cfg, False
         self.model, self.ctx = model, ctx
         self.extra_buffers = ExtraBuffers(True, "theirs", "the caller loaded the model")
+        rc = cfg.runtime
+        self.threads = ThreadPlan(rc.n_threads, rc.n_threads_batch or rc.n_threads, "the caller's context")
         self.eval_hook = None
         self.batch_observer = None
         self._model_facts()
@@ -480,8 +482,3 @@ class LlamaRuntime:
             if saved:
                 self.import_state(np.frombuffer(saved[0], dtype=np.uint8), saved[1], saved[2])
         return self._flash_resolved
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-

@@ -30,14 +30,25 @@ def kv_bytes_per_token(rt) -> int:
     return rt.n_layer * per_layer
 
 
+def _snapshot_fixed(rt) -> int:
+    n_tensors = 2 * rt.n_layer + 4  # K and V per layer, positions, seq ids, tokens, logits
+    return rt.n_vocab * 4 + n_tensors * _ALIGN
+
+
+def snapshot_bytes(rt, n_tokens: int) -> int:
+    """The payload of a full KV snapshot of ``n_tokens`` (KV rows, pos + seq + token as i32)."""
+    return n_tokens * (kv_bytes_per_token(rt) + 3 * 4) + _snapshot_fixed(rt)
+
+
+def snapshot_tokens_within(rt, max_bytes: int) -> int:
+    """The most tokens whose snapshot fits in ``max_bytes``: a receiver's context, read from the
+    message limit it announced (its n_ctx when the limit is derived, as by default)."""
+    return max(0, (max_bytes - _snapshot_fixed(rt)) // (kv_bytes_per_token(rt) + 3 * 4))
+
+
 def largest_message_bytes(rt) -> int:
     """The payload of the largest message this runtime could apply (see the module doc)."""
-    n_ctx = rt.n_ctx
-    n_tensors = 2 * rt.n_layer + 4  # K and V per layer, positions, seq ids, tokens, logits
-    snapshot = (n_ctx * (kv_bytes_per_token(rt) + 3 * 4)  # KV rows, pos + seq + token (i32)
-                + rt.n_vocab * 4 + n_tensors * _ALIGN)
-    prefix = n_ctx * rt.n_embd * 4 + _ALIGN
-    return max(snapshot, prefix)
+    return max(snapshot_bytes(rt, rt.n_ctx), rt.n_ctx * rt.n_embd * 4 + _ALIGN)
 
 
 def fit_limits(cfg: Config, rt) -> Config:

@@ -35,11 +35,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
+import re
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from edgelink.config import Config
@@ -50,6 +52,7 @@ from edgelink.errors import (
     PeerGone,
     TransportError,
     TransportTimeout,
+    Unreachable,
 )
 from edgelink.net.crypto import e2e
 from edgelink.net.identity import Identity
@@ -715,6 +718,7 @@ class P2PHost:
         self._closed = False
         for addr in self._listen:
             check_port_free(addr)
+        route_libp2p_logs()
         self._thread = threading.Thread(target=self._thread_main, name="edgelink-p2p", daemon=True)
         self._thread.start()
         if not self._ready.wait(cfg.p2p.connect_timeout_s + 30):
@@ -925,7 +929,7 @@ class P2PHost:
         except EdgelinkError:
             raise
         except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
-            raise PeerGone(f"could not open a session with {addr}: {type(exc).__name__}: {exc}") from None
+            raise Unreachable(dial_failure(addr, exc)) from None
         with self._lock:
             self._channels.add(ch)
         try:
@@ -972,6 +976,73 @@ class P2PHost:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _causes(exc: BaseException | None, seen: set[int] | None = None) -> Iterator[BaseException]:
+    """``exc`` and everything under it: causes, contexts, and the parts of libp2p's MultiError."""
+    seen = set() if seen is None else seen
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    yield exc
+    for sub in [*(getattr(exc, "errors", None) or ()), *(getattr(exc, "exceptions", None) or ())]:
+        if isinstance(sub, BaseException):
+            yield from _causes(sub, seen)
+    yield from _causes(exc.__cause__, seen)
+    yield from _causes(exc.__context__, seen)
+
+
+class _ToApplication(logging.Handler):
+    """Hands py-libp2p's records to the application's root handlers while it logs at INFO or
+    below (edgelink -v), and drops them otherwise."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
+        level = root.getEffectiveLevel()
+        if level <= logging.INFO and record.levelno >= level:
+            root.handle(record)
+
+
+def route_libp2p_logs() -> None:
+    """Give py-libp2p's log records to the application's logging, verbose only.
+
+    On import py-libp2p detaches its "libp2p" logger (no handler, no propagation) unless
+    LIBP2P_DEBUG is set, so its errors reach stderr through logging's last-resort handler:
+    four raw lines per failed dial above edgelink's own one-line error, whatever the
+    application configured. Each failure they describe becomes an edgelink error that says it
+    in the reader's words, so they are shown only when the application asks for INFO."""
+    import libp2p  # noqa: F401 - its import is what detaches the logger
+
+    lg = logging.getLogger("libp2p")
+    if os.environ.get("LIBP2P_DEBUG") or any(isinstance(h, _ToApplication) for h in lg.handlers):
+        return
+    lg.addHandler(_ToApplication())
+
+
+def dial_failure(addr: str, exc: BaseException) -> str:
+    """One line for a dial that failed, from the reader's side: what is at that address, and
+    what to change. (libp2p's own words are several exceptions deep; -v shows its log.)"""
+    head = addr.rsplit("/p2p/", 1)[0]
+    m = re.match(r"^/(?:ip4|ip6|dns|dns4|dns6)/([^/]+)/tcp/(\d+)", head)
+    where = f"{m.group(1)}:{m.group(2)}" if m else head
+    want = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else "?"
+    causes = list(_causes(exc))
+    text = " | ".join(f"{type(c).__name__}: {c}" for c in causes)
+    got = re.search(r"remote_peer_id_from_pubkey=(\w+)|got (12D3\w+|Qm\w+)", text)
+    if got:
+        return (f"the peer at {where} is {got.group(1) or got.group(2)}, not {want}: use the address that "
+                "node prints now (its /p2p/ part changes with its identity key)")
+    if any(isinstance(c, ConnectionRefusedError) for c in causes) or "all attempts to connect" in text \
+            or "Connection refused" in text:
+        return (f"nothing is listening at {where} (connection refused): is the node running, and is "
+                "this the address it printed?")
+    if "handshake failed when upgrading" in text:
+        return (f"the peer at {where} failed the Noise handshake: it is not {want} (check the /p2p/ part "
+                "of the address against what the node prints), or not a libp2p node")
+    if "negotiate the secure protocol" in text:
+        return f"the service at {where} does not speak libp2p with Noise: is it an edgelink node?"
+    root = causes[-1] if causes else exc
+    return f"could not open a session with {addr}: {type(root).__name__}: {str(root).splitlines()[0][:300]}"
 
 
 _CLIENT_HOSTS: dict[tuple[str, str], P2PHost] = {}
