@@ -16,6 +16,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Before anything loads llama.cpp (and with it libgomp, which reads this once): OpenMP threads
+# that spin only briefly when they wait, so that edgelink processes sharing a machine do not
+# burn each other's cores at every barrier (edgelink/runtime/threads.py).
+from edgelink.runtime.threads import default_wait_policy as _default_wait_policy  # noqa: E402
+
+_default_wait_policy()
+
 _PUBLIC = {
     "load": "edgelink.api.model",
     "Model": "edgelink.api.model",

@@ -301,3 +301,67 @@ def test_a_second_server_fetches_the_prefix_from_a_peer(smollm2_path, cfg, tmp_p
         assert stop_receiver(node) in (0, -15), node.stderr_tail()
     assert r.usage.prompt_tokens_details.cached_tokens >= 64 * ((r.usage.prompt_tokens - 1) // 64)
     assert r.choices[0].message.content == _reference(smollm2_path, cfg, messages, 12, tmp_path)[1]
+
+
+def _post(url: str, body: bytes, ctype: str = "application/json"):
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_handoffs_through_http_state_continue_and_handoff(smollm2_path, cfg, tmp_path):
+    """/edgelink/v1/state gives the prompt's KV state as a message file that `edgelink resume`
+    continues exactly; /edgelink/v1/continue continues a handed-over state here; a corrupt or
+    foreign body is a 4xx with edgelink's reason; /edgelink/v1/handoff hands the prompt to a
+    receiver. Every continuation equals the model's own greedy run after the same tokens."""
+    import uuid
+
+    import edgelink
+    from edgelink.roles.launcher import start_receiver, stop_receiver
+
+    scfg = cfg.replace(cache_dir=str(tmp_path / "kv"), cache_chunk_tokens=64, http_parallel=1)
+    proc = _start(str(smollm2_path), scfg, tmp_path)
+    name = f"t-httpho-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    rx = start_receiver(str(smollm2_path), cfg, name)
+    base = proc.ready["url"].removesuffix("/v1")
+    prompt = "The keeper of the lighthouse wrote in his logbook every night, and one night he wrote"
+    try:
+        with edgelink.load(str(smollm2_path), cfg) as m:
+            toks = m.runtime.tokenize(prompt, add_special=True)
+            m.prefill(toks)
+            want = m.generate(8, stop_at_eog=False)
+        status, headers, state = _post(base + "/edgelink/v1/state", json.dumps({"prompt": prompt}).encode())
+        assert status == 200 and int(headers["x-edgelink-tokens"]) == len(toks), state[:300]
+        path = tmp_path / "from-http.elk"
+        path.write_bytes(state)
+        resumed = subprocess.run([sys.executable, "-m", "edgelink", "resume", str(smollm2_path), str(path),
+                                  "-n", "8", "--json"], capture_output=True, text=True, timeout=300)
+        assert json.loads(resumed.stdout)["tokens"] == want.tokens, resumed.stderr
+        status, _, body = _post(base + "/edgelink/v1/continue?max_tokens=8&temperature=0", state,
+                                "application/octet-stream")
+        got = json.loads(body)
+        assert status == 200 and got["choices"][0]["text"] == want.text, got
+        assert got["usage"]["prompt_tokens"] == len(toks) and got["usage"]["completion_tokens"] == 8
+        bad = bytearray(state)
+        bad[len(bad) // 2] ^= 0x40
+        for blob, code in ((bytes(bad), 422), (b"not an edgelink file at all", 422), (b"", 400)):
+            status, _, body = _post(base + "/edgelink/v1/continue?max_tokens=4", blob, "application/octet-stream")
+            err = json.loads(body)["error"]
+            assert status == code and err["message"], (status, err)
+        status, _, body = _post(base + "/edgelink/v1/continue?max_tokens=4&bogus=1", state, "application/octet-stream")
+        assert status == 400 and json.loads(body)["error"]["code"] == "unknown_parameter"
+        status, _, body = _post(base + "/edgelink/v1/handoff",
+                                json.dumps({"prompt": prompt, "to": f"shm:{name}", "max_tokens": 8}).encode())
+        out = json.loads(body)
+        assert status == 200 and out["tokens"] == want.tokens and out["bytes"]["payload"] > 0, out
+        status, _, body = _post(base + "/edgelink/v1/handoff", json.dumps({"prompt": prompt}).encode())
+        assert status == 400 and json.loads(body)["error"]["param"] == "to"
+        # and the server still serves plain completions
+        r = _client(proc).completions.create(model=proc.ready["model"], prompt=prompt, max_tokens=4, temperature=0)
+        assert r.choices[0].text
+    finally:
+        stop_receiver(rx)
+        _stop(proc)

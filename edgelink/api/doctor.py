@@ -125,6 +125,16 @@ def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
     unsafe = choice.use and amx_build and amx_cpu
     out.append(Check("cpu", "AMX", FAIL if unsafe else OK, detail,
                      "set runtime.extra_buffers = auto (or off)" if unsafe else ""))
+    from edgelink.runtime.threads import SPIN_DEFAULT, thread_plan, wait_policy
+
+    policy = wait_policy()
+    spinning = "OMP_WAIT_POLICY=ACTIVE" in policy.upper() or "300,000" in policy or (
+        "GOMP_SPINCOUNT=" in policy and SPIN_DEFAULT not in policy)
+    out.append(Check("cpu", "threads", WARN if spinning and feats.get("OPENMP") == "1" else OK,
+                     f"{thread_plan(cfg.runtime).describe()}; OpenMP waits: {policy}",
+                     f"with several llama.cpp processes on this machine, threads that spin while they wait "
+                     f"slow each other down many times over: unset the variable, or GOMP_SPINCOUNT={SPIN_DEFAULT} "
+                     "(import edgelink before llama_cpp)" if spinning else ""))
     return out, info
 
 

@@ -72,9 +72,11 @@ def describe_mismatch(role: str, mine: Mapping[str, Any], theirs: Mapping[str, A
     me, peer = ("receiver", "sender") if role == "server" else ("sender", "receiver")
     side = {me: mine, peer: theirs}
     if any(k in diff for k in _MODEL_FIELDS):
+        fields = list(diff)
+        named = ", ".join(fields[:6]) + (f" and {len(fields) - 6} more" if len(fields) > 6 else "")
         return (f"the sender and the receiver run different models (sender: {_model(side['sender'])}; "
-                f"receiver: {_model(side['receiver'])}): start the receiver with the sender's GGUF, "
-                "or hand off through a bridge trained for the pair (--bridge)")
+                f"receiver: {_model(side['receiver'])}; they differ in {named}): start the receiver with "
+                "the sender's GGUF, or hand off through a bridge trained for the pair (--bridge)")
     parts = []
     for k, (a, b) in diff.items():
         vals = {me: a, peer: b}

@@ -95,6 +95,8 @@ class LlamaRuntime:
         self.threads = thread_plan(rc)
         cp.n_threads = self.threads.threads
         cp.n_threads_batch = self.threads.threads_batch
+        self._threads_now = (cp.n_threads, cp.n_threads_batch)
+        self._pinned = False  # inside generate: one thread count for the whole reply
         cp.flash_attn_type = _FLASH[rc.flash_attn]
         cp.type_k = CACHE_TYPE_NAMES[rc.type_k]
         cp.type_v = CACHE_TYPE_NAMES[rc.type_v]
@@ -118,6 +120,8 @@ class LlamaRuntime:
         self.extra_buffers = ExtraBuffers(True, "theirs", "the caller loaded the model")
         rc = cfg.runtime
         self.threads = ThreadPlan(rc.n_threads, rc.n_threads_batch or rc.n_threads, "the caller's context")
+        self._threads_now = (self.threads.threads, self.threads.threads_batch)
+        self._pinned = False
         self.eval_hook = None
         self.batch_observer = None
         self._model_facts()
@@ -250,6 +254,8 @@ class LlamaRuntime:
             raise StateError("nothing to prefill")
         if len(self.tokens) + len(tokens) > self.n_ctx:
             raise StateError(f"{len(self.tokens) + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        if not self._pinned:
+            self.fit_threads()
         observer = self.batch_observer
         step = self.n_batch if observer is None and not min_tail else self.n_ubatch
         bounds = [*range(0, len(tokens), step), len(tokens)]
@@ -372,15 +378,30 @@ class LlamaRuntime:
         if self.logits is None:
             raise StateError("no logits: prefill or import a state first")
         out: list[int] = []
-        for _ in range(n_tokens):
-            if cancelled is not None and cancelled():
-                break
-            tok = int(np.argmax(self.logits))
-            if stop_at_eog and self.is_eog(tok):
-                break
-            out.append(tok)
-            self.prefill([tok])
+        self.fit_threads()
+        self._pinned = True
+        try:
+            for _ in range(n_tokens):
+                if cancelled is not None and cancelled():
+                    break
+                tok = int(np.argmax(self.logits))
+                if stop_at_eog and self.is_eog(tok):
+                    break
+                out.append(tok)
+                self.prefill([tok])
+        finally:
+            self._pinned = False
         return out
+
+    def fit_threads(self) -> tuple[int, int]:
+        """Take the thread counts the plan gives for this moment (runtime/threads.py: fewer while
+        other processes keep cores busy, where OpenMP barriers would otherwise wait a time slice
+        each); returns (decode, batch) threads now in use."""
+        want = (self.threads.now(), self.threads.now(batch=True))
+        if want != self._threads_now:
+            llama_cpp.llama_set_n_threads(self.ctx, *want)
+            self._threads_now = want
+        return want
 
     # ------------------------------------------------------------------ state
 

@@ -24,7 +24,8 @@ from typing import Any
 import llama_cpp
 
 EXTRA_BUFFER_MODES = ("auto", "on", "off")
-_AMX_ISSUE = "llama.cpp's AMX kernels fault with SIGILL on current Xeons (llama.cpp PR #26954)"
+_AMX_ISSUE = ("llama.cpp's AMX kernels fault (SIGILL, or SIGSEGV in ggml_backend_amx_mul_mat) on current "
+              "Xeons (llama.cpp PR #26954)")
 
 
 @functools.cache

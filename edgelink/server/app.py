@@ -78,7 +78,7 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
     """The Starlette application serving ``engine`` (no socket: ``serve_http`` runs it)."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     limit = cfg.http.max_body_bytes
@@ -130,8 +130,12 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
                                param="messages" if chat else "prompt", code="context_length_exceeded")
         except ApiError as exc:
             return _error(exc)
-        rid = new_id(chat)
-        run = _Run(engine, req, tokens)
+        return await answer(request, req, tokens, None)
+
+    async def answer(request, req: Request, tokens: list[int] | None, state: bytes | None):
+        """Run a checked request (a prompt, or a handed-over state) and answer it, streamed or whole."""
+        rid = new_id(req.chat)
+        run = _Run(engine, req, tokens, state)
         watcher = asyncio.create_task(_watch(request, run.cancel))
         try:
             first = await run.q.get()  # after the prefill: a delta, or why it could not start
@@ -155,6 +159,71 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
 
     async def text_completions(request):
         return await completions(request, False)
+
+    # ---------------------------------------------------------------- /edgelink: handoffs
+
+    async def edgelink_prompt(request) -> tuple[Request, list[int], dict]:
+        """A completion body (``messages`` or ``prompt``) as checked tokens, and the raw body."""
+        body = parse_json(await read_body(request))
+        req = parse_request(body, chat="messages" in body, max_tokens_cap=cfg.http.max_tokens)
+        tokens = await asyncio.to_thread(prompt_tokens, req)
+        if len(tokens) >= engine.n_ctx:
+            raise ApiError(400, f"this prompt is {len(tokens)} tokens and the model's context holds "
+                           f"{engine.n_ctx} (runtime.n_ctx)", code="context_length_exceeded")
+        return req, tokens, body
+
+    async def edgelink_state(request):
+        """POST a completion body: the prompt's KV state (through the prefix cache) as an
+        edgelink message file, the bytes `edgelink resume` and /edgelink/v1/continue read."""
+        try:
+            check_auth(request)
+            _, tokens, _ = await edgelink_prompt(request)
+            frames, out = await asyncio.to_thread(_engine_call, engine, engine.state, tokens)
+        except ApiError as exc:
+            return _error(exc)
+        return Response(frames, media_type=ELK_MEDIA_TYPE,
+                        headers={"X-Edgelink-Tokens": str(out.prompt_tokens),
+                                 "X-Edgelink-Cached-Tokens": str(out.cached_tokens)})
+
+    async def edgelink_continue(request):
+        """POST an edgelink message file (a state another process handed over): verified, then
+        continued here; the answer is a text completion (streamed with ?stream=true). Sampling
+        settings come as query parameters (max_tokens, temperature, top_p, seed, stop)."""
+        try:
+            check_auth(request)
+            state = await read_body(request)
+            if not state:
+                raise ApiError(400, "the body must be an edgelink message file (edgelink export, "
+                               "POST /edgelink/v1/state)", code="missing_required_parameter")
+            req = parse_request({"prompt": "-", **_query_body(request.query_params)}, chat=False,
+                                max_tokens_cap=cfg.http.max_tokens)
+        except ApiError as exc:
+            return _error(exc)
+        return await answer(request, req, None, state)
+
+    async def edgelink_handoff(request):
+        """POST a completion body with ``to`` (``shm:NAME`` or a multiaddr, and ``token`` for a
+        node that wants one): the prompt is prefilled here and its state handed to that
+        receiver, whose greedy continuation is the answer."""
+        try:
+            check_auth(request)
+            req, tokens, body = await edgelink_prompt(request)
+            to = body.get("to")
+            if not isinstance(to, str) or not to:
+                raise ApiError(400, "'to' must name a receiver: shm:NAME or /ip4/.../p2p/PEER", param="to",
+                               code="missing_required_parameter" if to is None else "invalid_type")
+            token = body.get("token")
+            if token is not None and not isinstance(token, str):
+                raise ApiError(400, "'token' must be a string", param="token", code="invalid_type")
+            g, out = await asyncio.to_thread(_engine_call, engine, engine.handoff, tokens, to,
+                                             req.params.max_tokens, token)
+        except ApiError as exc:
+            return _error(exc)
+        return JSONResponse({"object": "edgelink.handoff", "model": engine.name, "to": to, "text": g.text,
+                             "tokens": g.tokens, "usage": {"prompt_tokens": out.prompt_tokens,
+                                                           "completion_tokens": len(g.tokens),
+                                                           "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
+                             "bytes": g.bytes, "timings": {"prefill_s": out.prefill_s, **g.timings}})
 
     async def models(request):
         try:
@@ -189,9 +258,67 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", text_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"])]
+              Route("/health", health, methods=["GET"]),
+              Route("/edgelink/v1/state", edgelink_state, methods=["POST"]),
+              Route("/edgelink/v1/continue", edgelink_continue, methods=["POST"]),
+              Route("/edgelink/v1/handoff", edgelink_handoff, methods=["POST"])]
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={404: not_found, 405: not_allowed, 500: crashed, Exception: crashed})
+
+
+ELK_MEDIA_TYPE = "application/vnd.edgelink.message"
+
+
+def _api_error(exc: EdgelinkError, engine: Engine, generic: int = 500) -> ApiError:
+    """An engine failure as an OpenAI-shaped error: capacity (429), a prompt too long (400), a
+    handed-over state or a peer that refused (422 / 409, with edgelink's reason), a peer that
+    cannot be reached (502); anything else ``generic``."""
+    from edgelink.errors import ProtocolError, SessionError, StateError, TransportError
+
+    if isinstance(exc, Busy):
+        return _busy(exc, engine.cfg.http.retry_after_s)
+    if isinstance(exc, TooLong):
+        return ApiError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, (ProtocolError, StateError)):
+        return ApiError(422, f"{exc.code}: {exc}", code=exc.code)
+    if isinstance(exc, SessionError):
+        return ApiError(409, f"{exc.code}: {exc}", code=exc.code)
+    if isinstance(exc, TransportError):
+        return ApiError(502, f"{exc.code}: {exc}", type="server_error", code=exc.code)
+    return ApiError(generic, f"{exc.code}: {exc}", type="server_error" if generic >= 500 else "invalid_request_error",
+                    code=exc.code)
+
+
+def _engine_call(engine: Engine, fn: Callable, *args: Any) -> Any:
+    """An engine call from a worker thread, its failures as OpenAI-shaped errors."""
+    try:
+        return fn(*args)
+    except EdgelinkError as exc:
+        raise _api_error(exc, engine) from None
+
+
+_QUERY_INT = ("max_tokens", "seed")
+_QUERY_NUM = ("temperature", "top_p")
+
+
+def _query_body(q) -> dict[str, Any]:
+    """Sampling settings from a query string, typed as a JSON body would carry them."""
+    out: dict[str, Any] = {}
+    for key, raw in q.multi_items():
+        if key in _QUERY_INT or key in _QUERY_NUM:
+            try:
+                out[key] = int(raw) if key in _QUERY_INT else float(raw)
+            except ValueError:
+                raise ApiError(400, f"'{key}' must be a number, got {raw[:40]!r}", param=key,
+                               code="invalid_type") from None
+        elif key == "stream":
+            out["stream"] = raw.lower() in ("1", "true", "yes")
+        elif key == "stop":
+            out.setdefault("stop", []).append(raw)
+        else:
+            raise ApiError(400, f"unknown parameter {key!r} (max_tokens, temperature, top_p, seed, stop, "
+                           "stream)", param=key, code="unknown_parameter")
+    return out
 
 
 def _busy(exc: Busy, cfg_retry: float) -> ApiError:
@@ -204,11 +331,11 @@ class _Run:
     giving it back; what it yields (deltas, the outcome, an exception, then None) arrives in
     ``q``. Setting ``cancel`` stops it at the next token."""
 
-    def __init__(self, engine: Engine, req: Request, tokens: list[int]):
+    def __init__(self, engine: Engine, req: Request, tokens: list[int] | None, state: bytes | None = None):
         self.loop = asyncio.get_running_loop()
         self.q: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
-        threading.Thread(target=self._work, args=(engine, req, tokens), daemon=True,
+        threading.Thread(target=self._work, args=(engine, req, tokens, state), daemon=True,
                          name="edgelink-http").start()
 
     def _put(self, item: Any) -> None:
@@ -217,9 +344,9 @@ class _Run:
         except RuntimeError:  # the event loop is gone (the server stopped): stop decoding
             self.cancel.set()
 
-    def _work(self, engine: Engine, req: Request, tokens: list[int]) -> None:
+    def _work(self, engine: Engine, req: Request, tokens: list[int] | None, state: bytes | None) -> None:
         try:
-            for item in engine.run(tokens, req.params, self.cancel.is_set):
+            for item in engine.run(tokens, req.params, self.cancel.is_set, state=state):
                 self._put(item)
         except Exception as exc:  # noqa: BLE001 - reported to the waiting request
             self._put(exc)
@@ -237,12 +364,8 @@ async def _watch(request, cancel: threading.Event) -> None:
 
 
 def _raise_for(item: BaseException, engine: Engine) -> None:
-    if isinstance(item, Busy):
-        raise _busy(item, engine.cfg.http.retry_after_s)
-    if isinstance(item, TooLong):
-        raise ApiError(400, str(item), code="context_length_exceeded")
     if isinstance(item, EdgelinkError):
-        raise ApiError(500, f"generation failed: {item}", type="server_error")
+        raise _api_error(item, engine)
     raise item
 
 

@@ -78,9 +78,12 @@ class Engine:
         from edgelink.runtime.chat import ChatTemplate
 
         self.parallel = derived_parallel(cfg)
-        # contexts share the cores: each gets its part unless runtime.n_threads says otherwise
+        # contexts share the cores: each gets its part unless runtime.n_threads says otherwise;
+        # one context keeps the adaptive default (runtime/threads.py: it also yields to other
+        # processes), which counts only other processes' threads, so not several contexts
         self.threads = cfg.runtime.n_threads or max(1, (os.cpu_count() or 1) // self.parallel)
-        cfg = cfg.replace(runtime_n_threads=self.threads)
+        if cfg.runtime.n_threads or self.parallel > 1:
+            cfg = cfg.replace(runtime_n_threads=self.threads)
         self.cfg = cfg
         self._models = []
         try:
@@ -194,28 +197,73 @@ class Engine:
         # sent itself; anything past them is dropped before it decodes.
         self._free.put(m)
 
-    def run(self, tokens: list[int], params: Params, cancelled: Callable[[], bool] = lambda: False,
-            ) -> Iterator[str | Outcome]:
-        """Continue ``tokens``: yields text deltas, then the ``Outcome``. Holds a context from
-        the first ``next()`` until the generator ends (or is closed)."""
-        from edgelink.runtime.sampling import Sampler
+    def _prefilled(self, m, tokens: list[int]) -> Outcome:
+        """``m`` holding ``tokens``: its own whole chunks kept, lacking chunks fetched from
+        ``cache.peers``, the rest through the prefix cache."""
+        t0 = time.perf_counter()
+        keep = self._reusable(m, tokens)
+        fetched = self._fetch(m, tokens, keep)
+        with m.step() as rt:
+            hit = self.cache.prefill(rt, m.signature, tokens, keep=keep)
+        m.prompt = list(tokens)
+        return Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
+                       prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers), fetched_chunks=fetched)
 
+    def _restored(self, m, state: bytes) -> Outcome:
+        """``m`` holding a state another process handed over (an edgelink message file's bytes),
+        every message verified against this model before anything changes."""
+        from edgelink.api.model import Snapshot
+
+        t0 = time.perf_counter()
+        self._drop(m)  # its cells are not a prefill of ours: nothing of them is reused later
+        m.restore(Snapshot(state, 0, 0))
+        return Outcome(prompt_tokens=len(m.runtime.tokens), cached_tokens=0, prefill_s=time.perf_counter() - t0)
+
+    def state(self, tokens: list[int]) -> tuple[bytes, Outcome]:
+        """The KV state of ``tokens`` (through the prefix cache) as an edgelink message file's
+        bytes: what `edgelink resume` and ``/edgelink/v1/continue`` read."""
+        self._check_prompt(tokens)
+        m = self.acquire()
+        try:
+            out = self._prefilled(m, tokens)
+            return m.snapshot().frames, out
+        finally:
+            self.release(m)
+
+    def handoff(self, tokens: list[int], to: str, n_tokens: int, token: str | None = None):
+        """Prefill ``tokens`` here (through the prefix cache) and hand the state to the receiver
+        at ``to``; returns (its greedy continuation as a ``Generation``, the prefill Outcome)."""
+        self._check_prompt(tokens)
+        m = self.acquire()
+        try:
+            out = self._prefilled(m, tokens)
+            with m.connect(to, token=token) as peer:
+                peer.check_room(len(tokens))
+                return peer.handoff(n_tokens), out
+        finally:
+            self.release(m)
+
+    def _check_prompt(self, tokens: list[int]) -> None:
         if len(tokens) >= self.n_ctx:
             raise TooLong(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
                           "(runtime.n_ctx), with room to generate")
         if not tokens:
             raise StateError("an empty prompt")
+
+    def run(self, tokens: list[int] | None, params: Params, cancelled: Callable[[], bool] = lambda: False,
+            *, state: bytes | None = None) -> Iterator[str | Outcome]:
+        """Continue ``tokens`` (or, with ``state``, a handed-over state): yields text deltas,
+        then the ``Outcome``. Holds a context from the first ``next()`` until the generator
+        ends (or is closed)."""
+        from edgelink.runtime.sampling import Sampler
+
+        if state is None:
+            self._check_prompt(tokens or [])
         m = self.acquire()
         try:
-            t0 = time.perf_counter()
-            keep = self._reusable(m, tokens)
-            fetched = self._fetch(m, tokens, keep)
-            with m.step() as rt:
-                hit = self.cache.prefill(rt, m.signature, tokens, keep=keep)
-            m.prompt = list(tokens)
-            out = Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
-                          prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers),
-                          fetched_chunks=fetched)
+            out = self._prefilled(m, tokens or []) if state is None else self._restored(m, state)
+            if out.prompt_tokens >= self.n_ctx:
+                raise TooLong(f"the state holds {out.prompt_tokens} tokens; the context holds {self.n_ctx}")
             rt = m.runtime
             sampler = Sampler(params.temperature, params.top_p, params.seed)
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -223,7 +271,7 @@ class Engine:
             hold = max((len(s) for s in stop), default=1) - 1
             text, sent = "", 0  # what was decoded, and how much of it went out
             by_string = False
-            room = min(params.max_tokens, self.n_ctx - len(tokens))
+            room = min(params.max_tokens, self.n_ctx - out.prompt_tokens)
             out.finish_reason = "length"
             t1 = time.perf_counter()
             while out.completion_tokens < room:
