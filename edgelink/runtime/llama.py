@@ -8,6 +8,7 @@ the sequence state, and the facts that make up the model signature.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import time
@@ -378,9 +379,7 @@ class LlamaRuntime:
         if self.logits is None:
             raise StateError("no logits: prefill or import a state first")
         out: list[int] = []
-        self.fit_threads()
-        self._pinned = True
-        try:
+        with self.one_reply():
             for _ in range(n_tokens):
                 if cancelled is not None and cancelled():
                     break
@@ -389,9 +388,18 @@ class LlamaRuntime:
                     break
                 out.append(tok)
                 self.prefill([tok])
-        finally:
-            self._pinned = False
         return out
+
+    @contextlib.contextmanager
+    def one_reply(self):
+        """One thread count for a whole reply: fitted once here, not before each one-token
+        prefill (that would read /proc per token and flap between counts)."""
+        self.fit_threads()
+        was, self._pinned = self._pinned, True
+        try:
+            yield self
+        finally:
+            self._pinned = was
 
     def fit_threads(self) -> tuple[int, int]:
         """Take the thread counts the plan gives for this moment (runtime/threads.py: fewer while

@@ -274,30 +274,31 @@ class Engine:
             room = min(params.max_tokens, self.n_ctx - out.prompt_tokens)
             out.finish_reason = "length"
             t1 = time.perf_counter()
-            while out.completion_tokens < room:
-                if cancelled():
-                    out.finish_reason = "cancelled"
-                    break
-                tok = sampler.pick(rt.logits)
-                if rt.is_eog(tok) and not params.ignore_eos:
-                    out.finish_reason = "stop"
-                    break
-                out.completion_tokens += 1
-                text += decoder.decode(rt.piece(tok))
-                # A stop string cannot start in what went out: the last ``hold`` characters are
-                # held back until they can no longer begin one.
-                found = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
-                if found:
-                    cut = min(found)
-                    if cut > sent:
-                        yield text[sent:cut]
-                    out.finish_reason, by_string = "stop", True
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent:len(text) - hold]
-                    sent = len(text) - hold
-                if out.completion_tokens < room:
-                    rt.prefill([tok], measure=False)
+            with rt.one_reply():  # one thread count for the reply, fitted once
+                while out.completion_tokens < room:
+                    if cancelled():
+                        out.finish_reason = "cancelled"
+                        break
+                    tok = sampler.pick(rt.logits)
+                    if rt.is_eog(tok) and not params.ignore_eos:
+                        out.finish_reason = "stop"
+                        break
+                    out.completion_tokens += 1
+                    text += decoder.decode(rt.piece(tok))
+                    # A stop string cannot start in what went out: the last ``hold`` characters are
+                    # held back until they can no longer begin one.
+                    found = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
+                    if found:
+                        cut = min(found)
+                        if cut > sent:
+                            yield text[sent:cut]
+                        out.finish_reason, by_string = "stop", True
+                        break
+                    if len(text) - hold > sent:
+                        yield text[sent:len(text) - hold]
+                        sent = len(text) - hold
+                    if out.completion_tokens < room:
+                        rt.prefill([tok], measure=False)
             if not by_string and out.finish_reason != "cancelled":
                 text += decoder.decode(b"", final=True)
                 if len(text) > sent:
