@@ -5,11 +5,13 @@ client is served at the same time, and a third client is refused busy."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from edgelink.api import connect
 from edgelink.bench.rss import rss_bytes
-from edgelink.errors import PeerRejected
+from edgelink.errors import EdgelinkError, PeerRejected
 from edgelink.models.signature import model_signature
 from edgelink.models.twins import TWINS, twin_path
 from edgelink.roles.launcher import start_node, stop_receiver
@@ -45,9 +47,17 @@ def test_node_creates_contexts_as_clients_arrive(cfg, tmp_path):
             third.handshake()
         assert err.value.reason == "busy" and "node.max_clients" in err.value.detail
         third.ch.close()
+        try:  # the refusal of a third session cuts neither of the two it shares a connection with
+            for s in senders:
+                assert s.request("digest")["context_tokens"] == 0
+            while senders:
+                senders.pop().close()
+        except EdgelinkError as exc:
+            raise AssertionError(f"{exc}; the node said: {proc.stderr_tail()}") from None
     finally:
         for s in senders:
-            s.close()
+            with contextlib.suppress(EdgelinkError):
+                s.close()
         from edgelink.transport import p2p
 
         p2p.close_client_hosts()

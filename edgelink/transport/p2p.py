@@ -909,15 +909,26 @@ class P2PHost:
                     # refused this one (its admission caps). Redialling would cut those streams
                     # and then meet the same refusal; say so instead. (A connection with no live
                     # stream left may be half dead: that one is redialled, as before.)
-                    if _refused_in_negotiation(exc) and self._live_channels_to(info.peer_id.to_base58()):
+                    live = self._live_channels_to(info.peer_id.to_base58())
+                    if _refused_in_negotiation(exc) and live:
                         raise PeerGone(self._refused(addr, exc)) from None
-                    # A cached connection can be half dead (the peer reset a stream hard, or
-                    # restarted): drop it and dial afresh, once.
-                    log.info("p2p: new stream to %s failed (%s); redialling", info.peer_id, exc)
-                    with contextlib.suppress(Exception):
-                        await self._host.get_network().close_peer(info.peer_id)
-                    await self._host.connect(info)
-                    stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                    if live:
+                        # Other sessions of this process ride on this connection: closing it
+                        # would cut them. Ask once more on the same connection instead.
+                        log.info("p2p: new stream to %s failed (%s); asking again", info.peer_id, exc)
+                        try:
+                            stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                        except Exception as again:  # noqa: BLE001
+                            raise PeerGone(f"{addr} did not open another stream beside this process's "
+                                           f"{live} live session(s) with it: {again}") from None
+                    else:
+                        # A cached connection can be half dead (the peer reset a stream hard,
+                        # or restarted): drop it and dial afresh, once.
+                        log.info("p2p: new stream to %s failed (%s); redialling", info.peer_id, exc)
+                        with contextlib.suppress(Exception):
+                            await self._host.get_network().close_peer(info.peer_id)
+                        await self._host.connect(info)
+                        stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
             ch = P2PChannel(self, stream, initiator=True)
             self._nursery.start_soon(ch._run)
             return ch
