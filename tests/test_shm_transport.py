@@ -214,7 +214,7 @@ def test_closing_either_end_reaches_the_peer(shm_cfg, name):
     client.close()
 
 
-def test_connect_errors(shm_cfg, name):
+def test_connect_errors(shm_cfg, name, caplog):
     with pytest.raises(TransportError, match=f"no edgelink server on shm:{name}"):
         connect(name, shm_cfg)
     with pytest.raises(TransportError, match="invalid shm name"):
@@ -224,9 +224,13 @@ def test_connect_errors(shm_cfg, name):
     with ShmListener(name, shm_cfg) as listener:
         first = connect(name, shm_cfg)
         t0 = time.monotonic()
-        with pytest.raises(TransportTimeout, match="busy"):
+        with caplog.at_level(logging.WARNING, logger="edgelink.transport.shm"), \
+                pytest.raises(TransportTimeout, match="busy.*shm.connect_timeout_s"):
             connect(name, shm_cfg, timeout=0.3)
         assert time.monotonic() - t0 < 3
+        told = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+        assert told == [f"shm:{name} is serving client pid {os.getpid()}; waiting up to 0.3 s for it "
+                        "to finish (shm.connect_timeout_s)"]
         listener.accept(timeout=0.1)  # `first` claimed the slot already
         with pytest.raises(TransportTimeout, match="still attached"):
             listener.accept(timeout=0.1)  # ends that session, but `first` never lets go

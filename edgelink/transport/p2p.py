@@ -890,6 +890,31 @@ class P2PHost:
             raise TransportError(f"bad multiaddr {addr!r}: {exc}") from None
         limit = self.cfg.p2p.connect_timeout_s if timeout is None else timeout
 
+        async def retry(exc: BaseException):
+            """A second try at a stream after ``exc``. A node that refuses a stream (allowlist,
+            admission caps) resets it, sometimes while its protocol answer is still being read.
+            With other live streams to that peer the connection works: ask again on it, since
+            closing it would cut those sessions. With none it may be half dead (the peer reset
+            hard, or restarted): dial afresh, once. A second reset in negotiation is a refusal."""
+            live = self._live_channels_to(info.peer_id.to_base58())
+            if live and _refused_in_negotiation(exc):
+                raise PeerGone(self._refused(addr, exc)) from None
+            log.info("p2p: new stream to %s failed (%s); %s", info.peer_id, exc,
+                     "asking again" if live else "redialling")
+            if not live:
+                with contextlib.suppress(Exception):
+                    await self._host.get_network().close_peer(info.peer_id)
+                await self._host.connect(info)
+            try:
+                return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+            except Exception as again:  # noqa: BLE001
+                if _refused_in_negotiation(again):
+                    raise PeerGone(self._refused(addr, again)) from None
+                if live:
+                    raise PeerGone(f"{addr} did not open another stream beside this process's {live} "
+                                   f"live session(s) with it: {again}") from None
+                raise
+
         async def dial():
             with trio.fail_after(limit):
                 # The address we were given is the truth: a peer that restarted elsewhere with
@@ -904,31 +929,7 @@ class P2PHost:
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 except Exception as exc:  # noqa: BLE001
-                    # The node answered the multistream handshake, then reset the stream while its
-                    # protocol answer was still being read, and our other streams to it live: it
-                    # refused this one (its admission caps). Redialling would cut those streams
-                    # and then meet the same refusal; say so instead. (A connection with no live
-                    # stream left may be half dead: that one is redialled, as before.)
-                    live = self._live_channels_to(info.peer_id.to_base58())
-                    if _refused_in_negotiation(exc) and live:
-                        raise PeerGone(self._refused(addr, exc)) from None
-                    if live:
-                        # Other sessions of this process ride on this connection: closing it
-                        # would cut them. Ask once more on the same connection instead.
-                        log.info("p2p: new stream to %s failed (%s); asking again", info.peer_id, exc)
-                        try:
-                            stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
-                        except Exception as again:  # noqa: BLE001
-                            raise PeerGone(f"{addr} did not open another stream beside this process's "
-                                           f"{live} live session(s) with it: {again}") from None
-                    else:
-                        # A cached connection can be half dead (the peer reset a stream hard,
-                        # or restarted): drop it and dial afresh, once.
-                        log.info("p2p: new stream to %s failed (%s); redialling", info.peer_id, exc)
-                        with contextlib.suppress(Exception):
-                            await self._host.get_network().close_peer(info.peer_id)
-                        await self._host.connect(info)
-                        stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                    stream = await retry(exc)
             ch = P2PChannel(self, stream, initiator=True)
             self._nursery.start_soon(ch._run)
             return ch

@@ -730,12 +730,20 @@ def connect(name: str, cfg: Config, timeout: float | None = None, *,
                 raise TransportError(f"{nobody} (segment left by pid {server_pid}, which is gone)")
             if nat.load_acquire_u64(mm, _C_STATE) != _STATE_LISTENING:
                 raise TransportError(f"{nobody} (pid {server_pid} stopped listening)")
-            return nat.cas_u64(mm, _C_CLIENT_PID, 0, me)
+            if nat.cas_u64(mm, _C_CLIENT_PID, 0, me):
+                return True
+            if not told:  # a server takes one client at a time: say why this one waits
+                told.append(nat.load_acquire_u64(mm, _C_CLIENT_PID))
+                log.warning("shm:%s is serving client pid %d; waiting up to %g s for it to finish "
+                            "(shm.connect_timeout_s)", name, told[0], limit)
+            return False
 
+        told: list[int] = []
         if not _wait_ctrl(mm, claimed, deadline, cfg.shm.liveness_interval_s, wait=cfg.shm.wait):
             holder = nat.load_acquire_u64(mm, _C_CLIENT_PID)
             raise TransportTimeout(
-                f"shm:{name} is busy with client pid {holder}; gave up after {limit:g}s"
+                f"shm:{name} is busy with client pid {holder}; gave up after {limit:g} s "
+                "(wait longer with shm.connect_timeout_s, or serve another name for a second client)"
             )
         nat.store_release_u64(mm, _C_CLIENT_TICKS, process_start_ticks(me))
         nat.store_release_u64(mm, _C_CLIENT_STATE, _CLIENT_ATTACHED)
