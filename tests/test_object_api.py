@@ -59,6 +59,46 @@ def test_one_model_serves_many_operations_and_one_peer_many_calls(smollm2_path, 
         assert m.generate(4, stop_at_eog=False).tokens  # the model is still ours to use
 
 
+def _wire_of(peer) -> list[bytes]:
+    """Every frame this peer's sender writes from now on, as bytes."""
+    frames: list[bytes] = []
+    send = peer.sender.ch.send
+
+    def record(*parts):
+        frames.append(b"".join(bytes(p) for p in parts))
+        return send(*parts)
+
+    peer.sender.ch.send = record
+    return frames
+
+
+@pytest.mark.parametrize("token_ids", [True, False])
+def test_without_token_ids_the_receiver_continues_but_never_gets_ours(smollm2_path, cfg, receiver, reference,
+                                                                       token_ids):
+    """Token ids are -1 on the wire (the receiver's bookkeeping only needs how many), and the
+    continuation is still exact; each turn then ships the whole state, and the reply is read
+    here again. With ids (the control) the prompt's ids are on the wire."""
+    prompt_tokens, continuation = reference
+    turn = " Then he lit the lamp."
+    with edgelink.load(str(smollm2_path), cfg) as m:
+        m.prefill(PROMPT)
+        with m.connect(receiver, token_ids=token_ids) as peer:
+            wire = _wire_of(peer)
+            out = peer.handoff(n_tokens=12, stop_at_eog=False)
+            assert out.tokens == continuation
+            r = peer.converse(turn, n_tokens=6, stop_at_eog=False)
+            assert len(r.reply_tokens) == 6 and m.tokens[-6:] == r.reply_tokens
+            assert m.tokens[len(prompt_tokens):len(prompt_tokens) + 12] == continuation  # reply kept
+            assert r.sent_kind == ("KV_CACHE_DELTA" if token_ids else "KV_CACHE")
+            sent = b"".join(wire)
+            ids = [np.asarray(t, "<i4").tobytes() for t in (prompt_tokens[1:9], m.tokenize(turn)[:6])]
+            assert all((i in sent) == token_ids for i in ids)
+            if not token_ids:
+                assert r.sent_bytes > out.bytes["payload"]  # the whole state, grown by two turns
+                with pytest.raises(StateError, match="without token ids"):
+                    peer.sender.send_delta(m.runtime, len(prompt_tokens))
+
+
 def test_a_snapshot_restores_exactly_in_memory_and_from_a_file(smollm2_path, cfg, reference, tmp_path):
     prompt_tokens, continuation = reference
     with edgelink.load(str(smollm2_path), cfg) as a, edgelink.load(str(smollm2_path), cfg) as b:

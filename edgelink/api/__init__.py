@@ -326,11 +326,13 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
 
 def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
             cfg: Config | None = None, *, verify: bool = False, token: str | None = None,
-            progress: Progress | None = None) -> Generation:
+            progress: Progress | None = None, token_ids: bool = True) -> Generation:
     """Prefill ``prompt`` here, ship the KV snapshot to the peer at ``to``, and return the
     peer's greedy continuation. With ``verify``, also continue locally and compare.
-    ``token``: a bearer token for a node that requires one (sent inside the encryption)."""
-    with load(model, _cfg(cfg), progress=progress) as m, m.connect(to, token=token) as peer:
+    ``token``: a bearer token for a node that requires one (sent inside the encryption).
+    ``token_ids=False``: the peer gets -1 for each token id (docs/security.md)."""
+    with load(model, _cfg(cfg), progress=progress) as m, \
+            m.connect(to, token=token, token_ids=token_ids) as peer:
         toks = m.tokenize(prompt)
         peer.check_room(len(toks))  # known before a long prefill, not after it
         t0 = time.perf_counter()
@@ -379,22 +381,23 @@ def demo(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | Non
 class Conversation:
     model: str
     rounds: list[Round]
-    same_state: bool
+    same_state: bool | None  # None: sent without token ids, so the digests cannot agree
     transcript: str
 
 
 def converse(model: str, turns: list[str], to: str, n_tokens: int | None = None,
              cfg: Config | None = None, *, progress: Progress | None = None,
-             stop_at_eog: bool = True) -> Conversation:
+             stop_at_eog: bool = True, token_ids: bool = True) -> Conversation:
     """A and B take turns extending one sequence: this process prefills each turn and ships
     only the new cells (a full snapshot the first time); the peer generates a reply (ending at
     its end-of-turn token unless ``stop_at_eog`` is off) and ships only its new cells back.
-    Ends by comparing both sides' state digests."""
+    Ends by comparing both sides' state digests (``same`` is None without ``token_ids``:
+    the peer then holds -1 for our token ids, so the digests differ by design)."""
     if not turns:
         raise EdgelinkError("a conversation needs at least one turn")
-    with load(model, _cfg(cfg), progress=progress) as m, m.connect(to) as peer:
+    with load(model, _cfg(cfg), progress=progress) as m, m.connect(to, token_ids=token_ids) as peer:
         rounds = [peer.converse(text, n_tokens, stop_at_eog=stop_at_eog) for text in turns]
-        same = peer.same_state()
+        same = peer.same_state() if token_ids else None
         transcript = m.runtime.detokenize([t for t in m.tokens if t >= 0])
     return Conversation(model, rounds, same, transcript)
 

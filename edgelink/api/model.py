@@ -286,12 +286,13 @@ class Model:
 
     # ------------------------------------------------------------------ peers
 
-    def connect(self, to: str, *, token: str | None = None) -> Peer:
+    def connect(self, to: str, *, token: str | None = None, token_ids: bool = True) -> Peer:
         """A session with the receiver at ``to`` (``shm:NAME``, a multiaddr, or ``/p2p/ID``),
-        reused by every call on the returned ``Peer`` until it is closed."""
+        reused by every call on the returned ``Peer`` until it is closed. ``token_ids=False``
+        sends -1 for every token id (``Peer.open``)."""
         from edgelink.api.peer import Peer
 
-        return Peer.open(self, to, token=token)
+        return Peer.open(self, to, token=token, token_ids=token_ids)
 
 
 def apply_messages(appliers: dict[Kind, Callable[[Any], None]], codecs: Sequence[str], cfg: Config,

@@ -53,12 +53,15 @@ class Peer:
         self._ahead: tuple[list[int], list[int]] | None = None
 
     @classmethod
-    def open(cls, model: Model, to: str, *, token: str | None = None) -> Peer:
+    def open(cls, model: Model, to: str, *, token: str | None = None, token_ids: bool = True) -> Peer:
+        """``token_ids=False``: the receiver gets -1 for every token id of ours (the cells and
+        logits still travel; docs/security.md): each turn ships the whole state, and the
+        receiver's replies are read here again rather than pulled as cells."""
         t0 = time.perf_counter()
         ch = connect(to, model.cfg)
         t1 = time.perf_counter()
         sender = Sender(ch, fit_limits(model.cfg, model.runtime), model.signature,
-                        auth={"token": token} if token else None)
+                        auth={"token": token} if token else None, token_ids=token_ids)
         try:
             sender.handshake()
         except BaseException:
@@ -96,7 +99,7 @@ class Peer:
         """Bring the receiver's sequence to the model's: the whole state (planned over a
         network link: docs/protocol.md, "Choosing") or, while in step, only the new cells."""
         with self.model.step() as rt:
-            if 0 < self.synced < len(rt.tokens):
+            if 0 < self.synced < len(rt.tokens) and self.sender.token_ids:
                 sent = self.sender.send_delta(rt, self.synced)
             else:
                 self.check_room(len(rt.tokens), "the model's sequence")
@@ -122,10 +125,13 @@ class Peer:
         ahead, self._ahead = self._ahead, None
         if ahead is None or self.synced:
             return 0
-        base, _ = ahead
+        base, reply = ahead
         with self.model.step() as rt:
             if rt.tokens != base:
                 return 0  # our sequence moved on (a local generate, a reset): resend it whole
+            if not self.sender.token_ids:
+                rt.prefill(reply)  # its cells name tokens it holds as -1: read the reply here
+                return 0
             pulled = self.sender.pull_delta(rt, len(base))
             self.synced = len(rt.tokens)
         return pulled
@@ -156,13 +162,17 @@ class Peer:
         body = self.sender.request("generate", n_tokens=n, stop_at_eog=stop_at_eog)
         t3 = time.perf_counter()
         with self.model.step() as rt:
-            pulled = caught_up + (self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0)
+            if not self.sender.token_ids:
+                rt.prefill(list(body["tokens"]))  # see _catch_up; the next turn ships it whole
+                pulled = caught_up
+            else:
+                pulled = caught_up + (self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0)
             self.synced = len(rt.tokens)
             full = sum(t.nbytes for t in _snapshot_tensors(rt))
         t4 = time.perf_counter()
         self.turns += 1
         return Round(self.turns - 1, self.synced, sent_tokens, sent.payload_bytes,
-                     "KV_CACHE" if first else "KV_CACHE_DELTA", list(body["tokens"]), body["text"], pulled, full,
+                     "KV_CACHE" if first or not self.sender.token_ids else "KV_CACHE_DELTA", list(body["tokens"]), body["text"], pulled, full,
                      {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2, "pull_s": t4 - t3})
 
     def fetch_cache(self, prompt: str | Sequence[int]) -> int:

@@ -20,6 +20,7 @@ from edgelink.cli.common import (  # noqa: F401
     model_and_file,
     n_option,
     split_model_file,
+    token_ids_option,
     token_options,
     wire_codec,
     wire_option,
@@ -347,6 +348,7 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
                    "/p2p/PEERID alone (found on the LAN with mDNS).")
 @n_option
 @click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
+@token_ids_option
 @token_options
 @click.option("--bridge", default=None, type=click.Path(dir_okay=False),
               help="Hand PROMPT to a receiver running the bridge's target model: ship the bridge's "
@@ -355,8 +357,8 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
 @json_option
 @click.pass_obj
 def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | None,
-            verify: bool, token: str | None, token_file: str | None, bridge: str | None, wire: str | None,
-            as_json: bool) -> None:
+            verify: bool, no_token_ids: bool, token: str | None, token_file: str | None, bridge: str | None,
+            wire: str | None, as_json: bool) -> None:
     """Prefill here, ship the KV state to a receiver, print its continuation (with --bridge:
     a bridge's reading of PROMPT to a receiver running another model, and its label scores)."""
     cfg = obj.cfg(wire_codec=wire_codec(wire))
@@ -370,7 +372,7 @@ def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | 
         g = api_latent.bridged_handoff(bridge, prompt, to, model, n_tokens, cfg, token=token)
     else:
         g = api.handoff(model or cfg.runtime.default_model, prompt, to, n_tokens, cfg, verify=verify,
-                        token=token, progress=_progress())
+                        token=token, progress=_progress(), token_ids=not no_token_ids)
     _emit(as_json, g, _gen_text(g))
 
 
@@ -602,24 +604,28 @@ def chat(obj: _Ctx, model: str | None, prompt: str | None, system: str | None, m
 @n_option
 @click.option("--run-on", is_flag=True, help="Let each reply run past the model's end-of-turn token "
                                               "(by default a reply ends there).")
+@token_ids_option
 @wire_option
 @json_option
 @click.pass_obj
 def converse(obj: _Ctx, model: str | None, turns: tuple[str, ...], to: str, n_tokens: int | None,
-             run_on: bool, wire: str | None, as_json: bool) -> None:
+             run_on: bool, no_token_ids: bool, wire: str | None, as_json: bool) -> None:
     """Take turns with a peer on one sequence, each side shipping only the KV cells it added."""
     cfg = obj.cfg(wire_codec=wire_codec(wire))
     conv = api.converse(model or cfg.runtime.default_model, list(turns), to, n_tokens, cfg,
-                        progress=None if as_json else _progress(), stop_at_eog=not run_on)
+                        progress=None if as_json else _progress(), stop_at_eog=not run_on,
+                        token_ids=not no_token_ids)
     lines = []
     for r in conv.rounds:
         lines.append(f"turn {r.turn}: +{r.sent_tokens} tokens, sent {r.sent_bytes:,} B ({r.sent_kind}); "
                      f"peer replied {len(r.reply_tokens)} tokens, pulled back {r.pulled_bytes:,} B; "
                      f"a full snapshot would be {r.full_snapshot_bytes:,} B at {r.context_tokens} tokens")
         lines.append(f"  peer: {r.reply_text!r}")
-    lines.append(f"both sides hold the same state: {conv.same_state}")
+    lines.append("both sides hold the same state: " + (
+        "not checked (sent without token ids: the peer holds -1 for ours)" if conv.same_state is None
+        else str(conv.same_state)))
     _emit(as_json, conv, "\n".join(lines))
-    if not conv.same_state:
+    if conv.same_state is False:
         sys.exit(1)
 
 

@@ -100,6 +100,11 @@ def client_token(token: str | None, token_file: str | None) -> str | None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+token_ids_option = click.option(
+    "--no-token-ids", is_flag=True,
+    help="Send -1 for every token id: the receiver continues from the cells and logits without "
+         "our token ids (no split plans; each turn ships the whole state; the KV cells still "
+         "reveal much of the text: docs/security.md).")
 n_option = click.option("-n", "--n-tokens", type=click.IntRange(0), default=None,
                         help="Greedy tokens to generate [config: generate.n_tokens].")
 

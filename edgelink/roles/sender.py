@@ -25,7 +25,7 @@ from edgelink.kinds.bridged import NO_RANGE, bridged_tensors
 from edgelink.kinds.delta import DeltaApplier, delta_tensors
 from edgelink.kinds.memory import memory_tensors
 from edgelink.kinds.prefix import prefix_tensors
-from edgelink.kinds.snapshot import state_message_tensors
+from edgelink.kinds.snapshot import VIRTUAL_TOKEN, state_message_tensors
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
@@ -73,11 +73,15 @@ class Sender:
 
     def __init__(self, ch: Channel, cfg: Config, signature: dict[str, Any],
                  kinds: tuple[Kind, ...] = tuple(Kind), auth: dict[str, Any] | None = None,
-                 bridge: dict[str, str] | None = None):
-        """``bridge``: a bridge claim (``latent.bridged.bridge_claim``) to open a bridged
-        session with a receiver that runs the bridge's target model."""
+                 bridge: dict[str, str] | None = None, token_ids: bool = True):
+        """``bridge``: a bridge claim (``bridge_claim`` in kinds/bridged.py) to open a bridged
+        session with a receiver that runs the bridge's target model. ``token_ids=False``: state
+        messages carry -1 for every token id (docs/security.md, "Without token ids"): the
+        receiver continues from the cells and logits, but cannot prefill our text itself, so
+        no handoff splits, and deltas, which name the tokens they extend, are not sent."""
         self.ch = ch
         self.cfg = cfg
+        self.token_ids = token_ids
         # A network channel knows the end-to-end scheme it negotiated; both HELLOs carry it.
         # codecs: what we take as a receiver of the peer's tensor messages (pulled deltas,
         # prefix-cache chunks)
@@ -121,7 +125,7 @@ class Sender:
         else:
             full = parse_seq_state(rt.export_state())
         plan = self._plan(rt, planning, bytes_from_position(full)) if planning is not None else None
-        whole = (*state_message_tensors(rt, full, rt.tokens), (0, len(rt.tokens)))
+        whole = (*state_message_tensors(rt, full, self.shown(rt.tokens)), (0, len(rt.tokens)))
         if plan is None:
             return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE, ApplyMode.OVERWRITE, whole, t0)
         if plan.split == len(rt.tokens):
@@ -184,7 +188,7 @@ class Sender:
         peer = self.session.peer
         if getattr(self.ch, "link", "local") != "network" or peer is None:
             return None
-        can_split = (w.split == "auto" and peer.prefill_tps > 0 and Kind.KV_CACHE_DELTA in self.session.negotiated_kinds
+        can_split = (self.token_ids and w.split == "auto" and peer.prefill_tps > 0 and Kind.KV_CACHE_DELTA in self.session.negotiated_kinds
                      and rt.batched >= SPLIT_MIN)
         options = wire.candidates(w, peer.codecs, self.codec)
         if len(options) < 2 and not can_split:
@@ -229,8 +233,14 @@ class Sender:
                 self.link = Link(n / max(took - rtt, took / 2, 1e-6), rtt)
         return self.link
 
+    def shown(self, tokens: list[int]) -> list[int]:
+        """The token ids a state message carries: ours, or -1 for each without ``token_ids``."""
+        return list(tokens) if self.token_ids else [VIRTUAL_TOKEN] * len(tokens)
+
     def send_delta(self, rt: LlamaRuntime, since: int) -> SentSnapshot:
         """Ship only the cells from position ``since`` on (the receiver holds the rest)."""
+        if not self.token_ids:
+            raise StateError("a delta names the tokens it extends: without token ids, send the whole state")
         t0 = time.perf_counter()
         return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE_DELTA, ApplyMode.APPEND,
                           delta_tensors(rt, since), t0)
