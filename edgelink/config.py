@@ -108,6 +108,8 @@ class P2PConfig:
     mdns: int
     discover_timeout_s: float
     discover_listen: str
+    relays: str
+    hole_punch: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +164,17 @@ class NodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RelayConfig:
+    listen: str
+    allow_peers: str
+    max_reservations: int
+    reservation_ttl_s: float
+    max_circuits: int
+    circuit_bytes: int
+    circuit_duration_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class HttpConfig:
     listen: str
     parallel: int
@@ -186,6 +199,7 @@ class Config:
     latent: LatentConfig
     p2p: P2PConfig
     node: NodeConfig
+    relay: RelayConfig
     wire: WireConfig
     cache: CacheConfig
     http: HttpConfig

@@ -127,3 +127,90 @@ def lan(n: int) -> Iterator[list[LanHost]]:
             if h.stdin:
                 h.stdin.close()
             h.wait(timeout=10)
+
+
+@dataclasses.dataclass
+class NatWorld:
+    """A public segment and two home networks behind masquerading routers (``nat_world``)."""
+
+    public: LanHost  # on the public segment (the relay's host)
+    home: list[LanHost]  # one host on each private LAN, behind its router
+    routers: list[LanHost]  # each router's public side (its ``ip`` is the address peers see)
+    subnet: int
+
+
+def ensure_nft() -> str | None:
+    """nft's path, installing Debian's nftables when it is missing (root, package mirror);
+    None, with the reason logged by the caller, where that fails."""
+    import shutil
+
+    found = shutil.which("nft")
+    if found:
+        return found
+    subprocess.run(["apt-get", "install", "-y", "-q", "nftables"], capture_output=True, timeout=300)
+    return shutil.which("nft")
+
+
+@contextlib.contextmanager
+def nat_world(*, random_ports: bool = False) -> Iterator[NatWorld]:
+    """A public Ethernet segment 10.X.0.0/24 (the public host at .1, routers at .11 and .12)
+    and two private LANs 10.X.1.0/24 and 10.X.2.0/24, each with one host (.2) behind a router
+    (.1) that masquerades what leaves for the public side and drops what arrives from it
+    unasked, as a home router does. No route leads from the public side into a LAN.
+    ``random_ports``: the routers pick a random source port for every connection (nftables
+    ``fully-random``), the NAT that defeats hole punching."""
+    if ensure_nft() is None:
+        raise RuntimeError("nft (Debian's nftables) is missing and could not be installed")
+    holders: list[subprocess.Popen] = []
+
+    def host() -> LanHost:
+        h = _holder()
+        holders.append(h)
+        return LanHost(h.pid, "")
+
+    def link(a: LanHost, a_if: str, b: LanHost, b_if: str) -> None:
+        tmp = f"eln{os.getpid() % 100000}x{next(_HOSTS) % 1000}"
+        _run("ip", "link", "add", tmp, "type", "veth", "peer", "name", b_if, "netns", str(b.pid))
+        _run("ip", "link", "set", tmp, "netns", str(a.pid))
+        _run(*a.wrapper, "ip", "link", "set", tmp, "name", a_if)
+
+    try:
+        subnet = _free_subnet()
+        net = f"10.{subnet}"
+        switch = host()
+        _run(*switch.wrapper, "sh", "-c", "ip link add br0 type bridge && ip link set br0 up")
+        public = host()
+        public.ip = f"{net}.0.1"
+        routers, home = [], []
+        for i in (1, 2):
+            r, h = host(), host()
+            r.ip, h.ip = f"{net}.0.{10 + i}", f"{net}.{i}.2"
+            routers.append(r)
+            home.append(h)
+        for n, (who, ip) in enumerate([(public, public.ip)] + [(r, r.ip) for r in routers]):
+            port = f"p{n}"
+            link(switch, port, who, "wan")
+            _run(*switch.wrapper, "sh", "-c", f"ip link set {port} master br0 && ip link set {port} up")
+            _run(*who.wrapper, "sh", "-c", f"ip addr add {ip}/24 dev wan && ip link set wan up && ip link set lo up")
+        nat = "masquerade fully-random" if random_ports else "masquerade"
+        for i, (r, h) in enumerate(zip(routers, home), start=1):
+            link(r, "lan", h, "eth0")
+            _run(*r.wrapper, "sh", "-c", f"ip addr add {net}.{i}.1/24 dev lan && ip link set lan up "
+                                         "&& sysctl -qw net.ipv4.ip_forward=1")
+            _run(*h.wrapper, "sh", "-c", f"ip addr add {h.ip}/24 dev eth0 && ip link set eth0 up "
+                                         f"&& ip link set lo up && ip route add default via {net}.{i}.1")
+            rules = "\n".join([
+                "table ip nat {", "  chain outward {", "    type nat hook postrouting priority 100;",
+                f'    oifname "wan" {nat}', "  }", "}",
+                "table ip filter {", "  chain through {", "    type filter hook forward priority 0; policy drop;",
+                "    ct state established,related accept", '    iifname "lan" accept', "  }", "}", ""])
+            r_nft = subprocess.run([*r.wrapper, "nft", "-f", "-"], input=rules, capture_output=True, text=True,
+                                   timeout=30)
+            if r_nft.returncode != 0:
+                raise RuntimeError(f"nft could not set up NAT in a namespace: {r_nft.stderr.strip()}")
+        yield NatWorld(public, home, routers, subnet)
+    finally:
+        for h in reversed(holders):
+            if h.stdin:
+                h.stdin.close()
+            h.wait(timeout=10)

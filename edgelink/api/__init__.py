@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import ModelSignature, model_signature
 from edgelink.net.endpoint import connect, parse_endpoint  # noqa: F401 - connect: part of this API
+from edgelink.net.relay import Relay
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
 from edgelink.roles.launcher import start_receiver, stop_receiver
@@ -322,6 +323,17 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
     except BaseException:
         n.shutdown()
         raise
+
+
+def relay(cfg: Config | None = None, *, listen: Sequence[str] = (),
+          on_event: Callable[[dict[str, Any]], None] | None = None) -> Relay:
+    """Start a circuit relay for peers behind NAT (docs/nat.md) on ``listen`` (default
+    ``relay.listen``); ``on_event`` hears each reservation and each circuit that ends (peers,
+    bytes, seconds). Returns the running ``Relay``: ``run()`` serves until SIGINT/SIGTERM."""
+    from edgelink.net.identity import load_identity
+
+    cfg = _cfg(cfg)
+    return Relay(cfg, load_identity(cfg.p2p.identity_key), list(listen) or [cfg.relay.listen], on_event)
 
 
 def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,

@@ -477,19 +477,24 @@ def discover(obj: _Ctx, timeout_s: float | None, peer_id: str | None, as_json: b
 @click.option("--dht", is_flag=True, default=False,
               help="Join the cache DHT and announce the chunks of this node's prefix cache "
                    "[config: cache.dht].")
+@click.option("--via", "via", multiple=True, metavar="RELAY",
+              help="Reserve a slot on this relay (/ip4/H/tcp/P/p2p/ID, repeatable) and be reachable "
+                   "through it at the /p2p-circuit address printed [config: p2p.relays].")
 @click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
               help="A DHT member to join through (repeatable; adds to cache.bootstrap).")
 @bridge_option
 @json_option
 @click.pass_obj
 def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: tuple[str, ...],
-         token_file: str | None, open_: bool, allow_peers: tuple[str, ...], dht: bool, bootstrap: tuple[str, ...], bridge: str | None,
-         as_json: bool) -> None:
+         token_file: str | None, open_: bool, allow_peers: tuple[str, ...], dht: bool, via: tuple[str, ...],
+         bootstrap: tuple[str, ...], bridge: str | None, as_json: bool) -> None:
     """Accept encrypted handoffs over libp2p until SIGINT/SIGTERM."""
     cfg = obj.cfg(p2p_mdns=1 if mdns else None, cache_dht="on" if dht else None,
                   node_token_file=token_file, node_open="on" if open_ else None)
     if bootstrap:
         cfg = cfg.replace(cache_bootstrap=_join_list(cfg.cache.bootstrap, bootstrap))
+    if via:
+        cfg = cfg.replace(p2p_relays=_join_list(cfg.p2p.relays, via))
     if tokens or allow_peers:
         cfg = cfg.replace(node_tokens=_join_list(cfg.node.tokens, tokens),
                           node_allow_peers=_join_list(cfg.node.allow_peers, allow_peers))
@@ -527,6 +532,41 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
 
     api.node(model or cfg.runtime.default_model, cfg, listen=listen, on_ready=ready,
              on_session=session, progress=None if as_json else _progress(), bridge=bridge)
+
+
+@cli.command()
+@click.option("--listen", "listen", multiple=True, metavar="MULTIADDR",
+              help="Where to listen (repeatable) [config: relay.listen]. Peers on both sides must reach it.")
+@json_option
+@click.pass_obj
+def relay(obj: _Ctx, listen: tuple[str, ...], as_json: bool) -> None:
+    """Relay encrypted sessions to nodes behind NAT (circuit relay v2) until SIGINT/SIGTERM."""
+    cfg = obj.cfg()
+
+    def event(ev: dict) -> None:
+        if ev["event"] == "reservation":
+            text = (f"reserved a slot for {ev['peer']}" if ev["ok"]
+                    else f"refused a reservation from {ev['peer']}: {ev['reason']}")
+        else:
+            text = (f"circuit {' <-> '.join(ev['peers'])} ended ({ev['ended_by']}): {ev['bytes']:,} B "
+                    f"in {ev['seconds']} s")
+        _emit(as_json, ev, text, compact=True)
+        sys.stdout.flush()
+
+    r = api.relay(cfg, listen=listen, on_event=event)
+    r_cfg = cfg.relay
+    _emit(as_json, {"event": "ready", "peer_id": r.peer_id, "addrs": r.addrs},
+          "relay ready (Ctrl-C to stop); nodes reserve with `edgelink node --via ADDR`, one of:\n  "
+          + "\n  ".join(r.addrs)
+          + f"\nlimits: {r_cfg.max_reservations} reservations of {r_cfg.reservation_ttl_s:g} s, "
+            f"{r_cfg.max_circuits} circuits per node, {r_cfg.circuit_bytes:,} B and "
+            f"{r_cfg.circuit_duration_s:g} s per circuit (relay.*; 0: none)", compact=True)
+    sys.stdout.flush()
+    r.run()
+    if not as_json:
+        t = r.totals
+        click.echo(f"relayed {t['circuits']} circuit(s), {t['bytes']:,} B; {t['reservations']} reservation(s)",
+                   err=True)
 
 
 @cli.command()

@@ -173,8 +173,11 @@ def check_exposure(listen: str, allowlist: bool, tokens: bool, cfg: Config) -> N
     """Refuse to serve anyone who reaches a non-loopback address unless that is asked for."""
     if cfg.node.open not in ("on", "off"):
         raise ConfigError(f"node.open must be on or off, got {cfg.node.open!r}")
-    if allowlist or tokens or cfg.node.open == "on" or not beyond_loopback(listen):
+    relays = config_list(cfg.p2p.relays)
+    if allowlist or tokens or cfg.node.open == "on" or not (beyond_loopback(listen) or relays):
         return
+    if relays and not beyond_loopback(listen):
+        listen = f"{listen} and through the relay at {relays[0]}"
     raise ConfigError(
         f"the node would listen on {listen} with neither node.allow_peers nor a token, so anyone "
         "who reaches that address could use its model and cache. Give --token-file FILE (or "
@@ -240,6 +243,16 @@ class Node:
 
         self.host = P2PHost(cfg, self.identity, listen=[listen or cfg.p2p.listen],
                             on_channel=self._session, admit=self._admit)
+        # Behind NAT: a slot on each relay (p2p.relays, `--via`), and the circuit address it gives
+        self.circuit_addrs: list[str] = []
+        try:
+            for relay in config_list(cfg.p2p.relays):
+                self.circuit_addrs.append(self.host.reserve(relay))
+        except BaseException:
+            self.host.close()
+            for rt in self._runtimes:
+                rt.close()
+            raise
         self.dht: CacheDht | None = None
         self._announcer: Announcer | None = None
         if use_dht:
@@ -256,7 +269,8 @@ class Node:
 
     @property
     def addrs(self) -> list[str]:
-        return self.host.addrs
+        """Where clients dial this node: its listen addresses, then its circuit addresses."""
+        return self.host.addrs + self.circuit_addrs
 
     def _admit(self, peer: str, ip: str | None) -> bool:
         """Runs in the trio thread for every new stream, before any of it is read: the

@@ -108,6 +108,13 @@ def start_node(model: str, cfg: Config, listen: str = "/ip4/127.0.0.1/tcp/0",
                   cfg, extra_env, wrapper)
 
 
+def start_relay(cfg: Config, listen: str, extra_env: dict[str, str] | None = None,
+                wrapper: tuple[str, ...] = ()) -> Receiver:
+    """`edgelink relay --listen ADDR --json` in a child; returns once it is ready (``proc.ready``
+    has its ``addrs``); its later events are reservations and ended circuits."""
+    return _spawn("relay", ["relay", "--listen", listen, "--json"], cfg, extra_env, wrapper)
+
+
 def stop_receiver(proc: subprocess.Popen, timeout: float = 30) -> int:
     """SIGTERM (the receiver removes its segments on it), then wait; SIGKILL if it hangs."""
     if proc.poll() is None:

@@ -55,10 +55,13 @@ class SentSnapshot:
     fallback: bool = False
     predicted_s: float | None = None  # what the plan expected, when a plan was made
     link: Link | None = None  # the link as measured for the plan
+    path: str | None = None  # over libp2p: "direct" or "relayed" (through a circuit relay)
 
     def wire_facts(self) -> dict[str, Any]:
-        """How the state travelled, for reports: codec, split, fallback, link, prediction."""
+        """How the state travelled, for reports: codec, split, fallback, link, prediction, path."""
         facts: dict[str, Any] = {"codec": self.codec}
+        if self.path is not None:
+            facts["path"] = self.path
         if self.split:
             facts.update(split=self.split, fallback=self.fallback)
         if self.link is not None:
@@ -336,7 +339,7 @@ class Sender:
         if ack.digest != digest:
             raise ChecksumMismatch("the receiver acknowledged a different digest than was sent")
         return SentSnapshot(msg.message_id, msg.payload_bytes, sum(memoryview(p).nbytes for p in parts),
-                            digest.hex(), t1 - t0, t2 - t0, codec or "raw")
+                            digest.hex(), t1 - t0, t2 - t0, codec or "raw", path=getattr(self.ch, "path", None))
 
     def request(self, op: str, **params: Any) -> dict[str, Any]:
         self.ch.send(self.session.request(op, params))

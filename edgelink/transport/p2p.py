@@ -56,6 +56,7 @@ from edgelink.errors import (
 )
 from edgelink.net.crypto import e2e
 from edgelink.net.identity import Identity
+from edgelink.transport.circuit import Circuits, is_circuit, is_relayed, split_circuit
 from edgelink.transport.framing import (
     FrameSink,
     RecvBuffer,
@@ -156,6 +157,8 @@ class P2PChannel:
         self._max_record = max(self._chunk, self._window // 2) + e2e.RECORD_OVERHEAD
         self.remote_peer_id = stream.muxed_conn.peer_id.to_base58()
         self._remote_id = stream.muxed_conn.peer_id
+        # what carries it: "relayed" (a circuit through a relay) or "direct"
+        self.path = "relayed" if is_relayed(stream.muxed_conn) else "direct"
         self.encryption: dict[str, Any] | None = None
         self.max_frame: int | None = None  # optional per-peer cap (the node sets it)
         self.limiter = None  # optional, with wait_bytes(n) and wait_message()
@@ -683,6 +686,20 @@ def _refused_in_negotiation(exc: BaseException) -> bool:
     return False
 
 
+async def _run_service(service, *, task_status=None) -> None:
+    """Run a py-libp2p ``Service`` until cancelled; started once its handlers are set."""
+    import trio
+    from libp2p.tools.anyio_service import background_trio_service
+
+    async with background_trio_service(service):
+        started = getattr(service, "event_started", None)
+        if started is not None:
+            await started.wait()
+        if task_status is not None:
+            task_status.started()
+        await trio.sleep_forever()
+
+
 class P2PHost:
     """A libp2p host (Noise only, yamux only) whose trio loop runs in a background thread.
 
@@ -699,8 +716,12 @@ class P2PHost:
     def __init__(self, cfg: Config, identity: Identity, *, listen: list[str] | None = None,
                  on_channel: Callable[[P2PChannel], None] | None = None,
                  admit: Callable[[str], bool] | None = None,
-                 sec_opt: dict | None = None):
+                 sec_opt: dict | None = None, services: tuple[Callable[[Any], Any], ...] = ()):
+        """``services``: factories called with the libp2p host in its trio thread, each
+        returning a py-libp2p ``Service`` that runs as long as the host (the relay's HOP)."""
         self.cfg = cfg
+        self._services = services
+        self.circuits = Circuits(self)
         self.identity = identity
         self._listen = list(listen or [])
         self._on_channel = on_channel
@@ -768,6 +789,8 @@ class P2PHost:
         async with host.run(addrs):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                for make in self._services:
+                    await nursery.start(_run_service, make(host))
                 self._ready.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -860,6 +883,38 @@ class P2PHost:
     # ------------------------------------------------------------------ public
 
     @property
+    def libp2p_host(self):
+        """The py-libp2p host (touch it only in the trio thread: ``call``)."""
+        return self._host
+
+    @property
+    def nursery(self):
+        """The trio nursery that lives as long as the host (for tasks of its services)."""
+        return self._nursery
+
+    def call(self, afn, *args):
+        """Run ``await afn(*args)`` in the host's trio thread and return its result."""
+        return self._call(afn, *args)
+
+    def reserve(self, relay_addr: str) -> str:
+        """Reserve a slot on the relay at ``relay_addr`` (kept refreshed while this host
+        runs) and return this host's circuit address through it (docs/nat.md)."""
+        limit = self.cfg.p2p.connect_timeout_s
+
+        async def go():
+            import trio
+
+            with trio.fail_after(limit):
+                return await self.circuits.reserve(relay_addr)
+
+        try:
+            return self._call(go)
+        except EdgelinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - trio.TooSlowError and libp2p's own
+            raise Unreachable(f"no reservation on the relay at {relay_addr} within {limit} s: {exc}") from None
+
+    @property
     def peer_id(self) -> str:
         return self.identity.peer_id_str
 
@@ -883,9 +938,20 @@ class P2PHost:
         import trio
         from libp2p.peer.peerinfo import info_from_p2p_addr
 
-        split_multiaddr(addr)
+        relayed = is_circuit(addr)
         try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            if relayed:  # through a relay: /ip4/H/tcp/P/p2p/RELAY/p2p-circuit/p2p/PEER
+                from libp2p.peer.id import ID
+                from libp2p.peer.peerinfo import PeerInfo
+
+                relay, dest = split_circuit(addr)
+                split_multiaddr(relay)
+                info = PeerInfo(ID.from_base58(dest), [])
+            else:
+                split_multiaddr(addr)
+                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except EdgelinkError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"bad multiaddr {addr!r}: {exc}") from None
         limit = self.cfg.p2p.connect_timeout_s if timeout is None else timeout
@@ -904,7 +970,7 @@ class P2PHost:
             if not live:
                 with contextlib.suppress(Exception):
                     await self._host.get_network().close_peer(info.peer_id)
-                await self._host.connect(info)
+                await connect()
             try:
                 return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
             except Exception as again:  # noqa: BLE001
@@ -914,6 +980,12 @@ class P2PHost:
                     raise PeerGone(f"{addr} did not open another stream beside this process's {live} "
                                    f"live session(s) with it: {again}") from None
                 raise
+
+        async def connect():
+            if not relayed:
+                await self._host.connect(info)
+            elif not self._host.get_network().get_connections(info.peer_id):
+                await self.circuits.dial(addr)  # the swarm refuses circuit addresses itself
 
         async def dial():
             with trio.fail_after(limit):
@@ -925,7 +997,7 @@ class P2PHost:
                 # a peer whose addresses all failed in a negative cache for a while).
                 with contextlib.suppress(Exception):
                     self._host.get_network().unblock_peer(info.peer_id)
-                await self._host.connect(info)
+                await connect()
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 except Exception as exc:  # noqa: BLE001

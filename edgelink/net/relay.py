@@ -1,0 +1,206 @@
+"""``edgelink relay``: a circuit relay (libp2p circuit relay v2) for peers behind NAT.
+
+A node behind a home router reserves a slot here and stays connected; a client that cannot
+dial the node dials ``/.../p2p/RELAY/p2p-circuit/p2p/NODE`` and this relay pumps the bytes
+between the two streams. What it relays is the peers' own Noise session, and inside that
+edgelink's end-to-end encryption: it learns the two peer ids, when and how many bytes, nothing
+of the state (docs/security.md, "Relays").
+
+The pump is ours, not py-libp2p 0.8.1's (measured on loopback, /tmp reproduction in
+docs/nat.md): its circuits are keyed by peer id, so a second circuit to the same node overwrote
+the first one's entry and a circuit whose dialler left could keep a direction blocked reading
+the node forever, holding its circuit slot (``relay.max_circuits``) until the relay restarted;
+its duration cap was checked only when bytes arrived; and ``data = 0`` cut every circuit. Here
+both directions of one circuit share one cancel scope and tear down exactly their own two
+streams; the caps hold on idle circuits; 0 means no limit. Reservations check
+``relay.allow_peers`` against the connection's authenticated peer id (the request's optional
+peer field, which any peer can fill in, is not trusted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edgelink.config import Config
+from edgelink.errors import ConfigError
+from edgelink.net.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+def relay_limits(cfg: Config):
+    """py-libp2p's ``RelayLimits`` from the ``relay`` settings (checked: nothing negative)."""
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+
+    r = cfg.relay
+    for key in ("max_reservations", "reservation_ttl_s", "max_circuits", "circuit_bytes", "circuit_duration_s"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"relay.{key} = {getattr(r, key)} is negative")
+    if r.max_reservations == 0 or r.max_circuits == 0 or r.reservation_ttl_s == 0:
+        raise ConfigError("relay.max_reservations, relay.max_circuits and relay.reservation_ttl_s must be above 0")
+    return RelayLimits(duration=int(r.circuit_duration_s), data=int(r.circuit_bytes),
+                       max_circuit_conns=int(r.max_circuits), max_reservations=int(r.max_reservations),
+                       reservation_ttl=int(r.reservation_ttl_s))
+
+
+def _peer_set(text: str) -> frozenset[str]:
+    return frozenset(p.strip() for p in text.split(",") if p.strip())
+
+
+def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
+    """A factory: libp2p host -> the relay's HOP service (see the module docstring)."""
+    import trio
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+    from libp2p.tools.constants import MAX_READ_LEN
+
+    limits = relay_limits(cfg)
+    allow = _peer_set(cfg.relay.allow_peers)
+
+    class Hop(CircuitV2Protocol):
+        def __init__(self, host):
+            super().__init__(host, limits=limits, allow_hop=True)
+            self._circuits: dict[frozenset[int], dict[str, Any]] = {}
+
+        async def _handle_reserve(self, stream, msg) -> None:
+            peer = stream.muxed_conn.peer_id
+            claimed = msg.peer.id if msg.HasField("peer") else b""
+            refused = None
+            if allow and peer.to_base58() not in allow:
+                refused = "not on relay.allow_peers"
+            elif claimed and claimed != peer.to_bytes():
+                refused = "asked for a slot in another peer's name"
+            if refused is not None:
+                on_event({"event": "reservation", "peer": peer.to_base58(), "ok": False, "reason": refused})
+                await self._refuse_reservation(stream)
+                return
+            await super()._handle_reserve(stream, msg)
+            ok = self.resource_manager.has_reservation(peer)
+            on_event({"event": "reservation", "peer": peer.to_base58(), "ok": ok,
+                      **({} if ok else {"reason": "relay.max_reservations reached"})})
+
+        async def _refuse_reservation(self, stream) -> None:
+            from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+            from libp2p.relay.circuit_v2.protocol import (
+                StatusCode,
+                to_proto_status,
+                write_delimited_msg,
+            )
+
+            with contextlib.suppress(Exception):
+                await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS,
+                                                             status=to_proto_status(StatusCode.PERMISSION_DENIED)))
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+        async def _relay_data(self, src_stream, dst_stream, peer_id, deadline=None, circuit_data_limit=None):
+            key = frozenset((id(src_stream), id(dst_stream)))
+            circuit = self._circuits.setdefault(key, {"scopes": [], "bytes": {}, "t0": time.monotonic(),
+                                                      "ended_by": "closed"})
+            reader = peer_id.to_base58()
+            circuit["bytes"].setdefault(reader, 0)
+            scope = trio.CancelScope()
+            circuit["scopes"].append(scope)
+            try:
+                with scope:
+                    while True:
+                        left = math.inf if deadline is None else deadline - time.monotonic()
+                        data = None
+                        with trio.move_on_after(max(0.0, left)):
+                            data = await src_stream.read(MAX_READ_LEN)
+                        if data is None:
+                            circuit["ended_by"] = "relay.circuit_duration_s"
+                            break
+                        if not data:
+                            break
+                        if circuit_data_limit is not None:
+                            if len(data) > circuit_data_limit[0]:
+                                circuit["ended_by"] = "relay.circuit_bytes"
+                                break
+                            circuit_data_limit[0] -= len(data)
+                        with trio.fail_after(self.write_timeout):
+                            await dst_stream.write(data)
+                        circuit["bytes"][reader] += len(data)
+            except Exception as exc:  # noqa: BLE001 - a reset or closed stream ends the circuit
+                name = type(exc).__name__
+                if circuit["ended_by"] == "closed" and "EOF" not in name:
+                    circuit["ended_by"] = name
+            finally:
+                # one direction over: the other, blocked in a read, is cancelled (a local reset
+                # does not wake a read on a yamux stream)
+                for other in circuit["scopes"]:
+                    other.cancel()
+                circuit["scopes"].remove(scope)
+                last = not circuit["scopes"]  # decided before any await: the other may finish first
+                for st in (src_stream, dst_stream):
+                    with contextlib.suppress(Exception):
+                        await st.reset()
+                for k, pair in list(self._active_relays.items()):
+                    if src_stream in pair or dst_stream in pair:
+                        del self._active_relays[k]
+                if last:
+                    self._circuits.pop(key, None)
+                    by = circuit["bytes"]
+                    on_event({"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()),
+                              "bytes_from": dict(by), "seconds": round(time.monotonic() - circuit["t0"], 3),
+                              "ended_by": circuit["ended_by"]})
+
+    return Hop
+
+
+class Relay:
+    """A running relay: a libp2p host with the HOP service; ``events`` counts what it relayed."""
+
+    def __init__(self, cfg: Config, identity: Identity, listen: list[str],
+                 on_event: Callable[[dict[str, Any]], None] | None = None):
+        from edgelink.transport.p2p import P2PHost
+
+        self._lock = threading.Lock()
+        self.totals = {"reservations": 0, "circuits": 0, "bytes": 0}
+        self._on_event = on_event
+        self.host = P2PHost(cfg, identity, listen=listen, services=(hop_protocol(cfg, self._event),))
+
+    def _event(self, ev: dict[str, Any]) -> None:
+        with self._lock:
+            if ev["event"] == "reservation" and ev["ok"]:
+                self.totals["reservations"] += 1
+            elif ev["event"] == "circuit":
+                self.totals["circuits"] += 1
+                self.totals["bytes"] += ev["bytes"]
+        log.info("relay: %s", ev)
+        if self._on_event is not None:
+            self._on_event(ev)
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.host.addrs
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Relay until SIGINT/SIGTERM (installed from the main thread) or ``stop`` is set."""
+        import signal
+
+        stop = stop or threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.2):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.host.close()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
