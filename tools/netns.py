@@ -193,7 +193,7 @@ def nat_world(*, random_ports: bool = False) -> Iterator[NatWorld]:
             _run(*switch.wrapper, "sh", "-c", f"ip link set {port} master br0 && ip link set {port} up")
             _run(*who.wrapper, "sh", "-c", f"ip addr add {ip}/24 dev wan && ip link set wan up && ip link set lo up")
         nat = "masquerade fully-random" if random_ports else "masquerade"
-        for i, (r, h) in enumerate(zip(routers, home), start=1):
+        for i, (r, h) in enumerate(zip(routers, home, strict=True), start=1):
             link(r, "lan", h, "eth0")
             _run(*r.wrapper, "sh", "-c", f"ip addr add {net}.{i}.1/24 dev lan && ip link set lan up "
                                          "&& sysctl -qw net.ipv4.ip_forward=1")
