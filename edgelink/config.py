@@ -110,6 +110,8 @@ class P2PConfig:
     discover_listen: str
     relays: str
     hole_punch: str
+    punch_listen: str
+    reserve_retry_s: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,84 +1,148 @@
 """Peers behind NAT (docs/nat.md): two home networks, each behind a router namespace that
-masquerades with nftables and drops what arrives unasked, and a relay on the public segment
-between them (tools/netns.nat_world). A node on one LAN reserves a slot on the relay; a client
-on the other reaches it only through the relay, and the handoff is exact."""
+masquerades with nftables and silently drops what arrives unasked, and a relay on the public
+segment between them (tools/netns.nat_world). A node on one LAN reserves a slot on the relay;
+a client on the other reaches it only through the relay, exactly; DCUtR then takes the state
+direct where the NATs keep ports, and the relayed path carries it where they do not; a relay
+that dies mid-transfer costs a typed error, nothing applied, and the node reserves again."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from edgelink.roles.launcher import start_node, start_relay, stop_receiver
-from tools.netns import nat_world
+from tools.netns import nat_world, shape_iface, tx_bytes
 
 PROMPT = "The old lighthouse keeper climbed the stairs every evening, and"
 TOKEN = "nat-token"
 
 
-@pytest.fixture(scope="module")
-def world():
+def _world(random_ports: bool):
     try:
-        with nat_world() as w:
-            yield w
-    except RuntimeError as exc:
-        if "nft" in str(exc):
-            pytest.skip(f"no NAT here: {exc}")
-        raise
+        return nat_world(random_ports=random_ports)
+    except RuntimeError as exc:  # pragma: no cover - a kernel without NAT
+        pytest.skip(f"no NAT here: {exc}")
 
 
-def _cli(host, cfg, env, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`edgelink ARGS` run on ``host`` (its network namespace), with this test's settings."""
+def _cli(host, cfg, env, *args: str, wait: bool = True, timeout: float = 240):
+    """`edgelink ARGS` on ``host`` (its network namespace), with this test's settings."""
     from edgelink.config import to_env
 
-    return subprocess.run([*host.wrapper, sys.executable, "-m", "edgelink", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **to_env(cfg), **env})
+    cmd = [*host.wrapper, sys.executable, "-m", "edgelink", *args]
+    full = {**os.environ, **to_env(cfg), **env}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full)
+
+
+class Setup:
+    """A relay on the public segment and a node on the first home LAN reserved on it."""
+
+    def __init__(self, world, model, cfg, tmp):
+        self.world, self.model, self.cfg, self.tmp = world, model, cfg, tmp
+        (tmp / "tokens").write_text(TOKEN + "\n")
+        self.relay = self.start_relay("0")
+        self.relay_addr = self.relay.ready["addrs"][0]
+        self.node = start_node(str(model), cfg, listen=f"/ip4/{world.home[0].ip}/tcp/0",
+                               extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp / "node.key"),
+                                          "EDGELINK_RUNTIME_N_THREADS": "1", "EDGELINK_P2P_RESERVE_RETRY_S": "0.5"},
+                               node_args=("--token-file", str(tmp / "tokens"), "--via", self.relay_addr),
+                               wrapper=world.home[0].wrapper)
+        self.direct, self.circuit = self.node.ready["addrs"]
+        assert self.relay.next_event(timeout=30) == {"event": "reservation", "peer": self.node.ready["peer_id"],
+                                                     "ok": True}
+
+    def start_relay(self, port: str):
+        return start_relay(self.cfg, f"/ip4/{self.world.public.ip}/tcp/{port}", wrapper=self.world.public.wrapper,
+                           extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(self.tmp / "relay.key")})
+
+    def client(self, *args: str, punch: bool = True, wait: bool = True):
+        env = {"EDGELINK_P2P_IDENTITY_KEY": str(self.tmp / "client.key"), "EDGELINK_P2P_CONNECT_TIMEOUT_S": "5",
+               "EDGELINK_P2P_HOLE_PUNCH": "on" if punch else "off"}
+        return _cli(self.world.home[1], self.cfg, env, *args, "--token", TOKEN, wait=wait)
+
+    def handoff(self, n: int = 16, punch: bool = True) -> dict:
+        out = self.client("handoff", str(self.model), "--to", self.circuit, "-p", PROMPT, "-n", str(n),
+                          "--verify", "--json", punch=punch)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def close(self) -> None:
+        assert stop_receiver(self.node) == 0, self.node.stderr_tail()
+        assert stop_receiver(self.relay) == 0, self.relay.stderr_tail()
 
 
 @pytest.fixture(scope="module")
-def behind_nat(world, smollm2_path, cfg, tmp_path_factory):
-    """A relay on the public segment, and a node on the first home LAN reserved on it."""
-    tmp = tmp_path_factory.mktemp("nat")
-    (tmp / "tokens").write_text(TOKEN + "\n")
-    relay = start_relay(cfg, f"/ip4/{world.public.ip}/tcp/0", wrapper=world.public.wrapper,
-                        extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp / "relay.key")})
-    node = None
-    try:
-        (relay_addr,) = relay.ready["addrs"]
-        node = start_node(str(smollm2_path), cfg, listen=f"/ip4/{world.home[0].ip}/tcp/0",
-                          extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp / "node.key"),
-                                     "EDGELINK_RUNTIME_N_THREADS": "1"},
-                          node_args=("--token-file", str(tmp / "tokens"), "--via", relay_addr),
-                          wrapper=world.home[0].wrapper)
-        yield relay, node, relay_addr, tmp
-    finally:
-        if node is not None:
-            assert stop_receiver(node) == 0, node.stderr_tail()
-        assert stop_receiver(relay) == 0, relay.stderr_tail()
+def home(smollm2_path, cfg, tmp_path_factory):
+    with _world(random_ports=False) as w:
+        s = Setup(w, smollm2_path, cfg, tmp_path_factory.mktemp("nat"))
+        yield s
+        s.close()
 
 
-def test_a_node_behind_nat_is_reached_through_the_relay_and_only_that_way(behind_nat, world, cfg, smollm2_path):
-    relay, node, relay_addr, tmp = behind_nat
-    direct, circuit = node.ready["addrs"]
-    assert circuit == f"{relay_addr}/p2p-circuit/p2p/{node.ready['peer_id']}"
-    ev = relay.next_event(timeout=30)
-    assert ev == {"event": "reservation", "peer": node.ready["peer_id"], "ok": True}
-    env = {"EDGELINK_P2P_IDENTITY_KEY": str(tmp / "client.key"), "EDGELINK_P2P_CONNECT_TIMEOUT_S": "3"}
+def test_a_node_behind_nat_is_reached_through_the_relay_and_only_that_way(home):
+    assert home.circuit == f"{home.relay_addr}/p2p-circuit/p2p/{home.node.ready['peer_id']}"
     # the node's own address is private: from the other LAN nothing leads there
-    out = _cli(world.home[1], cfg, env, "handoff", str(smollm2_path), "--to", direct, "-p", PROMPT, "-n", "8",
-               "--token", TOKEN)
-    assert out.returncode == 7, out.stderr  # a transport error
-    # through the relay: exact, and the report says which path carried it
-    out = _cli(world.home[1], cfg, env, "handoff", str(smollm2_path), "--to", circuit, "-p", PROMPT, "-n", "16",
-               "--verify", "--token", TOKEN, "--json")
-    assert out.returncode == 0, out.stderr
-    g = json.loads(out.stdout)
+    out = home.client("handoff", str(home.model), "--to", home.direct, "-p", PROMPT, "-n", "8")
+    assert out.returncode == 7, out.stderr  # a transport error, in one line
+    g = home.handoff(punch=False)
     assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "relayed"
-    session = node.next_event(timeout=30)
+    session = home.node.next_event(timeout=30)
     assert session["applied"] == 1 and session["generated"] == 16, session
-    circuit_ev = relay.next_event(timeout=30)
-    assert circuit_ev["event"] == "circuit" and circuit_ev["bytes"] > g["bytes"]["wire"], circuit_ev
-    assert node.ready["peer_id"] in circuit_ev["peers"]
+    circuit = home.relay.next_event(timeout=30)  # the client exited: its circuit ended
+    assert circuit["event"] == "circuit" and home.node.ready["peer_id"] in circuit["peers"]
+    assert circuit["bytes"] > g["bytes"]["wire"], circuit  # the state itself went through the relay
+
+
+def test_hole_punching_takes_the_state_direct_and_the_relay_carries_only_the_handshakes(home):
+    g = home.handoff()
+    assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "direct"
+    assert home.node.next_event(timeout=30)["applied"] == 1
+    circuit = home.relay.next_event(timeout=60)
+    assert circuit["event"] == "circuit"
+    # libp2p's and DCUtR's handshakes only: the 450 KB state and the link probe went direct
+    assert circuit["bytes"] < g["bytes"]["wire"] / 10, (circuit, g["bytes"])
+
+
+def test_a_relay_that_dies_mid_transfer_costs_a_typed_error_and_the_node_reserves_again(home):
+    port = home.relay_addr.split("/tcp/")[1].split("/")[0]
+    shape_iface(home.world.public, "wan", 20)  # ~24 MB of raw KV state: ten seconds through the relay
+    try:
+        long_prompt = " ".join([PROMPT] * 80)  # about a thousand tokens
+        base = tx_bytes(home.world.public, "wan")
+        proc = home.client("handoff", str(home.model), "--to", home.circuit, "-p", long_prompt, "-n", "4",
+                           "--wire", "raw", punch=False, wait=False)
+        deadline = time.monotonic() + 120
+        while tx_bytes(home.world.public, "wan") - base < 4_000_000:  # the state is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        home.relay.send_signal(signal.SIGKILL)
+        home.relay.wait(10)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 7, err  # a transport error, not a crash or a hang
+        session = home.node.next_event(timeout=60)
+        assert session["applied"] == 0 and session["ended_by"] != "close", session  # nothing half-applied
+    finally:
+        subprocess.run([*home.world.public.wrapper, "tc", "qdisc", "del", "dev", "wan", "root"], capture_output=True)
+    home.relay = home.start_relay(port)  # the same relay, back at the same address
+    ev = home.relay.next_event(timeout=60)
+    assert ev == {"event": "reservation", "peer": home.node.ready["peer_id"], "ok": True}
+    g = home.handoff(punch=False)
+    assert g["extra"]["matches_local"] is True
+
+
+def test_a_nat_that_randomizes_ports_defeats_hole_punching_and_the_relayed_path_still_works(smollm2_path, cfg,
+                                                                                            tmp_path):
+    with _world(random_ports=True) as w:
+        s = Setup(w, smollm2_path, cfg, tmp_path)
+        try:
+            g = s.handoff()
+            assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "relayed"
+        finally:
+            s.close()

@@ -43,6 +43,25 @@ def shape(host: RemoteHost, mbit: float) -> None:
              "burst", "64kb", "latency", "200ms")
 
 
+def shape_iface(host, iface: str, mbit: float) -> None:
+    """What leaves ``iface`` in ``host``'s namespace at ``mbit`` Mbit/s (tc tbf)."""
+    subprocess.run([*host.wrapper, "tc", "qdisc", "del", "dev", iface, "root"], capture_output=True)
+    _run(*host.wrapper, "tc", "qdisc", "add", "dev", iface, "root", "tbf", "rate", f"{mbit}mbit",
+         "burst", "64kb", "latency", "200ms")
+
+
+def tx_bytes(host, iface: str) -> int:
+    """Bytes ``iface`` in ``host``'s namespace has sent."""
+    # /proc/net/dev is the reading process's namespace's (/sys/class/net is the mount's)
+    out = subprocess.run([*host.wrapper, "cat", "/proc/net/dev"], capture_output=True, text=True,
+                         timeout=10, check=True)
+    for line in out.stdout.splitlines():
+        name, sep, counters = line.partition(":")
+        if sep and name.strip() == iface:
+            return int(counters.split()[8])
+    raise RuntimeError(f"no interface {iface} in that namespace")
+
+
 def _free_subnet() -> int:
     """A 10.X.0.0/30 that no interface here uses yet (several hosts may be up at once)."""
     used = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
@@ -155,8 +174,8 @@ def ensure_nft() -> str | None:
 def nat_world(*, random_ports: bool = False) -> Iterator[NatWorld]:
     """A public Ethernet segment 10.X.0.0/24 (the public host at .1, routers at .11 and .12)
     and two private LANs 10.X.1.0/24 and 10.X.2.0/24, each with one host (.2) behind a router
-    (.1) that masquerades what leaves for the public side and drops what arrives from it
-    unasked, as a home router does. No route leads from the public side into a LAN.
+    (.1) that masquerades what leaves for the public side and silently drops what arrives
+    from it unasked (forwarded or for itself), as a home router does. No route leads from the public side into a LAN.
     ``random_ports``: the routers pick a random source port for every connection (nftables
     ``fully-random``), the NAT that defeats hole punching."""
     if ensure_nft() is None:
@@ -203,7 +222,12 @@ def nat_world(*, random_ports: bool = False) -> Iterator[NatWorld]:
                 "table ip nat {", "  chain outward {", "    type nat hook postrouting priority 100;",
                 f'    oifname "wan" {nat}', "  }", "}",
                 "table ip filter {", "  chain through {", "    type filter hook forward priority 0; policy drop;",
-                "    ct state established,related accept", '    iifname "lan" accept', "  }", "}", ""])
+                "    ct state established,related accept", '    iifname "lan" accept', "  }",
+                # what reaches the router itself from outside unasked is dropped, not refused
+                # (no RST), as a home router's firewall does: hole punching depends on it
+                "  chain inbound {", "    type filter hook input priority 0; policy accept;",
+                '    iifname "wan" ct state established,related accept', '    iifname "wan" drop', "  }",
+                "}", ""])
             r_nft = subprocess.run([*r.wrapper, "nft", "-f", "-"], input=rules, capture_output=True, text=True,
                                    timeout=30)
             if r_nft.returncode != 0:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from edgelink.errors import TransportError, Unreachable
+from edgelink.errors import ConfigError, TransportError, Unreachable
 
 if TYPE_CHECKING:
     from edgelink.transport.p2p import P2PHost
@@ -64,6 +64,7 @@ class Circuits:
         self._p2p = host
         self._proto = None
         self._transport = None
+        self._dcutr = None
         self.reserved: dict[str, str] = {}  # relay address -> our circuit address through it
 
     async def start(self) -> None:
@@ -103,6 +104,8 @@ class Circuits:
         from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
 
         await self.start()
+        if self._p2p.cfg.p2p.hole_punch not in ("on", "off"):
+            raise ConfigError(f"p2p.hole_punch is {self._p2p.cfg.p2p.hole_punch!r}: on or off")
         host = self._p2p.libp2p_host
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(relay_addr))
@@ -124,9 +127,37 @@ class Circuits:
             raise TransportError(f"the relay at {relay_addr} refused a reservation (it holds its maximum, "
                                  "relay.max_reservations, or this peer is not on its relay.allow_peers)")
         addr = circuit_addr(relay_addr, self._p2p.peer_id)
-        self.reserved[relay_addr] = addr
+        if self._p2p.cfg.p2p.hole_punch == "on":
+            await self.hole_puncher()  # answer the clients that try to go direct
         log.info("reserved a slot on %s; reachable at %s", relay_addr, addr)
+        if relay_addr not in self.reserved:
+            self._p2p.nursery.start_soon(self._keep, relay_addr, info.peer_id)
+        self.reserved[relay_addr] = addr
         return addr
+
+    async def _keep(self, relay_addr: str, relay_id) -> None:
+        """A reservation lasts as long as the connection to the relay: when that is gone (the
+        relay restarted, the network changed), reserve again, every ``p2p.reserve_retry_s``
+        until it works. (py-libp2p refreshes a live reservation before it expires itself.)"""
+        import trio
+
+        every = max(0.5, self._p2p.cfg.p2p.reserve_retry_s)
+        lost = False
+        while True:
+            await trio.sleep(every)
+            if self._p2p.libp2p_host.get_network().get_connections(relay_id):
+                continue
+            if not lost:
+                log.warning("lost the connection to the relay at %s; reserving again every %g s "
+                            "(p2p.reserve_retry_s)", relay_addr, every)
+                lost = True
+            try:
+                with trio.fail_after(self._p2p.cfg.p2p.connect_timeout_s):
+                    await self.reserve(relay_addr)
+                log.warning("reserved again on %s", relay_addr)
+                lost = False
+            except Exception as exc:  # noqa: BLE001 - keep trying: the relay may come back
+                log.info("reservation on %s failed again: %s", relay_addr, exc)
 
     async def dial(self, addr: str) -> None:
         """A relayed connection to the peer named at the end of circuit address ``addr``."""
@@ -134,4 +165,42 @@ class Circuits:
 
         await self.start()
         split_circuit(addr)
+        if self._p2p.cfg.p2p.hole_punch == "on":
+            # listen first: the relay's identify then tells us the address our NAT maps that
+            # port to, which is what the peer must dial back (a port opened later is unknown)
+            await self.hole_puncher()
         await self._transport.dial(multiaddr.Multiaddr(addr))
+
+    async def go_direct(self, peer_id) -> bool:
+        """With ``p2p.hole_punch = on``: try DCUtR to add a direct connection to ``peer_id``
+        (reached through a relay), for at most ``p2p.connect_timeout_s``; new streams then take
+        it. Whether there is one now."""
+        import trio
+
+        if self._p2p.cfg.p2p.hole_punch != "on":
+            return False
+        dcutr = await self.hole_puncher()
+        with trio.move_on_after(self._p2p.cfg.p2p.connect_timeout_s):
+            if await dcutr.initiate_hole_punch(peer_id):
+                log.info("hole punched to %s: the session goes direct", peer_id)
+                return True
+        log.info("no direct connection to %s (hole punching failed or timed out): the session stays relayed",
+                 peer_id)
+        return False
+
+    async def hole_puncher(self):
+        """This host's DCUtR service (started once). Hole punching dials from a listen port, so
+        a host that listens on none (a client) first listens on an ephemeral TCP port."""
+        if self._dcutr is None:
+            import multiaddr
+            from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+            from edgelink.transport.p2p import _run_service
+
+            host = self._p2p.libp2p_host
+            if not any("/tcp/" in str(a) and CIRCUIT not in str(a) for a in host.get_addrs()):
+                await host.get_network().listen(multiaddr.Multiaddr(self._p2p.cfg.p2p.punch_listen))
+            dcutr = DCUtRProtocol(host, dial_timeout=max(1, int(self._p2p.cfg.p2p.connect_timeout_s)))
+            await self._p2p.nursery.start(_run_service, dcutr)
+            self._dcutr = dcutr
+        return self._dcutr

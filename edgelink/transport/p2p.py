@@ -998,6 +998,9 @@ class P2PHost:
                 with contextlib.suppress(Exception):
                     self._host.get_network().unblock_peer(info.peer_id)
                 await connect()
+            if relayed and not self._live_channels_to(info.peer_id.to_base58()):
+                await self.circuits.go_direct(info.peer_id)  # its own time, not the dial's
+            with trio.fail_after(limit):
                 try:
                     stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 except Exception as exc:  # noqa: BLE001
