@@ -5,7 +5,7 @@ Without models: five DHT members on loopback and a client; records route, the de
 announced key is found by a binary search, a node's allowlist guards its DHT protocol, and a
 provider record's addresses are checked before anything dials them.
 
-With real nodes: four network namespaces on one Ethernet segment (tools/netns.lan). Three
+With real nodes: four network namespaces on one Ethernet segment (edgelink/bench/netns.lan). Three
 `edgelink node --dht` processes (a bootstrap node, one holding a document's chunks, one
 holding nothing) and an asker that knows only the bootstrap node: `generate --cache-from dht`
 finds the holder through the DHT, fetches the chunks over the encrypted session, and continues
@@ -93,8 +93,8 @@ def _event(proc, name: str, pred=lambda ev: True) -> dict:
 
 
 def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2_path, cfg, tmp_path):
+    from edgelink.bench.netns import lan
     from edgelink.roles.launcher import start_node, stop_receiver
-    from tools.netns import lan
 
     chunk = 64
     # wire.prefill_tps set: the nodes skip measuring their prefill speed at start

@@ -1,6 +1,6 @@
 """Peers behind NAT (docs/nat.md): two home networks, each behind a router namespace that
 masquerades with nftables and silently drops what arrives unasked, and a relay on the public
-segment between them (tools/netns.nat_world). A node on one LAN reserves a slot on the relay;
+segment between them (edgelink/bench/netns.nat_world). A node on one LAN reserves a slot on the relay;
 a client on the other reaches it only through the relay, exactly; DCUtR then takes the state
 direct where the NATs keep ports, and the relayed path carries it where they do not; a relay
 that dies mid-transfer costs a typed error, nothing applied, and the node reserves again."""
@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from edgelink.bench.netns import nat_world, shape_iface, tx_bytes
 from edgelink.roles.launcher import start_node, start_relay, stop_receiver
-from tools.netns import nat_world, shape_iface, tx_bytes
 
 PROMPT = "The old lighthouse keeper climbed the stairs every evening, and"
 TOKEN = "nat-token"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from edgelink import api
+from edgelink.bench.netns import remote_host
 from edgelink.roles.launcher import start_node, stop_receiver
-from tools.netns import remote_host
 
 
 @pytest.fixture(scope="module")

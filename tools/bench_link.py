@@ -30,6 +30,7 @@ import time
 
 from edgelink.api import connect
 from edgelink.bench import context_tokens
+from edgelink.bench.netns import remote_host, shape
 from edgelink.config import load_config
 from edgelink.models.resolve import resolve_model
 from edgelink.models.signature import model_signature
@@ -37,7 +38,6 @@ from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
-from tools.netns import remote_host, shape
 
 # label -> config overrides for the sender ("text" is re-prefilling on the receiver)
 OPTIONS: dict[str, dict] = {

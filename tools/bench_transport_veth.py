@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgelink.bench.netns import remote_host  # noqa: E402
 from edgelink.bench.transport import format_transport_table, run_transport_bench  # noqa: E402
 from edgelink.config import load_config  # noqa: E402
-from tools.netns import remote_host  # noqa: E402
 
 
 def main() -> None:

@@ -317,8 +317,9 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
     n = Node(path, cfg, listen=listen, on_event=on_session, bridge=br)
     try:
         if on_ready:
+            relayed = {"circuit_addrs": n.circuit_addrs, "reserve_s": round(n.reserve_s, 4)} if n.circuit_addrs else {}
             on_ready({"event": "ready", "peer_id": n.identity.peer_id_str, "addrs": n.addrs,
-                      **n.memory_facts()})
+                      **relayed, **n.memory_facts()})
         n.run()
     except BaseException:
         n.shutdown()

@@ -823,6 +823,26 @@ def bench_threads(obj: _Ctx, model: str | None, settings: str, prompt_tokens: in
     _emit(as_json, report, format_threads_table(report))
 
 
+@bench.command("nat")
+@click.argument("model", required=False)
+@click.option("--prompt-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Tokens the handoff prefills.")
+@click.option("--mbit", type=click.FloatRange(0.1), default=100, show_default=True,
+              help="Rate of every public link (the relay's and each router's).")
+@click.option("--repeats", type=int, default=None, help="Rounds [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_nat(obj: _Ctx, model: str | None, prompt_tokens: int, mbit: float, repeats: int | None,
+              as_json: bool) -> None:
+    """A handoff to a node behind NAT: direct, relayed, hole-punched (network namespaces; root)."""
+    from edgelink.bench.nat import format_nat_table, run_nat_bench
+
+    cfg = obj.cfg()
+    report = run_nat_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, mbit, repeats,
+                           log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_nat_table(report))
+
+
 @bench.command("http")
 @click.argument("model", required=False)
 @click.option("--prompt-tokens", type=int, default=2000, show_default=True, help="Tokens of the shared system prompt.")

@@ -245,9 +245,11 @@ class Node:
                             on_channel=self._session, admit=self._admit)
         # Behind NAT: a slot on each relay (p2p.relays, `--via`), and the circuit address it gives
         self.circuit_addrs: list[str] = []
+        t0 = time.perf_counter()
         try:
             for relay in config_list(cfg.p2p.relays):
                 self.circuit_addrs.append(self.host.reserve(relay))
+            self.reserve_s = time.perf_counter() - t0  # to a reachable circuit address, all relays
         except BaseException:
             self.host.close()
             for rt in self._runtimes:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from edgelink.errors import ConfigError, TransportError, Unreachable
+from edgelink.errors import ConfigError, TransportError
 
 if TYPE_CHECKING:
     from edgelink.transport.p2p import P2PHost
@@ -55,6 +55,20 @@ def is_relayed(muxed_conn: Any) -> bool:
     return False
 
 
+async def run_service(service, *, task_status=None) -> None:
+    """Run a py-libp2p ``Service`` until cancelled; started once its handlers are set."""
+    import trio
+    from libp2p.tools.anyio_service import background_trio_service
+
+    async with background_trio_service(service):
+        started = getattr(service, "event_started", None)
+        if started is not None:
+            await started.wait()
+        if task_status is not None:
+            task_status.started()
+        await trio.sleep_forever()
+
+
 class Circuits:
     """Circuit relay v2 for one ``P2PHost``: its STOP handler (a relayed connection may arrive),
     its reservations on relays, and dials through relays. Everything here runs in the host's
@@ -71,7 +85,6 @@ class Circuits:
         """Register the STOP handler and make the transport (once)."""
         if self._transport is not None:
             return
-        import trio
         from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
         from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
         from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -83,18 +96,7 @@ class Circuits:
         self._reserver = CircuitV2Transport(host, proto, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT))
         self._transport = CircuitV2Transport(host, proto, RelayConfig(roles=RelayRole.STOP))
         self._proto = proto
-        started = trio.Event()
-
-        async def run() -> None:
-            from libp2p.tools.anyio_service import background_trio_service
-
-            async with background_trio_service(proto):
-                await proto.event_started.wait()
-                started.set()
-                await trio.sleep_forever()
-
-        self._p2p.nursery.start_soon(run)
-        await started.wait()
+        await self._p2p.nursery.start(run_service, proto)
 
     async def reserve(self, relay_addr: str) -> str:
         """Connect to the relay at ``relay_addr``, reserve a slot (refreshed before it expires,
@@ -111,13 +113,8 @@ class Circuits:
             info = info_from_p2p_addr(multiaddr.Multiaddr(relay_addr))
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"relay address {relay_addr!r} is not /ip4/H/tcp/P/p2p/ID: {exc}") from None
-        from edgelink.transport.p2p import dial_failure
-
-        try:
-            await host.connect(info)
-            stream = await host.new_stream(info.peer_id, [HOP_ID])
-        except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
-            raise Unreachable(f"relay: {dial_failure(relay_addr, exc)}") from None
+        await host.connect(info)  # a failure is P2PHost.reserve's to word
+        stream = await host.new_stream(info.peer_id, [HOP_ID])
         try:
             ok = await self._reserver.reserve(stream, info.peer_id, self._p2p.nursery)
         finally:
@@ -195,12 +192,10 @@ class Circuits:
             import multiaddr
             from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
-            from edgelink.transport.p2p import _run_service
-
             host = self._p2p.libp2p_host
             if not any("/tcp/" in str(a) and CIRCUIT not in str(a) for a in host.get_addrs()):
                 await host.get_network().listen(multiaddr.Multiaddr(self._p2p.cfg.p2p.punch_listen))
             dcutr = DCUtRProtocol(host, dial_timeout=max(1, int(self._p2p.cfg.p2p.connect_timeout_s)))
-            await self._p2p.nursery.start(_run_service, dcutr)
+            await self._p2p.nursery.start(run_service, dcutr)
             self._dcutr = dcutr
         return self._dcutr

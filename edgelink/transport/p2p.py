@@ -56,7 +56,7 @@ from edgelink.errors import (
 )
 from edgelink.net.crypto import e2e
 from edgelink.net.identity import Identity
-from edgelink.transport.circuit import Circuits, is_circuit, is_relayed, split_circuit
+from edgelink.transport.circuit import Circuits, is_circuit, is_relayed, run_service, split_circuit
 from edgelink.transport.framing import (
     FrameSink,
     RecvBuffer,
@@ -686,20 +686,6 @@ def _refused_in_negotiation(exc: BaseException) -> bool:
     return False
 
 
-async def _run_service(service, *, task_status=None) -> None:
-    """Run a py-libp2p ``Service`` until cancelled; started once its handlers are set."""
-    import trio
-    from libp2p.tools.anyio_service import background_trio_service
-
-    async with background_trio_service(service):
-        started = getattr(service, "event_started", None)
-        if started is not None:
-            await started.wait()
-        if task_status is not None:
-            task_status.started()
-        await trio.sleep_forever()
-
-
 class P2PHost:
     """A libp2p host (Noise only, yamux only) whose trio loop runs in a background thread.
 
@@ -790,9 +776,17 @@ class P2PHost:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for make in self._services:
-                    await nursery.start(_run_service, make(host))
+                    await nursery.start(run_service, make(host))
                 self._ready.set()
                 await self._stop.wait()
+                # Close every connection before the loop stops: py-libp2p leaves their sockets
+                # open otherwise (until the process exits), so a peer, or a relay holding a
+                # circuit for us, would not learn that we left.
+                with trio.move_on_after(2), contextlib.suppress(Exception):
+                    network = host.get_network()
+                    for peer in list(network.connections):
+                        with contextlib.suppress(Exception):
+                            await network.close_peer(peer)
                 nursery.cancel_scope.cancel()
 
     async def _handle_stream(self, stream) -> None:
@@ -907,12 +901,16 @@ class P2PHost:
             with trio.fail_after(limit):
                 return await self.circuits.reserve(relay_addr)
 
+        import trio
+
         try:
             return self._call(go)
         except EdgelinkError:
             raise
-        except Exception as exc:  # noqa: BLE001 - trio.TooSlowError and libp2p's own
-            raise Unreachable(f"no reservation on the relay at {relay_addr} within {limit} s: {exc}") from None
+        except trio.TooSlowError:
+            raise TransportTimeout(f"no reservation on the relay at {relay_addr} within {limit} s") from None
+        except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
+            raise Unreachable(f"relay: {dial_failure(relay_addr, exc)}") from None
 
     @property
     def peer_id(self) -> str:
