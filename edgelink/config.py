@@ -188,6 +188,9 @@ class HttpConfig:
     max_body_bytes: int
     max_tokens: int
     model_name: str
+    prefill_peer: str
+    prefill_token: str
+    prefill_min_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)

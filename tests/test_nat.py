@@ -7,6 +7,7 @@ that dies mid-transfer costs a typed error, nothing applied, and the node reserv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,18 +17,19 @@ import time
 
 import pytest
 
-from edgelink.bench.netns import nat_world, shape_iface, tx_bytes
+from edgelink.bench.netns import ensure_nft, nat_world, shape_iface, tx_bytes
 from edgelink.roles.launcher import start_node, start_relay, stop_receiver
 
 PROMPT = "The old lighthouse keeper climbed the stairs every evening, and"
 TOKEN = "nat-token"
 
 
+@contextlib.contextmanager
 def _world(random_ports: bool):
-    try:
-        return nat_world(random_ports=random_ports)
-    except RuntimeError as exc:  # pragma: no cover - a kernel without NAT
-        pytest.skip(f"no NAT here: {exc}")
+    if ensure_nft() is None:  # pragma: no cover - a machine without nftables or a mirror
+        pytest.skip("nft (Debian's nftables) is missing and apt-get could not install it")
+    with nat_world(random_ports=random_ports) as w:
+        yield w
 
 
 def _cli(host, cfg, env, *args: str, wait: bool = True, timeout: float = 240):

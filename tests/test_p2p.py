@@ -773,7 +773,7 @@ def test_clients_past_the_maximum_are_refused_busy(node, sender_rt):
         for s in held:
             s.close()
     events = [node.event(), node.event()]
-    assert all(e["ended_by"] == "close" for e in events)
+    assert all(e["ended_by"] == "close" for e in events), (events, node.proc.stderr_tail(3000))
     assert _digest(node, sender_rt)  # a slot is free again
 
 

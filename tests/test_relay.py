@@ -72,7 +72,7 @@ def test_circuits_release_their_slots_and_carry_bytes_both_ways(relayed, tmp_pat
         finally:
             for h in clients:
                 h.close()
-        _wait_for(lambda: sum(e["event"] == "circuit" for e in events) == 2 * (rnd + 1), events)
+        _wait_for(lambda n=2 * (rnd + 1): sum(e["event"] == "circuit" for e in events) == n, events)
     circuits = [e for e in events if e["event"] == "circuit"]
     assert all(e["bytes"] > 2 << 20 and node.peer_id in e["peers"] for e in circuits), circuits
     assert relay.totals["circuits"] == 4 and relay.totals["reservations"] == 1

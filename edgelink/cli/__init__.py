@@ -797,6 +797,27 @@ def bench_buffers(obj: _Ctx, model: str | None, prompt_tokens: int, n_tokens: in
     _emit(as_json, report, format_buffers_table(report))
 
 
+@bench.command("remote-prefill")
+@click.argument("model", required=False)
+@click.option("--prompt-tokens", type=click.IntRange(64), default=2000, show_default=True,
+              help="Tokens of each prompt (a new one each round: nothing cached).")
+@click.option("--mbit", type=click.FloatRange(0.1), default=100, show_default=True, help="The link's rate.")
+@click.option("--laptop-cores", type=click.FloatRange(0.01), default=0.25, show_default=True,
+              help="CPU the laptop (the HTTP engine) may use, in cores (a cgroup quota).")
+@click.option("--repeats", type=int, default=None, help="Rounds [config: bench.repeats].")
+@json_option
+@click.pass_obj
+def bench_remote_prefill(obj: _Ctx, model: str | None, prompt_tokens: int, mbit: float, laptop_cores: float,
+                         repeats: int | None, as_json: bool) -> None:
+    """A slow laptop's HTTP engine with and without a desktop's remote prefill (namespaces, cgroup; root)."""
+    from edgelink.bench.remote_prefill import format_remote_prefill_table, run_remote_prefill_bench
+
+    cfg = obj.cfg()
+    report = run_remote_prefill_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, mbit, laptop_cores,
+                                      repeats, log=None if as_json else lambda s: click.echo(s, err=True))
+    _emit(as_json, report, format_remote_prefill_table(report))
+
+
 @bench.command("threads")
 @click.argument("model", required=False)
 @click.option("--settings", default="0,1,2", show_default=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from edgelink.config import Config
 from edgelink.errors import ConfigError, EdgelinkError, StateError
+
+log = logging.getLogger(__name__)
 
 
 class Busy(EdgelinkError):
@@ -59,6 +62,7 @@ class Outcome:
     decode_s: float = 0.0
     cached_from: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks per tier
     fetched_chunks: int = 0  # chunks fetched from cache.peers for this request
+    prefilled_by: str = "here"  # or http.prefill_peer's address (remote prefill)
 
 
 def derived_parallel(cfg: Config) -> int:
@@ -103,6 +107,12 @@ class Engine:
             self.template: ChatTemplate | None = ChatTemplate(first.runtime)
         except ConfigError:
             self.template = None  # /v1/chat/completions then says why
+        if cfg.http.prefill_peer and first.runtime.prefill_tps <= 0:
+            from edgelink.roles.receiver import calibrate_prefill
+
+            calibrate_prefill(first.runtime)  # remote prefill is chosen against this speed
+            for m in self._models[1:]:
+                m.runtime.prefill_tps = first.runtime.prefill_tps
         self._free: queue.Queue = queue.Queue()
         for m in self._models:
             self._free.put(m)
@@ -112,6 +122,7 @@ class Engine:
 
     def close(self) -> None:
         for m in self._models:
+            self._forget_peer(m)
             m.close()
         self._models = []
 
@@ -199,15 +210,87 @@ class Engine:
 
     def _prefilled(self, m, tokens: list[int]) -> Outcome:
         """``m`` holding ``tokens``: its own whole chunks kept, lacking chunks fetched from
-        ``cache.peers``, the rest through the prefix cache."""
+        ``cache.peers``, the rest through the prefix cache, or, sooner by the plan, prefilled
+        on ``http.prefill_peer`` (``_remote_prefill``)."""
         t0 = time.perf_counter()
         keep = self._reusable(m, tokens)
         fetched = self._fetch(m, tokens, keep)
+        if self._remote_prefill(m, tokens, keep):
+            m.prompt = None  # not cells of a prefill here: the next request does not reuse them
+            return Outcome(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0, fetched_chunks=fetched,
+                           prefilled_by=self.cfg.http.prefill_peer)
         with m.step() as rt:
             hit = self.cache.prefill(rt, m.signature, tokens, keep=keep)
         m.prompt = list(tokens)
         return Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
                        prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers), fetched_chunks=fetched)
+
+    def _remote_prefill(self, m, tokens: list[int], keep: int) -> bool:
+        """Prefill ``tokens`` on ``http.prefill_peer`` and import its cells into ``m``, when the
+        plan says that reaches the first token sooner than prefilling what this cache lacks
+        here: the peer's announced prefill speed, this context's measured one, and the link
+        as the session measures it (round trip and rate). The cells arrive as a verified
+        KV_CACHE_DELTA from position 0, so the continuation is the one a prefill here gives.
+        Any failure of the peer falls back to the local prefill (and a new session next time)."""
+        from edgelink.runtime.llama import BATCHED_MIN
+
+        where = self.cfg.http.prefill_peer
+        if not where:
+            return False
+        chunk = self.cache.chunk
+        keys = self.cache.keys(m.signature, tokens)[:(len(tokens) - 1) // chunk]
+        uncached = len(tokens) - max(keep, self.cache.held(keys) * chunk)
+        if uncached < max(self.cfg.http.prefill_min_tokens, 2 * BATCHED_MIN):
+            return False
+        from edgelink.runtime.sizing import snapshot_bytes
+
+        try:
+            peer = self._peer(m)
+            link = peer.sender.measure_link()
+            theirs = peer.sender.session.peer.prefill_tps if peer.sender.session.peer else 0.0
+            ours = m.runtime.prefill_tps
+            if link is None or theirs <= 0:
+                return False
+            remote_s = link.rtt_s + len(tokens) / theirs + snapshot_bytes(m.runtime, len(tokens)) / link.bytes_per_s
+            local_s = uncached / ours if ours > 0 else float("inf")
+            log.info("prefill of %d tokens (%d uncached): here %.2f s, on %s %.2f s predicted", len(tokens),
+                     uncached, local_s, where, remote_s)
+            if remote_s >= local_s:
+                return False
+            # The peer prefills the whole prompt; the first BATCHED_MIN tokens are prefilled here
+            # too (a delta extends a sequence; both sides decode them in one batch of 64+, so
+            # their cells agree bit for bit, as a split handoff's do), and the rest comes back
+            # as a delta from there, verified before it is imported.
+            peer.request("prefill", tokens=list(tokens), replace=True)
+            with m.step() as rt:
+                rt.clear()
+                rt.prefill(tokens[:BATCHED_MIN])
+                peer.sender.pull_delta(rt, BATCHED_MIN)
+            return True
+        except EdgelinkError as exc:
+            log.warning("remote prefill on %s failed (%s); prefilling here", where, exc)
+            self._forget_peer(m)
+            with m.step() as rt:
+                rt.clear()
+            m.prompt = None
+            return False
+
+    def _peer(self, m):
+        """This context's session with ``http.prefill_peer`` (opened once, kept)."""
+        peer = getattr(m, "prefill_session", None)
+        if peer is None:
+            peer = m.prefill_session = m.connect(self.cfg.http.prefill_peer, token=self.cfg.http.prefill_token or None)
+        return peer
+
+    @staticmethod
+    def _forget_peer(m) -> None:
+        peer = getattr(m, "prefill_session", None)
+        m.prefill_session = None
+        if peer is not None:
+            try:
+                peer.close()
+            except EdgelinkError:
+                pass
 
     def _restored(self, m, state: bytes) -> Outcome:
         """``m`` holding a state another process handed over (an edgelink message file's bytes),

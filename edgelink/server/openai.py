@@ -161,7 +161,10 @@ def new_id(chat: bool) -> str:
 def usage(out: Outcome) -> dict[str, Any]:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "total_tokens": out.prompt_tokens + out.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+            # ours, beside OpenAI's fields (clients keep unknown fields): where the prompt was
+            # prefilled (here, or http.prefill_peer's address) and how long that took
+            "edgelink": {"prefilled_by": out.prefilled_by, "prefill_s": round(out.prefill_s, 4)}}
 
 
 def finish(out: Outcome) -> str:

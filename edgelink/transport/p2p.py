@@ -686,6 +686,22 @@ def _refused_in_negotiation(exc: BaseException) -> bool:
     return False
 
 
+def _no_auto_dial(host) -> None:
+    """Stop py-libp2p 0.8.1's AutoConnector, which every host runs: below 50 connections it
+    dials every peer its peerstore has heard of ("initiating 200 new dials") every 10 s. An
+    edgelink host dials only the peers it is asked to (a client that contacts peers on its own
+    tells them it exists, and a node must not go looking for its clients)."""
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is None:
+        return
+
+    async def nothing(*_args, **_kwargs) -> None:
+        return None
+
+    connector.maybe_connect = nothing
+    connector.run_background_task = nothing
+
+
 class P2PHost:
     """A libp2p host (Noise only, yamux only) whose trio loop runs in a background thread.
 
@@ -769,6 +785,7 @@ class P2PHost:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         host, addrs = self._make_host()
+        _no_auto_dial(host)
         self._host = host
         if self._on_channel is not None:
             host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
