@@ -108,7 +108,7 @@ def run_remote_prefill_bench(model: str, cfg: Config, prompt_tokens: int = 2000,
                 env = {"EDGELINK_P2P_IDENTITY_KEY": str(t / "laptop.key")}
                 here = _Laptop(path, common, join, env)
                 peer = _Laptop(path, common.replace(http_prefill_peer=addr, http_prefill_token=TOKEN), join, env)
-                say(f"laptop ({laptop_cores:g} core): prefill {here.ready['local_tps']:.0f} tokens/s; "
+                say(f"laptop ({laptop_cores:g} core): prefill {peer.ready['local_tps']:.0f} tokens/s; "
                     f"desktop behind a {mbit:g} Mbit/s link")
                 try:
                     for r, toks in enumerate(prompts):
@@ -128,7 +128,7 @@ def run_remote_prefill_bench(model: str, cfg: Config, prompt_tokens: int = 2000,
     med = {k: statistics.median(x["ttft_s"] for x in v) for k, v in rows.items()}
     return {"model": model, "prompt_tokens": prompt_tokens, "mbit": mbit, "laptop_cores": laptop_cores,
             "repeats": repeats, "cpu": platform.processor() or platform.machine(),
-            "local_prefill_tps": round(here.ready["local_tps"], 1),
+            "local_prefill_tps": round(peer.ready["local_tps"], 1),  # the engine with a peer measures it
             "ttft_here_s": round(med["here"], 3), "ttft_peer_s": round(med["peer"], 3),
             "speedup": round(med["here"] / med["peer"], 2),
             "chose_peer": sum(x["prefilled_by"] != "here" for x in rows["peer"]), "same_replies": True,
