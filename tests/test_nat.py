@@ -148,3 +148,43 @@ def test_a_nat_that_randomizes_ports_defeats_hole_punching_and_the_relayed_path_
             assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "relayed"
         finally:
             s.close()
+
+
+def test_prefix_cache_chunks_come_from_a_holder_behind_nat_through_its_circuit_address(smollm2_path, cfg, tmp_path):
+    """`--cache-from` a node's circuit address: an asker on another private network fetches a
+    prompt's chunks from a holder behind NAT through the relay, verified, and continues exactly."""
+    import edgelink
+    from edgelink.bench import context_tokens
+    from edgelink.cache.prefix import PrefixCache
+
+    chunk = 64
+    base = cfg.replace(cache_chunk_tokens=chunk, wire_prefill_tps=500.0)
+    holder_dir = tmp_path / "holder-kv"
+    with edgelink.load(str(smollm2_path), base.replace(cache_dir=str(holder_dir))) as m:
+        prompt = m.runtime.detokenize(context_tokens(m.runtime, 300))
+        toks = m.tokenize(prompt, add_special=True)
+        PrefixCache(base.replace(cache_dir=str(holder_dir))).prefill(m.runtime, m.signature, toks)
+        cold = m.generate(8, stop_at_eog=False).tokens
+    with _world(random_ports=False) as w:
+        procs = []
+        try:
+            relay = start_relay(base, f"/ip4/{w.public.ip}/tcp/0", wrapper=w.public.wrapper,
+                                extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "relay.key")})
+            procs.append(relay)
+            holder = start_node(str(smollm2_path), base.replace(cache_dir=str(holder_dir)),
+                                listen=f"/ip4/{w.home[0].ip}/tcp/0", wrapper=w.home[0].wrapper,
+                                extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "holder.key")},
+                                node_args=("--open", "--via", relay.ready["addrs"][0]))
+            procs.append(holder)
+            circuit = holder.ready["addrs"][1]
+            asker = base.replace(cache_dir=str(tmp_path / "asker-kv"), p2p_identity_key=tmp_path / "a.key")
+            out = _cli(w.home[1], asker, {}, "generate", str(smollm2_path), "-p", prompt, "-n", "8",
+                       "--cache-from", circuit, "--json")
+            assert out.returncode == 0, out.stderr[-3000:]
+            g = json.loads(out.stdout)
+            fetch = g["extra"]["cache"]["fetch"]
+            assert fetch["chunks"] == 4 and fetch["sources"] == [circuit] and not fetch["errors"], fetch
+            assert g["extra"]["cache"]["hit_tokens"] == 4 * chunk and g["tokens"] == cold
+        finally:
+            for p in reversed(procs):
+                stop_receiver(p)
