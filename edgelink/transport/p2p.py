@@ -991,6 +991,14 @@ class P2PHost:
             except Exception as again:  # noqa: BLE001
                 if _refused_in_negotiation(again):
                     raise PeerGone(self._refused(addr, again)) from None
+                if live and "No valid connections" in str(again):
+                    # the sessions we counted had not yet noticed that their connection died:
+                    # there is nothing left to cut, so dial afresh
+                    log.info("p2p: the connection to %s is gone; redialling", info.peer_id)
+                    with contextlib.suppress(Exception):
+                        await self._host.get_network().close_peer(info.peer_id)
+                    await connect()
+                    return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
                 if live:
                     raise PeerGone(f"{addr} did not open another stream beside this process's {live} "
                                    f"live session(s) with it: {again}") from None
