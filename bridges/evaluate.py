@@ -86,11 +86,11 @@ from edgelink.bridge.blas import blas_thread_count, blas_threads
 from edgelink.config import Config, load_config
 from edgelink.kinds.bridged import feed_vectors
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.label_head import LabelHead
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"

@@ -37,8 +37,8 @@ from bridges.tasks import task_prompt
 from bridges.torch_receiver import Receiver
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 TARGET = "gemma3-270m"
 

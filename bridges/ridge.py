@@ -34,10 +34,10 @@ from bridges.tasks import task_prompt
 from edgelink.bridge import export_bridge
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"

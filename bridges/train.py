@@ -40,9 +40,9 @@ from edgelink.bridge import BridgePrompt, export_bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.errors import ModelError
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"

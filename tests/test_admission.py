@@ -138,8 +138,8 @@ def _expected(rt) -> list[int]:
 @pytest.fixture(scope="module")
 def sender_rt(smollm2_path, cfg):
     from edgelink.bench import context_tokens
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     rt = LlamaRuntime(smollm2_path, cfg)
     rt.signature = model_signature(rt, cfg).to_dict()

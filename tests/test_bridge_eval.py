@@ -125,8 +125,8 @@ def _export(path, cfg, seed: int, layer: int = 15, direct: bool = False):
     from bridges.tasks import task_prompt
     from edgelink.bridge import export_bridge
     from edgelink.models.resolve import resolve_model
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     with LlamaRuntime(resolve_model(ev.SOURCE, cfg), cfg) as s, \
             LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
@@ -147,8 +147,8 @@ def _soft_prompt(path, cfg):
     """A stand-in for a trained soft prompt: K real token rows of the receiver."""
     from bridges.soft_prompt import save_soft_prompt
     from edgelink.models.resolve import resolve_model
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     with LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
         rows = t.token_embeddings().rows(t.tokenize(" Honest review", add_special=False)[:K])

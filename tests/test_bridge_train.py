@@ -11,8 +11,8 @@ from bridges.features import split_features
 from bridges.train import TrainSpec, train_bridge
 from edgelink.bridge import load_bridge
 from edgelink.errors import ModelError
-from edgelink.models.signature import model_signature
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 SMOKE = dict(n_train=24, n_dev=12, steps=4, batch=6, eval_every=2, k=4, d_model=64, n_heads=4,
              d_ff=128, n_layers=2, bottleneck=64)

@@ -27,11 +27,11 @@ from edgelink.bridge import export_bridge, load_bridge
 from edgelink.config import to_env
 from edgelink.errors import EdgelinkError, PeerRejected
 from edgelink.kinds.bridged import bridge_claim, source_rows
-from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import Kind
 from edgelink.roles.launcher import start_node, start_receiver, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 TEXT = "A warm, funny and moving film; I loved every minute of it."
 LAYER, K, N = 15, 2, 8

@@ -29,7 +29,7 @@ from edgelink.cache.prefix import PrefixCache
 from edgelink.config import to_env
 from edgelink.errors import ConfigError
 from edgelink.net.dht import CacheDht, Provider, dht_enabled, dialable
-from edgelink.net.identity import load_identity
+from edgelink.transport.identity import load_identity
 from edgelink.transport.p2p import P2PHost
 
 
@@ -198,15 +198,15 @@ def test_a_member_survives_hostile_bytes_on_its_dht_protocol(cfg, tmp_path):
             async def attack(payload=payload):
                 import trio
 
-                await attacker._host.connect(info)
-                stream = await attacker._host.new_stream(info.peer_id, [PROTOCOL_ID])
+                await attacker.libp2p_host.connect(info)
+                stream = await attacker.libp2p_host.new_stream(info.peer_id, [PROTOCOL_ID])
                 await stream.write(payload)
                 with trio.move_on_after(2):
                     await stream.read(1 << 16)  # an answer, a reset or nothing: all fine
                 await stream.close()
 
             try:
-                attacker._call(attack)
+                attacker.call(attack)
             except Exception:  # noqa: BLE001 - the victim may reset the stream: that is the point
                 pass
         # the victim still routes and answers, and stored no record for the forged key

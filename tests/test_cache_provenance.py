@@ -108,9 +108,9 @@ def test_a_salted_domain_is_invisible_to_peers_outside_it(smollm2_path, cfg, tmp
 def test_a_session_leaves_no_hidden_slices_and_no_bytes_in_the_rings(smollm2_path, cfg):
     from edgelink.api.latent import latent_session
     from edgelink.kinds.hidden import capture_slice
-    from edgelink.models.signature import model_signature
     from edgelink.roles.receiver import Receiver
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
     from edgelink.transport.shm import ShmListener
 
     hooked = cfg.replace(runtime_eval_hook="on")

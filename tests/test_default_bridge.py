@@ -15,8 +15,8 @@ from bridges.features import extract
 from bridges.tasks import task_prompt
 from edgelink.bridge import load_bridge
 from edgelink.errors import ModelError
-from edgelink.models.signature import model_signature
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DEFAULT = MODELS / "sentiment-perceiver-k8-l15.json"

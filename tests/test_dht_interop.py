@@ -24,7 +24,7 @@ import blake3
 import pytest
 
 from edgelink.net.dht import CacheDht, Provider, dht_key
-from edgelink.net.identity import load_identity
+from edgelink.transport.identity import load_identity
 from edgelink.transport.p2p import P2PHost
 from tools.interop.js_dht import JsDhtNode, install
 
@@ -70,8 +70,8 @@ def test_a_js_libp2p_node_carries_provider_records_between_py_members(cfg, tmp_p
 
             # without the mapping (the raw digest as the DHT key): the js node refuses it
             raw = digest(5)
-            assert announcer._call(lambda: member._provide(raw))  # py-libp2p counts its own copy
-            assert not [p for p in asker.host._call(lambda: asker._dht.find_providers(raw))
+            assert announcer.call(lambda: member._provide(raw))  # py-libp2p counts its own copy
+            assert not [p for p in asker.host.call(lambda: asker._dht.find_providers(raw))
                         if p.peer_id.to_base58() == announcer.peer_id]
 
             # the other way round: the js node provides a chunk's DHT key, a py member finds it

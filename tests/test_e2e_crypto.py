@@ -7,7 +7,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from edgelink.errors import CryptoError, RecordReplayed
-from edgelink.net.crypto import e2e
+from edgelink.transport import e2e
 
 PARAMS = e2e.Params(window_bytes=1 << 20, rekey_bytes=1 << 30, rekey_s=1e9)
 

@@ -17,7 +17,6 @@ import pytest
 from edgelink.api import connect
 from edgelink.bench.rss import rss_bytes
 from edgelink.errors import PeerRejected
-from edgelink.models.signature import model_signature
 from edgelink.models.twins import twin_path
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor
@@ -25,6 +24,7 @@ from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.kvstate import CacheState, LayerRows, SeqState, StreamState, state_to_tensors
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
 from edgelink.transport.framing import HEADER, byte_views
 

@@ -336,7 +336,7 @@ def test_hostile_bridge_files_are_typed_and_bounded(bridge_pair):
 
 
 def test_identity_file_edge_cases(tmp_path):
-    from edgelink.net.identity import HEADER, load_identity
+    from edgelink.transport.identity import HEADER, load_identity
 
     good = f"{HEADER} {'ab' * 32}\n".encode()
     T.identity_file(good)  # a valid key file loads

@@ -16,9 +16,9 @@ from edgelink import api
 from edgelink.errors import PeerRejected
 from edgelink.fuzz import real_export
 from edgelink.fuzz.live import fuzz_live
-from edgelink.models.signature import model_signature
 from edgelink.roles.launcher import start_node, start_receiver, stop_receiver
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 PROMPT = "The capital of France is"
 

@@ -21,13 +21,13 @@ from edgelink.api import connect
 from edgelink.bench import context_tokens
 from edgelink.errors import MessageTooLarge, PeerRejected
 from edgelink.kinds.snapshot import snapshot_tensors
-from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Reject
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import frame_limit
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.transport.shm import segment_dir
 
 

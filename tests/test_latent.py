@@ -21,12 +21,13 @@ from edgelink.api import latent as api_latent
 from edgelink.errors import NormGateError, PeerRejected, StateError
 from edgelink.kinds.hidden import HiddenSliceApplier, capture_slice
 from edgelink.kinds.patch import PatchApplier, ResidualPatch, apply_patch, steering_patch
-from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.roles.launcher import start_receiver, stop_receiver
+from edgelink.roles.sender import Sender
 from edgelink.runtime.evalhook import Patch, capture, patching
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 TEXT = "The old lighthouse keeper climbed the stairs every evening to light the lamp for the ships."
 
@@ -287,33 +288,33 @@ def test_latent_kinds_across_a_serving_process(runtimes, smollm2_path, cfg):
     proc = start_receiver(str(smollm2_path), hooked_cfg, name)
     try:
         signature = model_signature(rt, cfg).to_dict()
-        ls = api_latent.LatentSender(connect(f"shm:{name}", cfg), cfg, signature)
+        ls = Sender(connect(f"shm:{name}", cfg), cfg, signature, kinds=api_latent.LATENT_KINDS)
         ls.handshake()
         # a hidden slice is verified, acknowledged and stored; the sequence is untouched
         rt.clear()
         sl = capture_slice(rt, rt.tokenize(TEXT), [4], positions=[2, 3])
-        empty = ls.sender.request("digest")["digest"]
+        empty = ls.request("digest")["digest"]
         ack = ls.send_hidden(sl)
-        assert len(ack["digest"]) == 64
-        assert ls.sender.request("digest")["digest"] == empty
+        assert len(ack.digest) == 64
+        assert ls.request("digest")["digest"] == empty
         # a patch over the prompt: the peer continues exactly as a local patched run would
-        caps = ls.caps()
+        caps = ls.request("latent_caps")
         assert caps["n_embd"] == rt.n_embd and caps["context_tokens"] == 0
         toks = rt.tokenize(TEXT)
         vec = np.full(rt.n_embd, 0.05, np.float32)
         patch = steering_patch(0, toks, 9, vec, gain=min(2.0, caps["max_gain"]))
         ls.send_patch(patch)
-        remote = ls.generate(8)
+        remote = ls.request("generate", n_tokens=8)
         rt.clear()
         apply_patch(rt, cfg, patch)
         assert remote["tokens"] == rt.generate(8)
         # a bad patch is refused with a typed reason and the peer's state is unchanged
-        state = ls.sender.request("digest")["digest"]
+        state = ls.request("digest")["digest"]
         bad = dataclasses.replace(_good_patch(plain), start=caps["context_tokens"] + 999)
         with pytest.raises(PeerRejected) as info:
             ls.send_patch(bad)
         assert info.value.reason == "state"
-        assert ls.sender.request("digest")["digest"] == state
+        assert ls.request("digest")["digest"] == state
         ls.close()
         event = proc.next_event()
         assert event["applied"] == 2 and event["rejected"] == ["state"]

@@ -9,11 +9,11 @@ import pytest
 from edgelink.bench import context_tokens
 from edgelink.errors import MessageTooLarge
 from edgelink.kinds.snapshot import snapshot_tensors
-from edgelink.models.signature import model_signature
 from edgelink.protocol import codec
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token, largest_message_bytes
 
 

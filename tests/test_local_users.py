@@ -141,7 +141,7 @@ def test_files_are_private_under_umask_022_and_plants_are_not_followed(tmp_path,
         d = private_dir(tmp_path / "a" / "b" / "c")
         assert _mode(d) == 0o700 and _mode(d.parent) == 0o700
         from edgelink.cache.store import ChunkStore
-        from edgelink.net.identity import load_identity
+        from edgelink.transport.identity import load_identity
 
         store = ChunkStore(tmp_path / "cache" / "kv", 1 << 20, 1 << 20)
         store.put("ab" * 32, b"chunk")

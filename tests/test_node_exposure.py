@@ -108,7 +108,7 @@ def test_a_huge_provider_answer_costs_a_bounded_part_of_it(cfg, tmp_path):
     from libp2p.peer.peerinfo import PeerInfo
 
     from edgelink.net.dht import CacheDht
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
     from edgelink.transport.p2p import P2PHost
 
     host = P2PHost(cfg, load_identity(tmp_path / "h.key"), listen=["/ip4/127.0.0.1/tcp/0"],
@@ -121,14 +121,14 @@ def test_a_huge_provider_answer_costs_a_bounded_part_of_it(cfg, tmp_path):
         answer = [PeerInfo(one, many)]
         others = [load_identity(tmp_path / f"p{i}.key").peer_id_str for i in range(30)]
         answer += [PeerInfo(ID.from_base58(p), [multiaddr.Multiaddr("/ip4/127.0.0.9/tcp/9")]) for p in others]
-        real_call = host._call
-        host._call = lambda fn: answer if fn.__name__ == "find" else real_call(fn)
+        real_call = host.call
+        host.call = lambda fn: answer if fn.__name__ == "find" else real_call(fn)
         try:
             t0 = time.perf_counter()
             found = dht.providers("ab" * 32)
             took = time.perf_counter() - t0
         finally:
-            host._call = real_call
+            host.call = real_call
         assert took < 1.0, took
         assert len(found) == cfg.cache.dht_max_providers
         assert all(len(p.addrs) <= cfg.cache.dht_max_addrs for p in found)

@@ -12,11 +12,11 @@ import pytest
 from edgelink.api import connect
 from edgelink.bench.rss import rss_bytes
 from edgelink.errors import EdgelinkError, PeerRejected
-from edgelink.models.signature import model_signature
 from edgelink.models.twins import TWINS, twin_path
 from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
 
 

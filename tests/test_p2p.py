@@ -29,9 +29,9 @@ from edgelink.errors import (
     TransportError,
     Unreachable,
 )
-from edgelink.net.identity import load_identity
 from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.transport import p2p
+from edgelink.transport.identity import load_identity
 
 TOKEN = "s3cret-token"
 
@@ -210,7 +210,7 @@ def test_both_directions_rekey_with_fresh_dh_during_a_transfer(echo_pair):
 
 def test_a_close_is_told_from_a_cut_and_flow_control_is_sealed(echo_pair):
     srv, cli, served = echo_pair
-    from edgelink.net.crypto import e2e
+    from edgelink.transport import e2e
 
     ch = cli.open_channel(srv.addrs[0])
     ch.send(b"x" * 100)
@@ -309,8 +309,8 @@ def node(smollm2_path, cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sender_rt(smollm2_path, cfg):
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     rt = LlamaRuntime(smollm2_path, cfg)
     rt.signature = model_signature(rt, cfg).to_dict()
@@ -434,8 +434,8 @@ def test_a_split_whose_cells_differ_falls_back_to_the_whole_state(node, smollm2_
     """A sender that computed its cells in 16-token batches (not reproducible by the receiver's
     prefill) but claims otherwise: the receiver refuses the delta (state), and the whole state
     follows in the same handoff; the result is still exactly the sender's."""
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=16)
     with LlamaRuntime(smollm2_path, small) as rt:
@@ -478,8 +478,8 @@ def test_on_a_very_slow_link_the_text_travels_and_the_digests_must_agree(node, s
     """At 1 Mbit/s the plan sends the token ids; the receiver's prefill must give our state
     digest exactly (cells, tokens, logits). A sender whose cells no prefill reproduces (16-token
     batches, claimed otherwise) is caught by that digest and the whole state follows."""
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     rt = sender_rt
     _prefill(rt, 700)  # 512 + 188: the receiver decodes the same ubatches
@@ -508,9 +508,9 @@ def test_a_split_handoff_past_gemmas_window_is_exact(gemma3_path, cfg, tmp_path)
     merges the receiver's own cells and the shipped ones in both, exactly."""
     from edgelink.api import connect
     from edgelink.bench import context_tokens
-    from edgelink.models.signature import model_signature
     from edgelink.roles.sender import Sender
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     proc = start_node(str(gemma3_path), cfg, extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "g.key"),
                                                         "EDGELINK_PROTOCOL_SESSION_STATE": "keep"})
@@ -616,7 +616,7 @@ def test_client_killed_mid_transfer_node_serves_next(node, sender_rt, tmp_path):
         import os, sys
         from edgelink.api import connect
         from edgelink.config import load_config
-        from edgelink.models.signature import model_signature
+        from edgelink.runtime.signature import model_signature
         from edgelink.roles.sender import Sender
         from edgelink.runtime.llama import LlamaRuntime
         cfg = load_config(p2p_identity_key={str(node.allowed.path)!r})

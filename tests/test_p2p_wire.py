@@ -15,8 +15,8 @@ import sys
 import pytest
 import trio
 
-from edgelink.net.identity import load_identity
 from edgelink.transport import p2p
+from edgelink.transport.identity import load_identity
 from edgelink.transport.readahead import ReadAhead, stock_noise_option
 
 

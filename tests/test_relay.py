@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from edgelink.errors import ConfigError, TransportError
-from edgelink.net.identity import load_identity
 from edgelink.net.relay import Relay, relay_limits
+from edgelink.transport.identity import load_identity
 from edgelink.transport.p2p import P2PHost
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

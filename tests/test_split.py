@@ -14,10 +14,10 @@ import pytest
 from edgelink.bench import context_tokens
 from edgelink.errors import PeerRejected, StateError
 from edgelink.kinds.delta import DeltaApplier, delta_tensors
-from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 
 
 def test_batched_counts_the_cells_a_batch_prefill_reproduces(pair, smollm2_path, cfg):

@@ -33,10 +33,10 @@ from edgelink.bench import context_tokens
 from edgelink.bench.netns import remote_host, shape
 from edgelink.config import load_config
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
 
 # label -> config overrides for the sender ("text" is re-prefilling on the receiver)

@@ -30,17 +30,15 @@ from edgelink.errors import EdgelinkError
 from edgelink.kinds.prefix import prefix_tensors
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import ModelSignature, model_signature
 from edgelink.net.endpoint import connect, parse_endpoint  # noqa: F401 - connect: part of this API
 from edgelink.net.relay import Relay
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.protocol.session import Role, Session
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import Receiver, SessionReport
-from edgelink.roles.sender import Sender
+from edgelink.roles.sender import OneWay, Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import ModelSignature, model_signature
 from edgelink.runtime.sizing import fit_limits
-from edgelink.transport.file import FileChannelWriter
 from edgelink.transport.shm import ShmListener, install_cleanup_handlers
 
 log = logging.getLogger("edgelink")
@@ -115,12 +113,6 @@ def cache_clear(cfg: Config | None = None) -> int:
     return PrefixCache(_cfg(cfg)).clear()
 
 
-def file_session(rt: LlamaRuntime, cfg: Config, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:
-    """The session of a message file: this model's signature, limits fitted to it (``cfg``
-    may already be fitted)."""
-    return Session(role, model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt).protocol, kinds=kinds)
-
-
 EXPORT_KINDS = ("snapshot", "memory", "prefix")
 
 
@@ -149,24 +141,14 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
             built = snapshot_tensors(rt)
             what = (Kind.KV_MEMORY, ApplyMode.MEMORY) if kind == "memory" else (Kind.KV_CACHE, ApplyMode.OVERWRITE)
         t1 = time.perf_counter()
-        session = file_session(rt, cfg, Role.CLIENT)
-        hello = session.hello()
-        session.assume_peer_accepts()
-        tensors, attrs, token_range = built
-        if codec is not None:
-            tensors, attrs = wire.encode_tensors(tensors, attrs, codec, session.send_checksum)
-        parts, msg = session.encode_tensor_message(
-            *what, tensors, seq_slot=rt.seq,
-            layer_range=(-1, -1) if kind == "prefix" else (0, rt.n_layer),
-            token_range=token_range, attrs=attrs)
-        with FileChannelWriter(path) as w:
-            w.send(hello)
-            w.send(*parts)
+        msg = OneWay.encode(model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt), *what, built,
+                            seq_slot=rt.seq, layer_range=(-1, -1) if kind == "prefix" else (0, rt.n_layer),
+                            codec=codec)
+        size = msg.write(path)
         t2 = time.perf_counter()
-        size = Path(path).stat().st_size
         return Generation(model, len(toks), [], "", {"prefill_s": t1 - t0, "export_s": t2 - t1},
-                          {"file": size, "payload": msg.payload_bytes},
-                          {"kind": msg.kind.name, "codec": codec or "raw"})
+                          {"file": size, "payload": msg.message.payload_bytes},
+                          {"kind": msg.message.kind.name, "codec": codec or "raw"})
 
 
 def _export_llama(model: str, prompt: str, path: str | Path, cfg: Config, progress: Progress | None,
@@ -295,7 +277,7 @@ def discover(cfg: Config | None = None, timeout_s: float | None = None, *,
 
 def identity(cfg: Config | None = None, *, create: bool = True) -> dict[str, Any]:
     """This machine's persistent libp2p identity (created, mode 0600, if missing)."""
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
 
     cfg = _cfg(cfg)
     ident = load_identity(cfg.p2p.identity_key, create=create)
@@ -331,7 +313,7 @@ def relay(cfg: Config | None = None, *, listen: Sequence[str] = (),
     """Start a circuit relay for peers behind NAT (docs/nat.md) on ``listen`` (default
     ``relay.listen``); ``on_event`` hears each reservation and each circuit that ends (peers,
     bytes, seconds). Returns the running ``Relay``: ``run()`` serves until SIGINT/SIGTERM."""
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
 
     cfg = _cfg(cfg)
     return Relay(cfg, load_identity(cfg.p2p.identity_key), list(listen) or [cfg.relay.listen], on_event)

@@ -7,8 +7,8 @@ BRIDGED_PREFIX handoffs between different models (``bridged_handoff``, docs/prot
     >>> out = al.steer("smollm2-135m", "I watched the film and", to="shm:demo", layer=15,
     ...                positive=["I loved it."], negative=["I hated it."], gain=4.0, n_tokens=16)
 
-Sending works over any channel (``api.connect`` endpoints, or any transport's Channel through
-``LatentSender``); files hold the same frames (``export_hidden``/``export_patch`` then
+Sending works over any channel (``latent_session``, or a ``roles.Sender`` made with
+``kinds=LATENT_KINDS`` on any transport's Channel); files hold the same frames (``export_hidden``/``export_patch`` then
 ``apply_file``). The receiver side is an ordinary ``edgelink serve`` whose runtime has the eval
 hook (``--set runtime.eval_hook=on``) for patches; hidden slices need no hook there.
 """
@@ -23,27 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from edgelink import wire
-from edgelink.api import Generation, _cfg, connect, file_session, load_runtime
-from edgelink.api.model import apply_messages
+from edgelink.api import Generation, _cfg, connect, load_runtime
+from edgelink.api.model import read_messages
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config
-from edgelink.errors import ChecksumMismatch, SessionError
 from edgelink.kinds.bridged import bridge_claim, source_rows
-from edgelink.kinds.hidden import HiddenSlice, HiddenSliceApplier, capture_slice
-from edgelink.kinds.patch import PatchApplier, ResidualPatch, steering_patch
-from edgelink.kinds.snapshot import SnapshotApplier
+from edgelink.kinds.hidden import HiddenSlice, capture_slice
+from edgelink.kinds.patch import ResidualPatch, steering_patch
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
-from edgelink.protocol.codec import MAGIC, tensor_message_digest
+from edgelink.protocol.codec import MAGIC
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.protocol.messages import Ack
-from edgelink.protocol.session import Role
-from edgelink.roles.sender import Sender
+from edgelink.roles.sender import OneWay, Sender, SentMessage
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
-from edgelink.transport.file import FileChannelReader, FileChannelWriter
+from edgelink.transport.file import FileChannelReader
 
 LATENT_KINDS = (Kind.KV_CACHE, Kind.HIDDEN_SLICE, Kind.RESIDUAL_PATCH)
 
@@ -84,57 +79,21 @@ def steering_vector(rt: LlamaRuntime, positive: Sequence[str], negative: Sequenc
 # ------------------------------------------------------------------------------ wire
 
 
-class LatentSender:
-    """A client session that negotiates the latent kinds on any channel."""
-
-    def __init__(self, ch, cfg: Config, signature: dict[str, Any]):
-        self.sender = Sender(ch, cfg, signature, kinds=LATENT_KINDS)
-
-    def handshake(self) -> None:
-        self.sender.handshake()
-
-    def _send(self, kind: Kind, apply: ApplyMode, parts: tuple, seq_slot: int) -> dict[str, Any]:
-        tensors, attrs, layer_range, token_range = parts
-        t0 = time.perf_counter()
-        frames, msg = self.sender.session.encode_tensor_message(
-            kind, apply, tensors, seq_slot=seq_slot, layer_range=layer_range, token_range=token_range, attrs=attrs)
-        self.sender.ch.send(*frames)
-        ack = self.sender._reply()
-        if not isinstance(ack, Ack) or ack.acked_id != msg.message_id:
-            raise SessionError(f"expected an ACK for message {msg.message_id}, got {ack}")
-        digest = tensor_message_digest(msg)
-        if ack.digest != digest:
-            raise ChecksumMismatch("the receiver acknowledged a different digest than was sent")
-        return {"message_id": msg.message_id, "digest": digest.hex(), "payload_bytes": msg.payload_bytes,
-                "wire_bytes": sum(memoryview(p).nbytes for p in frames),
-                "roundtrip_s": time.perf_counter() - t0}
-
-    def send_hidden(self, sl: HiddenSlice) -> dict[str, Any]:
-        return self._send(Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE, sl.message_parts(), sl.seq_slot)
-
-    def caps(self) -> dict[str, Any]:
-        """The receiver's latent limits and state (n_embd, max_gain, norms, context_tokens)."""
-        return self.sender.request("latent_caps")
-
-    def send_patch(self, patch: ResidualPatch) -> dict[str, Any]:
-        return self._send(Kind.RESIDUAL_PATCH, patch.mode, patch.message_parts(), patch.seq_slot)
-
-    def generate(self, n_tokens: int) -> dict[str, Any]:
-        return self.sender.request("generate", n_tokens=n_tokens)
-
-    def close(self) -> None:
-        self.sender.close()
+def _sent(sent: SentMessage) -> dict[str, Any]:
+    return {"message_id": sent.message_id, "digest": sent.digest, "payload_bytes": sent.payload_bytes,
+            "wire_bytes": sent.wire_bytes, "roundtrip_s": sent.roundtrip_s}
 
 
 @contextlib.contextmanager
-def latent_session(rt: LlamaRuntime, to: str, cfg: Config) -> Iterator[LatentSender]:
-    """A handshaken LatentSender to the serving peer at ``to``."""
-    ls = LatentSender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
+def latent_session(rt: LlamaRuntime, to: str, cfg: Config) -> Iterator[Sender]:
+    """A handshaken Sender that negotiates the latent kinds with the serving peer at ``to``
+    (``send_hidden``, ``send_patch``, ``request("latent_caps")``, ``request("generate")``)."""
+    sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict(), kinds=LATENT_KINDS)
     try:
-        ls.handshake()
-        yield ls
+        sender.handshake()
+        yield sender
     finally:
-        ls.close()
+        sender.close()
 
 
 def send_hidden(model: str, prompt: str, to: str, layers: Sequence[int],
@@ -144,7 +103,7 @@ def send_hidden(model: str, prompt: str, to: str, layers: Sequence[int],
     with _hooked(model, cfg) as rt:
         sl = capture_slice(rt, rt.tokenize(prompt), layers, positions)
         with latent_session(rt, to, cfg) as ls:
-            return ls.send_hidden(sl)
+            return _sent(ls.send_hidden(sl))
 
 
 def steer(model: str, prompt: str, to: str, layer: int, positive: Sequence[str], negative: Sequence[str],
@@ -158,15 +117,15 @@ def steer(model: str, prompt: str, to: str, layer: int, positive: Sequence[str],
         vec = steering_vector(rt, positive, negative, layer)
         toks = rt.tokenize(prompt)
         with latent_session(rt, to, cfg) as ls:
-            caps = ls.caps()
+            caps = ls.request("latent_caps")
             g = float(np.clip(gain, -caps["max_gain"], caps["max_gain"]))
             patch = steering_patch(caps["context_tokens"], toks, layer, vec, g, seq_slot=rt.seq)
             sent = ls.send_patch(patch)
-            body = ls.generate(n)
+            body = ls.request("generate", n_tokens=n)
         return Generation(model, len(toks), list(body["tokens"]), body["text"],
-                          {"patch_roundtrip_s": sent["roundtrip_s"], "remote_generate_s": body["generate_s"]},
-                          {"payload": sent["payload_bytes"], "wire": sent["wire_bytes"]},
-                          {"digest": sent["digest"], "gain": g, "layer": layer, "to": to})
+                          {"patch_roundtrip_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
+                          {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
+                          {"digest": sent.digest, "gain": g, "layer": layer, "to": to})
 
 
 def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str | None = None,
@@ -224,15 +183,10 @@ def bridged_handoff(bridge: str | Path | Bridge, text: str, to: str, model: str 
 
 def _write(rt: LlamaRuntime, cfg: Config, path: str | Path, kind: Kind, apply: ApplyMode, parts: tuple) -> int:
     tensors, attrs, layer_range, token_range = parts
-    session = file_session(rt, cfg, Role.CLIENT, LATENT_KINDS)
-    hello = session.hello()
-    session.assume_peer_accepts()
-    frames, msg = session.encode_tensor_message(kind, apply, tensors, seq_slot=rt.seq, layer_range=layer_range,
-                                                token_range=token_range, attrs=attrs)
-    with FileChannelWriter(path) as w:
-        w.send(hello)
-        w.send(*frames)
-    return msg.payload_bytes
+    msg = OneWay.encode(model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt), kind, apply,
+                        (tensors, attrs, token_range), seq_slot=rt.seq, layer_range=layer_range)
+    msg.write(path)
+    return msg.message.payload_bytes
 
 
 def export_hidden(model: str, prompt: str, path: str | Path, layers: Sequence[int],
@@ -259,14 +213,9 @@ def apply_file(model: str, path: str | Path, n_tokens: int | None = None,
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     with _hooked(model, cfg) as rt:
-        cfg = fit_limits(cfg, rt)  # a file holds what this context can: so much is read
-        session = file_session(rt, cfg, Role.SERVER, LATENT_KINDS)
-        hidden = HiddenSliceApplier(rt, cfg)
-        appliers = {Kind.KV_CACHE: SnapshotApplier(rt).apply, Kind.HIDDEN_SLICE: hidden.apply,
-                    Kind.RESIDUAL_PATCH: PatchApplier(rt, cfg).apply}
         with FileChannelReader(path, magic=MAGIC) as r:
-            applied = [kind.name for kind, _ in apply_messages(appliers, wire.offered(cfg.wire), cfg, session, r,
-                                                                str(path))]
+            read = read_messages(rt, cfg, model_signature(rt, cfg).to_dict(), r, str(path), only=LATENT_KINDS)
+        applied = [kind.name for kind, _ in read.applied]
         out = rt.generate(n) if n and rt.logits is not None else []
-        return {"applied": applied, "hidden_slices": len(hidden.store), "tokens": out,
+        return {"applied": applied, "hidden_slices": len(read.accepting.held.get(Kind.HIDDEN_SLICE, ())), "tokens": out,
                 "text": rt.detokenize(out), "digest": rt.state_digest()}

@@ -19,20 +19,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgelink import wire
 from edgelink.api.results import CacheFetch, Generation, Progress
 from edgelink.config import Config, config_list, load_config
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.files import write_atomic
 from edgelink.kinds.snapshot import snapshot_tensors
+from edgelink.kinds.specs import Acceptance, acceptance
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
+from edgelink.roles.sender import OneWay
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
 
 if TYPE_CHECKING:
@@ -56,6 +59,15 @@ def load(model: str | Path | None = None, cfg: Config | None = None, *, progress
         cfg = cfg.replace(**settings)
     name = str(model) if model is not None else cfg.runtime.default_model
     return Model(LlamaRuntime(resolve_model(name, cfg, pull=True, progress=progress), cfg), cfg, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppliedFile:
+    """What reading a message file did: (kind, payload bytes) per message, in order, and the
+    appliers that took them (``accepting.held``: what they kept, such as hidden slices)."""
+
+    applied: list[tuple[Kind, int]]
+    accepting: Acceptance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,41 +244,29 @@ class Model:
 
     # ------------------------------------------------------------------ state
 
-    def file_session(self, role: Role, kinds: tuple[Kind, ...] = tuple(Kind)) -> Session:
-        """The session of a message file for this model (its signature, limits fitted to it)."""
-        return Session(role, self.signature, fit_limits(self.cfg, self.runtime).protocol, kinds=kinds)
-
     def snapshot(self) -> Snapshot:
         """The sequence as a verified KV_CACHE message, in memory."""
-        from edgelink.transport.file import frame_bytes
-
-        session = self.file_session(Role.CLIENT)
-        hello = session.hello()
-        session.assume_peer_accepts()
         with self.step():
-            tensors, attrs, token_range = snapshot_tensors(self.runtime)
-        parts, msg = session.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, tensors,
-                                                   seq_slot=self.runtime.seq,
-                                                   layer_range=(0, self.runtime.n_layer),
-                                                   token_range=token_range, attrs=attrs)
-        return Snapshot(frame_bytes(hello) + frame_bytes(*parts), len(self.runtime.tokens), msg.payload_bytes)
+            msg = OneWay.encode(self.signature, fit_limits(self.cfg, self.runtime), Kind.KV_CACHE,
+                                ApplyMode.OVERWRITE, snapshot_tensors(self.runtime), seq_slot=self.runtime.seq,
+                                layer_range=(0, self.runtime.n_layer))
+            frames = msg.to_bytes()  # a copy: the tensors view the runtime's export buffer
+        return Snapshot(frames, len(self.runtime.tokens), msg.message.payload_bytes)
 
     def restore(self, snapshot: Snapshot | str | Path) -> int:
         """Apply a snapshot (or a message file written by ``export``/``Snapshot.save``): every
         message verified against this model before anything changes. Returns payload bytes."""
         from edgelink.protocol.codec import MAGIC
-        from edgelink.roles.receiver import Receiver
         from edgelink.transport.file import FileChannelReader
 
         where = "the snapshot" if isinstance(snapshot, Snapshot) else str(snapshot)
         with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot, magic=MAGIC) as r, \
                 self.step():
-            receiver = Receiver(self.runtime, self.cfg, self.signature, calibrate=False)
-            applied = apply_messages(receiver.appliers, receiver.codecs, receiver.cfg,
-                                     self.file_session(Role.SERVER), r, where)
+            applied = read_messages(self.runtime, self.cfg, self.signature, r, where).applied
         if not applied:
             raise StateError(f"{where} holds no tensor message")
         return sum(n for _, n in applied)
+
 
     def load_llama_file(self, path: str | Path) -> int:
         """Replace the sequence by a llama.cpp sequence-state file's (``llama_state_seq_save_file``,
@@ -295,18 +295,22 @@ class Model:
         return Peer.open(self, to, token=token, token_ids=token_ids)
 
 
-def apply_messages(appliers: dict[Kind, Callable[[Any], None]], codecs: Sequence[str], cfg: Config,
-                   session: Session, reader: Any, where: str) -> list[tuple[Kind, int]]:
-    """Apply every tensor message a one-way reader holds (a message file's, a snapshot's), in
-    order: the writer's HELLO checked against ``session``, each message verified, decoded
-    (``codecs``: what this side takes) and handed to its applier. Returns (kind, payload bytes)
-    per message. ``cfg`` is fitted to the runtime (its limits bound every frame)."""
-    from edgelink import wire
+def read_messages(rt: LlamaRuntime, cfg: Config, signature: dict[str, Any], reader: Any, where: str,
+                  only: tuple[Kind, ...] | None = None) -> AppliedFile:
+    """Apply every tensor message a one-way ``reader`` holds (a message file's, a snapshot's), in
+    order, through the same appliers a receiver of ``rt`` has (edgelink/kinds/specs.py; ``only``:
+    just those kinds): the writer's HELLO checked against this model, each message verified,
+    decoded (the codecs this side takes) and applied. The limits fitted to ``rt`` bound every
+    frame: a file holds what this context can, so much is read."""
     from edgelink.errors import PeerGone
     from edgelink.protocol.limits import limit_of
     from edgelink.protocol.messages import TensorMessage
     from edgelink.roles.receiver import frame_limit
 
+    cfg = fit_limits(cfg, rt)
+    accepting = acceptance(rt, cfg, signature, only=only)
+    session = Session(Role.SERVER, signature, cfg.protocol, kinds=tuple(Kind))
+    codecs = wire.offered(cfg.wire)
     limit = frame_limit(cfg)
     session.receive(reader.recv(limit))  # the writer's HELLO: checked against this model
     applied = []
@@ -318,9 +322,9 @@ def apply_messages(appliers: dict[Kind, Callable[[Any], None]], codecs: Sequence
         msg = session.receive(frame)
         if not isinstance(msg, TensorMessage):
             raise EdgelinkError(f"{where}: unexpected {msg.frame_type.name} frame")
-        if msg.kind not in appliers:
+        if msg.kind not in accepting.appliers:
             raise EdgelinkError(f"{where}: this runtime cannot apply {msg.kind.name}")
         msg = wire.decode_message(msg, codecs, limit_of(cfg.protocol))
-        appliers[msg.kind](msg)
+        accepting.appliers[msg.kind](msg)
         applied.append((msg.kind, msg.payload_bytes))
-    return applied
+    return AppliedFile(applied, accepting)

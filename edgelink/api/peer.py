@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from edgelink.api.results import Generation
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.net.endpoint import connect
-from edgelink.roles.sender import Sender, SentSnapshot
+from edgelink.roles.sender import Sender, SentMessage
 from edgelink.runtime.sizing import fit_limits, snapshot_tokens_within
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class Peer:
 
     # ------------------------------------------------------------------ operations
 
-    def send(self) -> SentSnapshot:
+    def send(self) -> SentMessage:
         """Bring the receiver's sequence to the model's: the whole state (planned over a
         network link: docs/protocol.md, "Choosing") or, while in step, only the new cells."""
         with self.model.step() as rt:

@@ -21,10 +21,10 @@ from edgelink.bench.rss import PeakWatch
 from edgelink.bench.timing import median_seconds
 from edgelink.config import Config
 from edgelink.models.resolve import resolve_model
-from edgelink.models.signature import model_signature
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
 
 # Public-domain-style filler: varied enough that the tokenizer does not collapse it.
@@ -46,7 +46,7 @@ def context_tokens(rt: LlamaRuntime, n: int) -> list[int]:
 
 def _session_handoff(endpoint: str, cfg: Config, rt: LlamaRuntime, signature: dict[str, Any]):
     """What `edgelink handoff` does after its prefill: connect, HELLO, ship the snapshot (export
-    to ACK), close. Returns (seconds of the session around the snapshot, the SentSnapshot)."""
+    to ACK), close. Returns (seconds of the session around the snapshot, the SentMessage)."""
     from edgelink.net.endpoint import connect
 
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def _recv_exactly_tcp(conn: socket.socket, n: int, buf: bytearray) -> None:
 
 def _serve(cfg: Config, ip: str) -> None:
     """The child: a TCP sink, and a libp2p host with a raw sink and an edgelink channel sink."""
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
     from edgelink.transport.p2p import P2PHost
     from edgelink.transport.readahead import stock_noise_option
 
@@ -93,8 +93,8 @@ def _serve(cfg: Config, ip: str) -> None:
 
     for h in (host, stock):
         async def install(h=h) -> None:
-            h._host.set_stream_handler(RAW_PROTO, raw_handler)
-        h._call(install)
+            h.libp2p_host.set_stream_handler(RAW_PROTO, raw_handler)
+        h.call(install)
     print(json.dumps({"tcp_port": srv.getsockname()[1], "addr": host.addrs[0],
                       "stock_addr": stock.addrs[0]}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
@@ -114,7 +114,7 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
     """The table above, in one run. The receiving child listens on ``ip`` and is started
     through ``wrapper`` (for example ``nsenter -t PID -n --``: another network namespace, see
     tools/bench_transport_veth.py); the default is loopback."""
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
     from edgelink.transport.p2p import P2PHost, write_in_noise_pieces
     from edgelink.transport.readahead import stock_noise_option
 
@@ -148,9 +148,9 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
 
                 async def go():
                     info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-                    await h._host.connect(info)
-                    return await h._host.new_stream(info.peer_id, [RAW_PROTO])
-                return h._call(go)
+                    await h.libp2p_host.connect(info)
+                    return await h.libp2p_host.new_stream(info.peer_id, [RAW_PROTO])
+                return h.call(go)
 
             raw = open_raw(host, ready["addr"])
             raw_stock = open_raw(stock, ready["stock_addr"])
@@ -166,7 +166,7 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
                     ack = b""
                     while len(ack) < 8:
                         ack += await stream.read(8 - len(ack))
-                h._call(go)
+                h.call(go)
 
             for mb in sizes_mb:
                 n = mb << 20

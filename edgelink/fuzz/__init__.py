@@ -119,20 +119,12 @@ def seed_frames(signature: dict[str, Any] | None = None, limits=None,
     # widths of the signature's model, so kind seeds reach each applier's deeper checks
     d = sig.get("n_embd") if isinstance(sig.get("n_embd"), int) and 0 < sig["n_embd"] <= 8192 else 8
     nv = sig.get("vocab_size") if isinstance(sig.get("vocab_size"), int) and 0 < sig["vocab_size"] <= 1 << 18 else 16
+    # one valid message of every kind (edgelink/kinds/specs.py), so a new kind is fuzzed too
+    from edgelink.kinds.specs import SPECS, Example
+
+    example = Example(d, nv, kv, layout)
     messages = [
-        (Kind.KV_CACHE, ApplyMode.OVERWRITE, kv + [_i32("tokens", [1, 2, 3]), _f32("logits", np.zeros(nv))],
-         {"kv": layout}, (0, 2), (0, 3)),
-        (Kind.KV_CACHE_DELTA, ApplyMode.APPEND, kv + [_i32("tokens", [4, 5, 6]), _f32("logits", np.zeros(nv))],
-         {"kv": layout, "base": "00" * 32, "base_kv": "11" * 32}, (0, 2), (3, 6)),
-        (Kind.VIRTUAL_PREFIX, ApplyMode.APPEND, [_f32("embd", np.ones((2, d)))], {"energy_match": True},
-         (-1, -1), (0, 2)),
-        (Kind.RESIDUAL_PATCH, ApplyMode.ADDITIVE, [_i32("tokens", [1, 2]), _i32("positions", [0, 1]),
-                                                   _f32("p1", np.ones((2, d)))],
-         {"layers": [1], "gain": 2.0}, (1, 2), (0, 2)),
-        (Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE, [_f32("h1", np.ones((2, d))), _i32("positions", [0, 1])],
-         {"layers": [1], "site": "l_out"}, (1, 2), (0, 2)),
-        (Kind.BRIDGED_PREFIX, ApplyMode.OVERWRITE, [_f32("embd", np.ones((2, d)))],
-         {"bridge": "cd" * 32, "source_tokens": 5}, (-1, -1), (-1, -1)),
+        *((spec.kind, *spec.example(example)) for spec in SPECS),
         *_wire_messages(nv),
         *extra_tensor_messages,
     ]
@@ -188,8 +180,8 @@ def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tu
     """(signature, [a KV_CACHE message tuple]) from a real prefill of ``model``, for seeds."""
     from edgelink.kinds.snapshot import snapshot_tensors
     from edgelink.models.resolve import resolve_model
-    from edgelink.models.signature import model_signature
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.runtime.signature import model_signature
 
     with LlamaRuntime(resolve_model(model, cfg), cfg) as rt:
         rt.prefill(rt.tokenize(prompt))

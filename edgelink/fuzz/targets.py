@@ -126,7 +126,7 @@ def session(signature: dict[str, Any], limits: ProtocolConfig, kinds=tuple(Kind)
                 pass
             if s.state.value == "closed":
                 return
-            if s.peer is not None and not s._hello_sent:
+            if s.peer is not None and not s.hello_sent:
                 s.hello()
     return target
 
@@ -159,7 +159,7 @@ def message_file(data: bytes) -> None:
 
 
 def identity_file(data: bytes) -> None:
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
 
     fd, path = tempfile.mkstemp(suffix=".key")
     try:

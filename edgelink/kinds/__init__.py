@@ -8,10 +8,11 @@ how a receiver checks and applies it (every applier leaves the state as it was w
   for a receiver running another model.
 * Latent kinds: ``hidden`` (HIDDEN_SLICE, the residual stream captured in the sender's forward
   pass) and ``patch`` (RESIDUAL_PATCH, rows added to or written over the receiver's); ``calibrate``
-  measures the residual norms the patch gate compares against; ``receive`` registers their
-  appliers and the ``latent_caps`` request with a Receiver. The runtime side is
+  measures the residual norms the patch gate compares against. The runtime side is
   ``runtime/evalhook.py``.
+* ``specs``: every kind declared once (how a receiver accepts it, a valid example); receivers,
+  file readers, the HELLO's kinds and the fuzz seeds are built from it.
 
-A new kind: an entry in ``protocol/kinds.py``, a builder and an applier here, and a line in the
-receiver's applier table (docs/architecture.md).
+A new kind: an entry in ``protocol/kinds.py``, a builder and an applier here, and its
+``KindSpec`` in ``specs`` (docs/architecture.md, "Where to add things").
 """

@@ -22,6 +22,7 @@ restored.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -201,21 +202,16 @@ def _labels_param(params: dict[str, Any], default: dict[str, str] | None) -> dic
     return labels
 
 
-def register_bridged(receiver: Any, bridge: Bridge | None) -> None:
-    """Wire into a Receiver: the ``label_scores`` request always (labels given, or the bridge
-    prompt's), and with a bridge the BRIDGED_PREFIX applier; the session then accepts sessions
-    bridged through it (``receiver.bridge_claim``)."""
-    applier = BridgedPrefixApplier(receiver.rt, bridge, receiver.signature) if bridge else None
+def label_ops(rt: LlamaRuntime, bridge: Bridge | None,
+              applier: BridgedPrefixApplier | None) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The ``label_scores`` request, answered with or without a bridge (labels given, or the
+    bridge prompt's), with the last bridged prefix's figures when there is one."""
     default = dict(bridge.prompt.labels) if bridge and bridge.prompt else None
 
     def op(params: dict[str, Any]) -> dict[str, Any]:
-        body = label_scores(receiver.rt, _labels_param(params, default))
+        body = label_scores(rt, _labels_param(params, default))
         if applier is not None and applier.last:
             body["bridged"] = dict(applier.last)
         return body
 
-    receiver.ops["label_scores"] = op
-    receiver.bridge_claim = bridge_claim(bridge) if bridge else None
-    if applier is not None:
-        receiver.appliers[Kind.BRIDGED_PREFIX] = applier.apply
-        receiver.forget.append(applier.forget)
+    return {"label_scores": op}

@@ -138,7 +138,7 @@ class CacheDht:
             from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
             from libp2p.tools.anyio_service import background_trio_service
 
-            dht = KadDHT(self.host._host, DHTMode.SERVER if self.server else DHTMode.CLIENT)
+            dht = KadDHT(self.host.libp2p_host, DHTMode.SERVER if self.server else DHTMode.CLIENT)
             if self.server:
                 handler = dht.handle_stream
 
@@ -160,7 +160,7 @@ class CacheDht:
                         except Exception:  # noqa: BLE001
                             pass
 
-                self.host._host.set_stream_handler(PROTOCOL_ID, guarded)
+                self.host.libp2p_host.set_stream_handler(PROTOCOL_ID, guarded)
             stop = trio.Event()
 
             async def run(task_status=trio.TASK_STATUS_IGNORED):
@@ -168,10 +168,10 @@ class CacheDht:
                     task_status.started()
                     await stop.wait()
 
-            await self.host._nursery.start(run)
+            await self.host.nursery.start(run)
             self._dht, self._stop = dht, stop
 
-        self.host._call(start)
+        self.host.call(start)
         self.bootstrap(config_list(self.cfg.cache.bootstrap))
 
     def bootstrap(self, addrs: Sequence[str]) -> list[str]:
@@ -196,11 +196,11 @@ class CacheDht:
         async def join():
             reached = []
             for info in infos:
-                if info.peer_id == self.host._host.get_id():
+                if info.peer_id == self.host.libp2p_host.get_id():
                     continue
                 try:
                     with trio.fail_after(limit):
-                        await self.host._host.connect(info)
+                        await self.host.libp2p_host.connect(info)
                     await self._dht.add_peer(info.peer_id, skip_server_mode_check=True)
                     reached.append(info.peer_id.to_base58())
                 except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
@@ -210,8 +210,8 @@ class CacheDht:
                     await self._dht.refresh_routing_table()
             return reached
 
-        reached = self.host._call(join)
-        if not reached and any(i.peer_id != self.host._host.get_id() for i in infos):
+        reached = self.host.call(join)
+        if not reached and any(i.peer_id != self.host.libp2p_host.get_id() for i in infos):
             raise PeerGone(f"no cache.bootstrap peer answered within {limit} s: {', '.join(addrs)}")
         self.bootstrapped += reached
         return reached
@@ -231,7 +231,7 @@ class CacheDht:
                 if key in self._announced:
                     continue
             self._pace(stop)
-            ok = self.host._call(self._provide, dht_key(key))
+            ok = self.host.call(self._provide, dht_key(key))
             with self._lock:
                 if ok:
                     self._announced.add(key)
@@ -268,7 +268,7 @@ class CacheDht:
         async def size():
             return self._dht.get_routing_table_size()
 
-        return self.host._call(size)
+        return self.host.call(size)
 
     def announced(self) -> int:
         with self._lock:
@@ -294,7 +294,7 @@ class CacheDht:
         # dicts as ordered sets: linear in what is kept, and what is kept is bounded, however
         # many providers and addresses an answer carries
         out: dict[str, dict[str, None]] = {}
-        for info in self.host._call(find):
+        for info in self.host.call(find):
             if len(out) >= c.dht_max_providers:
                 break
             try:
@@ -336,7 +336,7 @@ class CacheDht:
             return
         stop, self._stop = self._stop, None
         try:
-            self.host._call_soon_sync(stop.set)
+            self.host.call_soon_sync(stop.set)
         except TransportError:
             pass
 

@@ -31,7 +31,7 @@ def discover(cfg: Config, timeout_s: float | None = None, *, peer_id: str | None
 
     The listening host uses a throwaway identity, so looking around does not announce this
     machine's own peer id."""
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
     from edgelink.transport.p2p import P2PHost
 
     limit = cfg.p2p.discover_timeout_s if timeout_s is None else timeout_s
@@ -52,11 +52,11 @@ def discover(cfg: Config, timeout_s: float | None = None, *, peer_id: str | None
 
 def _heard(host, own_id: str) -> list[DiscoveredPeer]:
     async def read():
-        ps = host._host.get_peerstore()
+        ps = host.libp2p_host.get_peerstore()
         return [(str(p), [str(a) for a in ps.addrs(p)]) for p in ps.peers_with_addrs()]
 
     out = []
-    for pid, addrs in host._call(read):
+    for pid, addrs in host.call(read):
         if pid == own_id or not addrs:
             continue
         full = sorted(a if "/p2p/" in a else f"{a}/p2p/{pid}" for a in addrs)

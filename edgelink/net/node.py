@@ -46,13 +46,13 @@ from edgelink.errors import (
     TransportError,
 )
 from edgelink.net.dht import Announcer, CacheDht, dht_enabled
-from edgelink.net.identity import Identity, load_identity
 from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
 from edgelink.roles.receiver import Receiver, frame_limit, hello_frame_limit
 from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
 from edgelink.transport.framing import Scatter
+from edgelink.transport.identity import Identity, load_identity
 
 log = logging.getLogger("edgelink.net.node")
 # Peers whose rate limiters a node remembers (least recently seen forgotten first).
@@ -195,8 +195,8 @@ class Node:
                  bridge: Any = None):
         """``bridge``: an ``edgelink.bridge.Bridge`` for this model as its target; every slot
         then also accepts sessions bridged from the bridge's source model."""
-        from edgelink.models.signature import model_signature
         from edgelink.runtime.llama import LlamaRuntime
+        from edgelink.runtime.signature import model_signature
 
         self.cfg = cfg
         use_dht = dht_enabled(cfg)

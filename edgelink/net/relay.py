@@ -29,7 +29,7 @@ from typing import Any
 
 from edgelink.config import Config
 from edgelink.errors import ConfigError
-from edgelink.net.identity import Identity
+from edgelink.transport.identity import Identity
 
 log = logging.getLogger(__name__)
 

@@ -127,6 +127,11 @@ class Session:
         if self.state not in states:
             raise SessionError(f"not allowed in state {self.state.value}")
 
+    @property
+    def hello_sent(self) -> bool:
+        """Whether our HELLO went out (a server sends it once it accepted the client's)."""
+        return self._hello_sent
+
     def hello(self) -> bytes:
         """Our HELLO. A server may only send it after accepting the client's."""
         if self._hello_sent:

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from edgelink import wire
@@ -21,11 +20,8 @@ from edgelink.errors import (
     SessionError,
     TransportError,
 )
-from edgelink.kinds.bridged import register_bridged
-from edgelink.kinds.delta import DeltaApplier, delta_tensors
-from edgelink.kinds.memory import MemoryApplier
-from edgelink.kinds.prefix import PrefixApplier
-from edgelink.kinds.snapshot import SnapshotApplier
+from edgelink.kinds.delta import delta_tensors
+from edgelink.kinds.specs import acceptance
 from edgelink.protocol.codec import PREAMBLE_BYTES, TensorHeader, tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.limits import limit_of
@@ -100,33 +96,14 @@ class Receiver:
         if cfg.protocol.session_state not in ("clear", "keep"):
             raise ConfigError(f"protocol.session_state is {cfg.protocol.session_state!r}: clear or keep")
         self.signature = signature
-        snapshot = SnapshotApplier(rt)
-        # Kinds whose applier takes tensors straight into the buffer it will import (no second
-        # copy of a large state); see protocol/reader.py.
-        self.placers = {Kind.KV_CACHE: snapshot.place}
-        self._release = [snapshot.release]  # what gives memory back after a failed message
-        # One applier per message kind this receiver accepts; the session negotiates exactly
-        # these kinds. Each applier checks everything before touching the runtime and leaves
-        # its state unchanged when it raises.
-        self.appliers: dict[Kind, Callable[[TensorMessage], None]] = {
-            Kind.KV_CACHE: snapshot.apply,
-            Kind.KV_CACHE_DELTA: DeltaApplier(rt).apply,
-            Kind.VIRTUAL_PREFIX: PrefixApplier(rt, rt.token_embeddings()).apply,
-            Kind.KV_MEMORY: MemoryApplier(rt).apply,
-        }
-        # Extra REQUEST ops (name -> handler(params) -> result body), e.g. "latent_caps".
-        self.ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-        # What a session leaves in an applier beside the sequence (stored hidden slices, the
-        # last bridged prefix's figures): each is called when a session ends, with the sequence
-        # cleared (protocol.session_state = clear), so the next peer sees none of it.
-        self.forget: list[Callable[[], None]] = []
-        # HIDDEN_SLICE (always) and RESIDUAL_PATCH (only with the eval hook): edgelink/latent.
-        from edgelink.kinds.receive import register_latent
-
-        register_latent(self)
-        # BRIDGED_PREFIX (only with a bridge) and the label_scores request: edgelink/latent.
-        self.bridge_claim: dict[str, str] | None = None
-        register_bridged(self, bridge)
+        # Every kind this receiver accepts (edgelink/kinds/specs.py): its applier (which checks
+        # everything before touching the runtime and leaves its state unchanged when it raises),
+        # placer (tensors straight into the buffer they are imported from: protocol/reader.py),
+        # cleanups and REQUEST ops. The session negotiates exactly these kinds.
+        self.accepting = acceptance(rt, self.cfg, signature, bridge)
+        self.appliers = self.accepting.appliers
+        self.ops = self.accepting.ops
+        self.bridge_claim = self.accepting.bridge_claim
         # A prefill the sender asked for in the background (a split handoff: wire/plan.py);
         # every later message of the session waits for it.
         self._cache = prefix_cache  # the shared prefix cache (cache.share), made on first request
@@ -135,6 +112,11 @@ class Receiver:
         self._background_error: BaseException | None = None
         if calibrate and cfg.wire.prefill_tps == 0 and rt.prefill_tps == 0 and not rt.tokens:
             calibrate_prefill(rt)
+
+    @property
+    def hidden_slices(self):
+        """The HIDDEN_SLICE messages this session stored (cleared when a session ends)."""
+        return self.accepting.held.get(Kind.HIDDEN_SLICE)
 
     def prefill_tps(self) -> float:
         """The prefill speed this receiver announces (configured, else measured)."""
@@ -202,7 +184,7 @@ class Receiver:
             log.warning("could not keep a prefilled prompt in the prefix cache: %s", exc)
 
     def _place(self, th: TensorHeader) -> dict[str, memoryview]:
-        placer = self.placers.get(th.kind)
+        placer = self.accepting.placers.get(th.kind)
         if placer is None:
             return {}
         self._join()  # a placer prepares buffers for the runtime: not while it prefills
@@ -229,13 +211,13 @@ class Receiver:
             self._background_error = None
             if self.cfg.protocol.session_state != "keep":
                 self.rt.clear()
-                for forget in self.forget:
+                for forget in self.accepting.forget:
                     forget()
             if report.rejected or report.ended_by != "close":
                 # A message that was cut off or refused must not leave its gigabyte behind:
                 # buffers it filled are given back (a later one faults them in again).
                 reader.release()
-                for release in self._release:
+                for release in self.accepting.release:
                     release()
 
     def _serve(self, ch: Channel, reader: FrameReader, report: SessionReport) -> SessionReport:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,9 @@ from edgelink.errors import (
 )
 from edgelink.kinds.bridged import NO_RANGE, bridged_tensors
 from edgelink.kinds.delta import DeltaApplier, delta_tensors
+from edgelink.kinds.hidden import HiddenSlice
 from edgelink.kinds.memory import memory_tensors
+from edgelink.kinds.patch import ResidualPatch
 from edgelink.kinds.prefix import prefix_tensors
 from edgelink.kinds.snapshot import VIRTUAL_TOKEN, state_message_tensors
 from edgelink.protocol.codec import tensor_message_digest
@@ -35,13 +38,59 @@ from edgelink.roles.receiver import frame_limit
 from edgelink.runtime.kvstate import bytes_from_position, parse_seq_state
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.transport.base import Channel
+from edgelink.transport.file import FileChannelWriter, frame_bytes
 from edgelink.wire.plan import SPLIT_MIN, Link, Plan, choose_plan
 
 log = logging.getLogger(__name__)
 
+Built = tuple[list, dict, tuple[int, int]]  # what a kind's builder returns: tensors, attrs, token range
+
+
+def encode_message(session: Session, kind: Kind, apply: ApplyMode, built: Built, *, seq_slot: int,
+                   layer_range: tuple[int, int], codec: str | None = None) -> tuple[list, TensorMessage]:
+    """One tensor message as the frame's parts, its K/V tensors encoded with ``codec`` (None:
+    raw): the encoding every send path and every message file shares."""
+    tensors, attrs, token_range = built
+    if codec is not None:
+        tensors, attrs = wire.encode_tensors(tensors, attrs, codec, session.send_checksum)
+    return session.encode_tensor_message(kind, apply, tensors, seq_slot=seq_slot, layer_range=layer_range,
+                                         token_range=token_range, attrs=attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneWay:
+    """A message for a reader that cannot answer (a message file, a snapshot in memory): the
+    writer's HELLO, then one tensor message."""
+
+    hello: bytes
+    parts: list
+    message: TensorMessage
+
+    @classmethod
+    def encode(cls, signature: dict[str, Any], cfg: Config, kind: Kind, apply: ApplyMode, built: Built, *,
+               seq_slot: int, layer_range: tuple[int, int], codec: str | None = None) -> OneWay:
+        """``cfg``: fitted to the runtime the state comes from (its limits bound the message)."""
+        session = Session(Role.CLIENT, signature, cfg.protocol, kinds=tuple(Kind))
+        hello = session.hello()
+        session.assume_peer_accepts()
+        parts, msg = encode_message(session, kind, apply, built, seq_slot=seq_slot, layer_range=layer_range,
+                                    codec=codec)
+        return cls(hello, parts, msg)
+
+    def write(self, path: str | Path) -> int:
+        """Write it as a message file (atomically, private); returns the file's size."""
+        with FileChannelWriter(path) as w:
+            w.send(self.hello)
+            w.send(*self.parts)
+        return Path(path).stat().st_size
+
+    def to_bytes(self) -> bytes:
+        """The message file's bytes, in memory."""
+        return frame_bytes(self.hello) + frame_bytes(*self.parts)
+
 
 @dataclasses.dataclass
-class SentSnapshot:
+class SentMessage:
     message_id: int
     payload_bytes: int
     wire_bytes: int
@@ -110,7 +159,7 @@ class Sender:
             raise PeerRejected(msg.code, msg.detail)
         return msg
 
-    def send_snapshot(self, rt: LlamaRuntime) -> SentSnapshot:
+    def send_snapshot(self, rt: LlamaRuntime) -> SentMessage:
         """Export the runtime's sequence, ship it and wait for the receiver's verified ACK.
         Over a network link this follows a plan (wire/plan.py): the codec, and perhaps a split
         in which the receiver prefills the first tokens itself, that the link's measured rate
@@ -158,7 +207,7 @@ class Sender:
                           codec=plan.codec)
         return dataclasses.replace(sent, predicted_s=plan.seconds, link=self.link)
 
-    def _send_text(self, rt: LlamaRuntime, plan: Plan, t0: float) -> SentSnapshot | None:
+    def _send_text(self, rt: LlamaRuntime, plan: Plan, t0: float) -> SentMessage | None:
         """The text plan: the receiver replaces its sequence by prefilling our tokens; then its
         state digest must be ours (cells, tokens, logits), else None (nothing is lost: the
         caller sends the whole state, which replaces it)."""
@@ -169,7 +218,7 @@ class Sender:
         mine = rt.state_digest()
         if self.request("digest")["digest"] != mine:
             return None
-        return SentSnapshot(-1, 0, len(frame), mine, t1 - t0, time.perf_counter() - t0, "tokens",
+        return SentMessage(-1, 0, len(frame), mine, t1 - t0, time.perf_counter() - t0, "tokens",
                             split=plan.split, predicted_s=plan.seconds, link=self.link)
 
     def _result(self) -> dict[str, Any]:
@@ -240,7 +289,7 @@ class Sender:
         """The token ids a state message carries: ours, or -1 for each without ``token_ids``."""
         return list(tokens) if self.token_ids else [VIRTUAL_TOKEN] * len(tokens)
 
-    def send_delta(self, rt: LlamaRuntime, since: int) -> SentSnapshot:
+    def send_delta(self, rt: LlamaRuntime, since: int) -> SentMessage:
         """Ship only the cells from position ``since`` on (the receiver holds the rest)."""
         if not self.token_ids:
             raise StateError("a delta names the tokens it extends: without token ids, send the whole state")
@@ -248,14 +297,14 @@ class Sender:
         return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_CACHE_DELTA, ApplyMode.APPEND,
                           delta_tensors(rt, since), t0)
 
-    def send_memory(self, rt: LlamaRuntime) -> SentSnapshot:
+    def send_memory(self, rt: LlamaRuntime) -> SentMessage:
         """Ship this runtime's sequence as KV_MEMORY: the peer appends it after its context."""
         t0 = time.perf_counter()
         return self._ship(rt.seq, (0, rt.n_layer), Kind.KV_MEMORY, ApplyMode.MEMORY,
                           memory_tensors(rt), t0)
 
     def send_prefix(self, vectors: np.ndarray, start: int, *, seq_slot: int = 0,
-                    energy_match: bool = False) -> SentSnapshot:
+                    energy_match: bool = False) -> SentMessage:
         """Ship vectors the peer feeds as input embeddings at positions ``start``.. of its
         sequence (``start`` must be its current length)."""
         t0 = time.perf_counter()
@@ -263,12 +312,24 @@ class Sender:
                           prefix_tensors(vectors, start, energy_match), t0)
 
     def send_bridged(self, vectors: np.ndarray, digest: str, source_tokens: int, *,
-                     seq_slot: int = 0) -> SentSnapshot:
+                     seq_slot: int = 0) -> SentMessage:
         """Ship a bridge's output (f32 [K, n_embd of the peer]) as BRIDGED_PREFIX; the peer
         rebuilds its sequence around it (bridged sessions only)."""
         t0 = time.perf_counter()
         return self._ship(seq_slot, NO_RANGE, Kind.BRIDGED_PREFIX, ApplyMode.OVERWRITE,
                           bridged_tensors(vectors, digest, source_tokens), t0)
+
+    def send_hidden(self, sl: HiddenSlice) -> SentMessage:
+        """Ship a hidden slice (HIDDEN_SLICE): the peer checks it against its model and keeps it."""
+        tensors, attrs, layer_range, token_range = sl.message_parts()
+        return self._ship(sl.seq_slot, layer_range, Kind.HIDDEN_SLICE, ApplyMode.OVERWRITE,
+                          (tensors, attrs, token_range), time.perf_counter(), codec=None)
+
+    def send_patch(self, patch: ResidualPatch) -> SentMessage:
+        """Ship a residual patch (RESIDUAL_PATCH), gated by the peer's norms (``request("latent_caps")``)."""
+        tensors, attrs, layer_range, token_range = patch.message_parts()
+        return self._ship(patch.seq_slot, layer_range, Kind.RESIDUAL_PATCH, patch.mode,
+                          (tensors, attrs, token_range), time.perf_counter(), codec=None)
 
     def pull_delta(self, rt: LlamaRuntime, since: int) -> int:
         """Ask the peer for the cells it added from ``since`` on, and append them here.
@@ -306,16 +367,12 @@ class Sender:
 
     def _ship(self, seq_slot: int, layer_range: tuple[int, int], kind: Kind, apply: ApplyMode,
               built: tuple[list, dict, tuple[int, int]], t0: float, codec: str | None | bool = False,
-              before: int = 0) -> SentSnapshot:
+              before: int = 0) -> SentMessage:
         """Encode (with ``codec``; by default the session's), send, and wait for the ACK,
         reading first the ``before`` replies to requests sent ahead of this message."""
-        tensors, attrs, token_range = built
         codec = self.codec if codec is False else codec
-        if codec is not None:
-            tensors, attrs = wire.encode_tensors(tensors, attrs, codec, self.session.send_checksum)
-        parts, msg = self.session.encode_tensor_message(
-            kind, apply, tensors, seq_slot=seq_slot,
-            layer_range=layer_range, token_range=token_range, attrs=attrs)
+        parts, msg = encode_message(self.session, kind, apply, built, seq_slot=seq_slot, layer_range=layer_range,
+                                    codec=codec)
         t1 = time.perf_counter()
         try:
             self.ch.send(*parts)
@@ -338,7 +395,7 @@ class Sender:
         digest = tensor_message_digest(msg)
         if ack.digest != digest:
             raise ChecksumMismatch("the receiver acknowledged a different digest than was sent")
-        return SentSnapshot(msg.message_id, msg.payload_bytes, sum(memoryview(p).nbytes for p in parts),
+        return SentMessage(msg.message_id, msg.payload_bytes, sum(memoryview(p).nbytes for p in parts),
                             digest.hex(), t1 - t0, t2 - t0, codec or "raw", path=getattr(self.ch, "path", None))
 
     def request(self, op: str, **params: Any) -> dict[str, Any]:

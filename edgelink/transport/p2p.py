@@ -7,7 +7,7 @@ are cached by libp2p per peer, so a second session to the same peer opens a stre
 existing connection and skips the ~250 ms connection set-up.
 
 Security: the host offers Noise only (never plaintext, secio or TLS fallbacks), yamux only.
-Inside the stream, every byte after the key exchange is sealed by ``edgelink.net.crypto.e2e``;
+Inside the stream, every byte after the key exchange is sealed by ``edgelink.transport.e2e``;
 there is no switch to turn that off.
 
 Records on the stream (little-endian): ``type u8 | length u32 | body``
@@ -54,8 +54,7 @@ from edgelink.errors import (
     TransportTimeout,
     Unreachable,
 )
-from edgelink.net.crypto import e2e
-from edgelink.net.identity import Identity
+from edgelink.transport import e2e
 from edgelink.transport.circuit import Circuits, is_circuit, is_relayed, run_service, split_circuit
 from edgelink.transport.framing import (
     FrameSink,
@@ -65,6 +64,7 @@ from edgelink.transport.framing import (
     byte_views,
     check_length,
 )
+from edgelink.transport.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class P2PChannel:
             return False
 
         try:
-            ok = self._host._call(put)
+            ok = self._host.call(put)
         except (trio.ClosedResourceError, trio.BrokenResourceError, RuntimeError) as exc:
             raise PeerGone(f"p2p {self.remote_peer_id}: channel is gone: {exc}") from None
         if not ok:
@@ -405,11 +405,11 @@ class P2PChannel:
                 self._done.set()
 
             try:
-                self._host._call(put)
+                self._host.call(put)
             except Exception:  # noqa: BLE001
-                self._host._call_soon_sync(self._done.set)
+                self._host.call_soon_sync(self._done.set)
         else:
-            self._host._call_soon_sync(self._done.set)
+            self._host.call_soon_sync(self._done.set)
         self._host._forget(self)
 
     # ------------------------------------------------------------------ handshake
@@ -470,7 +470,7 @@ class P2PChannel:
         def grant() -> None:
             self._credit += n
             self._wake_writer()
-        self._host._call_soon_sync(grant)
+        self._host.call_soon_sync(grant)
 
     # ------------------------------------------------------------------ Channel
 
@@ -844,7 +844,8 @@ class P2PHost:
 
     # ------------------------------------------------------------------ bridges
 
-    def _call(self, afn, *args):
+    def call(self, afn, *args):
+        """Run ``await afn(*args)`` in the host's trio thread and return its result."""
         import trio
 
         if self._token is None or self._closed:
@@ -863,7 +864,8 @@ class P2PHost:
         with contextlib.suppress(trio.RunFinishedError, RuntimeError):
             self._token.run_sync_soon(self._nursery.start_soon, afn, *args)
 
-    def _call_soon_sync(self, fn, *args) -> None:
+    def call_soon_sync(self, fn, *args) -> None:
+        """Run ``fn(*args)`` (not a coroutine) in the trio thread, without waiting for it."""
         import trio
 
         if self._token is None:
@@ -903,10 +905,6 @@ class P2PHost:
         """The trio nursery that lives as long as the host (for tasks of its services)."""
         return self._nursery
 
-    def call(self, afn, *args):
-        """Run ``await afn(*args)`` in the host's trio thread and return its result."""
-        return self._call(afn, *args)
-
     def reserve(self, relay_addr: str) -> str:
         """Reserve a slot on the relay at ``relay_addr`` (kept refreshed while this host
         runs) and return this host's circuit address through it (docs/nat.md)."""
@@ -921,7 +919,7 @@ class P2PHost:
         import trio
 
         try:
-            return self._call(go)
+            return self.call(go)
         except EdgelinkError:
             raise
         except trio.TooSlowError:
@@ -942,7 +940,7 @@ class P2PHost:
             return [str(a) for a in self._host.get_addrs()]
 
         out = []
-        for a in self._call(get):
+        for a in self.call(get):
             out.append(a if "/p2p/" in a else f"{a}/p2p/{pid}")
         return out
 
@@ -1033,7 +1031,7 @@ class P2PHost:
             return ch
 
         try:
-            ch = self._call(dial)
+            ch = self.call(dial)
         except trio.TooSlowError:
             raise TransportTimeout(f"could not reach {addr} within {limit} s") from None
         except EdgelinkError:
@@ -1065,7 +1063,7 @@ class P2PHost:
         async def get():
             return [p.to_base58() for p in self._host.get_network().connections]
 
-        return self._call(get)
+        return self.call(get)
 
     def close(self) -> None:
         """Close every channel and stop the host thread."""
@@ -1162,7 +1160,7 @@ _CLIENT_LOCK = threading.Lock()
 def client_host(cfg: Config, identity: Identity | None = None) -> P2PHost:
     """This process's dialling host (one per identity key), kept so that connections to a
     peer are reused across handoffs."""
-    from edgelink.net.identity import load_identity
+    from edgelink.transport.identity import load_identity
 
     ident = identity or load_identity(cfg.p2p.identity_key)
     key = (str(ident.path), ident.peer_id_str)

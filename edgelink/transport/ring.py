@@ -229,6 +229,11 @@ class Ring:
         # 0 disables jumping; a window is only useful well inside the capacity.
         self.window_bytes = int(window_bytes) if 0 < window_bytes < self._cap else 0
 
+    @property
+    def offset(self) -> int:
+        """Where this ring's header starts in the shared buffer."""
+        return self._off
+
     @classmethod
     def create(cls, buf, offset: int, capacity: int, **kwargs) -> Ring:
         """Initialise an empty ring at ``offset`` (the mapping must be fresh or unused)."""

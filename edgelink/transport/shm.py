@@ -555,10 +555,10 @@ class ShmListener:
         self._in_session = True
         nat.store_release_u64(mm, _C_GENERATION, self._generation)
         interval = self.cfg.shm.liveness_interval_s
-        rx = Ring(mm, self._c2s._off, peer_alive=self._client_alive,
+        rx = Ring(mm, self._c2s.offset, peer_alive=self._client_alive,
                   liveness_interval_s=interval, timeout_s=self.cfg.shm.timeout_s,
                   name=f"shm:{self.name} client->server", **self._ring_kw())
-        tx = Ring(mm, self._s2c._off, peer_alive=self._client_alive,
+        tx = Ring(mm, self._s2c.offset, peer_alive=self._client_alive,
                   liveness_interval_s=interval, timeout_s=self.cfg.shm.timeout_s,
                   name=f"shm:{self.name} server->client", **self._ring_kw())
         self._channel = ShmChannel(mm=mm, tx=tx, rx=rx, role="server", name=self.name,
