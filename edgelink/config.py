@@ -44,7 +44,7 @@ class RuntimeConfig:
     type_k: str
     type_v: str
     seq_id: int
-    eval_hook: str
+    eval_hook: bool
     extra_buffers: str
     n_gpu_layers: int
 
@@ -109,7 +109,7 @@ class P2PConfig:
     discover_timeout_s: float
     discover_listen: str
     relays: str
-    hole_punch: str
+    hole_punch: bool
     punch_listen: str
     reserve_retry_s: float
 
@@ -120,10 +120,10 @@ class CacheConfig:
     chunk_tokens: int
     ram_bytes: int
     disk_bytes: int
-    share: str
-    keep_prefills: str
+    share: bool
+    keep_prefills: bool
     peers: str
-    dht: str
+    dht: bool
     bootstrap: str
     trust: str
     reshare: str
@@ -139,7 +139,7 @@ class CacheConfig:
 @dataclasses.dataclass(frozen=True)
 class WireConfig:
     codec: str
-    allow_lossy: str
+    allow_lossy: bool
     zstd_level: int
     threads: int
     split: str
@@ -159,7 +159,7 @@ class NodeConfig:
     allow_peers: str
     tokens: str
     token_file: str
-    open: str
+    open: bool
     shutdown_grace_s: float
     max_pending: int
     max_pending_per_ip: int
@@ -237,8 +237,17 @@ def _find_base() -> Path:
     )
 
 
+_TRUE = ("on", "true")
+_FALSE = ("off", "false")
+
+
 def _convert(raw: str, typ: Any, where: str, base_dir: Path) -> Any:
     raw = raw.strip()
+    if typ is bool or typ == "bool":  # checked here, once: code reads a real bool
+        word = raw.lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ConfigError(f"{where}: {raw!r} is not on or off")
     try:
         if typ is int or typ == "int":
             return int(raw.replace("_", ""))
@@ -365,5 +374,7 @@ def to_env(cfg: Config) -> dict[str, str]:
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             if isinstance(value, tuple):
                 value = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = "on" if value else "off"
             env[f"{ENV_PREFIX}{section}_{key}".upper()] = str(value)
     return env

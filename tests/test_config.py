@@ -48,3 +48,17 @@ def test_to_env_round_trips():
     cfg = load_config(env={}, bench_tokens="16,32", shm_timeout_s=2.5)
     again = load_config(env=to_env(cfg))
     assert again == cfg
+
+
+def test_switches_are_booleans_checked_once_where_they_are_read():
+    """on/off settings arrive in code as bools (no string compared in twenty places), from a
+    file, a variable or an override alike; any other word is refused naming the setting."""
+    cfg = load_config(env={"EDGELINK_CACHE_SHARE": "off", "EDGELINK_WIRE_ALLOW_LOSSY": "true"},
+                      runtime_eval_hook="on")
+    assert cfg.cache.share is False and cfg.wire.allow_lossy is True and cfg.runtime.eval_hook is True
+    assert to_env(cfg)["EDGELINK_CACHE_SHARE"] == "off"
+    for bad in ("maybe", "yes", "", "2"):
+        with pytest.raises(ConfigError, match="EDGELINK_NODE_OPEN.*not on or off"):
+            load_config(env={"EDGELINK_NODE_OPEN": bad})
+        with pytest.raises(ConfigError, match="not on or off"):
+            cfg.replace(p2p_hole_punch=bad)

@@ -112,9 +112,9 @@ def test_lossless_handoff_in_place_is_exact(states, cfg, name):
 
 
 def test_lossy_needs_the_receivers_consent(cfg):
-    strict = dataclasses.replace(cfg.wire, allow_lossy="off")
+    strict = dataclasses.replace(cfg.wire, allow_lossy=False)
     assert all(not CODECS[n].lossy for n in wire.offered(strict))
-    assert set(LOSSY) <= set(wire.offered(dataclasses.replace(cfg.wire, allow_lossy="on")))
+    assert set(LOSSY) <= set(wire.offered(dataclasses.replace(cfg.wire, allow_lossy=True)))
     want_q8 = dataclasses.replace(cfg.wire, codec="q8/1")
     with pytest.raises(SessionError, match="allow_lossy = on on the receiver"):
         wire.choose(want_q8, wire.offered(strict), network=True)

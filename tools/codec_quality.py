@@ -32,7 +32,7 @@ from edgelink.protocol import codec as framing
 from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.llama import LlamaRuntime
-from edgelink.wire.codecs import CODECS, configure
+from edgelink.wire.codecs import CODECS
 
 
 def texts(cfg, n: int) -> list[str]:
@@ -67,9 +67,10 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
 
 
-def _encoded_message(rt: LlamaRuntime, tensors, attrs, rng, codec: str | None) -> TensorMessage:
+def _encoded_message(rt: LlamaRuntime, tensors, attrs, rng, codec: str | None,
+                     effort: wire.Effort = wire.DEFAULT_EFFORT) -> TensorMessage:
     if codec is not None:
-        tensors, attrs = wire.encode_tensors(tensors, attrs, codec, Checksum.XXH3_128)
+        tensors, attrs = wire.encode_tensors(tensors, attrs, codec, Checksum.XXH3_128, effort)
     sums = framing.checksums([t.data for t in tensors], Checksum.XXH3_128)
     return TensorMessage(b"\0" * 16, 1, Kind.KV_CACHE, ApplyMode.OVERWRITE, rt.seq, (0, rt.n_layer), rng,
                          tuple(Tensor(t.name, t.dtype, t.shape, t.data, s) for t, s in zip(tensors, sums, strict=True)),
@@ -106,10 +107,10 @@ def run_model(model: str, cfg, n: int, length: int, cont: int, codecs: list[str]
         free_matches += bool(np.array_equal(base_top, ref_tok))  # batch vs one by one: same argmax?
         for c in codecs:
             t0 = time.perf_counter()
-            msg = _encoded_message(tx, tensors, attrs, rng, c)
+            msg = _encoded_message(tx, tensors, attrs, rng, c, wire.effort(cfg.wire))
             t1 = time.perf_counter()
             coded = msg.attrs["wire"]["tensors"]
-            dec = wire.decode_message(msg, list(CODECS), 1 << 34)
+            dec = wire.decode_message(msg, list(CODECS), 1 << 34, threads=cfg.wire.threads)
             t2 = time.perf_counter()
             got = along(msg)
             agree = got.argmax(axis=1) == base_top
@@ -142,8 +143,6 @@ def framing_copy(t: Tensor) -> Tensor:
 
 def speed(model: str, cfg, length: int, codecs: list[str], repeats: int = 3) -> dict:
     """Encode and decode MB/s (f16 K/V bytes per second) on one and on two threads."""
-    import edgelink.wire as w
-
     path = resolve_model(model, cfg, pull=True)
     out: dict = {}
     with LlamaRuntime(path, cfg) as rt:
@@ -152,15 +151,14 @@ def speed(model: str, cfg, length: int, codecs: list[str], repeats: int = 3) -> 
         tensors = [framing_copy(t) for t in tensors]
         raw_kv = sum(t.nbytes for t in tensors if t.dtype is DType.F16 and t.name.split(".")[-1][0] in "kv")
         for threads in (1, 2):
-            configure(cfg.wire.zstd_level, threads)
-            w._THREADS[0] = threads  # noqa: SLF001 - what wire.threads sets
+            effort = wire.Effort(cfg.wire.zstd_level, threads)
             for c in codecs:
                 enc_s, dec_s = [], []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    msg = _encoded_message(rt, tensors, attrs, rng, c)
+                    msg = _encoded_message(rt, tensors, attrs, rng, c, effort)
                     t1 = time.perf_counter()
-                    wire.decode_message(msg, list(CODECS), 1 << 34)
+                    wire.decode_message(msg, list(CODECS), 1 << 34, threads=threads)
                     dec_s.append(time.perf_counter() - t1)
                     enc_s.append(t1 - t0)
                 out.setdefault(c, {})[f"{threads}t"] = {"encode_mb_s": raw_kv / min(enc_s) / 1e6,
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in r.items()))
         return 0
     cfg = load_config().replace(runtime_n_ctx=max(2048, args.tokens + args.cont + 8))
-    configure(cfg.wire.zstd_level, args.threads)
+    cfg = cfg.replace(wire_threads=args.threads)
     report = {"prompts": args.prompts, "tokens": args.tokens, "continue": args.cont, "models": {}}
     for model in args.models.split(","):
         report["models"][model] = run_model(model, cfg, args.prompts, args.tokens, args.cont,

@@ -33,9 +33,10 @@ from edgelink.models.resolve import resolve_model
 from edgelink.net.endpoint import connect, parse_endpoint  # noqa: F401 - connect: part of this API
 from edgelink.net.relay import Relay
 from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.roles.encode import OneWay
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import Receiver, SessionReport
-from edgelink.roles.sender import OneWay, Sender
+from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import ModelSignature, model_signature
 from edgelink.runtime.sizing import fit_limits
@@ -219,17 +220,20 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
           on_ready: Callable[[str], None] | None = None,
           on_session: Callable[[SessionReport], None] | None = None,
           progress: Progress | None = None,
-          bridge: str | os.PathLike[str] | Bridge | None = None) -> None:
+          bridge: str | os.PathLike[str] | Bridge | None = None, handle_signals: bool = False) -> None:
     """Receive sessions on ``endpoint`` (``shm:NAME``) until stopped or ``max_sessions`` end.
     With ``bridge`` (a file, trained for this model as its target; refused at startup
-    otherwise) it also accepts sessions bridged from the bridge's source model."""
+    otherwise) it also accepts sessions bridged from the bridge's source model.
+    ``handle_signals``: remove the segment on SIGTERM/SIGHUP too (signal handlers belong to
+    the program, so only a command asks for them; normal exit is always covered)."""
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
     br = _load_bridge(bridge)
     with load_runtime(model, cfg, progress) as rt:
         receiver = Receiver(rt, cfg, model_signature(rt, cfg).to_dict(), bridge=br)
         listener = ShmListener(ep.address, cfg)
-        install_cleanup_handlers()
+        if handle_signals:
+            install_cleanup_handlers()
         try:
             if on_ready:
                 on_ready(str(ep))
@@ -288,9 +292,10 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
          on_ready: Callable[[dict[str, Any]], None] | None = None,
          on_session: Callable[[dict[str, Any]], None] | None = None,
          progress: Progress | None = None,
-         bridge: str | os.PathLike[str] | Bridge | None = None) -> None:
-    """Run a libp2p node that accepts handoffs until SIGINT/SIGTERM (see edgelink.net.node);
-    ``bridge`` as for :func:`serve`."""
+         bridge: str | os.PathLike[str] | Bridge | None = None, handle_signals: bool = False) -> None:
+    """Run a libp2p node that accepts handoffs until it is shut down (see edgelink.net.node);
+    ``bridge`` as for :func:`serve`. ``handle_signals``: SIGINT/SIGTERM stop it gracefully
+    (for a command; a library leaves the program's handlers alone)."""
     from edgelink.net.node import Node
 
     cfg = _cfg(cfg)
@@ -302,7 +307,7 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
             relayed = {"circuit_addrs": n.circuit_addrs, "reserve_s": round(n.reserve_s, 4)} if n.circuit_addrs else {}
             on_ready({"event": "ready", "peer_id": n.identity.peer_id_str, "addrs": n.addrs,
                       **relayed, **n.memory_facts()})
-        n.run()
+        n.run(install_signals=handle_signals)
     except BaseException:
         n.shutdown()
         raise

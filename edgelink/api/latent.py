@@ -33,7 +33,8 @@ from edgelink.kinds.patch import ResidualPatch, steering_patch
 from edgelink.models.resolve import resolve_model
 from edgelink.protocol.codec import MAGIC
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.roles.sender import OneWay, Sender, SentMessage
+from edgelink.roles.encode import OneWay
+from edgelink.roles.sender import Sender, SentMessage
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature

@@ -33,7 +33,7 @@ from edgelink.kinds.specs import Acceptance, acceptance
 from edgelink.models.resolve import resolve_model
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
-from edgelink.roles.sender import OneWay
+from edgelink.roles.encode import OneWay
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
@@ -324,7 +324,7 @@ def read_messages(rt: LlamaRuntime, cfg: Config, signature: dict[str, Any], read
             raise EdgelinkError(f"{where}: unexpected {msg.frame_type.name} frame")
         if msg.kind not in accepting.appliers:
             raise EdgelinkError(f"{where}: this runtime cannot apply {msg.kind.name}")
-        msg = wire.decode_message(msg, codecs, limit_of(cfg.protocol))
+        msg = wire.decode_message(msg, codecs, limit_of(cfg.protocol), threads=cfg.wire.threads)
         accepting.appliers[msg.kind](msg)
         applied.append((msg.kind, msg.payload_bytes))
     return AppliedFile(applied, accepting)

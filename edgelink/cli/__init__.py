@@ -337,7 +337,7 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
         sys.stdout.flush()
 
     api.serve(model or cfg.runtime.default_model, f"shm:{shm_name}", cfg, max_sessions=max_sessions,
-              on_ready=ready, on_session=session, progress=_progress(), bridge=bridge)
+              on_ready=ready, on_session=session, progress=_progress(), bridge=bridge, handle_signals=True)
 
 
 @cli.command()
@@ -531,7 +531,7 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
         sys.stdout.flush()
 
     api.node(model or cfg.runtime.default_model, cfg, listen=listen, on_ready=ready,
-             on_session=session, progress=None if as_json else _progress(), bridge=bridge)
+             on_session=session, progress=None if as_json else _progress(), bridge=bridge, handle_signals=True)
 
 
 @cli.command()
@@ -562,7 +562,7 @@ def relay(obj: _Ctx, listen: tuple[str, ...], as_json: bool) -> None:
             f"{r_cfg.max_circuits} circuits per node, {r_cfg.circuit_bytes:,} B and "
             f"{r_cfg.circuit_duration_s:g} s per circuit (relay.*; 0: none)", compact=True)
     sys.stdout.flush()
-    r.run()
+    r.run(handle_signals=True)
     if not as_json:
         t = r.totals
         click.echo(f"relayed {t['circuits']} circuit(s), {t['bytes']:,} B; {t['reservations']} reservation(s)",

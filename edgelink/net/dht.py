@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgelink.config import Config, config_list
 from edgelink.errors import ConfigError, PeerGone, TransportError
@@ -343,12 +343,10 @@ class CacheDht:
 
 def dht_enabled(cfg: Config) -> bool:
     """``cache.dht``, checked: a DHT member announces chunks it must also be willing to share."""
-    if cfg.cache.dht not in ("on", "off"):
-        raise ConfigError(f"cache.dht is {cfg.cache.dht!r}: on or off")
-    if cfg.cache.dht == "on" and cfg.cache.share != "on":
+    if cfg.cache.dht and not cfg.cache.share:
         raise ConfigError("cache.dht = on announces this node's chunks, but cache.share = off refuses to "
                           "send them: turn one of the two around")
-    return cfg.cache.dht == "on"
+    return cfg.cache.dht
 
 
 class Announcer:
@@ -405,11 +403,13 @@ class Announcer:
         self._thread.join(timeout=5)
 
 
-_CLIENT_DHTS: dict[int, CacheDht] = {}
+_CLIENT_DHTS: dict[tuple[int, Any], CacheDht] = {}
 
 
 def client_dht(cfg: Config) -> CacheDht:
-    """This process's DHT client on its dialling host, joined through ``cache.bootstrap``."""
+    """This process's DHT client on its dialling host, joined through ``cache.bootstrap``: one
+    per host and ``[cache]`` settings, so a caller with another trust list, timeout or
+    bootstrap list never gets a client made with the first caller's."""
     from edgelink.transport.p2p import client_host
 
     wanted = config_list(cfg.cache.bootstrap)
@@ -417,16 +417,11 @@ def client_dht(cfg: Config) -> CacheDht:
         raise ConfigError("a DHT lookup needs cache.bootstrap: the multiaddr of at least one node with "
                           "cache.dht = on")
     host = client_host(cfg)
+    key = (id(host), cfg.cache)
     with _CLIENT_LOCK:
-        dht = _CLIENT_DHTS.get(id(host))
+        dht = _CLIENT_DHTS.get(key)
         if dht is None or dht.host is not host:
-            dht = _CLIENT_DHTS[id(host)] = CacheDht(host, cfg, server=False)
-            return dht
-    # a later call may name other members to join through (and another trust list: the caller's)
-    known = set(dht.bootstrapped)
-    new = [a for a in wanted if a.rsplit("/", 1)[-1] not in known]
-    if new:
-        dht.bootstrap(new)
+            dht = _CLIENT_DHTS[key] = CacheDht(host, cfg, server=False)
     return dht
 
 

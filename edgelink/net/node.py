@@ -171,10 +171,8 @@ def beyond_loopback(addr: str) -> bool:
 
 def check_exposure(listen: str, allowlist: bool, tokens: bool, cfg: Config) -> None:
     """Refuse to serve anyone who reaches a non-loopback address unless that is asked for."""
-    if cfg.node.open not in ("on", "off"):
-        raise ConfigError(f"node.open must be on or off, got {cfg.node.open!r}")
     relays = config_list(cfg.p2p.relays)
-    if allowlist or tokens or cfg.node.open == "on" or not (beyond_loopback(listen) or relays):
+    if allowlist or tokens or cfg.node.open or not (beyond_loopback(listen) or relays):
         return
     if relays and not beyond_loopback(listen):
         listen = f"{listen} and through the relay at {relays[0]}"
@@ -221,7 +219,7 @@ class Node:
             self._serving = cfg.replace(protocol_max_message_bytes=min(cfg.protocol.max_message_bytes,
                                                                        cfg.node.max_message_bytes))
             # One prefix cache for every slot (cache.share): its chunks are what the DHT announces.
-            self._cache = PrefixCache(cfg) if cfg.cache.share == "on" else None
+            self._cache = PrefixCache(cfg) if cfg.cache.share else None
             self._receivers = [Receiver(self._runtimes[0], self._serving, self.signature, bridge=bridge,
                                         prefix_cache=self._cache)]
             self.kv_bytes_per_context = self._runtimes[0].n_ctx * kv_bytes_per_token(self._runtimes[0])
@@ -462,8 +460,9 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def run(self, install_signals: bool = True) -> None:
-        """Serve until SIGINT/SIGTERM (or ``stop()``), then shut down gracefully."""
+    def run(self, install_signals: bool = False) -> None:
+        """Serve until ``stop()`` (and, with ``install_signals``, a command's choice, until
+        SIGINT/SIGTERM), then shut down gracefully."""
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: self._stopping.set())

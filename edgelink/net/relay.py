@@ -184,12 +184,13 @@ class Relay:
     def peer_id(self) -> str:
         return self.host.peer_id
 
-    def run(self, stop: threading.Event | None = None) -> None:
-        """Relay until SIGINT/SIGTERM (installed from the main thread) or ``stop`` is set."""
+    def run(self, stop: threading.Event | None = None, *, handle_signals: bool = False) -> None:
+        """Relay until ``stop`` is set, or with ``handle_signals`` (a command's choice, from
+        the main thread) until SIGINT/SIGTERM."""
         import signal
 
         stop = stop or threading.Event()
-        if threading.current_thread() is threading.main_thread():
+        if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.2):

@@ -29,6 +29,7 @@ from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessag
 from edgelink.protocol.ops import check_params
 from edgelink.protocol.reader import FrameReader
 from edgelink.protocol.session import Role, Session, State
+from edgelink.roles.encode import encode_message
 from edgelink.runtime.llama import BATCHED_MIN, LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
 from edgelink.transport.base import Channel
@@ -107,7 +108,6 @@ class Receiver:
         # A prefill the sender asked for in the background (a split handoff: wire/plan.py);
         # every later message of the session waits for it.
         self._cache = prefix_cache  # the shared prefix cache (cache.share), made on first request
-        self._keeps_prefills()  # a wrong cache.keep_prefills fails here, not at a peer's request
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
         if calibrate and cfg.wire.prefill_tps == 0 and rt.prefill_tps == 0 and not rt.tokens:
@@ -169,10 +169,7 @@ class Receiver:
         return {"context_tokens": base + len(toks), "background": True}
 
     def _keeps_prefills(self) -> bool:
-        keep = self.cfg.cache.keep_prefills
-        if keep not in ("on", "off"):
-            raise ConfigError(f"cache.keep_prefills is {keep!r}: on or off")
-        return keep == "on" and self.cfg.cache.share == "on"
+        return self.cfg.cache.keep_prefills and self.cfg.cache.share
 
     def _keep_prefix(self) -> None:
         """Store the whole chunks a peer's prompt filled here (cache.keep_prefills): a cache
@@ -253,7 +250,8 @@ class Receiver:
                         t1 = time.perf_counter()
                         digest = tensor_message_digest(msg)  # of what was sent, encoded or not
                         coded = msg.attrs.get("wire")
-                        msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place)
+                        msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place,
+                                                  threads=self.cfg.wire.threads)
                         codec_used = coded["codec"] if coded is not None else "raw"  # checked by the decode
                         t2 = time.perf_counter()
                         self.appliers[msg.kind](msg)
@@ -326,15 +324,13 @@ class Receiver:
     def _send_delta(self, ch: Channel, session: Session, req: Request) -> None:
         """Answer REQUEST(delta, since) with the cells this side added from ``since`` on."""
         since = req.params["since"]
-        tensors, attrs, token_range = delta_tensors(self.rt, since)
-        parts, _ = session.encode_tensor_message(
-            Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=self.rt.seq,
-            layer_range=(0, self.rt.n_layer), token_range=token_range, attrs=attrs)
+        parts, _ = encode_message(session, Kind.KV_CACHE_DELTA, ApplyMode.APPEND, delta_tensors(self.rt, since),
+                                  seq_slot=self.rt.seq, layer_range=(0, self.rt.n_layer))
         ch.send(*parts)
 
     def _prefix_cache(self):
         """The prefix cache this receiver shares (cache.share), made on first use."""
-        if self.cfg.cache.share != "on":
+        if not self.cfg.cache.share:
             raise SessionError("this receiver does not share its prefix cache (cache.share = off)")
         if self._cache is None:
             from edgelink.cache.prefix import PrefixCache
@@ -347,13 +343,11 @@ class Receiver:
         the codec the peer takes over a network link."""
         msg = self._prefix_cache().chunk_message(self.rt, self.signature, req.params["key"].hex(),
                                                  window=req.params.get("window", True))
-        tensors, attrs = list(msg.tensors), dict(msg.attrs)
         codec = wire.choose(self.cfg.wire, session.peer.codecs if session.peer else (),
                             getattr(ch, "link", "local") == "network")
-        if codec is not None:
-            tensors, attrs = wire.encode_tensors(tensors, attrs, codec, session.send_checksum)
-        parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=self.rt.seq,
-                                                 layer_range=msg.layer_range, token_range=msg.token_range, attrs=attrs)
+        parts, _ = encode_message(session, Kind.KV_CACHE_DELTA, ApplyMode.APPEND,
+                                  (list(msg.tensors), dict(msg.attrs), msg.token_range), seq_slot=self.rt.seq,
+                                  layer_range=msg.layer_range, codec=codec, effort=wire.effort(self.cfg.wire))
         ch.send(*parts)
 
     def _request(self, req: Request, ch: Channel | None = None) -> dict[str, Any]:

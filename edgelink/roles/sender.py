@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,59 +33,15 @@ from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
 from edgelink.protocol.ops import check_result
 from edgelink.protocol.session import Role, Session, State
+from edgelink.roles.encode import encode_message
 from edgelink.roles.receiver import frame_limit
 from edgelink.runtime.kvstate import bytes_from_position, parse_seq_state
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.transport.base import Channel
-from edgelink.transport.file import FileChannelWriter, frame_bytes
 from edgelink.wire.plan import SPLIT_MIN, Link, Plan, choose_plan
 
 log = logging.getLogger(__name__)
 
-Built = tuple[list, dict, tuple[int, int]]  # what a kind's builder returns: tensors, attrs, token range
-
-
-def encode_message(session: Session, kind: Kind, apply: ApplyMode, built: Built, *, seq_slot: int,
-                   layer_range: tuple[int, int], codec: str | None = None) -> tuple[list, TensorMessage]:
-    """One tensor message as the frame's parts, its K/V tensors encoded with ``codec`` (None:
-    raw): the encoding every send path and every message file shares."""
-    tensors, attrs, token_range = built
-    if codec is not None:
-        tensors, attrs = wire.encode_tensors(tensors, attrs, codec, session.send_checksum)
-    return session.encode_tensor_message(kind, apply, tensors, seq_slot=seq_slot, layer_range=layer_range,
-                                         token_range=token_range, attrs=attrs)
-
-
-@dataclasses.dataclass(frozen=True)
-class OneWay:
-    """A message for a reader that cannot answer (a message file, a snapshot in memory): the
-    writer's HELLO, then one tensor message."""
-
-    hello: bytes
-    parts: list
-    message: TensorMessage
-
-    @classmethod
-    def encode(cls, signature: dict[str, Any], cfg: Config, kind: Kind, apply: ApplyMode, built: Built, *,
-               seq_slot: int, layer_range: tuple[int, int], codec: str | None = None) -> OneWay:
-        """``cfg``: fitted to the runtime the state comes from (its limits bound the message)."""
-        session = Session(Role.CLIENT, signature, cfg.protocol, kinds=tuple(Kind))
-        hello = session.hello()
-        session.assume_peer_accepts()
-        parts, msg = encode_message(session, kind, apply, built, seq_slot=seq_slot, layer_range=layer_range,
-                                    codec=codec)
-        return cls(hello, parts, msg)
-
-    def write(self, path: str | Path) -> int:
-        """Write it as a message file (atomically, private); returns the file's size."""
-        with FileChannelWriter(path) as w:
-            w.send(self.hello)
-            w.send(*self.parts)
-        return Path(path).stat().st_size
-
-    def to_bytes(self) -> bytes:
-        """The message file's bytes, in memory."""
-        return frame_bytes(self.hello) + frame_bytes(*self.parts)
 
 
 @dataclasses.dataclass
@@ -358,7 +313,7 @@ class Sender:
             raise SessionError(f"expected a KV_CACHE_DELTA, got {msg.frame_type.name}")
         digest = tensor_message_digest(msg)
         try:
-            keep(wire.decode_message(msg, self.session.codecs, self._limit))
+            keep(wire.decode_message(msg, self.session.codecs, self._limit, threads=self.cfg.wire.threads))
         except EdgelinkError as exc:
             self.ch.send(self.session.reject(msg.message_id, exc))
             raise
@@ -372,7 +327,7 @@ class Sender:
         reading first the ``before`` replies to requests sent ahead of this message."""
         codec = self.codec if codec is False else codec
         parts, msg = encode_message(self.session, kind, apply, built, seq_slot=seq_slot, layer_range=layer_range,
-                                    codec=codec)
+                                    codec=codec, effort=wire.effort(self.cfg.wire))
         t1 = time.perf_counter()
         try:
             self.ch.send(*parts)

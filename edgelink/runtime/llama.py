@@ -57,8 +57,6 @@ class LlamaRuntime:
         self.path = Path(model_path)
         self.cfg = cfg
         rc = cfg.runtime
-        if rc.eval_hook not in ("on", "off"):
-            raise ModelError(f"runtime.eval_hook must be on or off, not {rc.eval_hook!r}")
         if rc.flash_attn not in _FLASH:
             raise ModelError(f"runtime.flash_attn must be one of {sorted(_FLASH)}, not {rc.flash_attn!r}")
         for name in (rc.type_k, rc.type_v):
@@ -83,7 +81,7 @@ class LlamaRuntime:
         # Called with (positions, output flags) before each llama_decode while set; prefill then
         # decodes one micro-batch per call (the eval hook maps l_out rows to positions by it).
         self.batch_observer = None
-        if eval_hook if eval_hook is not None else rc.eval_hook == "on":
+        if eval_hook if eval_hook is not None else rc.eval_hook:
             from edgelink.runtime.evalhook import EvalHook
 
             self.eval_hook = EvalHook(self.n_layer, self.n_embd)

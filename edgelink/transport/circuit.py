@@ -18,7 +18,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from edgelink.errors import ConfigError, TransportError
+from edgelink.errors import TransportError
 
 if TYPE_CHECKING:
     from edgelink.transport.p2p import P2PHost
@@ -106,8 +106,6 @@ class Circuits:
         from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_ID
 
         await self.start()
-        if self._p2p.cfg.p2p.hole_punch not in ("on", "off"):
-            raise ConfigError(f"p2p.hole_punch is {self._p2p.cfg.p2p.hole_punch!r}: on or off")
         host = self._p2p.libp2p_host
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(relay_addr))
@@ -124,7 +122,7 @@ class Circuits:
             raise TransportError(f"the relay at {relay_addr} refused a reservation (it holds its maximum, "
                                  "relay.max_reservations, or this peer is not on its relay.allow_peers)")
         addr = circuit_addr(relay_addr, self._p2p.peer_id)
-        if self._p2p.cfg.p2p.hole_punch == "on":
+        if self._p2p.cfg.p2p.hole_punch:
             await self.hole_puncher()  # answer the clients that try to go direct
         log.info("reserved a slot on %s; reachable at %s", relay_addr, addr)
         if relay_addr not in self.reserved:
@@ -162,7 +160,7 @@ class Circuits:
 
         await self.start()
         split_circuit(addr)
-        if self._p2p.cfg.p2p.hole_punch == "on":
+        if self._p2p.cfg.p2p.hole_punch:
             # listen first: the relay's identify then tells us the address our NAT maps that
             # port to, which is what the peer must dial back (a port opened later is unknown)
             await self.hole_puncher()
@@ -174,7 +172,7 @@ class Circuits:
         it. Whether there is one now."""
         import trio
 
-        if self._p2p.cfg.p2p.hole_punch != "on":
+        if not self._p2p.cfg.p2p.hole_punch:
             return False
         dcutr = await self.hole_puncher()
         with trio.move_on_after(self._p2p.cfg.p2p.connect_timeout_s):

@@ -1158,12 +1158,13 @@ _CLIENT_LOCK = threading.Lock()
 
 
 def client_host(cfg: Config, identity: Identity | None = None) -> P2PHost:
-    """This process's dialling host (one per identity key), kept so that connections to a
-    peer are reused across handoffs."""
+    """This process's dialling host for one identity key and one set of ``[p2p]`` settings,
+    kept so that connections to a peer are reused across handoffs. A caller with other p2p
+    settings (timeouts, windows, read-ahead) gets a host of its own: never the first caller's."""
     from edgelink.transport.identity import load_identity
 
     ident = identity or load_identity(cfg.p2p.identity_key)
-    key = (str(ident.path), ident.peer_id_str)
+    key = (str(ident.path), ident.peer_id_str, cfg.p2p)
     with _CLIENT_LOCK:
         host = _CLIENT_HOSTS.get(key)
         if host is None or host._closed or not host._thread.is_alive():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,9 +37,9 @@ from edgelink.protocol.kinds import Checksum, DType
 from edgelink.protocol.limits import describe_bytes
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.protocol.untrusted import Hex, Int, Obj, Seq, Str
-from edgelink.wire.codecs import CODECS, Codec, configure
+from edgelink.wire.codecs import CODECS, DEFAULT_EFFORT, Codec, Effort
 
-__all__ = ["CODECS", "candidates", "choose", "decode_message", "encode_tensors", "offered"]
+__all__ = ["CODECS", "DEFAULT_EFFORT", "Effort", "candidates", "choose", "decode_message", "effort", "encode_tensors", "offered"]
 
 _KV_NAME = re.compile(r"c(\d{1,3})\.s(\d{1,3})\.([kv])\d{1,5}")
 _ATTRS = Obj({"codec": Str(32),
@@ -49,12 +50,10 @@ _ATTRS = Obj({"codec": Str(32),
 def offered(cfg: WireConfig) -> tuple[str, ...]:
     """The codecs a receiver lists in its HELLO."""
     _check(cfg)
-    return tuple(n for n, c in CODECS.items() if not c.lossy or cfg.allow_lossy == "on")
+    return tuple(n for n, c in CODECS.items() if not c.lossy or cfg.allow_lossy)
 
 
 def _check(cfg: WireConfig) -> None:
-    if cfg.allow_lossy not in ("on", "off"):
-        raise ConfigError(f"wire.allow_lossy is {cfg.allow_lossy!r}: on or off")
     if cfg.codec not in ("auto", "raw", "lossless", *CODECS):
         raise ConfigError(f"wire.codec is {cfg.codec!r}: auto, raw, lossless or one of {', '.join(CODECS)}")
     if cfg.split not in ("auto", "off"):
@@ -62,8 +61,11 @@ def _check(cfg: WireConfig) -> None:
     for key in ("probe_bytes", "link_mbit", "prefill_tps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"wire.{key} is {getattr(cfg, key)}: 0 or more")
-    configure(cfg.zstd_level, cfg.threads)
-    _THREADS[0] = cfg.threads
+
+
+def effort(cfg: WireConfig) -> Effort:
+    """The encoder effort these settings ask for (handed to ``encode_tensors``)."""
+    return Effort(cfg.zstd_level, cfg.threads)
 
 
 def choose(cfg: WireConfig, peer_codecs: Sequence[str], network: bool) -> str | None:
@@ -88,7 +90,7 @@ def candidates(cfg: WireConfig, peer_codecs: Sequence[str], chosen: str | None) 
     a sender's defaults never trade exactness away. Otherwise only what ``choose`` settled on."""
     if cfg.codec != "auto":
         return [chosen]
-    return [None, *(n for n, c in CODECS.items() if n in peer_codecs and (not c.lossy or cfg.allow_lossy == "on"))]
+    return [None, *(n for n, c in CODECS.items() if n in peer_codecs and (not c.lossy or cfg.allow_lossy))]
 
 
 def _v_trans(attrs: dict[str, Any], c: int, s: int) -> bool | None:
@@ -111,25 +113,26 @@ def _role(name: str, attrs: dict[str, Any]) -> tuple[bool, bool] | None:
     return is_k, (not is_k and vt)
 
 
-_POOL: list[ThreadPoolExecutor] = []
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by size: threads kept for the process, no setting
+_POOLS_LOCK = threading.Lock()
 
 
-def _map(fn: Callable, items: Sequence) -> list:
-    """``fn`` over ``items`` on ``wire.threads`` threads (numpy and zstd release the GIL)."""
-    workers = _THREADS[0] or len(os.sched_getaffinity(0))
+def _map(fn: Callable, items: Sequence, threads: int) -> list:
+    """``fn`` over ``items`` on ``threads`` threads (0: every core; numpy and zstd release the GIL)."""
+    workers = threads or len(os.sched_getaffinity(0))
     if workers <= 1 or len(items) < 2:
         return [fn(x) for x in items]
-    if not _POOL or _POOL[0]._max_workers != workers:  # noqa: SLF001 - resized when configured
-        _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="edgelink-wire")]
-    return list(_POOL[0].map(fn, items))
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="edgelink-wire")
+    return list(pool.map(fn, items))
 
 
-_THREADS = [0]
-
-
-def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str,
-                   alg: Checksum) -> tuple[list[Tensor], dict[str, Any]]:
-    """The message's f16 K/V tensors encoded with codec ``name``; everything else as it was."""
+def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str, alg: Checksum,
+                   effort: Effort = DEFAULT_EFFORT) -> tuple[list[Tensor], dict[str, Any]]:
+    """The message's f16 K/V tensors encoded with codec ``name`` (working as hard as
+    ``effort`` says); everything else as it was."""
     codec = CODECS[name]
 
     def one(t: Tensor) -> tuple[Tensor, dict[str, Any] | None]:
@@ -141,7 +144,7 @@ def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str,
         m = np.ascontiguousarray(x.T) if transposed else x
         if m.shape[1] % codec.widths:
             return t, None
-        enc = np.frombuffer(codec.encode(m, is_k), dtype=np.uint8)
+        enc = np.frombuffer(codec.encode(m, is_k, effort), dtype=np.uint8)
         if codec.lossy:
             dec = codec.decode(memoryview(enc), m.shape[0], m.shape[1], is_k)
             dec = np.ascontiguousarray(dec.T) if transposed else dec
@@ -153,7 +156,7 @@ def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str,
 
     out: list[Tensor] = []
     described: dict[str, Any] = {}
-    for t, d in _map(one, tensors):
+    for t, d in _map(one, tensors, effort.threads):
         out.append(t)
         if d is not None:
             described[t.name] = d
@@ -163,9 +166,11 @@ def encode_tensors(tensors: list[Tensor], attrs: dict[str, Any], name: str,
 
 
 def decode_message(msg: TensorMessage, accepted: Sequence[str], limit: int,
-                   place: Callable[[framing.TensorHeader], dict[str, memoryview]] | None = None) -> TensorMessage:
+                   place: Callable[[framing.TensorHeader], dict[str, memoryview]] | None = None,
+                   threads: int = 0) -> TensorMessage:
     """The message with its encoded tensors decoded (into ``place``'s buffers where it offers
-    them) and each checked against the checksum the sender announced."""
+    them; on ``threads`` threads, wire.threads) and each checked against the checksum the
+    sender announced."""
     if "wire" not in msg.attrs:
         return msg
     w = _ATTRS(msg.attrs["wire"], "TENSOR attrs.wire", ProtocolError)
@@ -217,7 +222,7 @@ def decode_message(msg: TensorMessage, accepted: Sequence[str], limit: int,
                                    "sender's decoder produced (nothing was applied)")
         return Tensor(t.name, DType.F16, shape, memoryview(arr).cast("B").toreadonly(), digest)
 
-    new = {t.name: t for t in _map(one, plan)}
+    new = {t.name: t for t in _map(one, plan, threads)}
     tensors = tuple(new.get(t.name, t) for t in msg.tensors)
     return TensorMessage(msg.session_id, msg.message_id, msg.kind, msg.apply, msg.seq_slot, msg.layer_range,
                          msg.token_range, tensors, attrs, msg.checksum_alg)

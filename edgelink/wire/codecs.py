@@ -32,11 +32,22 @@ HADAMARD_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
+class Effort:
+    """How hard an encoder works (wire.zstd_level, wire.threads: 0 is every core). It travels
+    with each call, so two sessions of one process can differ."""
+
+    zstd_level: int = 1
+    threads: int = 0
+
+
+DEFAULT_EFFORT = Effort()
+
+@dataclasses.dataclass(frozen=True)
 class Codec:
     name: str
     lossy: bool
-    # encode(x: f16 [T, C], is_k) -> bytes; decode(data, T, C, is_k) -> f16 [T, C]
-    encode: Callable[[np.ndarray, bool], bytes | np.ndarray]
+    # encode(x: f16 [T, C], is_k, effort) -> bytes; decode(data, T, C, is_k) -> f16 [T, C]
+    encode: Callable[[np.ndarray, bool, Effort], bytes | np.ndarray]
     decode: Callable[[memoryview, int, int, bool], np.ndarray]
     widths: int = 1  # channel counts must be multiples of this
     # For planning a handoff (wire/plan.py): encoded size over f16 size, and encode and decode
@@ -55,22 +66,12 @@ def _need(data: memoryview, n: int, name: str) -> None:
 # ---------------------------------------------------------------------------- lossless
 
 
-_ZSTD_LEVEL = [1]
-_ZSTD_THREADS = [0]
-
-
-def configure(level: int, threads: int) -> None:
-    """zstd level and worker threads (wire.zstd_level, wire.threads)."""
-    _ZSTD_LEVEL[0] = level
-    _ZSTD_THREADS[0] = threads
-
-
-def _shuffle_encode(x: np.ndarray, is_k: bool) -> bytes:
+def _shuffle_encode(x: np.ndarray, is_k: bool, effort: Effort) -> bytes:
     import zstandard
 
     planes = np.ascontiguousarray(x.view(np.uint8).reshape(-1, 2).T)
-    threads = _ZSTD_THREADS[0] if _ZSTD_THREADS[0] > 0 else -1
-    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL[0], threads=threads,
+    threads = effort.threads if effort.threads > 0 else -1
+    return zstandard.ZstdCompressor(level=effort.zstd_level, threads=threads,
                                     write_content_size=True).compress(planes)
 
 
@@ -115,7 +116,7 @@ def _q8_groups(x: np.ndarray, is_k: bool) -> np.ndarray:
     return x.reshape(t, c // Q8_BLOCK, Q8_BLOCK)
 
 
-def _q8_encode(x: np.ndarray, is_k: bool) -> bytes:
+def _q8_encode(x: np.ndarray, is_k: bool, effort: Effort) -> bytes:
     blocks = _q8_groups(x.astype(np.float32), is_k)
     scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float16)
     s32 = scale.astype(np.float32)[:, :, None]
@@ -237,7 +238,7 @@ def _kivi_decode_with(data: memoryview, t: int, c: int, per_channel: bool, name:
     return _dequant4(g, scale.reshape(t, c // GROUP), lo.reshape(t, c // GROUP)).reshape(t, c)
 
 
-def _kivi_encode(x: np.ndarray, is_k: bool) -> bytes:
+def _kivi_encode(x: np.ndarray, is_k: bool, effort: Effort) -> bytes:
     return _kivi_encode_with(x, per_channel=is_k)
 
 
@@ -245,7 +246,7 @@ def _kivi_decode(data: memoryview, t: int, c: int, is_k: bool) -> np.ndarray:
     return _kivi_decode_with(data, t, c, is_k, "kivi4/1").astype(np.float16)
 
 
-def _kivih_encode(x: np.ndarray, is_k: bool) -> bytes:
+def _kivih_encode(x: np.ndarray, is_k: bool, effort: Effort) -> bytes:
     return _kivi_encode_with(_hadamard(x), per_channel=False)
 
 
