@@ -40,3 +40,37 @@ def pair(smollm2_path, cfg):
     yield a, b
     a.close()
     b.close()
+
+
+# A test that loads a model (a real one, a shape twin, or a bridge trained on one) is marked
+# `model`: it uses a model fixture, or its code or its fixtures' code names a model or a model
+# loader. `pytest -m "not model"` then runs the rest (the sans-IO core, config, wire, layout,
+# transports, fuzzers) in about a minute.
+MODEL_FIXTURES = frozenset({"smollm2_path", "gemma3_path", "model_paths"})
+MODEL_WORDS = ("smollm2", "gemma3", "resolve_model", "LlamaRuntime", "twin", "edgelink.load(", "api.load(",
+               "start_receiver", "real_export", "load_runtime", "\"demo\"", "tiny_gguf")
+
+
+def _loads_a_model(item) -> bool:
+    import inspect
+
+    if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        funcs += [d.func for d in defs]
+    for f in funcs:
+        try:
+            text = inspect.getsource(f)
+        except (OSError, TypeError):
+            continue
+        if any(w in text for w in MODEL_WORDS):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _loads_a_model(item):
+            item.add_marker(pytest.mark.model)

@@ -55,6 +55,7 @@ def test_smoke_training_exports_a_bridge_numpy_matches_torch(kind, cfg, tmp_path
     assert np.abs(a - b).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_same_seed_same_bridge(cfg, tmp_path):
     spec = TrainSpec(kind="lip", **{**SMOKE, "steps": 2, "eval_every": 2})
     a = train_bridge(spec, tmp_path / "a", cfg, log=lambda m: None)

@@ -52,6 +52,7 @@ def test_the_dht_setting_is_checked(cfg):
         dht_enabled(cfg.replace(cache_dht="on", cache_share="off"))
 
 
+@pytest.mark.slow
 def test_records_route_through_members_and_the_deepest_key_is_found(cfg, tmp_path):
     hosts, dhts = [], []
     outsider = load_identity(tmp_path / "outsider.key")
@@ -159,6 +160,7 @@ def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2
 
 
 
+@pytest.mark.slow
 def test_a_member_survives_hostile_bytes_on_its_dht_protocol(cfg, tmp_path):
     """Garbage on the Kademlia protocol (huge declared lengths, random bytes, a truncated
     protobuf, a forged ADD_PROVIDER naming another peer) costs the sender its stream; the member

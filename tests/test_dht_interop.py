@@ -44,6 +44,7 @@ def by_peer(providers: list[Provider]) -> dict[str, set[str]]:
     return {p.peer_id: set(p.addrs) for p in providers}
 
 
+@pytest.mark.slow
 def test_a_js_libp2p_node_carries_provider_records_between_py_members(cfg, tmp_path, js_dir):
     hosts: list[P2PHost] = []
     try:

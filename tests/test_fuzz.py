@@ -177,6 +177,7 @@ def test_session_fuzz_seeded(seeds, limits):
     _no_failures(run(lambda f: target([f]), "hello", seeds[:1], 600, seed=13))
 
 
+@pytest.mark.slow
 def test_message_file_fuzz_seeded(seeds):
     report = run(lambda f: T.message_file(len(f).to_bytes(8, "little") + f), "file", seeds, 300, seed=14)
     _no_failures(report)
@@ -294,6 +295,7 @@ def test_the_shipped_bridge_still_loads(bridge_pair):
     assert br.k == 8
 
 
+@pytest.mark.slow
 def test_hostile_bridge_files_are_typed_and_bounded(bridge_pair):
     manifest, npz = bridge_pair
     bound = 8 * len(npz) + (64 << 20)

@@ -80,6 +80,7 @@ def test_node_with_mdns_is_discovered_and_served_by_peer_id(netns_ok, smollm2_pa
     assert out["quiet_error"] and "answered mDNS" in out["quiet_error"]
 
 
+@pytest.mark.slow
 def test_discover_cli_json_and_exit_status(netns_ok, tmp_path):
     env = {**os.environ, "EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "id.key")}
     r = _in_netns([sys.executable, "-m", "edgelink", "discover", "--timeout", "0.5", "--json"], env, 60)

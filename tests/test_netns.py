@@ -38,6 +38,7 @@ def test_handoff_to_a_node_on_another_host_continues_exactly(remote, smollm2_pat
         assert stop_receiver(node) == 0
 
 
+@pytest.mark.slow
 def test_transport_bench_across_the_veth_link(tmp_path):
     import json
     import os

@@ -140,6 +140,7 @@ def test_one_noise_message_per_yamux_frame(wire_hosts, monkeypatch):
     assert len(sent) <= need + 40, (len(sent), need)
 
 
+@pytest.mark.slow
 def test_bench_transport_reports_every_column(tmp_path):
     env = {**os.environ, "EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "id.key")}
     out = subprocess.run([sys.executable, "-m", "edgelink", "bench", "transport", "--sizes", "1",

@@ -50,6 +50,7 @@ def relayed(cfg, tmp_path):
         relay.close()
 
 
+@pytest.mark.slow
 def test_circuits_release_their_slots_and_carry_bytes_both_ways(relayed, tmp_path):
     """Two circuits at once (the most relay.max_circuits allows), both closed, then two more:
     py-libp2p 0.8.1's own pump kept a dead circuit's slot, so the third was refused."""
