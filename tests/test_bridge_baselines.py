@@ -1,5 +1,5 @@
-"""Issue 16, part 1: the baselines a reviewer would demand (bridges/calibration.py and the
-helpers in bridges/evaluate.py), on constructed logits: calibration fitted on dev moves
+"""Issue 16, part 1: the baselines a reviewer would demand (edgelink/train/calibration.py and the
+helpers in edgelink/train/evaluate.py), on constructed logits: calibration fitted on dev moves
 predictions the way it should and never reads test, the majority row is the scored examples'
 majority, and the paired differences are bridge minus baseline. No model is loaded; the real
 run's versions of these checks are in tests/test_bridge_eval.py."""
@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import bridges.calibration as cal
-import bridges.evaluate as ev
-from bridges.data import Example
+import edgelink.train.calibration as cal
+import edgelink.train.evaluate as ev
+from edgelink.train.data import Example
 
 
 def _biased_binary(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +126,7 @@ def test_paired_differences_are_bridge_minus_baseline():
 
 
 def test_soft_prompt_round_trip_and_tamper(tmp_path):
-    from bridges.soft_prompt import load_soft_prompt, save_soft_prompt
+    from edgelink.train.soft_prompt import load_soft_prompt, save_soft_prompt
 
     rows = np.random.default_rng(7).standard_normal((4, 640)).astype(np.float32)
     manifest, npz = save_soft_prompt(tmp_path / "sp", rows, {"weights_digest": "ab"}, {"seed": 3})
@@ -142,10 +142,10 @@ def test_text_head_pads_exactly_and_trains_only_the_rows(gemma3_path, cfg):
     """A right-padded batch gives each example the logits it gets alone (causal attention keeps
     the padding out), and the loss's gradient reaches the soft rows, not the receiver."""
     torch = pytest.importorskip("torch")
-    from bridges.prompt_tuning import SoftPrompt, TextHead
-    from bridges.soft_prompt import tail_ids
-    from bridges.torch_receiver import Receiver
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.train.prompt_tuning import SoftPrompt, TextHead
+    from edgelink.train.soft_prompt import tail_ids
+    from edgelink.train.torch_receiver import TorchReceiver
 
     torch.set_num_threads(1)
     prompt = ev.task_prompt("sentiment")
@@ -155,7 +155,7 @@ def test_text_head_pads_exactly_and_trains_only_the_rows(gemma3_path, cfg):
         tails = [tail_ids(rt, t, prompt.after) for t in ("Awful.", "A warm, funny and moving film.")]
         init = rt.token_embeddings().rows(primer[1:4])
     assert len(tails[0]) < len(tails[1])  # the first is padded in the batch
-    head = TextHead(Receiver.from_gguf(gemma3_path), primer, labels)
+    head = TextHead(TorchReceiver.from_gguf(gemma3_path), primer, labels)
     sp = SoftPrompt(init)
     both = head.logits(sp.rows, tails)
     for i, t in enumerate(tails):

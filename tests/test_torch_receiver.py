@@ -1,4 +1,4 @@
-"""The torch receiver (bridges/torch_receiver.py) against llama.cpp on the same GGUF files.
+"""The torch receiver (edgelink/train/torch_receiver.py) against llama.cpp on the same GGUF files.
 
 llama.cpp's CPU kernels quantize activations to 8 bits before each quantized matmul and keep
 K/V in f16; the torch copy computes in f32 from the dequantized weights. The logits therefore
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from bridges.torch_receiver import Receiver
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.train.torch_receiver import TorchReceiver
 
 PROMPTS = [
     "The capital of France is",
@@ -41,7 +41,7 @@ def _long_tokens(rt: LlamaRuntime, n: int) -> list[int]:
     return toks[:n]
 
 
-def _compare(name: str, receiver: Receiver, rt: LlamaRuntime, prompts: list[list[int]]):
+def _compare(name: str, receiver: TorchReceiver, rt: LlamaRuntime, prompts: list[list[int]]):
     rows = []
     for toks in prompts:
         rt.clear()
@@ -68,7 +68,7 @@ def _compare(name: str, receiver: Receiver, rt: LlamaRuntime, prompts: list[list
     return rows
 
 
-def _per_layer(name: str, receiver: Receiver, rt: LlamaRuntime, toks: list[int]):
+def _per_layer(name: str, receiver: TorchReceiver, rt: LlamaRuntime, toks: list[int]):
     """Each torch layer fed llama.cpp's own residual stream: relative error per layer."""
     rt.clear()
     caps = capture(rt, toks, range(receiver.cfg.n_layer))
@@ -96,14 +96,14 @@ def _check(rows, max_abs: float):
 @pytest.fixture(scope="module")
 def smollm2(cfg, smollm2_path):
     rt = LlamaRuntime(smollm2_path, cfg, eval_hook=True)
-    yield Receiver.from_gguf(smollm2_path, kv_f16=True), rt
+    yield TorchReceiver.from_gguf(smollm2_path, kv_f16=True), rt
     rt.close()
 
 
 @pytest.fixture(scope="module")
 def gemma3(cfg, gemma3_path):
     rt = LlamaRuntime(gemma3_path, cfg, eval_hook=True)
-    yield Receiver.from_gguf(gemma3_path, kv_f16=True), rt
+    yield TorchReceiver.from_gguf(gemma3_path, kv_f16=True), rt
     rt.close()
 
 

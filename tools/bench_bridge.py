@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bridges.tasks import task_prompt
 from edgelink.bench.timing import median_seconds
 from edgelink.bridge import export_bridge, load_bridge
 from edgelink.bridge.forward import expected_shapes
@@ -32,6 +31,7 @@ from edgelink.models.resolve import resolve_model
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.label_head import LabelHead
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.train.tasks import task_prompt
 
 ARCH = {"perceiver": {"d_model": 256, "n_heads": 4, "n_layers": 2, "d_ff": 512, "target_norm": 1.0},
         "lip": {"bottleneck": 256, "target_norm": 1.0}, "ridge": {}}

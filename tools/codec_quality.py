@@ -37,7 +37,7 @@ from edgelink.wire.codecs import CODECS
 
 def texts(cfg, n: int) -> list[str]:
     """Whole BBC News articles, spread over the archive (the bridges use only headlines and leads)."""
-    from bridges.data import bbc_articles
+    from edgelink.train.data import bbc_articles
 
     out = bbc_articles(cfg)
     step = max(1, len(out) // (3 * n))

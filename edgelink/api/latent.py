@@ -7,7 +7,7 @@ BRIDGED_PREFIX handoffs between different models (``bridged_handoff``, docs/prot
     >>> out = al.steer("smollm2-135m", "I watched the film and", to="shm:demo", layer=15,
     ...                positive=["I loved it."], negative=["I hated it."], gain=4.0, n_tokens=16)
 
-Sending works over any channel (``latent_session``, or a ``roles.Sender`` made with
+Sending works over any channel (``latent_session``, or a ``roles.sender.Sender`` made with
 ``kinds=LATENT_KINDS`` on any transport's Channel); files hold the same frames (``export_hidden``/``export_patch`` then
 ``apply_file``). The receiver side is an ordinary ``edgelink serve`` whose runtime has the eval
 hook (``--set runtime.eval_hook=on``) for patches; hidden slices need no hook there.

@@ -21,7 +21,7 @@ Kinds: ``ridge`` (mean-pool the source rows over positions, standardize, then an
 K*d_tgt, reshaped to [K, d_tgt]); ``perceiver`` (Telepathy-style: K learned queries
 cross-attend to the standardized rows) and ``lip`` (LIP-style bottleneck adapter over K
 segment means); both end with energy matching. Their forward passes are in
-``edgelink/bridge/forward.py``, mirrored in torch by ``bridges/modules.py``.
+``edgelink/bridge/forward.py``, mirrored in torch by ``edgelink/train/modules.py``.
 """
 
 from __future__ import annotations

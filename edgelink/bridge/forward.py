@@ -1,6 +1,6 @@
 """The numpy forward pass of each bridge kind, and the array shapes each kind must hold.
 
-Mirrors ``bridges/modules.py`` (torch, training only) op for op; the parity test compares the
+Mirrors ``edgelink/train/modules.py`` (torch, training only) op for op; the parity test compares the
 two on real sender rows. Everything here is float32 numpy: this is what runs on a CPU at
 handoff time, without torch.
 """

@@ -37,7 +37,7 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
 @bridge.command("eval")
 @click.option("--bridge", "bridges", multiple=True, required=True,
               help="A bridge file (.json or .npz); repeat for more seeds or kinds.")
-@click.option("--task", default="sentiment", show_default=True, help="Task (bridges.tasks).")
+@click.option("--task", default="sentiment", show_default=True, help="Task (edgelink.train.tasks).")
 @click.option("--n", "n", type=int, default=400, show_default=True,
               help="Test examples (the first n of the test split).")
 @click.option("--out", type=click.Path(file_okay=False), default="bridge-eval", show_default=True,
@@ -49,7 +49,7 @@ def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
                    "baselines' offsets, the probe's C and the mean control.")
 @click.option("--soft-prompt", "soft_prompts", multiple=True,
               type=click.Path(exists=True, dir_okay=False),
-              help="A prompt-tuning baseline (python -m bridges.prompt_tuning); repeat for seeds.")
+              help="A prompt-tuning baseline (python -m edgelink.train.prompt_tuning); repeat for seeds.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="llama.cpp threads for every model and numpy's BLAS threads "
                    "(0: leave both as configured).")
@@ -64,7 +64,7 @@ def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str
                 label_head: bool, source: str, target: str, as_json: bool) -> None:
     """Score bridges on the test split against text relay, calibrated text baselines, the
     sender alone, controls and a linear probe."""
-    from bridges.evaluate import evaluate
+    from edgelink.train.evaluate import evaluate
 
     report = evaluate(list(bridges), obj.cfg(), task=task, n=n, out=out,
                       relay_tokens=relay_tokens, n_dev=n_dev, threads=threads or None,
@@ -106,7 +106,7 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
                  distill: float, out: str, source: str, target: str, as_json: bool) -> None:
     """Train bridges from SmolLM2-135M's hidden states into Gemma-3-270M (needs '.[train]')."""
     try:
-        from bridges.train import TrainSpec, train_bridge
+        from edgelink.train.train import TrainSpec, train_bridge
     except ImportError as exc:
         raise click.ClickException(f"training needs torch: pip install -e '.[train]' ({exc})") from exc
     cfg = obj.cfg()
@@ -118,7 +118,7 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
     results = []
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
         if kind == "ridge":
-            from bridges.ridge import train_ridge
+            from edgelink.train.ridge import train_ridge
 
             r = train_ridge(out, cfg, task=task, n=n_train, n_dev=n_dev, k=k, layer=layer,
                             source=source, target=target)
@@ -146,8 +146,8 @@ def bridge_export(obj: _Ctx, checkpoint: str, stem: str | None, as_json: bool) -
     """Turn a training checkpoint (.pt) into the numpy bridge (.json + .npz) and verify it."""
     from pathlib import Path
 
-    from bridges.train import export_checkpoint
     from edgelink.bridge import load_bridge
+    from edgelink.train.train import export_checkpoint
 
     manifest, npz = export_checkpoint(checkpoint, stem or Path(checkpoint).with_suffix(""))
     br = load_bridge(manifest)

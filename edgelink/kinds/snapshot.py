@@ -5,7 +5,7 @@ A snapshot carries the sequence's KV cells as per-layer K and V tensors (see
 sample its first new token at once and continue exactly as the sender would have.
 Applying checks every tensor against the receiver's own model before llama.cpp sees a byte,
 and restores the previous sequence if llama.cpp still refuses it: state is never half-applied.
-The helpers here are shared with the other state-carrying kinds (``latent.delta``).
+The helpers here are shared with the other state-carrying kinds (``kinds.delta``, ``kinds.memory``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every message kind declared once: what a receiver needs to accept it, and a valid example.
 
-A receiver's applier table (``roles.Receiver``), what a message file or snapshot can be read
-with (``api.Model.restore``, ``api.latent.apply_file``), the kinds a receiver's HELLO offers and
+A receiver's applier table (``roles.receiver.Receiver``), what a message file or snapshot can be read
+with (``api.model.Model.restore``, ``api.latent.apply_file``), the kinds a receiver's HELLO offers and
 the fuzzers' seeds (``fuzz.seed_frames``) are all built from ``SPECS``. A new kind is a module
 in this folder (builder and applier) and one ``KindSpec`` here, beside its wire enum in
 ``protocol/kinds.py``.

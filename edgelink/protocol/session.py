@@ -90,7 +90,7 @@ class Session:
                  auth: dict[str, Any] | None = None,
                  bridge: dict[str, str] | None = None,
                  codecs: Sequence[str] = (), prefill_tps: float = 0.0):
-        """``bridge``: the claim of the bridge this side holds (``latent.bridged.bridge_claim``);
+        """``bridge``: the claim of the bridge this side holds (``kinds.bridged.bridge_claim``);
         a client names it in its HELLO, a server accepts bridged sessions through it."""
         self.role = role
         self.signature = dict(signature)

@@ -15,7 +15,7 @@ state to K Gemma token-embedding rows that spell the label.
   in float64 numpy; lambda picked on a dev subset by nearest-label accuracy (ties: lower MSE).
   The train subset is the first ``n`` examples of the seeded, already shuffled train split.
 
-    python -m bridges.ridge --out DIR --n 200     # DIR/sentiment-ridge-k1-l15.{json,npz}
+    python -m edgelink.train.ridge --out DIR --n 200     # DIR/sentiment-ridge-k1-l15.{json,npz}
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from bridges.data import Example, load_split
-from bridges.features import SKIP, Features, mean_pool, split_features
-from bridges.tasks import task_prompt
 from edgelink.bridge import export_bridge
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
@@ -38,6 +35,9 @@ from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.data import Example, load_split
+from edgelink.train.features import SKIP, Features, mean_pool, split_features
+from edgelink.train.tasks import task_prompt
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"
@@ -58,7 +58,7 @@ def pooled_features(rt: LlamaRuntime, texts: Sequence[str], layer: int) -> np.nd
 
 
 def pooled(feats: Features) -> np.ndarray:
-    """f64 [N, d]: :func:`pooled_features` from cached rows (``bridges.features``)."""
+    """f64 [N, d]: :func:`pooled_features` from cached rows (``edgelink.train.features``)."""
     return np.asarray([mean_pool(feats.rows_of(i)) for i in range(len(feats))], dtype=np.float64)
 
 
@@ -152,7 +152,7 @@ def train_ridge(out: str | Path, cfg: Config | None = None, *, task: str = "sent
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bridges.ridge", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgelink.train.ridge", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=int, default=200, help="train examples (first n of the split)")
     p.add_argument("--n-dev", type=int, default=100, help="dev examples for picking lambda")

@@ -2,7 +2,7 @@
 would expose a bridge that does not carry the sender's information.
 
 Every condition is scored on the same first ``n`` test examples, by the same rule: the receiver
-(Gemma-3-270M in llama.cpp) reads the task prompt (bridges.tasks) and answers with the label whose
+(Gemma-3-270M in llama.cpp) reads the task prompt (edgelink.train.tasks) and answers with the label whose
 verbalizer's first token has the highest logit at the last position. The prompt's shared
 context (``primer + before``, with BOS) is prefilled once and kept; each read truncates back to
 it (``LlamaRuntime.truncate``), so every latency below is measured with that primer cached.
@@ -15,12 +15,12 @@ Conditions
                    receiver reads the message as the text
     original_text  the receiver reads the review itself (upper bound)
     prompt_tuning  (with ``soft_prompts``) K trained soft rows, then the review as text
-                   (bridges.prompt_tuning: the bridge's labels and budget, no sender)
+                   (edgelink.train.prompt_tuning: the bridge's labels and budget, no sender)
     sender_alone   the sender (the same SmolLM2-135M Instruct GGUF) reads the same task prompt,
                    two-shot primer included, and answers by its own verbalizer logits
     <base> (offset), <base> (contextual)
                    original_text, text_relay and sender_alone with their label logits
-                   calibrated (bridges.calibration): a per-label offset that maximises accuracy
+                   calibrated (edgelink.train.calibration): a per-label offset that maximises accuracy
                    on the first ``n_dev`` DEV examples, or Zhao et al.'s contextual calibration
                    from content-free reads ("", "N/A", "[MASK]"); never fitted on test
     per bridge group (manifest kind + K; several files = several training seeds):
@@ -53,7 +53,7 @@ paired (the same resampled examples for both conditions); ``paired`` holds every
 minus every reference and baseline row.
 
 Relay prompt: chosen per task by the receiver's accuracy on the first 100 DEV examples (never
-test), with ``python -m bridges.evaluate --sweep-relay --task T`` (24 tokens; see
+test), with ``python -m edgelink.train.evaluate --sweep-relay --task T`` (24 tokens; see
 ``RELAY_PROMPTS``). sentiment: ``primed`` 0.91, ``chat_word`` 0.79, ``chat_pn`` 0.75,
 ``chat_sum`` 0.68, ``opinion`` 0.63. topic: ``chat_topic`` 0.70, ``chat_word`` 0.69,
 ``chat_sum`` 0.67, ``primed`` 0.62, ``about`` 0.47. The task-aware prompts make the relay as
@@ -76,11 +76,6 @@ from typing import Any
 
 import numpy as np
 
-from bridges.calibration import CONTENT_FREE, contextual_offset, fit_offset, predict
-from bridges.data import Example, load_split
-from bridges.features import Features, split_features
-from bridges.soft_prompt import load_soft_prompt, tail_ids
-from bridges.tasks import task_prompt
 from edgelink.bridge import Bridge, BridgePrompt, load_bridge
 from edgelink.bridge.blas import blas_thread_count, blas_threads
 from edgelink.config import Config, load_config
@@ -91,6 +86,11 @@ from edgelink.runtime.evalhook import capture
 from edgelink.runtime.label_head import LabelHead
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.calibration import CONTENT_FREE, contextual_offset, fit_offset, predict
+from edgelink.train.data import Example, load_split
+from edgelink.train.features import Features, split_features
+from edgelink.train.soft_prompt import load_soft_prompt, tail_ids
+from edgelink.train.tasks import task_prompt
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"
@@ -279,7 +279,7 @@ class Reader:
 
     def read_soft_text(self, rows: np.ndarray, text: str) -> tuple[np.ndarray, float]:
         """Soft-prompt rows where a bridge's vectors go, then the text and the prompt's tail
-        (the prompt-tuning baseline, ``bridges.prompt_tuning``)."""
+        (the prompt-tuning baseline, ``edgelink.train.prompt_tuning``)."""
         self._reset()
         t0 = time.perf_counter()
         tail = tail_ids(self.rt, text, self.prompt.after)
@@ -297,7 +297,7 @@ class Reader:
         return out, time.perf_counter() - t0
 
 
-class Relay:
+class TextRelay:
     """The sender writing text-relay messages. The template's constant head (everything before
     ``{text}``) is prefilled once and kept, like the receiver's primer, so the relay is timed
     with its shared context cached too."""
@@ -544,7 +544,7 @@ def scored_majority(examples: Sequence[Example]) -> str:
     return Counter(e.label for e in examples).most_common(1)[0][0]
 
 
-def dev_reads(reader: Reader, relay: Relay, sender: Reader, dev: Sequence[Example]
+def dev_reads(reader: Reader, relay: TextRelay, sender: Reader, dev: Sequence[Example]
               ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Label logits [n_dev, L] of the calibrated baselines on DEV examples (what their offsets
     are fitted on), and the relay's dev messages."""
@@ -651,7 +651,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             raise ValueError(f"{br.path} was trained for task {bt!r}, not {task!r}")
     for br in bridges:
         if br.prompt is not None and dataclasses.replace(br.prompt, after=prompt.after) != prompt:
-            _log(f"warning: {br.path} was trained with a prompt other than bridges.tasks' "
+            _log(f"warning: {br.path} was trained with a prompt other than edgelink.train.tasks' "
                  f"{task!r} prompt, which this evaluation uses for every condition")
     groups: dict[str, list[int]] = {}
     for j, br in enumerate(bridges):
@@ -730,7 +730,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
             if after not in by_after:
                 by_after[after] = Reader(tgt, emb, dataclasses.replace(prompt, after=after), label_head)
             readers.append(by_after[after])
-        relay = Relay(relay_rt, template, relay_tokens)
+        relay = TextRelay(relay_rt, template, relay_tokens)
         sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt, label_head)
 
         # ---- calibration data: DEV reads and content-free reads (no test example involved)
@@ -976,7 +976,7 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
 
 
 def write_outputs(report: EvalReport, out: str | Path) -> dict[str, Path]:
-    from bridges.plot import write_svg
+    from edgelink.train.plot import write_svg
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -1004,7 +1004,7 @@ def _jsonable(o: Any) -> Any:
 def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int = 100,
                 relay_tokens: int = 24, prompts: dict[str, str] | None = None,
                 threads: int | None = 1) -> dict[str, float]:
-    """Receiver accuracy of the text relay for each candidate prompt on the first ``n_dev`` DEV
+    """TorchReceiver accuracy of the text relay for each candidate prompt on the first ``n_dev`` DEV
     examples (never test): how ``RELAY_PROMPT`` was chosen."""
     cfg = cfg or load_config()
     if threads is not None:
@@ -1019,7 +1019,7 @@ def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int =
         reader = Reader(t, t.token_embeddings(), prompt)
         for name, template in prompts.items():
             ok, t0 = [], time.perf_counter()
-            relay = Relay(s, template, relay_tokens)
+            relay = TextRelay(s, template, relay_tokens)
             for i, ex in enumerate(dev):
                 msg, _, _ = relay.message(ex.text)
                 ok.append(labels[int(np.argmax(reader.read_text(msg)[0]))] == ex.label)
@@ -1032,7 +1032,7 @@ def sweep_relay(cfg: Config | None = None, task: str = "sentiment", n_dev: int =
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m bridges.evaluate",
+    ap = argparse.ArgumentParser(prog="python -m edgelink.train.evaluate",
                                  description="choose the text relay prompt on DEV")
     ap.add_argument("--sweep-relay", action="store_true", required=True)
     ap.add_argument("--n-dev", type=int, default=100)

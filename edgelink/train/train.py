@@ -1,13 +1,13 @@
 """Train a bridge (perceiver or lip) from SmolLM2's hidden states into Gemma-3's input space,
 and export it for the numpy runtime.
 
-* Sender rows come from llama.cpp (``bridges.features``, cached), so training sees exactly
+* Sender rows come from llama.cpp (``edgelink.train.features``, cached), so training sees exactly
   what a handoff sends.
 * ``perceiver`` trains through the frozen target: a torch copy of the target built from the
-  same GGUF (``bridges.torch_receiver``, checked against llama.cpp's logits) reads
+  same GGUF (``edgelink.train.torch_receiver``, checked against llama.cpp's logits) reads
   ``primer + before``, the K bridged vectors, then ``after``, and the loss is the target's
   language-model cross-entropy (over its whole vocabulary) of the answer's first token. The
-  primer's K/V are computed once (``Receiver.prefix_cache``), so a step costs only the K + a
+  primer's K/V are computed once (``TorchReceiver.prefix_cache``), so a step costs only the K + a
   few positions of every example. Early stopping on dev accuracy, read the same way.
 * ``lip`` is a regression and needs no receiver: the target's own token rows of the same text,
   pooled into the same K segments, with the hybrid loss MSE + 2 (1 - cos). It never sees a
@@ -31,11 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bridges.data import Example
-from bridges.features import SKIP, Features, split_features
-from bridges.modules import LipAdapter, LipArch, PerceiverArch, PerceiverBridge, segment_means
-from bridges.tasks import task_prompt
-from bridges.torch_receiver import Receiver
 from edgelink.bridge import BridgePrompt, export_bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.errors import ModelError
@@ -43,6 +38,17 @@ from edgelink.models.resolve import resolve_model
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.data import Example
+from edgelink.train.features import SKIP, Features, split_features
+from edgelink.train.modules import (
+    LipAdapter,
+    LipArch,
+    PerceiverArch,
+    PerceiverBridge,
+    segment_means,
+)
+from edgelink.train.tasks import task_prompt
+from edgelink.train.torch_receiver import TorchReceiver
 
 SOURCE = "smollm2-135m"
 TARGET = "gemma3-270m"
@@ -115,7 +121,7 @@ def row_stats(feats: Features) -> tuple[np.ndarray, np.ndarray]:
 class _ReceiverHead:
     """The frozen torch target behind the prompt: bridged vectors -> answer logits."""
 
-    def __init__(self, rx: Receiver, tgt: LlamaRuntime, prompt: BridgePrompt, labels: list[str]):
+    def __init__(self, rx: TorchReceiver, tgt: LlamaRuntime, prompt: BridgePrompt, labels: list[str]):
         self.rx = rx
         self.cache = rx.prefix_cache(torch.tensor(tgt.tokenize(prompt.primer + prompt.before)))
         after = tgt.tokenize(prompt.after, add_special=False) if prompt.after else []
@@ -163,7 +169,7 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         log(f"{spec.stem()}: {len(train)} train / {len(dev)} dev texts, features {t_feat:.0f} s")
         model = build_model(spec, d_src, d_tgt, emb.mean_norm)
         if spec.kind == "perceiver":
-            rx = Receiver.from_gguf(tgt.path)
+            rx = TorchReceiver.from_gguf(tgt.path)
             head = _ReceiverHead(rx, tgt, spec.prompt(), labels)
             loop = _PerceiverLoop(model, head, labels)
             if spec.teacher:
@@ -249,7 +255,7 @@ def export_checkpoint(ckpt: str | Path, stem: str | Path) -> tuple[Path, Path]:
 
 
 def teacher_label_logits(spec: TrainSpec, cfg: Config, src: LlamaRuntime, tgt: LlamaRuntime,
-                         rx: Receiver, train: list[Example], labels: list[str],
+                         rx: TorchReceiver, train: list[Example], labels: list[str],
                          log: Callable[[str], None], batch: int = 32) -> torch.Tensor:
     """The teacher bridge's label logits [N, n_labels] on the training examples: the torch
     target reading the teacher's vectors with the teacher's own prompt. Kept for the process,

@@ -12,7 +12,7 @@ so the soft rows sit where a bridge's vectors sit, and the review follows them a
 rows live in Gemma's token-row space (as stored, before its sqrt(640) input scale), like a
 bridge's output, so ``edgelink.kinds.bridged.feed_vectors`` reads them in llama.cpp unchanged.
 
-``python -m bridges.prompt_tuning --out DIR`` trains one seed and writes
+``python -m edgelink.train.prompt_tuning --out DIR`` trains one seed and writes
 ``DIR/<task>-prompt-k<K>-s<seed>.{json,npz}``; ``edgelink bridge eval --soft-prompt FILE``
 scores it beside the bridge. The test split is never read here.
 """
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bridges.data import Example, load_split
-from bridges.soft_prompt import save_soft_prompt, tail_ids
-from bridges.tasks import task_prompt
-from bridges.torch_receiver import Receiver
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
+from edgelink.train.data import Example, load_split
+from edgelink.train.soft_prompt import save_soft_prompt, tail_ids
+from edgelink.train.tasks import task_prompt
+from edgelink.train.torch_receiver import TorchReceiver
 
 TARGET = "gemma3-270m"
 
@@ -78,7 +78,7 @@ class TextHead:
     example's last position. Rows are right-padded; causal attention keeps padding out of
     every real position, so the read is exact."""
 
-    def __init__(self, rx: Receiver, primer_ids: Sequence[int], label_ids: Sequence[int]):
+    def __init__(self, rx: TorchReceiver, primer_ids: Sequence[int], label_ids: Sequence[int]):
         self.rx = rx
         self.cache = rx.prefix_cache(torch.tensor(list(primer_ids)))
         self.label_ids = torch.tensor(list(label_ids))
@@ -142,7 +142,7 @@ def train_prompt(spec: PromptSpec, out: str | Path, cfg: Config | None = None,
         init_ids = rng.choice(np.array(primer_ids[1:]), size=spec.k, replace=True)
         init = tgt.token_embeddings().rows(init_ids)
         path = tgt.path
-    head = TextHead(Receiver.from_gguf(path), primer_ids, label_ids)
+    head = TextHead(TorchReceiver.from_gguf(path), primer_ids, label_ids)
     model = SoftPrompt(init)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps,
@@ -185,7 +185,7 @@ def train_prompt(spec: PromptSpec, out: str | Path, cfg: Config | None = None,
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m bridges.prompt_tuning",
+    ap = argparse.ArgumentParser(prog="python -m edgelink.train.prompt_tuning",
                                  description="train the prompt-tuning baseline (one seed)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--task", default="sentiment")

@@ -26,13 +26,13 @@ Two architectures, following the pinned llama.cpp sources (``src/models/llama.cp
     ``gemma3.rope.freq_base_swa`` (default 10,000), global ones ``gemma3.rope.freq_base``.
     ``gemma3.final_logit_softcapping`` is applied when present (absent in the 270M file).
 
-``Receiver.forward(input_ids=... | inputs_embeds=...)`` takes one sequence (``[T]``) or a
+``TorchReceiver.forward(input_ids=... | inputs_embeds=...)`` takes one sequence (``[T]``) or a
 batch (``[B, T]`` / ``[B, T, n_embd]``) starting at position 0 and returns f32 logits
 ``[.., T, n_vocab]`` (``last_only=True``: the last position only). ``inputs_embeds`` is what
 llama.cpp's ``llama_batch.embd`` takes (``LlamaRuntime.prefill_embeddings``): the residual
 stream's input, unscaled; ``receiver.embed(ids)`` gives the vectors that stand for tokens.
 
-``Receiver.block(il, x)`` runs one layer, for per-layer checks against llama.cpp's residual
+``TorchReceiver.block(il, x)`` runs one layer, for per-layer checks against llama.cpp's residual
 stream (``edgelink.runtime.evalhook.capture``).
 
 Not reproduced: llama.cpp's CPU kernels round activations to 8-bit blocks (Q8_0/Q8_1/Q8_K)
@@ -59,7 +59,7 @@ ARCHITECTURES = ("llama", "gemma3")
 
 
 @dataclass(frozen=True)
-class ReceiverConfig:
+class TorchReceiverConfig:
     arch: str
     n_layer: int
     n_embd: int
@@ -82,7 +82,7 @@ class ReceiverConfig:
         return bool(self.swa_layers) and self.swa_layers[il]
 
 
-def _config(meta: dict, shapes: dict[str, tuple[int, ...]]) -> ReceiverConfig:
+def _config(meta: dict, shapes: dict[str, tuple[int, ...]]) -> TorchReceiverConfig:
     arch = meta["general.architecture"]
     if arch not in ARCHITECTURES:
         raise ValueError(f"architecture {arch!r} is not supported (one of {ARCHITECTURES})")
@@ -106,7 +106,7 @@ def _config(meta: dict, shapes: dict[str, tuple[int, ...]]) -> ReceiverConfig:
     if arch == "llama":
         if key("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in shapes:
             raise ValueError("rope scaling / rope_freqs are not supported")
-        return ReceiverConfig(**common, rope_type="norm", embd_scale=1.0,
+        return TorchReceiverConfig(**common, rope_type="norm", embd_scale=1.0,
                               attn_scale=1.0 / math.sqrt(head_dim))
     n_swa = int(key("attention.sliding_window", 0) or 0)
     swa_layers: tuple[bool, ...] = ()
@@ -119,7 +119,7 @@ def _config(meta: dict, shapes: dict[str, tuple[int, ...]]) -> ReceiverConfig:
             swa_layers = tuple(p == 0 or il % p < p - 1 for il in range(n_layer))
     attn_scale = (1.0 / math.sqrt(n_embd / n_head) if n_layer == 62  # the 27B
                   else 1.0 / math.sqrt(head_dim))
-    return ReceiverConfig(
+    return TorchReceiverConfig(
         **common, rope_type="neox", embd_scale=math.sqrt(n_embd), attn_scale=attn_scale,
         rope_base_swa=float(key("rope.freq_base_swa", 10000.0)), n_swa=n_swa,
         swa_layers=swa_layers, softcap=float(key("final_logit_softcapping", 0.0) or 0.0),
@@ -150,7 +150,7 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @dataclass
-class PrefixCache:
+class TorchPrefix:
     """Per-layer (K, V), each [1, n_head_kv, P, head_dim] after RoPE, of a P-token prefix."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -160,11 +160,11 @@ class PrefixCache:
         return int(self.kv[0][0].shape[2])
 
 
-class Receiver(torch.nn.Module):
+class TorchReceiver(torch.nn.Module):
     """The frozen forward pass of a llama or gemma3 GGUF model. Gradients flow to the inputs
     (``inputs_embeds``); the weights are buffers, not parameters."""
 
-    def __init__(self, cfg: ReceiverConfig, tensors: dict[str, np.ndarray], *,
+    def __init__(self, cfg: TorchReceiverConfig, tensors: dict[str, np.ndarray], *,
                  kv_f16: bool = False):
         """``kv_f16``: round K and V to f16 as llama.cpp's default KV cache does (parity
         checks; the rounding passes no gradient to K and V, so leave it off for training)."""
@@ -176,7 +176,7 @@ class Receiver(torch.nn.Module):
         self._tied = "output.weight" not in tensors
 
     @classmethod
-    def from_gguf(cls, path: str | Path, *, kv_f16: bool = False) -> Receiver:
+    def from_gguf(cls, path: str | Path, *, kv_f16: bool = False) -> TorchReceiver:
         meta, tensors = load_gguf_tensors(path)
         cfg = _config(meta, {k: tuple(reversed(v.shape)) for k, v in tensors.items()})
         return cls(cfg, tensors, kv_f16=kv_f16)
@@ -222,7 +222,7 @@ class Receiver(torch.nn.Module):
         return keep
 
     def _attention(self, il: int, x: torch.Tensor, pos: torch.Tensor,
-                   cache: PrefixCache | None = None, record: list | None = None) -> torch.Tensor:
+                   cache: TorchPrefix | None = None, record: list | None = None) -> torch.Tensor:
         c = self.cfg
         b, t, _ = x.shape
         p = f"blk.{il}."
@@ -265,7 +265,7 @@ class Receiver(torch.nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor | None = None,
                       inputs_embeds: torch.Tensor | None = None, *,
-                      cache: PrefixCache | None = None) -> torch.Tensor:
+                      cache: TorchPrefix | None = None) -> torch.Tensor:
         """The final-normed hidden states ``[.., T, n_embd]`` (llama.cpp's ``result_norm``);
         with ``cache``, the inputs sit at the positions after the cached prefix."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -280,16 +280,16 @@ class Receiver(torch.nn.Module):
         return x[0] if single else x
 
     @torch.no_grad()
-    def prefix_cache(self, input_ids: torch.Tensor) -> PrefixCache:
+    def prefix_cache(self, input_ids: torch.Tensor) -> TorchPrefix:
         """K and V of a fixed prefix (1-D token ids), computed once and shared by every batch
         row that follows it (a primer), so training pays only for the positions after it."""
         x = self.embed(input_ids.reshape(1, -1))
         kv: list = []
         for il in range(self.cfg.n_layer):
             x = self.block(il, x, record=kv)
-        return PrefixCache([(k.detach(), v.detach()) for k, v in kv])
+        return TorchPrefix([(k.detach(), v.detach()) for k, v in kv])
 
-    def block(self, il: int, x: torch.Tensor, *, cache: PrefixCache | None = None,
+    def block(self, il: int, x: torch.Tensor, *, cache: TorchPrefix | None = None,
               record: list | None = None) -> torch.Tensor:
         """Layer ``il``: residual stream in, residual stream out (llama.cpp's ``l_out-{il}``);
         ``x`` is [B, T, n_embd] at positions 0..T-1, or after ``cache``'s prefix."""
@@ -313,7 +313,7 @@ class Receiver(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, *,
-                last_only: bool = False, cache: PrefixCache | None = None) -> torch.Tensor:
+                last_only: bool = False, cache: TorchPrefix | None = None) -> torch.Tensor:
         h = self.hidden_states(input_ids, inputs_embeds, cache=cache)
         if last_only:
             h = h[..., -1:, :]

@@ -1,7 +1,7 @@
 """A hand-written SVG of an evaluation (no plotting library): one row per condition, accuracy as
 a horizontal bar with its 95% CI whisker on the left, median latency (log scale, p90 whisker)
 on the right. Input rows are dicts with ``name``, ``role``, ``acc``, ``ci`` and optionally
-``latency_median_ms`` / ``latency_p90_ms`` (``bridges.evaluate.ConditionResult`` as a dict)."""
+``latency_median_ms`` / ``latency_p90_ms`` (``edgelink.train.evaluate.ConditionResult`` as a dict)."""
 
 from __future__ import annotations
 

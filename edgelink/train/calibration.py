@@ -17,7 +17,7 @@ the label logits, so a calibrated answer is ``argmax(logits + b)``:
     over the label logits only), and divide them out: ``b = -log p_cf``. It uses no labels.
 
 The functions take arrays only: nothing here can open a split, and the caller decides what
-they are fitted on (``bridges.evaluate`` passes dev logits and content-free reads).
+they are fitted on (``edgelink.train.evaluate`` passes dev logits and content-free reads).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ information is there. For each layer this fits the evaluation's linear probe (me
 without BOS, standardized, C picked on DEV) on train rows and scores it on DEV, and times the
 stopped capture of the first ``time_n`` DEV texts. It reads no test data.
 
-    python -m bridges.layers --task sentiment --layers 0,2,4,6,8,10,12,15 --out layers.json
+    python -m edgelink.train.layers --task sentiment --layers 0,2,4,6,8,10,12,15 --out layers.json
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from bridges.data import load_split
-from bridges.evaluate import PROBE_CS, SOURCE, fit_probe, probe_predict
-from bridges.features import mean_pool
 from edgelink.bridge.blas import blas_threads
 from edgelink.config import Config, load_config
 from edgelink.models.resolve import resolve_model
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.train.data import load_split
+from edgelink.train.evaluate import PROBE_CS, SOURCE, fit_probe, probe_predict
+from edgelink.train.features import mean_pool
 
 
 def pooled_layers(rt: LlamaRuntime, texts: list[str], layers: list[int]) -> dict[int, np.ndarray]:
@@ -83,7 +83,7 @@ def layer_curve(task: str, layers: list[int], cfg: Config | None = None, n_train
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bridges.layers", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m edgelink.train.layers", description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="sentiment")
     ap.add_argument("--layers", default="0,2,4,6,8,10,12,15")
     ap.add_argument("--n-train", type=int, default=2000)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bridges.data import Example, data_dir, load_split
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.train.data import Example, data_dir, load_split
 
 SKIP = 1  # rows a bridge drops from the front of each text's rows: the BOS row
 

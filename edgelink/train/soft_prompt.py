@@ -1,7 +1,7 @@
 """A soft prompt on disk (numpy only, so the evaluation needs no torch): ``<stem>.npz`` holds
 the K rows, f32 [K, d] in the receiver's token-row space, and ``<stem>.json`` says what they
 are, which target model they were trained for (its full signature) and how
-(``bridges.prompt_tuning``). The receiver reads them where a bridge's vectors go, followed by
+(``edgelink.train.prompt_tuning``). The receiver reads them where a bridge's vectors go, followed by
 the text itself (``tail_ids``).
 """
 
