@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 
 import pytest
+
 from edgelink.train import data
 
 
