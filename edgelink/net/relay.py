@@ -66,6 +66,17 @@ def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
         def __init__(self, host):
             super().__init__(host, limits=limits, allow_hop=True)
             self._circuits: dict[frozenset[int], dict[str, Any]] = {}
+            self._ended: dict[frozenset[int], dict[str, Any]] = {}
+
+        async def _handle_connect(self, stream, msg) -> None:
+            try:
+                await super()._handle_connect(stream, msg)
+            finally:
+                # a circuit is reported once super() has released its slot on the reservation:
+                # whoever sees the event may open the next circuit at once (reported earlier, a
+                # client that did so was refused NO_RESERVATION while the slot was still held)
+                for key in [k for k in self._ended if id(stream) in k]:
+                    on_event(self._ended.pop(key))
 
         async def _handle_reserve(self, stream, msg) -> None:
             peer = stream.muxed_conn.peer_id
@@ -146,9 +157,10 @@ def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
                 if last:
                     self._circuits.pop(key, None)
                     by = circuit["bytes"]
-                    on_event({"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()),
-                              "bytes_from": dict(by), "seconds": round(time.monotonic() - circuit["t0"], 3),
-                              "ended_by": circuit["ended_by"]})
+                    self._ended[key] = {"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()),
+                                        "bytes_from": dict(by),
+                                        "seconds": round(time.monotonic() - circuit["t0"], 3),
+                                        "ended_by": circuit["ended_by"]}
 
     return Hop
 
