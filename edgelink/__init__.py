@@ -28,6 +28,7 @@ _PUBLIC = {
     "Model": "edgelink.api.model",
     "Snapshot": "edgelink.api.model",
     "Generation": "edgelink.api.results",
+    "ModelSignature": "edgelink.protocol.signature",
     "Peer": "edgelink.api.peer",
     "Round": "edgelink.api.peer",
     "from_llama": "edgelink.api.interop",

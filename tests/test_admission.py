@@ -117,7 +117,7 @@ def _handoff(proc, sender_rt, token=TOKEN) -> list[int]:
     try:
         s.handshake()
         s.send_snapshot(sender_rt)
-        return s.request("generate", n_tokens=4)["tokens"]
+        return s.request("generate", n_tokens=4).tokens
     finally:
         s.close()
 
@@ -142,7 +142,7 @@ def sender_rt(smollm2_path, cfg):
     from edgelink.runtime.signature import model_signature
 
     rt = LlamaRuntime(smollm2_path, cfg)
-    rt.signature = model_signature(rt, cfg).to_dict()
+    rt.signature = model_signature(rt, cfg)
     rt.prefill(context_tokens(rt, 64))
     yield rt
     rt.close()

@@ -77,8 +77,8 @@ def bridge_files(tmp_path_factory, model_paths, cfg):
 def runtimes(model_paths, cfg1):
     src = LlamaRuntime(model_paths["smollm2-135m"], cfg1, eval_hook=True)
     tgt = LlamaRuntime(model_paths["gemma3-270m"], cfg1)
-    src.signature = model_signature(src, cfg1).to_dict()
-    tgt.signature = model_signature(tgt, cfg1).to_dict()
+    src.signature = model_signature(src, cfg1)
+    tgt.signature = model_signature(tgt, cfg1)
     yield src, tgt
     src.close()
     tgt.close()
@@ -128,13 +128,13 @@ def _bridged_sender(server, runtimes, cfg1, bridge_file) -> Sender:
 
 def test_bridged_handoff_smollm2_to_gemma_over_shm(server, cfg1, bridge_files, reference):
     out = bridged_handoff(bridge_files["a"], TEXT, server.endpoint, n_tokens=N, cfg=cfg1)
-    assert out.extra["label_scores"] == reference["scores"]  # bit for bit
+    assert out.bridged.label_scores == reference["scores"]  # bit for bit
     assert out.tokens == reference["tokens"] and out.text == reference["text"] and out.tokens
-    assert out.extra["label"] == max(reference["scores"], key=reference["scores"].get) == "positive"
-    assert out.extra["layout"] == {"head_tokens": 29, "vectors": K, "tail_tokens": 3,
+    assert out.bridged.label == max(reference["scores"], key=reference["scores"].get) == "positive"
+    assert out.bridged.layout == {"head_tokens": 29, "vectors": K, "tail_tokens": 3,
                                    "context_tokens": 34, "source_tokens": reference["n_src"]}
     assert out.bytes["payload"] == K * 640 * 4 and out.bytes["wire"] > out.bytes["payload"]
-    assert out.extra["bridge"] == load_bridge(bridge_files["a"]).digest
+    assert out.bridged.bridge == load_bridge(bridge_files["a"]).digest
     ev = server.next_event()
     assert ev["event"] == "session" and ev["bridged"] and ev["applied"] == 1 and not ev["rejected"]
     t = out.timings
@@ -142,7 +142,7 @@ def test_bridged_handoff_smollm2_to_gemma_over_shm(server, cfg1, bridge_files, r
           f"wire {out.bytes['wire']} B (payload {out.bytes['payload']} B), ship+receiver apply "
           f"{t['ship_s'] * 1e3:.1f} ms (receiver apply {t['remote_apply_s'] * 1e3:.1f} ms), "
           f"receiver generate {N} {t['remote_generate_s'] * 1e3:.1f} ms; {out.text!r} "
-          f"scores {out.extra['label_scores']}")
+          f"scores {out.bridged.label_scores}")
 
 
 def test_cli_handoff_with_bridge_prints_json(server, cfg1, bridge_files, reference):
@@ -152,7 +152,7 @@ def test_cli_handoff_with_bridge_prints_json(server, cfg1, bridge_files, referen
         capture_output=True, text=True, env={**os.environ, **to_env(cfg1)}, timeout=300)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out["extra"]["label_scores"] == reference["scores"] and out["tokens"] == reference["tokens"]
+    assert out["bridged"]["label_scores"] == reference["scores"] and out["tokens"] == reference["tokens"]
     assert out["model"] == cfg1.runtime.default_model == "smollm2-135m"
     assert {"capture_s", "apply_s", "ship_s", "remote_apply_s", "remote_generate_s"} <= set(out["timings"])
     assert server.next_event()["bridged"]
@@ -189,7 +189,7 @@ def test_bad_bridged_prefixes_are_rejected_and_state_unchanged(server, runtimes,
     try:
         s.send_bridged(good, digest, n_src)  # a non-empty state to protect
         before = s.request("digest")
-        assert before["context_tokens"] == 34
+        assert before.context_tokens == 34
         bad = [
             (np.concatenate([good, good[:1]]), digest, n_src),  # K=3, the bridge's K is 2
             (good[:1], digest, n_src),  # K=1
@@ -217,7 +217,7 @@ def test_bridge_holder_still_serves_its_own_model(server, runtimes, cfg1):
         s.handshake()
         assert not s.session.bridged and Kind.BRIDGED_PREFIX not in s.session.negotiated_kinds
         assert Kind.KV_CACHE in s.session.negotiated_kinds
-        assert s.request("digest")["context_tokens"] >= 0
+        assert s.request("digest").context_tokens >= 0
     finally:
         s.close()
     assert server.next_event()["ended_by"] == "close"
@@ -256,7 +256,7 @@ def test_bridged_handoff_to_a_node_over_libp2p(model_paths, cfg1, bridge_files, 
     try:
         client_cfg = cfg1.replace(p2p_identity_key=tmp_path / "client.key")
         out = bridged_handoff(bridge_files["a"], TEXT, proc.ready["addrs"][0], n_tokens=N, cfg=client_cfg)
-        assert out.extra["label_scores"] == reference["scores"] and out.tokens == reference["tokens"]
+        assert out.bridged.label_scores == reference["scores"] and out.tokens == reference["tokens"]
         ev = proc.next_event()
         assert ev["bridged"] and ev["applied"] == 1
     finally:

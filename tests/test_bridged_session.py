@@ -17,14 +17,18 @@ from edgelink.errors import (
     UnknownKind,
 )
 from edgelink.protocol import codec
-from edgelink.protocol.compat import REQUIRED_FIELDS
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Hello, Tensor, TensorMessage
 from edgelink.protocol.session import Role, Session, State
+from edgelink.protocol.signature import ModelSignature
 
-SRC = {k: f"src-{k}" for k in REQUIRED_FIELDS}
-TGT = {k: f"tgt-{k}" for k in REQUIRED_FIELDS}
-CLAIM = {"digest": "d" * 64, "source": SRC["weights_digest"], "target": TGT["weights_digest"]}
+
+def _named(tag: str) -> ModelSignature:
+    return ModelSignature(**{f.name: f"{tag}-{f.name}" for f in dataclasses.fields(ModelSignature)})
+
+
+SRC, TGT = _named("src"), _named("tgt")
+CLAIM = {"digest": "d" * 64, "source": SRC.weights_digest, "target": TGT.weights_digest}
 OTHER = dict(CLAIM, digest="e" * 64)  # same models, another bridge (e.g. retrained)
 SERVER_KINDS = (Kind.KV_CACHE, Kind.VIRTUAL_PREFIX, Kind.BRIDGED_PREFIX)
 
@@ -100,7 +104,7 @@ def test_source_model_without_a_bridge_is_rejected_by_a_bridge_holder(cfg):
 
 
 def test_a_third_model_gets_the_plain_signature_mismatch_from_a_bridge_holder(cfg):
-    third = {k: f"third-{k}" for k in REQUIRED_FIELDS}
+    third = _named("third")
     c, s = _sessions(cfg, client_sig=third, client_bridge=None)
     with pytest.raises(SignatureMismatch) as info:
         s.receive(c.hello())
@@ -108,21 +112,21 @@ def test_a_third_model_gets_the_plain_signature_mismatch_from_a_bridge_holder(cf
 
 
 def test_client_model_must_be_the_bridges_source(cfg):
-    stranger = dict(SRC, weights_digest="x" * 64)  # same architecture, other weights
+    stranger = dataclasses.replace(SRC, weights_digest="x" * 64)  # same architecture, other weights
     c, s = _sessions(cfg, client_sig=stranger)
     err = _refused(s, c, c.hello())
     assert "is not the bridge's source" in str(err)
-    assert err.fields["weights_digest"] == (SRC["weights_digest"], "x" * 64)
+    assert err.fields["weights_digest"] == (SRC.weights_digest, "x" * 64)
 
 
 def test_server_model_must_be_the_bridges_target(cfg):
     # A server that holds the bridge but runs another model refuses on its own side...
-    c, s = _sessions(cfg, server_sig=dict(TGT, weights_digest="y" * 64))
+    c, s = _sessions(cfg, server_sig=dataclasses.replace(TGT, weights_digest="y" * 64))
     assert "this side's model" in str(_refused(s, c, c.hello()))
     # ...and a client checks the server's answer too (here a hand-made, lying HELLO).
     c, _ = _sessions(cfg)
     first = codec.decode_frame(c.hello(), cfg.protocol)
-    liar = Hello(first.session_id, dict(TGT, weights_digest="y" * 64), ("f32",), ("BRIDGED_PREFIX",),
+    liar = Hello(first.session_id, dict(TGT.to_dict(), weights_digest="y" * 64), ("f32",), ("BRIDGED_PREFIX",),
                  1 << 20, {"scheme": "none"}, "server", bridge=CLAIM)
     with pytest.raises(BridgeMismatch, match="is not the bridge's target"):
         c.receive(codec.encode_hello(liar))
@@ -132,7 +136,7 @@ def test_server_model_must_be_the_bridges_target(cfg):
 def test_client_refuses_a_server_that_drops_the_bridge(cfg):
     c, _ = _sessions(cfg)
     first = codec.decode_frame(c.hello(), cfg.protocol)
-    plain = Hello(first.session_id, TGT, ("f32",), ("BRIDGED_PREFIX",), 1 << 20, {"scheme": "none"},
+    plain = Hello(first.session_id, TGT.to_dict(), ("f32",), ("BRIDGED_PREFIX",), 1 << 20, {"scheme": "none"},
                   "server")
     with pytest.raises(BridgeMismatch, match="answered without bridge"):
         c.receive(codec.encode_hello(plain))
@@ -178,7 +182,7 @@ def test_server_without_the_kind_cannot_be_bridged_to(cfg):
 
 
 def test_hello_bridge_field_round_trips_and_is_absent_when_empty(cfg):
-    h = Hello(b"\1" * 16, SRC, ("f32",), ("KV_CACHE",), 10, {"scheme": "none"}, "client")
+    h = Hello(b"\1" * 16, SRC.to_dict(), ("f32",), ("KV_CACHE",), 10, {"scheme": "none"}, "client")
     assert b'"bridge"' not in codec.encode_hello(h)
     with_bridge = dataclasses.replace(h, bridge=CLAIM)
     assert codec.decode_frame(codec.encode_hello(with_bridge), cfg.protocol).bridge == CLAIM

@@ -138,22 +138,22 @@ def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2
 
             # not trusted: named, not asked; the prompt is prefilled here instead
             out = ask(tmp_path / "asker1-kv")
-            fetch = out["extra"]["cache"]["fetch"]
+            fetch = out["fetch"]
             assert fetch["untrusted"] == [holder_id] and fetch["chunks"] == 0 and fetch["sources"] == []
-            assert out["extra"]["cache"]["hit_tokens"] == 0 and out["tokens"] == cold
+            assert out["cache"]["hit_tokens"] == 0 and out["tokens"] == cold
             # trusted: the chunks come from the holder, found through the DHT, and continue exactly
             out = ask(tmp_path / "asker2-kv", "--trust", holder_id)
-            fetch = out["extra"]["cache"]["fetch"]
+            fetch = out["fetch"]
             assert fetch["providers"] == [holder_id] and fetch["chunks"] == 4 and fetch["lacking"] == 4
             assert fetch["sources"] == [f"/ip4/{hosts[2].ip}/tcp/4001/p2p/{holder_id}"]
-            assert out["extra"]["cache"]["hit_tokens"] == 4 * chunk
+            assert out["cache"]["hit_tokens"] == 4 * chunk
             assert out["tokens"] == cold
             # cache.peers, no DHT: a peer that does not answer is skipped, the next one serves
             dead = f"/ip4/{hosts[1].ip}/tcp/4999/p2p/{holder_id}"
             out = ask(tmp_path / "asker3-kv", peers=f"{dead},{holder.ready['addrs'][0]}")
-            fetch = out["extra"]["cache"]["fetch"]
+            fetch = out["fetch"]
             assert fetch["chunks"] == 4 and len(fetch["errors"]) == 1 and fetch["errors"][0].startswith(dead)
-            assert out["extra"]["cache"]["hit_tokens"] == 4 * chunk and out["tokens"] == cold
+            assert out["cache"]["hit_tokens"] == 4 * chunk and out["tokens"] == cold
         finally:
             for proc in procs:
                 stop_receiver(proc)

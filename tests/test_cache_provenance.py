@@ -92,7 +92,7 @@ def test_a_salted_domain_is_invisible_to_peers_outside_it(smollm2_path, cfg, tmp
                     for _ in range(40):
                         for label, keys in (("prompt", mine), ("random", rnd)):
                             t0 = time.perf_counter()
-                            assert peer.sender.request("cache_has", keys=keys)["held"] == 0
+                            assert peer.sender.request("cache_has", keys=keys).held == 0
                             times[label].append(time.perf_counter() - t0)
                 ratio = statistics.median(times["prompt"]) / statistics.median(times["random"])
                 assert 0.5 < ratio < 2.0, ratio
@@ -106,16 +106,18 @@ def test_a_salted_domain_is_invisible_to_peers_outside_it(smollm2_path, cfg, tmp
 
 
 def test_a_session_leaves_no_hidden_slices_and_no_bytes_in_the_rings(smollm2_path, cfg):
-    from edgelink.api.latent import latent_session
+    from edgelink.api.latent import LATENT_KINDS
     from edgelink.kinds.hidden import capture_slice
+    from edgelink.net.endpoint import connect
     from edgelink.roles.receiver import Receiver
+    from edgelink.roles.sender import Sender
     from edgelink.runtime.llama import LlamaRuntime
     from edgelink.runtime.signature import model_signature
     from edgelink.transport.shm import ShmListener
 
     hooked = cfg.replace(runtime_eval_hook="on")
     with LlamaRuntime(smollm2_path, hooked) as srv_rt, LlamaRuntime(smollm2_path, hooked) as cl_rt:
-        recv = Receiver(srv_rt, hooked, model_signature(srv_rt, hooked).to_dict(), calibrate=False)
+        recv = Receiver(srv_rt, hooked, model_signature(srv_rt, hooked), calibrate=False)
         name = _name("iso")
         with ShmListener(name, hooked) as lst:
             reports = []
@@ -130,10 +132,14 @@ def test_a_session_leaves_no_hidden_slices_and_no_bytes_in_the_rings(smollm2_pat
             t = threading.Thread(target=serve, daemon=True)
             t.start()
             sl = capture_slice(cl_rt, cl_rt.tokenize("Client A's private text, in a hidden slice."), [1, 2], None)
-            with latent_session(cl_rt, f"shm:{name}", hooked) as ls:
+            ls = Sender(connect(f"shm:{name}", hooked), hooked, model_signature(cl_rt, hooked), kinds=LATENT_KINDS)
+            ls.handshake()
+            try:
                 ls.send_hidden(sl)
                 # during the session the slice is held, and the rings carry its bytes
                 assert len(recv.hidden_slices) == 1
+            finally:
+                ls.close()
             t.join(60)
             assert reports and reports[0].applied == 1
             assert len(recv.hidden_slices) == 0

@@ -41,7 +41,7 @@ def test_export_with_a_codec_resumes_exactly_and_a_lossy_file_needs_consent(refe
     run("export", str(smollm2_path), "-p", long, "-o", str(raw), "--wire", "raw")
     out = json.loads(run("export", str(smollm2_path), "-p", long, "-o", str(tmp_path / "long.elk"),
                          "--wire", "lossless", "--json").stdout)
-    assert out["extra"]["codec"] == "zstd-shuffle/1"
+    assert out["written"]["codec"] == "zstd-shuffle/1"
     assert (tmp_path / "long.elk").stat().st_size < 0.95 * raw.stat().st_size
     run("export", str(smollm2_path), "-p", PROMPT, "-o", str(packed), "--wire", "lossless")
     resumed = json.loads(run("resume", str(smollm2_path), str(packed), "-n", "12", "--json").stdout)

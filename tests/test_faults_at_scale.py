@@ -37,7 +37,7 @@ def big(cfg, tmp_path_factory):
     c = cfg.replace(paths_cache_dir=tmp_path_factory.mktemp("twins"), runtime_n_ctx=8192)
     path = str(twin_path("llama-3-8b", c))
     with LlamaRuntime(path, c) as rt:
-        sig = model_signature(rt, c).to_dict()
+        sig = model_signature(rt, c)
         sender_cfg = fit_limits(c, rt)
         n_vocab, n_layer = rt.n_vocab, rt.n_layer
     rng = np.random.default_rng(0)
@@ -68,7 +68,7 @@ def _state(big) -> tuple[str, int]:
     """(digest, receiver RSS) between sessions."""
     s = _sender(big)
     try:
-        digest = s.request("digest")["digest"]
+        digest = s.request("digest").digest
     finally:
         s.close()
         big["proc"].next_event()
@@ -184,7 +184,7 @@ def test_the_receiver_still_serves(big):
     assert big["proc"].poll() is None
     s = _sender(big)
     try:
-        assert s.request("digest")["context_tokens"] == 37
+        assert s.request("digest").context_tokens == 37
     finally:
         s.close()
         big["proc"].next_event()

@@ -51,7 +51,7 @@ def test_serve_survives_mutated_frames_then_hands_off_exactly(smollm2_path, smal
         assert proc.poll() is None, proc.stderr_tail()
         _assert_report(report, 300)
         out = api.handoff(str(smollm2_path), PROMPT, to=f"shm:{name}", n_tokens=8, cfg=small_cfg, verify=True)
-        assert out.extra["matches_local"] and len(out.tokens) == 8
+        assert out.verified.matches and len(out.tokens) == 8
         assert "Traceback" not in proc.stderr_tail(100_000)
     finally:
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
@@ -73,7 +73,7 @@ def test_node_survives_mutated_frames_then_hands_off_exactly(smollm2_path, small
         _assert_report(report, 150)
         out = api.handoff(str(smollm2_path), PROMPT, to=addr, n_tokens=8, cfg=client_cfg, verify=True,
                           token="fuzz-token")
-        assert out.extra["matches_local"]
+        assert out.verified.matches
         assert "Traceback" not in proc.stderr_tail(100_000)
     finally:
         p2p.close_client_hosts()
@@ -92,7 +92,7 @@ def test_a_fault_after_llama_cpp_was_touched_is_rejected_and_restored(smollm2_pa
     cfg = small_cfg
     name = f"t-fault-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     with LlamaRuntime(smollm2_path, cfg) as rrt, LlamaRuntime(smollm2_path, cfg) as srt:
-        sig = model_signature(rrt, cfg).to_dict()
+        sig = model_signature(rrt, cfg)
         rrt.prefill(rrt.tokenize("Something the receiver already holds"))
         receiver = Receiver(rrt, cfg, sig)
         listener = ShmListener(name, cfg)
@@ -101,7 +101,7 @@ def test_a_fault_after_llama_cpp_was_touched_is_rejected_and_restored(smollm2_pa
         th.start()
         sender = Sender(shm_connect(name, cfg), cfg, sig)
         sender.handshake()
-        before = sender.request("digest")["digest"]
+        before = sender.request("digest").digest
 
         real = LlamaRuntime.import_state
         calls = {"n": 0}
@@ -119,9 +119,9 @@ def test_a_fault_after_llama_cpp_was_touched_is_rejected_and_restored(smollm2_pa
         assert err.value.reason == "internal" and "nothing was applied" in err.value.detail
         assert calls["n"] == 2  # the fault, then the restore
         monkeypatch.setattr(LlamaRuntime, "import_state", real)
-        assert sender.request("digest")["digest"] == before
+        assert sender.request("digest").digest == before
         sender.send_snapshot(srt)
-        remote = sender.request("generate", n_tokens=8)["tokens"]
+        remote = sender.request("generate", n_tokens=8).tokens
         assert list(remote) == srt.generate(8)
         sender.close()
         th.join(30)

@@ -32,7 +32,8 @@ def test_a_gpu_state_restores_on_the_cpu_or_is_refused_with_the_field(smollm2_pa
         if g.signature != c.signature:
             with pytest.raises(SignatureMismatch) as err:
                 c.restore(snap)
-            differ = {k for k in g.signature if g.signature[k] != c.signature.get(k)}
+            gs, cs = g.signature.to_dict(), c.signature.to_dict()
+            differ = {k for k in gs if gs[k] != cs.get(k)}
             assert any(k in str(err.value) for k in differ), (differ, str(err.value))
             return
         c.restore(snap)

@@ -47,7 +47,7 @@ class Peer:
         self.name = _name(tag)
         self.proc = start_receiver(str(path), cfg, self.name, extra_env)
         self.rt = LlamaRuntime(path, cfg)
-        self.signature = model_signature(self.rt, cfg).to_dict()
+        self.signature = model_signature(self.rt, cfg)
 
     def sender(self) -> Sender:
         s = Sender(connect(f"shm:{self.name}", self.cfg), self.cfg, self.signature)
@@ -57,7 +57,7 @@ class Peer:
     def digest(self) -> str:
         s = self.sender()
         try:
-            return s.request("digest")["digest"]
+            return s.request("digest").digest
         finally:
             s.close()
             self.proc.next_event()
@@ -95,8 +95,8 @@ def test_receiver_continues_exactly_as_the_sender_would(peers, name, n):
     assert event["applied"] == 1 and event["ended_by"] == "close"
     local = rt.generate(32)
     assert len(local) > 0
-    assert remote["tokens"] == local
-    assert remote["context_tokens"] == n + len(local)
+    assert remote.tokens == local
+    assert remote.context_tokens == n + len(local)
     assert sent.payload_bytes > n * 1000
 
 
@@ -109,12 +109,12 @@ def test_by_default_no_session_sees_what_an_earlier_one_left(smollm2_path, cfg):
         rt.prefill(context_tokens(rt, 200))
         s = peer.sender()
         s.send_snapshot(rt)
-        assert s.request("digest")["context_tokens"] == 200
+        assert s.request("digest").context_tokens == 200
         s.close()
         peer.proc.next_event()
         s = peer.sender()
         try:
-            assert s.request("digest")["context_tokens"] == 0
+            assert s.request("digest").context_tokens == 0
             with pytest.raises(PeerRejected, match="no logits"):
                 s.request("generate", n_tokens=4)
         finally:
@@ -140,7 +140,7 @@ def test_handoff_through_the_portable_wait_is_exact(smollm2_path, cfg, n):
         finally:
             s.close()
         assert peer.proc.next_event()["applied"] == 1
-        assert remote["tokens"] == rt.generate(16)
+        assert remote.tokens == rt.generate(16)
     finally:
         peer.stop()
 
@@ -182,7 +182,7 @@ def test_flipped_payload_byte_is_rejected_and_state_unchanged(peers):
     s.ch.send(frame)
     _expect_reject(s, "checksum")
     # the session survives a refused message: the next request is served
-    assert s.request("digest")["digest"] == before
+    assert s.request("digest").digest == before
     s.close()
     assert peer.proc.next_event()["rejected"] == ["checksum"]
 
@@ -207,10 +207,10 @@ def test_replayed_message_is_rejected(peers):
     s.ch.send(frame)
     ack = s.session.receive(s.ch.recv(frame_limit(s.cfg)))
     assert ack.frame_type.name == "ACK"
-    after = s.request("digest")["digest"]
+    after = s.request("digest").digest
     s.ch.send(frame)  # the very same bytes again
     _expect_reject(s, "replay")
-    assert s.request("digest")["digest"] == after
+    assert s.request("digest").digest == after
     s.close()
     peer.proc.next_event()
 
@@ -235,8 +235,8 @@ def test_same_architecture_different_weights_is_rejected(peers, smollm2_path, cf
     other = Peer(variant, cfg, "variant")
     try:
         sig = peers["smollm2-135m"].signature
-        assert {k: v for k, v in other.signature.items() if k not in ("weights_digest", "name")} == \
-            {k: v for k, v in sig.items() if k not in ("weights_digest", "name")}
+        assert {k: v for k, v in other.signature.to_dict().items() if k not in ("weights_digest", "name")} == \
+            {k: v for k, v in sig.to_dict().items() if k not in ("weights_digest", "name")}
         s = Sender(connect(f"shm:{other.name}", cfg), cfg, sig)
         with pytest.raises(PeerRejected) as info:
             s.handshake()
@@ -283,11 +283,12 @@ import json, sys
 from edgelink.api import connect
 from edgelink.config import load_config
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.receiver import frame_limit
 from edgelink.transport.framing import HEADER
 cfg = load_config()
 ch = connect("shm:" + sys.argv[1], cfg)
-s = Session(Role.CLIENT, json.loads(sys.argv[2]), cfg.protocol)
+s = Session(Role.CLIENT, ModelSignature.from_dict(json.loads(sys.argv[2])), cfg.protocol)
 ch.send(s.hello())
 s.receive(ch.recv(frame_limit(cfg)))
 # announce a 3 MB frame, deliver 1 MB of it, then stall
@@ -301,7 +302,7 @@ sys.stdin.read()
 def test_sender_dying_or_stalling_mid_stream_leaves_receiver_clean(strict_peer, how):
     peer = strict_peer
     before = _prime(peer, 32)
-    child = subprocess.Popen([sys.executable, "-c", _PARTIAL_SENDER, peer.name, json.dumps(peer.signature)],
+    child = subprocess.Popen([sys.executable, "-c", _PARTIAL_SENDER, peer.name, json.dumps(peer.signature.to_dict())],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "partial"

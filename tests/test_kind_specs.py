@@ -29,7 +29,7 @@ def test_a_receiver_offers_what_its_runtime_can_apply(pair, cfg):
     """No eval hook: no RESIDUAL_PATCH (but HIDDEN_SLICE, which only stores); no bridge: no
     BRIDGED_PREFIX, though label_scores is answered; and the HELLO lists exactly those kinds."""
     rt = pair[0]
-    sig = model_signature(rt, cfg).to_dict()
+    sig = model_signature(rt, cfg)
     table = acceptance(rt, cfg, sig)
     assert set(table.kinds) == set(Kind) - {Kind.RESIDUAL_PATCH, Kind.BRIDGED_PREFIX}
     assert set(table.ops) == {"label_scores"}

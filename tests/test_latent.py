@@ -287,34 +287,34 @@ def test_latent_kinds_across_a_serving_process(runtimes, smollm2_path, cfg):
     name = _name("latent")
     proc = start_receiver(str(smollm2_path), hooked_cfg, name)
     try:
-        signature = model_signature(rt, cfg).to_dict()
+        signature = model_signature(rt, cfg)
         ls = Sender(connect(f"shm:{name}", cfg), cfg, signature, kinds=api_latent.LATENT_KINDS)
         ls.handshake()
         # a hidden slice is verified, acknowledged and stored; the sequence is untouched
         rt.clear()
         sl = capture_slice(rt, rt.tokenize(TEXT), [4], positions=[2, 3])
-        empty = ls.request("digest")["digest"]
+        empty = ls.request("digest").digest
         ack = ls.send_hidden(sl)
         assert len(ack.digest) == 64
-        assert ls.request("digest")["digest"] == empty
+        assert ls.request("digest").digest == empty
         # a patch over the prompt: the peer continues exactly as a local patched run would
         caps = ls.request("latent_caps")
-        assert caps["n_embd"] == rt.n_embd and caps["context_tokens"] == 0
+        assert caps.n_embd == rt.n_embd and caps.context_tokens == 0
         toks = rt.tokenize(TEXT)
         vec = np.full(rt.n_embd, 0.05, np.float32)
-        patch = steering_patch(0, toks, 9, vec, gain=min(2.0, caps["max_gain"]))
+        patch = steering_patch(0, toks, 9, vec, gain=min(2.0, caps.max_gain))
         ls.send_patch(patch)
         remote = ls.request("generate", n_tokens=8)
         rt.clear()
         apply_patch(rt, cfg, patch)
-        assert remote["tokens"] == rt.generate(8)
+        assert remote.tokens == rt.generate(8)
         # a bad patch is refused with a typed reason and the peer's state is unchanged
-        state = ls.request("digest")["digest"]
-        bad = dataclasses.replace(_good_patch(plain), start=caps["context_tokens"] + 999)
+        state = ls.request("digest").digest
+        bad = dataclasses.replace(_good_patch(plain), start=caps.context_tokens + 999)
         with pytest.raises(PeerRejected) as info:
             ls.send_patch(bad)
         assert info.value.reason == "state"
-        assert ls.request("digest")["digest"] == state
+        assert ls.request("digest").digest == state
         ls.close()
         event = proc.next_event()
         assert event["applied"] == 2 and event["rejected"] == ["state"]
@@ -327,7 +327,7 @@ def test_latent_kinds_through_a_file(runtimes, cfg, tmp_path):
     path = tmp_path / "hidden.elk"
     api_latent.export_hidden("smollm2-135m", TEXT, path, layers=[1, 2], cfg=cfg)
     out = api_latent.apply_file("smollm2-135m", path, n_tokens=0, cfg=cfg)
-    assert out["applied"] == ["HIDDEN_SLICE"] and out["hidden_slices"] == 1
+    assert out.applied == ["HIDDEN_SLICE"] and out.hidden_slices == 1
     toks = rt.tokenize(TEXT)
     patch = steering_patch(0, toks, 6, np.full(rt.n_embd, 0.05, np.float32), gain=1.0)
     ppath = tmp_path / "patch.elk"
@@ -335,4 +335,4 @@ def test_latent_kinds_through_a_file(runtimes, cfg, tmp_path):
     out = api_latent.apply_file("smollm2-135m", ppath, n_tokens=6, cfg=cfg)
     rt.clear()
     apply_patch(rt, cfg, patch)
-    assert out["applied"] == ["RESIDUAL_PATCH"] and out["tokens"] == rt.generate(6)
+    assert out.applied == ["RESIDUAL_PATCH"] and out.tokens == rt.generate(6)

@@ -23,7 +23,7 @@ def test_the_derived_limit_holds_a_full_context_and_little_more(model_paths, cfg
     with LlamaRuntime(model_paths[name], c) as rt:
         rt.prefill(context_tokens(rt, 256))
         tensors, attrs, tr = snapshot_tensors(rt)
-        sig = model_signature(rt, c).to_dict()
+        sig = model_signature(rt, c)
         s = Session(Role.CLIENT, sig, fit_limits(c, rt).protocol, kinds=(Kind.KV_CACHE,))
         s.hello()
         s.assume_peer_accepts()
@@ -62,7 +62,7 @@ def test_sender_refuses_locally_naming_sizes_and_setting(smollm2_path, cfg):
     the sender's session refuses before encoding a frame for the wire."""
     small, big = cfg.replace(runtime_n_ctx=128), cfg.replace(runtime_n_ctx=512)
     with LlamaRuntime(smollm2_path, small) as rrt, LlamaRuntime(smollm2_path, big) as srt:
-        sig = model_signature(rrt, small).to_dict()
+        sig = model_signature(rrt, small)
         server = Session(Role.SERVER, sig, fit_limits(small, rrt).protocol, kinds=(Kind.KV_CACHE,))
         client = Session(Role.CLIENT, sig, fit_limits(big, srt).protocol, kinds=(Kind.KV_CACHE,))
         server.receive(client.hello())

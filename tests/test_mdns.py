@@ -39,7 +39,7 @@ SCENARIO = textwrap.dedent("""
         out["heard_in_2s"] = [p.peer_id for p in api.discover(cfg, 2)]
         g = api.handoff(model, "The lighthouse keeper lit the lamp and", "/p2p/" + out["loud"], 6, cfg,
                         verify=True)
-        out["handoff"] = {"text": g.text, "matches_local": g.extra["matches_local"]}
+        out["handoff"] = {"text": g.text, "matches_local": g.verified.matches}
         try:
             api.handoff(model, "Hello", "/p2p/" + out["quiet"], 2,
                         cfg.replace(p2p_discover_timeout_s=1.5))

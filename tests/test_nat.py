@@ -94,7 +94,7 @@ def test_a_node_behind_nat_is_reached_through_the_relay_and_only_that_way(home):
     out = home.client("handoff", str(home.model), "--to", home.direct, "-p", PROMPT, "-n", "8")
     assert out.returncode == 7, out.stderr  # a transport error, in one line
     g = home.handoff(punch=False)
-    assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "relayed"
+    assert g["verified"]["matches"] is True and g["wire"]["path"] == "relayed"
     session = home.node.next_event(timeout=30)
     assert session["applied"] == 1 and session["generated"] == 16, session
     circuit = home.relay.next_event(timeout=30)  # the client exited: its circuit ended
@@ -104,7 +104,7 @@ def test_a_node_behind_nat_is_reached_through_the_relay_and_only_that_way(home):
 
 def test_hole_punching_takes_the_state_direct_and_the_relay_carries_only_the_handshakes(home):
     g = home.handoff()
-    assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "direct"
+    assert g["verified"]["matches"] is True and g["wire"]["path"] == "direct"
     assert home.node.next_event(timeout=30)["applied"] == 1
     circuit = home.relay.next_event(timeout=60)
     assert circuit["event"] == "circuit"
@@ -136,7 +136,7 @@ def test_a_relay_that_dies_mid_transfer_costs_a_typed_error_and_the_node_reserve
     ev = home.relay.next_event(timeout=60)
     assert ev == {"event": "reservation", "peer": home.node.ready["peer_id"], "ok": True}
     g = home.handoff(punch=False)
-    assert g["extra"]["matches_local"] is True
+    assert g["verified"]["matches"] is True
 
 
 def test_a_nat_that_randomizes_ports_defeats_hole_punching_and_the_relayed_path_still_works(smollm2_path, cfg,
@@ -145,7 +145,7 @@ def test_a_nat_that_randomizes_ports_defeats_hole_punching_and_the_relayed_path_
         s = Setup(w, smollm2_path, cfg, tmp_path)
         try:
             g = s.handoff()
-            assert g["extra"]["matches_local"] is True and g["extra"]["wire"]["path"] == "relayed"
+            assert g["verified"]["matches"] is True and g["wire"]["path"] == "relayed"
         finally:
             s.close()
 
@@ -182,9 +182,9 @@ def test_prefix_cache_chunks_come_from_a_holder_behind_nat_through_its_circuit_a
                        "--cache-from", circuit, "--json")
             assert out.returncode == 0, out.stderr[-3000:]
             g = json.loads(out.stdout)
-            fetch = g["extra"]["cache"]["fetch"]
+            fetch = g["fetch"]
             assert fetch["chunks"] == 4 and fetch["sources"] == [circuit] and not fetch["errors"], fetch
-            assert g["extra"]["cache"]["hit_tokens"] == 4 * chunk and g["tokens"] == cold
+            assert g["cache"]["hit_tokens"] == 4 * chunk and g["tokens"] == cold
         finally:
             for p in reversed(procs):
                 stop_receiver(p)

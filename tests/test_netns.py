@@ -30,7 +30,7 @@ def test_handoff_to_a_node_on_another_host_continues_exactly(remote, smollm2_pat
         prompt = "The old lighthouse keeper climbed the stairs every evening, and"
         for _ in range(2):  # the second handoff reuses the connection
             g = api.handoff(str(smollm2_path), prompt, addr, 8, cfg, verify=True, token="netns-token")
-            assert g.extra["matches_local"] is True and g.text
+            assert g.verified.matches is True and g.text
         assert g.bytes["payload"] > 100_000  # the KV state itself crossed the link
         event = node.next_event()
         assert event["applied"] >= 1 and not event["rejected"]

@@ -25,7 +25,7 @@ def test_node_creates_contexts_as_clients_arrive(cfg, tmp_path):
                     p2p_identity_key=tmp_path / "client.key")
     path = str(twin_path("llama-3-8b", c))
     with LlamaRuntime(path, c) as rt:
-        sig = model_signature(rt, c).to_dict()
+        sig = model_signature(rt, c)
         sender_cfg = fit_limits(c, rt)
     proc = start_node(path, c, extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "node.key")})
     senders = []
@@ -40,7 +40,7 @@ def test_node_creates_contexts_as_clients_arrive(cfg, tmp_path):
             s = Sender(connect(ready["addrs"][0], sender_cfg), sender_cfg, sig)
             s.handshake()
             senders.append(s)
-            assert s.request("digest")["context_tokens"] == 0
+            assert s.request("digest").context_tokens == 0
         assert rss_bytes(proc.pid) - base > 0.9 * per
         third = Sender(connect(ready["addrs"][0], sender_cfg), sender_cfg, sig)
         with pytest.raises(PeerRejected) as err:
@@ -49,7 +49,7 @@ def test_node_creates_contexts_as_clients_arrive(cfg, tmp_path):
         third.ch.close()
         try:  # the refusal of a third session cuts neither of the two it shares a connection with
             for s in senders:
-                assert s.request("digest")["context_tokens"] == 0
+                assert s.request("digest").context_tokens == 0
             while senders:
                 senders.pop().close()
         except EdgelinkError as exc:

@@ -47,7 +47,7 @@ def test_one_model_serves_many_operations_and_one_peer_many_calls(smollm2_path, 
         with m.connect(receiver) as peer:
             out = peer.handoff(n_tokens=12, stop_at_eog=False)
             assert out.tokens == continuation
-            assert out.extra["wire"]["codec"] == "raw" and out.bytes["payload"] > 0
+            assert out.wire.codec == "raw" and out.bytes["payload"] > 0
             first = peer.converse(" Then he lit the lamp.", n_tokens=6)
             # the handoff's reply stayed in the conversation, and only the new turn's cells went
             n0 = len(prompt_tokens)

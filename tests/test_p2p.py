@@ -313,7 +313,7 @@ def sender_rt(smollm2_path, cfg):
     from edgelink.runtime.signature import model_signature
 
     rt = LlamaRuntime(smollm2_path, cfg)
-    rt.signature = model_signature(rt, cfg).to_dict()
+    rt.signature = model_signature(rt, cfg)
     yield rt
     rt.close()
 
@@ -331,7 +331,7 @@ def _sender(node, rt, token=TOKEN, cfg=None):
 def _digest(node, rt) -> str:
     s = _sender(node, rt)
     try:
-        return s.request("digest")["digest"]
+        return s.request("digest").digest
     finally:
         s.close()
         ev = node.event()
@@ -408,7 +408,7 @@ def _split_handoff(node, rt, n, cfg):
     s = _sender(node, rt, cfg=cfg.replace(wire_link_mbit=20.0))
     try:
         sent = s.send_snapshot(rt)
-        digest = s.request("digest")["digest"]
+        digest = s.request("digest").digest
         body = s.request("generate", n_tokens=16, stop_at_eog=False)
     finally:
         s.close()
@@ -439,7 +439,7 @@ def test_a_split_whose_cells_differ_falls_back_to_the_whole_state(node, smollm2_
 
     small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=16)
     with LlamaRuntime(smollm2_path, small) as rt:
-        rt.signature = model_signature(rt, small).to_dict()
+        rt.signature = model_signature(rt, small)
         _prefill(rt, 512)
         assert rt.batched == 0  # a planner would not split this state ...
         rt.batched = 512  # ... unless it misjudged: the receiver's check is what holds
@@ -485,19 +485,19 @@ def test_on_a_very_slow_link_the_text_travels_and_the_digests_must_agree(node, s
     _prefill(rt, 700)  # 512 + 188: the receiver decodes the same ubatches
     s = _sender(node, rt, cfg=node.client_cfg.replace(wire_link_mbit=1.0))
     sent = s.send_snapshot(rt)
-    digest = s.request("digest")["digest"]
+    digest = s.request("digest").digest
     s.close()
     node.event()
     assert sent.codec == "tokens" and sent.split == 700 and not sent.fallback and sent.payload_bytes == 0
     assert digest == rt.state_digest() == sent.digest
     small = cfg.replace(runtime_n_batch=16, runtime_n_ubatch=16)
     with LlamaRuntime(smollm2_path, small) as other:
-        other.signature = model_signature(other, small).to_dict()
+        other.signature = model_signature(other, small)
         _prefill(other, 300)
         other.batched = 300
         s = _sender(node, other, cfg=node.client_cfg.replace(wire_link_mbit=1.0))
         sent = s.send_snapshot(other)
-        digest = s.request("digest")["digest"]
+        digest = s.request("digest").digest
         s.close()
         node.event()
         assert sent.fallback and sent.codec != "tokens" and digest == other.state_digest()
@@ -519,11 +519,11 @@ def test_a_split_handoff_past_gemmas_window_is_exact(gemma3_path, cfg, tmp_path)
             assert rt.n_swa == 512
             rt.prefill(context_tokens(rt, 1024))
             c = cfg.replace(wire_link_mbit=20.0, p2p_identity_key=tmp_path / "c.key")
-            s = Sender(connect(proc.ready["addrs"][0], c), c, model_signature(rt, c).to_dict())
+            s = Sender(connect(proc.ready["addrs"][0], c), c, model_signature(rt, c))
             s.handshake()
             sent = s.send_snapshot(rt)
-            digest = s.request("digest")["digest"]
-            remote = s.request("generate", n_tokens=16, stop_at_eog=False)["tokens"]
+            digest = s.request("digest").digest
+            remote = s.request("generate", n_tokens=16, stop_at_eog=False).tokens
             s.close()
             ev = proc.next_event()
             assert sent.split >= 64 and not sent.fallback and ev["rejected"] == [], (sent, ev)
@@ -621,7 +621,7 @@ def test_client_killed_mid_transfer_node_serves_next(node, sender_rt, tmp_path):
         from edgelink.runtime.llama import LlamaRuntime
         cfg = load_config(p2p_identity_key={str(node.allowed.path)!r})
         rt = LlamaRuntime({node.model!r}, cfg)
-        s = Sender(connect({node.addr!r}, cfg), cfg, model_signature(rt, cfg).to_dict(),
+        s = Sender(connect({node.addr!r}, cfg), cfg, model_signature(rt, cfg),
                    auth={{"token": {TOKEN!r}}})
         s.handshake()  # authenticated: a first frame this large would be refused unread
         ch = s.ch
@@ -707,7 +707,7 @@ def test_delta_and_prefix_messages_over_p2p(node, sender_rt):
         s.request("generate", n_tokens=8, stop_at_eog=False)
         s.pull_delta(rt, before_reply)  # the node's 8 new cells come back
         assert len(rt.tokens) == before_reply + 8
-        assert s.request("digest")["digest"] == rt.state_digest()
+        assert s.request("digest").digest == rt.state_digest()
         s.request("reset")
         toks = rt.tokenize("The capital of France is")
         s.send_prefix(rt.token_embeddings().rows(toks), 0)
@@ -867,7 +867,7 @@ def test_node_flags_add_tokens_and_allowed_peers(smollm2_path, cfg, tmp_path, se
             assert proc.poll() is None, who
         s = Sender(connect(addr, ok), ok, sender_rt.signature, auth={"token": "flag-token"})
         s.handshake()
-        assert s.request("digest")["context_tokens"] == 0
+        assert s.request("digest").context_tokens == 0
         s.close()
     finally:
         p2p.close_client_hosts()

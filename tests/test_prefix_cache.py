@@ -116,10 +116,10 @@ def test_processes_share_the_disk_tier_and_the_cli_reports_it(smollm2_path, cach
 
     first = json.loads(run("generate", str(smollm2_path), "-p", prompt, "-n", "8", "--cache", "--json"))
     second = json.loads(run("generate", str(smollm2_path), "-p", prompt, "-n", "8", "--cache", "--json"))
-    assert first["extra"]["cache"]["hit_tokens"] == 0 and second["extra"]["cache"]["hit_tokens"] > 0
+    assert first["cache"]["hit_tokens"] == 0 and second["cache"]["hit_tokens"] > 0
     assert second["tokens"] == first["tokens"]
     stats = json.loads(run("cache", "stats", "--json"))
-    assert stats["tiers"]["disk"]["entries"] == first["extra"]["cache"]["stored_chunks"] > 0
+    assert stats["tiers"]["disk"]["entries"] == first["cache"]["stored_chunks"] > 0
     listing = run("cache", "ls")
     assert "chunk" in listing or "entries" in listing
     run("cache", "clear")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,12 +16,12 @@ from edgelink.errors import (
     SignatureMismatch,
     UnknownKind,
 )
-from edgelink.protocol.compat import REQUIRED_FIELDS
 from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
 from edgelink.protocol.messages import Ack, Close, Request, Result, Tensor, TensorMessage
 from edgelink.protocol.session import Role, Session, State
+from edgelink.protocol.signature import ModelSignature
 
-SIG = {k: f"value-{k}" for k in REQUIRED_FIELDS}
+SIG = ModelSignature(**{f.name: f"value-{f.name}" for f in dataclasses.fields(ModelSignature)})
 
 
 def _join(parts):
@@ -48,7 +50,7 @@ def test_handshake_reaches_ready(cfg):
 
 @pytest.mark.parametrize("field", ["weights_digest", "n_layer", "architecture", "flash_attn", "llama_cpp"])
 def test_any_signature_difference_rejects_the_session(cfg, field):
-    other = dict(SIG, **{field: "different"})
+    other = dataclasses.replace(SIG, **{field: "different"})
     c = Session(Role.CLIENT, SIG, cfg.protocol)
     s = Session(Role.SERVER, other, cfg.protocol)
     with pytest.raises(SignatureMismatch) as info:
@@ -62,11 +64,13 @@ def test_any_signature_difference_rejects_the_session(cfg, field):
 
 
 def test_missing_signature_field_is_a_mismatch(cfg):
-    partial = {k: v for k, v in SIG.items() if k != "head_dim"}
-    c = Session(Role.CLIENT, partial, cfg.protocol)
+    from edgelink.protocol import codec
+
+    hello = codec.decode_frame(Session(Role.CLIENT, SIG, cfg.protocol).hello(), cfg.protocol)
+    partial = {k: v for k, v in hello.signature.items() if k != "head_dim"}
     s = Session(Role.SERVER, SIG, cfg.protocol)
     with pytest.raises(SignatureMismatch):
-        s.receive(c.hello())
+        s.receive(codec.encode_hello(dataclasses.replace(hello, signature=partial)))
 
 
 def test_tensor_exchange_and_ack(cfg):
@@ -225,7 +229,7 @@ def test_a_hostile_prefill_speed_ends_the_handshake_typed(cfg, value):
     c = Session(Role.CLIENT, SIG, cfg.protocol)
     s.receive(c.hello())
     good = codec.decode_frame(s.hello(), cfg.protocol)
-    body = {"role": "server", "signature": SIG, "dtypes": list(good.dtypes), "kinds": list(good.kinds),
+    body = {"role": "server", "signature": SIG.to_dict(), "dtypes": list(good.dtypes), "kinds": list(good.kinds),
             "max_message_bytes": good.max_message_bytes, "encryption": good.encryption,
             "prefill_tps": json.loads(value)}
     frame = codec._frame(codec.FrameType.HELLO, good.session_id, 0, json.dumps(body).encode())

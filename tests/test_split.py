@@ -77,7 +77,7 @@ def _session(pair, cfg):
     from edgelink.transport.shm import connect as shm_connect
 
     _, b = pair
-    sig = model_signature(b, cfg).to_dict()
+    sig = model_signature(b, cfg)
     name = f"t-split-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     receiver = Receiver(b, cfg.replace(protocol_session_state="keep"), sig)
     listener = ShmListener(name, cfg)
@@ -99,8 +99,8 @@ def test_a_background_prefill_answers_at_once_and_the_next_message_waits(pair, c
         assert sender.session.peer.prefill_tps > 0  # measured when the receiver started
         b.prefill(toks[:10])  # replaced by the request below
         body = sender.request("prefill", tokens=toks, background=True, replace=True)
-        assert body["context_tokens"] == 448 and body["background"] is True
-        assert sender.request("digest")["digest"] == a.state_digest()
+        assert body.context_tokens == 448 and body.background is True
+        assert sender.request("digest").digest == a.state_digest()
     finally:
         sender.close()
         th.join(60)
@@ -125,7 +125,7 @@ def test_a_failed_background_prefill_is_the_next_messages_refusal(pair, cfg, mon
             sender.request("digest")
         assert err.value.reason == "session"
         monkeypatch.setattr(LlamaRuntime, "prefill", real)
-        assert sender.request("digest")["context_tokens"] == 0  # the session goes on
+        assert sender.request("digest").context_tokens == 0  # the session goes on
     finally:
         sender.close()
         th.join(60)

@@ -76,7 +76,7 @@ def test_handoff_on_the_llama3_8b_twin_is_exact(twin_cfg):
         with LlamaRuntime(path, twin_cfg) as rt:
             prompt = rt.detokenize(context_tokens(rt, 700)[1:])
         out = api.handoff(path, prompt, to=f"shm:{name}", n_tokens=8, cfg=twin_cfg, verify=True)
-        assert out.extra["matches_local"] and len(out.tokens) == 8
+        assert out.verified.matches and len(out.tokens) == 8
         assert out.bytes["payload"] > 600 * TWINS["llama-3-8b"].kv_bytes_per_token
     finally:
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()

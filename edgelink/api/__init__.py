@@ -23,7 +23,7 @@ import numpy as np
 from edgelink import wire
 from edgelink.api.model import load
 from edgelink.api.peer import Round
-from edgelink.api.results import Generation, Progress
+from edgelink.api.results import Generation, Progress, Verified, Written
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.errors import EdgelinkError
@@ -33,12 +33,11 @@ from edgelink.models.resolve import resolve_model
 from edgelink.net.endpoint import connect, parse_endpoint  # noqa: F401 - connect: part of this API
 from edgelink.net.relay import Relay
 from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.ops import GenerateResult
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.encode import OneWay
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import Receiver, SessionReport
-from edgelink.roles.sender import Sender
-from edgelink.runtime.llama import LlamaRuntime
-from edgelink.runtime.signature import ModelSignature, model_signature
 from edgelink.runtime.sizing import fit_limits
 from edgelink.transport.shm import ShmListener, install_cleanup_handlers
 
@@ -50,16 +49,9 @@ def _cfg(cfg: Config | None) -> Config:
     return cfg if cfg is not None else load_config()
 
 
-def load_runtime(model: str, cfg: Config | None = None, progress: Progress | None = None) -> LlamaRuntime:
-    """A runtime for a registry name or a path to a .gguf file (pulled into the cache if needed)."""
-    cfg = _cfg(cfg)
-    return LlamaRuntime(resolve_model(model, cfg, pull=True, progress=progress), cfg)
-
-
 def info(model: str, cfg: Config | None = None, progress: Progress | None = None) -> ModelSignature:
-    cfg = _cfg(cfg)
-    with load_runtime(model, cfg, progress) as rt:
-        return model_signature(rt, cfg)
+    with load(model, _cfg(cfg), progress=progress) as m:
+        return m.signature
 
 
 def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | None = None,
@@ -83,11 +75,7 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
         t1 = time.perf_counter()
         g = m.generate(n_tokens)
         g.prompt_tokens, g.timings = n, {"prefill_s": t1 - t0, **g.timings}
-        if used is not None:
-            g.extra["cache"] = {**dataclasses.asdict(used), "fetched_chunks": fetched.chunks if fetched else 0,
-                                "fetch_s": fetched.seconds if fetched else 0.0}
-            if fetched is not None:
-                g.extra["cache"]["fetch"] = dataclasses.asdict(fetched)
+        g.cache, g.fetch = used, fetched
         return g
 
 
@@ -132,24 +120,25 @@ def export(model: str, prompt: str, path: str | Path, cfg: Config | None = None,
         raise EdgelinkError(f"unknown file format {file_format!r} (edgelink or llama)")
     cfg = _cfg(cfg)
     codec = wire.choose(cfg.wire, tuple(wire.CODECS), network=False)
-    with load_runtime(model, cfg, progress) as rt:
-        toks = rt.tokenize(prompt, add_special=kind != "memory")
+    with load(model, cfg, progress=progress) as m:
+        rt = m.runtime
+        toks = m.tokenize(prompt, add_special=kind != "memory")
         t0 = time.perf_counter()
         if kind == "prefix":
             built, what = prefix_tensors(rt.token_embeddings().rows(toks), 0), (Kind.VIRTUAL_PREFIX, ApplyMode.APPEND)
         else:
-            rt.prefill(toks)
+            m.prefill(toks)
             built = snapshot_tensors(rt)
             what = (Kind.KV_MEMORY, ApplyMode.MEMORY) if kind == "memory" else (Kind.KV_CACHE, ApplyMode.OVERWRITE)
         t1 = time.perf_counter()
-        msg = OneWay.encode(model_signature(rt, cfg).to_dict(), fit_limits(cfg, rt), *what, built,
+        msg = OneWay.encode(m.signature, fit_limits(cfg, rt), *what, built,
                             seq_slot=rt.seq, layer_range=(-1, -1) if kind == "prefix" else (0, rt.n_layer),
                             codec=codec)
         size = msg.write(path)
         t2 = time.perf_counter()
         return Generation(model, len(toks), [], "", {"prefill_s": t1 - t0, "export_s": t2 - t1},
                           {"file": size, "payload": msg.message.payload_bytes},
-                          {"kind": msg.message.kind.name, "codec": codec or "raw"})
+                          written=Written(str(path), "edgelink", msg.message.kind.name, codec or "raw"))
 
 
 def _export_llama(model: str, prompt: str, path: str | Path, cfg: Config, progress: Progress | None,
@@ -165,7 +154,7 @@ def _export_llama(model: str, prompt: str, path: str | Path, cfg: Config, progre
         t1 = time.perf_counter()
         size = m.save_llama_file(path)
         return Generation(model, n, [], "", {"prefill_s": t1 - t0, "export_s": time.perf_counter() - t1},
-                          {"file": size}, {"format": "llama"})
+                          {"file": size}, written=Written(str(path), "llama", "KV_CACHE", "raw"))
 
 
 def import_llama(model: str, path: str | Path, *, output: str | Path | None = None, to: str | None = None,
@@ -179,19 +168,19 @@ def import_llama(model: str, path: str | Path, *, output: str | Path | None = No
     with load(model, _cfg(cfg), progress=progress) as m:
         t0 = time.perf_counter()
         n = m.load_llama_file(path)
-        result = Generation(model, n, [], "", {"import_s": time.perf_counter() - t0}, {}, {"tokens": n})
+        result = Generation(model, n, [], "", {"import_s": time.perf_counter() - t0}, {})
         if output is not None:
             snap = m.snapshot()
             snap.save(output)
             result.bytes["file"] = len(snap.frames)
-            result.extra["output"] = str(output)
+            result.written = Written(str(output), "edgelink", "KV_CACHE", "raw")
         if to is not None:
             with m.connect(to, token=token) as peer:
                 g = peer.handoff(n_tokens)
             result.tokens, result.text = g.tokens, g.text
             result.timings.update(g.timings)
             result.bytes.update(g.bytes)
-            result.extra.update(g.extra)
+            result.to, result.digest, result.wire = g.to, g.digest, g.wire
         return result
 
 
@@ -229,8 +218,8 @@ def serve(model: str, endpoint: str, cfg: Config | None = None, *, max_sessions:
     cfg = _cfg(cfg)
     ep = parse_endpoint(endpoint)
     br = _load_bridge(bridge)
-    with load_runtime(model, cfg, progress) as rt:
-        receiver = Receiver(rt, cfg, model_signature(rt, cfg).to_dict(), bridge=br)
+    with load(model, cfg, progress=progress) as m:
+        receiver = Receiver(m.runtime, cfg, m.signature, bridge=br)
         listener = ShmListener(ep.address, cfg)
         if handle_signals:
             install_cleanup_handlers()
@@ -342,9 +331,7 @@ def handoff(model: str, prompt: str, to: str, n_tokens: int | None = None,
         result.timings = {"prefill_s": prefill_s, **result.timings}
         if verify:
             local = m.generate(n_tokens).tokens
-            result.extra["local_tokens"] = local
-            result.extra["local_text"] = m.runtime.detokenize(local)
-            result.extra["matches_local"] = local == result.tokens
+            result.verified = Verified(local, m.runtime.detokenize(local), local == result.tokens)
         return result
 
 
@@ -373,8 +360,7 @@ def demo(model: str, prompt: str, n_tokens: int | None = None, cfg: Config | Non
         g.model = model
     finally:
         stop_receiver(proc)
-    g.extra.pop("local_tokens")
-    return Demo(g, g.extra.pop("local_text"), os.getpid(), proc.pid)
+    return Demo(g, g.verified.text, os.getpid(), proc.pid)
 
 
 @dataclasses.dataclass
@@ -414,22 +400,15 @@ def send_prefix(model: str, to: str, *, text: str | None = None, vectors: np.nda
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
     if (text is None) == (vectors is None):
         raise EdgelinkError("give exactly one of text or vectors")
-    with load_runtime(model, cfg, progress) as rt:
+    with load(model, cfg, progress=progress) as m:
         if vectors is None:
-            vectors = rt.token_embeddings().rows(rt.tokenize(text))
-        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
-        try:
-            sender.handshake()
-            start = 0 if reset else sender.request("digest")["context_tokens"]
-            if reset:
-                sender.request("reset")
-            sent = sender.send_prefix(vectors, start, seq_slot=rt.seq, energy_match=energy_match)
-            body = sender.request("generate", n_tokens=n)
-        finally:
-            sender.close()
-    return Generation(model, int(vectors.shape[0]), list(body["tokens"]), body["text"],
-                      {"ship_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
-                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes})
+            vectors = m.runtime.token_embeddings().rows(m.runtime.tokenize(text))
+        with m.connect(to) as peer:
+            sent = peer.send_prefix(vectors, reset=reset, energy_match=energy_match)
+            body = peer.generate(n)
+    return Generation(model, int(vectors.shape[0]), list(body.tokens), body.text,
+                      {"ship_s": sent.roundtrip_s, "remote_generate_s": body.generate_s},
+                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes}, to=to, digest=sent.digest)
 
 
 def send_memory(model: str, to: str, text: str, *, question: str | None = None,
@@ -439,19 +418,15 @@ def send_memory(model: str, to: str, text: str, *, question: str | None = None,
     peer's own context). With ``question``, the peer then reads it and answers greedily."""
     cfg = _cfg(cfg)
     n = cfg.generate.n_tokens if n_tokens is None else n_tokens
-    with load_runtime(model, cfg, progress) as rt:
-        rt.prefill(rt.tokenize(text, add_special=False))
-        q_tokens = rt.tokenize(question, add_special=False) if question else []
-        sender = Sender(connect(to, cfg), fit_limits(cfg, rt), model_signature(rt, cfg).to_dict())
-        try:
-            sender.handshake()
-            sent = sender.send_memory(rt)
-            body: dict[str, Any] = {"tokens": [], "text": "", "generate_s": 0.0}
+    with load(model, cfg, progress=progress) as m:
+        m.prefill(m.tokenize(text, add_special=False))
+        q_tokens = m.tokenize(question, add_special=False) if question else []
+        with m.connect(to) as peer:
+            sent = peer.send_memory()
+            body = GenerateResult(0, [], "", 0.0)
             if q_tokens:
-                sender.request("prefill", tokens=q_tokens)
-                body = sender.request("generate", n_tokens=n)
-        finally:
-            sender.close()
-    return Generation(model, len(q_tokens), list(body["tokens"]), body["text"],
-                      {"ship_s": sent.roundtrip_s, "remote_generate_s": body["generate_s"]},
-                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes})
+                peer.read(q_tokens)
+                body = peer.generate(n)
+    return Generation(model, len(q_tokens), list(body.tokens), body.text,
+                      {"ship_s": sent.roundtrip_s, "remote_generate_s": body.generate_s},
+                      {"payload": sent.payload_bytes, "wire": sent.wire_bytes}, to=to, digest=sent.digest)

@@ -33,6 +33,7 @@ from edgelink.kinds.specs import Acceptance, acceptance
 from edgelink.models.resolve import resolve_model
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.encode import OneWay
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
@@ -98,7 +99,7 @@ class Model:
         self.cfg = cfg
         self.name = name
         self.binding = binding
-        self._signature: dict[str, Any] | None = None
+        self._signature: ModelSignature | None = None
         self._cache: PrefixCache | None = None
 
     @contextlib.contextmanager
@@ -136,13 +137,13 @@ class Model:
         return list(self.runtime.tokens)
 
     @property
-    def signature(self) -> dict[str, Any]:
+    def signature(self) -> ModelSignature:
         """What a peer checks before it accepts this model's state (``edgelink info``)."""
         if self._signature is None:
             # in step: reading the signature may probe the context (flash attention "auto"),
             # which must save and restore the cells a bound Llama evaluated meanwhile
             with self.step():
-                self._signature = model_signature(self.runtime, self.cfg).to_dict()
+                self._signature = model_signature(self.runtime, self.cfg)
         return self._signature
 
     def tokenize(self, text: str, *, add_special: bool | None = None, parse_special: bool = True) -> list[int]:
@@ -286,16 +287,19 @@ class Model:
 
     # ------------------------------------------------------------------ peers
 
-    def connect(self, to: str, *, token: str | None = None, token_ids: bool = True) -> Peer:
+    def connect(self, to: str, *, token: str | None = None, token_ids: bool = True,
+                kinds: Sequence[Kind] = tuple(Kind), bridge: dict[str, str] | None = None) -> Peer:
         """A session with the receiver at ``to`` (``shm:NAME``, a multiaddr, or ``/p2p/ID``),
         reused by every call on the returned ``Peer`` until it is closed. ``token_ids=False``
-        sends -1 for every token id (``Peer.open``)."""
-        from edgelink.api.peer import Peer
+        sends -1 for every token id (``Peer.open``); ``kinds``: the message kinds to offer
+        (every kind by default; ``api.latent.LATENT_KINDS`` for a latent session); ``bridge``: a
+        bridge claim (``kinds.bridged.bridge_claim``) for a session with another model."""
+        from edgelink.api.peer import Peer  # peer imports this module (Model is its type)
 
-        return Peer.open(self, to, token=token, token_ids=token_ids)
+        return Peer.open(self, to, token=token, token_ids=token_ids, kinds=kinds, bridge=bridge)
 
 
-def read_messages(rt: LlamaRuntime, cfg: Config, signature: dict[str, Any], reader: Any, where: str,
+def read_messages(rt: LlamaRuntime, cfg: Config, signature: ModelSignature, reader: Any, where: str,
                   only: tuple[Kind, ...] | None = None) -> AppliedFile:
     """Apply every tensor message a one-way ``reader`` holds (a message file's, a snapshot's), in
     order, through the same appliers a receiver of ``rt`` has (edgelink/kinds/specs.py; ``only``:

@@ -12,9 +12,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgelink.api.results import Generation
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.net.endpoint import connect
+from edgelink.protocol.kinds import Kind
+from edgelink.protocol.ops import GenerateResult
 from edgelink.roles.sender import Sender, SentMessage
 from edgelink.runtime.sizing import fit_limits, snapshot_tokens_within
 
@@ -53,7 +57,8 @@ class Peer:
         self._ahead: tuple[list[int], list[int]] | None = None
 
     @classmethod
-    def open(cls, model: Model, to: str, *, token: str | None = None, token_ids: bool = True) -> Peer:
+    def open(cls, model: Model, to: str, *, token: str | None = None, token_ids: bool = True,
+             kinds: Sequence[Kind] = tuple(Kind), bridge: dict[str, str] | None = None) -> Peer:
         """``token_ids=False``: the receiver gets -1 for every token id of ours (the cells and
         logits still travel; docs/security.md): each turn ships the whole state, and the
         receiver's replies are read here again rather than pulled as cells."""
@@ -61,7 +66,8 @@ class Peer:
         ch = connect(to, model.cfg)
         t1 = time.perf_counter()
         sender = Sender(ch, fit_limits(model.cfg, model.runtime), model.signature,
-                        auth={"token": token} if token else None, token_ids=token_ids)
+                        auth={"token": token} if token else None, token_ids=token_ids, kinds=tuple(kinds),
+                        bridge=bridge)
         try:
             sender.handshake()
         except BaseException:
@@ -107,16 +113,39 @@ class Peer:
             self.synced = len(rt.tokens)
         return sent
 
-    def generate(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> dict[str, Any]:
+    def generate(self, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> GenerateResult:
         """The receiver's greedy continuation of what it holds (its sequence grows, ours not:
         the next ``send`` ships the whole state again)."""
         n = self.model.cfg.generate.n_tokens if n_tokens is None else n_tokens
         body = self.sender.request("generate", n_tokens=n, stop_at_eog=stop_at_eog)
-        if body["tokens"]:
+        if body.tokens:
             if self.synced == len(self.model.runtime.tokens):
-                self._ahead = (list(self.model.runtime.tokens), list(body["tokens"]))
+                self._ahead = (list(self.model.runtime.tokens), list(body.tokens))
             self.synced = 0
         return body
+
+    def send_prefix(self, vectors: np.ndarray, *, reset: bool = False, energy_match: bool = False) -> SentMessage:
+        """Append ``vectors`` (f32 [n, n_embd]) to the receiver's sequence as virtual tokens
+        (VIRTUAL_PREFIX); with ``reset`` its sequence is cleared first. The receiver then holds
+        what we do not, so the next ``send`` ships the whole state."""
+        start = 0 if reset else self.sender.request("digest").context_tokens
+        if reset:
+            self.sender.request("reset")
+        self.synced = 0
+        return self.sender.send_prefix(vectors, start, seq_slot=self.model.runtime.seq, energy_match=energy_match)
+
+    def send_memory(self) -> SentMessage:
+        """Hand the model's sequence to the receiver as KV_MEMORY: cells it appends after its own
+        context, re-positioned, rather than a sequence it takes over."""
+        self.synced = 0
+        with self.model.step() as rt:
+            return self.sender.send_memory(rt)
+
+    def read(self, tokens: Sequence[int]) -> int:
+        """Have the receiver read ``tokens`` after what it holds (its own prefill); returns how
+        many tokens it then holds."""
+        self.synced = 0
+        return self.sender.request("prefill", tokens=list(tokens)).context_tokens
 
     def _catch_up(self) -> int:
         """Take back the cells of the receiver's last reply (a ``handoff``/``generate``), when our
@@ -141,11 +170,11 @@ class Peer:
         sent = self.send()
         body = self.generate(n_tokens, stop_at_eog=stop_at_eog)
         return Generation(
-            self.model.name, len(self.model.runtime.tokens), list(body["tokens"]), body["text"],
+            self.model.name, len(self.model.runtime.tokens), list(body.tokens), body.text,
             {**self.timings, "export_s": sent.export_s, "snapshot_roundtrip_s": sent.roundtrip_s,
-             "remote_generate_s": body["generate_s"]},
+             "remote_generate_s": body.generate_s},
             {"payload": sent.payload_bytes, "wire": sent.wire_bytes},
-            {"digest": sent.digest, "to": self.to, "wire": sent.wire_facts()})
+            to=self.to, digest=sent.digest, wire=sent.wire_facts())
 
     def converse(self, text: str, n_tokens: int | None = None, *, stop_at_eog: bool = True) -> Round:
         """One turn: read ``text`` here, ship only what the receiver lacks, let it answer (up to
@@ -163,16 +192,16 @@ class Peer:
         t3 = time.perf_counter()
         with self.model.step() as rt:
             if not self.sender.token_ids:
-                rt.prefill(list(body["tokens"]))  # see _catch_up; the next turn ships it whole
+                rt.prefill(list(body.tokens))  # see _catch_up; the next turn ships it whole
                 pulled = caught_up
             else:
-                pulled = caught_up + (self.sender.pull_delta(rt, len(rt.tokens)) if body["tokens"] else 0)
+                pulled = caught_up + (self.sender.pull_delta(rt, len(rt.tokens)) if body.tokens else 0)
             self.synced = len(rt.tokens)
             full = sum(t.nbytes for t in _snapshot_tensors(rt))
         t4 = time.perf_counter()
         self.turns += 1
         return Round(self.turns - 1, self.synced, sent_tokens, sent.payload_bytes,
-                     "KV_CACHE" if first or not self.sender.token_ids else "KV_CACHE_DELTA", list(body["tokens"]), body["text"], pulled, full,
+                     "KV_CACHE" if first or not self.sender.token_ids else "KV_CACHE_DELTA", list(body.tokens), body.text, pulled, full,
                      {"prefill_s": t1 - t0, "ship_s": t2 - t1, "remote_generate_s": t3 - t2, "pull_s": t4 - t3})
 
     def fetch_cache(self, prompt: str | Sequence[int]) -> int:
@@ -186,7 +215,7 @@ class Peer:
 
     def digest(self) -> str:
         """The receiver's state digest (equal to ``model.runtime.state_digest()`` in step)."""
-        return self.sender.request("digest")["digest"]
+        return self.sender.request("digest").digest
 
     def same_state(self) -> bool:
         """Whether the receiver holds exactly the model's sequence (cells, tokens, logits)."""

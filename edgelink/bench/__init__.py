@@ -21,6 +21,7 @@ from edgelink.bench.rss import PeakWatch
 from edgelink.bench.timing import median_seconds
 from edgelink.config import Config
 from edgelink.models.resolve import resolve_model
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
@@ -44,7 +45,7 @@ def context_tokens(rt: LlamaRuntime, n: int) -> list[int]:
     return toks[:n]
 
 
-def _session_handoff(endpoint: str, cfg: Config, rt: LlamaRuntime, signature: dict[str, Any]):
+def _session_handoff(endpoint: str, cfg: Config, rt: LlamaRuntime, signature: ModelSignature):
     """What `edgelink handoff` does after its prefill: connect, HELLO, ship the snapshot (export
     to ACK), close. Returns (seconds of the session around the snapshot, the SentMessage)."""
     from edgelink.net.endpoint import connect
@@ -87,7 +88,7 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
     node = start_node(str(path), cfg) if p2p else None
     try:
         with LlamaRuntime(path, cfg) as rt:
-            signature = model_signature(rt, cfg).to_dict()
+            signature = model_signature(rt, cfg)
             for n in cfg.bench.tokens:
                 if n >= rt.n_ctx:
                     say(f"skip {n} tokens: context is {rt.n_ctx}")

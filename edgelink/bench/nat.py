@@ -94,7 +94,7 @@ def run_nat_bench(model: str, cfg: Config, prompt_tokens: int = 1024, mbit: floa
                     env = {"EDGELINK_P2P_IDENTITY_KEY": str(t / f"client-{case}-{r}.key"),
                            "EDGELINK_P2P_HOLE_PUNCH": "on" if case == "hole-punched" else "off"}
                     g = _handoff(w.home[1], cfg, env, path, targets[case], prompt)
-                    if not g["extra"].get("matches_local"):
+                    if not (g.get("verified") or {}).get("matches"):
                         raise EdgelinkError(f"{case}: the receiver's token differs from the sender's")
                     (public if case == "direct" else behind).next_event()  # its session
                     relayed = relay.next_event()["bytes"] if case != "direct" else 0
@@ -103,9 +103,9 @@ def run_nat_bench(model: str, cfg: Config, prompt_tokens: int = 1024, mbit: floa
                         + tm["remote_generate_s"]
                     sent_tokens = g["prompt_tokens"]
                     rows[case].append({"ttft_s": ttft, "connect_s": tm["connect_s"], "wire_bytes": g["bytes"]["wire"],
-                                       "relay_bytes": relayed, "path": g["extra"]["wire"].get("path", "?")})
+                                       "relay_bytes": relayed, "path": (g.get("wire") or {}).get("path") or "?"})
                     say(f"round {r + 1}/{repeats} {case}: {ttft:.2f} s to the first token "
-                        f"({g['extra']['wire'].get('path')}), relay carried {relayed / 1e6:.2f} MB")
+                        f"({rows[case][-1]['path']}), relay carried {relayed / 1e6:.2f} MB")
         finally:
             for n in nodes:
                 stop_receiver(n)

@@ -47,6 +47,7 @@ from edgelink.kinds.snapshot import check_state_layout
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 from edgelink.runtime.kvstate import (
     CacheState,
     SeqState,
@@ -169,17 +170,17 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ keys
 
-    def root_key(self, signature: dict[str, Any]) -> bytes:
+    def root_key(self, signature: ModelSignature) -> bytes:
         """The key every chain of chunk keys starts from: the model's signature, and the
         trust domain's ``cache.salt`` when set. Without the salt a peer cannot compute the key
         of any prompt, so it can neither hit nor time another domain's chunks."""
-        canon = json.dumps(signature, sort_keys=True, separators=(",", ":")).encode()
+        canon = json.dumps(signature.to_dict(), sort_keys=True, separators=(",", ":")).encode()
         salt = self.cfg.cache.salt
         if not salt:
             return blake3.blake3(ROOT_TAG + canon).digest()
         return blake3.blake3(ROOT_TAG + canon, key=blake3.blake3(SALT_TAG + salt.encode()).digest()).digest()
 
-    def keys(self, signature: dict[str, Any], tokens: list[int]) -> list[str]:
+    def keys(self, signature: ModelSignature, tokens: list[int]) -> list[str]:
         """The key of every whole chunk of ``tokens``, in order."""
         key = self.root_key(signature)
         out = []
@@ -191,7 +192,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ the prefill
 
-    def prefill(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], *,
+    def prefill(self, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int], *,
                 keep: int = 0) -> CachedPrefill:
         """Make ``tokens`` the runtime's sequence: the longest cached run of whole chunks
         (always leaving at least one token to decode, so the logits are fresh), then the rest
@@ -226,14 +227,14 @@ class PrefixCache:
         out.lookup_s = time.perf_counter() - t0
         return self._decode_rest(rt, signature, tokens, keys, out)
 
-    def _continue(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keep: int) -> CachedPrefill:
+    def _continue(self, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int], keep: int) -> CachedPrefill:
         rt.truncate(keep)
         out = CachedPrefill(len(tokens))
         out.hit_tokens = keep
         out.hit_tiers["context"] = keep // self.chunk
         return self._decode_rest(rt, signature, tokens, self.keys(signature, tokens), out)
 
-    def _decode_rest(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keys: list[str],
+    def _decode_rest(self, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int], keys: list[str],
                      out: CachedPrefill) -> CachedPrefill:
         """Decode from ``out.hit_tokens`` on, chunk by chunk, storing each new whole chunk."""
         t1 = time.perf_counter()
@@ -253,7 +254,7 @@ class PrefixCache:
         """How many chunks at the end of a restored run must bring their window cells."""
         return -(-rt.n_swa // self.chunk) if rt.n_swa else 0
 
-    def _lookup(self, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int], keys: list[str],
+    def _lookup(self, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int], keys: list[str],
                 out: CachedPrefill) -> list[SeqState]:
         """The longest usable run of cached chunks: whole ones, or trimmed ones wherever the
         restore needs none of their window cells."""
@@ -291,13 +292,13 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ chunks as messages
 
-    def _session(self, rt: LlamaRuntime, signature: dict[str, Any], role: Role) -> Session:
+    def _session(self, rt: LlamaRuntime, signature: ModelSignature, role: Role) -> Session:
         return Session(role, signature, fit_limits(self.cfg, rt).protocol, kinds=(Kind.KV_CACHE_DELTA,))
 
-    def _store(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int) -> int:
+    def _store(self, rt: LlamaRuntime, signature: ModelSignature, key: str, index: int) -> int:
         return self._store_cells(rt, signature, parse_seq_state(rt.export_state()), key, index)
 
-    def _store_cells(self, rt: LlamaRuntime, signature: dict[str, Any], full: SeqState, key: str, index: int,
+    def _store_cells(self, rt: LlamaRuntime, signature: ModelSignature, full: SeqState, key: str, index: int,
                      allow_trimmed: bool = False) -> int:
         """Store chunk ``index`` from the runtime's parsed state: whole when every cache still
         holds it; with ``allow_trimmed``, trimmed when only the window cache has moved on."""
@@ -322,7 +323,7 @@ class PrefixCache:
         self._put(rt, signature, key, index, tensors, layout, trimmed=trimmed)
         return 1
 
-    def keep(self, rt: LlamaRuntime, signature: dict[str, Any]) -> int:
+    def keep(self, rt: LlamaRuntime, signature: ModelSignature) -> int:
         """Store the whole chunks of the runtime's sequence that it computed in batches of 64
         or more tokens (``LlamaRuntime.batched``), whose cells a cold prefill through the cache
         reproduces bit for bit (measured: identical for SmolLM2 and Gemma-3 at every chunk
@@ -336,7 +337,7 @@ class PrefixCache:
         return sum(self._store_cells(rt, signature, full, key, index, allow_trimmed=True)
                    for index, key in enumerate(keys) if not self.store.has(key))
 
-    def _put(self, rt: LlamaRuntime, signature: dict[str, Any], key: str, index: int, tensors: list[Tensor],
+    def _put(self, rt: LlamaRuntime, signature: ModelSignature, key: str, index: int, tensors: list[Tensor],
              layout: dict[str, Any], trimmed: bool = False, into: ChunkStore | None = None,
              origin: str | None = None) -> None:
         """Keep chunk ``index``'s tensors (cells and token ids) under ``key`` (or, trimmed, under
@@ -352,7 +353,7 @@ class PrefixCache:
                                                  attrs={"kv": layout, "chunk": chunk})
         (into or self.store).put(trimmed_key(key) if trimmed else key, frame_bytes(hello) + frame_bytes(*parts))
 
-    def _open(self, rt: LlamaRuntime, signature: dict[str, Any], data: bytes, key: str) -> TensorMessage:
+    def _open(self, rt: LlamaRuntime, signature: ModelSignature, data: bytes, key: str) -> TensorMessage:
         """A stored chunk's tensor message, verified: this model's signature, every checksum,
         and the key it names. Raises an EdgelinkError otherwise."""
         session = self._session(rt, signature, Role.SERVER)
@@ -410,7 +411,7 @@ class PrefixCache:
             n += 1
         return n
 
-    def chunk_message(self, rt: LlamaRuntime, signature: dict[str, Any], key: str,
+    def chunk_message(self, rt: LlamaRuntime, signature: ModelSignature, key: str,
                       window: bool = True) -> TensorMessage:
         """A stored chunk to send a peer (one computed here, or from a ``cache.reshare``
         source), verified here first (a damaged one is dropped); without ``window``, trimmed
@@ -435,7 +436,7 @@ class PrefixCache:
         return dataclasses.replace(msg, tensors=(*tensors, by_name["tokens"]),
                                    attrs={**msg.attrs, "kv": layout, "chunk": chunk})
 
-    def fetch(self, sender: Any, rt: LlamaRuntime, signature: dict[str, Any], tokens: list[int],
+    def fetch(self, sender: Any, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int],
               source: str = "peer") -> int:
         """Fetch from the peer of ``sender`` the chunks of ``tokens`` this cache lacks, as far
         as the peer holds them, each verified as a local chunk is before it is kept (apart
@@ -444,7 +445,7 @@ class PrefixCache:
         local = self.held(keys)
         if local == len(keys):
             return 0
-        held = sender.request("cache_has", keys=keys[local:])["held"]
+        held = sender.request("cache_has", keys=keys[local:]).held
         fetched = 0
         into = self.fetched_store(source)
         whole_from = len(keys) - self.window_chunks(rt)  # the chunks whose window cells a restore needs

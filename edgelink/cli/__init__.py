@@ -132,11 +132,19 @@ def _gen_text(g: api.Generation) -> str:
     lines.append("  ".join(f"{k}={v * 1e3:.1f}ms" for k, v in g.timings.items()))
     if g.bytes:
         lines.append("  ".join(f"{k}={v:,} B" for k, v in g.bytes.items()))
-    for k, v in g.extra.items():
-        if isinstance(v, dict):
-            lines.append(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict)))
-        elif k not in ("local_tokens", "local_text"):
-            lines.append(f"{k}: {v}")
+    for name in ("to", "digest"):
+        if getattr(g, name) is not None:
+            lines.append(f"{name}: {getattr(g, name)}")
+    if g.verified is not None:
+        lines.append(f"matches local: {g.verified.matches}")
+    for name in ("wire", "cache", "written", "bridged", "steering"):
+        part = getattr(g, name)
+        if part is not None:  # one line per part: its scalar fields that are set
+            shown = {k: v for k, v in dataclasses.asdict(part).items()
+                     if v is not None and not isinstance(v, (dict, list))}
+            lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    if g.bridged is not None and g.bridged.label is not None:
+        lines.append(f"label: {g.bridged.label}  scores: {g.bridged.label_scores}")
     return "\n".join(lines)
 
 
@@ -173,15 +181,15 @@ def generate(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, us
 
 
 def _fetch_text(g: api.Generation) -> str:
-    f = g.extra.get("cache", {}).get("fetch")
-    if not f:
+    f = g.fetch
+    if f is None:
         return ""
-    line = (f"\nfetched {f['chunks']} of the {f['lacking']} chunk(s) this cache lacked"
-            + (f" from {', '.join(f['sources'])}" if f["sources"] else ""))
-    if f["untrusted"]:
-        line += (f"\nthe DHT names holders not in cache.trust (not asked): {', '.join(f['untrusted'])}; "
+    line = (f"\nfetched {f.chunks} of the {f.lacking} chunk(s) this cache lacked"
+            + (f" from {', '.join(f.sources)}" if f.sources else ""))
+    if f.untrusted:
+        line += (f"\nthe DHT names holders not in cache.trust (not asked): {', '.join(f.untrusted)}; "
                  "add one with --trust PEER_ID if you accept its cells")
-    for err in f["errors"]:
+    for err in f.errors:
         line += f"\nskipped {err}"
     return line
 
@@ -399,10 +407,10 @@ def demo(obj: _Ctx, model: str | None, prompt: str, n_tokens: int | None, as_jso
         "",
         f"B continued: {g.text!r}",
         f"A would say: {d.local_text!r}",
-        f"identical: {g.extra['matches_local']}",
+        f"identical: {g.verified.matches}",
     ])
     _emit(as_json, d, human)
-    if not g.extra["matches_local"]:
+    if not g.verified.matches:
         sys.exit(1)
 
 
@@ -930,6 +938,7 @@ def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: s
 
     cfg = obj.cfg()
     model = model or cfg.runtime.default_model
+    out: object
     if to:
         out = api_latent.send_hidden(model, prompt, to, _layers(layers), cfg=cfg)
     elif output:
@@ -938,7 +947,8 @@ def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: s
         sl = api_latent.capture_hidden(model, prompt, _layers(layers), cfg=cfg)
         out = {"positions": sl.positions.tolist(),
                "mean_row_norm": {str(k): float(np.linalg.norm(v, axis=1).mean()) for k, v in sl.rows.items()}}
-    _emit(as_json, out, json.dumps(out, indent=2))
+    shown = dataclasses.asdict(out) if dataclasses.is_dataclass(out) else out
+    _emit(as_json, out, json.dumps(shown, indent=2, default=str))
 
 
 @latent.command("steer")
@@ -975,7 +985,7 @@ def latent_apply(obj: _Ctx, model_file: tuple[str, ...], n_tokens: int | None, a
     cfg = obj.cfg()
     model, file = split_model_file(model_file, cfg.runtime.default_model)
     out = api_latent.apply_file(model, file, n_tokens=n_tokens, cfg=cfg)
-    _emit(as_json, out, f"applied {', '.join(out['applied']) or 'nothing'}\n{out['text']}")
+    _emit(as_json, out, f"applied {', '.join(out.applied) or 'nothing'}\n{out.text}")
 
 
 from edgelink.cli.bridge import bridge  # noqa: E402  (registers `edgelink bridge ...`)

@@ -26,6 +26,7 @@ from edgelink.errors import EdgelinkError
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import SESSION_ID_BYTES, Tensor
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 
 
 @dataclasses.dataclass
@@ -50,13 +51,13 @@ class FuzzReport:
     by_code: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def synthetic_signature() -> dict[str, Any]:
+def synthetic_signature() -> ModelSignature:
     """A signature shaped like a real one (tests that need a real one pass it in)."""
-    return {"architecture": "llama", "weights_digest": "ab" * 32, "n_layer": 2, "n_embd": 8,
-            "n_head": 2, "n_head_kv": 1, "head_dim": 4, "rope_type": 0, "rope_freq_base": 10000.0,
-            "rope_scaling": "none", "norm": "rms", "vocab_size": 16, "special_tokens": {"bos": 1},
-            "n_swa": 0, "type_k": "f16", "type_v": "f16", "flash_attn": False, "llama_cpp": "x",
-            "name": "synthetic"}
+    return ModelSignature(
+        architecture="llama", family="llama", name="synthetic", weights_digest="ab" * 32, n_layer=2, n_embd=8,
+        n_head=2, n_head_kv=1, head_dim=4, rope_type="norm", rope_freq_base=10000.0, rope_scaling=None,
+        norm="rms:1e-05", vocab_size=16, special_tokens={"bos": 1}, n_ctx_train=64, n_swa=0, type_k="f16",
+        type_v="f16", flash_attn=False, llama_cpp="x", file_bytes=0)
 
 
 def _kv_tensors(cells: int = 3, n_layer: int = 2, width: int = 4) -> tuple[list[Tensor], dict]:
@@ -102,7 +103,7 @@ def _wire_messages(nv: int) -> list[tuple]:
     return out
 
 
-def seed_frames(signature: dict[str, Any] | None = None, limits=None,
+def seed_frames(signature: ModelSignature | None = None, limits=None,
                 extra_tensor_messages: Iterable[tuple] = ()) -> list[bytes]:
     """One valid exchange, client side: HELLO, then every frame type and tensor kind, with the
     session id and consecutive message ids a server would accept. ``extra_tensor_messages``
@@ -117,8 +118,8 @@ def seed_frames(signature: dict[str, Any] | None = None, limits=None,
     client.assume_peer_accepts()
     kv, layout = _kv_tensors()
     # widths of the signature's model, so kind seeds reach each applier's deeper checks
-    d = sig.get("n_embd") if isinstance(sig.get("n_embd"), int) and 0 < sig["n_embd"] <= 8192 else 8
-    nv = sig.get("vocab_size") if isinstance(sig.get("vocab_size"), int) and 0 < sig["vocab_size"] <= 1 << 18 else 16
+    d = sig.n_embd if 0 < sig.n_embd <= 8192 else 8
+    nv = sig.vocab_size if 0 < sig.vocab_size <= 1 << 18 else 16
     # one valid message of every kind (edgelink/kinds/specs.py), so a new kind is fuzzed too
     from edgelink.kinds.specs import SPECS, Example
 
@@ -176,7 +177,7 @@ def run(target: Callable[[bytes], Any], name: str, seeds: list[bytes], cases: in
     return report
 
 
-def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tuple[dict[str, Any], list[tuple]]:
+def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tuple[ModelSignature, list[tuple]]:
     """(signature, [a KV_CACHE message tuple]) from a real prefill of ``model``, for seeds."""
     from edgelink.kinds.snapshot import snapshot_tensors
     from edgelink.models.resolve import resolve_model
@@ -185,7 +186,7 @@ def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tu
 
     with LlamaRuntime(resolve_model(model, cfg), cfg) as rt:
         rt.prefill(rt.tokenize(prompt))
-        sig = model_signature(rt, cfg).to_dict()
+        sig = model_signature(rt, cfg)
         tensors, attrs, token_range = snapshot_tensors(rt)
         # copies: the runtime's export buffer is reused by its next export
         tensors = [Tensor(t.name, t.dtype, t.shape, memoryview(bytes(t.data)), t.checksum) for t in tensors]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 from edgelink.config import Config
 from edgelink.errors import EdgelinkError, TransportError
@@ -18,6 +17,7 @@ from edgelink.protocol import codec
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.messages import Ack, Close, Hello, Reject
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.receiver import frame_limit
 
 
@@ -38,7 +38,7 @@ def _expects_reply(frame: bytes, cfg: Config) -> bool:
     return not isinstance(msg, (Ack, Reject, Close))
 
 
-def fuzz_live(endpoint: str, cfg: Config, signature: dict[str, Any], cases: int, seed: int = 0,
+def fuzz_live(endpoint: str, cfg: Config, signature: ModelSignature, cases: int, seed: int = 0,
               token: str | None = None, extra_tensor_messages=(), per_session: int = 3,
               reply_timeout_s: float = 60.0) -> FuzzReport:
     """Send ``cases`` mutated frames to the receiver at ``endpoint`` (sessions of up to

@@ -17,6 +17,7 @@ from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import Hello, Request, Result, TensorMessage
 from edgelink.protocol.ops import check_params, check_result
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 
 
 def decode(limits: ProtocolConfig) -> Callable[[bytes], Any]:
@@ -110,7 +111,7 @@ def _typed(exc: Exception) -> None:
         raise exc
 
 
-def session(signature: dict[str, Any], limits: ProtocolConfig, kinds=tuple(Kind)) -> Callable[[list[bytes]], Any]:
+def session(signature: ModelSignature, limits: ProtocolConfig, kinds=tuple(Kind)) -> Callable[[list[bytes]], Any]:
     """A server session fed a whole exchange: a HELLO, then frames; each refusal is typed and
     the session goes on when the refusal allows it."""
     from edgelink.errors import EdgelinkError

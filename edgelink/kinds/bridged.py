@@ -32,6 +32,7 @@ from edgelink.errors import SessionError, StateError
 from edgelink.kinds.snapshot import check_target
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
+from edgelink.protocol.signature import ModelSignature
 from edgelink.runtime.llama import LlamaRuntime
 
 NO_RANGE = (-1, -1)
@@ -71,7 +72,7 @@ def source_rows(rt: LlamaRuntime, bridge: Bridge, text: str) -> tuple[np.ndarray
 class BridgedPrefixApplier:
     """Checks and applies BRIDGED_PREFIX messages made by one bridge, on its target model."""
 
-    def __init__(self, rt: LlamaRuntime, bridge: Bridge, signature: dict[str, Any]):
+    def __init__(self, rt: LlamaRuntime, bridge: Bridge, signature: ModelSignature):
         # Refuse at startup, not per message, a bridge that was trained for another target.
         bridge.check_pair(bridge.meta["source"], signature)
         if bridge.d_tgt != rt.n_embd:

@@ -27,6 +27,7 @@ from edgelink.kinds.prefix import PrefixApplier
 from edgelink.kinds.snapshot import SnapshotApplier
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
+from edgelink.protocol.signature import ModelSignature
 from edgelink.runtime.llama import LlamaRuntime
 
 Op = Callable[[dict[str, Any]], dict[str, Any]]
@@ -38,7 +39,7 @@ class Context:
 
     rt: LlamaRuntime
     cfg: Config
-    signature: dict[str, Any]
+    signature: ModelSignature
     bridge: Bridge | None = None
 
 
@@ -145,7 +146,7 @@ class Acceptance:
         return tuple(self.appliers)
 
 
-def acceptance(rt: LlamaRuntime, cfg: Config, signature: dict[str, Any],
+def acceptance(rt: LlamaRuntime, cfg: Config, signature: ModelSignature,
                bridge: Bridge | None = None, only: tuple[Kind, ...] | None = None) -> Acceptance:
     """What a receiver of ``rt`` takes: every kind of ``SPECS`` it can apply (``only``: just
     those kinds), with their placers, cleanups and REQUEST ops."""

@@ -212,7 +212,7 @@ class Node:
         self._creating = 0
         self._runtimes = [LlamaRuntime(model_path, cfg)]
         try:
-            self.signature = model_signature(self._runtimes[0], cfg).to_dict()
+            self.signature = model_signature(self._runtimes[0], cfg)
             # Limits derived from the model (0 settings); a node's peers get the smaller of its
             # two limits, announced in its HELLO so a sender refuses before any bytes move.
             self.cfg = cfg = fit_limits(cfg, self._runtimes[0])

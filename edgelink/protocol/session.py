@@ -54,6 +54,7 @@ from edgelink.protocol.messages import (
     TensorMessage,
 )
 from edgelink.protocol.reader import FrameReader
+from edgelink.protocol.signature import ModelSignature
 
 
 def accepted_checksums(limits: ProtocolConfig) -> tuple[Checksum, ...]:
@@ -82,7 +83,7 @@ class Session:
     """One side of one session. Create it, call ``hello()`` (client) or feed the peer's hello
     to ``receive()`` (server), then alternate ``encode_*`` and ``receive`` as the exchange goes."""
 
-    def __init__(self, role: Role, signature: dict[str, Any], limits: ProtocolConfig, *,
+    def __init__(self, role: Role, signature: ModelSignature, limits: ProtocolConfig, *,
                  kinds: Sequence[Kind] = (Kind.KV_CACHE,),
                  dtypes: Sequence[str] = ("f32", "f16", "bf16", "i32", "u8", "q8_0", "q4_0"),
                  encryption: dict[str, Any] | None = None,
@@ -93,7 +94,8 @@ class Session:
         """``bridge``: the claim of the bridge this side holds (``kinds.bridged.bridge_claim``);
         a client names it in its HELLO, a server accepts bridged sessions through it."""
         self.role = role
-        self.signature = dict(signature)
+        self.signature = signature
+        self._wire_signature = signature.to_dict()  # what the HELLO carries and compat compares
         self.limits = limits
         self.kinds = tuple(kinds)
         self.dtypes = tuple(dtypes)
@@ -143,7 +145,7 @@ class Session:
             session_id=self.session_id,
             message_id=self._take_id(),
             role=self.role.value,
-            signature=self.signature,
+            signature=self._wire_signature,
             dtypes=self.dtypes,
             kinds=tuple(k.name for k in self.kinds),
             max_message_bytes=limit_of(self.limits),
@@ -290,16 +292,16 @@ class Session:
         if self.role is Role.SERVER:
             self.session_id = msg.session_id
         self._next_in = 1
-        diff = signature_diff(self.signature, msg.signature)
+        diff = signature_diff(self._wire_signature, msg.signature)
         try:
-            self.bridged = bridge_rule(self.role.value, self.signature, self.bridge or None,
+            self.bridged = bridge_rule(self.role.value, self._wire_signature, self.bridge or None,
                                        msg.signature, msg.bridge or None, diff)
         except SignatureMismatch:
             self.state = State.CLOSED
             raise
         if diff and not self.bridged:
             self.state = State.CLOSED
-            raise SignatureMismatch(describe_mismatch(self.role.value, self.signature, msg.signature, diff), diff)
+            raise SignatureMismatch(describe_mismatch(self.role.value, self._wire_signature, msg.signature, diff), diff)
         if msg.encryption != self.encryption:
             self.state = State.CLOSED
             raise SessionError(f"encryption parameters differ: {msg.encryption} != {self.encryption}")

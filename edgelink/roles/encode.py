@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 from edgelink import wire
 from edgelink.config import Config
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.protocol.session import Role, Session
+from edgelink.protocol.signature import ModelSignature
 from edgelink.transport.file import FileChannelWriter, frame_bytes
 
 Built = tuple[list, dict, tuple[int, int]]  # what a kind's builder returns: tensors, attrs, token range
@@ -40,7 +40,7 @@ class OneWay:
     message: TensorMessage
 
     @classmethod
-    def encode(cls, signature: dict[str, Any], cfg: Config, kind: Kind, apply: ApplyMode, built: Built, *,
+    def encode(cls, signature: ModelSignature, cfg: Config, kind: Kind, apply: ApplyMode, built: Built, *,
                seq_slot: int, layer_range: tuple[int, int], codec: str | None = None) -> OneWay:
         """``cfg``: fitted to the runtime the state comes from (its limits bound the message)."""
         session = Session(Role.CLIENT, signature, cfg.protocol, kinds=tuple(Kind))

@@ -29,6 +29,7 @@ from edgelink.protocol.messages import Ack, Close, Reject, Request, TensorMessag
 from edgelink.protocol.ops import check_params
 from edgelink.protocol.reader import FrameReader
 from edgelink.protocol.session import Role, Session, State
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.encode import encode_message
 from edgelink.runtime.llama import BATCHED_MIN, LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
@@ -85,7 +86,7 @@ class Receiver:
     (edgelink/bridge/__init__.py, trained for this model as its target) it also accepts sessions bridged
     from the bridge's source model and applies their BRIDGED_PREFIX messages."""
 
-    def __init__(self, rt: LlamaRuntime, cfg: Config, signature: dict[str, Any],
+    def __init__(self, rt: LlamaRuntime, cfg: Config, signature: ModelSignature,
                  bridge: Bridge | None = None, calibrate: bool = True, prefix_cache: Any = None):
         """``calibrate``: measure the prefill speed to announce now (``calibrate_prefill``),
         unless wire.prefill_tps sets it; off for a receiver that serves no live session.
@@ -223,79 +224,13 @@ class Receiver:
                           encryption=getattr(ch, "encryption", None), bridge=self.bridge_claim)
         limit = frame_limit(self.cfg)
         try:
-            frame, n = self._recv(ch, reader, limit)
-            report.bytes_in += n
-            try:
-                hello = session.receive(frame)
-            except EdgelinkError as exc:
-                log.warning("handshake rejected: %s", exc)
-                report.rejected.append(exc.code)
-                report.ended_by = "handshake"
-                ch.send(session.reject(0, exc))
+            if not self._handshake(ch, reader, session, limit, report):
                 return report
-            report.peer_role = hello.role
-            report.bridged = session.bridged
-            ch.send(session.hello())
             while session.state is not State.CLOSED:
                 frame, n = self._recv(ch, reader, limit, self.cfg.protocol.idle_timeout_s)
                 report.bytes_in += n
-                try:
-                    t0 = time.perf_counter()
-                    msg = session.receive(frame)
-                    self._settle()
-                    if isinstance(msg, Close):
-                        report.ended_by = "close"
-                        break
-                    if isinstance(msg, TensorMessage):
-                        t1 = time.perf_counter()
-                        digest = tensor_message_digest(msg)  # of what was sent, encoded or not
-                        coded = msg.attrs.get("wire")
-                        msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place,
-                                                  threads=self.cfg.wire.threads)
-                        codec_used = coded["codec"] if coded is not None else "raw"  # checked by the decode
-                        t2 = time.perf_counter()
-                        self.appliers[msg.kind](msg)
-                        report.applied += 1
-                        report.codec = codec_used
-                        ch.send(session.ack(msg, digest))
-                        log.info("applied %s message %d (%d bytes; waited %.1f ms for a background prefill, "
-                                 "decoded in %.1f ms, applied in %.1f ms)", msg.kind.name, msg.message_id,
-                                 msg.payload_bytes, 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (time.perf_counter() - t2))
-                    elif isinstance(msg, Request) and msg.op == "delta":
-                        msg = dataclasses.replace(msg, params=check_params(msg.op, msg.params))
-                        self._send_delta(ch, session, msg)  # answered by a tensor message
-                    elif isinstance(msg, Request) and msg.op == "cache_get":
-                        msg = dataclasses.replace(msg, params=check_params(msg.op, msg.params))
-                        self._send_chunk(ch, session, msg)  # answered by a tensor message
-                    elif isinstance(msg, Ack):
-                        log.info("peer applied our message %d", msg.acked_id)
-                    elif isinstance(msg, Request):
-                        body = self._request(dataclasses.replace(
-                            msg, params=check_params(msg.op, msg.params)), ch)
-                        report.generated += len(body.get("tokens", []))
-                        ch.send(session.result(msg, body))
-                    elif isinstance(msg, Reject):
-                        log.info("peer rejected message %d: %s", msg.about_id, msg.code)
-                    else:
-                        raise SessionError(f"unexpected {msg.frame_type.name} from the sender")
-                except EdgelinkError as exc:
-                    if isinstance(exc, TransportError):
-                        raise
-                    log.warning("rejected a message: %s", exc)
-                    report.rejected.append(exc.code)
-                    ch.send(session.reject(session.last_seen_id, exc))
-                    if session.state is State.CLOSED:
-                        report.ended_by = "fatal"
-                        break
-                except Exception as exc:  # noqa: BLE001 - a peer must never kill the receiver
-                    # A fault of ours, not a typed refusal. Every applier restores the sequence
-                    # on any exception, so the state is as before the message; the session
-                    # goes on, and the peer learns the message was not applied.
-                    log.exception("internal error while handling message %d", session.last_seen_id)
-                    report.rejected.append(InternalError.code)
-                    ch.send(session.reject(session.last_seen_id, InternalError(
-                        f"internal error while handling message {session.last_seen_id}: "
-                        f"{type(exc).__name__}; nothing was applied")))
+                if self._answer(ch, session, frame, limit, report):
+                    break
         except TransportError as exc:
             log.warning("session ended by the transport: %s", exc)
             report.ended_by = exc.code
@@ -312,6 +247,95 @@ class Receiver:
             report.ended_by = InternalError.code
             self._last_words(ch, session, InternalError(f"internal error: {type(exc).__name__}"))
         return report
+
+    def _handshake(self, ch: Channel, reader: FrameReader, session: Session, limit: int,
+                   report: SessionReport) -> bool:
+        """The peer's HELLO, answered by ours or refused; whether the session goes on."""
+        frame, n = self._recv(ch, reader, limit)
+        report.bytes_in += n
+        try:
+            hello = session.receive(frame)
+        except EdgelinkError as exc:
+            log.warning("handshake rejected: %s", exc)
+            report.rejected.append(exc.code)
+            report.ended_by = "handshake"
+            ch.send(session.reject(0, exc))
+            return False
+        report.peer_role = hello.role
+        report.bridged = session.bridged
+        ch.send(session.hello())
+        return True
+
+    def _answer(self, ch: Channel, session: Session, frame: bytes | memoryview, limit: int,
+                report: SessionReport) -> bool:
+        """One frame of an open session, answered; whether the session ended. A typed refusal
+        is a REJECT (fatal ones end the session); a fault of ours is an internal REJECT."""
+        try:
+            t0 = time.perf_counter()
+            msg = session.receive(frame)
+            self._settle()
+            if isinstance(msg, Close):
+                report.ended_by = "close"
+                return True
+            if isinstance(msg, TensorMessage):
+                self._apply(ch, session, msg, limit, report, t0)
+            elif isinstance(msg, Request):
+                self._request_frame(ch, session, msg, report)
+            elif isinstance(msg, Ack):
+                log.info("peer applied our message %d", msg.acked_id)
+            elif isinstance(msg, Reject):
+                log.info("peer rejected message %d: %s", msg.about_id, msg.code)
+            else:
+                raise SessionError(f"unexpected {msg.frame_type.name} from the sender")
+        except EdgelinkError as exc:
+            if isinstance(exc, TransportError):
+                raise
+            log.warning("rejected a message: %s", exc)
+            report.rejected.append(exc.code)
+            ch.send(session.reject(session.last_seen_id, exc))
+            if session.state is State.CLOSED:
+                report.ended_by = "fatal"
+                return True
+        except Exception as exc:  # noqa: BLE001 - a peer must never kill the receiver
+            # A fault of ours, not a typed refusal. Every applier restores the sequence
+            # on any exception, so the state is as before the message; the session
+            # goes on, and the peer learns the message was not applied.
+            log.exception("internal error while handling message %d", session.last_seen_id)
+            report.rejected.append(InternalError.code)
+            ch.send(session.reject(session.last_seen_id, InternalError(
+                f"internal error while handling message {session.last_seen_id}: "
+                f"{type(exc).__name__}; nothing was applied")))
+        return False
+
+    def _apply(self, ch: Channel, session: Session, msg: TensorMessage, limit: int, report: SessionReport,
+               t0: float) -> None:
+        """A tensor message decoded (wire codec), applied all or nothing, and acknowledged."""
+        t1 = time.perf_counter()
+        digest = tensor_message_digest(msg)  # of what was sent, encoded or not
+        coded = msg.attrs.get("wire")
+        msg = wire.decode_message(msg, self.codecs, limit_of(self.cfg.protocol), self._place,
+                                  threads=self.cfg.wire.threads)
+        codec_used = coded["codec"] if coded is not None else "raw"  # checked by the decode
+        t2 = time.perf_counter()
+        self.appliers[msg.kind](msg)
+        report.applied += 1
+        report.codec = codec_used
+        ch.send(session.ack(msg, digest))
+        log.info("applied %s message %d (%d bytes; waited %.1f ms for a background prefill, "
+                 "decoded in %.1f ms, applied in %.1f ms)", msg.kind.name, msg.message_id,
+                 msg.payload_bytes, 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (time.perf_counter() - t2))
+
+    def _request_frame(self, ch: Channel, session: Session, msg: Request, report: SessionReport) -> None:
+        """A REQUEST, its params checked: answered by a tensor message (delta, cache_get) or a RESULT."""
+        msg = dataclasses.replace(msg, params=check_params(msg.op, msg.params))
+        if msg.op == "delta":
+            self._send_delta(ch, session, msg)
+        elif msg.op == "cache_get":
+            self._send_chunk(ch, session, msg)
+        else:
+            body = self._request(msg, ch)
+            report.generated += len(body.get("tokens", []))
+            ch.send(session.result(msg, body))
 
     @staticmethod
     def _last_words(ch: Channel, session: Session, exc: EdgelinkError) -> None:

@@ -31,8 +31,9 @@ from edgelink.kinds.snapshot import VIRTUAL_TOKEN, state_message_tensors
 from edgelink.protocol.codec import tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
-from edgelink.protocol.ops import check_result
+from edgelink.protocol.ops import OpResult, check_result
 from edgelink.protocol.session import Role, Session, State
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.encode import encode_message
 from edgelink.roles.receiver import frame_limit
 from edgelink.runtime.kvstate import bytes_from_position, parse_seq_state
@@ -61,24 +62,34 @@ class SentMessage:
     link: Link | None = None  # the link as measured for the plan
     path: str | None = None  # over libp2p: "direct" or "relayed" (through a circuit relay)
 
-    def wire_facts(self) -> dict[str, Any]:
-        """How the state travelled, for reports: codec, split, fallback, link, prediction, path."""
-        facts: dict[str, Any] = {"codec": self.codec}
-        if self.path is not None:
-            facts["path"] = self.path
-        if self.split:
-            facts.update(split=self.split, fallback=self.fallback)
-        if self.link is not None:
-            facts.update(link_mbit=round(8e-6 * self.link.bytes_per_s, 1), rtt_ms=round(1e3 * self.link.rtt_s, 2))
-        if self.predicted_s is not None:
-            facts["predicted_s"] = round(self.predicted_s, 3)
-        return facts
+    def wire_facts(self) -> WireFacts:
+        """How the state travelled, for reports."""
+        link = self.link
+        return WireFacts(self.codec, self.path, self.split, self.fallback,
+                         None if link is None else round(8e-6 * link.bytes_per_s, 1),
+                         None if link is None else round(1e3 * link.rtt_s, 2),
+                         None if self.predicted_s is None else round(self.predicted_s, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class WireFacts:
+    """How a handoff's state travelled: the codec, the libp2p path ("direct" or "relayed"), a
+    split (leading tokens the receiver prefilled itself; ``fallback``: refused, so the whole
+    state followed), the link as measured for the plan, and what the plan predicted."""
+
+    codec: str
+    path: str | None = None
+    split: int = 0
+    fallback: bool = False
+    link_mbit: float | None = None
+    rtt_ms: float | None = None
+    predicted_s: float | None = None
 
 
 class Sender:
     """A client session over one channel."""
 
-    def __init__(self, ch: Channel, cfg: Config, signature: dict[str, Any],
+    def __init__(self, ch: Channel, cfg: Config, signature: ModelSignature,
                  kinds: tuple[Kind, ...] = tuple(Kind), auth: dict[str, Any] | None = None,
                  bridge: dict[str, str] | None = None, token_ids: bool = True):
         """``bridge``: a bridge claim (``bridge_claim`` in kinds/bridged.py) to open a bridged
@@ -171,7 +182,7 @@ class Sender:
         self.ch.send(frame)
         check_result("prefill", self._result())
         mine = rt.state_digest()
-        if self.request("digest")["digest"] != mine:
+        if self.request("digest").digest != mine:
             return None
         return SentMessage(-1, 0, len(frame), mine, t1 - t0, time.perf_counter() - t0, "tokens",
                             split=plan.split, predicted_s=plan.seconds, link=self.link)
@@ -233,7 +244,7 @@ class Sender:
                 n = min(w.probe_bytes, self.cfg.protocol.max_control_bytes - 1024)
                 for size in (n // 4, n):
                     t1 = time.perf_counter()
-                    if self.request("probe", pad="x" * size)["bytes"] != size:
+                    if self.request("probe", pad="x" * size).bytes != size:
                         raise SessionError(f"the receiver did not answer a {size}-byte probe")
                 took = time.perf_counter() - t1
                 # a round trip that measured long must not make the rate absurd
@@ -353,7 +364,8 @@ class Sender:
         return SentMessage(msg.message_id, msg.payload_bytes, sum(memoryview(p).nbytes for p in parts),
                             digest.hex(), t1 - t0, t2 - t0, codec or "raw", path=getattr(self.ch, "path", None))
 
-    def request(self, op: str, **params: Any) -> dict[str, Any]:
+    def request(self, op: str, **params: Any) -> OpResult:
+        """Ask the receiver to run ``op``; its RESULT, checked and typed (``protocol.ops``)."""
         self.ch.send(self.session.request(op, params))
         return check_result(op, self._result())
 

@@ -2,50 +2,20 @@
 
 Built from the GGUF metadata (through llama.cpp's accessors on the loaded model) and from what
 the runtime resolved (KV types, flash attention, the llama.cpp build), plus the weights digest.
+The dataclass itself is ``edgelink.protocol.signature.ModelSignature`` (the protocol carries it);
 ``edgelink.protocol.compat.REQUIRED_FIELDS`` lists the fields that must match exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import llama_cpp
 
 from edgelink.config import Config
 from edgelink.models.digest import weights_digest
+from edgelink.protocol.signature import ModelSignature
 from edgelink.runtime.llama import LlamaRuntime
 
 _ROPE_NAMES = {-1: "none", 0: "norm", 2: "neox", 8: "mrope", 40: "imrope", 24: "vision"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSignature:
-    architecture: str
-    family: str
-    name: str
-    weights_digest: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    rope_type: str
-    rope_freq_base: float | None
-    rope_scaling: str | None
-    norm: str
-    vocab_size: int
-    special_tokens: dict[str, int]
-    n_ctx_train: int
-    n_swa: int
-    type_k: str
-    type_v: str
-    flash_attn: bool
-    llama_cpp: str
-    file_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _float(v: str | None) -> float | None:
