@@ -27,6 +27,7 @@ from edgelink.api.results import Generation, Progress, Verified, Written
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.errors import EdgelinkError
+from edgelink.kinds.encode import OneWay
 from edgelink.kinds.prefix import prefix_tensors
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.models.resolve import resolve_model
@@ -35,7 +36,6 @@ from edgelink.net.relay import Relay
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.ops import GenerateResult
 from edgelink.protocol.signature import ModelSignature
-from edgelink.roles.encode import OneWay
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import Receiver, SessionReport
 from edgelink.runtime.sizing import fit_limits

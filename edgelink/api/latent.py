@@ -28,11 +28,11 @@ from edgelink.api.results import Applied, Bridged, Steering, Written
 from edgelink.bridge import Bridge, load_bridge
 from edgelink.config import Config
 from edgelink.kinds.bridged import bridge_claim, source_rows
+from edgelink.kinds.encode import OneWay
 from edgelink.kinds.hidden import HiddenSlice, capture_slice
 from edgelink.kinds.patch import ResidualPatch, steering_patch
 from edgelink.protocol.codec import MAGIC
 from edgelink.protocol.kinds import ApplyMode, Kind
-from edgelink.roles.encode import OneWay
 from edgelink.roles.sender import SentMessage
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.llama import LlamaRuntime

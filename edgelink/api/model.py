@@ -21,27 +21,27 @@ import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from edgelink import wire
 from edgelink.api.results import CacheFetch, Generation, Progress
 from edgelink.config import Config, config_list, load_config
 from edgelink.errors import EdgelinkError, StateError
 from edgelink.files import write_atomic
+from edgelink.kinds.encode import OneWay
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.kinds.specs import Acceptance, acceptance
 from edgelink.models.resolve import resolve_model
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.session import Role, Session
 from edgelink.protocol.signature import ModelSignature
-from edgelink.roles.encode import OneWay
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
 
 if TYPE_CHECKING:
     from edgelink.api.peer import Peer
-    from edgelink.cache.prefix import PrefixCache
+    from edgelink.cache.prefix import CachedPrefill, PrefixCache
 
 
 
@@ -154,7 +154,13 @@ class Model:
         add = not self.runtime.tokens if add_special is None else add_special
         return self.runtime.tokenize(text, add_special=add, parse_special=parse_special)
 
-    def prefill(self, prompt: str | Sequence[int], *, cache: bool | PrefixCache = False) -> Any:
+    @overload
+    def prefill(self, prompt: str | Sequence[int], *, cache: Literal[False] = False) -> int: ...
+
+    @overload
+    def prefill(self, prompt: str | Sequence[int], *, cache: Literal[True] | PrefixCache) -> CachedPrefill: ...
+
+    def prefill(self, prompt: str | Sequence[int], *, cache: bool | PrefixCache = False) -> int | CachedPrefill:
         """Append ``prompt`` (text, or token ids) to the sequence; returns its token count.
         With ``cache`` (True: the configured prefix cache, or a ``PrefixCache``), a prompt that
         starts the sequence goes through the prefix cache; returns what it did (``CachedPrefill``)."""

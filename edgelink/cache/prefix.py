@@ -43,6 +43,7 @@ from edgelink.cache.store import ChunkStore, TierStats
 from edgelink.config import Config, config_list
 from edgelink.errors import ConfigError, EdgelinkError, StateError
 from edgelink.kinds.delta import merge_delta
+from edgelink.kinds.encode import OneWay
 from edgelink.kinds.snapshot import check_state_layout
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
@@ -59,7 +60,7 @@ from edgelink.runtime.kvstate import (
 )
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
-from edgelink.transport.file import FileChannelReader, frame_bytes
+from edgelink.transport.file import FileChannelReader
 
 log = logging.getLogger(__name__)
 ROOT_TAG = b"edgelink-kv-prefix/1\0"
@@ -344,14 +345,11 @@ class PrefixCache:
         ``trimmed_key(key)``), as a message file, in ``into`` (default: the chunks computed
         here); ``origin`` names the peer it came from, in the chunk's attributes."""
         chunk = {"key": key, "index": index, "trimmed": trimmed, **({"from": origin} if origin else {})}
-        session = self._session(rt, signature, Role.CLIENT)
-        hello = session.hello()
-        session.assume_peer_accepts()
         start = index * self.chunk
-        parts, _ = session.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, tensors, seq_slot=rt.seq,
-                                                 layer_range=(0, rt.n_layer), token_range=(start, start + self.chunk),
-                                                 attrs={"kv": layout, "chunk": chunk})
-        (into or self.store).put(trimmed_key(key) if trimmed else key, frame_bytes(hello) + frame_bytes(*parts))
+        msg = OneWay.encode(signature, fit_limits(self.cfg, rt), Kind.KV_CACHE_DELTA, ApplyMode.APPEND,
+                            (tensors, {"kv": layout, "chunk": chunk}, (start, start + self.chunk)),
+                            seq_slot=rt.seq, layer_range=(0, rt.n_layer), kinds=(Kind.KV_CACHE_DELTA,))
+        (into or self.store).put(trimmed_key(key) if trimmed else key, msg.to_bytes())
 
     def _open(self, rt: LlamaRuntime, signature: ModelSignature, data: bytes, key: str) -> TensorMessage:
         """A stored chunk's tensor message, verified: this model's signature, every checksum,

@@ -21,6 +21,7 @@ from edgelink.errors import (
     TransportError,
 )
 from edgelink.kinds.delta import delta_tensors
+from edgelink.kinds.encode import encode_message
 from edgelink.kinds.specs import acceptance
 from edgelink.protocol.codec import PREAMBLE_BYTES, TensorHeader, tensor_message_digest
 from edgelink.protocol.kinds import ApplyMode, Kind
@@ -30,7 +31,6 @@ from edgelink.protocol.ops import check_params
 from edgelink.protocol.reader import FrameReader
 from edgelink.protocol.session import Role, Session, State
 from edgelink.protocol.signature import ModelSignature
-from edgelink.roles.encode import encode_message
 from edgelink.runtime.llama import BATCHED_MIN, LlamaRuntime
 from edgelink.runtime.sizing import fit_limits
 from edgelink.transport.base import Channel

@@ -23,6 +23,7 @@ from edgelink.errors import (
 )
 from edgelink.kinds.bridged import NO_RANGE, bridged_tensors
 from edgelink.kinds.delta import DeltaApplier, delta_tensors
+from edgelink.kinds.encode import encode_message
 from edgelink.kinds.hidden import HiddenSlice
 from edgelink.kinds.memory import memory_tensors
 from edgelink.kinds.patch import ResidualPatch
@@ -34,7 +35,6 @@ from edgelink.protocol.messages import Ack, Reject, Result, TensorMessage
 from edgelink.protocol.ops import OpResult, check_result
 from edgelink.protocol.session import Role, Session, State
 from edgelink.protocol.signature import ModelSignature
-from edgelink.roles.encode import encode_message
 from edgelink.roles.receiver import frame_limit
 from edgelink.runtime.kvstate import bytes_from_position, parse_seq_state
 from edgelink.runtime.llama import LlamaRuntime

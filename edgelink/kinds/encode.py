@@ -1,5 +1,6 @@
 """Tensor messages encoded for sending, one way for every path: a session's sends (both
-roles), replies, and message files and snapshots (``OneWay``)."""
+roles), replies, message files, snapshots and prefix-cache chunks (``OneWay``). Here, below
+cache and roles, so that both use it."""
 
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ class OneWay:
 
     @classmethod
     def encode(cls, signature: ModelSignature, cfg: Config, kind: Kind, apply: ApplyMode, built: Built, *,
-               seq_slot: int, layer_range: tuple[int, int], codec: str | None = None) -> OneWay:
-        """``cfg``: fitted to the runtime the state comes from (its limits bound the message)."""
-        session = Session(Role.CLIENT, signature, cfg.protocol, kinds=tuple(Kind))
+               seq_slot: int, layer_range: tuple[int, int], codec: str | None = None,
+               kinds: tuple[Kind, ...] = tuple(Kind)) -> OneWay:
+        """``cfg``: fitted to the runtime the state comes from (its limits bound the message);
+        ``kinds``: what the HELLO names (a prefix-cache chunk names only its own kind)."""
+        session = Session(Role.CLIENT, signature, cfg.protocol, kinds=kinds)
         hello = session.hello()
         session.assume_peer_accepts()
         parts, msg = encode_message(session, kind, apply, built, seq_slot=seq_slot, layer_range=layer_range,
