@@ -7,6 +7,7 @@ hand off exactly."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -278,10 +279,10 @@ def bridge_pair():
     return manifest, npz
 
 
-def _bridge_case(manifest: bytes, npz: bytes, peak_bytes: int) -> None:
+def _bridge_case(manifest: bytes, npz: bytes, peak_bytes: int, *, fix_sha: bool = True) -> None:
     tracemalloc.start()
     try:
-        T.bridge_files(manifest, npz)
+        T.bridge_files(manifest, npz, fix_sha=fix_sha)
     except ModelError:
         pass
     finally:
@@ -299,19 +300,21 @@ def test_the_shipped_bridge_still_loads(bridge_pair):
 def test_hostile_bridge_files_are_typed_and_bounded(bridge_pair):
     manifest, npz = bridge_pair
     bound = 8 * len(npz) + (64 << 20)
-    meta = json.loads(manifest)
+    # the weights as bridge_files writes them (b.npz), so each manifest case is its own hostile
+    # value and nothing else (no fix-up of the manifest per case)
+    meta = dict(json.loads(manifest), weights_file="b.npz", weights_sha256=hashlib.sha256(npz).hexdigest())
     rng = random.Random(3)
     # manifest fields: every top-level field and some nested ones, each hostile value
     for key in sorted(meta):
         for value in HOSTILE_VALUES:
             m = dict(meta, **{key: value})
-            _bridge_case(json.dumps(m).encode(), npz, bound)
+            _bridge_case(json.dumps(m).encode(), npz, bound, fix_sha=False)
     for path in (("arch", "n_layers"), ("arch", "d_model"), ("normalizer", "mean"), ("pool", "kind"),
                  ("source", "n_embd"), ("prompt", "labels")):
         for value in (10**9, -1, 2**63, "x", None, [1.0] * 3, {"a": "b"}):
-            m = json.loads(manifest)
+            m = copy.deepcopy(meta)
             m[path[0]][path[1]] = value
-            _bridge_case(json.dumps(m).encode(), npz, bound)
+            _bridge_case(json.dumps(m).encode(), npz, bound, fix_sha=False)
     for text in HOSTILE_TEXT:
         _bridge_case(manifest.replace(b'"k": 8', b'"k": ' + text.encode()), npz, bound)
     # npz bytes: truncations and flips (the manifest's sha256 fixed up so the parser is reached)
