@@ -626,6 +626,126 @@ def evaluate(bridge_paths: Sequence[str | Path], cfg: Config | None = None, task
         return _evaluate(bridge_paths, cfg.replace(runtime_n_threads=threads), task, n, **kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """``_evaluate``'s settings, resolved once (the relay's template, the task prompt), so each
+    step takes them as one argument instead of seventeen."""
+
+    task: str
+    n: int  # test examples asked for (the split may hold fewer)
+    relay_tokens: int
+    relay_prompt: str
+    template: str
+    n_dev: int
+    probe_cs: Sequence[float]
+    resamples: int
+    seed: int
+    constant_repeats: int
+    n_train: int | None
+    source: str
+    target: str
+    soft_prompts: Sequence[str | Path]
+    label_head: bool
+    prompt: BridgePrompt
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.prompt.labels)
+
+    @property
+    def lab_index(self) -> dict[str, int]:
+        return {lab: i for i, lab in enumerate(self.labels)}
+
+
+@dataclasses.dataclass
+class _Split:
+    """The scored TEST examples, and the cached sender rows of TEST and DEV per source layer."""
+
+    examples: list[Example]
+    test_feats: dict[int, Features]
+    dev_feats: dict[int, Features]
+    layers: list[int]
+    gold: np.ndarray
+    scored_on: str
+    perm: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.examples)
+
+
+@dataclasses.dataclass
+class _Probe:
+    """The linear probe (fitted on train, C on dev) and its test answers; the dev examples it
+    was tuned on are the ones calibration reads too."""
+
+    fit: dict[str, Any]
+    layer: int
+    pred: np.ndarray
+    seconds: float  # per test example
+    n_train: int
+    dev_ex: list[Example]
+    y_dev: np.ndarray
+
+
+@dataclasses.dataclass
+class _Readers:
+    """The receiver (one reader per distinct prompt tail), the text relay and the sender alone."""
+
+    reader: Reader
+    readers: list[Reader]  # per bridge: the way it was trained to be read
+    relay: TextRelay
+    sender: Reader
+
+
+class _Reads:
+    """What the per-example loop measures, filled in place: label logits and seconds of every
+    read (``lg`` [seeds, n, L], ``lat`` [seeds, n]), sender captures, relay messages, applies."""
+
+    def __init__(self, n: int, n_lab: int, n_bridges: int, n_soft: int, layers: list[int]):
+        self.n, self.n_lab = n, n_lab
+        self.lg: dict[str, np.ndarray] = {}
+        self.lat: dict[str, np.ndarray] = {}
+        for name in ("original_text", "text_relay", "sender_alone", "none"):
+            self._slot(name)
+        for c in ("bridged", "shuffled", "random", "zero", "mean"):
+            self._slot(c, n_bridges)
+        if n_soft:
+            self._slot("prompt_tuning", n_soft)
+        self.apply_s = np.zeros((n_bridges, n))
+        self.capture_s = {layer: np.zeros(n) for layer in layers}  # each layer's own stopped capture
+        self.rel_diff = np.zeros(n)
+        self.relay_msgs: list[str] = []
+        self.relay_ntok = np.zeros(n, dtype=int)
+        self.relay_send_s = np.zeros(n)
+
+    def _slot(self, name: str, s: int = 1) -> None:
+        self.lg[name] = np.full((s, self.n, self.n_lab), np.nan, dtype=np.float32)
+        self.lat[name] = np.full((s, self.n), np.nan)
+
+
+@dataclasses.dataclass
+class _Measured:
+    """Everything read while the models are open; the statistics after it need no model."""
+
+    bridges: list[Bridge]
+    groups: dict[str, list[int]]
+    soft: list[tuple[np.ndarray, dict[str, Any]]]
+    split: _Split
+    probe: _Probe
+    vec: dict[str, list[np.ndarray]]
+    means: list[np.ndarray]
+    reads: _Reads
+    dev_lg: dict[str, np.ndarray]
+    dev_msgs: list[str]
+    cf_lg: dict[str, np.ndarray]
+    n_const: int
+    text_fallbacks: int
+    threads: dict[str, Any]
+    train_majority: str
+    majority: str
+
+
 def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sentiment",
              n: int = 400, *, out: str | Path | None = None, relay_tokens: int = 24,
              relay_prompt: str | None = None, n_dev: int = 500, probe_cs: Sequence[float] = PROBE_CS,
@@ -644,6 +764,23 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
     prompt = task_prompt(task)
     relay_prompt = relay_prompt or RELAY_PROMPT[task]
     template = RELAY_PROMPTS[task].get(relay_prompt, relay_prompt)
+    opts = _Options(task=task, n=n, relay_tokens=relay_tokens, relay_prompt=relay_prompt, template=template,
+                    n_dev=n_dev, probe_cs=probe_cs, resamples=resamples, seed=seed,
+                    constant_repeats=constant_repeats, n_train=n_train, source=source, target=target,
+                    soft_prompts=soft_prompts, label_head=label_head, prompt=prompt)
+    bridges, groups = _load_bridges(bridge_paths, opts)
+    report = _report(opts, _measure(cfg, opts, bridges, groups), t_start)
+    if out is not None:
+        write_outputs(report, out)
+    return report
+
+
+# ---- with the models open
+
+
+def _load_bridges(bridge_paths: Sequence[str | Path], opts: _Options) -> tuple[list[Bridge], dict[str, list[int]]]:
+    """The bridges, refused if trained for another task, and their groups (seeds of one design)."""
+    task, prompt = opts.task, opts.prompt
     bridges = [load_bridge(p) for p in bridge_paths]
     for br in bridges:
         bt = (br.meta.get("training") or {}).get("task")
@@ -656,323 +793,415 @@ def _evaluate(bridge_paths: Sequence[str | Path], cfg: Config, task: str = "sent
     groups: dict[str, list[int]] = {}
     for j, br in enumerate(bridges):
         groups.setdefault(_group_name(br), []).append(j)
-    labels = list(prompt.labels)
-    lab_index = {lab: i for i, lab in enumerate(labels)}
+    return bridges, groups
 
+
+def _measure(cfg: Config, opts: _Options, bridges: list[Bridge], groups: dict[str, list[int]]) -> _Measured:
+    """Every read of the evaluation, in the order the models see them (which their state and
+    the timings depend on): features, probe, bridge outputs, calibration reads, then the loop."""
     with contextlib.ExitStack() as stack:
-        src = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=True))
-        relay_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg, eval_hook=False))
-        tgt = stack.enter_context(LlamaRuntime(resolve_model(target, cfg), cfg, eval_hook=label_head))
-        src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
-        for br in bridges:
-            br.check_pair(src_sig, tgt_sig)
-        soft = [load_soft_prompt(p) for p in soft_prompts]
-        for p, (_, meta) in zip(soft_prompts, soft, strict=True):
-            if meta["target"].get("weights_digest") != tgt_sig.weights_digest:
-                raise ValueError(f"{p} was trained for another target model")
-        digest = src_sig.weights_digest
-        layers = sorted({br.source_layer for br in bridges})
-
-        # ---- features: test (evaluated), dev (mean control, probe's C), train (probe)
-        test_feats: dict[int, Features] = {}
-        dev_feats: dict[int, Features] = {}
-        examples: list[Example] = []
-        for layer in layers:
-            examples, test_feats[layer] = split_features(src, cfg, task, "test", layer, n, digest)
-            _, dev_feats[layer] = split_features(src, cfg, task, "dev", layer, n_dev, digest)
-        n = len(examples)
-        gold = np.array([lab_index[ex.label] for ex in examples])
-        scored_on = _examples_digest(examples)
-        perm = derangement(n, seed)
-
-        probe_layer = bridges[0].source_layer
-        pool = bridges[0].pool
-        n_tr = n_train or _n_train(bridges[0])
-        train_ex, train_f = split_features(src, cfg, task, "train", probe_layer, n_tr, digest)
-        dev_ex = load_split(task, "dev", cfg)[:len(dev_feats[probe_layer])]
-        x_tr = np.stack([pool(train_f.rows_of(i)) for i in range(len(train_f))]).astype(np.float64)
-        x_dev = np.stack([pool(dev_feats[probe_layer].rows_of(i))
-                          for i in range(len(dev_ex))]).astype(np.float64)
-        x_te = np.stack([pool(test_feats[probe_layer].rows_of(i)) for i in range(n)]).astype(np.float64)
-        y_tr = np.array([lab_index[e.label] for e in train_ex])
-        y_dev = np.array([lab_index[e.label] for e in dev_ex])
-        _log(f"probe: {len(y_tr)} train, {len(y_dev)} dev examples, layer {probe_layer}")
-        probe = fit_probe(x_tr, y_tr, x_dev, y_dev, len(labels), probe_cs)
-        t0 = time.perf_counter()
-        probe_pred = probe_predict(probe, x_te)
-        probe_s = (time.perf_counter() - t0) / n
-        train_majority = Counter(e.label for e in load_split(task, "train", cfg)).most_common(1)[0][0]
-        majority = scored_majority(examples)
-
-        # ---- bridge outputs
-        vec: dict[str, list[np.ndarray]] = {c: [] for c in ("bridged", "shuffled", "random")}
-        apply_s = np.zeros((len(bridges), n))
-        means, rng = [], np.random.default_rng(seed + 1)
-        for br in bridges:
-            f = test_feats[br.source_layer]
-            v = np.stack([br.apply(f.rows_of(i)) for i in range(n)])  # timed again in the loop
-            vec["bridged"].append(v)
-            vec["shuffled"].append(v[perm])
-            vec["random"].append(norm_matched_gaussian(v, rng))
-            fd = dev_feats[br.source_layer]
-            means.append(np.mean([br.apply(fd.rows_of(i)) for i in range(len(fd))], axis=0))
-
-        # ---- the sender answering alone uses a runtime of its own (capture clears ``src``)
-        sender_rt = stack.enter_context(LlamaRuntime(resolve_model(source, cfg), cfg,
-                                                     eval_hook=label_head))
-        emb = tgt.token_embeddings()
-        reader = Reader(tgt, emb, prompt, label_head)
-        # a bridge trained to be read without the prompt's tail (``TrainSpec.tail``) is read,
-        # with its controls, the way it was trained; every other condition reads the task prompt
-        by_after, readers = {prompt.after: reader}, []
-        for br in bridges:  # one reader per distinct tail
-            after = prompt.after if br.prompt is None else br.prompt.after
-            if after not in by_after:
-                by_after[after] = Reader(tgt, emb, dataclasses.replace(prompt, after=after), label_head)
-            readers.append(by_after[after])
-        relay = TextRelay(relay_rt, template, relay_tokens)
-        sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt, label_head)
-
+        src = stack.enter_context(LlamaRuntime(resolve_model(opts.source, cfg), cfg, eval_hook=True))
+        relay_rt = stack.enter_context(LlamaRuntime(resolve_model(opts.source, cfg), cfg, eval_hook=False))
+        tgt = stack.enter_context(LlamaRuntime(resolve_model(opts.target, cfg), cfg, eval_hook=opts.label_head))
+        soft, digest = _check_models(cfg, opts, bridges, src, tgt)
+        split = _features(src, cfg, opts, bridges, digest)
+        probe = _linear_probe(src, cfg, opts, bridges, split, digest)
+        train_majority = Counter(e.label for e in load_split(opts.task, "train", cfg)).most_common(1)[0][0]
+        majority = scored_majority(split.examples)
+        vec, means = _bridge_outputs(bridges, split, opts.seed)
+        rd = _make_readers(stack, cfg, opts, bridges, tgt, relay_rt)
         # ---- calibration data: DEV reads and content-free reads (no test example involved)
-        dev_lg, dev_msgs = dev_reads(reader, relay, sender, dev_ex)
-        cf_lg = {"receiver": np.stack([reader.read_text(t)[0] for t in CONTENT_FREE]),
-                 "sender": np.stack([sender.read_text(t)[0] for t in CONTENT_FREE])}
-
-        # ---- per-example loop (conditions interleaved, so load drifts hit all alike)
-        n_lab = len(labels)
-        lg: dict[str, np.ndarray] = {}
-        lat: dict[str, np.ndarray] = {}
-
-        def slot(name: str, s: int = 1) -> None:
-            lg[name] = np.full((s, n, n_lab), np.nan, dtype=np.float32)
-            lat[name] = np.full((s, n), np.nan)
-
-        for name in ("original_text", "text_relay", "sender_alone", "none"):
-            slot(name)
-        for c in ("bridged", "shuffled", "random", "zero", "mean"):
-            slot(c, len(bridges))
-        if soft:
-            slot("prompt_tuning", len(soft))
-        capture_s = {layer: np.zeros(n) for layer in layers}  # each layer's own stopped capture
-        rel_diff = np.zeros(n)
-        relay_msgs: list[str] = []
-        relay_ntok = np.zeros(n, dtype=int)
-        relay_send_s = np.zeros(n)
-        n_const = min(constant_repeats, n)
-        t_loop = time.perf_counter()
-        for i, ex in enumerate(examples):
-            # sender: capture (timed), compared with the cached rows the bridges read
-            for layer in layers:
-                src.clear()
-                t0 = time.perf_counter()
-                rows = capture(src, src.tokenize(ex.text), [layer], stop_early=True)[layer]
-                capture_s[layer][i] = time.perf_counter() - t0
-                cached = test_feats[layer].rows_of(i)
-                rel_diff[i] = max(rel_diff[i], float(np.linalg.norm(rows - cached)
-                                                     / max(np.linalg.norm(cached), 1e-12)))
-            src.clear()
-            # text conditions
-            lg["original_text"][0, i], lat["original_text"][0, i] = reader.read_text(ex.text)
-            msg, relay_ntok[i], relay_send_s[i] = relay.message(ex.text)
-            relay_msgs.append(msg)
-            lg["text_relay"][0, i], lat["text_relay"][0, i] = reader.read_text(msg)
-            lg["sender_alone"][0, i], lat["sender_alone"][0, i] = sender.read_text(ex.text)
-            for j, (rows_sp, _) in enumerate(soft):
-                lg["prompt_tuning"][j, i], lat["prompt_tuning"][j, i] = \
-                    reader.read_soft_text(rows_sp, ex.text)
-            # vector conditions
-            for j, br in enumerate(bridges):
-                rows_i = test_feats[br.source_layer].rows_of(i)
-                t0 = time.perf_counter()
-                out_ij = br.apply(rows_i)
-                apply_s[j, i] = time.perf_counter() - t0
-                if not np.allclose(out_ij, vec["bridged"][j][i], rtol=1e-5, atol=1e-6):
-                    raise RuntimeError("bridge.apply gave a different output for the same rows")
-                for c in ("bridged", "shuffled", "random"):
-                    lg[c][j, i], lat[c][j, i] = readers[j].read_vectors(vec[c][j][i])
-            # constant inputs: answered once, timed on the first n_const examples
-            if i < n_const:
-                _constant(lg["none"], lat["none"], 0, i, reader.read_text(""))
-                for j, br in enumerate(bridges):
-                    _constant(lg["zero"], lat["zero"], j, i,
-                              readers[j].read_vectors(np.zeros((br.k, br.d_tgt), np.float32)))
-                    _constant(lg["mean"], lat["mean"], j, i, readers[j].read_vectors(means[j]))
-            _progress("eval", i + 1, n, t_loop)
-        for name in ("none", "zero", "mean"):
-            lg[name][:, n_const:] = lg[name][:, :1]
-        text_fallbacks = reader.fallbacks + relay.fallbacks + sender.fallbacks
+        dev_lg, dev_msgs = dev_reads(rd.reader, rd.relay, rd.sender, probe.dev_ex)
+        cf_lg = {"receiver": np.stack([rd.reader.read_text(t)[0] for t in CONTENT_FREE]),
+                 "sender": np.stack([rd.sender.read_text(t)[0] for t in CONTENT_FREE])}
+        reads = _Reads(split.n, len(opts.labels), len(bridges), len(soft), split.layers)
+        n_const = min(opts.constant_repeats, split.n)
+        _example_loop(src, split, rd, soft, bridges, vec, means, reads, n_const)
+        text_fallbacks = rd.reader.fallbacks + rd.relay.fallbacks + rd.sender.fallbacks
         threads = {"llama.cpp": cfg.runtime.n_threads or "all cores",
                    "blas": blas_thread_count() or "unknown"}
-    pred = {name: v.argmax(axis=-1) for name, v in lg.items()}
-    calib, cal_pred = calibrate(lg, dev_lg, cf_lg, y_dev)
-    pred.update(cal_pred)
+    return _Measured(bridges=bridges, groups=groups, soft=soft, split=split, probe=probe, vec=vec, means=means,
+                     reads=reads, dev_lg=dev_lg, dev_msgs=dev_msgs, cf_lg=cf_lg, n_const=n_const,
+                     text_fallbacks=text_fallbacks, threads=threads, train_majority=train_majority,
+                     majority=majority)
 
-    # ---- statistics
-    idx = bootstrap_indices(n, resamples, seed)
-    conditions: list[ConditionResult] = []
-    correct: dict[str, np.ndarray] = {}
 
-    def add(name: str, cond: str, group: str | None, role: str, ok: np.ndarray,
+def _check_models(cfg: Config, opts: _Options, bridges: list[Bridge], src: LlamaRuntime, tgt: LlamaRuntime
+                  ) -> tuple[list[tuple[np.ndarray, dict[str, Any]]], str]:
+    """Every bridge and soft prompt was trained for these two models; returns the soft prompts
+    and the sender's weights digest (the feature cache's key)."""
+    src_sig, tgt_sig = model_signature(src, cfg), model_signature(tgt, cfg)
+    for br in bridges:
+        br.check_pair(src_sig, tgt_sig)
+    soft = [load_soft_prompt(p) for p in opts.soft_prompts]
+    for p, (_, meta) in zip(opts.soft_prompts, soft, strict=True):
+        if meta["target"].get("weights_digest") != tgt_sig.weights_digest:
+            raise ValueError(f"{p} was trained for another target model")
+    return soft, src_sig.weights_digest
+
+
+def _features(src: LlamaRuntime, cfg: Config, opts: _Options, bridges: list[Bridge], digest: str) -> _Split:
+    """Sender rows of TEST (evaluated) and DEV (mean control, probe's C) for every bridge layer."""
+    layers = sorted({br.source_layer for br in bridges})
+    test_feats: dict[int, Features] = {}
+    dev_feats: dict[int, Features] = {}
+    examples: list[Example] = []
+    for layer in layers:
+        examples, test_feats[layer] = split_features(src, cfg, opts.task, "test", layer, opts.n, digest)
+        _, dev_feats[layer] = split_features(src, cfg, opts.task, "dev", layer, opts.n_dev, digest)
+    lab_index = opts.lab_index
+    gold = np.array([lab_index[ex.label] for ex in examples])
+    return _Split(examples=examples, test_feats=test_feats, dev_feats=dev_feats, layers=layers, gold=gold,
+                  scored_on=_examples_digest(examples), perm=derangement(len(examples), opts.seed))
+
+
+def _linear_probe(src: LlamaRuntime, cfg: Config, opts: _Options, bridges: list[Bridge], split: _Split,
+                  digest: str) -> _Probe:
+    """Logistic regression on the first bridge's pooled sender rows: trained on train, C picked
+    on dev, no receiver (what the sender's rows carry, read by the simplest reader)."""
+    lab_index, n = opts.lab_index, split.n
+    probe_layer = bridges[0].source_layer
+    pool = bridges[0].pool
+    n_tr = opts.n_train or _n_train(bridges[0])
+    train_ex, train_f = split_features(src, cfg, opts.task, "train", probe_layer, n_tr, digest)
+    dev_ex = load_split(opts.task, "dev", cfg)[:len(split.dev_feats[probe_layer])]
+    x_tr = np.stack([pool(train_f.rows_of(i)) for i in range(len(train_f))]).astype(np.float64)
+    x_dev = np.stack([pool(split.dev_feats[probe_layer].rows_of(i))
+                      for i in range(len(dev_ex))]).astype(np.float64)
+    x_te = np.stack([pool(split.test_feats[probe_layer].rows_of(i)) for i in range(n)]).astype(np.float64)
+    y_tr = np.array([lab_index[e.label] for e in train_ex])
+    y_dev = np.array([lab_index[e.label] for e in dev_ex])
+    _log(f"probe: {len(y_tr)} train, {len(y_dev)} dev examples, layer {probe_layer}")
+    probe = fit_probe(x_tr, y_tr, x_dev, y_dev, len(opts.labels), opts.probe_cs)
+    t0 = time.perf_counter()
+    probe_pred = probe_predict(probe, x_te)
+    probe_s = (time.perf_counter() - t0) / n
+    return _Probe(fit=probe, layer=probe_layer, pred=probe_pred, seconds=probe_s, n_train=len(y_tr),
+                  dev_ex=dev_ex, y_dev=y_dev)
+
+
+def _bridge_outputs(bridges: list[Bridge], split: _Split, seed: int
+                    ) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
+    """Each bridge's vectors for every test example, with the shuffled and random controls
+    made from them, and the mean over DEV (the constant ``mean`` control)."""
+    n = split.n
+    vec: dict[str, list[np.ndarray]] = {c: [] for c in ("bridged", "shuffled", "random")}
+    means, rng = [], np.random.default_rng(seed + 1)
+    for br in bridges:
+        f = split.test_feats[br.source_layer]
+        v = np.stack([br.apply(f.rows_of(i)) for i in range(n)])  # timed again in the loop
+        vec["bridged"].append(v)
+        vec["shuffled"].append(v[split.perm])
+        vec["random"].append(norm_matched_gaussian(v, rng))
+        fd = split.dev_feats[br.source_layer]
+        means.append(np.mean([br.apply(fd.rows_of(i)) for i in range(len(fd))], axis=0))
+    return vec, means
+
+
+def _make_readers(stack: contextlib.ExitStack, cfg: Config, opts: _Options, bridges: list[Bridge],
+                  tgt: LlamaRuntime, relay_rt: LlamaRuntime) -> _Readers:
+    """The receiver's readers, the relay and the sender alone (its own runtime: capture clears ``src``)."""
+    prompt, label_head = opts.prompt, opts.label_head
+    sender_rt = stack.enter_context(LlamaRuntime(resolve_model(opts.source, cfg), cfg,
+                                                 eval_hook=label_head))
+    emb = tgt.token_embeddings()
+    reader = Reader(tgt, emb, prompt, label_head)
+    # a bridge trained to be read without the prompt's tail (``TrainSpec.tail``) is read,
+    # with its controls, the way it was trained; every other condition reads the task prompt
+    by_after, readers = {prompt.after: reader}, []
+    for br in bridges:  # one reader per distinct tail
+        after = prompt.after if br.prompt is None else br.prompt.after
+        if after not in by_after:
+            by_after[after] = Reader(tgt, emb, dataclasses.replace(prompt, after=after), label_head)
+        readers.append(by_after[after])
+    relay = TextRelay(relay_rt, opts.template, opts.relay_tokens)
+    sender = Reader(sender_rt, sender_rt.token_embeddings(), prompt, label_head)
+    return _Readers(reader=reader, readers=readers, relay=relay, sender=sender)
+
+
+def _example_loop(src: LlamaRuntime, split: _Split, rd: _Readers, soft: list[tuple[np.ndarray, dict[str, Any]]],
+                  bridges: list[Bridge], vec: dict[str, list[np.ndarray]], means: list[np.ndarray],
+                  reads: _Reads, n_const: int) -> None:
+    """Every condition on one example, then the next (interleaved, so load drifts hit all alike)."""
+    n = split.n
+    t_loop = time.perf_counter()
+    for i, ex in enumerate(split.examples):
+        _capture_sender(src, split, reads, i, ex)
+        _read_texts(rd, soft, reads, i, ex)
+        _read_bridged(bridges, split, rd, vec, reads, i)
+        # constant inputs: answered once, timed on the first n_const examples
+        if i < n_const:
+            _read_constants(bridges, rd, means, reads, i)
+        _progress("eval", i + 1, n, t_loop)
+    for name in ("none", "zero", "mean"):
+        reads.lg[name][:, n_const:] = reads.lg[name][:, :1]
+
+
+def _capture_sender(src: LlamaRuntime, split: _Split, reads: _Reads, i: int, ex: Example) -> None:
+    """The sender's capture (timed, stopped at each layer), compared with the cached rows the bridges read."""
+    for layer in split.layers:
+        src.clear()
+        t0 = time.perf_counter()
+        rows = capture(src, src.tokenize(ex.text), [layer], stop_early=True)[layer]
+        reads.capture_s[layer][i] = time.perf_counter() - t0
+        cached = split.test_feats[layer].rows_of(i)
+        reads.rel_diff[i] = max(reads.rel_diff[i], float(np.linalg.norm(rows - cached)
+                                                         / max(np.linalg.norm(cached), 1e-12)))
+    src.clear()
+
+
+def _read_texts(rd: _Readers, soft: list[tuple[np.ndarray, dict[str, Any]]], reads: _Reads, i: int,
+                ex: Example) -> None:
+    """The text conditions: the original text, the relay's message, the sender alone, soft prompts."""
+    lg, lat = reads.lg, reads.lat
+    lg["original_text"][0, i], lat["original_text"][0, i] = rd.reader.read_text(ex.text)
+    msg, reads.relay_ntok[i], reads.relay_send_s[i] = rd.relay.message(ex.text)
+    reads.relay_msgs.append(msg)
+    lg["text_relay"][0, i], lat["text_relay"][0, i] = rd.reader.read_text(msg)
+    lg["sender_alone"][0, i], lat["sender_alone"][0, i] = rd.sender.read_text(ex.text)
+    for j, (rows_sp, _) in enumerate(soft):
+        lg["prompt_tuning"][j, i], lat["prompt_tuning"][j, i] = \
+            rd.reader.read_soft_text(rows_sp, ex.text)
+
+
+def _read_bridged(bridges: list[Bridge], split: _Split, rd: _Readers, vec: dict[str, list[np.ndarray]],
+                  reads: _Reads, i: int) -> None:
+    """The vector conditions: each bridge's apply (timed, checked against the precomputed output),
+    then its vectors and the shuffled and random controls read by the receiver."""
+    lg, lat = reads.lg, reads.lat
+    for j, br in enumerate(bridges):
+        rows_i = split.test_feats[br.source_layer].rows_of(i)
+        t0 = time.perf_counter()
+        out_ij = br.apply(rows_i)
+        reads.apply_s[j, i] = time.perf_counter() - t0
+        if not np.allclose(out_ij, vec["bridged"][j][i], rtol=1e-5, atol=1e-6):
+            raise RuntimeError("bridge.apply gave a different output for the same rows")
+        for c in ("bridged", "shuffled", "random"):
+            lg[c][j, i], lat[c][j, i] = rd.readers[j].read_vectors(vec[c][j][i])
+
+
+def _read_constants(bridges: list[Bridge], rd: _Readers, means: list[np.ndarray], reads: _Reads, i: int) -> None:
+    """The constant inputs (no message, zero vectors, the dev mean), timed on this example."""
+    lg, lat = reads.lg, reads.lat
+    _constant(lg["none"], lat["none"], 0, i, rd.reader.read_text(""))
+    for j, br in enumerate(bridges):
+        _constant(lg["zero"], lat["zero"], j, i,
+                  rd.readers[j].read_vectors(np.zeros((br.k, br.d_tgt), np.float32)))
+        _constant(lg["mean"], lat["mean"], j, i, rd.readers[j].read_vectors(means[j]))
+
+
+# ---- statistics (no model)
+
+
+class _Scorer:
+    """The condition rows, in order, each with its accuracy, bootstrap CI (over the shared
+    resamples ``idx``), latency percentiles and wire bytes; ``correct`` keeps the 0/1 answers
+    [seeds, n] for paired differences."""
+
+    def __init__(self, idx: np.ndarray, n: int, scored_on: str):
+        self.idx, self.n, self.scored_on = idx, n, scored_on
+        self.conditions: list[ConditionResult] = []
+        self.correct: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, cond: str, group: str | None, role: str, ok: np.ndarray,
             lat_s: np.ndarray | None, wire: float | None, lat_what: str, wire_what: str) -> None:
         ok = np.atleast_2d(ok).astype(np.float64)
-        correct[name] = ok
+        self.correct[name] = ok
         ms = None if lat_s is None else np.asarray(lat_s, dtype=np.float64).ravel() * 1e3
         ms = None if ms is None else ms[np.isfinite(ms)]
-        conditions.append(ConditionResult(
+        self.conditions.append(ConditionResult(
             name=name, condition=cond, group=group, role=role, acc=float(ok.mean()),
-            ci=bootstrap_ci(ok, idx), per_seed=[float(r.mean()) for r in ok],
+            ci=bootstrap_ci(ok, self.idx), per_seed=[float(r.mean()) for r in ok],
             latency_median_ms=None if ms is None else _pct(ms, 50),
             latency_p90_ms=None if ms is None else _pct(ms, 90),
-            wire_bytes=wire, latency_what=lat_what, wire_what=wire_what, n=n, scored_on=scored_on))
+            wire_bytes=wire, latency_what=lat_what, wire_what=wire_what, n=self.n, scored_on=self.scored_on))
 
-    add("majority", "majority", None, "reference",
-        np.array([lab_index[majority] == g for g in gold]), None, 0.0, "",
-        f"none (always {majority!r}, the most frequent label of the scored examples)")
-    add("none", "none", None, "reference", pred["none"] == gold, lat["none"], 0.0,
-        "receiver read", "nothing sent")
+    def diff(self, a: str, b: str) -> tuple[float, tuple[float, float]]:
+        """``a`` minus ``b`` in accuracy points, with the paired bootstrap CI."""
+        da = self.correct[a].mean(axis=0) - self.correct[b].mean(axis=0)
+        lo, hi = bootstrap_ci(da, self.idx)
+        return float(da.mean()) * 100, (lo * 100, hi * 100)
+
+
+def _report(opts: _Options, m: _Measured, t_start: float) -> EvalReport:
+    """Predictions (raw and calibrated), every condition row, the goals and the report."""
+    reads, split = m.reads, m.split
+    pred = {name: v.argmax(axis=-1) for name, v in reads.lg.items()}
+    calib, cal_pred = calibrate(reads.lg, m.dev_lg, m.cf_lg, m.probe.y_dev)
+    pred.update(cal_pred)
+    sc = _Scorer(bootstrap_indices(split.n, opts.resamples, opts.seed), split.n, split.scored_on)
+    _add_baselines(sc, opts, m, pred)
+    bridge_info = _add_bridges(sc, opts, m, pred)
+    by_name = {c.name: c for c in sc.conditions}
+    checks = [c for g in m.groups for c in _group_checks(sc, by_name, g)]
+    versus = [c.name for c in sc.conditions if c.role in ("reference", "baseline")]
+    paired = [row for g in m.groups for row in paired_differences(sc.correct, f"bridged ({g})", versus, sc.idx)]
+    return EvalReport(
+        task=opts.task, split="test", n=split.n, examples_digest=split.scored_on, bridges=bridge_info,
+        conditions=sc.conditions, checks=checks, diagnostics=_diagnostics(opts, m, pred),
+        probe={"C": m.probe.fit["C"], "cs": m.probe.fit["cs"], "dev_scores": m.probe.fit["dev_scores"],
+               "train_acc": m.probe.fit["train_acc"], "n_train": m.probe.n_train, "n_dev": len(m.probe.y_dev),
+               "layer": m.probe.layer, "selected_on": "dev"},
+        soft_prompts=[{"path": str(p), "k": meta["k"], "seed": meta["training"].get("seed"),
+                       "dev_acc": meta["training"].get("dev_acc"),
+                       "best_step": meta["training"].get("best_step")}
+                      for p, (_, meta) in zip(opts.soft_prompts, m.soft, strict=True)],
+        relay={"prompt_name": opts.relay_prompt if opts.relay_prompt in RELAY_PROMPTS[opts.task] else "custom",
+               "prompt": opts.template, "max_tokens": opts.relay_tokens,
+               "mean_tokens": float(reads.relay_ntok.mean()), "examples": reads.relay_msgs[:5],
+               "stop": "EOG, max tokens, or the end of the first line"},
+        sender={"max_rel_diff": float(reads.rel_diff.max()), "layers": split.layers,
+                "capture_median_ms": {str(layer): _pct(c * 1e3, 50) for layer, c in reads.capture_s.items()}},
+        settings={"resamples": opts.resamples, "seed": opts.seed, "n_dev": opts.n_dev,
+                  "constant_repeats": m.n_const, "train_majority": m.train_majority,
+                  "scored_majority": m.majority, "text_fallbacks": m.text_fallbacks, "threads": m.threads,
+                  "label_head": opts.label_head, "apply_median_ms": _pct(reads.apply_s.ravel() * 1e3, 50)},
+        derangement=split.perm.tolist(), per_example=_per_example(opts, m, pred),
+        wall_s=time.perf_counter() - t_start, calibration=calib, paired=paired, arrays=_first_seed_arrays(m))
+
+
+def _add_baselines(sc: _Scorer, opts: _Options, m: _Measured, pred: dict[str, np.ndarray]) -> None:
+    """The reference and baseline rows: majority, none, the text rows (raw and calibrated),
+    prompt tuning and the linear probe."""
+    lat, reads, gold, examples = m.reads.lat, m.reads, m.split.gold, m.split.examples
+    lab_index, majority = opts.lab_index, m.majority
+    sc.add("majority", "majority", None, "reference",
+           np.array([lab_index[majority] == g for g in gold]), None, 0.0, "",
+           f"none (always {majority!r}, the most frequent label of the scored examples)")
+    sc.add("none", "none", None, "reference", pred["none"] == gold, lat["none"], 0.0,
+           "receiver read", "nothing sent")
     text_rows = {  # role, latency [1, n] s, wire bytes, what the latency is, what the bytes are
         "original_text": ("reference", lat["original_text"],
                           float(np.mean([len(e.text.encode()) for e in examples])),
                           "receiver read", "UTF-8 bytes of the text"),
-        "text_relay": ("baseline", relay_send_s[None, :] + lat["text_relay"],
-                       float(np.mean([len(m.encode()) for m in relay_msgs])),
+        "text_relay": ("baseline", reads.relay_send_s[None, :] + lat["text_relay"],
+                       float(np.mean([len(msg.encode()) for msg in reads.relay_msgs])),
                        "sender prefill + generation + receiver read", "UTF-8 bytes of the message"),
         "sender_alone": ("baseline", lat["sender_alone"], None,
                          "sender read of the task prompt (no receiver)", ""),
     }
     for base, (role, lat_s, wire, lat_what, wire_what) in text_rows.items():
-        add(base, base, None, role, pred[base] == gold, lat_s, wire, lat_what, wire_what)
+        sc.add(base, base, None, role, pred[base] == gold, lat_s, wire, lat_what, wire_what)
         for how in ("offset", "contextual"):
-            add(f"{base} ({how})", f"{base} ({how})", None, role, pred[f"{base} ({how})"] == gold,
-                lat_s, wire, lat_what, wire_what)
-    if soft:
-        add(f"prompt_tuning (k{soft[0][0].shape[0]})", "prompt_tuning", None, "baseline",
-            pred["prompt_tuning"] == gold, lat["prompt_tuning"], text_rows["original_text"][2],
-            "receiver read of K soft rows + the text", "UTF-8 bytes of the text")
-    add("linear_probe", "linear_probe", None, "baseline", probe_pred == gold,
-        capture_s[probe_layer] + probe_s, None, "sender capture + probe", "")
+            sc.add(f"{base} ({how})", f"{base} ({how})", None, role, pred[f"{base} ({how})"] == gold,
+                   lat_s, wire, lat_what, wire_what)
+    if m.soft:
+        sc.add(f"prompt_tuning (k{m.soft[0][0].shape[0]})", "prompt_tuning", None, "baseline",
+               pred["prompt_tuning"] == gold, lat["prompt_tuning"], text_rows["original_text"][2],
+               "receiver read of K soft rows + the text", "UTF-8 bytes of the text")
+    sc.add("linear_probe", "linear_probe", None, "baseline", m.probe.pred == gold,
+           reads.capture_s[m.probe.layer] + m.probe.seconds, None, "sender capture + probe", "")
+
+
+def _add_bridges(sc: _Scorer, opts: _Options, m: _Measured, pred: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per bridge group: the bridged row (its seeds as rows) and its four controls; returns
+    what the report says about each bridge file."""
+    bridges, reads, gold = m.bridges, m.reads, m.split.gold
     bridge_info = []
-    for g, members in groups.items():
+    for g, members in m.groups.items():
         k, d = bridges[members[0]].k, bridges[members[0]].d_tgt
         payload = k * d * 4
         over = tensor_frame_overhead(k, d)
         wire = float(payload + (over or 0))
         wire_what = (f"f32 K*d*4 = {payload} + {over} bytes of TENSOR message header"
                      if over is not None else f"f32 K*d*4 = {payload} (payload only)")
-        m = np.array(members)
-        b_lat = (np.stack([capture_s[bridges[j].source_layer] for j in members])
-                 + apply_s[m] + lat["bridged"][m])
-        add(f"bridged ({g})", "bridged", g, "bridge", pred["bridged"][m] == gold, b_lat, wire,
-            "sender capture + apply + receiver read", wire_what)
+        mi = np.array(members)
+        b_lat = (np.stack([reads.capture_s[bridges[j].source_layer] for j in members])
+                 + reads.apply_s[mi] + reads.lat["bridged"][mi])
+        sc.add(f"bridged ({g})", "bridged", g, "bridge", pred["bridged"][mi] == gold, b_lat, wire,
+               "sender capture + apply + receiver read", wire_what)
         for c in ("shuffled", "zero", "mean", "random"):
-            add(f"{c} ({g})", c, g, "control", pred[c][m] == gold, lat[c][m], wire,
-                "receiver read", "same message shape as bridged")
+            sc.add(f"{c} ({g})", c, g, "control", pred[c][mi] == gold, reads.lat[c][mi], wire,
+                   "receiver read", "same message shape as bridged")
         for j in members:
             br = bridges[j]
             bridge_info.append({"path": str(br.path), "digest": br.digest, "kind": br.kind, "k": br.k,
                                 "layer": br.source_layer, "group": g,
-                                "prompt_matches": br.prompt is None or br.prompt == task_prompt(task),
+                                "prompt_matches": br.prompt is None or br.prompt == task_prompt(opts.task),
                                 "seed": (br.meta.get("training") or {}).get("seed"),
                                 "dev_acc": (br.meta.get("training") or {}).get("dev_acc")})
+    return bridge_info
 
-    # ---- headline checks (per bridge group)
-    by_name = {c.name: c for c in conditions}
-    checks = []
 
-    def diff(a: str, b: str) -> tuple[float, tuple[float, float]]:
-        da = correct[a].mean(axis=0) - correct[b].mean(axis=0)
-        lo, hi = bootstrap_ci(da, idx)
-        return float(da.mean()) * 100, (lo * 100, hi * 100)
+def _group_checks(sc: _Scorer, by_name: dict[str, ConditionResult], g: str) -> list[dict[str, Any]]:
+    """The headline goals of one bridge group: beats shuffled by 20 points, matches the text
+    relay, at a fifth of its latency."""
+    b = f"bridged ({g})"
+    d_sh, ci_sh = sc.diff(b, f"shuffled ({g})")
+    d_tr, ci_tr = sc.diff(b, "text_relay")
+    ok_sh, ok_tr = d_sh >= 20.0, d_tr >= 0.0
+    lb, lr = by_name[b].latency_median_ms, by_name["text_relay"].latency_median_ms
+    ratio = (lr / lb) if lb else float("inf")
+    return [
+        {"group": g, "goal": "bridged - shuffled >= 20 points", "value": d_sh,
+         "ci": ci_sh, "holds": ok_sh, "ci_holds": ci_sh[0] >= 20.0,
+         "text": f"[{g}] bridge beats shuffled by >= 20 points: "
+                 f"{'HOLDS' if ok_sh else 'FAILS'} ({d_sh:+.1f} points, 95% CI "
+                 f"[{ci_sh[0]:+.1f}, {ci_sh[1]:+.1f}]"
+                 f"{'' if ci_sh[0] >= 20 or not ok_sh else '; CI reaches below 20'})"},
+        {"group": g, "goal": "bridged >= text_relay", "value": d_tr, "ci": ci_tr,
+         "holds": ok_tr, "ci_holds": ci_tr[0] >= 0.0,
+         "text": f"[{g}] bridge accuracy >= text relay: "
+                 f"{'HOLDS' if ok_tr else 'FAILS'} ({d_tr:+.1f} points, 95% CI "
+                 f"[{ci_tr[0]:+.1f}, {ci_tr[1]:+.1f}]"
+                 f"{'' if ci_tr[0] >= 0 or not ok_tr else '; CI reaches below 0'})"},
+        {"group": g, "goal": "latency(text_relay) / latency(bridged) >= 5",
+         "value": ratio, "holds": ratio >= 5.0,
+         "text": f"[{g}] bridge latency <= 1/5 of text relay: "
+                 f"{'HOLDS' if ratio >= 5 else 'FAILS'} (median {lb:.0f} ms vs "
+                 f"{lr:.0f} ms, ratio {ratio:.1f}x)"},
+    ]
 
-    for g in groups:
-        b = f"bridged ({g})"
-        d_sh, ci_sh = diff(b, f"shuffled ({g})")
-        d_tr, ci_tr = diff(b, "text_relay")
-        ok_sh, ok_tr = d_sh >= 20.0, d_tr >= 0.0
-        checks.append({"group": g, "goal": "bridged - shuffled >= 20 points", "value": d_sh,
-                       "ci": ci_sh, "holds": ok_sh, "ci_holds": ci_sh[0] >= 20.0,
-                       "text": f"[{g}] bridge beats shuffled by >= 20 points: "
-                               f"{'HOLDS' if ok_sh else 'FAILS'} ({d_sh:+.1f} points, 95% CI "
-                               f"[{ci_sh[0]:+.1f}, {ci_sh[1]:+.1f}]"
-                               f"{'' if ci_sh[0] >= 20 or not ok_sh else '; CI reaches below 20'})"})
-        checks.append({"group": g, "goal": "bridged >= text_relay", "value": d_tr, "ci": ci_tr,
-                       "holds": ok_tr, "ci_holds": ci_tr[0] >= 0.0,
-                       "text": f"[{g}] bridge accuracy >= text relay: "
-                               f"{'HOLDS' if ok_tr else 'FAILS'} ({d_tr:+.1f} points, 95% CI "
-                               f"[{ci_tr[0]:+.1f}, {ci_tr[1]:+.1f}]"
-                               f"{'' if ci_tr[0] >= 0 or not ok_tr else '; CI reaches below 0'})"})
-        lb, lr = by_name[b].latency_median_ms, by_name["text_relay"].latency_median_ms
-        ratio = (lr / lb) if lb else float("inf")
-        checks.append({"group": g, "goal": "latency(text_relay) / latency(bridged) >= 5",
-                       "value": ratio, "holds": ratio >= 5.0,
-                       "text": f"[{g}] bridge latency <= 1/5 of text relay: "
-                               f"{'HOLDS' if ratio >= 5 else 'FAILS'} (median {lb:.0f} ms vs "
-                               f"{lr:.0f} ms, ratio {ratio:.1f}x)"})
 
-    versus = [c.name for c in conditions if c.role in ("reference", "baseline")]
-    paired = [row for g in groups for row in paired_differences(correct, f"bridged ({g})", versus, idx)]
-
+def _diagnostics(opts: _Options, m: _Measured, pred: dict[str, np.ndarray]) -> list[str]:
+    """What each group's bridged answers are, and how often they move with the message."""
+    labels = opts.labels
     diagnostics = []
-    for g, members in groups.items():
-        m = np.array(members)
-        b, sh, no = pred["bridged"][m], pred["shuffled"][m], pred["none"][0]
+    for g, members in m.groups.items():
+        mi = np.array(members)
+        b, sh, no = pred["bridged"][mi], pred["shuffled"][mi], pred["none"][0]
         distinct = sorted({labels[a] for a in b.ravel()})
         diagnostics.append(
             f"[{g}] bridged answers: {', '.join(distinct)}; the answer changes when the message "
             f"is swapped for another example's on {float((b != sh).mean()):.1%} of examples, and "
             f"differs from the no-message answer on {float((b != no).mean()):.1%}")
+    return diagnostics
 
-    first = {g: members[0] for g, members in groups.items()}
+
+def _first_seed_arrays(m: _Measured) -> dict[str, np.ndarray]:
+    """The vectors of each group's first seed (kept on the report for checks and tests)."""
     arrays = {}
-    for g, j in first.items():
+    for g, members in m.groups.items():
+        j = members[0]
         for c in ("bridged", "shuffled", "random"):
-            arrays[f"{c} ({g})"] = vec[c][j]
-        arrays[f"mean ({g})"] = means[j]
-    per_example = {
-        "gold": [labels[g] for g in gold],
+            arrays[f"{c} ({g})"] = m.vec[c][j]
+        arrays[f"mean ({g})"] = m.means[j]
+    return arrays
+
+
+def _per_example(opts: _Options, m: _Measured, pred: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per-example answers, label logits, messages and timings: enough to recompute any row."""
+    labels, reads = opts.labels, m.reads
+    return {
+        "gold": [labels[g] for g in m.split.gold],
         "pred": {name: [[labels[a] if a >= 0 else None for a in row] for row in pred[name]]
                  for name in pred},
-        "linear_probe": [labels[a] for a in probe_pred],
+        "linear_probe": [labels[a] for a in m.probe.pred],
         "labels": labels,
         # label logits [seeds][n][L] of every condition the receiver (or the sender) read;
         # a calibrated row is its base's logits plus ``calibration[name]["offset"]``
-        "label_logits": {name: np.round(v, 4).tolist() for name, v in lg.items()},
-        "relay_messages": relay_msgs,
-        "dev": {"gold": [labels[y] for y in y_dev], "relay_messages": dev_msgs,
-                "label_logits": {b: np.round(v, 4).tolist() for b, v in dev_lg.items()}},
+        "label_logits": {name: np.round(v, 4).tolist() for name, v in reads.lg.items()},
+        "relay_messages": reads.relay_msgs,
+        "dev": {"gold": [labels[y] for y in m.probe.y_dev], "relay_messages": m.dev_msgs,
+                "label_logits": {b: np.round(v, 4).tolist() for b, v in m.dev_lg.items()}},
         "content_free": {"inputs": list(CONTENT_FREE),
-                         **{who: np.round(v, 4).tolist() for who, v in cf_lg.items()}},
+                         **{who: np.round(v, 4).tolist() for who, v in m.cf_lg.items()}},
         "latency_ms": {"capture": {str(layer): (c * 1e3).round(2).tolist()
-                               for layer, c in capture_s.items()},
-                       "relay_sender": (relay_send_s * 1e3).round(2).tolist(),
-                       "apply": (apply_s * 1e3).round(3).tolist(),
-                       **{f"read_{c}": (lat[c] * 1e3).round(2).tolist() for c in lat}},
+                                   for layer, c in reads.capture_s.items()},
+                       "relay_sender": (reads.relay_send_s * 1e3).round(2).tolist(),
+                       "apply": (reads.apply_s * 1e3).round(3).tolist(),
+                       **{f"read_{c}": (reads.lat[c] * 1e3).round(2).tolist() for c in reads.lat}},
     }
-    report = EvalReport(
-        task=task, split="test", n=n, examples_digest=scored_on, bridges=bridge_info,
-        conditions=conditions, checks=checks, diagnostics=diagnostics,
-        probe={"C": probe["C"], "cs": probe["cs"], "dev_scores": probe["dev_scores"],
-               "train_acc": probe["train_acc"], "n_train": len(y_tr), "n_dev": len(y_dev),
-               "layer": probe_layer, "selected_on": "dev"},
-        soft_prompts=[{"path": str(p), "k": meta["k"], "seed": meta["training"].get("seed"),
-                       "dev_acc": meta["training"].get("dev_acc"),
-                       "best_step": meta["training"].get("best_step")}
-                      for p, (_, meta) in zip(soft_prompts, soft, strict=True)],
-        relay={"prompt_name": relay_prompt if relay_prompt in RELAY_PROMPTS[task] else "custom",
-               "prompt": template, "max_tokens": relay_tokens,
-               "mean_tokens": float(relay_ntok.mean()), "examples": relay_msgs[:5],
-               "stop": "EOG, max tokens, or the end of the first line"},
-        sender={"max_rel_diff": float(rel_diff.max()), "layers": layers,
-                "capture_median_ms": {str(layer): _pct(c * 1e3, 50) for layer, c in capture_s.items()}},
-        settings={"resamples": resamples, "seed": seed, "n_dev": n_dev, "constant_repeats": n_const,
-                  "train_majority": train_majority, "scored_majority": majority,
-                  "text_fallbacks": text_fallbacks, "threads": threads, "label_head": label_head,
-                  "apply_median_ms": _pct(apply_s.ravel() * 1e3, 50)},
-        derangement=perm.tolist(), per_example=per_example,
-        wall_s=time.perf_counter() - t_start, calibration=calib, paired=paired, arrays=arrays)
-    if out is not None:
-        write_outputs(report, out)
-    return report
 
 
 def write_outputs(report: EvalReport, out: str | Path) -> dict[str, Path]:
