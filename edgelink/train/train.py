@@ -35,6 +35,7 @@ from edgelink.bridge import BridgePrompt, export_bridge, load_bridge
 from edgelink.config import Config, load_config
 from edgelink.errors import ModelError
 from edgelink.models.resolve import resolve_model
+from edgelink.protocol.signature import ModelSignature
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
@@ -142,6 +143,25 @@ def _log_default(msg: str) -> None:
     sys.stderr.flush()
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one training run reads once the two runtimes are closed: data, statistics, model."""
+
+    train: list[Example]
+    dev: list[Example]
+    f_tr: Features
+    f_dev: Features
+    labels: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    src_sig: ModelSignature
+    tgt_sig: ModelSignature
+    emb: TokenEmbeddings
+    model: PerceiverBridge | LipAdapter
+    loop: _PerceiverLoop | _LipLoop
+    t_feat: float
+
+
 def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
                  log: Callable[[str], None] = _log_default) -> dict[str, Any]:
     """Train one bridge and export ``<out>/<spec.stem()>.{json,npz}``; returns the paths and
@@ -153,6 +173,21 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
     torch.set_num_threads(cfg.runtime.n_threads or os.cpu_count() or 1)  # runtime.n_threads
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
+    run = _prepare(spec, cfg, t_start, log)
+    curve, best, t_train = _optimise(spec, run, rng, log)
+    record = _record(spec, run, curve, best[1], t_train)
+    ckpt = Path(out) / f"{spec.stem()}.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"spec": dataclasses.asdict(spec), "state": run.model.state_dict(), "mean": run.mean,
+                "std": run.std, "source_sig": run.src_sig.to_dict(), "target_sig": run.tgt_sig.to_dict(),
+                "record": record, "target_norm": run.emb.mean_norm}, ckpt)
+    manifest, npz = export_checkpoint(ckpt, Path(out) / spec.stem())
+    log(f"{spec.stem()}: best step {best[1]}, train {t_train:.0f} s; wrote {manifest}")
+    return {"manifest": manifest, "npz": npz, "checkpoint": ckpt, "model": run.model, **record}
+
+
+def _prepare(spec: TrainSpec, cfg: Config, t_start: float, log: Callable[[str], None]) -> _Run:
+    """Features, labels and the model, read while both runtimes are open (closed before the loop)."""
     src = LlamaRuntime(resolve_model(spec.source, cfg, pull=True), cfg, eval_hook=True)
     tgt = LlamaRuntime(resolve_model(spec.target, cfg, pull=True), cfg)
     try:
@@ -168,19 +203,33 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
         t_feat = time.perf_counter() - t_start
         log(f"{spec.stem()}: {len(train)} train / {len(dev)} dev texts, features {t_feat:.0f} s")
         model = build_model(spec, d_src, d_tgt, emb.mean_norm)
-        if spec.kind == "perceiver":
-            rx = TorchReceiver.from_gguf(tgt.path)
-            head = _ReceiverHead(rx, tgt, spec.prompt(), labels)
-            loop = _PerceiverLoop(model, head, labels)
-            if spec.teacher:
-                loop.teach(teacher_label_logits(spec, cfg, src, tgt, rx, train, labels, log),
-                           spec.distill, spec.temperature)
-        else:
-            loop = _LipLoop(model, spec.k, _text_rows(tgt, emb, train), _text_rows(tgt, emb, dev))
+        loop = _make_loop(spec, cfg, src, tgt, model, emb, train, dev, labels, log)
+        return _Run(train=train, dev=dev, f_tr=f_tr, f_dev=f_dev, labels=labels, mean=mean, std=std,
+                    src_sig=src_sig, tgt_sig=tgt_sig, emb=emb, model=model, loop=loop, t_feat=t_feat)
     finally:
         src.close()
         tgt.close()
 
+
+def _make_loop(spec: TrainSpec, cfg: Config, src: LlamaRuntime, tgt: LlamaRuntime,
+               model: PerceiverBridge | LipAdapter, emb: TokenEmbeddings, train: list[Example],
+               dev: list[Example], labels: list[str], log: Callable[[str], None]) -> _PerceiverLoop | _LipLoop:
+    """The loss and dev score of the bridge kind: through the torch target, or against its token rows."""
+    if spec.kind == "perceiver":
+        rx = TorchReceiver.from_gguf(tgt.path)
+        head = _ReceiverHead(rx, tgt, spec.prompt(), labels)
+        loop = _PerceiverLoop(model, head, labels)
+        if spec.teacher:
+            loop.teach(teacher_label_logits(spec, cfg, src, tgt, rx, train, labels, log),
+                       spec.distill, spec.temperature)
+        return loop
+    return _LipLoop(model, spec.k, _text_rows(tgt, emb, train), _text_rows(tgt, emb, dev))
+
+
+def _optimise(spec: TrainSpec, run: _Run, rng: np.random.Generator, log: Callable[[str], None]
+              ) -> tuple[list[dict[str, float]], tuple[float, int, dict], float]:
+    """AdamW with a one-cycle schedule over seeded batches; the best dev step's weights are kept."""
+    model, train = run.model, run.train
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps,
                                                 pct_start=0.1)
@@ -192,43 +241,49 @@ def train_bridge(spec: TrainSpec, out: str | Path, cfg: Config | None = None,
     for step in range(1, spec.steps + 1):
         idx = order[(step - 1) * spec.batch: step * spec.batch]
         model.train()
-        x, valid = _padded(f_tr, idx, mean, std)
-        loss = loop.loss(x, valid, idx, train)
+        x, valid = _padded(run.f_tr, idx, run.mean, run.std)
+        loss = run.loop.loss(x, valid, idx, train)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % spec.eval_every == 0 or step == spec.steps:
-            model.eval()
-            with torch.no_grad():
-                score = loop.dev_score(f_dev, dev, mean, std)
-            rate = step / (time.perf_counter() - t0)
-            curve.append({"step": step, "train_loss": float(loss.detach()), **score})
-            log(f"  step {step}/{spec.steps}: loss {float(loss.detach()):.4f}, "
-                + ", ".join(f"{k} {v:.4f}" for k, v in score.items()) + f" ({rate:.2f} steps/s)")
-            key = score["dev_acc"] if "dev_acc" in score else -score["dev_loss"]
-            if best is None or key > best[0]:
-                best = (key, step, {n: t.detach().clone() for n, t in model.state_dict().items()})
+            best = _checkpoint_step(spec, run, step, loss, t0, curve, best, log)
     assert best is not None
     model.load_state_dict(best[2])
-    t_train = time.perf_counter() - t0
-    record = {
-        **dataclasses.asdict(spec), "split": "train", "labels": labels,
-        "subset": f"first {len(train)} of the seed-0 train split",
-        "dev": {"n": len(dev), "subset": f"first {len(dev)} of the seed-0 dev split"},
-        "best_step": best[1], "curve": curve, "features_s": round(t_feat, 1),
+    return curve, best, time.perf_counter() - t0
+
+
+def _checkpoint_step(spec: TrainSpec, run: _Run, step: int, loss: torch.Tensor, t0: float,
+                     curve: list[dict[str, float]], best: tuple[float, int, dict] | None,
+                     log: Callable[[str], None]) -> tuple[float, int, dict]:
+    """Score the dev split, add it to the curve, and keep the weights if they are the best yet."""
+    model = run.model
+    model.eval()
+    with torch.no_grad():
+        score = run.loop.dev_score(run.f_dev, run.dev, run.mean, run.std)
+    rate = step / (time.perf_counter() - t0)
+    curve.append({"step": step, "train_loss": float(loss.detach()), **score})
+    log(f"  step {step}/{spec.steps}: loss {float(loss.detach()):.4f}, "
+        + ", ".join(f"{k} {v:.4f}" for k, v in score.items()) + f" ({rate:.2f} steps/s)")
+    key = score["dev_acc"] if "dev_acc" in score else -score["dev_loss"]
+    if best is None or key > best[0]:
+        best = (key, step, {n: t.detach().clone() for n, t in model.state_dict().items()})
+    return best
+
+
+def _record(spec: TrainSpec, run: _Run, curve: list[dict[str, float]], best_step: int,
+            t_train: float) -> dict[str, Any]:
+    """The training record a bridge's manifest carries: the spec, the data, the curve, the best step."""
+    return {
+        **dataclasses.asdict(spec), "split": "train", "labels": run.labels,
+        "subset": f"first {len(run.train)} of the seed-0 train split",
+        "dev": {"n": len(run.dev), "subset": f"first {len(run.dev)} of the seed-0 dev split"},
+        "best_step": best_step, "curve": curve, "features_s": round(run.t_feat, 1),
         "train_s": round(t_train, 1), "torch": torch.__version__,
-        **{k: v for k, v in next(c for c in curve if c["step"] == best[1]).items() if k.startswith("dev_")},
+        **{k: v for k, v in next(c for c in curve if c["step"] == best_step).items() if k.startswith("dev_")},
     }
-    ckpt = Path(out) / f"{spec.stem()}.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"spec": dataclasses.asdict(spec), "state": model.state_dict(), "mean": mean,
-                "std": std, "source_sig": src_sig.to_dict(), "target_sig": tgt_sig.to_dict(),
-                "record": record, "target_norm": emb.mean_norm}, ckpt)
-    manifest, npz = export_checkpoint(ckpt, Path(out) / spec.stem())
-    log(f"{spec.stem()}: best step {best[1]}, train {t_train:.0f} s; wrote {manifest}")
-    return {"manifest": manifest, "npz": npz, "checkpoint": ckpt, "model": model, **record}
 
 
 def build_model(spec: TrainSpec, d_src: int, d_tgt: int, target_norm: float
