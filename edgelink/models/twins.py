@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,122 @@ def tiny_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """The sizes ``write_gguf`` writes, defaults resolved, so each step takes one argument."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+
+    @property
+    def q_width(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+
+class _RandomWeights:
+    """One generator for every tensor, drawn in file order: the same seed writes the same bytes."""
+
+    def __init__(self, shape: _Shape, seed: int, dtype: str) -> None:
+        self.shape = shape
+        self.wtype = np.float32 if dtype == "f32" else np.float16
+        self.rng = np.random.default_rng(seed)
+
+    def mat(self, rows: int, cols: int) -> np.ndarray:  # numpy (rows, cols) = ggml ne (cols, rows)
+        return (self.rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(self.wtype)
+
+    def norm(self, n: int | None = None) -> np.ndarray:  # norms stay f32, as llama.cpp's converters write them
+        n = self.shape.n_embd if n is None else n
+        base = 0.0 if self.shape.arch == "gemma3" else 1.0  # gemma stores (weight - 1)
+        return (base + 0.1 * self.rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+
+def _check_gguf_args(arch: str, n_head: int, n_head_kv: int, dtype: str) -> None:
+    """Refuse what llama.cpp would not load before any file is written."""
+    if arch not in ("llama", "gemma3"):
+        raise ValueError(f"arch must be 'llama' or 'gemma3', not {arch!r}")
+    if n_head % n_head_kv:
+        raise ValueError("n_head must divide by n_head_kv")
+    if dtype not in ("f32", "f16"):
+        raise ValueError("dtype must be 'f32' or 'f16'")
+
+
+def _add_hparams(w: Any, shape: _Shape, *, name: str, n_ctx_train: int, rope_freq_base: float,
+                 n_swa: int, file_type: Any) -> None:
+    """The architecture keys llama.cpp reads to build the model (and its KV cache)."""
+    w.add_name(name)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    if shape.head_dim != shape.n_embd // shape.n_head or shape.arch == "gemma3":
+        w.add_key_length(shape.head_dim)
+        w.add_value_length(shape.head_dim)
+    if shape.arch == "llama":
+        w.add_rope_dimension_count(shape.head_dim)
+    w.add_rope_freq_base(rope_freq_base)
+    w.add_layer_norm_rms_eps(1e-6 if shape.arch == "gemma3" else 1e-5)
+    if n_swa:
+        w.add_sliding_window(n_swa)
+    w.add_vocab_size(shape.n_vocab)
+    w.add_file_type(file_type)
+
+
+def _add_tokenizer(w: Any, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """A SentencePiece-style tokenizer, so any text tokenizes and BOS is added as llama's is."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
+def _add_block(w: Any, weights: _RandomWeights, i: int) -> None:
+    """One transformer block's tensors (gemma3 adds its q/k and post-attention/FFN norms)."""
+    shape, mat, norm = weights.shape, weights.mat, weights.norm
+    b = f"blk.{i}."
+    w.add_tensor(b + "attn_norm.weight", norm())
+    w.add_tensor(b + "attn_q.weight", mat(shape.q_width, shape.n_embd))
+    w.add_tensor(b + "attn_k.weight", mat(shape.kv_width, shape.n_embd))
+    w.add_tensor(b + "attn_v.weight", mat(shape.kv_width, shape.n_embd))
+    w.add_tensor(b + "attn_output.weight", mat(shape.n_embd, shape.q_width))
+    if shape.arch == "gemma3":
+        w.add_tensor(b + "attn_q_norm.weight", norm(shape.head_dim))
+        w.add_tensor(b + "attn_k_norm.weight", norm(shape.head_dim))
+        w.add_tensor(b + "post_attention_norm.weight", norm())
+        w.add_tensor(b + "post_ffw_norm.weight", norm())
+    w.add_tensor(b + "ffn_norm.weight", norm())
+    w.add_tensor(b + "ffn_gate.weight", mat(shape.n_ff, shape.n_embd))
+    w.add_tensor(b + "ffn_up.weight", mat(shape.n_ff, shape.n_embd))
+    w.add_tensor(b + "ffn_down.weight", mat(shape.n_embd, shape.n_ff))
+
+
+def _add_tensors(w: Any, weights: _RandomWeights) -> None:
+    """Every tensor, in the order the generator is drawn (embedding, blocks, output)."""
+    shape = weights.shape
+    w.add_tensor("token_embd.weight", weights.mat(shape.n_vocab, shape.n_embd))
+    for i in range(shape.n_layer):
+        _add_block(w, weights, i)
+    w.add_tensor("output_norm.weight", weights.norm())
+    if shape.arch == "llama":
+        w.add_tensor("output.weight", weights.mat(shape.n_vocab, shape.n_embd))  # gemma ties it to token_embd
+
+
 def write_gguf(path: str | os.PathLike[str], *, arch: str = "llama", name: str, n_layer: int,
                n_embd: int, n_head: int, n_head_kv: int, head_dim: int | None = None,
                n_ff: int | None = None, n_vocab: int = 256, n_ctx_train: int = 4096,
@@ -128,77 +245,18 @@ def write_gguf(path: str | os.PathLike[str], *, arch: str = "llama", name: str, 
     """
     import gguf
 
-    if arch not in ("llama", "gemma3"):
-        raise ValueError(f"arch must be 'llama' or 'gemma3', not {arch!r}")
-    if n_head % n_head_kv:
-        raise ValueError("n_head must divide by n_head_kv")
-    if dtype not in ("f32", "f16"):
-        raise ValueError("dtype must be 'f32' or 'f16'")
-    head_dim = head_dim or n_embd // n_head
-    n_ff = n_ff or 2 * n_embd
-    q_width, kv_width = n_head * head_dim, n_head_kv * head_dim
-    wtype = np.float32 if dtype == "f32" else np.float16
-    rng = np.random.default_rng(seed)
-
-    def mat(rows: int, cols: int) -> np.ndarray:  # numpy (rows, cols) = ggml ne (cols, rows)
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(wtype)
-
-    def norm(n: int = n_embd) -> np.ndarray:  # norms stay f32, as llama.cpp's converters write them
-        base = 0.0 if arch == "gemma3" else 1.0  # gemma stores (weight - 1)
-        return (base + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
-
+    _check_gguf_args(arch, n_head, n_head_kv, dtype)
+    shape = _Shape(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                   head_dim=head_dim or n_embd // n_head, n_ff=n_ff or 2 * n_embd, n_vocab=n_vocab)
+    weights = _RandomWeights(shape, seed, dtype)
     tokens, scores, types = tiny_vocab(n_vocab)
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    if head_dim != n_embd // n_head or arch == "gemma3":
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    if arch == "llama":
-        w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(rope_freq_base)
-    w.add_layer_norm_rms_eps(1e-6 if arch == "gemma3" else 1e-5)
-    if n_swa:
-        w.add_sliding_window(n_swa)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-
-    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd))
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        w.add_tensor(b + "attn_norm.weight", norm())
-        w.add_tensor(b + "attn_q.weight", mat(q_width, n_embd))
-        w.add_tensor(b + "attn_k.weight", mat(kv_width, n_embd))
-        w.add_tensor(b + "attn_v.weight", mat(kv_width, n_embd))
-        w.add_tensor(b + "attn_output.weight", mat(n_embd, q_width))
-        if arch == "gemma3":
-            w.add_tensor(b + "attn_q_norm.weight", norm(head_dim))
-            w.add_tensor(b + "attn_k_norm.weight", norm(head_dim))
-            w.add_tensor(b + "post_attention_norm.weight", norm())
-            w.add_tensor(b + "post_ffw_norm.weight", norm())
-        w.add_tensor(b + "ffn_norm.weight", norm())
-        w.add_tensor(b + "ffn_gate.weight", mat(n_ff, n_embd))
-        w.add_tensor(b + "ffn_up.weight", mat(n_ff, n_embd))
-        w.add_tensor(b + "ffn_down.weight", mat(n_embd, n_ff))
-    w.add_tensor("output_norm.weight", norm())
-    if arch == "llama":
-        w.add_tensor("output.weight", mat(n_vocab, n_embd))  # gemma ties it to token_embd
-
+    file_type = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    _add_hparams(w, shape, name=name, n_ctx_train=n_ctx_train, rope_freq_base=rope_freq_base,
+                 n_swa=n_swa, file_type=file_type)
+    _add_tokenizer(w, tokens, scores, types)
+    _add_tensors(w, weights)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
