@@ -55,9 +55,7 @@ def _peer_set(text: str) -> frozenset[str]:
 
 def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
     """A factory: libp2p host -> the relay's HOP service (see the module docstring)."""
-    import trio
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-    from libp2p.tools.constants import MAX_READ_LEN
 
     limits = relay_limits(cfg)
     allow = _peer_set(cfg.relay.allow_peers)
@@ -72,20 +70,11 @@ def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
             try:
                 await super()._handle_connect(stream, msg)
             finally:
-                # a circuit is reported once super() has released its slot on the reservation:
-                # whoever sees the event may open the next circuit at once (reported earlier, a
-                # client that did so was refused NO_RESERVATION while the slot was still held)
-                for key in [k for k in self._ended if id(stream) in k]:
-                    on_event(self._ended.pop(key))
+                _report_ended(self._ended, stream, on_event)
 
         async def _handle_reserve(self, stream, msg) -> None:
             peer = stream.muxed_conn.peer_id
-            claimed = msg.peer.id if msg.HasField("peer") else b""
-            refused = None
-            if allow and peer.to_base58() not in allow:
-                refused = "not on relay.allow_peers"
-            elif claimed and claimed != peer.to_bytes():
-                refused = "asked for a slot in another peer's name"
+            refused = _reservation_refusal(peer, msg, allow)
             if refused is not None:
                 on_event({"event": "reservation", "peer": peer.to_base58(), "ok": False, "reason": refused})
                 await self._refuse_reservation(stream)
@@ -96,73 +85,121 @@ def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
                       **({} if ok else {"reason": "relay.max_reservations reached"})})
 
         async def _refuse_reservation(self, stream) -> None:
-            from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
-            from libp2p.relay.circuit_v2.protocol import (
-                StatusCode,
-                to_proto_status,
-                write_delimited_msg,
-            )
-
-            with contextlib.suppress(Exception):
-                await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS,
-                                                             status=to_proto_status(StatusCode.PERMISSION_DENIED)))
-            with contextlib.suppress(Exception):
-                await stream.reset()
+            await _refuse_reservation(stream)
 
         async def _relay_data(self, src_stream, dst_stream, peer_id, deadline=None, circuit_data_limit=None):
-            key = frozenset((id(src_stream), id(dst_stream)))
-            circuit = self._circuits.setdefault(key, {"scopes": [], "bytes": {}, "t0": time.monotonic(),
-                                                      "ended_by": "closed"})
-            reader = peer_id.to_base58()
-            circuit["bytes"].setdefault(reader, 0)
-            scope = trio.CancelScope()
-            circuit["scopes"].append(scope)
-            try:
-                with scope:
-                    while True:
-                        left = math.inf if deadline is None else deadline - time.monotonic()
-                        data = None
-                        with trio.move_on_after(max(0.0, left)):
-                            data = await src_stream.read(MAX_READ_LEN)
-                        if data is None:
-                            circuit["ended_by"] = "relay.circuit_duration_s"
-                            break
-                        if not data:
-                            break
-                        if circuit_data_limit is not None:
-                            if len(data) > circuit_data_limit[0]:
-                                circuit["ended_by"] = "relay.circuit_bytes"
-                                break
-                            circuit_data_limit[0] -= len(data)
-                        with trio.fail_after(self.write_timeout):
-                            await dst_stream.write(data)
-                        circuit["bytes"][reader] += len(data)
-            except Exception as exc:  # noqa: BLE001 - a reset or closed stream ends the circuit
-                name = type(exc).__name__
-                if circuit["ended_by"] == "closed" and "EOF" not in name:
-                    circuit["ended_by"] = name
-            finally:
-                # one direction over: the other, blocked in a read, is cancelled (a local reset
-                # does not wake a read on a yamux stream)
-                for other in circuit["scopes"]:
-                    other.cancel()
-                circuit["scopes"].remove(scope)
-                last = not circuit["scopes"]  # decided before any await: the other may finish first
-                for st in (src_stream, dst_stream):
-                    with contextlib.suppress(Exception):
-                        await st.reset()
-                for k, pair in list(self._active_relays.items()):
-                    if src_stream in pair or dst_stream in pair:
-                        del self._active_relays[k]
-                if last:
-                    self._circuits.pop(key, None)
-                    by = circuit["bytes"]
-                    self._ended[key] = {"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()),
-                                        "bytes_from": dict(by),
-                                        "seconds": round(time.monotonic() - circuit["t0"], 3),
-                                        "ended_by": circuit["ended_by"]}
+            await _relay_data(self, src_stream, dst_stream, peer_id, deadline, circuit_data_limit)
 
     return Hop
+
+
+def _report_ended(ended: dict[frozenset[int], dict[str, Any]], stream: Any,
+                  on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Report the circuits of ``stream`` that ended, once super() has released their slot."""
+    # a circuit is reported once super() has released its slot on the reservation:
+    # whoever sees the event may open the next circuit at once (reported earlier, a
+    # client that did so was refused NO_RESERVATION while the slot was still held)
+    for key in [k for k in ended if id(stream) in k]:
+        on_event(ended.pop(key))
+
+
+def _reservation_refusal(peer: Any, msg: Any, allow: frozenset[str]) -> str | None:
+    """Why a reservation is refused (None: it is not): judged on the connection's peer id."""
+    claimed = msg.peer.id if msg.HasField("peer") else b""
+    if allow and peer.to_base58() not in allow:
+        return "not on relay.allow_peers"
+    if claimed and claimed != peer.to_bytes():
+        return "asked for a slot in another peer's name"
+    return None
+
+
+async def _refuse_reservation(stream: Any) -> None:
+    """Answer PERMISSION_DENIED and reset the stream; a peer that already left is no error."""
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.protocol import (
+        StatusCode,
+        to_proto_status,
+        write_delimited_msg,
+    )
+
+    with contextlib.suppress(Exception):
+        await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS,
+                                                     status=to_proto_status(StatusCode.PERMISSION_DENIED)))
+    with contextlib.suppress(Exception):
+        await stream.reset()
+
+
+async def _relay_data(hop: Any, src_stream: Any, dst_stream: Any, peer_id: Any, deadline: float | None,
+                      circuit_data_limit: list[int] | None) -> None:
+    """One direction of a circuit; both directions share the circuit's entry (keyed by the two streams)."""
+    import trio
+
+    key = frozenset((id(src_stream), id(dst_stream)))
+    circuit = hop._circuits.setdefault(key, {"scopes": [], "bytes": {}, "t0": time.monotonic(),
+                                             "ended_by": "closed"})
+    reader = peer_id.to_base58()
+    circuit["bytes"].setdefault(reader, 0)
+    scope = trio.CancelScope()
+    circuit["scopes"].append(scope)
+    try:
+        with scope:
+            await _pump(hop, src_stream, dst_stream, circuit, reader, deadline, circuit_data_limit)
+    except Exception as exc:  # noqa: BLE001 - a reset or closed stream ends the circuit
+        name = type(exc).__name__
+        if circuit["ended_by"] == "closed" and "EOF" not in name:
+            circuit["ended_by"] = name
+    finally:
+        await _end_direction(hop, key, circuit, scope, src_stream, dst_stream)
+
+
+async def _pump(hop: Any, src_stream: Any, dst_stream: Any, circuit: dict[str, Any], reader: str,
+                deadline: float | None, circuit_data_limit: list[int] | None) -> None:
+    """Copy until EOF or a cap; the duration cap holds on an idle circuit (the read times out)."""
+    import trio
+    from libp2p.tools.constants import MAX_READ_LEN
+
+    while True:
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        data = None
+        with trio.move_on_after(max(0.0, left)):
+            data = await src_stream.read(MAX_READ_LEN)
+        if data is None:
+            circuit["ended_by"] = "relay.circuit_duration_s"
+            return
+        if not data:
+            return
+        if circuit_data_limit is not None:
+            if len(data) > circuit_data_limit[0]:
+                circuit["ended_by"] = "relay.circuit_bytes"
+                return
+            circuit_data_limit[0] -= len(data)
+        with trio.fail_after(hop.write_timeout):
+            await dst_stream.write(data)
+        circuit["bytes"][reader] += len(data)
+
+
+async def _end_direction(hop: Any, key: frozenset[int], circuit: dict[str, Any], scope: Any,
+                         src_stream: Any, dst_stream: Any) -> None:
+    """Tear down exactly this circuit's two streams; the last direction out records its event."""
+    # one direction over: the other, blocked in a read, is cancelled (a local reset
+    # does not wake a read on a yamux stream)
+    for other in circuit["scopes"]:
+        other.cancel()
+    circuit["scopes"].remove(scope)
+    last = not circuit["scopes"]  # decided before any await: the other may finish first
+    for st in (src_stream, dst_stream):
+        with contextlib.suppress(Exception):
+            await st.reset()
+    for k, pair in list(hop._active_relays.items()):
+        if src_stream in pair or dst_stream in pair:
+            del hop._active_relays[k]
+    if last:
+        hop._circuits.pop(key, None)
+        by = circuit["bytes"]
+        hop._ended[key] = {"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()),
+                           "bytes_from": dict(by),
+                           "seconds": round(time.monotonic() - circuit["t0"], 3),
+                           "ended_by": circuit["ended_by"]}
 
 
 class Relay:
