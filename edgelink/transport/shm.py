@@ -40,6 +40,7 @@ import stat
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -687,6 +688,30 @@ def connect(name: str, cfg: Config, timeout: float | None = None, *,
     limit = cfg.shm.connect_timeout_s if timeout is None else timeout
     deadline = time.monotonic() + max(0.0, limit)
     nobody = f"no edgelink server on shm:{name}"
+    mm = _map_server_segment(path, deadline, nobody)
+    try:
+        c2s, s2c = _client_layout(mm, name)
+        server_pid = nat.load_acquire_u64(mm, _C_SERVER_PID)
+        server_ticks = nat.load_acquire_u64(mm, _C_SERVER_TICKS)
+        _claim_client_slot(mm, name, cfg, server_pid, server_ticks, deadline, limit, nobody)
+        generation = nat.load_acquire_u64(mm, _C_GENERATION)
+        kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+        common = dict(peer_alive=_server_alive(mm, server_pid, server_ticks),
+                      liveness_interval_s=cfg.shm.liveness_interval_s,
+                      timeout_s=cfg.shm.timeout_s, wait=cfg.shm.wait, **kw)
+        tx = Ring(mm, c2s, name=f"shm:{name} client->server", **common)
+        rx = Ring(mm, s2c, name=f"shm:{name} server->client", **common)
+    except BaseException:
+        _close_map(mm)
+        raise
+    log.debug("connected to shm:%s (server pid %d)", name, server_pid)
+    return ShmChannel(mm=mm, tx=tx, rx=rx, role="client", name=name, cfg=cfg,
+                      generation=generation)
+
+
+def _map_server_segment(path: Path, deadline: float, nobody: str) -> mmap.mmap:
+    """Map the server's segment once its header is valid (the listener writes the magic last)."""
+    nat = native()
     mm = None
     while mm is None:
         try:
@@ -709,57 +734,62 @@ def connect(name: str, cfg: Config, timeout: float | None = None, *,
             if time.monotonic() >= deadline:
                 raise TransportError(f"{nobody} ({path} is not an initialised edgelink segment)")
             time.sleep(0.005)
-    try:
-        version = nat.load_acquire_u64(mm, _C_VERSION)
-        if version != VERSION:
-            raise TransportError(f"shm:{name} speaks segment version {version}, we speak {VERSION}")
-        ring_bytes = nat.load_acquire_u64(mm, _C_RING_BYTES)
-        c2s, s2c, size = _layout(ring_bytes)
-        if size != nat.load_acquire_u64(mm, _C_SIZE) or size > len(mm):
-            raise TransportError(f"shm:{name}: segment layout does not match its header")
-        server_pid = nat.load_acquire_u64(mm, _C_SERVER_PID)
-        server_ticks = nat.load_acquire_u64(mm, _C_SERVER_TICKS)
-        me = os.getpid()
+    return mm
 
-        def server_alive() -> bool:
-            return (nat.load_acquire_u64(mm, _C_STATE) == _STATE_LISTENING
-                    and pid_alive(server_pid, server_ticks))
 
-        def claimed() -> bool:
-            if not pid_alive(server_pid, server_ticks):
-                raise TransportError(f"{nobody} (segment left by pid {server_pid}, which is gone)")
-            if nat.load_acquire_u64(mm, _C_STATE) != _STATE_LISTENING:
-                raise TransportError(f"{nobody} (pid {server_pid} stopped listening)")
-            if nat.cas_u64(mm, _C_CLIENT_PID, 0, me):
-                return True
-            if not told:  # a server takes one client at a time: say why this one waits
-                told.append(nat.load_acquire_u64(mm, _C_CLIENT_PID))
-                log.warning("shm:%s is serving client pid %d; waiting up to %g s for it to finish "
-                            "(shm.connect_timeout_s)", name, told[0], limit)
-            return False
+def _client_layout(mm: mmap.mmap, name: str) -> tuple[int, int]:
+    """The two rings' offsets, after checking the header's version and layout against ours."""
+    nat = native()
+    version = nat.load_acquire_u64(mm, _C_VERSION)
+    if version != VERSION:
+        raise TransportError(f"shm:{name} speaks segment version {version}, we speak {VERSION}")
+    ring_bytes = nat.load_acquire_u64(mm, _C_RING_BYTES)
+    c2s, s2c, size = _layout(ring_bytes)
+    if size != nat.load_acquire_u64(mm, _C_SIZE) or size > len(mm):
+        raise TransportError(f"shm:{name}: segment layout does not match its header")
+    return c2s, s2c
 
-        told: list[int] = []
-        if not _wait_ctrl(mm, claimed, deadline, cfg.shm.liveness_interval_s, wait=cfg.shm.wait):
-            holder = nat.load_acquire_u64(mm, _C_CLIENT_PID)
-            raise TransportTimeout(
-                f"shm:{name} is busy with client pid {holder}; gave up after {limit:g} s "
-                "(wait longer with shm.connect_timeout_s, or serve another name for a second client)"
-            )
-        nat.store_release_u64(mm, _C_CLIENT_TICKS, process_start_ticks(me))
-        nat.store_release_u64(mm, _C_CLIENT_STATE, _CLIENT_ATTACHED)
-        _bump(mm)
-        generation = nat.load_acquire_u64(mm, _C_GENERATION)
-        kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
-        common = dict(peer_alive=server_alive, liveness_interval_s=cfg.shm.liveness_interval_s,
-                      timeout_s=cfg.shm.timeout_s, wait=cfg.shm.wait, **kw)
-        tx = Ring(mm, c2s, name=f"shm:{name} client->server", **common)
-        rx = Ring(mm, s2c, name=f"shm:{name} server->client", **common)
-    except BaseException:
-        _close_map(mm)
-        raise
-    log.debug("connected to shm:%s (server pid %d)", name, server_pid)
-    return ShmChannel(mm=mm, tx=tx, rx=rx, role="client", name=name, cfg=cfg,
-                      generation=generation)
+
+def _server_alive(mm: mmap.mmap, server_pid: int, server_ticks: int) -> Callable[[], bool]:
+    """The rings' liveness check: the server still listens and its process is the same one."""
+    nat = native()
+
+    def server_alive() -> bool:
+        return (nat.load_acquire_u64(mm, _C_STATE) == _STATE_LISTENING
+                and pid_alive(server_pid, server_ticks))
+
+    return server_alive
+
+
+def _claim_client_slot(mm: mmap.mmap, name: str, cfg: Config, server_pid: int, server_ticks: int,
+                       deadline: float, limit: float, nobody: str) -> None:
+    """CAS our pid into the client slot (waiting while another client holds it), then attach."""
+    nat = native()
+    me = os.getpid()
+    told: list[int] = []
+
+    def claimed() -> bool:
+        if not pid_alive(server_pid, server_ticks):
+            raise TransportError(f"{nobody} (segment left by pid {server_pid}, which is gone)")
+        if nat.load_acquire_u64(mm, _C_STATE) != _STATE_LISTENING:
+            raise TransportError(f"{nobody} (pid {server_pid} stopped listening)")
+        if nat.cas_u64(mm, _C_CLIENT_PID, 0, me):
+            return True
+        if not told:  # a server takes one client at a time: say why this one waits
+            told.append(nat.load_acquire_u64(mm, _C_CLIENT_PID))
+            log.warning("shm:%s is serving client pid %d; waiting up to %g s for it to finish "
+                        "(shm.connect_timeout_s)", name, told[0], limit)
+        return False
+
+    if not _wait_ctrl(mm, claimed, deadline, cfg.shm.liveness_interval_s, wait=cfg.shm.wait):
+        holder = nat.load_acquire_u64(mm, _C_CLIENT_PID)
+        raise TransportTimeout(
+            f"shm:{name} is busy with client pid {holder}; gave up after {limit:g} s "
+            "(wait longer with shm.connect_timeout_s, or serve another name for a second client)"
+        )
+    nat.store_release_u64(mm, _C_CLIENT_TICKS, process_start_ticks(me))
+    nat.store_release_u64(mm, _C_CLIENT_STATE, _CLIENT_ATTACHED)
+    _bump(mm)
 
 
 # --- cleanup at exit ---------------------------------------------------------------------
