@@ -77,24 +77,79 @@ def _error(exc: ApiError):
 def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
     """The Starlette application serving ``engine`` (no socket: ``serve_http`` runs it)."""
     from starlette.applications import Starlette
+
+    api = _Api(engine, cfg, keys)
+    middleware = _middleware(cfg)
+    return Starlette(routes=_routes(api), middleware=middleware,
+                     exception_handlers={404: _not_found, 405: _not_allowed, 500: _crashed, Exception: _crashed})
+
+
+def _middleware(cfg: Config) -> list:
+    """CORS for the configured origins only (none: no middleware, so browsers see no grant)."""
     from starlette.middleware import Middleware
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    middleware = []
+    origins = config_list(cfg.http.cors_origins)
+    if origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["authorization", "content-type"]))
+    return middleware
+
+
+def _routes(api: _Api) -> list:
+    """The OpenAI routes, the health check and edgelink's handoff routes."""
     from starlette.routing import Route
 
-    limit = cfg.http.max_body_bytes
-    wanted = [k.encode() for k in keys]
+    return [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+            Route("/v1/completions", api.text_completions, methods=["POST"]),
+            Route("/v1/models", api.models, methods=["GET"]),
+            Route("/health", api.health, methods=["GET"]),
+            Route("/edgelink/v1/state", api.edgelink_state, methods=["POST"]),
+            Route("/edgelink/v1/continue", api.edgelink_continue, methods=["POST"]),
+            Route("/edgelink/v1/handoff", api.edgelink_handoff, methods=["POST"])]
 
-    def check_auth(request) -> None:
-        if not wanted:
+
+async def _not_found(request, exc):
+    return _error(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+
+async def _not_allowed(request, exc):
+    return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                           code="method_not_allowed"))
+
+
+async def _crashed(request, exc):
+    log.exception("request failed")
+    return _error(ApiError(500, "the server failed on this request (logged)", type="server_error"))
+
+
+class _Api:
+    """The route handlers and what they share: the engine, the settings, the accepted API keys."""
+
+    def __init__(self, engine: Engine, cfg: Config, keys: tuple[str, ...]):
+        self.engine = engine
+        self.cfg = cfg
+        self.limit = cfg.http.max_body_bytes
+        self.wanted = [k.encode() for k in keys]
+
+    # ---------------------------------------------------------------- shared checks
+
+    def check_auth(self, request) -> None:
+        """A bearer key from ``keys`` (compared in constant time); no keys: no check."""
+        if not self.wanted:
             return
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
-        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in wanted)
+        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in self.wanted)
         if not ok:
             raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
                            type="invalid_request_error", code="invalid_api_key")
 
-    async def read_body(request) -> bytes:
+    async def read_body(self, request) -> bytes:
+        """The body, refused (413) as soon as it is over http.max_body_bytes, declared or sent."""
+        limit = self.limit
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise ApiError(413, f"the request body is over {limit} bytes (http.max_body_bytes)",
@@ -107,7 +162,9 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
                                code="request_too_large")
         return bytes(out)
 
-    def prompt_tokens(req: Request) -> list[int]:
+    def prompt_tokens(self, req: Request) -> list[int]:
+        """The request's prompt (chat template applied) as tokens; engine refusals are 400s."""
+        engine = self.engine
         try:
             return engine.chat_tokens(req.messages) if req.chat else engine.text_tokens(req.prompt)
         except ConfigError as exc:
@@ -115,25 +172,32 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
         except EdgelinkError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
 
-    async def completions(request, chat: bool):
+    # ---------------------------------------------------------------- /v1: OpenAI
+
+    async def completions(self, request, chat: bool):
+        """A checked chat or text completion: key, body, model name, context room; then answered."""
+        engine = self.engine
         try:
-            check_auth(request)
-            body = parse_json(await read_body(request))
-            req = parse_request(body, chat=chat, max_tokens_cap=cfg.http.max_tokens)
+            self.check_auth(request)
+            body = parse_json(await self.read_body(request))
+            req = parse_request(body, chat=chat, max_tokens_cap=self.cfg.http.max_tokens)
             if req.model not in (None, "", engine.name):
                 raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                                f"'{engine.name}' (GET /v1/models)", param="model", code="model_not_found")
-            tokens = await asyncio.to_thread(prompt_tokens, req)
+            tokens = await asyncio.to_thread(self.prompt_tokens, req)
             if len(tokens) >= engine.n_ctx:
                 raise ApiError(400, f"this prompt is {len(tokens)} tokens and the model's context holds "
                                f"{engine.n_ctx} (runtime.n_ctx), with room for at least one more",
                                param="messages" if chat else "prompt", code="context_length_exceeded")
         except ApiError as exc:
             return _error(exc)
-        return await answer(request, req, tokens, None)
+        return await self.answer(request, req, tokens, None)
 
-    async def answer(request, req: Request, tokens: list[int] | None, state: bytes | None):
+    async def answer(self, request, req: Request, tokens: list[int] | None, state: bytes | None):
         """Run a checked request (a prompt, or a handed-over state) and answer it, streamed or whole."""
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        engine = self.engine
         rid = new_id(req.chat)
         run = _Run(engine, req, tokens, state)
         watcher = asyncio.create_task(_watch(request, run.cancel))
@@ -154,30 +218,52 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
             return JSONResponse({}, status_code=499)
         return JSONResponse(response(req, rid, engine.name, text, out))
 
-    async def chat_completions(request):
-        return await completions(request, True)
+    async def chat_completions(self, request):
+        return await self.completions(request, True)
 
-    async def text_completions(request):
-        return await completions(request, False)
+    async def text_completions(self, request):
+        return await self.completions(request, False)
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        engine = self.engine
+        try:
+            self.check_auth(request)
+        except ApiError as exc:
+            return _error(exc)
+        return JSONResponse({"object": "list", "data": [{"id": engine.name, "object": "model",
+                                                          "created": engine.created, "owned_by": "edgelink"}]})
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        engine = self.engine
+        return JSONResponse({"status": "ok", "model": engine.name, "contexts": engine.parallel,
+                             "decoding": engine.decoding, "waiting": engine.waiting})
 
     # ---------------------------------------------------------------- /edgelink: handoffs
 
-    async def edgelink_prompt(request) -> tuple[Request, list[int], dict]:
+    async def edgelink_prompt(self, request) -> tuple[Request, list[int], dict]:
         """A completion body (``messages`` or ``prompt``) as checked tokens, and the raw body."""
-        body = parse_json(await read_body(request))
-        req = parse_request(body, chat="messages" in body, max_tokens_cap=cfg.http.max_tokens)
-        tokens = await asyncio.to_thread(prompt_tokens, req)
+        engine = self.engine
+        body = parse_json(await self.read_body(request))
+        req = parse_request(body, chat="messages" in body, max_tokens_cap=self.cfg.http.max_tokens)
+        tokens = await asyncio.to_thread(self.prompt_tokens, req)
         if len(tokens) >= engine.n_ctx:
             raise ApiError(400, f"this prompt is {len(tokens)} tokens and the model's context holds "
                            f"{engine.n_ctx} (runtime.n_ctx)", code="context_length_exceeded")
         return req, tokens, body
 
-    async def edgelink_state(request):
+    async def edgelink_state(self, request):
         """POST a completion body: the prompt's KV state (through the prefix cache) as an
         edgelink message file, the bytes `edgelink resume` and /edgelink/v1/continue read."""
+        from starlette.responses import Response
+
+        engine = self.engine
         try:
-            check_auth(request)
-            _, tokens, _ = await edgelink_prompt(request)
+            self.check_auth(request)
+            _, tokens, _ = await self.edgelink_prompt(request)
             frames, out = await asyncio.to_thread(_engine_call, engine, engine.state, tokens)
         except ApiError as exc:
             return _error(exc)
@@ -185,36 +271,33 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
                         headers={"X-Edgelink-Tokens": str(out.prompt_tokens),
                                  "X-Edgelink-Cached-Tokens": str(out.cached_tokens)})
 
-    async def edgelink_continue(request):
+    async def edgelink_continue(self, request):
         """POST an edgelink message file (a state another process handed over): verified, then
         continued here; the answer is a text completion (streamed with ?stream=true). Sampling
         settings come as query parameters (max_tokens, temperature, top_p, seed, stop)."""
         try:
-            check_auth(request)
-            state = await read_body(request)
+            self.check_auth(request)
+            state = await self.read_body(request)
             if not state:
                 raise ApiError(400, "the body must be an edgelink message file (edgelink export, "
                                "POST /edgelink/v1/state)", code="missing_required_parameter")
             req = parse_request({"prompt": "-", **_query_body(request.query_params)}, chat=False,
-                                max_tokens_cap=cfg.http.max_tokens)
+                                max_tokens_cap=self.cfg.http.max_tokens)
         except ApiError as exc:
             return _error(exc)
-        return await answer(request, req, None, state)
+        return await self.answer(request, req, None, state)
 
-    async def edgelink_handoff(request):
+    async def edgelink_handoff(self, request):
         """POST a completion body with ``to`` (``shm:NAME`` or a multiaddr, and ``token`` for a
         node that wants one): the prompt is prefilled here and its state handed to that
         receiver, whose greedy continuation is the answer."""
+        from starlette.responses import JSONResponse
+
+        engine = self.engine
         try:
-            check_auth(request)
-            req, tokens, body = await edgelink_prompt(request)
-            to = body.get("to")
-            if not isinstance(to, str) or not to:
-                raise ApiError(400, "'to' must name a receiver: shm:NAME or /ip4/.../p2p/PEER", param="to",
-                               code="missing_required_parameter" if to is None else "invalid_type")
-            token = body.get("token")
-            if token is not None and not isinstance(token, str):
-                raise ApiError(400, "'token' must be a string", param="token", code="invalid_type")
+            self.check_auth(request)
+            req, tokens, body = await self.edgelink_prompt(request)
+            to, token = _handoff_target(body)
             g, out = await asyncio.to_thread(_engine_call, engine, engine.handoff, tokens, to,
                                              req.params.max_tokens, token)
         except ApiError as exc:
@@ -225,45 +308,17 @@ def build_app(engine: Engine, cfg: Config, keys: tuple[str, ...] = ()):
                                                            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
                              "bytes": g.bytes, "timings": {"prefill_s": out.prefill_s, **g.timings}})
 
-    async def models(request):
-        try:
-            check_auth(request)
-        except ApiError as exc:
-            return _error(exc)
-        return JSONResponse({"object": "list", "data": [{"id": engine.name, "object": "model",
-                                                          "created": engine.created, "owned_by": "edgelink"}]})
 
-    async def health(request):
-        return JSONResponse({"status": "ok", "model": engine.name, "contexts": engine.parallel,
-                             "decoding": engine.decoding, "waiting": engine.waiting})
-
-    async def not_found(request, exc):
-        return _error(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
-
-    async def not_allowed(request, exc):
-        return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
-                               code="method_not_allowed"))
-
-    async def crashed(request, exc):
-        log.exception("request failed")
-        return _error(ApiError(500, "the server failed on this request (logged)", type="server_error"))
-
-    middleware = []
-    origins = config_list(cfg.http.cors_origins)
-    if origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                                     allow_headers=["authorization", "content-type"]))
-    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", text_completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/edgelink/v1/state", edgelink_state, methods=["POST"]),
-              Route("/edgelink/v1/continue", edgelink_continue, methods=["POST"]),
-              Route("/edgelink/v1/handoff", edgelink_handoff, methods=["POST"])]
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={404: not_found, 405: not_allowed, 500: crashed, Exception: crashed})
+def _handoff_target(body: dict) -> tuple[str, str | None]:
+    """A handoff body's receiver (``to``) and its optional node ``token``, type-checked."""
+    to = body.get("to")
+    if not isinstance(to, str) or not to:
+        raise ApiError(400, "'to' must name a receiver: shm:NAME or /ip4/.../p2p/PEER", param="to",
+                       code="missing_required_parameter" if to is None else "invalid_type")
+    token = body.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ApiError(400, "'token' must be a string", param="token", code="invalid_type")
+    return to, token
 
 
 ELK_MEDIA_TYPE = "application/vnd.edgelink.message"
