@@ -702,6 +702,30 @@ def _no_auto_dial(host) -> None:
     connector.run_background_task = nothing
 
 
+def _peer_info(addr: str) -> tuple[Any, bool]:
+    """The PeerInfo to dial for ``addr``, and whether it is a relay circuit; TransportError when malformed."""
+    import multiaddr
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    relayed = is_circuit(addr)
+    try:
+        if relayed:  # through a relay: /ip4/H/tcp/P/p2p/RELAY/p2p-circuit/p2p/PEER
+            from libp2p.peer.id import ID
+            from libp2p.peer.peerinfo import PeerInfo
+
+            relay, dest = split_circuit(addr)
+            split_multiaddr(relay)
+            info = PeerInfo(ID.from_base58(dest), [])
+        else:
+            split_multiaddr(addr)
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except EdgelinkError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TransportError(f"bad multiaddr {addr!r}: {exc}") from None
+    return info, relayed
+
+
 class P2PHost:
     """A libp2p host (Noise only, yamux only) whose trio loop runs in a background thread.
 
@@ -947,91 +971,12 @@ class P2PHost:
     def open_channel(self, addr: str, timeout: float | None = None) -> P2PChannel:
         """Dial ``addr`` (``/ip4/H/tcp/P/p2p/ID``), or reuse the live connection to that peer,
         open a stream and run the end-to-end key exchange."""
-        import multiaddr
         import trio
-        from libp2p.peer.peerinfo import info_from_p2p_addr
 
-        relayed = is_circuit(addr)
-        try:
-            if relayed:  # through a relay: /ip4/H/tcp/P/p2p/RELAY/p2p-circuit/p2p/PEER
-                from libp2p.peer.id import ID
-                from libp2p.peer.peerinfo import PeerInfo
-
-                relay, dest = split_circuit(addr)
-                split_multiaddr(relay)
-                info = PeerInfo(ID.from_base58(dest), [])
-            else:
-                split_multiaddr(addr)
-                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except EdgelinkError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise TransportError(f"bad multiaddr {addr!r}: {exc}") from None
+        info, relayed = _peer_info(addr)
         limit = self.cfg.p2p.connect_timeout_s if timeout is None else timeout
-
-        async def retry(exc: BaseException):
-            """A second try at a stream after ``exc``. A node that refuses a stream (allowlist,
-            admission caps) resets it, sometimes while its protocol answer is still being read.
-            With other live streams to that peer the connection works: ask again on it, since
-            closing it would cut those sessions. With none it may be half dead (the peer reset
-            hard, or restarted): dial afresh, once. A second reset in negotiation is a refusal."""
-            live = self._live_channels_to(info.peer_id.to_base58())
-            if live and _refused_in_negotiation(exc):
-                raise PeerGone(self._refused(addr, exc)) from None
-            log.info("p2p: new stream to %s failed (%s); %s", info.peer_id, exc,
-                     "asking again" if live else "redialling")
-            if not live:
-                with contextlib.suppress(Exception):
-                    await self._host.get_network().close_peer(info.peer_id)
-                await connect()
-            try:
-                return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
-            except Exception as again:  # noqa: BLE001
-                if _refused_in_negotiation(again):
-                    raise PeerGone(self._refused(addr, again)) from None
-                if live and "No valid connections" in str(again):
-                    # the sessions we counted had not yet noticed that their connection died:
-                    # there is nothing left to cut, so dial afresh
-                    log.info("p2p: the connection to %s is gone; redialling", info.peer_id)
-                    with contextlib.suppress(Exception):
-                        await self._host.get_network().close_peer(info.peer_id)
-                    await connect()
-                    return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
-                if live:
-                    raise PeerGone(f"{addr} did not open another stream beside this process's {live} "
-                                   f"live session(s) with it: {again}") from None
-                raise
-
-        async def connect():
-            if not relayed:
-                await self._host.connect(info)
-            elif not self._host.get_network().get_connections(info.peer_id):
-                await self.circuits.dial(addr)  # the swarm refuses circuit addresses itself
-
-        async def dial():
-            with trio.fail_after(limit):
-                # The address we were given is the truth: a peer that restarted elsewhere with
-                # the same key must not be dialled at its old address.
-                with contextlib.suppress(Exception):
-                    self._host.get_peerstore().clear_addrs(info.peer_id)
-                # ... and a failed dial at another address must not block this one (libp2p keeps
-                # a peer whose addresses all failed in a negative cache for a while).
-                with contextlib.suppress(Exception):
-                    self._host.get_network().unblock_peer(info.peer_id)
-                await connect()
-            if relayed and not self._live_channels_to(info.peer_id.to_base58()):
-                await self.circuits.go_direct(info.peer_id)  # its own time, not the dial's
-            with trio.fail_after(limit):
-                try:
-                    stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
-                except Exception as exc:  # noqa: BLE001
-                    stream = await retry(exc)
-            ch = P2PChannel(self, stream, initiator=True)
-            self._nursery.start_soon(ch._run)
-            return ch
-
         try:
-            ch = self.call(dial)
+            ch = self.call(self._dial, addr, info, relayed, limit)
         except trio.TooSlowError:
             raise TransportTimeout(f"could not reach {addr} within {limit} s") from None
         except EdgelinkError:
@@ -1045,6 +990,73 @@ class P2PHost:
         except PeerGone as exc:
             raise PeerGone(self._refused(addr, exc)) from None
         return ch
+
+    async def _dial(self, addr: str, info: Any, relayed: bool, limit: float) -> P2PChannel:
+        """Connect, open the stream (a second try if it fails) and start the channel's tasks (trio thread)."""
+        import trio
+
+        with trio.fail_after(limit):
+            # The address we were given is the truth: a peer that restarted elsewhere with
+            # the same key must not be dialled at its old address.
+            with contextlib.suppress(Exception):
+                self._host.get_peerstore().clear_addrs(info.peer_id)
+            # ... and a failed dial at another address must not block this one (libp2p keeps
+            # a peer whose addresses all failed in a negative cache for a while).
+            with contextlib.suppress(Exception):
+                self._host.get_network().unblock_peer(info.peer_id)
+            await self._connect_peer(addr, info, relayed)
+        if relayed and not self._live_channels_to(info.peer_id.to_base58()):
+            await self.circuits.go_direct(info.peer_id)  # its own time, not the dial's
+        with trio.fail_after(limit):
+            try:
+                stream = await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+            except Exception as exc:  # noqa: BLE001
+                stream = await self._retry_stream(addr, info, relayed, exc)
+        ch = P2PChannel(self, stream, initiator=True)
+        self._nursery.start_soon(ch._run)
+        return ch
+
+    async def _connect_peer(self, addr: str, info: Any, relayed: bool) -> None:
+        """A direct dial, or a circuit through the relay unless a connection to the peer is live."""
+        if not relayed:
+            await self._host.connect(info)
+        elif not self._host.get_network().get_connections(info.peer_id):
+            await self.circuits.dial(addr)  # the swarm refuses circuit addresses itself
+
+    async def _redial(self, addr: str, info: Any, relayed: bool) -> None:
+        """Drop the (maybe half dead) connection to the peer and dial it afresh."""
+        with contextlib.suppress(Exception):
+            await self._host.get_network().close_peer(info.peer_id)
+        await self._connect_peer(addr, info, relayed)
+
+    async def _retry_stream(self, addr: str, info: Any, relayed: bool, exc: BaseException):
+        """A second try at a stream after ``exc``. A node that refuses a stream (allowlist,
+        admission caps) resets it, sometimes while its protocol answer is still being read.
+        With other live streams to that peer the connection works: ask again on it, since
+        closing it would cut those sessions. With none it may be half dead (the peer reset
+        hard, or restarted): dial afresh, once. A second reset in negotiation is a refusal."""
+        live = self._live_channels_to(info.peer_id.to_base58())
+        if live and _refused_in_negotiation(exc):
+            raise PeerGone(self._refused(addr, exc)) from None
+        log.info("p2p: new stream to %s failed (%s); %s", info.peer_id, exc,
+                 "asking again" if live else "redialling")
+        if not live:
+            await self._redial(addr, info, relayed)
+        try:
+            return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+        except Exception as again:  # noqa: BLE001
+            if _refused_in_negotiation(again):
+                raise PeerGone(self._refused(addr, again)) from None
+            if live and "No valid connections" in str(again):
+                # the sessions we counted had not yet noticed that their connection died:
+                # there is nothing left to cut, so dial afresh
+                log.info("p2p: the connection to %s is gone; redialling", info.peer_id)
+                await self._redial(addr, info, relayed)
+                return await self._host.new_stream(info.peer_id, [PROTOCOL_ID])
+            if live:
+                raise PeerGone(f"{addr} did not open another stream beside this process's {live} "
+                               f"live session(s) with it: {again}") from None
+            raise
 
     def _refused(self, addr: str, exc: BaseException) -> str:
         """A node resets a stream unread when the peer is not on its allowlist or it holds its
