@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIRST_PARTY = {"edgelink", "tools", "tests", "conftest", "gguf_variants"}
+FIRST_PARTY = {"edgelink", "tests", "conftest", "gguf_variants"}
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -40,7 +40,7 @@ def _declared() -> dict[str, str]:
 
 def _imports() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for folder in ("edgelink", "tools", "tests"):
+    for folder in ("edgelink", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 names = []

@@ -1,5 +1,5 @@
 """A foreign libp2p implementation in edgelink's cache DHT: a js-libp2p node (@libp2p/kad-dht,
-/ipfs/kad/1.0.0, TCP + Noise + yamux; tools/interop/js_dht) as the only DHT server that two
+/ipfs/kad/1.0.0, TCP + Noise + yamux; tests/interop/js_dht) as the only DHT server that two
 py-libp2p members share.
 
 An announcer bootstraps to the js node and announces keys through it (ADD_PROVIDER); an asker
@@ -26,7 +26,7 @@ import pytest
 from edgelink.net.dht import CacheDht, Provider, dht_key
 from edgelink.transport.identity import load_identity
 from edgelink.transport.p2p import P2PHost
-from tools.interop.js_dht import JsDhtNode, install
+from tests.interop.js_dht import JsDhtNode, install
 
 
 def digest(i: int) -> str:

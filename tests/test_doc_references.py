@@ -17,8 +17,8 @@ LAYERS = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
 CONFIG_KEYS = set(config_keys())
 MODULE_FILES = {p.stem for p in PKG.rglob("*.py") if p.stem != "__init__"}
 
-# A path from the repository's top: edgelink/roles/sender.py, tests/test_x.py, tools/..., docs/...
-TOP_PATH = re.compile(r"(?<![\w/.-])((?:edgelink|tests|tools|bridges|docs|native)/[\w/.-]*\w)")
+# A path from the repository's top: edgelink/roles/sender.py, tests/test_x.py, docs/...
+TOP_PATH = re.compile(r"(?<![\w/.-])((?:edgelink|tests|tools|docs|native)/[\w/.-]*\w)")
 # edgelink.roles.sender.Sender
 FULL_NAME = re.compile(r"(?<![\w.])(edgelink(?:\.\w+)+)")
 QUOTED = re.compile(r"`([^`\s]+)`")

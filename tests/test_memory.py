@@ -38,7 +38,7 @@ def test_memory_lands_after_the_receivers_context(model_paths, cfg, name):
         positions = np.sort(parse_seq_state(b.export_state()).caches[0].streams[0].positions)
         assert positions.tolist() == list(range(n + m))
         b.prefill(b.tokenize(QUESTION, add_special=False))
-        assert len(b.generate(6)) > 0  # what it says is measured by tools/kv_memory_eval.py
+        assert len(b.generate(6)) > 0  # what it says is measured by `edgelink bench memory`
     finally:
         a.close()
         b.close()

@@ -46,7 +46,7 @@ def test_transport_bench_across_the_veth_link(tmp_path):
     import sys
 
     env = {**os.environ, "EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "id.key")}
-    out = subprocess.run([sys.executable, "tools/bench_transport_veth.py", "--sizes", "1",
+    out = subprocess.run([sys.executable, "-m", "edgelink", "bench", "transport", "--veth", "--sizes", "1",
                           "--repeats", "1", "--json"], capture_output=True, text=True, env=env,
                          timeout=180, check=True)
     report = json.loads(out.stdout)
@@ -54,17 +54,12 @@ def test_transport_bench_across_the_veth_link(tmp_path):
     assert report["rows"][0]["libp2p_nacl_mbps"] > 0
 
 
-def test_link_bench_measures_every_option_across_a_shaped_link(tmp_path):
-    """tools/bench_link.py end to end on a tiny run: a 20 Mbit/s tc-shaped veth link, every
+def test_link_bench_measures_every_option_across_a_shaped_link(cfg):
+    """`edgelink bench link` end to end on a tiny run: a 20 Mbit/s tc-shaped veth link, every
     option once; exact options continue exactly, and a slow link makes the plan split."""
-    import json
+    from edgelink.bench.link import LOSSLESS, OPTIONS, run_link_bench
 
-    from tools.bench_link import LOSSLESS, OPTIONS, main
-
-    out = tmp_path / "link.json"
-    assert main(["--models", "smollm2-135m", "--tokens", "448", "--rates", "20", "--repeats", "1",
-                 "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = run_link_bench(["smollm2-135m"], cfg, tokens=448, rates=[20.0], repeats=1)
     rows = {r["option"]: r for r in report["rows"]}
     assert set(rows) == set(OPTIONS)
     for name in LOSSLESS:

@@ -356,7 +356,7 @@ def test_handoff_over_p2p_continues_exactly(node, sender_rt):
     assert ev["applied"] == 1 and ev["peer"] == node.allowed.peer_id_str
     assert ev["bytes_in"] >= sent.wire_bytes
     local = rt.generate(24, stop_at_eog=False)
-    assert body["tokens"] == local
+    assert body.tokens == local
 
 
 def test_a_network_handoff_is_compressed_losslessly_by_default(node, sender_rt):
@@ -373,7 +373,7 @@ def test_a_network_handoff_is_compressed_losslessly_by_default(node, sender_rt):
     s.close()
     node.event()
     assert sent.codec == "zstd-shuffle/1" and sent.split == 0 and sent.link.bytes_per_s == 20e6 / 8
-    assert body["tokens"] == rt.generate(16, stop_at_eog=False)
+    assert body.tokens == rt.generate(16, stop_at_eog=False)
     _prefill(rt, 300)
     raw = _sender(node, rt, cfg=node.client_cfg.replace(wire_codec="raw"))
     raw_sent = raw.send_snapshot(rt)
@@ -399,7 +399,7 @@ def test_auto_measures_the_link_and_the_plan_is_exact(node, sender_rt):
     node.event()
     assert sent.link is not None and sent.link.bytes_per_s > 100e6 / 8 and sent.split == 0
     assert sent.predicted_s is not None
-    assert body["tokens"] == rt.generate(8, stop_at_eog=False)
+    assert body.tokens == rt.generate(8, stop_at_eog=False)
 
 
 def _split_handoff(node, rt, n, cfg):
@@ -412,7 +412,7 @@ def _split_handoff(node, rt, n, cfg):
         body = s.request("generate", n_tokens=16, stop_at_eog=False)
     finally:
         s.close()
-    return sent, digest, body["tokens"]
+    return sent, digest, body.tokens
 
 
 def test_a_split_handoff_leaves_exactly_the_senders_state(node, sender_rt):
@@ -469,7 +469,7 @@ def test_a_lossy_handoff_to_a_node_that_allows_it(smollm2_path, cfg, tmp_path, s
         s.close()
         proc.next_event()
         assert s.codec == "kivi4/1" and sent.wire_bytes < 0.4 * len(rt.export_state())
-        assert digest["context_tokens"] == 300
+        assert digest.context_tokens == 300
     finally:
         assert stop_receiver(proc) in (0, -15), proc.stderr_tail()
 
@@ -670,7 +670,7 @@ def test_flooding_client_is_throttled_while_another_is_served(node, sender_rt, s
             s.send_snapshot(rt2)
             body = s.request("generate", n_tokens=8, stop_at_eog=False)
             s.close()
-            assert body["tokens"] == rt2.generate(8, stop_at_eog=False)
+            assert body.tokens == rt2.generate(8, stop_at_eog=False)
         time.sleep(1.0)  # let the flood run against its limit for a while
     finally:
         stop.set()
@@ -717,7 +717,7 @@ def test_delta_and_prefix_messages_over_p2p(node, sender_rt):
     assert node.event()["applied"] == 3
     rt.clear()
     rt.prefill(toks)
-    assert out["tokens"] == rt.generate(6)
+    assert out.tokens == rt.generate(6)
 
 
 def test_client_follows_a_node_that_restarted_on_another_port(node, sender_rt):
@@ -749,7 +749,7 @@ def test_keys_ratchet_during_a_live_handoff(smollm2_path, cfg, tmp_path, sender_
         s.close()
         assert node.event()["applied"] == 1
         assert sealer.rekeys >= 5  # about 6 MB went out under 1 MB keys
-        assert body["tokens"] == rt.generate(12, stop_at_eog=False)
+        assert body.tokens == rt.generate(12, stop_at_eog=False)
     finally:
         p2p.close_client_hosts()
         node.stop()
@@ -800,7 +800,7 @@ def test_sigterm_lets_running_work_finish_refuses_new_and_cuts_idle(smollm2_path
         assert info.value.reason == "busy"
         assert n.event()["rejected"] == ["busy"]
         body = working.request("generate", n_tokens=16, stop_at_eog=False)
-        assert body["tokens"] == sender_rt.generate(16, stop_at_eog=False)
+        assert body.tokens == sender_rt.generate(16, stop_at_eog=False)
         working.close()
         done = n.event()
         assert done["applied"] == 1 and done["ended_by"] == "close", done
@@ -834,7 +834,7 @@ def test_bytes_per_second_bucket_alone_paces_a_large_snapshot(smollm2_path, cfg,
         took = time.monotonic() - t0
         body = s.request("generate", n_tokens=8, stop_at_eog=False)
         s.close()
-        assert body["tokens"] == sender_rt.generate(8, stop_at_eog=False)
+        assert body.tokens == sender_rt.generate(8, stop_at_eog=False)
         ev = n.event()
         assert sent.wire_bytes > burst + (1 << 20), sent.wire_bytes
         floor = (sent.wire_bytes - burst) / rate

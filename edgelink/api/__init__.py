@@ -25,13 +25,17 @@ from edgelink.api.model import load
 from edgelink.api.peer import Round
 from edgelink.api.results import Generation, Progress, Verified, Written
 from edgelink.bridge import Bridge, load_bridge
+from edgelink.cache.prefix import PrefixCache
 from edgelink.config import Config, load_config
 from edgelink.errors import EdgelinkError
 from edgelink.kinds.encode import OneWay
 from edgelink.kinds.prefix import prefix_tensors
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.models.resolve import resolve_model
+from edgelink.models.twins import TWINS, twin_path, twin_spec
+from edgelink.net.discovery import discover as _discover
 from edgelink.net.endpoint import connect, parse_endpoint  # noqa: F401 - connect: part of this API
+from edgelink.net.node import Node
 from edgelink.net.relay import Relay
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.ops import GenerateResult
@@ -39,6 +43,7 @@ from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.launcher import start_receiver, stop_receiver
 from edgelink.roles.receiver import Receiver, SessionReport
 from edgelink.runtime.sizing import fit_limits
+from edgelink.transport.identity import load_identity
 from edgelink.transport.shm import ShmListener, install_cleanup_handlers
 
 log = logging.getLogger("edgelink")
@@ -81,7 +86,6 @@ def generate(model: str, prompt: str, n_tokens: int | None = None, cfg: Config |
 
 def cache_stats(cfg: Config | None = None) -> dict[str, Any]:
     """The prefix cache's tiers (entries, bytes, bounds) and where its disk tier lives."""
-    from edgelink.cache.prefix import PrefixCache
 
     return PrefixCache(_cfg(cfg)).stats()
 
@@ -89,7 +93,6 @@ def cache_stats(cfg: Config | None = None) -> dict[str, Any]:
 def cache_list(cfg: Config | None = None) -> list[dict[str, Any]]:
     """Every chunk of the disk tier, most recently used first; ``from`` is "self" for the
     chunks computed on this machine, else the peer they were fetched from."""
-    from edgelink.cache.prefix import PrefixCache
 
     return [{"key": k, "bytes": size, "last_used": used, "from": src}
             for k, size, used, src in PrefixCache(_cfg(cfg)).disk_chunks()]
@@ -97,7 +100,6 @@ def cache_list(cfg: Config | None = None) -> list[dict[str, Any]]:
 
 def cache_clear(cfg: Config | None = None) -> int:
     """Remove every chunk of the disk tier, own and fetched; returns how many went."""
-    from edgelink.cache.prefix import PrefixCache
 
     return PrefixCache(_cfg(cfg)).clear()
 
@@ -247,7 +249,6 @@ def twins(cfg: Config | None = None, name: str | None = None) -> list[dict[str, 
     """The shape twins (edgelink/models/twins.py): name, the real model, its KV bytes per token and
     geometry. With ``name``, that twin's GGUF is written into the cache (if it is not there)
     and its row carries the path."""
-    from edgelink.models.twins import TWINS, twin_path, twin_spec
 
     cfg = _cfg(cfg)
     specs = [twin_spec(name)] if name else list(TWINS.values())
@@ -263,14 +264,12 @@ def twins(cfg: Config | None = None, name: str | None = None) -> list[dict[str, 
 def discover(cfg: Config | None = None, timeout_s: float | None = None, *,
              peer_id: str | None = None) -> list:
     """libp2p peers announcing themselves with mDNS on the LAN (see edgelink.net.discovery)."""
-    from edgelink.net.discovery import discover as _discover
 
     return _discover(_cfg(cfg), timeout_s, peer_id=peer_id)
 
 
 def identity(cfg: Config | None = None, *, create: bool = True) -> dict[str, Any]:
     """This machine's persistent libp2p identity (created, mode 0600, if missing)."""
-    from edgelink.transport.identity import load_identity
 
     cfg = _cfg(cfg)
     ident = load_identity(cfg.p2p.identity_key, create=create)
@@ -285,7 +284,6 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
     """Run a libp2p node that accepts handoffs until it is shut down (see edgelink.net.node);
     ``bridge`` as for :func:`serve`. ``handle_signals``: SIGINT/SIGTERM stop it gracefully
     (for a command; a library leaves the program's handlers alone)."""
-    from edgelink.net.node import Node
 
     cfg = _cfg(cfg)
     br = _load_bridge(bridge)
@@ -307,7 +305,6 @@ def relay(cfg: Config | None = None, *, listen: Sequence[str] = (),
     """Start a circuit relay for peers behind NAT (docs/nat.md) on ``listen`` (default
     ``relay.listen``); ``on_event`` hears each reservation and each circuit that ends (peers,
     bytes, seconds). Returns the running ``Relay``: ``run()`` serves until SIGINT/SIGTERM."""
-    from edgelink.transport.identity import load_identity
 
     cfg = _cfg(cfg)
     return Relay(cfg, load_identity(cfg.p2p.identity_key), list(listen) or [cfg.relay.listen], on_event)

@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 
 from edgelink.config import Config, load_config
+from edgelink.runtime import system
+from edgelink.runtime.threads import SPIN_DEFAULT, thread_plan, wait_policy
+from edgelink.transport.ring import native, wait_backend
+from edgelink.transport.shm import segment_dir
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -77,7 +81,6 @@ def _platform_checks() -> list[Check]:
 
 
 def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
-    from edgelink.runtime import system
 
     out: list[Check] = []
     try:
@@ -125,7 +128,6 @@ def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
     unsafe = choice.use and amx_build and amx_cpu
     out.append(Check("cpu", "AMX", FAIL if unsafe else OK, detail,
                      "set runtime.extra_buffers = auto (or off)" if unsafe else ""))
-    from edgelink.runtime.threads import SPIN_DEFAULT, thread_plan, wait_policy
 
     policy = wait_policy()
     spinning = "OMP_WAIT_POLICY=ACTIVE" in policy.upper() or "300,000" in policy or (
@@ -141,7 +143,6 @@ def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
 def _native_checks(cfg: Config) -> list[Check]:
     out: list[Check] = []
     try:
-        from edgelink.transport.ring import native, wait_backend
 
         nat = native()
         out.append(Check("native", "edgelink._native", OK,
@@ -176,7 +177,6 @@ def _module_checks() -> list[Check]:
 
 
 def _path_checks(cfg: Config) -> list[Check]:
-    from edgelink.transport.shm import segment_dir
 
     out: list[Check] = []
     cache = Path(cfg.paths.cache_dir)

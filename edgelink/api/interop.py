@@ -10,10 +10,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgelink.api.model import Model
 from edgelink.config import Config, load_config
 from edgelink.errors import EdgelinkWarning, ModelError
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES
-from edgelink.runtime.system import amx_unsafe_model
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.system import amx_unsafe_model, extra_buffers, new_llama
 
 if TYPE_CHECKING:
     from edgelink.api.model import Model
@@ -44,7 +46,6 @@ def make_llama(model_path: str | Path, cfg: Config | None = None, **kwargs: Any)
     """A ``llama_cpp.Llama(model_path, **kwargs)`` loaded the way edgelink loads models: with
     ``runtime.extra_buffers`` deciding whether weights may use llama.cpp's extra buffer types
     (off on builds with the faulting AMX kernels: runtime/system.py)."""
-    from edgelink.runtime.system import extra_buffers, new_llama
 
     use = extra_buffers((cfg if cfg is not None else load_config()).runtime.extra_buffers).use
     return new_llama(model_path, use_extra_bufts=use, **kwargs)
@@ -57,8 +58,6 @@ def from_llama(llm: Any, cfg: Config | None = None) -> Model:
     it (a restore, a received state, a prefill), ``llm`` knows the new tokens and re-decodes
     the last one before it samples, so ``llm.create_completion(prompt=...)`` with those tokens
     (or their text) continues from the state. Closing the model leaves ``llm`` usable."""
-    from edgelink.api.model import Model
-    from edgelink.runtime.llama import LlamaRuntime
 
     cfg = _config_of(llm, cfg if cfg is not None else load_config())
     if amx_unsafe_model(getattr(llm, "model_params", None)):

@@ -25,19 +25,27 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from edgelink import wire
 from edgelink.api.results import CacheFetch, Generation, Progress
+from edgelink.cache.prefix import PrefixCache as _PrefixCache
 from edgelink.config import Config, config_list, load_config
-from edgelink.errors import EdgelinkError, StateError
+from edgelink.errors import EdgelinkError, PeerGone, StateError
 from edgelink.files import write_atomic
 from edgelink.kinds.encode import OneWay
+from edgelink.kinds.llama_file import load_seq_file, save_seq_file
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.kinds.specs import Acceptance, acceptance
 from edgelink.models.resolve import resolve_model
+from edgelink.net.dht import client_dht
+from edgelink.protocol.codec import MAGIC
 from edgelink.protocol.kinds import ApplyMode, Kind
+from edgelink.protocol.limits import limit_of
+from edgelink.protocol.messages import TensorMessage
 from edgelink.protocol.session import Role, Session
 from edgelink.protocol.signature import ModelSignature
+from edgelink.roles.receiver import frame_limit
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits
+from edgelink.transport.file import FileChannelReader
 
 if TYPE_CHECKING:
     from edgelink.api.peer import Peer
@@ -183,7 +191,6 @@ class Model:
     def prefix_cache(self) -> PrefixCache:
         """This model's prefix cache (the ``cache`` settings; docs/cache.md), made on first use."""
         if self._cache is None:
-            from edgelink.cache.prefix import PrefixCache as _PrefixCache
 
             self._cache = _PrefixCache(self.cfg)
         return self._cache
@@ -233,7 +240,6 @@ class Model:
     def _dht_holders(self, keys: list[str], held: int, out: CacheFetch) -> list[str]:
         """Addresses of the trusted peers the DHT names as holders of the deepest of ``keys``
         (beyond the ``held`` this cache has)."""
-        from edgelink.net.dht import client_dht
 
         dht = client_dht(self.cfg)
         trust = set(config_list(self.cfg.cache.trust))
@@ -263,8 +269,6 @@ class Model:
     def restore(self, snapshot: Snapshot | str | Path) -> int:
         """Apply a snapshot (or a message file written by ``export``/``Snapshot.save``): every
         message verified against this model before anything changes. Returns payload bytes."""
-        from edgelink.protocol.codec import MAGIC
-        from edgelink.transport.file import FileChannelReader
 
         where = "the snapshot" if isinstance(snapshot, Snapshot) else str(snapshot)
         with FileChannelReader(snapshot.frames if isinstance(snapshot, Snapshot) else snapshot, magic=MAGIC) as r, \
@@ -278,7 +282,6 @@ class Model:
     def load_llama_file(self, path: str | Path) -> int:
         """Replace the sequence by a llama.cpp sequence-state file's (``llama_state_seq_save_file``,
         llama-server's saved slots), verified against this model first. Returns its tokens."""
-        from edgelink.kinds.llama_file import load_seq_file
 
         with self.step() as rt:
             return load_seq_file(path, rt)
@@ -286,7 +289,6 @@ class Model:
     def save_llama_file(self, path: str | Path) -> int:
         """Write the sequence as a llama.cpp sequence-state file (``llama_state_seq_load_file``
         reads it). Returns the bytes written."""
-        from edgelink.kinds.llama_file import save_seq_file
 
         with self.step() as rt:
             return save_seq_file(path, rt)
@@ -312,10 +314,6 @@ def read_messages(rt: LlamaRuntime, cfg: Config, signature: ModelSignature, read
     just those kinds): the writer's HELLO checked against this model, each message verified,
     decoded (the codecs this side takes) and applied. The limits fitted to ``rt`` bound every
     frame: a file holds what this context can, so much is read."""
-    from edgelink.errors import PeerGone
-    from edgelink.protocol.limits import limit_of
-    from edgelink.protocol.messages import TensorMessage
-    from edgelink.roles.receiver import frame_limit
 
     cfg = fit_limits(cfg, rt)
     accepting = acceptance(rt, cfg, signature, only=only)

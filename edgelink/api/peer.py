@@ -16,6 +16,7 @@ import numpy as np
 
 from edgelink.api.results import Generation
 from edgelink.errors import EdgelinkError, StateError
+from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.net.endpoint import connect
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.ops import GenerateResult
@@ -231,7 +232,6 @@ class Peer:
 
 
 def _snapshot_tensors(rt) -> list:
-    from edgelink.kinds.snapshot import snapshot_tensors
 
     if not rt.tokens:
         raise EdgelinkError("the sequence is empty")

@@ -18,11 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 from edgelink.bench.rss import PeakWatch
+from edgelink.bench.shm import measure_shm_throughput
 from edgelink.bench.timing import median_seconds
 from edgelink.config import Config
 from edgelink.models.resolve import resolve_model
+from edgelink.net.endpoint import connect
 from edgelink.protocol.signature import ModelSignature
-from edgelink.roles.launcher import start_receiver, stop_receiver
+from edgelink.roles.launcher import start_node, start_receiver, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
 from edgelink.runtime.signature import model_signature
@@ -48,8 +50,6 @@ def context_tokens(rt: LlamaRuntime, n: int) -> list[int]:
 def _session_handoff(endpoint: str, cfg: Config, rt: LlamaRuntime, signature: ModelSignature):
     """What `edgelink handoff` does after its prefill: connect, HELLO, ship the snapshot (export
     to ACK), close. Returns (seconds of the session around the snapshot, the SentMessage)."""
-    from edgelink.net.endpoint import connect
-
     t0 = time.perf_counter()
     sender = Sender(connect(endpoint, cfg), cfg, signature)
     try:
@@ -71,14 +71,76 @@ def _timed_handoffs(sender: Sender, rt: LlamaRuntime, repeats: int) -> tuple[flo
     return first.roundtrip_s, med, sent
 
 
+def _shm_row(n: int, prefill_s: float, shm: str, cfg: Config, rt: LlamaRuntime, signature: ModelSignature,
+             receiver, repeats: int) -> dict[str, Any]:
+    """The shm columns of one row: a session per handoff (after two untimed warm-ups), then
+    overwriting a live sequence, with both sides' peak memory."""
+    fitted = fit_limits(cfg, rt)
+    sent, around = [], []
+    with PeakWatch() as tx, PeakWatch(receiver.pid) as rx:
+        for _ in range(repeats + 2):
+            dt, s = _session_handoff(f"shm:{shm}", fitted, rt, signature)
+            receiver.next_event()
+            around.append(dt)
+            sent.append(s)
+    first_s, sent = sent[0].roundtrip_s, sent[2:]
+    handoff_s = statistics.median(s.roundtrip_s for s in sent)
+    # Overwriting a live sequence (a second snapshot in one session) keeps the old one until the
+    # new one is in: measured apart (after one untimed overwrite, so the backup buffer is warm
+    # too), it holds one more copy.
+    sender = Sender(connect(f"shm:{shm}", cfg), fitted, signature)
+    sender.handshake()
+    sender.send_snapshot(rt)
+    sender.send_snapshot(rt)
+    with PeakWatch(receiver.pid) as rx_over:
+        overwrite_s = sender.send_snapshot(rt).roundtrip_s
+    sender.close()
+    receiver.next_event()
+    return {
+        "tokens": n,
+        "payload_bytes": sent[-1].payload_bytes,
+        "wire_bytes": sent[-1].wire_bytes,
+        "reprefill_ms": 1e3 * prefill_s,
+        "handoff_ms": 1e3 * handoff_s,
+        "export_ms": 1e3 * statistics.median(s.export_s for s in sent),
+        "first_handoff_ms": 1e3 * first_s,
+        "speedup_vs_reprefill": prefill_s / handoff_s,
+        "handoff_gbps": sent[-1].payload_bytes / handoff_s / 1e9,
+        # peak RSS over each side's RSS before the first handoff of this row (the receiver's
+        # includes filling its own KV cache when its context was smaller)
+        "sender_peak_over_mb": tx.over_base / 1e6,
+        "receiver_peak_over_mb": rx.over_base / 1e6,
+        "overwrite_ms": 1e3 * overwrite_s,
+        "session_setup_ms": 1e3 * statistics.median(around[2:]),
+        # over the same base as the handoffs: the row's RSS before its first one
+        "receiver_overwrite_peak_over_mb": max(0, rx_over.peak - rx.base) / 1e6,
+    }
+
+
+def _p2p_columns(node, cfg: Config, rt: LlamaRuntime, signature: ModelSignature, repeats: int,
+                 prefill_s: float, wire_bytes: int) -> dict[str, Any]:
+    """The p2p columns of one row: snapshots on one warm, encrypted connection to a node."""
+    sender = Sender(connect(node.ready["addrs"][0], cfg), fit_limits(cfg, rt), signature)
+    sender.handshake()
+    _, p2p_s, _ = _timed_handoffs(sender, rt, repeats)
+    sender.close()
+    node.next_event()
+    return {"p2p_handoff_ms": 1e3 * p2p_s, "p2p_speedup_vs_reprefill": prefill_s / p2p_s,
+            "p2p_codec": sender.codec or "raw", "p2p_mbps": wire_bytes / p2p_s / 1e6}
+
+
+def _reprefill_s(rt: LlamaRuntime, toks: list[int], repeats: int) -> float:
+    """Median seconds of what a text relay's receiver does: prefill the whole context again."""
+    def prefill() -> None:
+        rt.clear()
+        rt.prefill(toks)
+    return median_seconds(prefill, repeats)
+
+
 def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None = None,
                       p2p: bool = True) -> dict[str, Any]:
     """Re-prefill vs KV handoff over shared memory (and over the encrypted p2p transport to an
     `edgelink node`, with ``p2p``) vs memcpy, per context length, in one run."""
-    from edgelink.bench.shm import measure_shm_throughput
-    from edgelink.net.endpoint import connect
-    from edgelink.roles.launcher import start_node
-
     say = log or (lambda s: None)
     path = resolve_model(model, cfg, pull=True)
     repeats = cfg.bench.repeats
@@ -94,68 +156,16 @@ def run_handoff_bench(model: str, cfg: Config, log: Callable[[str], None] | None
                     say(f"skip {n} tokens: context is {rt.n_ctx}")
                     continue
                 toks = context_tokens(rt, n)
-
-                def prefill(toks=toks):
-                    rt.clear()
-                    rt.prefill(toks)
-
                 say(f"{n} tokens: re-prefill x{repeats}")
-                prefill_s = median_seconds(prefill, repeats)
+                prefill_s = _reprefill_s(rt, toks, repeats)
                 say(f"{n} tokens: shm handoff x{repeats}, a session each (after two untimed warm-ups)")
-                fitted = fit_limits(cfg, rt)
-                sent, around = [], []
-                with PeakWatch() as tx, PeakWatch(receiver.pid) as rx:
-                    for _ in range(repeats + 2):
-                        dt, s = _session_handoff(f"shm:{shm_name}", fitted, rt, signature)
-                        receiver.next_event()
-                        around.append(dt)
-                        sent.append(s)
-                first_s, sent = sent[0].roundtrip_s, sent[2:]
-                handoff_s = statistics.median(s.roundtrip_s for s in sent)
-                # Overwriting a live sequence (a second snapshot in one session) keeps the old
-                # one until the new one is in: measured apart (after one untimed overwrite, so
-                # the backup buffer is warm too), it holds one more copy.
-                sender = Sender(connect(f"shm:{shm_name}", cfg), fitted, signature)
-                sender.handshake()
-                sender.send_snapshot(rt)
-                sender.send_snapshot(rt)
-                with PeakWatch(receiver.pid) as rx_over:
-                    overwrite_s = sender.send_snapshot(rt).roundtrip_s
-                sender.close()
-                receiver.next_event()
-                row = {
-                    "tokens": n,
-                    "payload_bytes": sent[-1].payload_bytes,
-                    "wire_bytes": sent[-1].wire_bytes,
-                    "reprefill_ms": 1e3 * prefill_s,
-                    "handoff_ms": 1e3 * handoff_s,
-                    "export_ms": 1e3 * statistics.median(s.export_s for s in sent),
-                    "first_handoff_ms": 1e3 * first_s,
-                    "speedup_vs_reprefill": prefill_s / handoff_s,
-                    "handoff_gbps": sent[-1].payload_bytes / handoff_s / 1e9,
-                    # peak RSS over each side's RSS before the first handoff of this row (the
-                    # receiver's includes filling its own KV cache when its context was smaller)
-                    "sender_peak_over_mb": tx.over_base / 1e6,
-                    "receiver_peak_over_mb": rx.over_base / 1e6,
-                    "overwrite_ms": 1e3 * overwrite_s,
-                    "session_setup_ms": 1e3 * statistics.median(around[2:]),
-                    # over the same base as the handoffs: the row's RSS before its first one
-                    "receiver_overwrite_peak_over_mb": max(0, rx_over.peak - rx.base) / 1e6,
-                }
+                row = _shm_row(n, prefill_s, shm_name, cfg, rt, signature, receiver, repeats)
                 if node is not None:
                     say(f"{n} tokens: p2p handoff x{repeats} (warm connection)")
-                    sender = Sender(connect(node.ready["addrs"][0], cfg), fit_limits(cfg, rt), signature)
-                    sender.handshake()
-                    _, p2p_s, _ = _timed_handoffs(sender, rt, repeats)
-                    sender.close()
-                    node.next_event()
-                    row.update(p2p_handoff_ms=1e3 * p2p_s, p2p_speedup_vs_reprefill=prefill_s / p2p_s,
-                               p2p_codec=sender.codec or "raw",
-                               p2p_mbps=row["wire_bytes"] / p2p_s / 1e6)
+                    row.update(_p2p_columns(node, cfg, rt, signature, repeats, prefill_s, row["wire_bytes"]))
                 say(f"{n} tokens: shm vs memcpy on {row['wire_bytes']:,} bytes")
                 thr = measure_shm_throughput(row["wire_bytes"], cfg, repeats)
-                row.update(shm_gbps=thr["shm_gbps"], memcpy_gbps=thr["memcpy_gbps"],
-                           shm_vs_memcpy=thr["ratio"])
+                row.update(shm_gbps=thr["shm_gbps"], memcpy_gbps=thr["memcpy_gbps"], shm_vs_memcpy=thr["ratio"])
                 rows.append(row)
     finally:
         stop_receiver(receiver)

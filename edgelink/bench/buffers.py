@@ -22,8 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgelink.config import Config, to_env
+from edgelink.bench import context_tokens
+from edgelink.config import Config, load_config, to_env
 from edgelink.models.resolve import resolve_model
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.system import build_features, cpu_flags, cpu_model, extra_buffers
 
 VARIANTS = ("on", "off")
 
@@ -31,9 +34,6 @@ VARIANTS = ("on", "off")
 def _child(model_path: str, prompt_tokens: int, n_tokens: int) -> dict[str, Any]:
     """Runs in the child: one load (with the environment's runtime.extra_buffers), a warm-up,
     then the best of three prefills and decodes."""
-    from edgelink.bench import context_tokens
-    from edgelink.config import load_config
-    from edgelink.runtime.llama import LlamaRuntime
 
     cfg = load_config()
     t0 = time.perf_counter()
@@ -74,7 +74,6 @@ def _run_variant(model_path: str, cfg: Config, variant: str, prompt_tokens: int,
 
 def run_buffers_bench(model: str, cfg: Config, prompt_tokens: int = 512, n_tokens: int = 64,
                       repeats: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from edgelink.runtime.system import build_features, cpu_flags, cpu_model, extra_buffers
 
     say = log or (lambda s: None)
     reps = repeats or cfg.bench.repeats

@@ -32,10 +32,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from edgelink.bench import context_tokens
 from edgelink.bench.rss import rss_bytes
 from edgelink.config import Config, to_env
 from edgelink.errors import EdgelinkError
 from edgelink.models.resolve import resolve_model
+from edgelink.runtime.llama import LlamaRuntime
 
 QUESTIONS = ["Which floor holds the lenses?", "Who may enter the lamp room?", "What do the logbooks cover?",
              "How many floors are there?", "Is there a guide?", "What is on the top floor?",
@@ -119,8 +121,6 @@ def _ask(srv: _Server, messages: list[dict], max_tokens: int) -> dict[str, Any]:
 
 def _system(model: Path, cfg: Config, n_tokens: int) -> tuple[str, bool]:
     """The shared system prompt, and whether the model has a chat template."""
-    from edgelink.bench import context_tokens
-    from edgelink.runtime.llama import LlamaRuntime
 
     with LlamaRuntime(model, cfg.replace(runtime_n_ctx=max(512, n_tokens + 64))) as rt:
         text = "You answer questions about this text.\n\n" + rt.detokenize(context_tokens(rt, n_tokens)[1:])

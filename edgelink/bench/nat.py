@@ -34,13 +34,13 @@ from edgelink.config import Config, to_env
 from edgelink.errors import EdgelinkError
 from edgelink.models.resolve import resolve_model
 from edgelink.roles.launcher import start_node, start_relay, stop_receiver
+from edgelink.runtime.llama import LlamaRuntime
 
 CASES = ("direct", "relayed", "hole-punched")
 
 
 def _prompt(path: str, cfg: Config, n: int) -> str:
     """Text of about ``n`` tokens (the handoff reports the exact count)."""
-    from edgelink.runtime.llama import LlamaRuntime
 
     with LlamaRuntime(path, cfg.replace(runtime_n_ctx=max(512, n + 64))) as rt:
         return rt.detokenize(context_tokens(rt, n)[1:])

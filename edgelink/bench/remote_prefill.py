@@ -28,6 +28,7 @@ from edgelink.config import Config, to_env
 from edgelink.errors import EdgelinkError
 from edgelink.models.resolve import resolve_model
 from edgelink.roles.launcher import start_node, stop_receiver
+from edgelink.runtime.llama import LlamaRuntime
 
 TOKEN = "bench-remote-prefill"
 
@@ -84,7 +85,6 @@ def run_remote_prefill_bench(model: str, cfg: Config, prompt_tokens: int = 2000,
     say = log or (lambda s: None)
     repeats = cfg.bench.repeats if repeats is None else repeats
     path = str(resolve_model(model, cfg, pull=True))
-    from edgelink.runtime.llama import LlamaRuntime
 
     n_ctx = max(cfg.runtime.n_ctx, prompt_tokens + 64)
     with LlamaRuntime(path, cfg.replace(runtime_n_ctx=n_ctx)) as rt:

@@ -30,7 +30,8 @@ from edgelink.config import Config, to_env
 from edgelink.errors import ConfigError
 from edgelink.models.resolve import resolve_model
 from edgelink.roles.launcher import start_receiver, stop_receiver
-from edgelink.runtime.threads import omp_env
+from edgelink.runtime.system import cpu_model
+from edgelink.runtime.threads import omp_env, thread_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +161,6 @@ def run_threads_bench(model: str, cfg: Config, settings: list[ThreadSetting], pr
                       workloads: tuple[str, ...] = ("demo", "handoff"),
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Median seconds of each workload under each setting and load, and each against the best."""
-    from edgelink.runtime.threads import thread_plan
 
     say = log or (lambda s: None)
     reps = repeats or cfg.bench.repeats
@@ -200,7 +200,6 @@ def run_threads_bench(model: str, cfg: Config, settings: list[ThreadSetting], pr
 
 
 def _cpu() -> str:
-    from edgelink.runtime.system import cpu_model
 
     return cpu_model()
 

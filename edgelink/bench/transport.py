@@ -7,11 +7,12 @@ as edgelink's hosts run it (read-ahead under Noise, one Noise message per yamux 
 (d) an edgelink P2PChannel: (c) plus the end-to-end NaCl layer and flow control. Each
 figure is the median over repeats of: first byte sent to the receiver's 8-byte
 acknowledgement read, after one untimed warm-up run. Loopback by default; see
-tools/bench_transport_veth.py for a veth link to another network namespace.
+`edgelink bench transport --veth` for a veth link to another network namespace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,8 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import multiaddr
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
 from edgelink.bench.timing import median_seconds
 from edgelink.config import Config, to_env
+from edgelink.transport.identity import load_identity
+from edgelink.transport.p2p import P2PHost, write_in_noise_pieces
+from edgelink.transport.readahead import stock_noise_option
 
 RAW_PROTO = "/edgelink-bench/raw/1.0.0"
 SIZES_MB = (1, 16, 64, 256)
@@ -45,9 +52,6 @@ def _recv_exactly_tcp(conn: socket.socket, n: int, buf: bytearray) -> None:
 
 def _serve(cfg: Config, ip: str) -> None:
     """The child: a TCP sink, and a libp2p host with a raw sink and an edgelink channel sink."""
-    from edgelink.transport.identity import load_identity
-    from edgelink.transport.p2p import P2PHost
-    from edgelink.transport.readahead import stock_noise_option
 
     srv = socket.create_server((ip, 0))
 
@@ -108,23 +112,91 @@ def _median_rate(fn: Callable[[], None], nbytes: int, repeats: int) -> float:
     return nbytes / median_seconds(fn, repeats, warmup=1) / 1e6
 
 
+def _open_raw(h: P2PHost, addr: str):
+    """A bare libp2p stream to the child's raw sink (no edgelink channel on it)."""
+    async def go():
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await h.libp2p_host.connect(info)
+        return await h.libp2p_host.new_stream(info.peer_id, [RAW_PROTO])
+    return h.call(go)
+
+
+def _libp2p_send(h: P2PHost, stream, n: int, chunks: list[bytes], tuned: bool) -> None:
+    """One payload over a raw stream, written as stock libp2p does or as edgelink's hosts do."""
+    async def go():
+        await stream.write(n.to_bytes(8, "little"))
+        for c in chunks:
+            if tuned:
+                await write_in_noise_pieces(stream, c)
+            else:
+                await stream.write(c)
+        ack = b""
+        while len(ack) < 8:
+            ack += await stream.read(8 - len(ack))
+    h.call(go)
+
+
+@dataclasses.dataclass
+class _Paths:
+    """The four open paths to the child, one per column."""
+
+    tcp: socket.socket
+    host: P2PHost
+    raw: Any
+    stock: P2PHost
+    raw_stock: Any
+    channel: Any
+
+
+def _measure_size(paths: _Paths, mb: int, repeats: int) -> dict[str, Any]:
+    """One row: ``mb`` MB of random bytes each way, MB/s per column."""
+    n = mb << 20
+    payload = memoryview(bytearray(os.urandom(1 << 20)) * mb)
+    chunks = [bytes(payload[i:i + WRITE]) for i in range(0, n, WRITE)]
+
+    def do_tcp() -> None:
+        paths.tcp.sendall(n.to_bytes(8, "little"))
+        paths.tcp.sendall(payload)
+        _recv_exactly_tcp(paths.tcp, 8, bytearray(8))
+
+    def do_e2e() -> None:
+        paths.channel.send(payload)
+        paths.channel.recv(64)
+
+    return {"mb": mb, "bytes": n,
+            "tcp_mbps": _median_rate(do_tcp, n, repeats),
+            "libp2p_stock_mbps": _median_rate(
+                lambda: _libp2p_send(paths.stock, paths.raw_stock, n, chunks, False), n, repeats),
+            "libp2p_mbps": _median_rate(lambda: _libp2p_send(paths.host, paths.raw, n, chunks, True), n, repeats),
+            "libp2p_nacl_mbps": _median_rate(do_e2e, n, repeats)}
+
+
+def _start_child(cfg: Config, tmp: Path, ip: str, wrapper: tuple[str, ...]) -> subprocess.Popen:
+    child_cfg = cfg.replace(p2p_identity_key=tmp / "server.key")
+    env = {**os.environ, **to_env(child_cfg)}
+    return subprocess.Popen([*wrapper, sys.executable, "-m", "edgelink.bench.transport", "--serve", ip],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    if proc.stdin:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repeats: int | None = None,
                         log: Callable[[str], None] | None = None, *, ip: str = "127.0.0.1",
                         wrapper: tuple[str, ...] = ()) -> dict[str, Any]:
     """The table above, in one run. The receiving child listens on ``ip`` and is started
     through ``wrapper`` (for example ``nsenter -t PID -n --``: another network namespace, see
-    tools/bench_transport_veth.py); the default is loopback."""
-    from edgelink.transport.identity import load_identity
-    from edgelink.transport.p2p import P2PHost, write_in_noise_pieces
-    from edgelink.transport.readahead import stock_noise_option
-
+    `edgelink bench transport --veth`); the default is loopback."""
     say = log or (lambda s: None)
     repeats = repeats or cfg.bench.repeats
     tmp = Path(tempfile.mkdtemp(prefix="edgelink-bench-"))
-    child_cfg = cfg.replace(p2p_identity_key=tmp / "server.key")
-    env = {**os.environ, **to_env(child_cfg)}
-    proc = subprocess.Popen([*wrapper, sys.executable, "-m", "edgelink.bench.transport", "--serve", ip],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = _start_child(cfg, tmp, ip, wrapper)
     rows = []
     try:
         ready = json.loads(proc.stdout.readline())
@@ -138,72 +210,21 @@ def run_transport_bench(cfg: Config, sizes_mb: tuple[int, ...] = SIZES_MB, repea
             ch = host.open_channel(ready["addr"])
             connect_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            ch2 = host.open_channel(ready["addr"])
+            second = host.open_channel(ready["addr"])
             warm_stream_s = time.perf_counter() - t0
-            ch2.close()
-
-            def open_raw(h: P2PHost, addr: str):
-                import multiaddr
-                from libp2p.peer.peerinfo import info_from_p2p_addr
-
-                async def go():
-                    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-                    await h.libp2p_host.connect(info)
-                    return await h.libp2p_host.new_stream(info.peer_id, [RAW_PROTO])
-                return h.call(go)
-
-            raw = open_raw(host, ready["addr"])
-            raw_stock = open_raw(stock, ready["stock_addr"])
-
-            def libp2p_run(h: P2PHost, stream, n: int, chunks: list[bytes], tuned: bool) -> None:
-                async def go():
-                    await stream.write(n.to_bytes(8, "little"))
-                    for c in chunks:
-                        if tuned:
-                            await write_in_noise_pieces(stream, c)
-                        else:
-                            await stream.write(c)
-                    ack = b""
-                    while len(ack) < 8:
-                        ack += await stream.read(8 - len(ack))
-                h.call(go)
-
+            second.close()
+            paths = _Paths(tcp, host, _open_raw(host, ready["addr"]), stock,
+                           _open_raw(stock, ready["stock_addr"]), ch)
             for mb in sizes_mb:
-                n = mb << 20
-                payload = memoryview(bytearray(os.urandom(1 << 20)) * mb)
-                chunks = [bytes(payload[i:i + WRITE]) for i in range(0, n, WRITE)]
-
-                def do_tcp(n=n, payload=payload):
-                    tcp.sendall(n.to_bytes(8, "little"))
-                    tcp.sendall(payload)
-                    buf = bytearray(8)
-                    _recv_exactly_tcp(tcp, 8, buf)
-
-                def do_e2e(payload=payload):
-                    ch.send(payload)
-                    ch.recv(64)
-
                 say(f"{mb} MB: tcp, libp2p stock, libp2p tuned, libp2p+nacl x{repeats}")
-                row = {"mb": mb, "bytes": n,
-                       "tcp_mbps": _median_rate(do_tcp, n, repeats),
-                       "libp2p_stock_mbps": _median_rate(
-                           lambda n=n, c=chunks: libp2p_run(stock, raw_stock, n, c, False), n, repeats),
-                       "libp2p_mbps": _median_rate(
-                           lambda n=n, c=chunks: libp2p_run(host, raw, n, c, True), n, repeats),
-                       "libp2p_nacl_mbps": _median_rate(do_e2e, n, repeats)}
-                rows.append(row)
+                rows.append(_measure_size(paths, mb, repeats))
             ch.close()
             tcp.close()
         finally:
             host.close()
             stock.close()
     finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_child(proc)
     return {"repeats": repeats, "link": "loopback" if ip.startswith("127.") else f"to {ip}",
             "connect_ms": 1e3 * connect_s, "warm_stream_ms": 1e3 * warm_stream_s,
             "chunk_bytes": cfg.p2p.chunk_bytes, "window_bytes": cfg.p2p.window_bytes,

@@ -40,6 +40,7 @@ import numpy as np
 from edgelink import __version__
 from edgelink.bridge import forward as fwd
 from edgelink.bridge.blas import blas_threads
+from edgelink.config import load_config
 from edgelink.errors import ModelError
 from edgelink.protocol.untrusted import Int, Json, Nullable, Num, Obj, Seq, Str, load_json
 
@@ -59,7 +60,6 @@ def _paths(path: str | os.PathLike[str], find: bool = False) -> tuple[Path, Path
     if p.suffix in (".json", ".npz"):
         p = p.with_suffix("")
     if find and not p.is_absolute() and not p.with_name(p.name + ".json").exists():
-        from edgelink.config import load_config
 
         shipped = load_config().paths.registry.parent
         for cand in (shipped / p, shipped / p.name):

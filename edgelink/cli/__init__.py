@@ -11,6 +11,10 @@ import time
 import click
 
 from edgelink import api
+from edgelink.api import latent as api_latent
+from edgelink.api.doctor import FAIL
+from edgelink.api.doctor import doctor as run_doctor
+from edgelink.api.inspect import inspect_file
 from edgelink.cli.common import (  # noqa: F401
     _Ctx,
     _emit,
@@ -26,6 +30,11 @@ from edgelink.cli.common import (  # noqa: F401
     wire_option,
 )
 from edgelink.errors import ChecksumMismatch, EdgelinkError
+from edgelink.models.pull import pull_model
+from edgelink.models.registry import get_entry, list_models
+from edgelink.server import serve_http
+from edgelink.server.engine import Engine, Outcome, Params
+from edgelink.wire import CODECS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +59,6 @@ def models(ctx: click.Context, as_json: bool) -> None:
     """List the models edgelink knows (and `models pull NAME`)."""
     if ctx.invoked_subcommand:
         return
-    from edgelink.models.registry import list_models
 
     rows = list_models(ctx.obj.cfg())
     if as_json:
@@ -77,8 +85,6 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_obj
 def models_pull(obj: _Ctx, name: str, force: bool, as_json: bool) -> None:
     """Download NAME into the cache directory and verify its sha256."""
-    from edgelink.models.pull import pull_model
-    from edgelink.models.registry import get_entry
 
     cfg = obj.cfg()
     path = pull_model(get_entry(name, cfg), cfg, progress=None if as_json else _progress(), force=force)
@@ -254,7 +260,6 @@ def export(obj: _Ctx, model: str | None, prompt: str, output: str, kind: str, fi
     g = api.export(model or cfg.runtime.default_model, prompt, output, cfg, progress=_progress(),
                    kind=kind, file_format=file_format)
     _emit(as_json, g, f"wrote {output}\n" + _gen_text(g).lstrip())
-    from edgelink.wire import CODECS
 
     codec = CODECS.get(cfg.wire.codec)
     if codec is not None and codec.lossy:
@@ -321,7 +326,6 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
     if (shm_name is None) == (http_listen is None):
         raise click.UsageError("give --shm NAME (handoffs) or --http [HOST:PORT] (the OpenAI API)")
     if http_listen is not None:
-        from edgelink.server import serve_http
 
         def http_ready(ev: dict) -> None:
             _emit(as_json, ev, f"serving {ev['model']} on {ev['url']} (OpenAI API; Ctrl-C to stop): "
@@ -375,7 +379,6 @@ def handoff(obj: _Ctx, model: str | None, prompt: str, to: str, n_tokens: int | 
         if verify:
             raise click.UsageError("--verify compares with this model's own continuation; a bridged "
                                    "receiver runs another model")
-        from edgelink.api import latent as api_latent
 
         g = api_latent.bridged_handoff(bridge, prompt, to, model, n_tokens, cfg, token=token)
     else:
@@ -421,8 +424,6 @@ def doctor(obj: _Ctx, as_json: bool) -> None:
     """Check this machine and install: llama.cpp's build against the CPU, AMX, the native
     helpers, dependencies and extras, cache, identity and shared-memory paths. Exits 1 if
     anything would fail, and says what to change."""
-    from edgelink.api.doctor import FAIL
-    from edgelink.api.doctor import doctor as run_doctor
 
     report = run_doctor(obj.cfg())
     marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
@@ -596,7 +597,6 @@ def chat(obj: _Ctx, model: str | None, prompt: str | None, system: str | None, m
          temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...], as_json: bool) -> None:
     """Chat with MODEL through its own chat template, streamed, every turn through the prefix
     cache (the next turn reuses the previous turn's cells)."""
-    from edgelink.server.engine import Engine, Outcome, Params
 
     cfg = obj.cfg(http_parallel=1)
     engine = Engine(model or cfg.runtime.default_model, cfg, progress=None if as_json else _progress())
@@ -702,7 +702,6 @@ def prefix(obj: _Ctx, model: str | None, text: str, to: str, keep: bool, energy_
 @click.pass_obj
 def inspect(obj: _Ctx, file: str, as_json: bool) -> None:
     """Describe a message file: each frame's kind, layers, positions, apply mode, tensors."""
-    from edgelink.api.inspect import inspect_file
 
     frames = inspect_file(file, obj.cfg())
     lines = []
@@ -748,168 +747,6 @@ def memory(obj: _Ctx, model: str | None, text: str, question: str | None, to: st
 
 
 @cli.group()
-def bench() -> None:
-    """Benchmarks that compare edgelink with the baseline a user would pick instead."""
-
-
-@bench.command("handoff")
-@click.argument("model", required=False)
-@click.option("--tokens", default=None, help="Comma-separated context lengths [config: bench.tokens].")
-@click.option("--repeats", type=int, default=None, help="Repetitions per point [config: bench.repeats].")
-@json_option
-@click.pass_obj
-def bench_handoff(obj: _Ctx, model: str | None, tokens: str | None, repeats: int | None,
-                  as_json: bool) -> None:
-    """Re-prefill vs KV handoff over shared memory vs memcpy, side by side."""
-    from edgelink.bench import format_handoff_table, run_handoff_bench
-
-    cfg = obj.cfg(bench_tokens=tokens, bench_repeats=repeats)
-    report = run_handoff_bench(model or cfg.runtime.default_model, cfg,
-                               log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_handoff_table(report))
-
-
-@bench.command("hook")
-@click.argument("model", required=False)
-@click.option("-n", "--tokens", "n_tokens", type=int, default=64, show_default=True, help="Tokens decoded per run.")
-@click.option("--repeats", type=int, default=None, help="Rounds (best reported) [default: max(bench.repeats, 9)].")
-@click.option("--threads", type=int, default=None, help="CPU threads [config: runtime.n_threads].")
-@json_option
-@click.pass_obj
-def bench_hook(obj: _Ctx, model: str | None, n_tokens: int, repeats: int | None, threads: int | None,
-               as_json: bool) -> None:
-    """Decode speed: no eval hook vs hook installed idle vs hook capturing one layer."""
-    from edgelink.bench.hook import format_hook_table, run_hook_bench
-
-    cfg = obj.cfg(runtime_n_threads=threads)
-    report = run_hook_bench(model or cfg.runtime.default_model, cfg, n_tokens=n_tokens, repeats=repeats,
-                            log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_hook_table(report))
-
-
-@bench.command("buffers")
-@click.argument("model", required=False)
-@click.option("--prompt-tokens", type=int, default=512, show_default=True, help="Tokens prefilled per run.")
-@click.option("-n", "--tokens", "n_tokens", type=int, default=64, show_default=True, help="Tokens decoded per run.")
-@click.option("--repeats", type=int, default=None, help="Rounds, each variant in a new process [config: bench.repeats].")
-@json_option
-@click.pass_obj
-def bench_buffers(obj: _Ctx, model: str | None, prompt_tokens: int, n_tokens: int, repeats: int | None,
-                  as_json: bool) -> None:
-    """Prefill and decode speed with llama.cpp's extra weight buffers (AMX, repacking) on vs off."""
-    from edgelink.bench.buffers import format_buffers_table, run_buffers_bench
-
-    cfg = obj.cfg()
-    report = run_buffers_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, n_tokens, repeats,
-                               log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_buffers_table(report))
-
-
-@bench.command("remote-prefill")
-@click.argument("model", required=False)
-@click.option("--prompt-tokens", type=click.IntRange(64), default=2000, show_default=True,
-              help="Tokens of each prompt (a new one each round: nothing cached).")
-@click.option("--mbit", type=click.FloatRange(0.1), default=100, show_default=True, help="The link's rate.")
-@click.option("--laptop-cores", type=click.FloatRange(0.01), default=0.25, show_default=True,
-              help="CPU the laptop (the HTTP engine) may use, in cores (a cgroup quota).")
-@click.option("--repeats", type=int, default=None, help="Rounds [config: bench.repeats].")
-@json_option
-@click.pass_obj
-def bench_remote_prefill(obj: _Ctx, model: str | None, prompt_tokens: int, mbit: float, laptop_cores: float,
-                         repeats: int | None, as_json: bool) -> None:
-    """A slow laptop's HTTP engine with and without a desktop's remote prefill (namespaces, cgroup; root)."""
-    from edgelink.bench.remote_prefill import format_remote_prefill_table, run_remote_prefill_bench
-
-    cfg = obj.cfg()
-    report = run_remote_prefill_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, mbit, laptop_cores,
-                                      repeats, log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_remote_prefill_table(report))
-
-
-@bench.command("threads")
-@click.argument("model", required=False)
-@click.option("--settings", default="0,1,2", show_default=True,
-              help="Candidates, comma-separated: THREADS (0 = the default) or THREADS:WAIT "
-                   "(WAIT: spin, passive, active, spin=N).")
-@click.option("--prompt-tokens", type=click.IntRange(1), default=1024, show_default=True,
-              help="Tokens the handoff prefills.")
-@click.option("-n", "--tokens", "n_tokens", type=click.IntRange(1), default=32, show_default=True,
-              help="Tokens the receiver replies with.")
-@click.option("--load", "loads", type=click.Choice(["idle", "busy"]), multiple=True,
-              help="Measure on an idle machine, with a second pair busy, or both (default).")
-@click.option("--repeats", type=int, default=None, help="Rounds [config: bench.repeats].")
-@json_option
-@click.pass_obj
-def bench_threads(obj: _Ctx, model: str | None, settings: str, prompt_tokens: int, n_tokens: int,
-                  loads: tuple[str, ...], repeats: int | None, as_json: bool) -> None:
-    """Thread settings side by side: `edgelink demo` and a handoff, idle and beside a busy pair."""
-    from edgelink.bench.threads import format_threads_table, parse_settings, run_threads_bench
-
-    cfg = obj.cfg()
-    report = run_threads_bench(model or cfg.runtime.default_model, cfg, parse_settings(settings), prompt_tokens,
-                               n_tokens, repeats, loads=loads or ("idle", "busy"),
-                               log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_threads_table(report))
-
-
-@bench.command("nat")
-@click.argument("model", required=False)
-@click.option("--prompt-tokens", type=click.IntRange(1), default=1024, show_default=True,
-              help="Tokens the handoff prefills.")
-@click.option("--mbit", type=click.FloatRange(0.1), default=100, show_default=True,
-              help="Rate of every public link (the relay's and each router's).")
-@click.option("--repeats", type=int, default=None, help="Rounds [config: bench.repeats].")
-@json_option
-@click.pass_obj
-def bench_nat(obj: _Ctx, model: str | None, prompt_tokens: int, mbit: float, repeats: int | None,
-              as_json: bool) -> None:
-    """A handoff to a node behind NAT: direct, relayed, hole-punched (network namespaces; root)."""
-    from edgelink.bench.nat import format_nat_table, run_nat_bench
-
-    cfg = obj.cfg()
-    report = run_nat_bench(model or cfg.runtime.default_model, cfg, prompt_tokens, mbit, repeats,
-                           log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_nat_table(report))
-
-
-@bench.command("http")
-@click.argument("model", required=False)
-@click.option("--prompt-tokens", type=int, default=2000, show_default=True, help="Tokens of the shared system prompt.")
-@click.option("--requests", type=int, default=8, show_default=True, help="Questions on the shared prompt.")
-@click.option("--turns", type=int, default=6, show_default=True, help="Turns of the chat case.")
-@click.option("--max-tokens", type=int, default=16, show_default=True, help="Tokens generated per request.")
-@click.option("--threads", type=int, default=None, help="Threads of both servers (default: all cores).")
-@json_option
-@click.pass_obj
-def bench_http(obj: _Ctx, model: str | None, prompt_tokens: int, requests: int, turns: int, max_tokens: int,
-               threads: int | None, as_json: bool) -> None:
-    """The OpenAI server against `python -m llama_cpp.server`: shared prompt, chat, restart, concurrency."""
-    from edgelink.bench.http import run
-
-    cfg = obj.cfg()
-    report = run(model or cfg.runtime.default_model, cfg, prompt_tokens=prompt_tokens, requests=requests,
-                 turns=turns, max_tokens=max_tokens, threads=threads,
-                 say=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
-    if as_json:
-        _emit(True, report, "")
-
-
-@bench.command("transport")
-@click.option("--sizes", default="1,16,64,256", show_default=True, help="Payload sizes in MB.")
-@click.option("--repeats", type=int, default=None, help="Repetitions per point [config: bench.repeats].")
-@json_option
-@click.pass_obj
-def bench_transport(obj: _Ctx, sizes: str, repeats: int | None, as_json: bool) -> None:
-    """Raw TCP vs libp2p (Noise, yamux) vs libp2p + end-to-end NaCl, on loopback."""
-    from edgelink.bench.transport import format_transport_table, run_transport_bench
-
-    cfg = obj.cfg()
-    report = run_transport_bench(cfg, tuple(int(x) for x in sizes.split(",") if x.strip()), repeats,
-                                 log=None if as_json else lambda s: click.echo(s, err=True))
-    _emit(as_json, report, format_transport_table(report))
-
-
-@cli.group()
 def latent() -> None:
     """Hidden slices and residual patches (docs/latent.md)."""
 
@@ -934,7 +771,6 @@ def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: s
     """Capture a HIDDEN_SLICE of PROMPT; print norms, or send it (--to) or write it (-o)."""
     import numpy as np
 
-    from edgelink.api import latent as api_latent
 
     cfg = obj.cfg()
     model = model or cfg.runtime.default_model
@@ -965,7 +801,6 @@ def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: s
 def latent_steer(obj: _Ctx, model: str | None, prompt: str, to: str, layer: int, positive: tuple[str, ...],
                  negative: tuple[str, ...], gain: float, n_tokens: int | None, as_json: bool) -> None:
     """Send a RESIDUAL_PATCH (positive minus negative mean activations) and show the continuation."""
-    from edgelink.api import latent as api_latent
 
     cfg = obj.cfg()
     g = api_latent.steer(model or cfg.runtime.default_model, prompt, to, layer, list(positive), list(negative),
@@ -980,7 +815,6 @@ def latent_steer(obj: _Ctx, model: str | None, prompt: str, to: str, layer: int,
 @click.pass_obj
 def latent_apply(obj: _Ctx, model_file: tuple[str, ...], n_tokens: int | None, as_json: bool) -> None:
     """Verify and apply a file of KV_CACHE / HIDDEN_SLICE / RESIDUAL_PATCH frames, then continue."""
-    from edgelink.api import latent as api_latent
 
     cfg = obj.cfg()
     model, file = split_model_file(model_file, cfg.runtime.default_model)
@@ -988,8 +822,10 @@ def latent_apply(obj: _Ctx, model_file: tuple[str, ...], n_tokens: int | None, a
     _emit(as_json, out, f"applied {', '.join(out.applied) or 'nothing'}\n{out.text}")
 
 
+from edgelink.cli.bench import bench  # noqa: E402  (registers `edgelink bench ...`)
 from edgelink.cli.bridge import bridge  # noqa: E402  (registers `edgelink bridge ...`)
 
+cli.add_command(bench)
 cli.add_command(bridge)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from edgelink.bridge import load_bridge
 from edgelink.cli.common import _Ctx, _emit, json_option
+from edgelink.train.evaluate import evaluate
+from edgelink.train.ridge import train_ridge
 
 
 def pair_options(f):
@@ -26,7 +29,6 @@ def bridge() -> None:
 @click.pass_obj
 def bridge_info(obj: _Ctx, file: str, as_json: bool) -> None:
     """Verify a bridge (manifest + npz sha256) and describe it."""
-    from edgelink.bridge import load_bridge
 
     br = load_bridge(file)
     out = br.describe()
@@ -64,7 +66,6 @@ def bridge_eval(obj: _Ctx, bridges: tuple[str, ...], task: str, n: int, out: str
                 label_head: bool, source: str, target: str, as_json: bool) -> None:
     """Score bridges on the test split against text relay, calibrated text baselines, the
     sender alone, controls and a linear probe."""
-    from edgelink.train.evaluate import evaluate
 
     report = evaluate(list(bridges), obj.cfg(), task=task, n=n, out=out,
                       relay_tokens=relay_tokens, n_dev=n_dev, threads=threads or None,
@@ -118,7 +119,6 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
     results = []
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
         if kind == "ridge":
-            from edgelink.train.ridge import train_ridge
 
             r = train_ridge(out, cfg, task=task, n=n_train, n_dev=n_dev, k=k, layer=layer,
                             source=source, target=target)
@@ -146,8 +146,7 @@ def bridge_export(obj: _Ctx, checkpoint: str, stem: str | None, as_json: bool) -
     """Turn a training checkpoint (.pt) into the numpy bridge (.json + .npz) and verify it."""
     from pathlib import Path
 
-    from edgelink.bridge import load_bridge
-    from edgelink.train.train import export_checkpoint
+    from edgelink.train.train import export_checkpoint  # torch (the train extra)
 
     manifest, npz = export_checkpoint(checkpoint, stem or Path(checkpoint).with_suffix(""))
     br = load_bridge(manifest)

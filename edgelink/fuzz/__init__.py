@@ -22,11 +22,27 @@ from typing import Any
 
 import numpy as np
 
+from edgelink.config import load_config
 from edgelink.errors import EdgelinkError
-from edgelink.protocol.kinds import ApplyMode, DType, Kind
-from edgelink.protocol.messages import SESSION_ID_BYTES, Tensor
+from edgelink.fuzz.mutate import mutations
+from edgelink.kinds.snapshot import snapshot_tensors
+from edgelink.kinds.specs import SPECS, Example
+from edgelink.models.resolve import resolve_model
+from edgelink.protocol import codec
+from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
+from edgelink.protocol.messages import SESSION_ID_BYTES, Ack, Reject, Result, Tensor
 from edgelink.protocol.session import Role, Session
 from edgelink.protocol.signature import ModelSignature
+from edgelink.runtime.kvstate import (
+    CacheState,
+    LayerRows,
+    SeqState,
+    StreamState,
+    state_to_tensors,
+)
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
+from edgelink.wire import CODECS, encode_tensors
 
 
 @dataclasses.dataclass
@@ -61,13 +77,6 @@ def synthetic_signature() -> ModelSignature:
 
 
 def _kv_tensors(cells: int = 3, n_layer: int = 2, width: int = 4) -> tuple[list[Tensor], dict]:
-    from edgelink.runtime.kvstate import (
-        CacheState,
-        LayerRows,
-        SeqState,
-        StreamState,
-        state_to_tensors,
-    )
 
     rows = tuple(LayerRows(1, (cells, width), memoryview(np.full((cells, width), i, np.float16)).cast("B"))
                  for i in range(n_layer))
@@ -88,8 +97,6 @@ def _f32(name: str, a: np.ndarray) -> Tensor:
 def _wire_messages(nv: int) -> list[tuple]:
     """KV snapshots encoded with each wire codec (edgelink/wire), so mutations reach the
     decoders and the decoded-checksum check."""
-    from edgelink.protocol.kinds import Checksum
-    from edgelink.wire import CODECS, encode_tensors
 
     kv, layout = _kv_tensors(cells=5, n_layer=1, width=64)
     kv = [Tensor(t.name, t.dtype, t.shape, memoryview(np.frombuffer(t.data, np.float16) * np.float16(0.37 + i))
@@ -108,7 +115,6 @@ def seed_frames(signature: ModelSignature | None = None, limits=None,
     """One valid exchange, client side: HELLO, then every frame type and tensor kind, with the
     session id and consecutive message ids a server would accept. ``extra_tensor_messages``
     are ``(kind, apply, tensors, attrs, layer_range, token_range)`` tuples (a real export)."""
-    from edgelink.config import load_config
 
     sig = signature or synthetic_signature()
     limits = limits or load_config().protocol
@@ -121,8 +127,6 @@ def seed_frames(signature: ModelSignature | None = None, limits=None,
     d = sig.n_embd if 0 < sig.n_embd <= 8192 else 8
     nv = sig.vocab_size if 0 < sig.vocab_size <= 1 << 18 else 16
     # one valid message of every kind (edgelink/kinds/specs.py), so a new kind is fuzzed too
-    from edgelink.kinds.specs import SPECS, Example
-
     example = Example(d, nv, kv, layout)
     messages = [
         *((spec.kind, *spec.example(example)) for spec in SPECS),
@@ -140,8 +144,6 @@ def seed_frames(signature: ModelSignature | None = None, limits=None,
                        ("cache_has", {"keys": ["ab" * 32, "cd" * 32]}), ("cache_get", {"key": "ef" * 32}), ("digest", {}), ("reset", {}),
                        ("label_scores", {"labels": {"pos": " good", "neg": " bad"}}), ("latent_caps", {})):
         frames.append(client.request(op, params))
-    from edgelink.protocol import codec
-    from edgelink.protocol.messages import Ack, Reject, Result
 
     sid = client.session_id
     frames.append(codec.encode_control(Ack(sid, 99, 3, b"\x01" * 32)))
@@ -155,7 +157,6 @@ def seed_frames(signature: ModelSignature | None = None, limits=None,
 def run(target: Callable[[bytes], Any], name: str, seeds: list[bytes], cases: int, seed: int = 0,
         report: FuzzReport | None = None, budget_s: float | None = None) -> FuzzReport:
     """Feed ``cases`` mutations of ``seeds`` to ``target``; record every breach."""
-    from edgelink.fuzz.mutate import mutations
 
     report = report or FuzzReport()
     rng = random.Random(seed)
@@ -179,10 +180,6 @@ def run(target: Callable[[bytes], Any], name: str, seeds: list[bytes], cases: in
 
 def real_export(model: str, cfg, prompt: str = "The capital of France is") -> tuple[ModelSignature, list[tuple]]:
     """(signature, [a KV_CACHE message tuple]) from a real prefill of ``model``, for seeds."""
-    from edgelink.kinds.snapshot import snapshot_tensors
-    from edgelink.models.resolve import resolve_model
-    from edgelink.runtime.llama import LlamaRuntime
-    from edgelink.runtime.signature import model_signature
 
     with LlamaRuntime(resolve_model(model, cfg), cfg) as rt:
         rt.prefill(rt.tokenize(prompt))

@@ -9,6 +9,7 @@ import sys
 from edgelink.config import load_config
 from edgelink.fuzz import FuzzReport, real_export, run, seed_frames, synthetic_signature
 from edgelink.fuzz import targets as T
+from edgelink.fuzz.live import fuzz_live
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     reports["message_file"] = run(lambda f: T.message_file(len(f).to_bytes(8, "little") + f),
                                   "message_file", seeds, args.cases // 20, args.seed)
     if args.live:
-        from edgelink.fuzz.live import fuzz_live
 
         sig, extra = real_export(args.model or cfg.runtime.default_model, cfg)
         reports["live"] = fuzz_live(args.live, cfg, sig, cases=args.cases, seed=args.seed,

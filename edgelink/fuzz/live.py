@@ -13,6 +13,7 @@ from edgelink.config import Config
 from edgelink.errors import EdgelinkError, TransportError
 from edgelink.fuzz import Failure, FuzzReport, seed_frames
 from edgelink.fuzz.mutate import PREAMBLE, forge, frame_parts, mutations
+from edgelink.net.endpoint import connect
 from edgelink.protocol import codec
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.messages import Ack, Close, Hello, Reject
@@ -43,7 +44,6 @@ def fuzz_live(endpoint: str, cfg: Config, signature: ModelSignature, cases: int,
               reply_timeout_s: float = 60.0) -> FuzzReport:
     """Send ``cases`` mutated frames to the receiver at ``endpoint`` (sessions of up to
     ``per_session`` frames each) and return what came back."""
-    from edgelink.net.endpoint import connect
 
     seeds = seed_frames(signature, cfg.protocol, extra_tensor_messages)
     auth = {"token": token} if token else None

@@ -10,14 +10,22 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from edgelink.config import ProtocolConfig
+from edgelink import wire
+from edgelink.bridge import load_bridge
+from edgelink.config import ProtocolConfig, load_config
+from edgelink.errors import EdgelinkError, PeerGone
 from edgelink.protocol import codec
 from edgelink.protocol.kinds import Kind
 from edgelink.protocol.limits import limit_of
 from edgelink.protocol.messages import Hello, Request, Result, TensorMessage
 from edgelink.protocol.ops import check_params, check_result
+from edgelink.protocol.reader import FrameReader
 from edgelink.protocol.session import Role, Session
 from edgelink.protocol.signature import ModelSignature
+from edgelink.runtime.kvstate import parse_seq_state, tensors_to_state
+from edgelink.transport.file import FileChannelReader
+from edgelink.transport.framing import Scatter
+from edgelink.transport.identity import load_identity
 
 
 def decode(limits: ProtocolConfig) -> Callable[[bytes], Any]:
@@ -35,8 +43,6 @@ def frame_reader(limits: ProtocolConfig, seed: int = 0) -> Callable[[bytes], Any
     both refuse with the same error type, or both give the same message, checksums included."""
     import random
 
-    from edgelink.protocol.reader import FrameReader
-    from edgelink.transport.framing import Scatter
 
     rng = random.Random(seed)
 
@@ -84,7 +90,6 @@ def _comparable(msg: Any) -> Any:
 
 def follow_up(msg: Any) -> None:
     """What a receiver does next with a decoded message, short of touching a model."""
-    from edgelink.runtime.kvstate import tensors_to_state
 
     if isinstance(msg, Request):
         check_params(msg.op, msg.params)
@@ -97,7 +102,6 @@ def follow_up(msg: Any) -> None:
     elif isinstance(msg, TensorMessage):
         codec.verify_checksums(msg)
         if "wire" in msg.attrs:
-            from edgelink import wire
 
             msg = wire.decode_message(msg, list(wire.CODECS), 1 << 28)
         if msg.kind in (Kind.KV_CACHE, Kind.KV_CACHE_DELTA, Kind.KV_MEMORY) and "kv" in msg.attrs:
@@ -105,7 +109,6 @@ def follow_up(msg: Any) -> None:
 
 
 def _typed(exc: Exception) -> None:
-    from edgelink.errors import EdgelinkError
 
     if not isinstance(exc, EdgelinkError):
         raise exc
@@ -114,7 +117,6 @@ def _typed(exc: Exception) -> None:
 def session(signature: ModelSignature, limits: ProtocolConfig, kinds=tuple(Kind)) -> Callable[[list[bytes]], Any]:
     """A server session fed a whole exchange: a HELLO, then frames; each refusal is typed and
     the session goes on when the refusal allows it."""
-    from edgelink.errors import EdgelinkError
 
     def target(frames: list[bytes]) -> None:
         s = Session(Role.SERVER, signature, limits, kinds=kinds)
@@ -133,15 +135,12 @@ def session(signature: ModelSignature, limits: ProtocolConfig, kinds=tuple(Kind)
 
 
 def seq_state_blob(data: bytes) -> None:
-    from edgelink.runtime.kvstate import parse_seq_state
 
     parse_seq_state(memoryview(data))
 
 
 def message_file(data: bytes) -> None:
     """A message file (edgelink export): every frame read, decoded and followed up."""
-    from edgelink.errors import PeerGone
-    from edgelink.transport.file import FileChannelReader
 
     limits = _default_limits()
     fd, path = tempfile.mkstemp(suffix=".elk")
@@ -160,7 +159,6 @@ def message_file(data: bytes) -> None:
 
 
 def identity_file(data: bytes) -> None:
-    from edgelink.transport.identity import load_identity
 
     fd, path = tempfile.mkstemp(suffix=".key")
     try:
@@ -178,7 +176,6 @@ def bridge_files(manifest: bytes, npz: bytes, *, fix_sha: bool = True) -> Any:
     import hashlib
     import json
 
-    from edgelink.bridge import load_bridge
 
     with tempfile.TemporaryDirectory() as d:
         if fix_sha:
@@ -198,7 +195,6 @@ def bridge_files(manifest: bytes, npz: bytes, *, fix_sha: bool = True) -> Any:
 
 
 def _default_limits() -> ProtocolConfig:
-    from edgelink.config import load_config
 
     return load_config().protocol
 

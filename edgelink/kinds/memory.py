@@ -6,7 +6,7 @@ KV_MEMORY and apply mode MEMORY. The receiver, holding ``n`` positions of its ow
 memory cells to positions n.. (llama.cpp re-rotates their keys for the new positions), keeps its
 own cells in front, and records the memory positions as token id -1. The memory was computed
 without seeing the receiver's context, so this is not the same as reading the concatenated
-text; `tools/kv_memory_eval.py` measures how it differs. There are no logits after a memory
+text; `edgelink bench memory` measures how it differs. There are no logits after a memory
 (nothing was decoded after it): the receiver prefills its next tokens before generating.
 """
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from edgelink.config import Config
 from edgelink.errors import NormGateError, StateError
+from edgelink.kinds.calibrate import residual_norms
 from edgelink.kinds.common import (
     check_layers,
     check_names,
@@ -45,6 +46,7 @@ from edgelink.kinds.common import (
 from edgelink.kinds.snapshot import check_target
 from edgelink.protocol.kinds import ApplyMode, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
+from edgelink.protocol.messages import TensorMessage as TM
 from edgelink.runtime.evalhook import Patch, patching, require_hook
 
 MODE_NAMES = {ApplyMode.ADDITIVE: "add", ApplyMode.OVERWRITE: "overwrite"}
@@ -94,7 +96,6 @@ class PatchApplier:
     @property
     def norms(self) -> np.ndarray:
         if self._norms is None:
-            from edgelink.kinds.calibrate import residual_norms
 
             self._norms = residual_norms(self.rt, self.cfg)
         return self._norms
@@ -183,7 +184,6 @@ class PatchApplier:
 
 def apply_patch(rt, cfg: Config, patch: ResidualPatch, norms: np.ndarray | None = None) -> None:
     """Local use (no wire): check ``patch`` exactly as a receiver would, then apply it."""
-    from edgelink.protocol.messages import TensorMessage as TM
 
     tensors, attrs, lr, tr = patch.message_parts()
     msg = TM(b"\0" * 16, 0, Kind.RESIDUAL_PATCH, patch.mode, patch.seq_slot, lr, tr, tuple(tensors), attrs)

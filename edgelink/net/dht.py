@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgelink.config import Config, config_list
 from edgelink.errors import ConfigError, PeerGone, TransportError
+from edgelink.transport.p2p import client_host
 
 if TYPE_CHECKING:
     from edgelink.transport.p2p import P2PHost
@@ -410,7 +411,6 @@ def client_dht(cfg: Config) -> CacheDht:
     """This process's DHT client on its dialling host, joined through ``cache.bootstrap``: one
     per host and ``[cache]`` settings, so a caller with another trust list, timeout or
     bootstrap list never gets a client made with the first caller's."""
-    from edgelink.transport.p2p import client_host
 
     wanted = config_list(cfg.cache.bootstrap)
     if not wanted:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from edgelink.config import Config
 from edgelink.errors import PeerGone
+from edgelink.transport.identity import load_identity
+from edgelink.transport.p2p import P2PHost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +33,6 @@ def discover(cfg: Config, timeout_s: float | None = None, *, peer_id: str | None
 
     The listening host uses a throwaway identity, so looking around does not announce this
     machine's own peer id."""
-    from edgelink.transport.identity import load_identity
-    from edgelink.transport.p2p import P2PHost
 
     limit = cfg.p2p.discover_timeout_s if timeout_s is None else timeout_s
     with tempfile.TemporaryDirectory(prefix="edgelink-discover-") as tmp:

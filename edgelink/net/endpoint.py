@@ -7,7 +7,10 @@ import dataclasses
 
 from edgelink.config import Config, load_config
 from edgelink.errors import ConfigError
+from edgelink.net.discovery import resolve_peer
 from edgelink.transport.base import Channel
+from edgelink.transport.p2p import client_host
+from edgelink.transport.shm import connect as shm_connect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +49,10 @@ def connect(endpoint: str, cfg: Config | None = None) -> Channel:
     ``shm:NAME``, or a multiaddr ``/ip4/H/tcp/P/p2p/ID`` (end-to-end encrypted; this process
     keeps its libp2p connection to that peer for the next call), or ``/p2p/ID`` alone, whose
     address is looked up with mDNS."""
-    from edgelink.transport.shm import connect as shm_connect
 
     cfg = cfg if cfg is not None else load_config()
     ep = parse_endpoint(endpoint)
     if ep.scheme in ("p2p", "mdns"):
-        from edgelink.net.discovery import resolve_peer
-        from edgelink.transport.p2p import client_host
 
         addr = resolve_peer(cfg, ep.address) if ep.scheme == "mdns" else ep.address
         return client_host(cfg).open_channel(addr)

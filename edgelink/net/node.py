@@ -50,9 +50,12 @@ from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
 from edgelink.roles.receiver import Receiver, frame_limit, hello_frame_limit
+from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.signature import model_signature
 from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
 from edgelink.transport.framing import Scatter
 from edgelink.transport.identity import Identity, load_identity
+from edgelink.transport.p2p import P2PHost
 
 log = logging.getLogger("edgelink.net.node")
 # Peers whose rate limiters a node remembers (least recently seen forgotten first).
@@ -193,8 +196,6 @@ class Node:
                  bridge: Any = None):
         """``bridge``: an ``edgelink.bridge.Bridge`` for this model as its target; every slot
         then also accepts sessions bridged from the bridge's source model."""
-        from edgelink.runtime.llama import LlamaRuntime
-        from edgelink.runtime.signature import model_signature
 
         self.cfg = cfg
         use_dht = dht_enabled(cfg)
@@ -237,7 +238,6 @@ class Node:
         self._count = 0
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        from edgelink.transport.p2p import P2PHost
 
         self.host = P2PHost(cfg, self.identity, listen=[listen or cfg.p2p.listen],
                             on_channel=self._session, admit=self._admit)
@@ -422,7 +422,6 @@ class Node:
                 return None
             self._creating += 1
         try:
-            from edgelink.runtime.llama import LlamaRuntime
 
             rt = LlamaRuntime(self._model_path, self.cfg)
             try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from edgelink import wire
 from edgelink.bridge import Bridge
+from edgelink.cache.prefix import PrefixCache
 from edgelink.config import Config
 from edgelink.errors import (
     ConfigError,
@@ -357,7 +358,6 @@ class Receiver:
         if not self.cfg.cache.share:
             raise SessionError("this receiver does not share its prefix cache (cache.share = off)")
         if self._cache is None:
-            from edgelink.cache.prefix import PrefixCache
 
             self._cache = PrefixCache(self.cfg)
         return self._cache

@@ -22,6 +22,7 @@ import numpy as np
 from edgelink.config import Config
 from edgelink.errors import ModelError, StateError
 from edgelink.runtime.embeddings import TokenEmbeddings
+from edgelink.runtime.evalhook import EvalHook
 from edgelink.runtime.kvstate import CACHE_TYPE_NAMES, canonical_digest, parse_seq_state
 from edgelink.runtime.system import ExtraBuffers, extra_buffers
 from edgelink.runtime.threads import ThreadPlan, thread_plan
@@ -82,7 +83,6 @@ class LlamaRuntime:
         # decodes one micro-batch per call (the eval hook maps l_out rows to positions by it).
         self.batch_observer = None
         if eval_hook if eval_hook is not None else rc.eval_hook:
-            from edgelink.runtime.evalhook import EvalHook
 
             self.eval_hook = EvalHook(self.n_layer, self.n_embd)
             cp.cb_eval = self.eval_hook.cb_eval

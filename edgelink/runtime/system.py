@@ -23,6 +23,8 @@ from typing import Any
 
 import llama_cpp
 
+from edgelink.errors import ConfigError
+
 EXTRA_BUFFER_MODES = ("auto", "on", "off")
 _AMX_ISSUE = ("llama.cpp's AMX kernels fault (SIGILL, or SIGSEGV in ggml_backend_amx_mul_mat) on current "
               "Xeons (llama.cpp PR #26954)")
@@ -106,7 +108,6 @@ def choose_extra_buffers(setting: str, features: dict[str, str], flags: frozense
     a build without them loses nothing by keeping the default (the repacked x86 and arm kernels
     are safe and faster)."""
     if setting not in EXTRA_BUFFER_MODES:
-        from edgelink.errors import ConfigError
 
         raise ConfigError(
             f"runtime.extra_buffers must be one of {', '.join(EXTRA_BUFFER_MODES)}, not {setting!r}"

@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from edgelink.errors import ConfigError
+
 # runtime.omp_wait values: what each puts in the environment before llama.cpp loads.
 _WAITS = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
           "active": {"OMP_WAIT_POLICY": "ACTIVE"}}
@@ -54,7 +56,6 @@ def wait_policy() -> str:
 def omp_env(wait: str) -> dict[str, str]:
     """The environment for a wait policy: ``spin`` (libgomp's default), ``passive``, ``active``,
     or ``spin=N`` (spin N iterations, then sleep)."""
-    from edgelink.errors import ConfigError
 
     if wait in _WAITS:
         return dict(_WAITS[wait])

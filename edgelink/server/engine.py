@@ -20,8 +20,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from edgelink.api.model import Snapshot, load
+from edgelink.cache.prefix import PrefixCache
 from edgelink.config import Config
 from edgelink.errors import ConfigError, EdgelinkError, StateError
+from edgelink.roles.receiver import calibrate_prefill
+from edgelink.runtime.chat import ChatTemplate
+from edgelink.runtime.llama import BATCHED_MIN
+from edgelink.runtime.sampling import Sampler
+from edgelink.runtime.sizing import snapshot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +84,6 @@ class Engine:
     """``http.parallel`` contexts of one model, sharing its weights (mmap) and one prefix cache."""
 
     def __init__(self, model: str | Path, cfg: Config, *, progress=None):
-        from edgelink.api.model import load
-        from edgelink.cache.prefix import PrefixCache
-        from edgelink.runtime.chat import ChatTemplate
 
         self.parallel = derived_parallel(cfg)
         # contexts share the cores: each gets its part unless runtime.n_threads says otherwise;
@@ -108,7 +112,6 @@ class Engine:
         except ConfigError:
             self.template = None  # /v1/chat/completions then says why
         if cfg.http.prefill_peer and first.runtime.prefill_tps <= 0:
-            from edgelink.roles.receiver import calibrate_prefill
 
             calibrate_prefill(first.runtime)  # remote prefill is chosen against this speed
             for m in self._models[1:]:
@@ -232,7 +235,6 @@ class Engine:
         as the session measures it (round trip and rate). The cells arrive as a verified
         KV_CACHE_DELTA from position 0, so the continuation is the one a prefill here gives.
         Any failure of the peer falls back to the local prefill (and a new session next time)."""
-        from edgelink.runtime.llama import BATCHED_MIN
 
         where = self.cfg.http.prefill_peer
         if not where:
@@ -242,7 +244,6 @@ class Engine:
         uncached = len(tokens) - max(keep, self.cache.held(keys) * chunk)
         if uncached < max(self.cfg.http.prefill_min_tokens, 2 * BATCHED_MIN):
             return False
-        from edgelink.runtime.sizing import snapshot_bytes
 
         try:
             peer = self._peer(m)
@@ -295,7 +296,6 @@ class Engine:
     def _restored(self, m, state: bytes) -> Outcome:
         """``m`` holding a state another process handed over (an edgelink message file's bytes),
         every message verified against this model before anything changes."""
-        from edgelink.api.model import Snapshot
 
         t0 = time.perf_counter()
         self._drop(m)  # its cells are not a prefill of ours: nothing of them is reused later
@@ -338,7 +338,6 @@ class Engine:
         """Continue ``tokens`` (or, with ``state``, a handed-over state): yields text deltas,
         then the ``Outcome``. Holds a context from the first ``next()`` until the generator
         ends (or is closed)."""
-        from edgelink.runtime.sampling import Sampler
 
         if state is None:
             self._check_prompt(tokens or [])

@@ -136,7 +136,7 @@ def _read_topic(archive: Path) -> list[Example]:
 
 def bbc_articles(cfg) -> list[str]:
     """Every BBC News article of the topic archive, whole and whitespace-normalized, in archive
-    order (the topic task reads only headline and lead; tools/codec_quality.py the rest)."""
+    order (the topic task reads only headline and lead; `edgelink bench codecs` the rest)."""
     out = []
     with zipfile.ZipFile(_fetch(cfg, *_BBC, sdist=False)) as zf:
         for name in sorted(zf.namelist()):

@@ -52,7 +52,7 @@ class Codec:
     widths: int = 1  # channel counts must be multiples of this
     # For planning a handoff (wire/plan.py): encoded size over f16 size, and encode and decode
     # speed in f16 bytes/s. Lossy sizes are exact; zstd's ratio and all speeds are what
-    # tools/codec_quality.py measured on a 2-core laptop-class VM (docs/benchmarks.md).
+    # `edgelink bench codecs` measured on a 2-core laptop-class VM (docs/benchmarks.md).
     expected_ratio: float = 1.0
     encode_bytes_per_s: float = 1e9
     decode_bytes_per_s: float = 1e9

@@ -30,7 +30,7 @@ from edgelink.wire.codecs import CODECS
 
 SPLIT_ALIGN = 32  # a split's prefill length is a multiple of this ...
 SPLIT_MIN = 64  # ... and at least this
-# Measured on a 2-core VM with SmolLM2 and Gemma-3 (tools/bench_link.py, receiver logs):
+# Measured on a 2-core VM with SmolLM2 and Gemma-3 (`edgelink bench link`, receiver logs):
 APPLY_BYTES_PER_S = 1e9  # a whole state imported in place: 1-3 GB/s
 MERGE_BYTES_PER_S = 200e6  # a split's merge: own cells exported, joined with the delta, checked, imported
 # A receiver's prefill slows while bytes arrive (the encrypted p2p receive path takes CPU; here

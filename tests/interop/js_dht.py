@@ -1,11 +1,11 @@
-"""A js-libp2p Kademlia DHT node (tools/interop/js_dht/node.mjs) beside edgelink's py-libp2p
+"""A js-libp2p Kademlia DHT node (tests/interop/js_dht/node.mjs) beside edgelink's py-libp2p
 DHT, to check that a foreign implementation can be a member of the cache DHT.
 
 The npm packages are installed once per machine, from the committed lock, into the edgelink
 cache dir (``<cache_dir>/interop/js_dht``); a later call skips ``npm ci`` while node_modules
 is there for the same package.json + lock. ``JsDhtNode`` runs node.mjs as a context manager.
 
-Run ``python -m tools.interop.js_dht`` to start one by hand (it prints its address; Ctrl-C
+Run ``python -m tests.interop.js_dht`` to start one by hand (it prints its address; Ctrl-C
 stops it); ``DEBUG='libp2p:kad-dht*'`` makes js-libp2p log each DHT message to stderr.
 """
 

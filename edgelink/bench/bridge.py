@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Time what a bridged handoff costs at run time, side by side with what it replaces.
+"""`edgelink bench bridge`: what a bridged handoff costs at run time, side by side with what it replaces.
 
 * ``apply``: ``Bridge.apply`` (numpy) per message for each kind at K = 1, 8, 32 (perceiver and
   lip with random weights of the default architecture; the cost does not depend on the values),
@@ -11,21 +10,21 @@
   prompt's tail (" \nSentiment:") or ``direct`` (answer at the last vector), computing the whole
   vocabulary's logits (llama.cpp's head) or only the two labels' (``LabelHead``).
 
-    python tools/bench_bridge.py [--repeats 50] [--layers 0,2,4,8,15]
+    edgelink bench bridge [--repeats 50] [--layers 0,2,4,8,15]
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgelink.bench.timing import median_seconds
 from edgelink.bridge import export_bridge, load_bridge
 from edgelink.bridge.forward import expected_shapes
-from edgelink.config import load_config
+from edgelink.config import Config
 from edgelink.kinds.bridged import feed_vectors
 from edgelink.models.resolve import resolve_model
 from edgelink.runtime.evalhook import capture
@@ -65,10 +64,9 @@ def bench_apply(repeats: int) -> list[tuple[str, int, float]]:
     return out
 
 
-def _capture_ms(repeats: int, stops: list[int | None], layer: int = 15) -> tuple[int, list[float]]:
+def _capture_ms(cfg: Config, repeats: int, stops: list[int | None], layer: int = 15) -> tuple[int, list[float]]:
     """(tokens, median ms per entry of ``stops``): None runs the whole model capturing
     ``layer``, an int stops the graph right after that layer."""
-    cfg = load_config()
     with LlamaRuntime(resolve_model("smollm2-135m", cfg), cfg, eval_hook=True) as rt:
         toks = rt.tokenize(REVIEW)
 
@@ -79,18 +77,17 @@ def _capture_ms(repeats: int, stops: list[int | None], layer: int = 15) -> tuple
         return len(toks), [_median_ms(lambda s=s: run(s), repeats) for s in stops]
 
 
-def bench_capture(repeats: int, layer: int = 15) -> tuple[int, float, float]:
-    n, (full, stop) = _capture_ms(repeats, [None, layer], layer)
+def bench_capture(cfg: Config, repeats: int, layer: int = 15) -> tuple[int, float, float]:
+    n, (full, stop) = _capture_ms(cfg, repeats, [None, layer], layer)
     return n, full, stop
 
 
-def bench_capture_layers(repeats: int, layers: list[int]) -> list[tuple[int, float]]:
-    return list(zip(layers, _capture_ms(repeats, list(layers))[1], strict=True))
+def bench_capture_layers(cfg: Config, repeats: int, layers: list[int]) -> list[tuple[int, float]]:
+    return list(zip(layers, _capture_ms(cfg, repeats, list(layers))[1], strict=True))
 
 
-def bench_read(repeats: int, ks: tuple[int, ...] = (1, 2, 8)) -> list[tuple[int, str, float, float]]:
+def bench_read(cfg: Config, repeats: int, ks: tuple[int, ...] = (1, 2, 8)) -> list[tuple[int, str, float, float]]:
     """(K, tail|direct, full head ms, label head ms) for Gemma-3 reading random vectors."""
-    cfg = load_config()
     prompt = task_prompt("sentiment")
     out = []
     with LlamaRuntime(resolve_model("gemma3-270m", cfg), cfg, eval_hook=True) as rt:
@@ -115,24 +112,28 @@ def bench_read(repeats: int, ks: tuple[int, ...] = (1, 2, 8)) -> list[tuple[int,
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--layers", default="0,2,4,8,15", help="stopped captures to time")
-    args = ap.parse_args()
-    print("| kind | K | apply ms (median) |\n|---|---|---|")
-    for kind, k, ms in bench_apply(args.repeats):
-        print(f"| {kind} | {k} | {ms:.2f} |")
-    n, full, stop = bench_capture(min(args.repeats, 20))
-    print(f"\n| sender capture, {n} tokens | ms (median) |\n|---|---|")
-    print(f"| whole model (30 layers) | {full:.1f} |\n| stop after layer 15 | {stop:.1f} |")
-    print(f"| ratio | {full / stop:.2f}x |")
-    for layer, ms in bench_capture_layers(min(args.repeats, 20), [int(x) for x in args.layers.split(",")]):
-        print(f"| stop after layer {layer} | {ms:.1f} |")
-    print("\n| Gemma-3 read, K vectors | prompt | full head ms | label head ms |\n|---|---|---|---|")
-    for k, how, full_ms, label_ms in bench_read(min(args.repeats, 30)):
-        print(f"| {k} | {how} | {full_ms:.1f} | {label_ms:.1f} |")
+def run_bridge_bench(cfg: Config, repeats: int, layers: list[int]) -> dict[str, Any]:
+    """apply, capture and read, in one run (capture at most 20 rounds, read at most 30)."""
+    n, full, stop = bench_capture(cfg, min(repeats, 20))
+    return {"apply": [{"kind": kind, "k": k, "ms": ms} for kind, k, ms in bench_apply(repeats)],
+            "capture": {"tokens": n, "whole_model_ms": full, "stop_after_15_ms": stop,
+                        "layers": [{"layer": layer, "ms": ms}
+                                   for layer, ms in bench_capture_layers(cfg, min(repeats, 20), layers)]},
+            "read": [{"k": k, "prompt": how, "full_head_ms": f, "label_head_ms": lh}
+                     for k, how, f, lh in bench_read(cfg, min(repeats, 30))]}
 
 
-if __name__ == "__main__":
-    main()
+def format_bridge_tables(report: dict[str, Any]) -> str:
+    """The three markdown tables of docs/bridges.md."""
+    cap = report["capture"]
+    lines = ["| kind | K | apply ms (median) |", "|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['k']} | {r['ms']:.2f} |" for r in report["apply"]]
+    lines += ["", f"| sender capture, {cap['tokens']} tokens | ms (median) |", "|---|---|",
+              f"| whole model (30 layers) | {cap['whole_model_ms']:.1f} |",
+              f"| stop after layer 15 | {cap['stop_after_15_ms']:.1f} |",
+              f"| ratio | {cap['whole_model_ms'] / cap['stop_after_15_ms']:.2f}x |"]
+    lines += [f"| stop after layer {r['layer']} | {r['ms']:.1f} |" for r in cap["layers"]]
+    lines += ["", "| Gemma-3 read, K vectors | prompt | full head ms | label head ms |", "|---|---|---|---|"]
+    lines += [f"| {r['k']} | {r['prompt']} | {r['full_head_ms']:.1f} | {r['label_head_ms']:.1f} |"
+              for r in report["read"]]
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
-"""The prefix cache against prefilling: a long shared prefix, then a short question, time to
-the first new token, side by side in one run.
+"""`edgelink bench cache`: the prefix cache against prefilling. A long shared prefix, then a short
+question, time to the first new token, side by side in one run.
 
-    python -m tools.bench_cache --models smollm2-135m,gemma3-270m --prefix 2000 --question 50
+    edgelink bench cache --models smollm2-135m,gemma3-270m --prefix 2000 --question 50
 
 Rows per model: no cache (a plain prefill, what a user does today); cold through the cache (the
 same work plus storing the chunks); the first hit after it (from RAM, paying the page faults of
@@ -15,20 +15,22 @@ must continue exactly as the cold run. Medians of ``--repeats``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import edgelink
 from edgelink.bench import context_tokens
+from edgelink.bench.netns import remote_host, shape
 from edgelink.cache.prefix import PrefixCache
-from edgelink.config import load_config
+from edgelink.config import Config
+from edgelink.roles.launcher import start_node, stop_receiver
+from edgelink.transport import p2p
 
 QUESTION = " Question: in one sentence, what happened to the keeper after the storm? Answer:"
 
@@ -37,8 +39,6 @@ def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[str],
                timed, fetched_bytes: dict[str, int]) -> None:
     """Fetch every chunk from a node (loopback, a tc-shaped link to another namespace, or
     found through the DHT on loopback)."""
-    from edgelink.roles.launcher import start_node, stop_receiver
-    from edgelink.transport import p2p
 
     n_chunks = len(cache.keys(m.signature, toks)[:(len(toks) - 1) // cache.chunk])
     for rate in rates:
@@ -58,7 +58,6 @@ def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[str],
             elif float(rate) == 0:
                 node = start_node(m.name, node_cfg, extra_env=keys["node"])
             else:
-                from edgelink.bench.netns import remote_host, shape
 
                 host = stack.enter_context(remote_host())
                 node = start_node(m.name, node_cfg.replace(node_open="on"), listen=f"/ip4/{host.ip}/tcp/0",
@@ -90,10 +89,11 @@ def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[str],
                 stop_receiver(node)
 
 
-def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int,
+def bench_model(model: str, base: Config, prefix: int, question: int, repeats: int, chunk: int,
                 peer_rates: list[str]) -> list[dict]:
+    """Every case for ``model``, in a cache directory of its own that is removed afterwards."""
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config().replace(cache_dir=str(Path(d) / "local"), cache_chunk_tokens=chunk)
+        cfg = base.replace(cache_dir=str(Path(d) / "local"), cache_chunk_tokens=chunk)
         with edgelink.load(model, cfg) as m:
             rt = m.runtime
             q = (rt.tokenize(QUESTION, add_special=False) * 8)[:question]
@@ -145,32 +145,23 @@ def bench_model(model: str, prefix: int, question: int, repeats: int, chunk: int
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    ap.add_argument("--prefix", type=int, default=2000)
-    ap.add_argument("--question", type=int, default=50)
-    ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--peer-rates", default="0,100,dht",
-                    help="fetch rows from a node: 0 is loopback, others Mbit/s over a tc-shaped veth (root), "
-                         "dht a node found through the DHT on loopback; empty for none")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    rows = []
-    for model in args.models.split(","):
-        rates = [r.strip() for r in args.peer_rates.split(",") if r.strip()]
-        for row in bench_model(model, args.prefix, args.question, args.repeats, args.chunk, rates):
-            rows.append(row)
-            fetched = f"fetched {row['fetched_bytes'] / 1e6:5.1f} MB  " if row["fetched_bytes"] else ""
-            print(f"{row['model']:14s} {row['case']:40s} {row['tokens']} tokens  TTFT {row['ttft_s']:7.3f} s  "
-                  f"{row['vs_no_cache']:6.1f}x  hit {row['hit_tokens']:5d}  {fetched}"
-                  f"{'same' if row['same_as_cold_cache_run'] else 'DIFFERS'}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=2)
-    return 0
+def format_cache_row(row: dict) -> str:
+    fetched = f"fetched {row['fetched_bytes'] / 1e6:5.1f} MB  " if row["fetched_bytes"] else ""
+    return (f"{row['model']:14s} {row['case']:40s} {row['tokens']} tokens  TTFT {row['ttft_s']:7.3f} s  "
+            f"{row['vs_no_cache']:6.1f}x  hit {row['hit_tokens']:5d}  {fetched}"
+            f"{'same' if row['same_as_cold_cache_run'] else 'DIFFERS'}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run_cache_bench(models: list[str], cfg: Config, prefix: int, question: int, repeats: int, chunk: int,
+                    peer_rates: list[str], log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``{"rows": [...]}``: every case of every model, logged per model as it is measured.
+    ``peer_rates``: 0 is a node on loopback, a number a tc-shaped link of that many Mbit/s (root),
+    ``dht`` a node found through the cache DHT."""
+    rows: list[dict] = []
+    for model in models:
+        got = bench_model(model, cfg, prefix, question, repeats, chunk, peer_rates)
+        for row in got:
+            if log:
+                log(format_cache_row(row))
+        rows += got
+    return {"rows": rows}
