@@ -81,7 +81,6 @@ def _platform_checks() -> list[Check]:
 
 
 def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
-
     out: list[Check] = []
     try:
         version = importlib.metadata.version("llama-cpp-python")
@@ -177,7 +176,6 @@ def _module_checks() -> list[Check]:
 
 
 def _path_checks(cfg: Config) -> list[Check]:
-
     out: list[Check] = []
     cache = Path(cfg.paths.cache_dir)
     probe = cache if cache.exists() else next((p for p in cache.parents if p.exists()), Path("/"))

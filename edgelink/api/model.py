@@ -278,7 +278,6 @@ class Model:
             raise StateError(f"{where} holds no tensor message")
         return sum(n for _, n in applied)
 
-
     def load_llama_file(self, path: str | Path) -> int:
         """Replace the sequence by a llama.cpp sequence-state file's (``llama_state_seq_save_file``,
         llama-server's saved slots), verified against this model first. Returns its tokens."""

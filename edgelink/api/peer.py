@@ -232,7 +232,6 @@ class Peer:
 
 
 def _snapshot_tensors(rt) -> list:
-
     if not rt.tokens:
         raise EdgelinkError("the sequence is empty")
     return snapshot_tensors(rt)[0]

@@ -200,7 +200,6 @@ def run_threads_bench(model: str, cfg: Config, settings: list[ThreadSetting], pr
 
 
 def _cpu() -> str:
-
     return cpu_model()
 
 

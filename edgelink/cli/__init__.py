@@ -771,7 +771,6 @@ def latent_capture(obj: _Ctx, model: str | None, prompt: str, layers: str, to: s
     """Capture a HIDDEN_SLICE of PROMPT; print norms, or send it (--to) or write it (-o)."""
     import numpy as np
 
-
     cfg = obj.cfg()
     model = model or cfg.runtime.default_model
     out: object

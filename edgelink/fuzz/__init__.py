@@ -77,7 +77,6 @@ def synthetic_signature() -> ModelSignature:
 
 
 def _kv_tensors(cells: int = 3, n_layer: int = 2, width: int = 4) -> tuple[list[Tensor], dict]:
-
     rows = tuple(LayerRows(1, (cells, width), memoryview(np.full((cells, width), i, np.float16)).cast("B"))
                  for i in range(n_layer))
     st = StreamState(np.arange(cells, dtype=np.int32), np.zeros(cells, np.int32), False, rows, rows)

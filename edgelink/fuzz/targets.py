@@ -43,7 +43,6 @@ def frame_reader(limits: ProtocolConfig, seed: int = 0) -> Callable[[bytes], Any
     both refuse with the same error type, or both give the same message, checksums included."""
     import random
 
-
     rng = random.Random(seed)
 
     def place(th: codec.TensorHeader) -> dict[str, memoryview]:
@@ -109,7 +108,6 @@ def follow_up(msg: Any) -> None:
 
 
 def _typed(exc: Exception) -> None:
-
     if not isinstance(exc, EdgelinkError):
         raise exc
 
@@ -135,7 +133,6 @@ def session(signature: ModelSignature, limits: ProtocolConfig, kinds=tuple(Kind)
 
 
 def seq_state_blob(data: bytes) -> None:
-
     parse_seq_state(memoryview(data))
 
 
@@ -159,7 +156,6 @@ def message_file(data: bytes) -> None:
 
 
 def identity_file(data: bytes) -> None:
-
     fd, path = tempfile.mkstemp(suffix=".key")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -175,7 +171,6 @@ def bridge_files(manifest: bytes, npz: bytes, *, fix_sha: bool = True) -> Any:
     npz parser is reached, as it would be by anyone who writes both files)."""
     import hashlib
     import json
-
 
     with tempfile.TemporaryDirectory() as d:
         if fix_sha:
@@ -195,7 +190,6 @@ def bridge_files(manifest: bytes, npz: bytes, *, fix_sha: bool = True) -> Any:
 
 
 def _default_limits() -> ProtocolConfig:
-
     return load_config().protocol
 
 

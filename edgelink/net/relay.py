@@ -30,6 +30,7 @@ from typing import Any
 from edgelink.config import Config
 from edgelink.errors import ConfigError
 from edgelink.transport.identity import Identity
+from edgelink.transport.p2p import P2PHost
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,6 @@ class Relay:
 
     def __init__(self, cfg: Config, identity: Identity, listen: list[str],
                  on_event: Callable[[dict[str, Any]], None] | None = None):
-        from edgelink.transport.p2p import P2PHost
-
         self._lock = threading.Lock()
         self.totals = {"reservations": 0, "circuits": 0, "bytes": 0}
         self._on_event = on_event

@@ -22,7 +22,7 @@ def serve_http(model: str | None = None, cfg: Config | None = None, *, listen: s
         import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("the HTTP server needs its extra: pip install 'edgelink[server]'") from None
-    from edgelink.server.app import serve_http as _serve  # after the check: app needs the server extra
+    from edgelink.server.app import serve_http as _serve  # app needs the server extra
 
     cfg = cfg or load_config()
     _serve(model or cfg.runtime.default_model, cfg, listen=listen, api_keys_=api_keys, on_ready=on_ready,

@@ -22,7 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 from edgelink.config import Config, config_list
-from edgelink.errors import ConfigError, EdgelinkError
+from edgelink.errors import (
+    ConfigError,
+    EdgelinkError,
+    ProtocolError,
+    SessionError,
+    StateError,
+    TransportError,
+)
 from edgelink.server.engine import Busy, Engine, Outcome, TooLong
 from edgelink.server.openai import (
     ApiError,
@@ -328,8 +335,6 @@ def _api_error(exc: EdgelinkError, engine: Engine, generic: int = 500) -> ApiErr
     """An engine failure as an OpenAI-shaped error: capacity (429), a prompt too long (400), a
     handed-over state or a peer that refused (422 / 409, with edgelink's reason), a peer that
     cannot be reached (502); anything else ``generic``."""
-    from edgelink.errors import ProtocolError, SessionError, StateError, TransportError
-
     if isinstance(exc, Busy):
         return _busy(exc, engine.cfg.http.retry_after_s)
     if isinstance(exc, TooLong):

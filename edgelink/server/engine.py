@@ -84,7 +84,6 @@ class Engine:
     """``http.parallel`` contexts of one model, sharing its weights (mmap) and one prefix cache."""
 
     def __init__(self, model: str | Path, cfg: Config, *, progress=None):
-
         self.parallel = derived_parallel(cfg)
         # contexts share the cores: each gets its part unless runtime.n_threads says otherwise;
         # one context keeps the adaptive default (runtime/threads.py: it also yields to other

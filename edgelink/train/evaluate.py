@@ -89,6 +89,7 @@ from edgelink.runtime.signature import model_signature
 from edgelink.train.calibration import CONTENT_FREE, contextual_offset, fit_offset, predict
 from edgelink.train.data import Example, load_split
 from edgelink.train.features import Features, split_features
+from edgelink.train.plot import write_svg
 from edgelink.train.soft_prompt import load_soft_prompt, tail_ids
 from edgelink.train.tasks import task_prompt
 
@@ -1205,8 +1206,6 @@ def _per_example(opts: _Options, m: _Measured, pred: dict[str, np.ndarray]) -> d
 
 
 def write_outputs(report: EvalReport, out: str | Path) -> dict[str, Path]:
-    from edgelink.train.plot import write_svg
-
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": d / "eval.json", "md": d / "eval.md", "svg": d / "eval.svg"}

@@ -64,7 +64,7 @@ from edgelink.transport.framing import (
     byte_views,
     check_length,
 )
-from edgelink.transport.identity import Identity
+from edgelink.transport.identity import Identity, load_identity
 
 log = logging.getLogger(__name__)
 
@@ -792,7 +792,9 @@ class P2PHost:
         from libp2p.crypto.x25519 import create_new_key_pair as x25519_pair
         from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 
-        from edgelink.transport.readahead import ReadAheadNoise
+        from edgelink.transport.readahead import (
+            ReadAheadNoise,  # imports libp2p, like the lines above
+        )
 
         kp = self.identity.key_pair
         # Noise only: a default new_host() would also accept /plaintext/2.0.0 and secio.
@@ -1173,8 +1175,6 @@ def client_host(cfg: Config, identity: Identity | None = None) -> P2PHost:
     """This process's dialling host for one identity key and one set of ``[p2p]`` settings,
     kept so that connections to a peer are reused across handoffs. A caller with other p2p
     settings (timeouts, windows, read-ahead) gets a host of its own: never the first caller's."""
-    from edgelink.transport.identity import load_identity
-
     ident = identity or load_identity(cfg.p2p.identity_key)
     key = (str(ident.path), ident.peer_id_str, cfg.p2p)
     with _CLIENT_LOCK:

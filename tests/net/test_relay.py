@@ -1,6 +1,6 @@
 """The relay itself, on loopback (docs/nat.md): circuits release their slots when they end,
 reservations follow relay.allow_peers and the authenticated peer id, and its settings are
-checked. (tests/test_nat.py runs the whole path across NATs in network namespaces.)"""
+checked. (tests/net/test_nat.py runs the whole path across NATs in network namespaces.)"""
 
 from __future__ import annotations
 

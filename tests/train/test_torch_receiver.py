@@ -34,7 +34,7 @@ CLEAR_MARGIN = 0.75
 
 
 def _long_tokens(rt: LlamaRuntime, n: int) -> list[int]:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     text = "\n\n".join(p.read_text() for p in sorted((root / "docs").glob("*.md")))
     toks = rt.tokenize(text)
     assert len(toks) >= n

@@ -25,7 +25,7 @@ from edgelink.errors import (
     TransportError,
 )
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 def _commands(cmd=cli, prefix=()):

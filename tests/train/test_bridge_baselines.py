@@ -2,7 +2,7 @@
 helpers in edgelink/train/evaluate.py), on constructed logits: calibration fitted on dev moves
 predictions the way it should and never reads test, the majority row is the scored examples'
 majority, and the paired differences are bridge minus baseline. No model is loaded; the real
-run's versions of these checks are in tests/test_bridge_eval.py."""
+run's versions of these checks are in tests/train/test_bridge_eval.py."""
 
 from __future__ import annotations
 

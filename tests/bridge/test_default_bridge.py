@@ -18,7 +18,7 @@ from edgelink.train.evaluate import Reader, derangement
 from edgelink.train.features import extract
 from edgelink.train.tasks import task_prompt
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT = MODELS / "sentiment-perceiver-k8-l15.json"
 SHIPPED = sorted(MODELS.glob("*.json"))
 N = 24

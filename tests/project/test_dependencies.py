@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIRST_PARTY = {"edgelink", "tests", "conftest", "gguf_variants"}
 if sys.version_info >= (3, 11):
     import tomllib
