@@ -10,7 +10,11 @@ token is the time to the first content chunk). Cases, each in one run:
 - restart: both servers restarted (edgelink's disk cache survives, llama_cpp.server's state
   does not), then the shared case again;
 - concurrent: four clients at once, a fixed number of requests each: requests per second and
-  p50/p95 time to first token.
+  p50/p95 time to first token;
+- peer: a second edgelink server with an empty cache, whose ``cache.peers`` is an `edgelink node`
+  holding the first server's cache in another network namespace behind a tc-shaped link (root;
+  on loopback otherwise), against llama_cpp.server's restart case (a server that never saw the
+  prompt either).
 
 llama_cpp.server reuses its one context's common prefix with the previous request (llama-cpp-
 python's prefix match), so "shared" and "chat" compare edgelink's chunked reuse with that, not
@@ -19,6 +23,7 @@ with a cold prefill; "restart" is where a persistent cache shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -33,16 +38,21 @@ from pathlib import Path
 from typing import Any
 
 from edgelink.bench import context_tokens
+from edgelink.bench.netns import remote_host, shape
 from edgelink.bench.rss import rss_bytes
 from edgelink.config import Config, to_env
 from edgelink.errors import EdgelinkError
 from edgelink.models.resolve import resolve_model
+from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.runtime.llama import LlamaRuntime
 
 QUESTIONS = ["Which floor holds the lenses?", "Who may enter the lamp room?", "What do the logbooks cover?",
              "How many floors are there?", "Is there a guide?", "What is on the top floor?",
              "Name one thing on the ground floor.", "When do the logbooks end?", "Can visitors climb alone?",
              "Summarise the museum in one line."]
+
+
+CHUNK = 64  # edgelink's cache.chunk_tokens in every case
 
 
 def _free_port() -> int:
@@ -52,12 +62,14 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, kind: str, model: Path, cfg: Config, cache_dir: Path, threads: int, chat: bool):
+    def __init__(self, kind: str, model: Path, cfg: Config, cache_dir: Path, threads: int, chat: bool,
+                 extra_env: dict[str, str] | None = None):
         self.kind, self.port, self.chat = kind, _free_port(), chat
         env = {**os.environ, **to_env(cfg)}
         if kind == "edgelink":
             env.update({"EDGELINK_CACHE_DIR": str(cache_dir), "EDGELINK_HTTP_PARALLEL": "1",
-                        "EDGELINK_RUNTIME_N_THREADS": str(threads), "EDGELINK_CACHE_CHUNK_TOKENS": "64"})
+                        "EDGELINK_RUNTIME_N_THREADS": str(threads), "EDGELINK_CACHE_CHUNK_TOKENS": str(CHUNK),
+                        **(extra_env or {})})
             cmd = [sys.executable, "-m", "edgelink", "serve", str(model), "--http", f"127.0.0.1:{self.port}", "--json"]
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", str(cfg.runtime.n_ctx),
@@ -176,9 +188,35 @@ def _concurrent(srv: _Server, system: str, clients: int, per_client: int, max_to
             "p95_ttft_s": pick(0.95), "mean_reply_chars": statistics.mean(chars) if chars else 0.0}
 
 
+def _peer_case(path: Path, cfg: Config, cache: Path, threads: int, templated: bool, system: str, requests: int,
+               max_tokens: int, mbit: float) -> tuple[str, list[dict]]:
+    """(d): a node serving ``cache`` (the first server's) and a second server that has only it as
+    ``cache.peers``; returns (where the node ran, the shared case on the second server)."""
+    with contextlib.ExitStack() as stack:
+        node_cfg = cfg.replace(cache_dir=str(cache), cache_chunk_tokens=CHUNK)
+        key = {"EDGELINK_P2P_IDENTITY_KEY": str(cache.parent / "node.key")}
+        try:
+            host = stack.enter_context(remote_host())
+        except (OSError, subprocess.SubprocessError, AssertionError):  # not root: no namespaces
+            node, where = start_node(str(path), node_cfg, extra_env=key), "a node on loopback"
+        else:
+            node = start_node(str(path), node_cfg.replace(node_open="on"), listen=f"/ip4/{host.ip}/tcp/0",
+                              wrapper=host.wrapper, extra_env=key)
+            shape(host, mbit)
+            where = f"a node in another network namespace, {mbit:g} Mbit/s"
+        stack.callback(stop_receiver, node)
+        srv = _Server("edgelink", path, cfg, cache.parent / "second", threads, templated,
+                      extra_env={"EDGELINK_CACHE_PEERS": node.ready["addrs"][0],
+                                 "EDGELINK_P2P_IDENTITY_KEY": str(cache.parent / "second.key")})
+        try:
+            return where, _shared(srv, system, requests, max_tokens)
+        finally:
+            srv.stop()
+
+
 def run(model: str, cfg: Config, *, prompt_tokens: int = 2000, requests: int = 8, turns: int = 6,
         max_tokens: int = 16, clients: int = 4, per_client: int = 3, threads: int | None = None,
-        say=print) -> dict[str, Any]:
+        peer_mbit: float = 100, say=print) -> dict[str, Any]:
     """Every case on both servers; returns the figures (and prints a table)."""
     try:
         import llama_cpp.server  # noqa: F401
@@ -211,19 +249,24 @@ def run(model: str, cfg: Config, *, prompt_tokens: int = 2000, requests: int = 8
             results["cases"][kind] = {"shared": shared, "chat": chat, "restart": restart, "concurrent": conc,
                                       "peak_rss_mb": max(srv.peak_rss, srv2.peak_rss) / 2**20,
                                       "start_s": srv.start_s}
+        say("edgelink: a second server fetching the prefix from a node")
+        results["peer_where"], peer = _peer_case(path, cfg, cache, threads, templated, system, requests, max_tokens,
+                                                 peer_mbit)
     e, b = results["cases"]["edgelink"], results["cases"]["llama_cpp.server"]
+    e["peer"], b["peer"] = peer, b["restart"]  # the baseline: a server that never saw the prompt
 
     def ratio(case: str, i: int) -> float:
         return b[case][i]["ttft_s"] / max(e[case][i]["ttft_s"], 1e-9)
 
     rows = []
-    for case in ("shared", "chat", "restart"):
+    for case in ("shared", "chat", "restart", "peer"):
         for i in range(len(e[case])):
             rows.append((case, i, e[case][i]["ttft_s"], b[case][i]["ttft_s"], ratio(case, i),
                          e[case][i]["cached_tokens"], e[case][i]["text"] == b[case][i]["text"]))
     results["rows"] = [dict(zip(("case", "request", "edgelink_ttft_s", "llama_cpp_server_ttft_s", "ratio",
                                  "edgelink_cached_tokens", "same_text"), r, strict=True)) for r in rows]
-    say(f"{path.name}, {prompt_tokens}-token system prompt, {threads} threads, max_tokens {max_tokens}")
+    say(f"{path.name}, {prompt_tokens}-token system prompt, {threads} threads, max_tokens {max_tokens}; "
+        f"peer: {results['peer_where']} (against llama_cpp.server's restart rows)")
     say(f"{'case':9} {'#':>2} {'edgelink TTFT':>14} {'llama_cpp.server':>17} {'ratio':>7} {'cached':>7} same")
     for case, i, te, tb, r, cached, same in rows:
         say(f"{case:9} {i:>2} {te * 1000:>11.0f} ms {tb * 1000:>14.0f} ms {r:>6.2f}x {cached!s:>7} {same}")

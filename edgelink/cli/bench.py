@@ -179,15 +179,17 @@ def bench_nat(obj: _Ctx, model: str | None, prompt_tokens: int, mbit: float, rep
 @click.option("--turns", type=int, default=6, show_default=True, help="Turns of the chat case.")
 @click.option("--max-tokens", type=int, default=16, show_default=True, help="Tokens generated per request.")
 @click.option("--threads", type=int, default=None, help="Threads of both servers (default: all cores).")
+@click.option("--peer-mbit", type=click.FloatRange(0.1), default=100, show_default=True,
+              help="Rate of the link to the node the second server fetches the prefix from.")
 @json_option
 @click.pass_obj
 def bench_http(obj: _Ctx, model: str | None, prompt_tokens: int, requests: int, turns: int, max_tokens: int,
-               threads: int | None, as_json: bool) -> None:
-    """The OpenAI server against `python -m llama_cpp.server`: shared prompt, chat, restart, concurrency."""
+               threads: int | None, peer_mbit: float, as_json: bool) -> None:
+    """The OpenAI server against `python -m llama_cpp.server`: shared prompt, chat, restart, concurrency, peer."""
     cfg = obj.cfg()
     report = run_http_bench(model or cfg.runtime.default_model, cfg, prompt_tokens=prompt_tokens,
                             requests=requests, turns=turns, max_tokens=max_tokens, threads=threads,
-                            say=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+                            peer_mbit=peer_mbit, say=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
     if as_json:
         _emit(True, report, "")
 

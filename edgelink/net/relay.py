@@ -20,6 +20,7 @@ peer field, which any peer can fill in, is not trusted).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -45,6 +46,15 @@ def relay_limits(cfg: Config):
             raise ConfigError(f"relay.{key} = {getattr(r, key)} is negative")
     if r.max_reservations == 0 or r.max_circuits == 0 or r.reservation_ttl_s == 0:
         raise ConfigError("relay.max_reservations, relay.max_circuits and relay.reservation_ttl_s must be above 0")
+    # py-libp2p's holders refresh a reservation when it has less than this left, and sleep until
+    # the next one is due (CircuitV2Transport._refresh_reservations_worker): with a lifetime at or
+    # under it they sleep 0 s and re-reserve back to back
+    from libp2p.relay.circuit_v2.transport import RESERVATION_REFRESH_MARGIN
+
+    if r.reservation_ttl_s < 2 * RESERVATION_REFRESH_MARGIN:
+        raise ConfigError(f"relay.reservation_ttl_s = {r.reservation_ttl_s:g} is too short: libp2p peers refresh a "
+                          f"reservation {RESERVATION_REFRESH_MARGIN} s before it ends, so a lifetime under "
+                          f"{2 * RESERVATION_REFRESH_MARGIN} s has them refreshing without pause")
     return RelayLimits(duration=int(r.circuit_duration_s), data=int(r.circuit_bytes),
                        max_circuit_conns=int(r.max_circuits), max_reservations=int(r.max_reservations),
                        reservation_ttl=int(r.reservation_ttl_s))
@@ -52,6 +62,22 @@ def relay_limits(cfg: Config):
 
 def _peer_set(text: str) -> frozenset[str]:
     return frozenset(p.strip() for p in text.split(",") if p.strip())
+
+
+@dataclasses.dataclass
+class _Circuit:
+    """One circuit while it runs: its two directions' cancel scopes and what each peer read."""
+
+    t0: float = dataclasses.field(default_factory=time.monotonic)
+    scopes: list[Any] = dataclasses.field(default_factory=list)
+    bytes_from: dict[str, int] = dataclasses.field(default_factory=dict)
+    ended_by: str = "closed"
+
+    def event(self) -> dict[str, Any]:
+        """What the relay reports when the circuit is over (one JSON line of `edgelink relay`)."""
+        by = self.bytes_from
+        return {"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()), "bytes_from": dict(by),
+                "seconds": round(time.monotonic() - self.t0, 3), "ended_by": self.ended_by}
 
 
 def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
@@ -64,7 +90,7 @@ def hop_protocol(cfg: Config, on_event: Callable[[dict[str, Any]], None]):
     class Hop(CircuitV2Protocol):
         def __init__(self, host):
             super().__init__(host, limits=limits, allow_hop=True)
-            self._circuits: dict[frozenset[int], dict[str, Any]] = {}
+            self._circuits: dict[frozenset[int], _Circuit] = {}
             self._ended: dict[frozenset[int], dict[str, Any]] = {}
 
         async def _handle_connect(self, stream, msg) -> None:
@@ -136,24 +162,23 @@ async def _relay_data(hop: Any, src_stream: Any, dst_stream: Any, peer_id: Any, 
     import trio
 
     key = frozenset((id(src_stream), id(dst_stream)))
-    circuit = hop._circuits.setdefault(key, {"scopes": [], "bytes": {}, "t0": time.monotonic(),
-                                             "ended_by": "closed"})
+    circuit = hop._circuits.setdefault(key, _Circuit())
     reader = peer_id.to_base58()
-    circuit["bytes"].setdefault(reader, 0)
+    circuit.bytes_from.setdefault(reader, 0)
     scope = trio.CancelScope()
-    circuit["scopes"].append(scope)
+    circuit.scopes.append(scope)
     try:
         with scope:
             await _pump(hop, src_stream, dst_stream, circuit, reader, deadline, circuit_data_limit)
     except Exception as exc:  # noqa: BLE001 - a reset or closed stream ends the circuit
         name = type(exc).__name__
-        if circuit["ended_by"] == "closed" and "EOF" not in name:
-            circuit["ended_by"] = name
+        if circuit.ended_by == "closed" and "EOF" not in name:
+            circuit.ended_by = name
     finally:
         await _end_direction(hop, key, circuit, scope, src_stream, dst_stream)
 
 
-async def _pump(hop: Any, src_stream: Any, dst_stream: Any, circuit: dict[str, Any], reader: str,
+async def _pump(hop: Any, src_stream: Any, dst_stream: Any, circuit: _Circuit, reader: str,
                 deadline: float | None, circuit_data_limit: list[int] | None) -> None:
     """Copy until EOF or a cap; the duration cap holds on an idle circuit (the read times out)."""
     import trio
@@ -165,29 +190,29 @@ async def _pump(hop: Any, src_stream: Any, dst_stream: Any, circuit: dict[str, A
         with trio.move_on_after(max(0.0, left)):
             data = await src_stream.read(MAX_READ_LEN)
         if data is None:
-            circuit["ended_by"] = "relay.circuit_duration_s"
+            circuit.ended_by = "relay.circuit_duration_s"
             return
         if not data:
             return
         if circuit_data_limit is not None:
             if len(data) > circuit_data_limit[0]:
-                circuit["ended_by"] = "relay.circuit_bytes"
+                circuit.ended_by = "relay.circuit_bytes"
                 return
             circuit_data_limit[0] -= len(data)
         with trio.fail_after(hop.write_timeout):
             await dst_stream.write(data)
-        circuit["bytes"][reader] += len(data)
+        circuit.bytes_from[reader] += len(data)
 
 
-async def _end_direction(hop: Any, key: frozenset[int], circuit: dict[str, Any], scope: Any,
+async def _end_direction(hop: Any, key: frozenset[int], circuit: _Circuit, scope: Any,
                          src_stream: Any, dst_stream: Any) -> None:
     """Tear down exactly this circuit's two streams; the last direction out records its event."""
     # one direction over: the other, blocked in a read, is cancelled (a local reset
     # does not wake a read on a yamux stream)
-    for other in circuit["scopes"]:
+    for other in circuit.scopes:
         other.cancel()
-    circuit["scopes"].remove(scope)
-    last = not circuit["scopes"]  # decided before any await: the other may finish first
+    circuit.scopes.remove(scope)
+    last = not circuit.scopes  # decided before any await: the other may finish first
     for st in (src_stream, dst_stream):
         with contextlib.suppress(Exception):
             await st.reset()
@@ -196,11 +221,7 @@ async def _end_direction(hop: Any, key: frozenset[int], circuit: dict[str, Any],
             del hop._active_relays[k]
     if last:
         hop._circuits.pop(key, None)
-        by = circuit["bytes"]
-        hop._ended[key] = {"event": "circuit", "peers": sorted(by), "bytes": sum(by.values()),
-                           "bytes_from": dict(by),
-                           "seconds": round(time.monotonic() - circuit["t0"], 3),
-                           "ended_by": circuit["ended_by"]}
+        hop._ended[key] = circuit.event()
 
 
 class Relay:

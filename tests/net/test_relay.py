@@ -95,7 +95,30 @@ def test_a_relay_reserves_only_for_the_peers_it_allows(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("relay_max_circuits", 0), ("relay_circuit_bytes", -1),
-                                       ("relay_reservation_ttl_s", 0)])
+                                       ("relay_reservation_ttl_s", 0), ("relay_reservation_ttl_s", 30)])
 def test_relay_settings_are_checked(cfg, key, value):
     with pytest.raises(ConfigError, match="relay."):
         relay_limits(cfg.replace(**{key: value}))
+
+
+@pytest.mark.slow
+def test_a_node_refreshes_its_reservation_before_it_expires_and_stays_reachable(cfg, tmp_path):
+    """The shortest lifetime a relay accepts (60 s): the node's second reservation arrives before
+    the first ends (py-libp2p refreshes 30 s ahead), and a circuit opened after it still works."""
+    c = cfg.replace(relay_reservation_ttl_s=60, p2p_hole_punch="off")
+    events: list[dict] = []
+    with Relay(c, load_identity(tmp_path / "relay.key"), [LOOPBACK], events.append) as relay:
+        node = P2PHost(c, load_identity(tmp_path / "node.key"), listen=[LOOPBACK], on_channel=_echo)
+        client = P2PHost(c, load_identity(tmp_path / "client.key"))
+        try:
+            circuit = node.reserve(relay.addrs[0])
+            _wait_for(lambda: sum(e["event"] == "reservation" and e["ok"] for e in events) == 2,
+                      "a refreshed reservation", timeout=45)
+            ch = client.open_channel(circuit)
+            ch.send(b"still here")
+            assert bytes(ch.recv(64, timeout=30)) == b"still here" and ch.path == "relayed"
+            ch.close()
+        finally:
+            client.close()
+            node.close()
+    assert all(e["peer"] == node.peer_id for e in events if e["event"] == "reservation")
