@@ -28,13 +28,13 @@ from edgelink.config import Config, to_env
 from edgelink.errors import EdgelinkError
 from edgelink.models.resolve import resolve_model
 from edgelink.roles.launcher import start_node, stop_receiver
-from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.llama import BATCHED_MIN, LlamaRuntime
 
 TOKEN = "bench-remote-prefill"
 
 # The laptop: an Engine (one context) answering each prompt on stdin, one JSON line each.
 _LAPTOP = r"""
-import json, sys, time
+import dataclasses, json, sys, time
 from edgelink.config import load_config
 from edgelink.server.engine import Engine, Params
 cfg = load_config()
@@ -50,8 +50,9 @@ for line in sys.stdin:
             text += item
         else:
             out = item
+    steps = dataclasses.asdict(out.remote_prefill) if out.remote_prefill else None
     print(json.dumps({"ttft_s": first or time.perf_counter() - t0, "text": text, "prefilled_by": out.prefilled_by,
-                      "prefill_s": out.prefill_s}), flush=True)
+                      "prefill_s": out.prefill_s, "steps": steps}), flush=True)
 eng.close()
 """
 
@@ -126,13 +127,16 @@ def run_remote_prefill_bench(model: str, cfg: Config, prompt_tokens: int = 2000,
         finally:
             stop_receiver(node)
     med = {k: statistics.median(x["ttft_s"] for x in v) for k, v in rows.items()}
+    chosen = [x for x in rows["peer"] if x.get("steps")]
+    steps = ({k: round(statistics.median(x["steps"][k] for x in chosen), 3) for k in chosen[0]["steps"]}
+             if chosen else None)
     return {"model": model, "prompt_tokens": prompt_tokens, "mbit": mbit, "laptop_cores": laptop_cores,
             "repeats": repeats, "cpu": platform.processor() or platform.machine(),
             "local_prefill_tps": round(peer.ready["local_tps"], 1),  # the engine with a peer measures it
             "ttft_here_s": round(med["here"], 3), "ttft_peer_s": round(med["peer"], 3),
             "speedup": round(med["here"] / med["peer"], 2),
             "chose_peer": sum(x["prefilled_by"] != "here" for x in rows["peer"]), "same_replies": True,
-            "rows": rows}
+            "steps_median": steps, "rows": rows}
 
 
 def format_remote_prefill_table(rep: dict[str, Any]) -> str:
@@ -143,4 +147,13 @@ def format_remote_prefill_table(rep: dict[str, Any]) -> str:
         f"first token, prefilled here:          {rep['ttft_here_s']:.2f} s",
         f"first token, with http.prefill_peer:  {rep['ttft_peer_s']:.2f} s  ({rep['speedup']:.2f}x; the plan "
         f"chose the desktop {rep['chose_peer']} of {rep['repeats']} times; replies identical)",
+        *([_steps_line(rep["steps_median"], rep["ttft_peer_s"])] if rep.get("steps_median") else []),
     ])
+
+
+def _steps_line(st: dict[str, float], ttft: float) -> str:
+    """Where the remote prefill's first token went (medians of the rounds that used the desktop)."""
+    rest = ttft - st["link_s"] - st["peer_prefill_s"] - st["head_s"] - st["pull_s"]
+    return (f"  of which: link probe {st['link_s']:.2f} s, the desktop's prefill {st['peer_prefill_s']:.2f} s, "
+            f"the laptop's {BATCHED_MIN}-token head {st['head_s']:.2f} s, the delta ({st['delta_bytes'] / 1e6:.1f} MB: "
+            f"transfer, verify, import) {st['pull_s']:.2f} s, the rest (plan, first decode) {rest:.2f} s")

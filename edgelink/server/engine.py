@@ -57,6 +57,17 @@ class Params:
     ignore_eos: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class RemotePrefillSteps:
+    """Where a remote prefill's seconds went, in order, as this engine saw them."""
+
+    link_s: float  # measuring the link (round trip and rate) on the kept session
+    peer_prefill_s: float  # REQUEST prefill until the peer's RESULT: its prefill of the prompt
+    head_s: float  # the first BATCHED_MIN tokens prefilled here (the delta extends them)
+    pull_s: float  # the delta's request, transfer, verification and import
+    delta_bytes: int  # its payload
+
+
 @dataclasses.dataclass
 class Outcome:
     """What a finished request reports (OpenAI's usage and finish_reason)."""
@@ -70,6 +81,7 @@ class Outcome:
     cached_from: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks per tier
     fetched_chunks: int = 0  # chunks fetched from cache.peers for this request
     prefilled_by: str = "here"  # or http.prefill_peer's address (remote prefill)
+    remote_prefill: RemotePrefillSteps | None = None  # its steps, when the peer prefilled
 
 
 def derived_parallel(cfg: Config) -> int:
@@ -217,63 +229,73 @@ class Engine:
         t0 = time.perf_counter()
         keep = self._reusable(m, tokens)
         fetched = self._fetch(m, tokens, keep)
-        if self._remote_prefill(m, tokens, keep):
+        steps = self._remote_prefill(m, tokens, keep)
+        if steps is not None:
             m.prompt = None  # not cells of a prefill here: the next request does not reuse them
             return Outcome(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0, fetched_chunks=fetched,
-                           prefilled_by=self.cfg.http.prefill_peer)
+                           prefilled_by=self.cfg.http.prefill_peer, remote_prefill=steps)
         with m.step() as rt:
             hit = self.cache.prefill(rt, m.signature, tokens, keep=keep)
         m.prompt = list(tokens)
         return Outcome(prompt_tokens=len(tokens), cached_tokens=hit.hit_tokens,
                        prefill_s=time.perf_counter() - t0, cached_from=dict(hit.hit_tiers), fetched_chunks=fetched)
 
-    def _remote_prefill(self, m, tokens: list[int], keep: int) -> bool:
+    def _remote_prefill(self, m, tokens: list[int], keep: int) -> RemotePrefillSteps | None:
         """Prefill ``tokens`` on ``http.prefill_peer`` and import its cells into ``m``, when the
         plan says that reaches the first token sooner than prefilling what this cache lacks
         here: the peer's announced prefill speed, this context's measured one, and the link
         as the session measures it (round trip and rate). The cells arrive as a verified
         KV_CACHE_DELTA from position 0, so the continuation is the one a prefill here gives.
-        Any failure of the peer falls back to the local prefill (and a new session next time)."""
-
+        Any failure of the peer falls back to the local prefill (and a new session next time).
+        Returns the steps' seconds when the peer prefilled, None when this context must."""
         where = self.cfg.http.prefill_peer
         if not where:
-            return False
+            return None
         chunk = self.cache.chunk
         keys = self.cache.keys(m.signature, tokens)[:(len(tokens) - 1) // chunk]
         uncached = len(tokens) - max(keep, self.cache.held(keys) * chunk)
         if uncached < max(self.cfg.http.prefill_min_tokens, 2 * BATCHED_MIN):
-            return False
+            return None
 
         try:
             peer = self._peer(m)
+            t0 = time.perf_counter()
             link = peer.sender.measure_link()
+            t_link = time.perf_counter()
             theirs = peer.sender.session.peer.prefill_tps if peer.sender.session.peer else 0.0
             ours = m.runtime.prefill_tps
             if link is None or theirs <= 0:
-                return False
+                return None
             remote_s = link.rtt_s + len(tokens) / theirs + snapshot_bytes(m.runtime, len(tokens)) / link.bytes_per_s
             local_s = uncached / ours if ours > 0 else float("inf")
             log.info("prefill of %d tokens (%d uncached): here %.2f s, on %s %.2f s predicted", len(tokens),
                      uncached, local_s, where, remote_s)
             if remote_s >= local_s:
-                return False
+                return None
             # The peer prefills the whole prompt; the first BATCHED_MIN tokens are prefilled here
             # too (a delta extends a sequence; both sides decode them in one batch of 64+, so
             # their cells agree bit for bit, as a split handoff's do), and the rest comes back
             # as a delta from there, verified before it is imported.
+            t_asked = time.perf_counter()
             peer.request("prefill", tokens=list(tokens), replace=True)
+            t_prefilled = time.perf_counter()
             with m.step() as rt:
                 rt.clear()
                 rt.prefill(tokens[:BATCHED_MIN])
-                peer.sender.pull_delta(rt, BATCHED_MIN)
-            return True
+                t_head = time.perf_counter()
+                delta_bytes = peer.sender.pull_delta(rt, BATCHED_MIN)
+            steps = RemotePrefillSteps(link_s=t_link - t0, peer_prefill_s=t_prefilled - t_asked,
+                                       head_s=t_head - t_prefilled, pull_s=time.perf_counter() - t_head,
+                                       delta_bytes=delta_bytes)
+            log.info("remote prefill on %s: %s", where, steps)
+            return steps
         except EdgelinkError as exc:
             log.warning("remote prefill on %s failed (%s); prefilling here", where, exc)
             self._forget_peer(m)
             with m.step() as rt:
                 rt.clear()
             m.prompt = None
-            return False
+            return None
 
     def _peer(self, m):
         """This context's session with ``http.prefill_peer`` (opened once, kept)."""

@@ -58,10 +58,13 @@ def test_a_faster_peer_prefills_and_the_reply_is_the_local_one(peer, reference, 
     try:
         text, out = _ask(eng, tokens)
         assert out.prefilled_by == addr and text == want
+        st = out.remote_prefill  # the steps add up to no more than the request's prefill
+        assert st is not None and min(st.link_s, st.peer_prefill_s, st.head_s, st.pull_s) > 0
+        assert st.link_s + st.peer_prefill_s + st.head_s + st.pull_s <= out.prefill_s and st.delta_bytes > 1 << 20
         # the peer is gone: the next request is prefilled here, and still exact
         assert stop_receiver(proc) in (0, -15)
         text, out = _ask(eng, tokens)
-        assert out.prefilled_by == "here" and text == want
+        assert out.prefilled_by == "here" and out.remote_prefill is None and text == want
     finally:
         eng.close()
 
