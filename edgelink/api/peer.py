@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from edgelink.errors import EdgelinkError, StateError
 from edgelink.kinds.snapshot import snapshot_tensors
 from edgelink.net.endpoint import connect
 from edgelink.protocol.kinds import Kind
-from edgelink.protocol.ops import GenerateResult
+from edgelink.protocol.ops import GenerateResult, OpResult
 from edgelink.roles.sender import Sender, SentMessage
 from edgelink.runtime.sizing import fit_limits, snapshot_tokens_within
 
@@ -223,12 +223,17 @@ class Peer:
         with self.model.step() as rt:
             return self.digest() == rt.state_digest()
 
-    def request(self, op: str, **params: Any) -> dict[str, Any]:
-        """Any other REQUEST the receiver answers (docs/protocol.md)."""
+    def request(self, op: str, **params: Any) -> OpResult:
+        """Any other REQUEST the receiver answers (docs/protocol.md); its typed RESULT."""
+        return self.begin(op, **params)()
+
+    def begin(self, op: str, **params: Any) -> Callable[[], OpResult]:
+        """Send REQUEST ``op`` now and return what waits for its RESULT (``Sender.begin``): the
+        caller computes while the peer does."""
         if op in ("prefill", "reset", "generate"):
             self.synced = 0
             self._ahead = None
-        return self.sender.request(op, **params)
+        return self.sender.begin(op, **params)
 
 
 def _snapshot_tensors(rt) -> list:

@@ -153,7 +153,8 @@ def format_remote_prefill_table(rep: dict[str, Any]) -> str:
 
 def _steps_line(st: dict[str, float], ttft: float) -> str:
     """Where the remote prefill's first token went (medians of the rounds that used the desktop)."""
-    rest = ttft - st["link_s"] - st["peer_prefill_s"] - st["head_s"] - st["pull_s"]
-    return (f"  of which: link probe {st['link_s']:.2f} s, the desktop's prefill {st['peer_prefill_s']:.2f} s, "
-            f"the laptop's {BATCHED_MIN}-token head {st['head_s']:.2f} s, the delta ({st['delta_bytes'] / 1e6:.1f} MB: "
-            f"transfer, verify, import) {st['pull_s']:.2f} s, the rest (plan, first decode) {rest:.2f} s")
+    rest = ttft - st["link_s"] - st["head_s"] - st["peer_wait_s"] - st["pull_s"]
+    return (f"  of which: link probe {st['link_s']:.2f} s, the laptop's {BATCHED_MIN}-token head while the desktop "
+            f"prefills {st['head_s']:.2f} s, then the rest of the desktop's prefill {st['peer_wait_s']:.2f} s, the "
+            f"delta ({st['delta_bytes'] / 1e6:.1f} MB: transfer, verify, import) {st['pull_s']:.2f} s, the rest "
+            f"(cache keys, plan, first decode) {rest:.2f} s")

@@ -366,8 +366,13 @@ class Sender:
 
     def request(self, op: str, **params: Any) -> OpResult:
         """Ask the receiver to run ``op``; its RESULT, checked and typed (``protocol.ops``)."""
+        return self.begin(op, **params)()
+
+    def begin(self, op: str, **params: Any) -> Callable[[], OpResult]:
+        """Send REQUEST ``op`` now; returns what waits for its RESULT, so that this side can work
+        while the receiver runs it (nothing else may be sent on the session in between)."""
         self.ch.send(self.session.request(op, params))
-        return check_result(op, self._result())
+        return lambda: check_result(op, self._result())
 
     def close(self) -> None:
         """Say CLOSE (unless the session already ended, e.g. refused at the handshake: the peer

@@ -62,8 +62,9 @@ class RemotePrefillSteps:
     """Where a remote prefill's seconds went, in order, as this engine saw them."""
 
     link_s: float  # measuring the link (round trip and rate) on the kept session
-    peer_prefill_s: float  # REQUEST prefill until the peer's RESULT: its prefill of the prompt
-    head_s: float  # the first BATCHED_MIN tokens prefilled here (the delta extends them)
+    head_s: float  # the first BATCHED_MIN tokens prefilled here (the delta extends them), while
+    #                the peer prefills the prompt
+    peer_wait_s: float  # after that, waiting for the peer's RESULT (the rest of its prefill)
     pull_s: float  # the delta's request, transfer, verification and import
     delta_bytes: int  # its payload
 
@@ -273,20 +274,20 @@ class Engine:
             if remote_s >= local_s:
                 return None
             # The peer prefills the whole prompt; the first BATCHED_MIN tokens are prefilled here
-            # too (a delta extends a sequence; both sides decode them in one batch of 64+, so
-            # their cells agree bit for bit, as a split handoff's do), and the rest comes back
-            # as a delta from there, verified before it is imported.
-            t_asked = time.perf_counter()
-            peer.request("prefill", tokens=list(tokens), replace=True)
-            t_prefilled = time.perf_counter()
+            # too, meanwhile (a delta extends a sequence; both sides decode them in one batch of
+            # 64+, so their cells agree bit for bit, as a split handoff's do), and the rest comes
+            # back as a delta from there, verified before it is imported.
+            prefilled = peer.begin("prefill", tokens=list(tokens), replace=True)
             with m.step() as rt:
                 rt.clear()
+                t_asked = time.perf_counter()
                 rt.prefill(tokens[:BATCHED_MIN])
                 t_head = time.perf_counter()
+                prefilled()
+                t_prefilled = time.perf_counter()
                 delta_bytes = peer.sender.pull_delta(rt, BATCHED_MIN)
-            steps = RemotePrefillSteps(link_s=t_link - t0, peer_prefill_s=t_prefilled - t_asked,
-                                       head_s=t_head - t_prefilled, pull_s=time.perf_counter() - t_head,
-                                       delta_bytes=delta_bytes)
+            steps = RemotePrefillSteps(link_s=t_link - t0, head_s=t_head - t_asked, peer_wait_s=t_prefilled - t_head,
+                                       pull_s=time.perf_counter() - t_prefilled, delta_bytes=delta_bytes)
             log.info("remote prefill on %s: %s", where, steps)
             return steps
         except EdgelinkError as exc:
