@@ -29,6 +29,7 @@ from edgelink.errors import EdgelinkError
 from edgelink.models.resolve import resolve_model
 from edgelink.roles.launcher import start_node, stop_receiver
 from edgelink.runtime.llama import BATCHED_MIN, LlamaRuntime
+from edgelink.runtime.threads import cpu_count
 
 TOKEN = "bench-remote-prefill"
 
@@ -100,7 +101,12 @@ def run_remote_prefill_bench(model: str, cfg: Config, prompt_tokens: int = 2000,
         shape(desk, mbit)
         common = cfg.replace(runtime_n_ctx=n_ctx, cache_ram_bytes=0, cache_disk_bytes=0, cache_dir=str(t / "kv"),
                              http_parallel=1)
-        node = start_node(path, common, listen=f"/ip4/{desk.ip}/tcp/0", wrapper=desk.wrapper,
+        # The desktop's threads are fixed: on one box its adaptive plan (runtime/threads.py) would
+        # count the laptop's threads, busy with its 64-token head, as load and prefill the whole
+        # prompt on one thread (measured: 13 s became 23 s); a real desktop never sees them.
+        cores = cpu_count()
+        desk_cfg = common.replace(runtime_n_threads=cores, runtime_n_threads_batch=cores)
+        node = start_node(path, desk_cfg, listen=f"/ip4/{desk.ip}/tcp/0", wrapper=desk.wrapper,
                           extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(t / "desk.key")},
                           node_args=("--token-file", str(t / "tokens")))
         try:

@@ -163,8 +163,10 @@ def usage(out: Outcome) -> dict[str, Any]:
             "total_tokens": out.prompt_tokens + out.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
             # ours, beside OpenAI's fields (clients keep unknown fields): where the prompt was
-            # prefilled (here, or http.prefill_peer's address) and how long that took
-            "edgelink": {"prefilled_by": out.prefilled_by, "prefill_s": round(out.prefill_s, 4)}}
+            # prefilled (here, or http.prefill_peer's address), how long that took, and a remote
+            # prefill's steps
+            "edgelink": {"prefilled_by": out.prefilled_by, "prefill_s": round(out.prefill_s, 4),
+                         **({"remote_prefill": dataclasses.asdict(out.remote_prefill)} if out.remote_prefill else {})}}
 
 
 def finish(out: Outcome) -> str:
