@@ -81,6 +81,9 @@ from edgelink.bridge.blas import blas_thread_count, blas_threads
 from edgelink.config import Config, load_config
 from edgelink.kinds.bridged import feed_vectors
 from edgelink.models.resolve import resolve_model
+from edgelink.protocol.codec import encode_tensor_message
+from edgelink.protocol.kinds import ApplyMode, DType, Kind
+from edgelink.protocol.messages import Tensor, TensorMessage
 from edgelink.runtime.embeddings import TokenEmbeddings
 from edgelink.runtime.evalhook import capture
 from edgelink.runtime.label_head import LabelHead
@@ -365,10 +368,6 @@ def tensor_frame_overhead(k: int, d: int, digest: str = "0" * 64) -> int | None:
     """Bytes of one protocol TENSOR message carrying f32 [k, d] beyond the payload, or None if
     the protocol module cannot encode one here."""
     try:
-        from edgelink.protocol.codec import encode_tensor_message
-        from edgelink.protocol.kinds import ApplyMode, DType, Kind
-        from edgelink.protocol.messages import Tensor, TensorMessage
-
         arr = np.zeros((k, d), dtype=np.float32)
         msg = TensorMessage(session_id=bytes(16), message_id=1, kind=Kind.BRIDGED_PREFIX,
                             apply=ApplyMode.APPEND, seq_slot=0, layer_range=(0, 0),
