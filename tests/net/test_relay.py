@@ -35,6 +35,20 @@ def _echo(ch) -> None:
         ch.send(bytes(data))
 
 
+def _open_through(client: P2PHost, circuit: str, relay: Relay, node: P2PHost):
+    """A channel through ``circuit``. A circuit reset at the relay can take the node's own
+    connection to the relay down with it (py-libp2p 0.8.1; about one run in six here): the relay
+    then answers NO_RESERVATION (204) until the node has reserved again, which it does within
+    p2p.reserve_retry_s. That case waits for the node and tries once more."""
+    try:
+        return client.open_channel(circuit)
+    except TransportError as exc:
+        if "status 204" not in str(exc):
+            raise
+    _wait_for(lambda: node.peer_id in relay.host.connected_peers(), "the node back on the relay")
+    return client.open_channel(circuit)
+
+
 @pytest.fixture
 def relayed(cfg, tmp_path):
     """A relay allowing two circuits per node, and a node that reserved on it."""
@@ -59,7 +73,7 @@ def test_circuits_release_their_slots_and_carry_bytes_both_ways(relayed, tmp_pat
     for rnd in range(2):
         clients = [P2PHost(c, load_identity(tmp_path / f"client-{rnd}-{i}.key")) for i in range(2)]
         try:
-            chans = [h.open_channel(circuit) for h in clients]
+            chans = [_open_through(h, circuit, relay, node) for h in clients]
             assert all(ch.path == "relayed" for ch in chans)
             for i, ch in enumerate(chans):  # a MiB each way, through the relay
                 payload = bytes([i + 1]) * (1 << 20)
@@ -76,7 +90,7 @@ def test_circuits_release_their_slots_and_carry_bytes_both_ways(relayed, tmp_pat
         _wait_for(lambda n=2 * (rnd + 1): sum(e["event"] == "circuit" for e in events) == n, events)
     circuits = [e for e in events if e["event"] == "circuit"]
     assert all(e["bytes"] > 2 << 20 and node.peer_id in e["peers"] for e in circuits), circuits
-    assert relay.totals["circuits"] == 4 and relay.totals["reservations"] == 1
+    assert relay.totals["circuits"] == 4 and relay.totals["reservations"] >= 1  # more: see _open_through
 
 
 def test_a_relay_reserves_only_for_the_peers_it_allows(cfg, tmp_path):
