@@ -13,6 +13,7 @@ from edgelink.kinds.snapshot import SnapshotApplier, snapshot_tensors
 from edgelink.protocol.kinds import ApplyMode, Kind
 from edgelink.protocol.messages import TensorMessage
 from edgelink.runtime.llama import LlamaRuntime
+from edgelink.runtime.threads import cpu_count
 
 
 def _msg(kind, apply, rt, built) -> TensorMessage:
@@ -31,7 +32,12 @@ def _kv_bytes(msg: TensorMessage) -> int:
 
 @pytest.fixture(scope="module")
 def trio(model_paths, cfg):
-    made = {name: tuple(LlamaRuntime(p, cfg) for _ in range(3)) for name, p in model_paths.items()}
+    # fixed threads: llama.cpp's cells differ in the last bits between thread counts (measured:
+    # SmolLM2, 300 tokens + 20 generated, 1 vs 2 threads), and the adaptive default picks fewer
+    # while another process is busy, so "bit for bit" below would depend on the machine's load
+    n = cpu_count()
+    fixed = cfg.replace(runtime_n_threads=n, runtime_n_threads_batch=n)
+    made = {name: tuple(LlamaRuntime(p, fixed) for _ in range(3)) for name, p in model_paths.items()}
     yield made
     for rts in made.values():
         for rt in rts:
