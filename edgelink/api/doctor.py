@@ -142,7 +142,6 @@ def _llama_checks(cfg: Config) -> tuple[list[Check], str]:
 def _native_checks(cfg: Config) -> list[Check]:
     out: list[Check] = []
     try:
-
         nat = native()
         out.append(Check("native", "edgelink._native", OK,
                          f"built, waits by {nat.WAIT_BACKEND}; shm.wait = {cfg.shm.wait} -> "

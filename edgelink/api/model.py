@@ -191,7 +191,6 @@ class Model:
     def prefix_cache(self) -> PrefixCache:
         """This model's prefix cache (the ``cache`` settings; docs/cache.md), made on first use."""
         if self._cache is None:
-
             self._cache = _PrefixCache(self.cfg)
         return self._cache
 

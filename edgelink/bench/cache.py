@@ -58,7 +58,6 @@ def _peer_rows(m, cache, toks: list[int], cfg, node_dir: Path, rates: list[str],
             elif float(rate) == 0:
                 node = start_node(m.name, node_cfg, extra_env=keys["node"])
             else:
-
                 host = stack.enter_context(remote_host())
                 node = start_node(m.name, node_cfg.replace(node_open="on"), listen=f"/ip4/{host.ip}/tcp/0",
                                   wrapper=host.wrapper,

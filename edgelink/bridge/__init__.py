@@ -60,7 +60,6 @@ def _paths(path: str | os.PathLike[str], find: bool = False) -> tuple[Path, Path
     if p.suffix in (".json", ".npz"):
         p = p.with_suffix("")
     if find and not p.is_absolute() and not p.with_name(p.name + ".json").exists():
-
         shipped = load_config().paths.registry.parent
         for cand in (shipped / p, shipped / p.name):
             if cand.with_name(cand.name + ".json").exists():

@@ -326,7 +326,6 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
     if (shm_name is None) == (http_listen is None):
         raise click.UsageError("give --shm NAME (handoffs) or --http [HOST:PORT] (the OpenAI API)")
     if http_listen is not None:
-
         def http_ready(ev: dict) -> None:
             _emit(as_json, ev, f"serving {ev['model']} on {ev['url']} (OpenAI API; Ctrl-C to stop): "
                   f"{ev['contexts']} context(s) of {ev['n_ctx']} tokens, {ev['threads_per_context']} "

@@ -119,7 +119,6 @@ def bridge_train(obj: _Ctx, kind: str, task: str, seeds: str, k: int, layer: int
     results = []
     for seed in (int(s) for s in seeds.split(",") if s.strip()):
         if kind == "ridge":
-
             r = train_ridge(out, cfg, task=task, n=n_train, n_dev=n_dev, k=k, layer=layer,
                             source=source, target=target)
         else:

@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     reports["message_file"] = run(lambda f: T.message_file(len(f).to_bytes(8, "little") + f),
                                   "message_file", seeds, args.cases // 20, args.seed)
     if args.live:
-
         sig, extra = real_export(args.model or cfg.runtime.default_model, cfg)
         reports["live"] = fuzz_live(args.live, cfg, sig, cases=args.cases, seed=args.seed,
                                     token=args.token or None, extra_tensor_messages=extra)

@@ -101,7 +101,6 @@ def follow_up(msg: Any) -> None:
     elif isinstance(msg, TensorMessage):
         codec.verify_checksums(msg)
         if "wire" in msg.attrs:
-
             msg = wire.decode_message(msg, list(wire.CODECS), 1 << 28)
         if msg.kind in (Kind.KV_CACHE, Kind.KV_CACHE_DELTA, Kind.KV_MEMORY) and "kv" in msg.attrs:
             tensors_to_state({t.name: t for t in msg.tensors}, msg.attrs["kv"])

@@ -96,7 +96,6 @@ class PatchApplier:
     @property
     def norms(self) -> np.ndarray:
         if self._norms is None:
-
             self._norms = residual_norms(self.rt, self.cfg)
         return self._norms
 

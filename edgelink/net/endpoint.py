@@ -53,7 +53,6 @@ def connect(endpoint: str, cfg: Config | None = None) -> Channel:
     cfg = cfg if cfg is not None else load_config()
     ep = parse_endpoint(endpoint)
     if ep.scheme in ("p2p", "mdns"):
-
         addr = resolve_peer(cfg, ep.address) if ep.scheme == "mdns" else ep.address
         return client_host(cfg).open_channel(addr)
     return shm_connect(ep.address, cfg)

@@ -422,7 +422,6 @@ class Node:
                 return None
             self._creating += 1
         try:
-
             rt = LlamaRuntime(self._model_path, self.cfg)
             try:
                 receiver = Receiver(rt, self._serving, self.signature, bridge=self._bridge,

@@ -358,7 +358,6 @@ class Receiver:
         if not self.cfg.cache.share:
             raise SessionError("this receiver does not share its prefix cache (cache.share = off)")
         if self._cache is None:
-
             self._cache = PrefixCache(self.cfg)
         return self._cache
 

@@ -83,7 +83,6 @@ class LlamaRuntime:
         # decodes one micro-batch per call (the eval hook maps l_out rows to positions by it).
         self.batch_observer = None
         if eval_hook if eval_hook is not None else rc.eval_hook:
-
             self.eval_hook = EvalHook(self.n_layer, self.n_embd)
             cp.cb_eval = self.eval_hook.cb_eval
             cp.cb_eval_user_data = self.eval_hook.user_data

@@ -108,7 +108,6 @@ def choose_extra_buffers(setting: str, features: dict[str, str], flags: frozense
     a build without them loses nothing by keeping the default (the repacked x86 and arm kernels
     are safe and faster)."""
     if setting not in EXTRA_BUFFER_MODES:
-
         raise ConfigError(
             f"runtime.extra_buffers must be one of {', '.join(EXTRA_BUFFER_MODES)}, not {setting!r}"
         )

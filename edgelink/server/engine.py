@@ -124,7 +124,6 @@ class Engine:
         except ConfigError:
             self.template = None  # /v1/chat/completions then says why
         if cfg.http.prefill_peer and first.runtime.prefill_tps <= 0:
-
             calibrate_prefill(first.runtime)  # remote prefill is chosen against this speed
             for m in self._models[1:]:
                 m.runtime.prefill_tps = first.runtime.prefill_tps
