@@ -182,6 +182,7 @@ class HttpConfig:
     parallel: int
     queue: int
     retry_after_s: float
+    reuse: str
     api_keys: str
     api_key_file: str
     cors_origins: str

@@ -22,9 +22,20 @@ from edgelink.protocol.kinds import Kind
 from edgelink.protocol.ops import GenerateResult, OpResult
 from edgelink.roles.sender import Sender, SentMessage
 from edgelink.runtime.sizing import fit_limits, snapshot_tokens_within
+from edgelink.transport.p2p import preload
 
 if TYPE_CHECKING:
     from edgelink.api.model import Model
+
+
+def preload_dialling(addresses: Sequence[str]) -> float:
+    """Load the p2p transport now if any of ``addresses`` (peers a process will dial) is not a
+    ``shm:`` segment, rather than inside the first call that dials; returns the seconds spent."""
+    if all(a.startswith("shm:") for a in addresses):
+        return 0.0
+    t0 = time.perf_counter()
+    preload()
+    return time.perf_counter() - t0
 
 
 @dataclasses.dataclass

@@ -14,7 +14,10 @@ token is the time to the first content chunk). Cases, each in one run:
 - peer: a second edgelink server with an empty cache, whose ``cache.peers`` is an `edgelink node`
   holding the first server's cache in another network namespace behind a tc-shaped link (root;
   on loopback otherwise), against llama_cpp.server's restart case (a server that never saw the
-  prompt either).
+  prompt either);
+- shared+prefix, chat+prefix: the shared and chat cases on an edgelink server with
+  ``http.reuse = prefix`` (token-granular reuse, as llama_cpp.server does), whose replies are
+  compared with the exact server's.
 
 llama_cpp.server reuses its one context's common prefix with the previous request (llama-cpp-
 python's prefix match), so "shared" and "chat" compare edgelink's chunked reuse with that, not
@@ -249,27 +252,41 @@ def run(model: str, cfg: Config, *, prompt_tokens: int = 2000, requests: int = 8
             results["cases"][kind] = {"shared": shared, "chat": chat, "restart": restart, "concurrent": conc,
                                       "peak_rss_mb": max(srv.peak_rss, srv2.peak_rss) / 2**20,
                                       "start_s": srv.start_s}
+        say("edgelink, http.reuse = prefix: starting (fresh cache)")
+        srv = _Server("edgelink", path, cfg, Path(tmp) / "kv-prefix", threads, templated,
+                      extra_env={"EDGELINK_HTTP_REUSE": "prefix"})
+        try:
+            prefix_shared = _shared(srv, system, requests, max_tokens)
+            prefix_chat = _chat(srv, system, turns, max_tokens)
+        finally:
+            srv.stop()
         say("edgelink: a second server fetching the prefix from a node")
         results["peer_where"], peer = _peer_case(path, cfg, cache, threads, templated, system, requests, max_tokens,
                                                  peer_mbit)
     e, b = results["cases"]["edgelink"], results["cases"]["llama_cpp.server"]
     e["peer"], b["peer"] = peer, b["restart"]  # the baseline: a server that never saw the prompt
+    # http.reuse = prefix against llama_cpp.server's same cases; "same" is then against edgelink's
+    # exact replies (a cold run's), which is what prefix reuse may change
+    e["shared+prefix"], b["shared+prefix"] = prefix_shared, b["shared"]
+    e["chat+prefix"], b["chat+prefix"] = prefix_chat, b["chat"]
 
     def ratio(case: str, i: int) -> float:
         return b[case][i]["ttft_s"] / max(e[case][i]["ttft_s"], 1e-9)
 
     rows = []
-    for case in ("shared", "chat", "restart", "peer"):
+    for case in ("shared", "chat", "restart", "peer", "shared+prefix", "chat+prefix"):
+        like = e[case.split("+")[0]] if "+" in case else b[case]
         for i in range(len(e[case])):
             rows.append((case, i, e[case][i]["ttft_s"], b[case][i]["ttft_s"], ratio(case, i),
-                         e[case][i]["cached_tokens"], e[case][i]["text"] == b[case][i]["text"]))
+                         e[case][i]["cached_tokens"], e[case][i]["text"] == like[i]["text"]))
     results["rows"] = [dict(zip(("case", "request", "edgelink_ttft_s", "llama_cpp_server_ttft_s", "ratio",
                                  "edgelink_cached_tokens", "same_text"), r, strict=True)) for r in rows]
     say(f"{path.name}, {prompt_tokens}-token system prompt, {threads} threads, max_tokens {max_tokens}; "
         f"peer: {results['peer_where']} (against llama_cpp.server's restart rows)")
-    say(f"{'case':9} {'#':>2} {'edgelink TTFT':>14} {'llama_cpp.server':>17} {'ratio':>7} {'cached':>7} same")
+    say("same: the reply equals llama_cpp.server's; in the +prefix rows, edgelink's exact one (a cold run's)")
+    say(f"{'case':13} {'#':>2} {'edgelink TTFT':>14} {'llama_cpp.server':>17} {'ratio':>7} {'cached':>7} same")
     for case, i, te, tb, r, cached, same in rows:
-        say(f"{case:9} {i:>2} {te * 1000:>11.0f} ms {tb * 1000:>14.0f} ms {r:>6.2f}x {cached!s:>7} {same}")
+        say(f"{case:13} {i:>2} {te * 1000:>11.0f} ms {tb * 1000:>14.0f} ms {r:>6.2f}x {cached!s:>7} {same}")
     for kind, c in results["cases"].items():
         cc = c["concurrent"]
         say(f"{kind}: {clients} clients x {per_client}: {cc['rps']:.2f} req/s, TTFT p50 {cc['p50_ttft_s'] * 1000:.0f} ms, "

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgelink.api.model import Snapshot, load
+from edgelink.api.peer import preload_dialling
 from edgelink.cache.prefix import PrefixCache
-from edgelink.config import Config
+from edgelink.config import Config, config_list
 from edgelink.errors import ConfigError, EdgelinkError, StateError
 from edgelink.roles.receiver import calibrate_prefill
 from edgelink.runtime.chat import ChatTemplate
@@ -93,10 +94,24 @@ def derived_parallel(cfg: Config) -> int:
     return n or max(1, (os.cpu_count() or 2) // 2)
 
 
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n, limit = 0, min(limit, len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+REUSE = ("exact", "prefix")
+
+
 class Engine:
     """``http.parallel`` contexts of one model, sharing its weights (mmap) and one prefix cache."""
 
     def __init__(self, model: str | Path, cfg: Config, *, progress=None):
+        if cfg.http.reuse not in REUSE:
+            raise ConfigError(f"http.reuse is {cfg.http.reuse!r}: one of {', '.join(REUSE)}")
+        self.reuse = cfg.http.reuse
         self.parallel = derived_parallel(cfg)
         # contexts share the cores: each gets its part unless runtime.n_threads says otherwise;
         # one context keeps the adaptive default (runtime/threads.py: it also yields to other
@@ -127,6 +142,9 @@ class Engine:
             calibrate_prefill(first.runtime)  # remote prefill is chosen against this speed
             for m in self._models[1:]:
                 m.runtime.prefill_tps = first.runtime.prefill_tps
+        loaded_s = preload_dialling(config_list(cfg.cache.peers) + config_list(cfg.http.prefill_peer))
+        if loaded_s:
+            log.info("p2p transport loaded in %.1f s (cache.peers / http.prefill_peer dial through it)", loaded_s)
         self._free: queue.Queue = queue.Queue()
         for m in self._models:
             self._free.put(m)
@@ -186,18 +204,21 @@ class Engine:
         last = getattr(m, "prompt", None)
         rt = m.runtime
         if not last or rt.n_swa:
-            self._drop(m)
             return 0
         chunk = self.cache.chunk
-        n = 0
-        limit = min(len(last), len(tokens) - 1, len(rt.tokens))
-        while n < limit and last[n] == tokens[n]:
-            n += 1
-        keep = n // chunk * chunk
-        if keep == 0 or rt.tokens[:keep] != tokens[:keep]:
-            self._drop(m)
+        keep = common_prefix(last, tokens, min(len(tokens) - 1, len(rt.tokens))) // chunk * chunk
+        return keep if rt.tokens[:keep] == tokens[:keep] else 0
+
+    def _reusable_tokens(self, m, tokens: list[int], keep: int) -> int:
+        """``http.reuse = prefix``: how much of ``tokens`` the context's cells cover token by
+        token, its last reply included (llama-server's slot reuse), when that is more than the
+        exact ``keep`` and what is left is short (a long new part goes through the cache, which
+        stores it); else 0. Not on a sliding-window model (its window cells may be gone)."""
+        rt = m.runtime
+        if self.reuse != "prefix" or rt.n_swa or getattr(m, "prompt", None) is None:
             return 0
-        return keep
+        n = common_prefix(rt.tokens, tokens, len(tokens) - 1)
+        return n if keep < n and len(tokens) - n < 2 * self.cache.chunk else 0
 
     def _fetch(self, m, tokens: list[int], keep: int) -> int:
         """Chunks of ``tokens`` that this cache lacks, fetched from ``cache.peers`` (another
@@ -228,6 +249,16 @@ class Engine:
         on ``http.prefill_peer`` (``_remote_prefill``)."""
         t0 = time.perf_counter()
         keep = self._reusable(m, tokens)
+        reused = self._reusable_tokens(m, tokens, keep)
+        if reused:
+            with m.step() as rt:
+                rt.truncate(reused)
+                rt.prefill(tokens[reused:])
+            m.prompt = m.prompt[:reused]  # what is left of the cells computed through the cache
+            return Outcome(prompt_tokens=len(tokens), cached_tokens=reused, prefill_s=time.perf_counter() - t0,
+                           cached_from={"context": reused // self.cache.chunk} if reused >= self.cache.chunk else {})
+        if not keep:
+            self._drop(m)
         fetched = self._fetch(m, tokens, keep)
         steps = self._remote_prefill(m, tokens, keep)
         if steps is not None:

@@ -1167,6 +1167,17 @@ def dial_failure(addr: str, exc: BaseException) -> str:
     return f"could not open a session with {addr}: {type(root).__name__}: {str(root).splitlines()[0][:300]}"
 
 
+def preload() -> None:
+    """Import what dialling a peer needs now (py-libp2p: 1.4 s on a 2-core machine), so that a
+    server whose requests may dial (``cache.peers``, ``http.prefill_peer``) does not spend it
+    inside its first request's time to first token."""
+    import libp2p  # noqa: F401
+    import libp2p.crypto.ed25519  # noqa: F401 - the identity key (identity._from_seed)
+    import libp2p.security.noise.transport  # noqa: F401
+
+    import edgelink.transport.readahead  # noqa: F401 - its import is libp2p's, like the lines above
+
+
 _CLIENT_HOSTS: dict[tuple[str, str], P2PHost] = {}
 _CLIENT_LOCK = threading.Lock()
 

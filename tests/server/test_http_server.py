@@ -136,6 +136,50 @@ def test_the_next_request_reuses_the_contexts_cells_exactly(smollm2_path, cfg, t
         eng.close()
 
 
+def test_prefix_reuse_covers_the_previous_reply_and_a_long_new_part_goes_through_the_cache(smollm2_path, cfg,
+                                                                                         tmp_path):
+    """``http.reuse = prefix``: a chat's next turn reuses its context's cells token by token, the
+    previous reply included (more than the whole chunks exact reuse may keep); a turn whose new
+    part is long goes the exact way, whole chunks, so the cache stores what it computes."""
+    from edgelink.server.engine import Engine, Params, common_prefix
+
+    ecfg = cfg.replace(cache_dir=str(tmp_path / "kv"), cache_chunk_tokens=64, cache_ram_bytes=0,
+                       cache_disk_bytes=0, http_parallel=1, http_reuse="prefix")
+    eng = Engine(str(smollm2_path), ecfg)
+    try:
+        def ask(messages):
+            toks = eng.chat_tokens(messages)
+            items = list(eng.run(toks, Params(max_tokens=12)))
+            return len(toks), "".join(i for i in items if isinstance(i, str)), items[-1]
+
+        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which floor has the lenses?"}]
+        n1, reply, out1 = ask(chat)
+        assert out1.cached_tokens == 0 and reply
+        chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And the logbooks?"}]
+        n2, reply2, out2 = ask(chat)
+        # the whole first prompt and some of the reply, where exact reuse stops at a chunk boundary
+        assert out2.cached_tokens > n1 and out2.cached_tokens % 64
+        assert out2.cached_from == {"context": out2.cached_tokens // 64}
+        assert reply2 and out2.prompt_tokens == n2
+        chat += [{"role": "assistant", "content": reply2},
+                 {"role": "user", "content": "Tell me about the keepers. " * 20}]
+        n3, _, out3 = ask(chat)
+        assert n3 - n2 > 128 and out3.cached_tokens % 64 == 0 and 0 < out3.cached_tokens <= n2
+        other = [{"role": "user", "content": "Something else entirely."}]
+        _, _, out4 = ask(other)  # only the template's opening tokens are common
+        assert out4.cached_tokens == common_prefix(eng.chat_tokens(chat), eng.chat_tokens(other), 99) < 16
+    finally:
+        eng.close()
+
+
+def test_an_unknown_reuse_mode_is_a_config_error_that_names_the_choices(cfg):
+    from edgelink.errors import ConfigError
+    from edgelink.server.engine import Engine
+
+    with pytest.raises(ConfigError, match="exact, prefix"):
+        Engine("no-such-model", cfg.replace(http_reuse="tokens"))
+
+
 def test_a_text_completion_seed_and_stop(server):
     c = _client(server)
     r = c.completions.create(model=server.ready["model"], prompt="The three floors of the museum are",
