@@ -31,3 +31,18 @@ class Sampler:
             q = p[keep] / p[keep].sum()
             return int(keep[self._rng.choice(len(keep), p=q)])
         return int(self._rng.choice(len(p), p=p))
+
+
+def log_probs(logits: np.ndarray, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log probability of ``token`` under ``logits`` (the raw distribution, before
+    temperature and top-p, as OpenAI's ``logprobs`` report it), and the ``top`` most likely
+    tokens with theirs, most likely first."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    lse = float(np.log(np.exp(z).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        idx = np.argpartition(-z, top - 1)[:top] if top < len(z) else np.arange(len(z))
+        idx = idx[np.argsort(-z[idx], kind="stable")]
+        best = [(int(i), float(z[i]) - lse) for i in idx]
+    return float(z[token]) - lse, best

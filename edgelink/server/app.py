@@ -30,11 +30,12 @@ from edgelink.errors import (
     StateError,
     TransportError,
 )
-from edgelink.server.engine import Busy, Engine, Outcome, TooLong
+from edgelink.server.engine import Busy, Engine, Outcome, TokenLogprob, TooLong
 from edgelink.server.openai import (
     ApiError,
     Request,
     chunk,
+    logprobs_body,
     new_id,
     parse_json,
     parse_request,
@@ -216,14 +217,14 @@ class _Api:
                 watcher.cancel()  # Starlette's streaming response listens for the disconnect now
                 return StreamingResponse(_stream(engine, req, rid, run, first), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            text, out = await _rest(run, first, engine)
+            text, out, entries = await _rest(run, first, engine)
         except ApiError as exc:
             return _error(exc)
         finally:
             watcher.cancel()
         if run.cancel.is_set() or out is None:  # the client went away: nobody to answer
             return JSONResponse({}, status_code=499)
-        return JSONResponse(response(req, rid, engine.name, text, out))
+        return JSONResponse(response(req, rid, engine.name, text, out, entries))
 
     async def chat_completions(self, request):
         return await self.completions(request, True)
@@ -429,19 +430,22 @@ def _raise_for(item: BaseException, engine: Engine) -> None:
     raise item
 
 
-async def _rest(run: _Run, item: Any, engine: Engine) -> tuple[str, Outcome | None]:
+async def _rest(run: _Run, item: Any, engine: Engine) -> tuple[str, Outcome | None, list[TokenLogprob]]:
     """Collect a request that is not streamed, from its first item on."""
     parts: list[str] = []
+    entries: list[TokenLogprob] = []
     out: Outcome | None = None
     while item is not None:
         if isinstance(item, BaseException):
             _raise_for(item, engine)
         elif isinstance(item, Outcome):
             out = item
+        elif isinstance(item, TokenLogprob):
+            entries.append(item)
         else:
             parts.append(item)
         item = await run.q.get()
-    return "".join(parts), out
+    return "".join(parts), out, entries
 
 
 async def _stream(engine: Engine, req: Request, rid: str, run: _Run, item: Any):
@@ -451,12 +455,24 @@ async def _stream(engine: Engine, req: Request, rid: str, run: _Run, item: Any):
     def event(body: dict) -> bytes:
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
+    pending: list[TokenLogprob] = []  # tokens whose logprobs go out with the next chunk
+    offset = 0  # where they start in the completion's text
+
+    def logprobs() -> dict | None:
+        nonlocal offset
+        body = logprobs_body(req, pending, offset)
+        offset += sum(len(e.piece.decode("utf-8", "replace")) for e in pending)
+        pending.clear()
+        return body
+
     try:
         if req.chat:
             yield event(chunk(req, rid, engine.name, role=True))
         while item is not None:
-            if isinstance(item, Outcome):
-                yield event(chunk(req, rid, engine.name, out=item))
+            if isinstance(item, TokenLogprob):
+                pending.append(item)
+            elif isinstance(item, Outcome):
+                yield event(chunk(req, rid, engine.name, out=item, logprobs=logprobs() if pending else None))
                 if req.include_usage:
                     yield event(chunk(req, rid, engine.name, out=item, usage_only=True))
             elif isinstance(item, BaseException):
@@ -465,7 +481,7 @@ async def _stream(engine: Engine, req: Request, rid: str, run: _Run, item: Any):
                 except ApiError as exc:
                     yield event(exc.body())
             else:
-                yield event(chunk(req, rid, engine.name, text=item))
+                yield event(chunk(req, rid, engine.name, text=item, logprobs=logprobs()))
             item = await run.q.get()
         yield b"data: [DONE]\n\n"
     finally:

@@ -28,7 +28,7 @@ from edgelink.errors import ConfigError, EdgelinkError, StateError
 from edgelink.roles.receiver import calibrate_prefill
 from edgelink.runtime.chat import ChatTemplate
 from edgelink.runtime.llama import BATCHED_MIN
-from edgelink.runtime.sampling import Sampler
+from edgelink.runtime.sampling import Sampler, log_probs
 from edgelink.runtime.sizing import snapshot_bytes
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,18 @@ class Params:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # report each generated token's log probability (TokenLogprob)
+    top_logprobs: int = 0  # and this many most likely alternatives
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as ``logprobs`` report it: its bytes, its log probability under the
+    model's raw distribution, and the most likely tokens there (bytes, log probability)."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +390,11 @@ class Engine:
         finally:
             self.release(m)
 
+    @staticmethod
+    def _logprob(rt, tok: int, piece: bytes, top: int) -> TokenLogprob:
+        lp, best = log_probs(rt.logits, tok, top)
+        return TokenLogprob(piece, lp, tuple((rt.piece(t), v) for t, v in best))
+
     def _check_prompt(self, tokens: list[int]) -> None:
         if len(tokens) >= self.n_ctx:
             raise TooLong(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
@@ -386,10 +403,11 @@ class Engine:
             raise StateError("an empty prompt")
 
     def run(self, tokens: list[int] | None, params: Params, cancelled: Callable[[], bool] = lambda: False,
-            *, state: bytes | None = None) -> Iterator[str | Outcome]:
+            *, state: bytes | None = None) -> Iterator[str | TokenLogprob | Outcome]:
         """Continue ``tokens`` (or, with ``state``, a handed-over state): yields text deltas,
-        then the ``Outcome``. Holds a context from the first ``next()`` until the generator
-        ends (or is closed)."""
+        then the ``Outcome``; with ``params.logprobs``, each token's ``TokenLogprob`` too, before
+        the text it brings. Holds a context from the first ``next()`` until the generator ends
+        (or is closed)."""
 
         if state is None:
             self._check_prompt(tokens or [])
@@ -418,7 +436,10 @@ class Engine:
                         out.finish_reason = "stop"
                         break
                     out.completion_tokens += 1
-                    text += decoder.decode(rt.piece(tok))
+                    piece = rt.piece(tok)
+                    if params.logprobs:
+                        yield self._logprob(rt, tok, piece, params.top_logprobs)
+                    text += decoder.decode(piece)
                     # A stop string cannot start in what went out: the last ``hold`` characters are
                     # held back until they can no longer begin one.
                     found = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]

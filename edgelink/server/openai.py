@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Any
 
-from edgelink.server.engine import Outcome, Params
+from edgelink.server.engine import Outcome, Params, TokenLogprob
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -101,8 +101,6 @@ def parse_request(body: dict[str, Any], *, chat: bool, max_tokens_cap: int) -> R
     model = _get(body, "model", (str,))
     if _get(body, "n", (int,), 1) != 1:
         raise ApiError(400, "'n' must be 1: one choice per request", param="n", code="invalid_value")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
     if _get(body, "echo", (bool,), False):
         raise ApiError(400, "'echo' is not supported", param="echo", code="unsupported_parameter")
     messages = prompt = None
@@ -145,13 +143,61 @@ def parse_request(body: dict[str, Any], *, chat: bool, max_tokens_cap: int) -> R
     params = Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0 if seed is not None else 0.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), seed=None if seed is None else seed % 2**64,
                     stop=stop, ignore_eos=bool(_get(body, "ignore_eos", (bool,), False)))
+    logprobs, top = _logprobs(body, chat)
+    params = dataclasses.replace(params, logprobs=logprobs, top_logprobs=top)
     stream = _get(body, "stream", (bool,), False)
     opts = _get(body, "stream_options", (dict,), None) or {}
     include_usage = bool(_get(opts, "include_usage", (bool,), False))
     return Request(chat, model, messages, prompt, params, stream, include_usage)
 
 
+def _logprobs(body: dict[str, Any], chat: bool) -> tuple[bool, int]:
+    """(report logprobs, alternatives per token): a chat's ``logprobs`` (bool) and
+    ``top_logprobs`` (0-20, only with ``logprobs``); a text completion's ``logprobs`` (0-5)."""
+    if not chat:
+        n = _get(body, "logprobs", (int,), None)
+        if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS_TEXT:
+            raise ApiError(400, f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS_TEXT}, got {n}",
+                           param="logprobs", code="invalid_value")
+        return n is not None, n or 0
+    on = _get(body, "logprobs", (bool,), False)
+    top = _get(body, "top_logprobs", (int,), None)
+    if top is not None and not on:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs",
+                       code="invalid_value")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {top}",
+                       param="top_logprobs", code="invalid_value")
+    return on, top or 0
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bounds
+MAX_TOP_LOGPROBS_TEXT = 5
+
+
 # ---------------------------------------------------------------------- responses
+
+
+def logprobs_body(req: Request, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` for ``entries`` (None when not asked): a chat's ``content`` list,
+    or a text completion's parallel lists; ``offset``: where the first entry's text starts in
+    the completion (characters), for a text completion's ``text_offset``."""
+    if not req.params.logprobs:
+        return None
+
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", "replace")
+
+    if req.chat:
+        return {"content": [{"token": text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
+                             "top_logprobs": [{"token": text(b), "logprob": v, "bytes": list(b)} for b, v in e.top]}
+                            for e in entries], "refusal": None}
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(text(e.piece))
+    return {"tokens": [text(e.piece) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(b): v for b, v in e.top} for e in entries], "text_offset": offsets}
 
 
 def new_id(chat: bool) -> str:
@@ -173,21 +219,25 @@ def finish(out: Outcome) -> str:
     return "length" if out.finish_reason == "length" else "stop"
 
 
-def response(req: Request, rid: str, model: str, text: str, out: Outcome) -> dict[str, Any]:
+def response(req: Request, rid: str, model: str, text: str, out: Outcome,
+             entries: list[TokenLogprob] = ()) -> dict[str, Any]:
     now = int(time.time())
+    lp = logprobs_body(req, list(entries))
     if req.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                   "finish_reason": finish(out)}
         return {"id": rid, "object": "chat.completion", "created": now, "model": model,
                 "choices": [choice], "usage": usage(out), "system_fingerprint": None}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish(out)}
+    choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish(out)}
     return {"id": rid, "object": "text_completion", "created": now, "model": model,
             "choices": [choice], "usage": usage(out)}
 
 
 def chunk(req: Request, rid: str, model: str, *, text: str | None = None, role: bool = False,
-          out: Outcome | None = None, usage_only: bool = False) -> dict[str, Any]:
-    """One streamed chunk: a delta, the final one (``out``: its finish_reason), or usage."""
+          out: Outcome | None = None, usage_only: bool = False, logprobs: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    """One streamed chunk: a delta (with its tokens' ``logprobs_body``), the final one (``out``:
+    its finish_reason), or usage."""
     now = int(time.time())
     kind = "chat.completion.chunk" if req.chat else "text_completion"
     body: dict[str, Any] = {"id": rid, "object": kind, "created": now, "model": model}
@@ -202,9 +252,9 @@ def chunk(req: Request, rid: str, model: str, *, text: str | None = None, role: 
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+        body["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
     else:
-        body["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]
+        body["choices"] = [{"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}]
     if req.include_usage:
         body["usage"] = None
     return body

@@ -198,6 +198,47 @@ def test_a_text_completion_seed_and_stop(server):
     assert [m.id for m in c.models.list().data] == [server.ready["model"]]
 
 
+def test_logprobs_are_the_models_own_plain_streamed_and_for_text(server, smollm2_path, cfg, tmp_path):
+    """``logprobs``: each generated token's log probability under the model's distribution (the
+    first one equal to the model's own, computed here by a cold run), greedy picks the most
+    likely alternative, a stream carries the same entries as a whole reply, and a text
+    completion gets the legacy lists."""
+    import edgelink
+    from edgelink.cache.prefix import PrefixCache
+    from edgelink.runtime.chat import ChatTemplate
+    from edgelink.runtime.sampling import log_probs
+
+    c = _client(server)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    r = c.chat.completions.create(model=server.ready["model"], messages=messages, max_tokens=8, temperature=0,
+                                  logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and bytes(e.bytes).decode() == e.token
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob  # greedy
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    cold = cfg.replace(cache_dir=str(tmp_path / "cold"), cache_chunk_tokens=64)
+    with edgelink.load(str(smollm2_path), cold) as m:
+        m.prefill(ChatTemplate(m.runtime).tokens(messages), cache=PrefixCache(cold))
+        first = int(m.runtime.logits.argmax())
+        assert abs(log_probs(m.runtime.logits, first)[0] - content[0].logprob) < 1e-6
+    streamed = []
+    for ev in c.chat.completions.create(model=server.ready["model"], messages=messages, max_tokens=8,
+                                        temperature=0, logprobs=True, top_logprobs=3, stream=True):
+        for ch in ev.choices:
+            streamed += ch.logprobs.content if ch.logprobs else []
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    t = c.completions.create(model=server.ready["model"], prompt="The lamp room is", max_tokens=6, temperature=0,
+                             logprobs=2)
+    lp = t.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == t.usage.completion_tokens
+    assert "".join(lp.tokens) == t.choices[0].text and all(len(d) == 2 for d in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    plain = c.chat.completions.create(model=server.ready["model"], messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     url = server.ready["url"]
 
@@ -219,6 +260,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}).encode(), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(), 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 3}).encode(), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).encode(), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                     "top_logprobs": 21}).encode(), 400, "invalid_value"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}).encode(), 400, "invalid_type"),
         (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model_not_found"),
         (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode(), 400, "context_length_exceeded"),
         (b"x" * (server.cfg.http.max_body_bytes + 10), 413, "request_too_large"),
