@@ -237,9 +237,11 @@ class PrefixCache:
 
     def _decode_rest(self, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int], keys: list[str],
                      out: CachedPrefill) -> CachedPrefill:
-        """Decode from ``out.hit_tokens`` on, chunk by chunk, storing each new whole chunk."""
+        """Decode from ``out.hit_tokens`` on, storing each new whole chunk: the whole chunks
+        before the last piece in large batches and stored from one export (``_bulk``), then
+        that piece alone, as a chunk-by-chunk prefill would."""
         t1 = time.perf_counter()
-        pos = out.hit_tokens
+        pos = self._bulk(rt, signature, tokens, keys, out)
         while pos < len(tokens):
             step = min(self.chunk, len(tokens) - pos)
             rt.prefill(tokens[pos:pos + step])
@@ -250,6 +252,27 @@ class PrefixCache:
         out.prefill_s = time.perf_counter() - t1
         self._add(out)
         return out
+
+    def _bulk(self, rt: LlamaRuntime, signature: ModelSignature, tokens: list[int], keys: list[str],
+              out: CachedPrefill) -> int:
+        """Prefill the whole chunks from ``out.hit_tokens`` up to the last piece of ``tokens`` in
+        the runtime's large batches, and store the new ones from one export of its state;
+        returns where the rest starts. Their cells are those of a chunk-by-chunk prefill bit
+        for bit (batches of whole 64-token multiples; measured, and held by
+        tests/cache/test_prefix_cache.py), at a fraction of the cost: 64-token batches run
+        llama.cpp's matrix kernels at about 60% of their speed on 512, and storing each chunk
+        after its own batch exported the whole state every time. Not on a sliding-window
+        model (early chunks' window cells are gone by the end: they could be stored only
+        trimmed), nor where a ubatch would not be whole chunks."""
+        pos, end = out.hit_tokens, (len(tokens) - 1) // self.chunk * self.chunk
+        if end - pos < 2 * self.chunk or rt.n_swa or rt.n_ubatch % self.chunk or rt.n_batch % rt.n_ubatch:
+            return pos
+        rt.prefill(tokens[pos:end])
+        new = [i for i in range(pos // self.chunk, end // self.chunk) if not self.store.has(keys[i])]
+        if new:
+            full = parse_seq_state(rt.export_state())
+            out.stored_chunks += sum(self._store_cells(rt, signature, full, keys[i], i) for i in new)
+        return end
 
     def window_chunks(self, rt: LlamaRuntime) -> int:
         """How many chunks at the end of a restored run must bring their window cells."""

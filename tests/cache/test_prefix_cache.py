@@ -47,6 +47,35 @@ def test_a_hit_continues_exactly_as_a_cold_run(model_paths, cache_cfg, name):
         assert longer.hit_tokens == 640 and longer.stored_chunks == 2
 
 
+def test_a_cold_prefill_in_large_batches_has_the_cells_of_one_chunk_at_a_time(smollm2_path, cfg, tmp_path):
+    """The cache prefills the whole chunks before a prompt's last piece in large batches and
+    stores them from one export (PrefixCache._bulk); its cells, logits and stored chunks must be
+    those of the chunk-by-chunk prefill they replace, bit for bit, from a cold start and from a
+    hit. Threads fixed: llama.cpp's bits depend on the thread count."""
+    ccfg = cfg.replace(cache_dir=str(tmp_path / "kv"), cache_chunk_tokens=64, runtime_n_threads=2)
+    with edgelink.load(str(smollm2_path), ccfg) as m:
+        rt = m.runtime
+        toks = context_tokens(rt, 700)
+        cache = PrefixCache(ccfg)
+        for start, n in ((0, 640), (128, 700)):
+            m.reset()
+            cache.store.clear()
+            if start:  # a hit on the first chunks, then the bulk from there
+                cache.prefill(rt, m.signature, toks[:start + 1])
+                m.reset()
+            got = cache.prefill(rt, m.signature, toks[:n])
+            assert got.hit_tokens == start and got.stored_chunks == n // 64 - start // 64
+            digest, logits = rt.state_digest(), rt.logits.copy()
+            m.reset()
+            for i in range(0, n, 64):
+                rt.prefill(toks[i:min(i + 64, n)])
+            assert rt.state_digest() == digest and (rt.logits == logits).all(), (start, n)
+            # and the stored chunks restore those cells
+            m.reset()
+            warm = cache.prefill(rt, m.signature, toks[:n])
+            assert warm.hit_tokens == (n - 1) // 64 * 64 and rt.state_digest() == digest
+
+
 def test_a_damaged_chunk_is_dropped_and_recomputed_never_applied(model_paths, cache_cfg):
     with edgelink.load(str(model_paths["smollm2-135m"]), cache_cfg) as m:
         toks = context_tokens(m.runtime, 400)
