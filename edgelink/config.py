@@ -112,6 +112,7 @@ class P2PConfig:
     hole_punch: bool
     punch_listen: str
     reserve_retry_s: float
+    reachability: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +175,7 @@ class RelayConfig:
     max_circuits: int
     circuit_bytes: int
     circuit_duration_s: float
+    dialback_timeout_s: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -292,6 +292,10 @@ def node(model: str, cfg: Config | None = None, *, listen: str | None = None,
     try:
         if on_ready:
             relayed = {"circuit_addrs": n.circuit_addrs, "reserve_s": round(n.reserve_s, 4)} if n.circuit_addrs else {}
+            if n.reachability is not None:  # what the relay's dial-back check found
+                r = n.reachability
+                relayed["reachability"] = {"public": r.public, "observed_ip": r.observed_ip,
+                                           "checked_by": r.checked_by, "said": r.describe()}
             on_ready({"event": "ready", "peer_id": n.identity.peer_id_str, "addrs": n.addrs,
                       **relayed, **n.memory_facts()})
         n.run(install_signals=handle_signals)

@@ -213,14 +213,17 @@ class Model:
         for name in names:
             if cache.held(keys) == len(keys):
                 break
-            addrs = self._dht_holders(keys, cache.held(keys), out) if name == "dht" else [name]
-            for addr in addrs:
-                out.sources.append(addr)
-                try:
-                    with self.connect(addr, token=self._token_for(addr, name, token)) as peer:
-                        peer.fetch_cache(toks)
-                except EdgelinkError as exc:  # what arrived before the failure is kept
-                    out.errors.append(f"{addr}: {exc}")
+            peers = self._dht_holders(keys, cache.held(keys), out) if name == "dht" else [[name]]
+            for addrs in peers:
+                for addr in addrs:  # one peer's addresses, in order, until one of them serves
+                    out.sources.append(addr)
+                    try:
+                        with self.connect(addr, token=self._token_for(addr, name, token)) as peer:
+                            peer.fetch_cache(toks)
+                    except EdgelinkError as exc:  # what arrived before the failure is kept
+                        out.errors.append(f"{addr}: {exc}")
+                        continue
+                    break
                 if cache.held(keys) == len(keys):
                     break
         out.chunks = cache.held(keys) - before
@@ -236,9 +239,10 @@ class Model:
         pid = addr.rpartition("/p2p/")[2]
         return token if pid in config_list(self.cfg.cache.trust) else None
 
-    def _dht_holders(self, keys: list[str], held: int, out: CacheFetch) -> list[str]:
-        """Addresses of the trusted peers the DHT names as holders of the deepest of ``keys``
-        (beyond the ``held`` this cache has)."""
+    def _dht_holders(self, keys: list[str], held: int, out: CacheFetch) -> list[list[str]]:
+        """The addresses of each trusted peer the DHT names as a holder of the deepest of
+        ``keys`` (beyond the ``held`` this cache has), in the order to try them (a holder behind
+        NAT: its circuits through relays first, docs/nat.md)."""
 
         dht = client_dht(self.cfg)
         trust = set(config_list(self.cfg.cache.trust))
@@ -247,7 +251,7 @@ class Model:
         if not found:  # say who holds it, if anyone, so the user can decide to trust them
             out.untrusted += [p.peer_id for p in dht.providers(keys[held])] if held < len(keys) else []
             return []
-        return [p.addrs[0] for p in found] if n > held else []
+        return [list(p.addrs) for p in found] if n > held else []
 
     def reset(self) -> None:
         """Forget the sequence."""

@@ -356,7 +356,7 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("--to", "to", required=True,
               help="Receiver endpoint: shm:NAME, a node's /ip4/HOST/tcp/PORT/p2p/PEERID, or "
-                   "/p2p/PEERID alone (found on the LAN with mDNS).")
+                   "/p2p/PEERID alone (found through the DHT with cache.bootstrap, or on the LAN with mDNS).")
 @n_option
 @click.option("--verify", is_flag=True, help="Also continue locally and report whether both match.")
 @token_ids_option
@@ -510,6 +510,7 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
     def ready(ev: dict) -> None:
         per = ev["kv_bytes_per_context"] / 1e6
         _emit(as_json, ev, "node ready (Ctrl-C to stop); dial one of:\n  " + "\n  ".join(ev["addrs"])
+              + (f"\nthis node is {ev['reachability']['said']}" if "reachability" in ev else "")
               + f"\nmemory: each client's context holds a KV cache of {per:,.0f} MB (n_ctx x KV bytes "
               f"per token); {ev['contexts']} now, up to {ev['max_clients']} ({ev['max_clients'] * per:,.0f} MB) "
               "as clients arrive (node.max_clients)", compact=True)
@@ -517,7 +518,8 @@ def node(obj: _Ctx, model: str | None, listen: str | None, mdns: bool, tokens: t
 
     def session(ev: dict) -> None:
         if ev.get("event") == "cache_announced":
-            _emit(as_json, ev, f"announced {ev['keys']} chunk key(s) to the DHT ({ev['total']} in all, "
+            _emit(as_json, ev, f"announced {ev['keys']} key(s) to the DHT (its own, for /p2p/ID lookups, and its chunks'; "
+                  f"{ev['total']} in all, "
                   f"{ev['pending']} waiting for a member to take them; {ev['peers']} DHT peer(s) known)",
                   compact=True)
             sys.stdout.flush()

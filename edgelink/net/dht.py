@@ -8,12 +8,21 @@ Kademlia implementation; this module only runs it on a :class:`P2PHost`'s trio l
 announcements to what the pinned implementation accepts, guards the DHT protocol with the
 node's allowlist, and checks every provider address before anything dials it.
 
+A host behind NAT (one with a relay reservation, ``--via``) is a DHT *client*: it serves no
+DHT protocol, looks up and announces only, and its records carry its circuit addresses beside
+its listen addresses; an asker dials those through the relay (docs/nat.md). Two adaptations
+around the pinned py-libp2p (checked by ``tests/cache/test_cache_dht.py``) make that work:
+``_KadHost``, the host as the DHT sees it (its addresses with the circuits, and a stream to a
+peer that cannot serve the DHT refused at once, any other bounded to a share of the lookup), and
+``_kad_dht_class``'s routing table admission (only peers that serve the DHT protocol).
+
 What a record reveals, and why fetched chunks are only taken from ``cache.trust``: see
 docs/security.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -24,7 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgelink.config import Config, config_list
-from edgelink.errors import ConfigError, PeerGone, TransportError
+from edgelink.errors import ConfigError, PeerGone, TransportError, Unreachable
+from edgelink.transport.circuit import CIRCUIT
 from edgelink.transport.p2p import client_host
 
 if TYPE_CHECKING:
@@ -37,6 +47,10 @@ log = logging.getLogger("edgelink.net.dht")
 _RATE_WINDOW_S = 10.0
 _RATE_MAX = 10
 _DHT_TAG = b"edgelink-cache-dht/1\0"
+# The py-libp2p whose kad_dht internals _KadHost and _kad_dht_class were written against
+# (pyproject.toml pins it exactly); another version logs a warning once.
+_PINNED_LIBP2P = "0.8.1"
+_MAX_PROBES = 32  # server-mode checks of peers that opened a DHT stream, at once
 
 
 def dht_key(chunk_key: str) -> str:
@@ -46,10 +60,21 @@ def dht_key(chunk_key: str) -> str:
     return "1220" + hashlib.sha256(_DHT_TAG + bytes.fromhex(chunk_key)).hexdigest()
 
 
+def peer_key(peer_id: str) -> str:
+    """The key a DHT node announces itself under (hex, like a chunk key), so that a bare
+    ``/p2p/ID`` is found through the DHT: its provider record carries the node's addresses,
+    circuits included, which a DHT client behind NAT has no other way to publish (it is in no
+    routing table, so a peer lookup cannot find it)."""
+    return hashlib.sha256(_PEER_TAG + peer_id.encode("ascii")).hexdigest()
+
+
+_PEER_TAG = b"edgelink-peer/1\0"
+
+
 @dataclasses.dataclass(frozen=True)
 class Provider:
     peer_id: str
-    addrs: tuple[str, ...]  # dialable multiaddrs, each ending in /p2p/<peer id>
+    addrs: tuple[str, ...]  # dialable multiaddrs, each ending in /p2p/<peer id>, in the order to try
 
 
 SCOPES = {"loopback": 0, "private": 1, "public": 2}
@@ -91,25 +116,229 @@ def dial_scope(cfg: Config, own: Sequence[str] = ()) -> int:
 
 def dialable(addr: str, peer_id: str, min_scope: int = 0) -> str | None:
     """``addr`` as a full multiaddr for ``peer_id`` if a session could be dialled there (TCP over
-    an IP of at least ``min_scope``); None for anything else a record may carry."""
+    an IP of at least ``min_scope``, or a circuit through a relay at such an address:
+    ``/ip4/R/tcp/P/p2p/RELAY/p2p-circuit``); None for anything else a record may carry."""
+    relay, sep, dest = addr.partition(CIRCUIT)
+    if sep:
+        if dest not in ("", f"/p2p/{peer_id}"):
+            return None
+        parts = relay.split("/")
+        if len(parts) != 7 or parts[5] != "p2p" or parts[6] == peer_id or not _is_peer_id(parts[6]):
+            return None
+        base = _tcp_base(parts[:5], min_scope)
+        return None if base is None else f"{base}/p2p/{parts[6]}{CIRCUIT}/p2p/{peer_id}"
     parts = addr.split("/")
-    if len(parts) < 5 or parts[0] != "" or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+    base = _tcp_base(parts[:5], min_scope)
+    if base is None:
         return None
-    scope = addr_scope(addr)
-    port = parts[4]
-    if scope is None or scope < min_scope or not (port.isascii() and port.isdigit() and len(port) <= 5) \
-            or not 0 < int(port) < 65536:
-        return None
-    base = "/".join(parts[:5])
     rest = parts[5:]
     if rest and rest != ["p2p", peer_id]:
         return None
     return f"{base}/p2p/{peer_id}"
 
 
+def _tcp_base(parts: list[str], min_scope: int) -> str | None:
+    """``/ip4/H/tcp/P`` (or ip6) from its split parts, if dialable at ``min_scope``."""
+    if len(parts) < 5 or parts[0] != "" or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        return None
+    scope = addr_scope("/".join(parts))
+    port = parts[4]
+    if scope is None or scope < min_scope or not (port.isascii() and port.isdigit() and len(port) <= 5) \
+            or not 0 < int(port) < 65536:
+        return None
+    return "/".join(parts)
+
+
+def _is_peer_id(text: str) -> bool:
+    """Whether ``text`` is a base58 libp2p peer id (a relay named inside a record)."""
+    if not 8 <= len(text) <= 128 or not text.isascii() or not text.isalnum():
+        return False
+    try:
+        import multihash
+        from libp2p.peer.id import ID
+
+        peer = ID.from_base58(text)
+        multihash.decode(peer.to_bytes())  # base58 alone is any string of its alphabet
+        return peer.to_base58() == text
+    except Exception:  # noqa: BLE001 - a record is a peer's word
+        return False
+
+
+def _check_pinned_libp2p() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("libp2p")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout of libp2p
+        found = "unknown"
+    if found != _PINNED_LIBP2P:
+        log.warning("dht: py-libp2p is %s, not %s: edgelink/net/dht.py adapts the pinned kad_dht's "
+                    "internals (routing table admission, its host); check them against this version",
+                    found, _PINNED_LIBP2P)
+
+
+_check_once = threading.Lock()
+_checked: list[bool] = []
+
+
+class _KadHost:
+    """The libp2p host as the pinned kad_dht sees it (it touches its host only through
+    ``get_addrs``, ``new_stream``, ``get_peerstore``, ``get_id``, ``get_connected_peers``,
+    ``set_stream_handler``, ``remove_stream_handler``, ``get_private_key`` and ``ping``; the
+    rest passes through unchanged):
+
+    - ``get_addrs`` adds this host's circuit addresses (its reservations) to its listen
+      addresses: they go into its provider records and its signed peer record. (py-libp2p's own
+      ``addrs_factory`` cannot carry them: it cuts an address at its first ``/p2p/``.)
+    - ``new_stream`` refuses at once a peer that cannot serve the DHT: one whose identify says it
+      does not speak the DHT protocol (a client, a relay), or one not connected that announces a
+      circuit address (it is behind NAT, so a client; the swarm dials no circuit, and its other
+      addresses are its private network's, where a dial from elsewhere waits for nothing). A lookup of the pinned kad_dht waits for every peer of a batch, and its
+      fallback when the routing table is small queries every peer in the peerstore; without
+      this a peer met once in a record would hold every later lookup to its timeout.
+    - any other stream has ``per_peer_s`` to open and to be read and written, a share of the
+      lookup's ``cache.dht_timeout_s`` (the pinned QUERY_TIMEOUT is 10 s a peer, as long as a
+      whole lookup), so one silent peer costs a lookup a part of its time, not all of it.
+    """
+
+    def __init__(self, p2p: P2PHost, per_peer_s: float):
+        self._p2p = p2p
+        self._host = p2p.libp2p_host
+        self.per_peer_s = per_peer_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+    def get_addrs(self) -> list:
+        import multiaddr
+
+        addrs = list(self._host.get_addrs())
+        seen = {str(a) for a in addrs}
+        for a in list(self._p2p.circuits.reserved.values()):
+            if a not in seen:
+                seen.add(a)
+                addrs.append(multiaddr.Multiaddr(a))
+        return addrs
+
+    def cannot_serve(self, peer_id: Any) -> str | None:
+        """Why ``peer_id`` cannot answer a DHT query (None: it may)."""
+        if serves_kad(self._host, peer_id) is False:
+            return "it does not serve the DHT protocol (a DHT client)"
+        if self._host.get_network().get_connections(peer_id):
+            return None
+        try:
+            addrs = [str(a) for a in self._host.get_peerstore().addrs(peer_id)]
+        except Exception:  # noqa: BLE001 - a peer the peerstore does not know
+            addrs = []
+        if any(CIRCUIT in a for a in addrs):
+            # it announces a circuit: it is behind NAT, so a DHT client (here, and in go-libp2p's
+            # AutoNAT rule); its other addresses are its LAN's, where a dial waits for nothing
+            return "it is reachable through a relay (behind NAT: a DHT client)"
+        return None
+
+    async def new_stream(self, peer_id: Any, protocols: Sequence[Any]) -> Any:
+        import trio
+
+        why = self.cannot_serve(peer_id)
+        if why is not None:
+            raise Unreachable(f"dht: {peer_id} is not queried: {why}")
+        deadline = trio.current_time() + self.per_peer_s
+        with trio.fail_after(self.per_peer_s):
+            stream = await self._host.new_stream(peer_id, protocols)
+        return _BoundedStream(stream, deadline)
+
+
+class _BoundedStream:
+    """A DHT stream whose reads and writes end at one deadline (``trio.TooSlowError`` then,
+    which the pinned kad_dht counts as a failed peer)."""
+
+    def __init__(self, stream: Any, deadline: float):
+        self._stream = stream
+        self._deadline = deadline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        import trio
+
+        with trio.fail_after(max(0.0, self._deadline - trio.current_time())):
+            return await self._stream.read(n)
+
+    async def write(self, data: bytes) -> None:
+        import trio
+
+        with trio.fail_after(max(0.0, self._deadline - trio.current_time())):
+            await self._stream.write(data)
+
+
+def serves_kad(host: Any, peer_id: Any) -> bool | None:
+    """Whether ``peer_id`` serves the DHT protocol, as its identify told ``host`` (None: not
+    known yet)."""
+    from libp2p.kad_dht.common import PROTOCOL_ID
+
+    try:
+        protocols = host.get_peerstore().get_protocols(peer_id)
+    except Exception:  # noqa: BLE001 - PeerStoreError: never heard of
+        return None
+    if not protocols:
+        return None
+    return str(PROTOCOL_ID) in [str(p) for p in protocols]
+
+
+def _kad_dht_class():
+    """py-libp2p's KadDHT with its routing table kept to DHT servers.
+
+    The libp2p Kademlia spec: a node adds another to its routing table if and only if that node
+    operates in server mode. The pinned stream handler adds every peer that opens a DHT stream,
+    unchecked ("a peer that opens a KAD stream must be a server"), but clients open them too: a
+    node behind NAT that announced or looked something up through a public member ended up in
+    that member's table, the member then named it to every asker as a closer peer, and every
+    asker's lookups waited on a peer they could not dial. Here that call admits a peer only
+    when its identify lists the DHT protocol, or, when identify has not told yet, when a DHT
+    stream to it opens (checked in the background, so the query is answered meanwhile)."""
+    from libp2p.kad_dht.common import PROTOCOL_ID
+    from libp2p.kad_dht.kad_dht import KadDHT
+
+    class EdgelinkKadDHT(KadDHT):
+        def __init__(self, host: _KadHost, mode: Any, nursery: Any):
+            super().__init__(host, mode)
+            self._nursery = nursery
+            self._probing: set[Any] = set()
+
+        async def add_peer(self, peer_id: Any, *, skip_server_mode_check: bool = False) -> bool:
+            table = self.routing_table
+            if table.peer_in_table(peer_id):
+                return await table.add_peer(peer_id, skip_server_mode_check=True)  # seen again
+            served = serves_kad(self.host, peer_id)
+            if served:
+                return await table.add_peer(peer_id, skip_server_mode_check=True)
+            if served is None and peer_id not in self._probing and len(self._probing) < _MAX_PROBES:
+                self._probing.add(peer_id)
+                self._nursery.start_soon(self._probe, peer_id)
+            return False
+
+        async def _probe(self, peer_id: Any) -> None:
+            import trio
+
+            try:
+                with trio.move_on_after(self.host.per_peer_s):
+                    stream = await self.host.new_stream(peer_id, [PROTOCOL_ID])
+                    with contextlib.suppress(Exception):
+                        await stream.close()
+                    await self.routing_table.add_peer(peer_id, skip_server_mode_check=True)
+            except Exception as exc:  # noqa: BLE001 - not a server (or gone): stays out of the table
+                log.debug("dht: %s stays out of the routing table: %s", peer_id, exc)
+            finally:
+                self._probing.discard(peer_id)
+
+    return EdgelinkKadDHT
+
+
 class CacheDht:
     """One host's membership in the cache DHT: ``server`` (a node: answers DHT queries, stores
-    records, announces its chunks) or client (an asker: only looks up).
+    records, announces its chunks) or client (an asker, or a node behind NAT: looks up and
+    announces, serves no DHT protocol and stays out of every routing table).
 
     ``admit(peer_id)``, for a server, decides who may use its DHT protocol (a node passes its
     allowlist check)."""
@@ -134,12 +363,20 @@ class CacheDht:
     def _start(self) -> None:
         import trio
 
+        with _check_once:
+            if not _checked:
+                _checked.append(True)
+                _check_pinned_libp2p()
+
         async def start():
             from libp2p.kad_dht.common import PROTOCOL_ID
-            from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+            from libp2p.kad_dht.kad_dht import DHTMode
             from libp2p.tools.anyio_service import background_trio_service
 
-            dht = KadDHT(self.host.libp2p_host, DHTMode.SERVER if self.server else DHTMode.CLIENT)
+            c = self.cfg
+            per_peer = max(0.5, min(c.p2p.connect_timeout_s, c.cache.dht_timeout_s / 3))
+            dht = _kad_dht_class()(_KadHost(self.host, per_peer),
+                                   DHTMode.SERVER if self.server else DHTMode.CLIENT, self.host.nursery)
             if self.server:
                 handler = dht.handle_stream
 
@@ -202,7 +439,8 @@ class CacheDht:
                 try:
                     with trio.fail_after(limit):
                         await self.host.libp2p_host.connect(info)
-                    await self._dht.add_peer(info.peer_id, skip_server_mode_check=True)
+                    # a member named in cache.bootstrap is a server by configuration
+                    await self._dht.routing_table.add_peer(info.peer_id, skip_server_mode_check=True)
                     reached.append(info.peer_id.to_base58())
                 except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
                     log.warning("dht: bootstrap peer %s unreachable: %s: %s", info.peer_id, type(exc).__name__, exc)
@@ -223,7 +461,7 @@ class CacheDht:
         """Announce that this host holds the chunks ``keys`` (hex), each once, paced so that
         no DHT member drops them. Blocks while pacing; ``stop`` ends it early. Returns how many
         reached another member now; the others stay in ``pending`` (this host answers for them
-        itself meanwhile)."""
+        itself meanwhile, a server does)."""
         done = 0
         for key in keys:
             if stop is not None and stop.is_set():
@@ -315,7 +553,12 @@ class CacheDht:
                     kept[d] = None
                     if len(kept) >= c.dht_max_addrs:
                         break
-        return [Provider(pid, tuple(a)) for pid, a in sorted(out.items()) if a]
+        # a holder that announces a circuit is behind NAT: its circuits first, since its listen
+        # addresses lead into its private network, where a dial from elsewhere waits out
+        # p2p.connect_timeout_s (from its own LAN the circuit works too, and hole punching then
+        # takes the session direct)
+        return [Provider(pid, tuple(sorted(a, key=lambda x: CIRCUIT not in x))) for pid, a in sorted(out.items())
+                if a]
 
     def deepest(self, keys: Sequence[str], accept: Callable[[Provider], bool] = lambda p: True
                 ) -> tuple[int, list[Provider]]:
@@ -357,13 +600,15 @@ class Announcer:
     took (a node that starts before its peers) are announced again every
     ``cache.announce_retry_s`` while any member is known."""
 
-    def __init__(self, dht: CacheDht, store, on_event: Callable[[dict], None]):
+    def __init__(self, dht: CacheDht, store, on_event: Callable[[dict], None], *, first: Sequence[str] = ()):
         import queue
 
         self.dht = dht
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._on_event = on_event
+        for key in first:  # the node itself (peer_key), before its chunks
+            self._queue.put(key)
         for key in store.keys():
             self._queue.put(key)
         store.on_put.append(self._queue.put)
@@ -426,3 +671,11 @@ def client_dht(cfg: Config) -> CacheDht:
 
 
 _CLIENT_LOCK = threading.Lock()
+
+
+def find_peer(cfg: Config, peer_id: str) -> list[str]:
+    """Addresses for a bare ``/p2p/ID`` from its own DHT record (``peer_key``), circuits through
+    relays first; [] when no member knows it. Only that peer's entries count: the dial then
+    authenticates it, so another peer's record could only name a place where it is not."""
+    found = client_dht(cfg).providers(peer_key(peer_id))
+    return [a for p in found if p.peer_id == peer_id for a in p.addrs]

@@ -1,12 +1,14 @@
 """Where a peer lives: ``shm:NAME`` (same machine), a libp2p multiaddr ending in ``/p2p/ID``,
-or ``/p2p/ID`` alone (found on the LAN with mDNS)."""
+or ``/p2p/ID`` alone (found through the cache DHT when ``cache.bootstrap`` names members,
+else, or when the DHT has no record of it, on the LAN with mDNS)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from edgelink.config import Config, load_config
-from edgelink.errors import ConfigError
+from edgelink.config import Config, config_list, load_config
+from edgelink.errors import ConfigError, EdgelinkError, PeerGone
+from edgelink.net.dht import find_peer
 from edgelink.net.discovery import resolve_peer
 from edgelink.transport.base import Channel
 from edgelink.transport.p2p import client_host
@@ -26,7 +28,7 @@ class Endpoint:
 
 def parse_endpoint(text: str) -> Endpoint:
     if text.startswith("/p2p/") and "/" not in text[5:] and text[5:]:
-        # A bare peer id: its address is found on the LAN with mDNS (edgelink.net.discovery).
+        # A bare peer id: its address is found through the DHT or on the LAN (_dial_peer_id).
         return Endpoint("mdns", text[5:])
     if text.startswith("/"):
         # A libp2p multiaddr: /ip4/HOST/tcp/PORT/p2p/PEERID (the peer id is required: it is
@@ -52,7 +54,29 @@ def connect(endpoint: str, cfg: Config | None = None) -> Channel:
 
     cfg = cfg if cfg is not None else load_config()
     ep = parse_endpoint(endpoint)
-    if ep.scheme in ("p2p", "mdns"):
-        addr = resolve_peer(cfg, ep.address) if ep.scheme == "mdns" else ep.address
-        return client_host(cfg).open_channel(addr)
+    if ep.scheme == "mdns":
+        return _dial_peer_id(cfg, ep.address)
+    if ep.scheme == "p2p":
+        return client_host(cfg).open_channel(ep.address)
     return shm_connect(ep.address, cfg)
+
+
+def _dial_peer_id(cfg: Config, peer_id: str) -> Channel:
+    """A bare peer id: the addresses its DHT record names (``cache.bootstrap`` set; a node behind
+    NAT, its circuits first), each tried in turn; else, or when none of them answers, mDNS."""
+    tried: list[str] = []
+    if config_list(cfg.cache.bootstrap):
+        for addr in find_peer(cfg, peer_id):
+            try:
+                return client_host(cfg).open_channel(addr)
+            except EdgelinkError as exc:
+                tried.append(f"{addr}: {exc}")
+        if not tried:
+            tried.append("the DHT (cache.bootstrap) has no record of it")
+    try:
+        addr = resolve_peer(cfg, peer_id)
+    except PeerGone as exc:
+        if tried:
+            raise PeerGone(f"{exc}; {'; '.join(tried)[:1500]}") from None
+        raise
+    return client_host(cfg).open_channel(addr)

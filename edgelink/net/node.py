@@ -45,7 +45,7 @@ from edgelink.errors import (
     ProtocolError,
     TransportError,
 )
-from edgelink.net.dht import Announcer, CacheDht, dht_enabled
+from edgelink.net.dht import Announcer, CacheDht, dht_enabled, peer_key
 from edgelink.protocol import codec
 from edgelink.protocol.messages import Hello
 from edgelink.protocol.session import Role, Session
@@ -56,6 +56,7 @@ from edgelink.runtime.sizing import fit_limits, kv_bytes_per_token
 from edgelink.transport.framing import Scatter
 from edgelink.transport.identity import Identity, load_identity
 from edgelink.transport.p2p import P2PHost
+from edgelink.transport.reachability import REACHABILITY, Reachability
 
 log = logging.getLogger("edgelink.net.node")
 # Peers whose rate limiters a node remembers (least recently seen forgotten first).
@@ -243,10 +244,14 @@ class Node:
                             on_channel=self._session, admit=self._admit)
         # Behind NAT: a slot on each relay (p2p.relays, `--via`), and the circuit address it gives
         self.circuit_addrs: list[str] = []
+        self.reachability: Reachability | None = None
+        self.public_addrs: list[str] = []  # where the relay reached this node from outside
         t0 = time.perf_counter()
         try:
-            for relay in config_list(cfg.p2p.relays):
-                self.circuit_addrs.append(self.host.reserve(relay))
+            relays = config_list(cfg.p2p.relays)
+            if relays and self._behind_nat(relays[0]):
+                for relay in relays:
+                    self.circuit_addrs.append(self.host.reserve(relay))
             self.reserve_s = time.perf_counter() - t0  # to a reachable circuit address, all relays
         except BaseException:
             self.host.close()
@@ -257,20 +262,43 @@ class Node:
         self._announcer: Announcer | None = None
         if use_dht:
             try:
-                self.dht = CacheDht(self.host, cfg, server=True, admit=self._may_query)
-                self._announcer = Announcer(self.dht, self._cache.store, self._emit)
+                # behind NAT (a relay reservation): a DHT client, announcing its circuit addresses;
+                # no one could dial it to query it, so it must stay out of routing tables
+                self.dht = CacheDht(self.host, cfg, server=not self.circuit_addrs, admit=self._may_query)
             except BaseException:
                 self.host.close()
                 for rt in self._runtimes:
                     rt.close()
                 raise
 
+    def _behind_nat(self, relay: str) -> bool:
+        """Whether to reserve relay slots (``p2p.reachability``): auto asks ``relay`` to dial
+        this node's ports back (transport/reachability.py) and reserves unless one answered;
+        a relay that cannot tell (no check offered, refused, unreachable) means reserve."""
+        mode = self.cfg.p2p.reachability
+        if mode not in REACHABILITY:
+            raise ConfigError(f"p2p.reachability is {mode!r}: one of {', '.join(REACHABILITY)}")
+        if mode != "auto":
+            return mode == "private"
+        try:
+            self.reachability = self.host.check_reachability(relay, self.cfg.p2p.connect_timeout_s)
+        except EdgelinkError as exc:
+            log.warning("%s; reserving a relay slot anyway", exc)
+            return True
+        log.info("this node is %s", self.reachability.describe())
+        if not self.reachability.public:
+            return True
+        own = set(self.host.addrs)
+        self.public_addrs = [a for a in self.reachability.addrs(self.identity.peer_id_str) if a not in own]
+        return False
+
     # ------------------------------------------------------------------ sessions
 
     @property
     def addrs(self) -> list[str]:
-        """Where clients dial this node: its listen addresses, then its circuit addresses."""
-        return self.host.addrs + self.circuit_addrs
+        """Where clients dial this node: its listen addresses, the addresses a relay reached it
+        at from outside (a forwarded port), then its circuit addresses."""
+        return self.host.addrs + self.public_addrs + self.circuit_addrs
 
     def _admit(self, peer: str, ip: str | None) -> bool:
         """Runs in the trio thread for every new stream, before any of it is read: the
@@ -464,6 +492,10 @@ class Node:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: self._stopping.set())
+        if self.dht is not None and self._announcer is None:
+            # announcing starts here, after the caller's "ready": its events come after that one
+            self._announcer = Announcer(self.dht, self._cache.store, self._emit,
+                                        first=(peer_key(self.identity.peer_id_str),))
         while not self._stopping.wait(0.2):
             pass
         self.shutdown()

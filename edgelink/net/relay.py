@@ -32,6 +32,8 @@ from edgelink.config import Config
 from edgelink.errors import ConfigError
 from edgelink.transport.identity import Identity
 from edgelink.transport.p2p import P2PHost
+from edgelink.transport.reachability import PROTOCOL as DIALBACK
+from edgelink.transport.reachability import DialBack
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,14 @@ class Relay:
         self.totals = {"reservations": 0, "circuits": 0, "bytes": 0}
         self._on_event = on_event
         self.host = P2PHost(cfg, identity, listen=listen, services=(hop_protocol(cfg, self._event),))
+        # reachability checks for the peers that may reserve (transport/reachability.py)
+        self.dialback: DialBack | None = None
+        if cfg.relay.dialback_timeout_s < 0:
+            raise ConfigError(f"relay.dialback_timeout_s = {cfg.relay.dialback_timeout_s:g} is negative")
+        if cfg.relay.dialback_timeout_s > 0:
+            allow = _peer_set(cfg.relay.allow_peers)
+            self.dialback = DialBack(cfg.relay.dialback_timeout_s, lambda peer: not allow or peer in allow)
+            self.host.serve(DIALBACK, self.dialback.handle)
 
     def _event(self, ev: dict[str, Any]) -> None:
         with self._lock:

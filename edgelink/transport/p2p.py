@@ -50,11 +50,12 @@ from edgelink.errors import (
     EdgelinkError,
     MessageTooLarge,
     PeerGone,
+    ProtocolError,
     TransportError,
     TransportTimeout,
     Unreachable,
 )
-from edgelink.transport import e2e
+from edgelink.transport import e2e, reachability
 from edgelink.transport.circuit import Circuits, is_circuit, is_relayed, run_service, split_circuit
 from edgelink.transport.framing import (
     FrameSink,
@@ -65,6 +66,7 @@ from edgelink.transport.framing import (
     check_length,
 )
 from edgelink.transport.identity import Identity, load_identity
+from edgelink.transport.reachability import Reachability
 
 log = logging.getLogger(__name__)
 
@@ -952,6 +954,40 @@ class P2PHost:
             raise TransportTimeout(f"no reservation on the relay at {relay_addr} within {limit} s") from None
         except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial
             raise Unreachable(f"relay: {dial_failure(relay_addr, exc)}") from None
+
+    def serve(self, protocol: str, handler) -> None:
+        """Answer streams of ``protocol`` with ``await handler(stream)`` (in the trio thread)."""
+
+        async def register():
+            self._host.set_stream_handler(protocol, handler)
+
+        self.call(register)
+
+    def check_reachability(self, peer_addr: str, timeout_s: float) -> Reachability:
+        """Ask the peer at ``peer_addr`` (a relay) to dial this host's listen ports back on a
+        fresh connection (transport/reachability.py). TransportError when it cannot tell: it
+        is unreachable itself, does not offer the check, refuses it or answers nonsense."""
+        import multiaddr
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        ports = [int(a.split("/")[4]) for a in self.addrs if a.split("/")[3:4] == ["tcp"]]
+        if not ports:
+            raise TransportError("this host listens on no TCP port: nothing to dial back")
+        where = peer_addr.rsplit("/p2p/", 1)[0]
+
+        async def go():
+            info = info_from_p2p_addr(multiaddr.Multiaddr(peer_addr))
+            return await reachability.ask(self._host, info, ports, timeout_s, where)
+
+        try:
+            return self.call(go)
+        except ProtocolError as exc:
+            raise TransportError(f"reachability: {exc}") from None
+        except EdgelinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - libp2p raises many types on a failed dial or negotiation
+            raise TransportError(f"reachability: the peer at {where} could not check it "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
     @property
     def peer_id(self) -> str:

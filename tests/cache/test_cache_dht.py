@@ -42,6 +42,90 @@ def test_provider_addresses_are_checked_before_anything_dials_them():
                 "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWOther", "/ip4/10.0.0.2/tcp/80x",
                 "/ip4/10.0.0.2/tcp/\u00b2", "/ip4/10.0.0.2/tcp/" + "9" * 4000):
         assert dialable(bad, pid) is None, bad
+    # a holder behind NAT: a circuit through a relay at a dialable address
+    relay = "12D3KooWRUJ9QQJazxmqvXXtyVi8RcsB4aZEPVq5jmodYMAHtKMP"
+    circuit = f"/ip4/203.0.113.7/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{pid}"
+    assert dialable(circuit, pid) == circuit
+    assert dialable(f"/ip4/203.0.113.7/tcp/4001/p2p/{relay}/p2p-circuit", pid) == circuit
+    assert dialable(circuit.replace("203.0.113.7", "10.0.0.1"), pid, 2) is None  # out of scope
+    for bad in (f"/ip4/203.0.113.7/tcp/4001/p2p-circuit/p2p/{pid}",  # no relay id
+                f"/ip4/203.0.113.7/tcp/4001/p2p/{pid}/p2p-circuit/p2p/{pid}",  # relays through itself
+                f"/ip4/203.0.113.7/tcp/4001/p2p/{relay}/p2p-circuit/p2p/12D3KooWOther",
+                f"/ip4/203.0.113.7/tcp/4001/p2p/notapeerid/p2p-circuit/p2p/{pid}",
+                f"/ip4/203.0.113.7/tcp/0/p2p/{relay}/p2p-circuit/p2p/{pid}",
+                f"/ip4/0.0.0.0/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{pid}",
+                f"{circuit}/p2p-circuit/p2p/{pid}", f"/ip4/203.0.113.7/tcp/4001/p2p/{relay}/p2p-circuitx"):
+        assert dialable(bad, pid) is None, bad
+
+
+def test_the_pinned_kad_dht_still_has_what_its_adaptations_rely_on():
+    """edgelink/net/dht.py adapts py-libp2p's kad_dht from outside (``_KadHost``,
+    ``_kad_dht_class``): when an upgrade moves what they rely on, this says where."""
+    import inspect
+    from importlib.metadata import version
+
+    from libp2p.kad_dht import kad_dht, peer_routing, provider_store
+
+    from edgelink.net.dht import _PINNED_LIBP2P
+
+    assert version("libp2p") == _PINNED_LIBP2P
+    # the stream handler admits every sender to the table through KadDHT.add_peer (overridden)
+    assert "await self.add_peer(peer_id, skip_server_mode_check=True)" in \
+        inspect.getsource(kad_dht.KadDHT._do_handle_stream)
+    # provider records carry the DHT's host.get_addrs() (ours: with the circuits)
+    assert "self.host.get_addrs()" in inspect.getsource(provider_store.ProviderStore._send_add_provider)
+    # the routing table admits a peer unchecked when identify has not told its protocols
+    from libp2p.kad_dht.routing_table import RoutingTable
+
+    assert "if peer_protocols is not None and len(peer_protocols) > 0" in inspect.getsource(RoutingTable.add_peer)
+    # every query goes through the DHT's host.new_stream (ours: refused or bounded)
+    for fn in (peer_routing.PeerRouting._query_peer_for_closest,
+               provider_store.ProviderStore._get_providers_from_peer_with_closers):
+        assert "self.host.new_stream(" in inspect.getsource(fn)
+
+
+@pytest.mark.slow
+def test_a_holder_behind_a_relay_is_a_client_announcing_its_circuit_and_no_later_lookup_waits_on_it(cfg, tmp_path):
+    """A holder that listens nowhere and is reachable only through its relay reservation (a host
+    behind NAT) joins as a DHT client: its records carry its circuit address, the member it
+    queried keeps it out of its routing table (the pinned handler put every sender there), and
+    an asker's every lookup finds it, not only the first (they used to wait on it until
+    cache.dht_timeout_s and come back empty)."""
+    from edgelink.net.relay import Relay
+    from edgelink.transport.p2p import wait_until
+
+    c = cfg.replace(p2p_hole_punch="off")
+    loop = "/ip4/127.0.0.1/tcp/0"
+    hosts = []
+    relay = Relay(c, load_identity(tmp_path / "relay.key"), [loop], lambda ev: None)
+    try:
+        member = P2PHost(c, load_identity(tmp_path / "m.key"), listen=[loop], on_channel=lambda ch: None)
+        hosts.append(member)
+        public = CacheDht(member, c, server=True)
+        holder = P2PHost(c, load_identity(tmp_path / "h.key"))  # listens nowhere
+        hosts.append(holder)
+        circuit = holder.reserve(relay.addrs[0])
+        behind = CacheDht(holder, c.replace(cache_bootstrap=member.addrs[0]), server=False)
+        keys = [f"{i:064x}" for i in range(1, 5)]
+        assert behind.announce(keys) == 4
+        asker_host = P2PHost(c, load_identity(tmp_path / "a.key"))
+        hosts.append(asker_host)
+        asker = CacheDht(asker_host, c.replace(cache_bootstrap=member.addrs[0]), server=False)
+        for key in keys:
+            assert asker.providers(key) == [Provider(holder.peer_id, (circuit,))], key
+        assert asker.deepest(keys) == (4, [Provider(holder.peer_id, (circuit,))])
+        # neither client got into the member's table (its checks of them have ended: no answer)
+        assert wait_until(lambda: not public._dht._probing, 30)
+        assert public.routing_peers() == 0
+        # ... while a server that joins does
+        other = P2PHost(c, load_identity(tmp_path / "o.key"), listen=[loop], on_channel=lambda ch: None)
+        hosts.append(other)
+        CacheDht(other, c.replace(cache_bootstrap=member.addrs[0]), server=True)
+        assert wait_until(lambda: public.routing_peers() == 1, 30)
+    finally:
+        for h in hosts:
+            h.close()
+        relay.close()
 
 
 def test_the_dht_setting_is_checked(cfg):
@@ -122,7 +206,7 @@ def test_an_asker_finds_a_prefix_holder_through_the_dht_among_real_nodes(smollm2
             boot_addr = boot.ready["addrs"][0]
             node(1, tmp_path / "empty-kv", "--bootstrap", boot_addr)  # a member that holds nothing
             holder = node(2, holder_dir, "--bootstrap", boot_addr)
-            ev = _event(holder, "cache_announced", lambda e: e["total"] == 4)
+            ev = _event(holder, "cache_announced", lambda e: e["total"] == 5)  # the node itself and 4 chunks
             assert ev["peers"] >= 2
             holder_id = holder.ready["peer_id"]
 

@@ -1,5 +1,6 @@
 """A js-libp2p Kademlia DHT node (tests/interop/js_dht/node.mjs) beside edgelink's py-libp2p
-DHT, to check that a foreign implementation can be a member of the cache DHT.
+DHT, to check that a foreign implementation can be a member of the cache DHT; with
+``relay=True`` also a js-libp2p circuit relay v2 server, for edgelink's nodes to reserve on.
 
 The npm packages are installed once per machine, from the committed lock, into the edgelink
 cache dir (``<cache_dir>/interop/js_dht``); a later call skips ``npm ci`` while node_modules
@@ -92,9 +93,11 @@ class JsDhtNode:
     """node.mjs as a child process: a js-libp2p DHT server on ``host``, stopped on exit (stdin
     closed, then SIGTERM, then SIGKILL)."""
 
-    def __init__(self, dest: Path | None = None, *, host: str = "127.0.0.1", timeout: float = 30):
+    def __init__(self, dest: Path | None = None, *, host: str = "127.0.0.1", timeout: float = 30,
+                 relay: bool = False):
         self.dest = dest or default_dir()
         self.host = host
+        self.relay = relay  # also a circuit relay v2 server
         self.timeout = timeout
         self.peer_id = ""
         self.addrs: list[str] = []
@@ -104,7 +107,7 @@ class JsDhtNode:
 
     def start(self) -> JsDhtNode:
         self._log = tempfile.TemporaryFile("w+")
-        env = {**os.environ, "JS_DHT_HOST": self.host, "JS_DHT_PORT": "0"}
+        env = {**os.environ, "JS_DHT_HOST": self.host, "JS_DHT_PORT": "0", "JS_RELAY": "1" if self.relay else "0"}
         self._proc = subprocess.Popen([tool("node"), str(self.dest / SCRIPT)], cwd=self.dest,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, text=True, env=env)

@@ -102,6 +102,31 @@ def test_a_node_behind_nat_is_reached_through_the_relay_and_only_that_way(home):
     assert circuit["bytes"] > g["bytes"]["wire"], circuit  # the state itself went through the relay
 
 
+def test_a_node_learns_it_is_behind_nat_and_one_on_the_public_segment_that_it_is_not(home):
+    """p2p.reachability = auto: the relay dials each node's port back on a fresh connection. The
+    node behind NAT is told no (the relay saw its router's address), so it reserved; a node on
+    the public segment with the same --via is told yes, reserves nothing, and is dialled direct."""
+    r = home.node.ready["reachability"]
+    assert r["public"] is False and r["observed_ip"] == home.world.routers[0].ip, r
+    assert home.node.ready["circuit_addrs"] == [home.circuit]
+    (home.tmp / "pub-tokens").write_text(TOKEN + "\n")
+    pub = start_node(str(home.model), home.cfg, listen=f"/ip4/{home.world.public.ip}/tcp/0",
+                     extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(home.tmp / "pub.key"),
+                                "EDGELINK_RUNTIME_N_THREADS": "1"},
+                     node_args=("--token-file", str(home.tmp / "pub-tokens"), "--via", home.relay_addr),
+                     wrapper=home.world.public.wrapper)
+    try:
+        r = pub.ready["reachability"]
+        assert r["public"] is True and r["observed_ip"] == home.world.public.ip, r
+        assert "circuit_addrs" not in pub.ready and len(pub.ready["addrs"]) == 1
+        out = home.client("handoff", str(home.model), "--to", pub.ready["addrs"][0], "-p", PROMPT, "-n", "4",
+                          "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["wire"]["path"] == "direct"
+    finally:
+        assert stop_receiver(pub) == 0, pub.stderr_tail()
+
+
 def test_hole_punching_takes_the_state_direct_and_the_relay_carries_only_the_handshakes(home):
     g = home.handoff()
     assert g["verified"]["matches"] is True and g["wire"]["path"] == "direct"
@@ -137,6 +162,73 @@ def test_a_relay_that_dies_mid_transfer_costs_a_typed_error_and_the_node_reserve
     assert ev == {"event": "reservation", "peer": home.node.ready["peer_id"], "ok": True}
     g = home.handoff(punch=False)
     assert g["verified"]["matches"] is True
+
+
+def test_a_prefix_cache_lookup_from_another_lan_finds_a_holder_behind_nat_and_fetches_through_its_circuit(
+        home, tmp_path):
+    """The cache DHT across NAT: a holder on the first LAN (`--dht --via` the relay) is a DHT client
+    that announces its circuit address to a member on the public segment; an asker on the other
+    LAN, knowing only that member, finds it with `--cache-from dht` (three lookups, a binary
+    search: every one of them finds it), fetches the four chunks through the relay, and continues
+    exactly. A second asker does the same: the member kept both clients out of its routing table.
+    A third hands a state to `--to /p2p/<holder id>`, found through the holder's own record."""
+    import edgelink
+    from edgelink.bench import context_tokens
+    from edgelink.cache.prefix import PrefixCache
+
+    chunk = 64
+    base = home.cfg.replace(cache_chunk_tokens=chunk, wire_prefill_tps=500.0)
+    holder_dir = tmp_path / "holder-kv"
+    with edgelink.load(str(home.model), base.replace(cache_dir=str(holder_dir))) as m:
+        prompt = m.runtime.detokenize(context_tokens(m.runtime, 300))
+        toks = m.tokenize(prompt, add_special=True)
+        PrefixCache(base.replace(cache_dir=str(holder_dir))).prefill(m.runtime, m.signature, toks)
+        cold = m.generate(8, stop_at_eog=False).tokens
+    w = home.world
+    procs = []
+    try:
+        member = start_node(str(home.model), base.replace(cache_dir=str(tmp_path / "member-kv")),
+                            listen=f"/ip4/{w.public.ip}/tcp/0", wrapper=w.public.wrapper,
+                            extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "member.key")},
+                            node_args=("--dht", "--open"))
+        procs.append(member)
+        member_addr = member.ready["addrs"][0]
+        holder = start_node(str(home.model), base.replace(cache_dir=str(holder_dir)),
+                            listen=f"/ip4/{w.home[0].ip}/tcp/0", wrapper=w.home[0].wrapper,
+                            extra_env={"EDGELINK_P2P_IDENTITY_KEY": str(tmp_path / "holder.key")},
+                            node_args=("--dht", "--open", "--via", home.relay_addr, "--bootstrap", member_addr))
+        procs.append(holder)
+        circuit = holder.ready["addrs"][1]
+        holder_id = holder.ready["peer_id"]
+        while True:  # each event comes or the wait fails within next_event's own limit
+            ev = holder.next_event()
+            if ev.get("event") == "cache_announced" and ev["total"] == 5:  # the node itself, its 4 chunks
+                break
+        assert ev["pending"] == 0, ev
+        for n in (1, 2):
+            asker = base.replace(cache_dir=str(tmp_path / f"asker{n}-kv"), p2p_identity_key=tmp_path / f"a{n}.key")
+            out = _cli(w.home[1], asker, {}, "generate", str(home.model), "-p", prompt, "-n", "8", "--cache-from",
+                       "dht", "--bootstrap", member_addr, "--trust", holder_id, "--json")
+            assert out.returncode == 0, out.stderr[-3000:]
+            g = json.loads(out.stdout)
+            fetch = g["fetch"]
+            # its circuit first (its LAN address leads nowhere from here), and it served all four
+            assert fetch["providers"] == [holder_id] and fetch["chunks"] == 4, fetch
+            assert fetch["sources"] == [circuit] and not fetch["errors"], fetch
+            # three lookups and the relayed fetch, within one lookup's limit: no lookup waited on
+            # the holder (the DHT used to query it at its LAN address, which waits for nothing)
+            assert fetch["seconds"] < base.cache.dht_timeout_s, fetch
+            assert g["cache"]["hit_tokens"] == 4 * chunk and g["tokens"] == cold
+        # a bare peer id: its own record (peer_key) names its circuit, and a handoff goes there
+        out = _cli(w.home[1], base.replace(p2p_identity_key=tmp_path / "a3.key", cache_bootstrap=member_addr), {},
+                   "handoff", str(home.model), "--to", f"/p2p/{holder_id}", "-p", PROMPT, "-n", "4", "--json")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout)["wire"]["path"] in ("relayed", "direct")
+        while (ev := holder.next_event(timeout=60)).get("applied") != 1:
+            pass  # the askers' fetch sessions (nothing applied) and announcements come first
+    finally:
+        for p in reversed(procs):
+            stop_receiver(p)
 
 
 def test_a_nat_that_randomizes_ports_defeats_hole_punching_and_the_relayed_path_still_works(smollm2_path, cfg,

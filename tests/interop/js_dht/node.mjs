@@ -1,5 +1,7 @@
 // A js-libp2p Kademlia DHT server (/ipfs/kad/1.0.0; TCP, Noise, yamux) that edgelink's
-// py-libp2p DHT members bootstrap to, for tests/test_dht_interop.py.
+// py-libp2p DHT members bootstrap to, for tests/cache/test_dht_interop.py. With JS_RELAY=1 it
+// is also a circuit relay v2 server (no per-circuit data or time limit), for
+// tests/net/test_relay_interop.py.
 //
 // Prints one JSON line {"peer_id", "addrs"} on stdout once listening (JS_DHT_HOST, default
 // 127.0.0.1; JS_DHT_PORT, default 0). Then answers JSON commands read one a line on stdin:
@@ -31,11 +33,17 @@ const { ping } = await import('@libp2p/ping')
 const { tcp } = await import('@libp2p/tcp')
 const { multiaddr } = await import('@multiformats/multiaddr')
 const { createLibp2p } = await import('libp2p')
+const { circuitRelayServer } = await import('@libp2p/circuit-relay-v2')
 const { CID } = await import('multiformats/cid')
 const Digest = await import('multiformats/hashes/digest')
 
 const host = process.env.JS_DHT_HOST ?? '127.0.0.1'
 const port = process.env.JS_DHT_PORT ?? '0'
+// js-libp2p's relay cuts a circuit after 2 minutes or 128 KiB by default: off here, so that the
+// test measures the relaying, not the default limit
+const relay = process.env.JS_RELAY === '1'
+  ? { relay: circuitRelayServer({ reservations: { applyDefaultLimit: false } }) }
+  : {}
 
 const node = await createLibp2p({
   addresses: { listen: [`/ip4/${host}/tcp/${port}`] },
@@ -51,7 +59,8 @@ const node = await createLibp2p({
       // loopback and LAN addresses are the point here: keep them in answers
       peerInfoMapper: passthroughMapper,
       allowQueryWithZeroPeers: true
-    })
+    }),
+    ...relay
   }
 })
 
