@@ -234,11 +234,11 @@ class Relay:
         self._lock = threading.Lock()
         self.totals = {"reservations": 0, "circuits": 0, "bytes": 0}
         self._on_event = on_event
+        if cfg.relay.dialback_timeout_s < 0:
+            raise ConfigError(f"relay.dialback_timeout_s = {cfg.relay.dialback_timeout_s:g} is negative (0: no checks)")
         self.host = P2PHost(cfg, identity, listen=listen, services=(hop_protocol(cfg, self._event),))
         # reachability checks for the peers that may reserve (transport/reachability.py)
         self.dialback: DialBack | None = None
-        if cfg.relay.dialback_timeout_s < 0:
-            raise ConfigError(f"relay.dialback_timeout_s = {cfg.relay.dialback_timeout_s:g} is negative")
         if cfg.relay.dialback_timeout_s > 0:
             allow = _peer_set(cfg.relay.allow_peers)
             self.dialback = DialBack(cfg.relay.dialback_timeout_s, lambda peer: not allow or peer in allow)

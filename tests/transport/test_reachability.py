@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from edgelink.errors import EdgelinkError, ProtocolError, TransportError
+from edgelink.errors import ConfigError, EdgelinkError, ProtocolError, TransportError
 from edgelink.net.relay import Relay
 from edgelink.transport import reachability
 from edgelink.transport.identity import load_identity
@@ -81,6 +81,8 @@ def test_a_relay_checks_only_peers_that_may_reserve_and_not_when_told_not_to(cfg
                 node.check_reachability(relay.addrs[0], 5)
         finally:
             relay.close()
+        with pytest.raises(ConfigError, match="negative"):
+            Relay(cfg.replace(relay_dialback_timeout_s=-1), load_identity(tmp_path / "r3.key"), [LOOPBACK])
         relay = Relay(cfg.replace(relay_dialback_timeout_s=0), load_identity(tmp_path / "r2.key"), [LOOPBACK])
         try:
             assert relay.dialback is None
