@@ -113,6 +113,7 @@ def _routes(api: _Api) -> list:
     return [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.text_completions, methods=["POST"]),
             Route("/v1/models", api.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", api.model, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/edgelink/v1/state", api.edgelink_state, methods=["POST"]),
             Route("/edgelink/v1/continue", api.edgelink_continue, methods=["POST"]),
@@ -240,8 +241,22 @@ class _Api:
             self.check_auth(request)
         except ApiError as exc:
             return _error(exc)
-        return JSONResponse({"object": "list", "data": [{"id": engine.name, "object": "model",
-                                                          "created": engine.created, "owned_by": "edgelink"}]})
+        return JSONResponse({"object": "list", "data": [_model_object(engine)]})
+
+    async def model(self, request):
+        """``GET /v1/models/{id}``: the served model, or OpenAI's 404 for any other id."""
+        from starlette.responses import JSONResponse
+
+        engine = self.engine
+        try:
+            self.check_auth(request)
+            wanted = request.path_params["model"]
+            if wanted != engine.name:
+                raise ApiError(404, f"The model '{wanted[:200]}' does not exist; this server serves "
+                               f"'{engine.name}'", param="model", code="model_not_found")
+        except ApiError as exc:
+            return _error(exc)
+        return JSONResponse(_model_object(engine))
 
     async def health(self, request):
         from starlette.responses import JSONResponse
@@ -315,6 +330,10 @@ class _Api:
                                                            "completion_tokens": len(g.tokens),
                                                            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
                              "bytes": g.bytes, "timings": {"prefill_s": out.prefill_s, **g.timings}})
+
+
+def _model_object(engine: Engine) -> dict[str, Any]:
+    return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "edgelink"}
 
 
 def _handoff_target(body: dict) -> tuple[str, str | None]:

@@ -196,6 +196,9 @@ def test_a_text_completion_seed_and_stop(server):
                              max_tokens=20, temperature=0, stop=[cut])
     assert s.choices[0].text == full[:full.index(cut)] and s.choices[0].finish_reason == "stop"
     assert [m.id for m in c.models.list().data] == [server.ready["model"]]
+    assert c.models.retrieve(server.ready["model"]).id == server.ready["model"]
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-9")
 
 
 def test_logprobs_are_the_models_own_plain_streamed_and_for_text(server, smollm2_path, cfg, tmp_path):
