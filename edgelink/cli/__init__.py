@@ -329,7 +329,8 @@ def serve(obj: _Ctx, model: str | None, shm_name: str | None, http_listen: str |
         def http_ready(ev: dict) -> None:
             _emit(as_json, ev, f"serving {ev['model']} on {ev['url']} (OpenAI API; Ctrl-C to stop): "
                   f"{ev['contexts']} context(s) of {ev['n_ctx']} tokens, {ev['threads_per_context']} "
-                  f"thread(s) each (http.parallel, runtime.n_threads); prefix cache at {ev['cache_dir']}"
+                  f"thread(s) each (http.parallel, runtime.n_threads); prefix cache at {ev['cache_dir']}, "
+                  f"{ev['reuse']} reuse (http.reuse)"
                   + ("" if ev["api_key"] else "; no API key (loopback only)"), compact=True)
             sys.stdout.flush()
 

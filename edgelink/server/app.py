@@ -537,7 +537,7 @@ def serve_http(model: str, cfg: Config, *, listen: str | None = None, api_keys_:
             shown = f"[{host}]" if family == socket.AF_INET6 else host
             on_ready({"event": "ready", "url": f"http://{shown}:{bound}/v1", "model": engine.name,
                       "contexts": engine.parallel, "threads_per_context": engine.threads,
-                      "n_ctx": engine.n_ctx, "api_key": bool(keys),
+                      "n_ctx": engine.n_ctx, "api_key": bool(keys), "reuse": engine.reuse,
                       "cache_dir": str(engine.cache.store.dir) if engine.cache.store.dir else None})
         server.run(sockets=[sock])
     finally:

@@ -197,6 +197,7 @@ def test_a_text_completion_seed_and_stop(server):
     assert s.choices[0].text == full[:full.index(cut)] and s.choices[0].finish_reason == "stop"
     assert [m.id for m in c.models.list().data] == [server.ready["model"]]
     assert c.models.retrieve(server.ready["model"]).id == server.ready["model"]
+    assert server.ready["reuse"] == "exact"  # the default, said at start
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("gpt-9")
 
