@@ -135,6 +135,7 @@ class CacheConfig:
     dht_max_providers: int
     dht_max_addrs: int
     dht_dial: str
+    fetch_window: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -467,9 +467,9 @@ class PrefixCache:
         if local == len(keys):
             return 0
         held = sender.request("cache_has", keys=keys[local:]).held
-        fetched = 0
         into = self.fetched_store(source)
         whole_from = len(keys) - self.window_chunks(rt)  # the chunks whose window cells a restore needs
+        wanted = []
         for index in range(local, local + min(held, len(keys) - local)):
             key, ids = keys[index], tokens[index * self.chunk:(index + 1) * self.chunk]
             window = index >= whole_from or not rt.n_swa
@@ -481,9 +481,9 @@ class PrefixCache:
                 self._put(rt, signature, key, index, list(msg.tensors), msg.attrs["kv"], trimmed=trimmed,
                           into=into, origin=source)
 
-            sender.pull_chunk(key, keep, window=window)
-            fetched += 1
-        return fetched
+            wanted.append((key, window, keep))
+        sender.pull_chunks(wanted)
+        return len(wanted)
 
     # ------------------------------------------------------------------ reporting
 

@@ -79,6 +79,7 @@ TENSOR_FIXED = struct.Struct("<BBHiiiqqII")  # kind, apply, checksum alg, slot, 
 TENSOR_ENTRY = struct.Struct("<HBB")  # name length, dtype, ndim
 TENSOR_TAIL = struct.Struct("<QQ32s")  # offset, byte length, checksum
 ALIGN = 64
+MAX_PIPELINE = 64  # a HELLO's "pipeline": replies a receiver may have in flight
 
 Buffer = bytes | bytearray | memoryview
 
@@ -181,6 +182,8 @@ def encode_hello(h: Hello) -> bytes:
         body["codecs"] = list(h.codecs)
     if h.prefill_tps > 0:
         body["prefill_tps"] = h.prefill_tps
+    if h.pipeline > 1:
+        body["pipeline"] = h.pipeline
     return _frame(FrameType.HELLO, h.session_id, h.message_id, _json(body))
 
 
@@ -250,7 +253,8 @@ _HELLO = Obj(
      "bridge": Obj(extra=Json(scalar=True), max_keys=16),  # compat.bridge_rule checks it
      "checksums": Seq(Str(32), min_items=1, max_items=16),
      "codecs": Seq(Str(32), max_items=32),
-     "prefill_tps": Num(0, 1e9)},
+     "prefill_tps": Num(0, 1e9),
+     "pipeline": Int(1, MAX_PIPELINE)},
 )
 _CONTROL = {
     FrameType.ACK: Obj({"acked_id": Int(0, U64_MAX), "digest": Hex(max_bytes=64)}),
@@ -384,6 +388,7 @@ def decode_control(pre: Preamble, header: memoryview, limits: ProtocolConfig) ->
             checksums=tuple(body.get("checksums", ("blake3",))),
             codecs=tuple(body.get("codecs", ())),
             prefill_tps=body.get("prefill_tps", 0.0),
+            pipeline=body.get("pipeline", 1),
         )
     body = _load_json(header, what, limits, _CONTROL[ftype])
     if ftype == FrameType.ACK:

@@ -60,6 +60,9 @@ class Hello:
     # A receiver's prefill speed in tokens/s, for a sender planning a handoff (edgelink/wire/
     # plan.py); 0 (absent from the frame) when not announced.
     prefill_tps: float = 0.0
+    # How many replies to requests sent ahead a receiver answers before their ACKs (cache_get:
+    # a fetch keeps that many chunks in flight); 1 (absent from the frame): one at a time.
+    pipeline: int = 1
     frame_type: FrameType = dataclasses.field(default=FrameType.HELLO, init=False)
 
 

@@ -37,7 +37,7 @@ from edgelink.errors import (
     UnknownKind,
 )
 from edgelink.protocol import codec
-from edgelink.protocol.codec import Buffer
+from edgelink.protocol.codec import MAX_PIPELINE, Buffer
 from edgelink.protocol.compat import bridge_rule, describe_mismatch, signature_diff
 from edgelink.protocol.kinds import CHECKSUM_BY_NAME, CHECKSUM_NAMES, ApplyMode, Checksum, Kind
 from edgelink.protocol.limits import describe_bytes, limit_of
@@ -90,7 +90,7 @@ class Session:
                  session_id: bytes | None = None,
                  auth: dict[str, Any] | None = None,
                  bridge: dict[str, str] | None = None,
-                 codecs: Sequence[str] = (), prefill_tps: float = 0.0):
+                 codecs: Sequence[str] = (), prefill_tps: float = 0.0, pipeline: int = 1):
         """``bridge``: the claim of the bridge this side holds (``kinds.bridged.bridge_claim``);
         a client names it in its HELLO, a server accepts bridged sessions through it."""
         self.role = role
@@ -104,6 +104,10 @@ class Session:
         self.bridge = dict(bridge or {})
         self.codecs = tuple(codecs)  # wire codecs we take as a receiver (edgelink/wire)
         self.prefill_tps = prefill_tps  # what a receiver announces for senders planning a handoff
+        if not 1 <= pipeline <= MAX_PIPELINE:
+            raise ConfigError(f"a pipeline of {pipeline}: 1 to {MAX_PIPELINE} messages in flight")
+        # tensor messages this side may have sent and not yet seen ACKed (a server announces it)
+        self.pipeline = pipeline
         self.bridged = False  # set at the handshake: both sides named the same bridge
         self.state = State.AWAIT_HELLO
         self.session_id = session_id or (os.urandom(SESSION_ID_BYTES) if role is Role.CLIENT else b"")
@@ -115,7 +119,7 @@ class Session:
         self._next_out = 0
         self._next_in = 0
         self._hello_sent = False
-        self._outstanding: int | None = None
+        self._outstanding: list[int] = []  # our tensor messages not yet ACKed or REJECTed
         self.last_seen_id = -1  # id of the frame being received; what a REJECT refers to
 
     # ------------------------------------------------------------------ outgoing
@@ -153,6 +157,7 @@ class Session:
             checksums=tuple(CHECKSUM_NAMES[c] for c in self.accepts),
             codecs=self.codecs,
             prefill_tps=self.prefill_tps if self.role is Role.SERVER else 0.0,
+            pipeline=self.pipeline if self.role is Role.SERVER else 1,
             auth=self.auth if self.role is Role.CLIENT else {},
             # A server echoes its bridge only into a session the client asked to bridge, so
             # ordinary clients of a bridge-holding server see an ordinary HELLO.
@@ -174,8 +179,10 @@ class Session:
                               seq_slot: int = 0, layer_range: tuple[int, int] = (-1, -1),
                               token_range: tuple[int, int] = (-1, -1),
                               attrs: dict[str, Any] | None = None) -> tuple[list[Buffer], TensorMessage]:
-        """Frame parts for one tensor message, and the message (its checksums filled in)."""
-        self._require(State.READY)
+        """Frame parts for one tensor message, and the message (its checksums filled in). While
+        others wait for their ACK (STREAMING), only within ``pipeline``."""
+        if not (self.state is State.STREAMING and len(self._outstanding) < self.pipeline):
+            self._require(State.READY)
         if kind not in self.negotiated_kinds:
             raise UnknownKind(f"{kind.name} was not negotiated with the peer")
         alg = self.send_checksum
@@ -194,7 +201,7 @@ class Session:
                 "node.max_message_bytes on a node; 0 derives it from its model and n_ctx): raise "
                 "that setting on the receiver, or send a shorter context; nothing was sent")
         self._take_id()
-        self._outstanding = msg.message_id
+        self._outstanding.append(msg.message_id)
         self.state = State.STREAMING
         return parts, msg
 
@@ -259,9 +266,10 @@ class Session:
             self.state = State.CLOSED
             return msg
         about = msg.acked_id if isinstance(msg, Ack) else getattr(msg, "about_id", None)
-        if isinstance(msg, (Ack, Reject)) and self._outstanding is not None and about == self._outstanding:
-            self._outstanding = None
-            self.state = State.READY
+        if isinstance(msg, (Ack, Reject)) and about in self._outstanding:
+            self._outstanding.remove(about)
+            if not self._outstanding:
+                self.state = State.READY
         if isinstance(msg, Reject):
             return msg
         if isinstance(msg, TensorMessage):

@@ -221,6 +221,7 @@ class Receiver:
 
     def _serve(self, ch: Channel, reader: FrameReader, report: SessionReport) -> SessionReport:
         session = Session(Role.SERVER, self.signature, self.cfg.protocol, kinds=tuple(self.appliers),
+                          pipeline=self.cfg.cache.fetch_window,
                           codecs=self.codecs, prefill_tps=self.prefill_tps(),
                           encryption=getattr(ch, "encryption", None), bridge=self.bridge_claim)
         limit = frame_limit(self.cfg)

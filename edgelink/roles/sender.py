@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -312,13 +312,32 @@ class Sender:
         self.ch.send(self.session.ack(msg, tensor_message_digest(msg)))
         return msg.payload_bytes
 
-    def pull_chunk(self, key: str, keep: Callable[[TensorMessage], None], *, window: bool = True) -> int:
-        """Ask the peer for one prefix-cache chunk (edgelink/cache; without ``window``, only
-        its full-attention cells) and hand it, decoded and verified by the session, to
-        ``keep``; the peer hears ACK, or REJECT when ``keep`` refuses it. Returns the payload
-        bytes received."""
-        params: dict[str, Any] = {"key": key} if window else {"key": key, "window": False}
-        self.ch.send(self.session.request("cache_get", params))
+    def pull_chunks(self, chunks: Sequence[tuple[str, bool, Callable[[TensorMessage], None]]]) -> int:
+        """Ask the peer for prefix-cache chunks (edgelink/cache), each ``(key, window, keep)``:
+        without ``window``, only its full-attention cells. Each arrives decoded and verified by
+        the session and goes to its ``keep``; the peer hears ACK, or REJECT when ``keep``
+        refuses it. Up to ``cache.fetch_window`` requests (or the peer's HELLO ``pipeline``,
+        the smaller) are in flight, so the peer prepares the next chunks while this side keeps
+        one. On an error the replies still in flight are read and refused, so the session
+        stays usable. Returns the payload bytes received."""
+        peer = self.session.peer
+        ahead = max(1, min(self.cfg.cache.fetch_window, peer.pipeline if peer else 1))
+        sent = got = total = 0
+        try:
+            while got < len(chunks):
+                while sent < len(chunks) and sent < got + ahead:
+                    key, window, _ = chunks[sent]
+                    params: dict[str, Any] = {"key": key} if window else {"key": key, "window": False}
+                    self.ch.send(self.session.request("cache_get", params))
+                    sent += 1
+                total += self._keep_chunk(chunks[got][2])
+                got += 1
+        except EdgelinkError:
+            self._drain(sent - got - 1)
+            raise
+        return total
+
+    def _keep_chunk(self, keep: Callable[[TensorMessage], None]) -> int:
         msg = self._reply()  # PeerRejected when the peer does not hold it
         if not isinstance(msg, TensorMessage) or msg.kind is not Kind.KV_CACHE_DELTA:
             raise SessionError(f"expected a KV_CACHE_DELTA, got {msg.frame_type.name}")
@@ -330,6 +349,18 @@ class Sender:
             raise
         self.ch.send(self.session.ack(msg, digest))
         return msg.payload_bytes
+
+    def _drain(self, n: int) -> None:
+        """Read and refuse ``n`` replies to requests sent ahead (after one failed)."""
+        for _ in range(max(0, n)):
+            try:
+                msg = self._reply()
+                if isinstance(msg, TensorMessage):
+                    self.ch.send(self.session.reject(msg.message_id, SessionError("not wanted any more")))
+            except PeerRejected:
+                continue
+            except EdgelinkError:
+                return  # the session is gone anyway
 
     def _ship(self, seq_slot: int, layer_range: tuple[int, int], kind: Kind, apply: ApplyMode,
               built: tuple[list, dict, tuple[int, int]], t0: float, codec: str | None | bool = False,

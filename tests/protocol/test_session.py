@@ -83,6 +83,35 @@ def test_tensor_exchange_and_ack(cfg):
     assert isinstance(ack, Ack) and c.state is State.READY
 
 
+def test_a_server_answers_requests_sent_ahead_within_its_pipeline(cfg):
+    """A server that announces ``pipeline`` = 2 may send a second tensor message before the
+    first's ACK, not a third; each ACK (or REJECT) settles its own message, READY after the last.
+    A client learns the figure from the HELLO; a server without one announces nothing (1)."""
+    c = Session(Role.CLIENT, SIG, cfg.protocol, kinds=(Kind.KV_CACHE_DELTA,))
+    s = Session(Role.SERVER, SIG, cfg.protocol, kinds=(Kind.KV_CACHE_DELTA,), pipeline=2)
+    s.receive(c.hello())
+    c.receive(s.hello())
+    assert c.peer.pipeline == 2
+    sent = []
+    for _ in range(2):
+        s.receive(c.request("cache_get", {"key": "ab" * 32}))
+        parts, msg = s.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, _tensors())
+        sent.append((_join(parts), msg))
+    assert s.state is State.STREAMING
+    with pytest.raises(SessionError):  # a third is past the window
+        s.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, _tensors())
+    got = [c.receive(frame) for frame, _ in sent]
+    s.receive(c.ack(got[0], b"\0" * 32))
+    assert s.state is State.STREAMING  # the second is still out
+    s.encode_tensor_message(Kind.KV_CACHE_DELTA, ApplyMode.APPEND, _tensors())  # room for one again
+    s.receive(c.reject(got[1].message_id, "not wanted"))
+    assert s.state is State.STREAMING
+    plain_c, plain_s = _pair(cfg)
+    assert plain_c.peer.pipeline == 1
+    with pytest.raises(ConfigError):
+        Session(Role.SERVER, SIG, cfg.protocol, pipeline=0)
+
+
 def test_replayed_and_out_of_order_ids_are_rejected(cfg):
     c, s = _pair(cfg)
     parts, sent = c.encode_tensor_message(Kind.KV_CACHE, ApplyMode.OVERWRITE, _tensors())
