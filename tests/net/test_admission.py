@@ -186,7 +186,9 @@ def test_trickled_hellos_end_at_the_deadline_and_take_no_slot(open_node, sender_
     # the pending streams are gone: an authenticated client is served, exactly
     want = _expected(sender_rt)
     assert _handoff(open_node, sender_rt) == want
-    assert open_node.next_event()["applied"] == 1
+    # a trickling stream's end may be reported after the count above: it took no slot either
+    while (ev := open_node.next_event()).get("applied") != 1:
+        assert ev.get("event") != "session" or (ev["slot"] is None and ev["ended_by"] == "timeout"), ev
     assert rss_bytes(open_node.pid) - rss0 < MAX_PENDING * 2 * WINDOW + (32 << 20)
     open_node.dirty = False
 
