@@ -156,9 +156,12 @@ class DialBack:
                 await stream.close()
             return
         try:
+            ports: list[int] = []
             with trio.move_on_after(self.timeout_s):
-                data = await _read_line(stream, REQUEST_MAX)
-                ports = parse_request(data)
+                ports = parse_request(await _read_line(stream, REQUEST_MAX))
+            if not ports:  # the request did not arrive within the timeout
+                log.info("dial-back for %s: no request within %g s", peer, self.timeout_s)
+                return
             reached = [p for p in ports if await self._reaches(ip, p)]
             self.answered += 1
             with trio.move_on_after(self.timeout_s):
